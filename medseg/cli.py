@@ -1,0 +1,204 @@
+"""The ``medseg`` command: parse arguments, call one function per subcommand, map errors to exit codes.
+
+Exit status: 0 success, 2 bad input (``medseg: error: <file>: <problem>``), 1 internal failure,
+130 interrupted. ``--debug`` prints the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from medseg import __version__
+from medseg.errors import MedsegError
+
+log = logging.getLogger("medseg")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from medseg.data.synthetic import write_dataset
+
+    path = write_dataset(args.out, modality=args.modality, cases=args.cases, seed=args.seed, size=args.size, dims=args.dims)
+    print(path)
+    return 0
+
+
+def _train_options(args: argparse.Namespace):
+    from medseg.engines.training import TrainOptions
+
+    opts = TrainOptions(epochs=args.epochs, max_minutes=args.max_minutes, device=args.device, fold=args.fold,
+                        resume=args.resume, val_interval=args.val_interval, seed=args.seed,
+                        target_spacing=args.spacing, patch_size=args.patch_size)
+    if args.batch_size:
+        opts.batch_size = args.batch_size
+    return opts
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medseg.engines.training import train
+
+    summary = train(args.data, args.out, _train_options(args))
+    best = summary["best_val_mean_dice"]
+    print(f"model: {os.path.join(args.out, 'models', 'model.pt')}  best validation mean Dice: "
+          f"{'n/a' if best is None else f'{best:.3f}'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medseg.inference.predictor import predict
+
+    outputs = predict(args.model, args.input, args.output, device=args.device, overlap=args.overlap,
+                      overwrite=args.overwrite, sw_batch_size=args.sw_batch_size)
+    for path in outputs:
+        print(path)
+    return 0
+
+
+def _labels_from(path: str | None):
+    if path is None:
+        return None
+    from medseg.data.datalist import load_datalist
+
+    return load_datalist(path).labels
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medseg.metrics.evaluate import evaluate_folders
+
+    summary = evaluate_folders(args.pred, args.ref, args.out, labels=_labels_from(args.labels),
+                               nsd_tolerance_mm=args.nsd_tolerance_mm)
+    for number, entry in summary["labels"].items():
+        dice = entry["dice"]["mean"]
+        print(f"{number:>4} {entry['name']:<20} Dice {'n/a' if dice is None else f'{dice:.3f}'}")
+    print(f"mean Dice: {summary['mean_dice_foreground']:.3f}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medseg.demo import run_demo
+
+    result = run_demo(args.out, minutes=args.minutes, cases=args.cases, seed=args.seed, device=args.device)
+    print(f"mean Dice: {result['mean_dice']:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description="Medical-image segmentation with MONAI.")
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic CT or MR dataset (MSD layout)")
+    p.add_argument("--out", required=True, help="new folder for dataset.json, imagesTr/, labelsTr/, imagesTs/, labelsTs/")
+    p.add_argument("--modality", choices=["ct", "mr"], default="ct", type=str.lower)
+    p.add_argument("--cases", type=int, default=10, help="number of cases (a quarter become test cases)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=96, help="in-plane matrix size in voxels (default 96)")
+    p.add_argument("--dims", type=int, choices=[2, 3], default=3)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train a U-Net on an MSD dataset.json")
+    p.add_argument("--data", required=True, help="dataset.json (MSD layout)")
+    p.add_argument("--out", required=True, help="run folder (new, or existing with --resume)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--fold", type=int, default=0, help="validation fold 0-4 (5-fold split of the training cases)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    p.add_argument("--val-interval", type=int, default=5, help="validate every N epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spacing", type=_floats, default=None, help="target spacing in mm, e.g. 1.5,1.5,3 (default: median)")
+    p.add_argument("--patch-size", type=_ints, default=None, help="training patch in voxels, e.g. 96,96,48")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment images; label maps in the input's own geometry and format")
+    p.add_argument("--model", required=True, help="run folder written by medseg train")
+    p.add_argument("--input", required=True, help="an image file or a folder of them (.nii, .nii.gz, .nrrd, .mha, .mhd)")
+    p.add_argument("--output", required=True, help="folder for <case>_seg.<ext> label maps")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, HD95 and more per case and label")
+    p.add_argument("--pred", required=True, help="folder of predicted label maps (<case>_seg.<ext> or <case>.<ext>)")
+    p.add_argument("--ref", required=True, help="folder of reference label maps (<case>.<ext>)")
+    p.add_argument("--labels", default=None, help="dataset.json whose 'labels' name the label values")
+    p.add_argument("--out", required=True, help="folder for metrics.csv and summary.json")
+    p.add_argument("--nsd-tolerance-mm", type=float, default=1.0)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="synthetic CT -> train -> predict -> evaluate, ending with 'mean Dice: ...'")
+    p.add_argument("--out", default="medseg-demo", help="demo folder (replaced if it holds an earlier demo)")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
+    p.add_argument("--cases", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    for noisy in ("ignite", "monai", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medseg`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.debug, args.quiet)
+    if not args.debug:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    try:
+        return int(args.func(args) or 0)
+    except MedsegError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"medseg: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("medseg: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
+        if args.debug:
+            traceback.print_exc()
+        print(f"medseg: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
