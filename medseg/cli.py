@@ -169,7 +169,8 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, force=True)
-    for noisy in ("ignite", "monai", "matplotlib", "PIL"):
+    # "LoadImage" logs each reader it tries before the one that fits (nibabel before SimpleITK for NRRD)
+    for noisy in ("ignite", "monai", "LoadImage", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 

@@ -111,7 +111,7 @@ class Plan:
             raise BundleError(f"{path}: no such file; is this a medseg run folder (medseg train --out)?")
         try:
             return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BundleError(f"{path}: not a valid medseg plan ({exc})") from exc
 
 

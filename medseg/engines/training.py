@@ -177,10 +177,11 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     if opts.epochs < 1:
         raise InputError(None, f"--epochs must be at least 1, got {opts.epochs}")
     datalist = load_datalist(data)
+    if not opts.resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise InputError(run_dir, "exists and is not empty; choose a new --out folder or pass --resume")
+    geometries = validate_datalist(datalist)  # before anything is written: bad data leaves no run folder
     _prepare_run_dir(run_dir, opts.resume)
     set_determinism(seed=opts.seed)
-
-    geometries = validate_datalist(datalist)
     if opts.resume:
         plan = Plan.load(run_dir / "plan.json")
         split = json.loads((run_dir / "split.json").read_text())
@@ -242,6 +243,9 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
             TensorBoardStatsHandler(log_dir=tb_dir, tag_name="train_loss", output_transform=from_engine(["loss"], first=True)),
         ],
     )
+    for name in ("medseg.train", "medseg.validation"):  # MONAI's get_logger adds its own handler: use ours
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     TensorBoardStatsHandler(log_dir=tb_dir, output_transform=lambda x: None,
                             global_epoch_transform=lambda epoch: trainer.state.epoch).attach(evaluator)
     checkpoints = RunCheckpoints(run_dir, network, optimizer, scheduler, trainer, metric_name)

@@ -7,9 +7,13 @@ Affines given to MONAI are RAS (MONAI's convention); SimpleITK's direction/origi
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import logging
 import os
-from collections.abc import Sequence
+import sys
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +147,8 @@ def read_geometry(path: str | os.PathLike[str], dims: int | None = None) -> Geom
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with _quiet_native_stderr():
+            reader.ReadImageInformation()
     except RuntimeError as exc:
         raise InputError(path, f"not a readable image ({_itk_reason(exc)})") from exc
     geometry = Geometry.of(reader)
@@ -158,12 +163,31 @@ def read_geometry(path: str | os.PathLike[str], dims: int | None = None) -> Geom
     return geometry
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence what ITK's C++ readers print straight to file descriptor 2 (MetaIO, NIfTI warnings):
+    medseg reports read failures itself, as one line."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _itk_reason(exc: BaseException) -> str:
     """The useful last line of an ITK exception (they carry file/line noise)."""
     text = str(exc).strip().splitlines()
     for line in reversed(text):
         line = line.strip()
-        if line and not line.startswith(("sitk::ERROR", "File ", "Line ")):
+        if line and not line.startswith(("Exception thrown in", "File ", "Line ")):
             return line.split("ERROR:")[-1].strip()[:200]
     return type(exc).__name__
 
@@ -178,10 +202,46 @@ def read_image(path: str | os.PathLike[str], dims: int | None = None) -> sitk.Im
     """
     path = Path(path)
     read_geometry(path, dims)
+    # ITK's NIfTI reader returns truncated .nii and .nii.gz files without complaint
+    if path.name.lower().endswith(".gz"):
+        _check_gzip(path)
+    if path.name.lower().endswith(".nii"):
+        _check_nifti_size(path)
     try:
-        return sitk.ReadImage(str(path))
+        with _quiet_native_stderr():
+            return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(path, f"cannot read pixel data, the file may be truncated or corrupt ({_itk_reason(exc)})") from exc
+        reason = _itk_reason(exc)
+        detail = "" if "No such file" in reason else f" ({reason})"
+        raise InputError(path, f"cannot read pixel data, the file may be truncated or corrupt{detail}") from exc
+
+
+def _check_nifti_size(path: Path) -> None:
+    """Raise InputError if an uncompressed NIfTI file is shorter than its header says."""
+    try:
+        header = nib.load(str(path)).header
+        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken headers
+        raise InputError(path, f"not a readable NIfTI file ({exc})") from exc
+    actual = path.stat().st_size
+    if actual < expected:
+        raise InputError(path, f"file is truncated: {actual} bytes, the header needs {expected}")
+
+
+def _check_gzip(path: Path) -> None:
+    """Decompress a gzip file to its end (discarding the data) to catch truncation and corruption.
+
+    Raises
+    ------
+    InputError
+        If the stream ends early or fails its checksum.
+    """
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(path, f"compressed data is truncated or corrupt ({exc})") from exc
 
 
 def to_array(image: sitk.Image) -> np.ndarray:

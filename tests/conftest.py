@@ -1,0 +1,46 @@
+"""Shared fixtures: small synthetic datasets, an untrained run folder and a briefly trained one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def ct_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3D CT phantom dataset (12 cases: 9 training, 3 test; 96 voxels in-plane); returns dataset.json."""
+    from medseg.data.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("data") / "ct", modality="ct", cases=12, seed=3, size=96)
+
+
+@pytest.fixture(scope="session")
+def untrained_run(tmp_path_factory: pytest.TempPathFactory, ct_dataset: Path) -> Path:
+    """A valid run folder (plan + random weights): enough for input-validation tests."""
+    from medseg.data.datalist import load_datalist, validate_datalist
+    from medseg.networks import build_network
+    from medseg.plan import NetworkSpec, make_plan
+
+    datalist = load_datalist(ct_dataset)
+    plan = make_plan(datalist, validate_datalist(datalist), network=NetworkSpec(channels=(8, 16, 32), strides=(2, 2)))
+    run = tmp_path_factory.mktemp("runs") / "untrained"
+    (run / "models").mkdir(parents=True)
+    plan.save(run / "plan.json")
+    torch.manual_seed(0)
+    torch.save(build_network(plan).state_dict(), run / "models" / "model.pt")
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, ct_dataset: Path) -> Path:
+    """A 3D U-Net trained for about 100 s on the CT phantoms (a real, if brief, training run)."""
+    from medseg.engines.training import TrainOptions, train
+
+    run = tmp_path_factory.mktemp("runs") / "trained"
+    train(ct_dataset, run, TrainOptions(epochs=70, max_minutes=1.75, val_interval=5, seed=0))
+    return run

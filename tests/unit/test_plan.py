@@ -1,0 +1,174 @@
+"""Tests of plan derivation and persistence (medseg.plan)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medseg.data.datalist import load_datalist, validate_datalist
+from medseg.data.synthetic import CT_LABELS, write_dataset
+from medseg.errors import BundleError
+from medseg.io.image import Geometry
+from medseg.plan import PLAN_FORMAT, Intensity, NetworkSpec, Plan, make_plan, ras_extent, ras_spacing
+
+
+def _geometry(direction_columns: np.ndarray, spacing, size=(4, 5, 6)) -> Geometry:
+    """Geometry whose direction matrix has the given columns (world LPS direction of each index axis)."""
+    d = len(spacing)
+    return Geometry(tuple(size[:d]), tuple(float(s) for s in spacing), tuple([10.0, -20.0, 30.0][:d]),
+                    tuple(float(v) for v in np.asarray(direction_columns).ravel()))
+
+
+def test_ras_spacing_of_permuted_axes() -> None:
+    # index axis 0 -> S (+z), axis 1 -> R (-x in LPS), axis 2 -> A (-y in LPS)
+    matrix = np.zeros((3, 3))
+    matrix[2, 0], matrix[0, 1], matrix[1, 2] = 1.0, -1.0, -1.0
+    geometry = _geometry(matrix, (3.0, 0.7, 1.1))
+    np.testing.assert_allclose(ras_spacing(geometry), (0.7, 1.1, 3.0))
+    np.testing.assert_allclose(ras_extent(geometry), (0.7 * 5, 1.1 * 6, 3.0 * 4))
+
+
+def test_ras_spacing_ignores_flips_and_small_obliquity() -> None:
+    angle = np.radians(12.0)
+    c, s = np.cos(angle), np.sin(angle)
+    tilt = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    geometry = _geometry(tilt @ np.diag([-1.0, 1.0, -1.0]), (0.8, 0.9, 2.5))  # RPI, tilted
+    np.testing.assert_allclose(ras_spacing(geometry), (0.8, 0.9, 2.5))
+
+
+def test_ras_spacing_2d_swapped_axes() -> None:
+    # index axis 0 -> posterior (+y), axis 1 -> left (+x)
+    geometry = _geometry(np.array([[0.0, 1.0], [1.0, 0.0]]), (0.5, 2.0))
+    np.testing.assert_allclose(ras_spacing(geometry), (2.0, 0.5))
+
+
+def _expected_ras_spacing(path: Path) -> np.ndarray:
+    image = sitk.ReadImage(str(path))
+    matrix = np.asarray(image.GetDirection()).reshape(3, 3)
+    spacing = np.empty(3)
+    for index_axis in range(3):
+        spacing[int(np.argmax(np.abs(matrix[:, index_axis])))] = image.GetSpacing()[index_axis]
+    return spacing
+
+
+@pytest.fixture(scope="module")
+def ct_plan(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    root = tmp_path_factory.mktemp("plan")
+    datalist = load_datalist(write_dataset(root / "ct", "ct", cases=4, seed=0, size=32))
+    return datalist, make_plan(datalist, validate_datalist(datalist))
+
+
+def test_make_plan_target_spacing_is_median_ras_spacing(ct_plan: tuple) -> None:
+    datalist, plan = ct_plan
+    spacings = np.stack([_expected_ras_spacing(c.image) for c in datalist.training])
+    np.testing.assert_allclose(plan.target_spacing, np.median(spacings, axis=0), rtol=1e-5)
+    assert plan.dims == 3 and plan.axcodes == "RAS"
+    assert plan.labels == CT_LABELS and plan.num_classes == 6 and plan.modality == "CT"
+
+
+def test_make_plan_patch_size(ct_plan: tuple) -> None:
+    _, plan = ct_plan
+    assert len(plan.patch_size) == 3
+    for size, cap in zip(plan.patch_size, (64, 64, 32)):
+        assert size % 16 == 0 and 16 <= size <= cap
+    # 32 voxels in-plane resampled at the median spacing: about 32 voxels
+    assert plan.patch_size[:2] == (32, 32)
+
+
+def test_make_plan_ct_intensity(ct_plan: tuple) -> None:
+    _, plan = ct_plan
+    intensity = plan.intensity
+    assert intensity.preset == "ct"
+    assert -100.0 < intensity.a_min < 60.0  # lowest foreground: hypodense lesion / blurred borders
+    assert 300.0 < intensity.a_max < 1500.0  # bone
+    assert intensity.a_min < intensity.mean < intensity.a_max
+    assert 10.0 < intensity.std < intensity.a_max - intensity.a_min
+
+
+def test_make_plan_overrides(ct_plan: tuple) -> None:
+    datalist, _ = ct_plan
+    geometries = validate_datalist(datalist)
+    spec = NetworkSpec(channels=(8, 16), strides=(2,))
+    plan = make_plan(datalist, geometries, target_spacing=(1.0, 1.5, 3.0), patch_size=(48, 48, 16), network=spec)
+    assert plan.target_spacing == (1.0, 1.5, 3.0) and plan.patch_size == (48, 48, 16) and plan.network == spec
+    with pytest.raises(ValueError, match="3 values"):
+        make_plan(datalist, geometries, target_spacing=(1.0, 1.0))
+
+
+def test_make_plan_mr(tmp_path: Path) -> None:
+    datalist = load_datalist(write_dataset(tmp_path / "mr", "mr", cases=2, seed=0, size=32))
+    plan = make_plan(datalist, validate_datalist(datalist))
+    assert plan.modality == "MR" and plan.intensity == Intensity("mr")
+
+
+def _plan() -> Plan:
+    return Plan(
+        dims=3,
+        modality="CT",
+        labels=dict(CT_LABELS),
+        target_spacing=(0.8, 0.8, 2.5),
+        patch_size=(64, 64, 32),
+        intensity=Intensity("ct", -57.5, 512.0, 140.25, 146.0),
+        network=NetworkSpec(channels=(8, 16, 32), strides=(2, 2), dropout=0.1),
+        overlap=0.25,
+    )
+
+
+def test_plan_save_load_round_trip(tmp_path: Path) -> None:
+    plan = _plan()
+    path = plan.save(tmp_path / "run" / "plan.json")
+    assert path == tmp_path / "run" / "plan.json"
+    assert [p.name for p in path.parent.iterdir()] == ["plan.json"]
+    data = json.loads(path.read_text())
+    assert data["format"] == PLAN_FORMAT and data["labels"]["1"] == "liver"
+    loaded = Plan.load(path)
+    assert loaded == plan
+    assert isinstance(loaded.target_spacing, tuple) and isinstance(loaded.network.channels, tuple)
+    assert all(isinstance(k, int) for k in loaded.labels)
+
+
+def test_load_missing_plan(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="no such file"):
+        Plan.load(tmp_path / "plan.json")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        "[]",
+        "42",
+        json.dumps({"format": "other-plan/9"}),
+        json.dumps({"format": PLAN_FORMAT}),  # missing keys
+        "\udcff",  # not UTF-8 once written with surrogateescape
+    ],
+    ids=["invalid-json", "list", "number", "unknown-format", "missing-keys", "not-utf8"],
+)
+def test_load_malformed_plan(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "plan.json"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(BundleError) as excinfo:
+        Plan.load(path)
+    assert str(excinfo.value).startswith(str(path))
+
+
+def test_load_plan_with_wrong_field_types(tmp_path: Path) -> None:
+    data = _plan().to_json()
+    data["intensity"] = {"preset": "ct", "unknown": 1}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="not a valid medseg plan"):
+        Plan.load(path)
+
+
+def test_load_plan_with_labels_as_list(tmp_path: Path) -> None:
+    data = _plan().to_json()
+    data["labels"] = ["background", "liver"]
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="not a valid medseg plan"):
+        Plan.load(path)
