@@ -64,17 +64,19 @@ _AIR, _FAT, _SOFT, _LIVER, _SPLEEN, _KIDNEY, _BONE, _LESION = range(len(TISSUES)
 #: Label value of each tissue class (fat, soft tissue and air are background).
 _TISSUE_LABEL = np.array([0, 0, 0, 1, 2, 3, 4, 5], dtype=np.uint8)
 
-#: Nominal CT attenuation (HU) and per-case uniform jitter (HU) of each tissue.
+#: Nominal CT attenuation (HU) and per-case uniform jitter (HU) of each tissue, roughly a
+#: contrast-enhanced portal-venous phase. Jitters are small enough that neighbouring tissues never
+#: swap or meet (liver stays >= 40 HU above soft tissue, spleen >= 14 HU above liver).
 _CT_HU: dict[str, tuple[float, float]] = {
     "air": (-1000.0, 0.0),
     "fat": (-100.0, 10.0),
-    "soft_tissue": (40.0, 10.0),
-    "liver": (60.0, 10.0),
-    "spleen": (100.0, 10.0),
-    "kidney": (160.0, 10.0),
+    "soft_tissue": (45.0, 5.0),
+    "liver": (100.0, 8.0),
+    "spleen": (130.0, 8.0),
+    "kidney": (180.0, 10.0),
     "bone": (500.0, 60.0),
 }
-_CT_LESION_CONTRAST = (-50.0, 10.0)  # lesion = liver + contrast (hypodense)
+_CT_LESION_CONTRAST = (-55.0, 8.0)  # lesion = liver + contrast (hypodense metastasis)
 #: Nominal T1-like MR signal relative to fat, and per-case jitter.
 _MR_SIGNAL: dict[str, tuple[float, float]] = {
     "air": (0.0, 0.0),

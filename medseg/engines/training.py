@@ -208,7 +208,7 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     val_ds = CacheDataset([{"image": str(c.image), "label": str(c.label)} for c in val_cases], pre,
                           cache_rate=1.0, num_workers=min(2, os.cpu_count() or 1), progress=False)
     train_loader = DataLoader(train_ds, batch_size=opts.batch_size, shuffle=True, num_workers=opts.num_workers,
-                              persistent_workers=opts.num_workers > 0, drop_last=len(train_ds) * opts.samples_per_case > opts.batch_size)
+                              persistent_workers=opts.num_workers > 0, drop_last=len(train_ds) > opts.batch_size)
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=0)
 
     network = build_network(plan).to(device)

@@ -118,8 +118,8 @@ def test_ct_intensities_are_plausible_hounsfield_units(ct_dataset: Path) -> None
                                   for x in (slice(0, 3), slice(-3, None))])
         assert abs(np.median(corners) + 1000.0) < 30.0  # air outside the body
         means = {name: hu[labels == value].mean() for value, name in CT_LABELS.items() if value}
-        assert abs(means["liver"] - 60.0) <= 25.0
-        assert abs(means["spleen"] - 100.0) <= 25.0 and abs(means["kidney"] - 160.0) <= 35.0
+        assert abs(means["liver"] - 100.0) <= 25.0
+        assert abs(means["spleen"] - 130.0) <= 25.0 and abs(means["kidney"] - 180.0) <= 35.0
         assert means["bone"] > 350.0
         assert means["lesion"] < means["liver"] - 25.0  # hypodense lesion
 
