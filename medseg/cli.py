@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from medseg import __version__
 from medseg.errors import MedsegError
@@ -19,24 +19,34 @@ from medseg.errors import MedsegError
 log = logging.getLogger("medseg")
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
+def _positive_list(kind: type) -> Callable[[str], tuple]:
+    """argparse type for "1.5,1.5,3" (or "1.5x1.5x3"): a tuple of positive ``kind`` values."""
+    noun = "integers" if kind is int else "numbers"
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun} separated by commas, got {text!r}") from None
+        if not values or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected positive {noun}, got {text!r}")
+        return values
+
+    return parse
 
 
-def _ints(text: str) -> tuple[int, ...]:
+_floats = _positive_list(float)
+
+
+def _hu_window(text: str) -> tuple[float, float]:
     try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        low, high = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in HU, e.g. -160,240, got {text!r}") from None
+    if low >= high:
+        raise argparse.ArgumentTypeError(f"the window's LOW must be below HIGH, got {text!r}")
+    return low, high
+_ints = _positive_list(int)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -52,7 +62,7 @@ def _train_options(args: argparse.Namespace):
 
     opts = TrainOptions(epochs=args.epochs, max_minutes=args.max_minutes, device=args.device, fold=args.fold,
                         resume=args.resume, val_interval=args.val_interval, seed=args.seed,
-                        target_spacing=args.spacing, patch_size=args.patch_size)
+                        target_spacing=args.spacing, patch_size=args.patch_size, ct_window=args.ct_window)
     if args.batch_size:
         opts.batch_size = args.batch_size
     return opts
@@ -135,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=_floats, default=None, help="target spacing in mm, e.g. 1.5,1.5,3 (default: median)")
     p.add_argument("--patch-size", type=_ints, default=None, help="training patch in voxels, e.g. 96,96,48")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--ct-window", type=_hu_window, default=None, metavar="LOW,HIGH",
+                   help="clip CT to this HU window (e.g. -160,240) instead of the foreground percentiles")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="segment images; label maps in the input's own geometry and format")

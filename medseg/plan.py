@@ -133,8 +133,18 @@ def ras_extent(geometry: Geometry) -> np.ndarray:
     return extent
 
 
-def ct_intensity_statistics(cases: Sequence[Case], max_samples: int = 200_000, seed: int = 0) -> Intensity:
-    """nnU-Net-style CT statistics: 0.5/99.5 percentiles, mean and std of foreground voxels."""
+def ct_intensity_statistics(cases: Sequence[Case], window: Sequence[float] | None = None,
+                            max_samples: int = 200_000, seed: int = 0) -> Intensity:
+    """nnU-Net-style CT statistics of the foreground (labelled) voxels: clip range = the 0.5/99.5
+    percentiles, or the given HU ``window`` (e.g. ``(-160, 240)``); mean and std after clipping.
+
+    Raises
+    ------
+    ValueError
+        If ``window`` is not two increasing values.
+    """
+    if window is not None and (len(window) != 2 or window[0] >= window[1]):
+        raise ValueError(f"a CT window needs two increasing HU values, got {list(window)}")
     rng = np.random.default_rng(seed)
     samples: list[np.ndarray] = []
     per_case = max(1, max_samples // max(1, len(cases)))
@@ -145,9 +155,10 @@ def ct_intensity_statistics(cases: Sequence[Case], max_samples: int = 200_000, s
         if values.size:
             samples.append(rng.choice(values, size=min(per_case, values.size), replace=False).astype(np.float64))
     if not samples:
-        return Intensity("ct", -1000.0, 1000.0, 0.0, 500.0)
+        low, high = window if window is not None else (-1000.0, 1000.0)
+        return Intensity("ct", float(low), float(high), (low + high) / 2, (high - low) / 4)
     values = np.concatenate(samples)
-    a_min, a_max = np.percentile(values, [0.5, 99.5])
+    a_min, a_max = window if window is not None else np.percentile(values, [0.5, 99.5])
     clipped = np.clip(values, a_min, a_max)
     std = float(max(clipped.std(), 1e-3))
     return Intensity("ct", float(a_min), float(a_max), float(clipped.mean()), std)
@@ -168,11 +179,18 @@ def make_plan(
     target_spacing: Sequence[float] | None = None,
     patch_size: Sequence[int] | None = None,
     network: NetworkSpec | None = None,
+    ct_window: Sequence[float] | None = None,
 ) -> Plan:
     """Derive a plan from validated training data.
 
     ``target_spacing`` defaults to the median RAS spacing of the training images; ``patch_size``
-    to the median resampled size rounded to multiples of 16, capped at 64x64x32 (3D) or 256x256 (2D).
+    to the median resampled size rounded to multiples of 16, capped at 64x64x32 (3D) or 256x256 (2D);
+    CT intensities clip to ``ct_window`` (HU) if given, else to foreground percentiles.
+
+    Raises
+    ------
+    ValueError
+        A target spacing or CT window of the wrong length.
     """
     dims = geometries[0].dims
     spacings = np.stack([ras_spacing(g) for g in geometries])
@@ -184,7 +202,7 @@ def make_plan(
     cap = (64, 64, 32) if dims == 3 else (256, 256)
     patch = tuple(int(p) for p in patch_size) if patch_size is not None else default_patch_size(dims, median_shape, cap)
     if datalist.preset == "ct":
-        intensity = ct_intensity_statistics(datalist.training)
+        intensity = ct_intensity_statistics(datalist.training, ct_window)
     else:
         intensity = Intensity("mr")
     spec = network or NetworkSpec()

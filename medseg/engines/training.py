@@ -66,6 +66,7 @@ class TrainOptions:
     seed: int = 0
     target_spacing: tuple[float, ...] | None = None
     patch_size: tuple[int, ...] | None = None
+    ct_window: tuple[float, float] | None = None
     network: NetworkSpec = field(default_factory=NetworkSpec)
 
 
@@ -192,7 +193,10 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
         train_cases = [by_name[n] for n in split["training"]]
         val_cases = [by_name[n] for n in split["validation"]]
     else:
-        plan = make_plan(datalist, geometries, opts.target_spacing, opts.patch_size, opts.network)
+        try:
+            plan = make_plan(datalist, geometries, opts.target_spacing, opts.patch_size, opts.network, opts.ct_window)
+        except ValueError as exc:
+            raise InputError(None, str(exc)) from exc
         train_cases, val_cases = split_cases(datalist.training, opts.fold)
         plan.save(run_dir / "plan.json")
         atomic_write_text(run_dir / "split.json", json.dumps(

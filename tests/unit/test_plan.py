@@ -99,6 +99,17 @@ def test_make_plan_overrides(ct_plan: tuple) -> None:
         make_plan(datalist, geometries, target_spacing=(1.0, 1.0))
 
 
+def test_make_plan_ct_window(ct_plan: tuple) -> None:
+    """A fixed HU window replaces the percentiles; mean/std come from the clipped foreground."""
+    datalist, _ = ct_plan
+    geometries = validate_datalist(datalist)
+    intensity = make_plan(datalist, geometries, ct_window=(-160.0, 240.0)).intensity
+    assert (intensity.a_min, intensity.a_max) == (-160.0, 240.0)
+    assert 40.0 < intensity.mean < 240.0  # foreground: liver 100, spleen 130, kidney 180, bone clipped at 240
+    with pytest.raises(ValueError, match="increasing"):
+        make_plan(datalist, geometries, ct_window=(240.0, -160.0))
+
+
 def test_make_plan_mr(tmp_path: Path) -> None:
     datalist = load_datalist(write_dataset(tmp_path / "mr", "mr", cases=2, seed=0, size=32))
     plan = make_plan(datalist, validate_datalist(datalist))
