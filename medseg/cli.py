@@ -62,7 +62,8 @@ def _train_options(args: argparse.Namespace):
 
     opts = TrainOptions(epochs=args.epochs, max_minutes=args.max_minutes, device=args.device, fold=args.fold,
                         resume=args.resume, val_interval=args.val_interval, seed=args.seed,
-                        target_spacing=args.spacing, patch_size=args.patch_size, ct_window=args.ct_window)
+                        target_spacing=args.spacing, patch_size=args.patch_size, ct_window=args.ct_window,
+                        init_weights=args.init_weights)
     if args.batch_size:
         opts.batch_size = args.batch_size
     return opts
@@ -71,9 +72,10 @@ def _train_options(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from medseg.engines.training import train
 
-    summary = train(args.data, args.out, _train_options(args))
+    target = args.bundle or args.out
+    summary = train(args.data, target, _train_options(args), bundle=bool(args.bundle))
     best = summary["best_val_mean_dice"]
-    print(f"model: {os.path.join(args.out, 'models', 'model.pt')}  best validation mean Dice: "
+    print(f"model: {os.path.join(target, 'models', 'model.pt')}  best validation mean Dice: "
           f"{'n/a' if best is None else f'{best:.3f}'}")
     return 0
 
@@ -116,6 +118,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle_init(args: argparse.Namespace) -> int:
+    from medseg.bundle.create import write_bundle
+    from medseg.data.datalist import load_datalist, validate_datalist
+    from medseg.errors import InputError
+    from medseg.plan import make_plan
+
+    datalist = load_datalist(args.data)
+    out = __import__("pathlib").Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(out, "exists and is not empty; choose a new folder")
+    try:
+        plan = make_plan(datalist, validate_datalist(datalist), args.spacing, args.patch_size, ct_window=args.ct_window)
+    except ValueError as exc:
+        raise InputError(None, str(exc)) from exc
+    write_bundle(out, plan, name=args.name or out.name, description=args.description,
+                 data_source=args.data_source or f"MSD dataset {datalist.name!r}: {len(datalist.training)} training cases")
+    print(out)
+    return 0
+
+
+def cmd_bundle_run(args: argparse.Namespace) -> int:
+    from medseg.bundle.runner import parse_overrides, run_bundle
+
+    run_bundle(args.bundle, args.config, parse_overrides(args.set), trust=args.trust)
+    return 0
+
+
+def cmd_bundle_verify(args: argparse.Namespace) -> int:
+    from medseg.bundle.export import verify_bundle
+
+    for line in verify_bundle(args.bundle, device=args.device):
+        print(line)
+    print(f"{args.bundle}: verified")
+    return 0
+
+
+def cmd_bundle_export(args: argparse.Namespace) -> int:
+    from medseg.bundle.export import export_bundle
+
+    print(export_bundle(args.bundle, args.format, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description="Medical-image segmentation with MONAI.")
     parser.add_argument("--version", action="version", version=f"medseg {__version__}")
@@ -132,9 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", type=int, choices=[2, 3], default=3)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("train", help="train a U-Net on an MSD dataset.json")
+    p = sub.add_parser("train", help="train a U-Net on an MSD dataset.json (the run folder is a MONAI bundle)")
     p.add_argument("--data", required=True, help="dataset.json (MSD layout)")
-    p.add_argument("--out", required=True, help="run folder (new, or existing with --resume)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="new run folder (a bundle is written there), or an existing one with --resume")
+    where.add_argument("--bundle", help="train an existing bundle in place (from medseg bundle init) with its plan")
+    p.add_argument("--init-weights", default=None, metavar="PATH",
+                   help="transfer learning: start from the matching tensors of a bundle, run folder or .pt file")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -166,6 +215,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for metrics.csv and summary.json")
     p.add_argument("--nsd-tolerance-mm", type=float, default=1.0)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bundle", help="MONAI bundles: init, run, verify, export")
+    bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
+    b = bsub.add_parser("init", help="create a bundle for a dataset (modality, labels, spacing from the data)")
+    b.add_argument("--data", required=True, help="dataset.json (MSD layout)")
+    b.add_argument("--out", required=True, help="new bundle folder")
+    b.add_argument("--name", default=None)
+    b.add_argument("--description", default=None)
+    b.add_argument("--data-source", default=None, help="what the bundle is trained on (metadata data_source)")
+    b.add_argument("--spacing", type=_floats, default=None)
+    b.add_argument("--patch-size", type=_ints, default=None)
+    b.add_argument("--ct-window", type=_hu_window, default=None, metavar="LOW,HIGH")
+    b.set_defaults(func=cmd_bundle_init)
+    b = bsub.add_parser("run", help="run a bundle config (model-zoo layout), safe mode unless --trust")
+    b.add_argument("bundle", help="bundle folder")
+    b.add_argument("--config", default="inference", help="config name in configs/ (default: inference)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config id, e.g. --set dataset_dir=DATA --set epochs=5 (repeatable)")
+    b.add_argument("--trust", action="store_true", help="run configs with $ expressions and any _target_ (untrusted code!)")
+    b.set_defaults(func=cmd_bundle_run)
+    b = bsub.add_parser("verify", help="check metadata and network input/output against the configs")
+    b.add_argument("bundle")
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=cmd_bundle_verify)
+    b = bsub.add_parser("export", help="export the trained network as TorchScript or ONNX")
+    b.add_argument("bundle")
+    b.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    b.add_argument("--out", default=None, help="output file (default: models/model.ts or models/model.onnx)")
+    b.set_defaults(func=cmd_bundle_export)
 
     p = sub.add_parser("demo", help="synthetic CT -> train -> predict -> evaluate, ending with 'mean Dice: ...'")
     p.add_argument("--out", default="medseg-demo", help="demo folder (replaced if it holds an earlier demo)")

@@ -28,7 +28,7 @@ def _prepare(out: Path) -> None:
 
 
 def run_demo(out: str | os.PathLike[str] = "medseg-demo", minutes: float = 5.0, cases: int = 16, seed: int = 0,
-             device: str = "cpu", epochs: int = 80) -> dict[str, Any]:
+             device: str = "cpu", epochs: int = 30) -> dict[str, Any]:
     """Run the whole path on a synthetic CT dataset and return timings and the held-out mean Dice.
 
     Folder layout: ``data/`` (dataset), ``run/`` (model), ``predictions/``, ``evaluation/``.

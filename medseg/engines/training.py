@@ -1,8 +1,8 @@
 """Training with MONAI's Ignite engines: ``SupervisedTrainer`` + ``SupervisedEvaluator`` and handlers.
 
-Run folder written by :func:`train`::
+Run folder written by :func:`train` (a MONAI bundle, see :mod:`medseg.bundle.create`)::
 
-    RUN_DIR/plan.json              preprocessing, network and labels (all ``predict`` needs)
+    RUN_DIR/configs/               plan.json, metadata.json, train/inference/evaluate.json, logging.conf
     RUN_DIR/models/model.pt        network state dict of the best validation epoch
     RUN_DIR/checkpoints/last.pt    state dicts of network, optimiser, LR schedule and trainer (for --resume)
     RUN_DIR/logs/                  TensorBoard event files
@@ -39,9 +39,11 @@ from monai.losses import DiceCELoss
 from monai.transforms import AsDiscreted, Compose
 from monai.utils import set_determinism
 
-from medseg.data.datalist import load_datalist, split_cases, validate_datalist
+from medseg.bundle.components import load_plan
+from medseg.data.datalist import Case, Datalist, load_datalist, split_cases, validate_datalist
 from medseg.errors import BundleError, InputError
 from medseg.io.atomic import atomic_path, atomic_write_text
+from medseg.io.image import case_name, list_images
 from medseg.networks import build_network
 from medseg.plan import NetworkSpec, Plan, make_plan
 from medseg.transforms import augmentation, preprocessing
@@ -61,12 +63,15 @@ class TrainOptions:
     val_interval: int = 5
     learning_rate: float = 2e-3
     batch_size: int = 2
-    samples_per_case: int = 4
+    samples_per_case: int = 2
+    #: an epoch is at least this many iterations (small datasets would otherwise give tiny epochs)
+    min_iterations_per_epoch: int = 20
     num_workers: int = 0
     seed: int = 0
     target_spacing: tuple[float, ...] | None = None
     patch_size: tuple[int, ...] | None = None
     ct_window: tuple[float, float] | None = None
+    init_weights: str | None = None
     network: NetworkSpec = field(default_factory=NetworkSpec)
 
 
@@ -149,18 +154,72 @@ class RunCheckpoints:
         return state["trainer"]
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume:
-        if not (run_dir / "plan.json").exists():
-            raise InputError(run_dir, "--resume needs a run folder written by medseg train (plan.json missing)")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise InputError(run_dir, "exists and is not empty; choose a new --out folder or pass --resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
+def load_matching_weights(network: torch.nn.Module, source: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Transfer learning: copy every tensor of ``source`` whose name and shape match ``network``.
+
+    ``source`` is a state-dict file, a training checkpoint, or a bundle / run folder (its
+    ``models/model.pt``). Loaded with ``weights_only=True``. Returns ``{"loaded": [...], "skipped": [...]}``
+    (skipped: network tensors absent from the source or of another shape).
+
+    Raises
+    ------
+    InputError
+        Missing source, unreadable file, or no tensor that fits.
+    """
+    path = Path(source)
+    if path.is_dir():
+        path = path / "models" / "model.pt"
+    if not path.exists():
+        raise InputError(path, "no such weights file for --init-weights")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickled code or a corrupt file: refuse either way
+        raise InputError(path, f"not a loadable state dict ({type(exc).__name__})") from exc
+    if isinstance(state, dict) and isinstance(state.get("network"), dict):
+        state = state["network"]
+    own = network.state_dict()
+    loaded = [k for k, v in own.items() if k in state and isinstance(state[k], torch.Tensor) and state[k].shape == v.shape]
+    skipped = [k for k in own if k not in loaded]
+    if not loaded:
+        raise InputError(path, "no tensor matches this network (different architecture?)")
+    network.load_state_dict({**own, **{k: state[k] for k in loaded}})
+    log.info("--init-weights %s: loaded %d tensors, skipped %d%s", path, len(loaded), len(skipped),
+             f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})" if skipped else "")
+    return {"loaded": loaded, "skipped": skipped}
 
 
-def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options: TrainOptions | None = None) -> dict[str, Any]:
-    """Train a segmentation network on an MSD dataset and write a run folder (see module docstring).
+def training_datalist(dataset_dir: str | os.PathLike[str], plan: Plan) -> Datalist:
+    """The training cases of ``dataset_dir``: a ``dataset.json`` file, a folder holding one, or a
+    folder with ``imagesTr/`` and ``labelsTr/`` (paired by file name; labels from the plan).
+
+    Raises
+    ------
+    InputError
+        No dataset found, or dataset labels that differ from the plan's.
+    """
+    root = Path(dataset_dir)
+    if root.is_file() or (root / "dataset.json").exists():
+        datalist = load_datalist(root)
+        if datalist.labels != plan.labels:
+            raise InputError(datalist.path, f"labels {datalist.labels} differ from the bundle's {plan.labels}")
+        return datalist
+    images, labels = root / "imagesTr", root / "labelsTr"
+    if not images.is_dir() or not labels.is_dir():
+        raise InputError(root, "no dataset.json and no imagesTr/ + labelsTr/ folders")
+    cases = []
+    for image in list_images(images):
+        label = labels / image.name
+        if not label.exists():
+            raise InputError(image, f"no label map {label.name} in {labels}")
+        cases.append(Case(case_name(image), image, label))
+    return Datalist(root / "dataset.json", root.name, plan.modality, dict(plan.labels), cases, [])
+
+
+def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options: TrainOptions | None = None,
+          bundle: bool = False) -> dict[str, Any]:
+    """Train on an MSD dataset: write a bundle for it into ``run_dir`` (plan derived from the data),
+    then train it with :func:`train_bundle`. With ``bundle=True``, ``run_dir`` is an existing
+    bundle (``medseg bundle init``) whose plan is used as it is.
 
     Returns the training summary (also written to ``train_summary.json``).
 
@@ -170,22 +229,57 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
         Invalid dataset (see :func:`medseg.data.datalist.validate_datalist`), a non-empty run
         folder without ``--resume``, an unavailable device.
     BundleError
-        ``--resume`` with a missing or unreadable checkpoint.
+        ``--resume`` with a missing or unreadable checkpoint, ``bundle=True`` without a plan.
     """
+    from medseg.bundle.create import write_bundle
+
     opts = options or TrainOptions()
     run_dir = Path(run_dir)
+    resolve_device(opts.device)
+    datalist = load_datalist(data)
+    if bundle or opts.resume:
+        load_plan(run_dir)  # raises BundleError if this is not a bundle
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise InputError(run_dir, "exists and is not empty; choose a new --out folder or pass --resume")
+    geometries = validate_datalist(datalist)  # before anything is written: bad data leaves no run folder
+    if not (bundle or opts.resume):
+        try:
+            plan = make_plan(datalist, geometries, opts.target_spacing, opts.patch_size, opts.network, opts.ct_window)
+        except ValueError as exc:
+            raise InputError(None, str(exc)) from exc
+        write_bundle(run_dir, plan, name=run_dir.name, data_source=f"MSD dataset {datalist.name!r} ({datalist.path}): "
+                     f"{len(datalist.training)} training cases")
+    return train_bundle(run_dir, datalist.path, opts)
+
+
+def train_bundle(bundle_root: str | os.PathLike[str], dataset_dir: str | os.PathLike[str],
+                 options: TrainOptions | None = None, network: torch.nn.Module | None = None,
+                 loss: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Train the network of a bundle (its ``configs/plan.json``) on ``dataset_dir``; the entry point
+    of ``configs/train.json`` and of ``medseg train``. Writes ``models/model.pt`` (best validation
+    Dice), ``checkpoints/last.pt``, ``logs/``, ``split.json`` and ``train_summary.json`` in the bundle.
+
+    Raises
+    ------
+    InputError
+        Invalid dataset, bad options, unavailable device, ``--init-weights`` that do not fit.
+    BundleError
+        Missing plan; ``resume`` without a usable checkpoint.
+    """
+    opts = options or TrainOptions()
+    run_dir = Path(bundle_root)
     device = resolve_device(opts.device)
     if opts.epochs < 1:
         raise InputError(None, f"--epochs must be at least 1, got {opts.epochs}")
-    datalist = load_datalist(data)
-    if not opts.resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise InputError(run_dir, "exists and is not empty; choose a new --out folder or pass --resume")
-    geometries = validate_datalist(datalist)  # before anything is written: bad data leaves no run folder
-    _prepare_run_dir(run_dir, opts.resume)
+    plan = load_plan(run_dir)
+    datalist = training_datalist(dataset_dir, plan)
+    validate_datalist(datalist)
     set_determinism(seed=opts.seed)
+    split_file = run_dir / "split.json"
     if opts.resume:
-        plan = Plan.load(run_dir / "plan.json")
-        split = json.loads((run_dir / "split.json").read_text())
+        if not split_file.exists():
+            raise BundleError(f"{split_file}: no training to resume in this bundle")
+        split = json.loads(split_file.read_text())
         by_name = {c.name: c for c in datalist.training}
         missing = [n for n in split["training"] + split["validation"] if n not in by_name]
         if missing:
@@ -193,13 +287,8 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
         train_cases = [by_name[n] for n in split["training"]]
         val_cases = [by_name[n] for n in split["validation"]]
     else:
-        try:
-            plan = make_plan(datalist, geometries, opts.target_spacing, opts.patch_size, opts.network, opts.ct_window)
-        except ValueError as exc:
-            raise InputError(None, str(exc)) from exc
         train_cases, val_cases = split_cases(datalist.training, opts.fold)
-        plan.save(run_dir / "plan.json")
-        atomic_write_text(run_dir / "split.json", json.dumps(
+        atomic_write_text(split_file, json.dumps(
             {"fold": opts.fold, "training": [c.name for c in train_cases], "validation": [c.name for c in val_cases]},
             indent=2) + "\n")
     log.info("training on %d cases, validating on %d (fold %d)", len(train_cases), len(val_cases), opts.fold)
@@ -214,8 +303,10 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     train_loader = DataLoader(train_ds, batch_size=opts.batch_size, shuffle=True, num_workers=opts.num_workers,
                               persistent_workers=opts.num_workers > 0, drop_last=len(train_ds) > opts.batch_size)
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=0)
+    epoch_length = max(len(train_loader), opts.min_iterations_per_epoch)
 
-    network = build_network(plan).to(device)
+    network = (network if network is not None else build_network(plan)).to(device)
+    transfer = load_matching_weights(network, opts.init_weights) if opts.init_weights and not opts.resume else None
     optimizer = torch.optim.AdamW(network.parameters(), lr=opts.learning_rate, weight_decay=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: (1 - min(epoch, opts.epochs - 1) / opts.epochs) ** 0.9)
     num_classes = plan.num_classes
@@ -234,10 +325,11 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     trainer = SupervisedTrainer(
         device=device,
         max_epochs=opts.epochs,
+        epoch_length=epoch_length,
         train_data_loader=train_loader,
         network=network,
         optimizer=optimizer,
-        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        loss_function=loss if loss is not None else DiceCELoss(to_onehot_y=True, softmax=True),
         inferer=SimpleInferer(),
         train_handlers=[
             LrScheduleHandler(lr_scheduler=scheduler, print_lr=False),
@@ -280,7 +372,7 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
         trainer.state.epoch = state["epoch"]
         trainer.state.iteration = state["iteration"]
         trainer.state.max_epochs = opts.epochs
-        trainer.state.epoch_length = len(train_loader)
+        trainer.state.epoch_length = epoch_length
         log.info("resuming from epoch %d (best validation Dice so far %.4f)", state["epoch"], checkpoints.best_metric)
         if state["epoch"] >= opts.epochs:
             raise InputError(checkpoints.last_path, f"already trained {state['epoch']} epochs; pass a larger --epochs to continue")
@@ -310,6 +402,8 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
         "best_epoch": checkpoints.best_epoch,
         "seconds": round(elapsed, 1),
         "stopped_by_time_budget": stopped["by_time"],
+        "init_weights": None if transfer is None else {"source": str(opts.init_weights), "loaded": len(transfer["loaded"]),
+                                                       "skipped": transfer["skipped"]},
         "device": str(device),
         "options": {k: v for k, v in asdict(opts).items() if k != "network"},
     }

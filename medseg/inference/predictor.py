@@ -17,9 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
-from monai.transforms import Invertd
 
+from medseg.bundle.components import (
+    bundle_path,
+    inference_postprocessing,
+    load_plan,
+    load_weights,
+    sliding_window_inferer,
+)
 from medseg.engines.training import resolve_device
 from medseg.errors import BundleError, InputError, MedsegError
 from medseg.io.image import case_name, image_suffix, list_images, read_geometry, write_label_map
@@ -36,27 +41,20 @@ def output_name(image: Path) -> str:
 
 
 def load_model(run_dir: str | os.PathLike[str], device: torch.device) -> tuple[Plan, torch.nn.Module]:
-    """Load ``plan.json`` and ``models/model.pt`` (state dict, ``weights_only=True``) from a run folder.
+    """Load a bundle's (or run folder's) plan and weights, ``configs/plan.json`` and ``models/model.pt``,
+    through the same factories its ``inference.json`` names.
 
     Raises
     ------
     BundleError
-        Missing run folder, plan or weights, or weights that do not fit the plan's network.
+        Missing folder, plan or weights, or weights that do not fit the plan's network.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise BundleError(f"{run_dir}: no such run folder (expected the --out folder of medseg train)")
-    plan = Plan.load(run_dir / "plan.json")
-    weights = run_dir / "models" / "model.pt"
-    if not weights.exists():
-        raise BundleError(f"{weights}: no such file; has training finished?")
-    network = build_network(plan)
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        network.load_state_dict(state)
-    except Exception as exc:  # noqa: BLE001 - any failure means unusable weights
-        raise BundleError(f"{weights}: cannot load these weights into the plan's network ({exc})") from exc
-    return plan, network.to(device).eval()
+        raise BundleError(f"{run_dir}: no such bundle or run folder (expected the --out folder of medseg train)")
+    plan = load_plan(run_dir)
+    network = load_weights(build_network(plan), bundle_path(run_dir, ["models", "model.pt"]), device)
+    return plan, network
 
 
 @dataclass
@@ -105,20 +103,10 @@ class Predictor:
         if not torch.isfinite(image).all():
             raise InputError(image_path, "has NaN or infinite voxel values")
         progress = self.progress if self.progress is not None else sys.stderr.isatty()
+        inferer = sliding_window_inferer(self.plan, self.overlap, self.sw_batch_size, progress)
         with torch.inference_mode():
-            logits = sliding_window_inference(
-                image[None].to(self.device),
-                roi_size=self.plan.patch_size,
-                sw_batch_size=self.sw_batch_size or self.plan.sw_batch_size,
-                predictor=self.network,
-                overlap=self.overlap,
-                mode="gaussian",
-                progress=progress,
-            )
-            probabilities = torch.softmax(logits[0].float(), dim=0).cpu()
-        data["pred"] = probabilities
-        inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True)(data)
-        labels = torch.argmax(inverted["pred"], dim=0).numpy()
+            data["pred"] = inferer(image[None].to(self.device), self.network)[0].float().cpu()
+        labels = inference_postprocessing(self.plan, pre)(data)["pred"][0].numpy()
         if tuple(labels.shape) != geometry.size:
             raise MedsegError(f"{image_path}: internal error, inverted prediction has shape {labels.shape}, "
                               f"input has {geometry.size}")

@@ -32,7 +32,7 @@ def test_trained_run_folder_is_self_contained_and_segments(tmp_path: Path, train
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """The run folder holds plan, weights (a plain state dict), checkpoints and TensorBoard events,
     and predicting + evaluating the held-out cases gives a mean Dice far above chance."""
-    plan = json.loads((trained_run / "plan.json").read_text())
+    plan = json.loads((trained_run / "configs" / "plan.json").read_text())
     assert plan["labels"]["5"] == "lesion" and plan["dims"] == 3
     state = torch.load(trained_run / "models" / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
@@ -92,7 +92,7 @@ def test_2d_dataset_trains_2d_unet_and_predicts_2d(tmp_path: Path, capsys: pytes
     run = tmp_path / "run2d"
     assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "40", "--max-minutes", "0.75",
                  "--val-interval", "5"]) == 0
-    plan = json.loads((run / "plan.json").read_text())
+    plan = json.loads((run / "configs" / "plan.json").read_text())
     assert plan["dims"] == 2 and len(plan["patch_size"]) == 2
     preds = tmp_path / "preds"
     assert main(["predict", "--model", str(run), "--input", str(data.parent / "imagesTs"), "--output", str(preds)]) == 0
@@ -112,7 +112,7 @@ def test_mr_dataset_trains_with_mr_preset(tmp_path: Path) -> None:
     run = tmp_path / "run_mr"
     assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "2", "--val-interval", "1",
                  "--patch-size", "32,32,16"]) == 0
-    plan = json.loads((run / "plan.json").read_text())
+    plan = json.loads((run / "configs" / "plan.json").read_text())
     assert plan["modality"] == "MR" and plan["intensity"]["preset"] == "mr"
     preds = tmp_path / "preds"
     assert main(["predict", "--model", str(run), "--input", str(data.parent / "imagesTs"), "--output", str(preds)]) == 0
