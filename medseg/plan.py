@@ -21,7 +21,7 @@ from nibabel.orientations import io_orientation
 from medseg.data.datalist import Case, Datalist
 from medseg.errors import BundleError
 from medseg.io.atomic import atomic_write_text
-from medseg.io.image import Geometry, read_image, to_array
+from medseg.io.image import Geometry, read_image
 
 log = logging.getLogger(__name__)
 

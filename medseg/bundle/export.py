@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from medseg.bundle.components import PLAN_FILE, WEIGHTS_FILE, load_plan, load_weights
+from medseg.bundle.runner import weights_only_loads
 from medseg.errors import BundleError, MedsegError
 from medseg.io.atomic import atomic_path
 from medseg.networks import build_network
@@ -116,20 +117,6 @@ def _quiet_monai() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _weights_only() -> Iterator[None]:
-    """``torch.load(weights_only=True)`` for everything inside (MONAI loads checkpoints through Ignite)."""
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 def _safety_findings(bundle: Path) -> list[str]:
@@ -248,7 +235,7 @@ def _check_net_in_out(bundle: Path, device: str, lines: list[str], problems: lis
     from monai.bundle import verify_net_in_out
 
     try:
-        with _weights_only(), _quiet_monai():
+        with weights_only_loads(), _quiet_monai():
             verify_net_in_out(net_id=NET_ID, meta_file=str(bundle / META_FILE), config_file=str(bundle / INFERENCE_FILE),
                               device=device, p=1, n=VERIFY_N, any=1, bundle_root=str(bundle))
     except Exception as exc:  # noqa: BLE001 - every failure is a problem of the bundle, reported with the others
@@ -490,7 +477,7 @@ def export_bundle(bundle_dir: str | os.PathLike[str], fmt: str, output: str | os
               "bundle_root": str(bundle.absolute())}
     with atomic_path(target) as tmp:
         try:
-            with _weights_only(), _quiet_monai():
+            with weights_only_loads(), _quiet_monai():
                 if key == "torchscript":
                     from monai.bundle import ckpt_export
 

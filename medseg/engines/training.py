@@ -40,7 +40,13 @@ from monai.transforms import AsDiscreted, Compose
 from monai.utils import set_determinism
 
 from medseg.bundle.components import load_plan
-from medseg.data.datalist import Case, Datalist, load_datalist, split_cases, validate_datalist
+from medseg.data.datalist import (
+    Case,
+    Datalist,
+    load_datalist,
+    split_cases,
+    validate_datalist,
+)
 from medseg.errors import BundleError, InputError
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.image import case_name, list_images

@@ -27,7 +27,13 @@ from medseg.bundle.components import (
 )
 from medseg.engines.training import resolve_device
 from medseg.errors import BundleError, InputError, MedsegError
-from medseg.io.image import case_name, image_suffix, list_images, read_geometry, write_label_map
+from medseg.io.image import (
+    case_name,
+    image_suffix,
+    list_images,
+    read_geometry,
+    write_label_map,
+)
 from medseg.networks import build_network
 from medseg.plan import Plan
 from medseg.transforms import preprocessing

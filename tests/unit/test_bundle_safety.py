@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 import yaml
 
-from medseg.bundle.safety import ALLOWED_PACKAGES, Finding, check_bundle, scan_bundle, scan_config, scan_overrides
+from medseg.bundle.safety import (
+    ALLOWED_PACKAGES,
+    Finding,
+    check_bundle,
+    scan_bundle,
+    scan_config,
+    scan_overrides,
+)
 from medseg.errors import BundleError
 
 

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg.data.datalist import Case, load_datalist, split_cases, validate_case, validate_datalist
+from medseg.data.datalist import (
+    Case,
+    load_datalist,
+    split_cases,
+    validate_case,
+    validate_datalist,
+)
 from medseg.data.synthetic import CT_LABELS, write_dataset
 from medseg.errors import InputError
 

@@ -13,7 +13,15 @@ from medseg.data.datalist import load_datalist, validate_datalist
 from medseg.data.synthetic import CT_LABELS, write_dataset
 from medseg.errors import BundleError
 from medseg.io.image import Geometry
-from medseg.plan import PLAN_FORMAT, Intensity, NetworkSpec, Plan, make_plan, ras_extent, ras_spacing
+from medseg.plan import (
+    PLAN_FORMAT,
+    Intensity,
+    NetworkSpec,
+    Plan,
+    make_plan,
+    ras_extent,
+    ras_spacing,
+)
 
 
 def _geometry(direction_columns: np.ndarray, spacing, size=(4, 5, 6)) -> Geometry:
