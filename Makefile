@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install system-deps demo test clean
 
 install: $(STAMP)
 
@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/medseg demo --out demo-run
 
-test: install
+system-deps:
+	bash scripts/install_system_deps.sh
+
+test: install system-deps
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -84,7 +84,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medseg.inference.predictor import predict
 
     outputs = predict(args.model, args.input, args.output, device=args.device, overlap=args.overlap,
-                      overwrite=args.overwrite, sw_batch_size=args.sw_batch_size)
+                      overwrite=args.overwrite, sw_batch_size=args.sw_batch_size,
+                      instances=args.instances or args.instance_labels is not None,
+                      instance_labels=args.instance_labels)
     for path in outputs:
         print(path)
     return 0
@@ -99,14 +101,37 @@ def _labels_from(path: str | None):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medseg.errors import InputError
     from medseg.metrics.evaluate import evaluate_folders
 
+    if not args.nsd_tolerance_mm >= 0:
+        raise InputError(None, f"--nsd-tolerance-mm must be >= 0, got {args.nsd_tolerance_mm}")
     summary = evaluate_folders(args.pred, args.ref, args.out, labels=_labels_from(args.labels),
-                               nsd_tolerance_mm=args.nsd_tolerance_mm)
+                               nsd_tolerance_mm=args.nsd_tolerance_mm, lesion_labels=args.lesion_labels,
+                               lesion_min_volume_ml=args.lesion_min_ml)
     for number, entry in summary["labels"].items():
         dice = entry["dice"]["mean"]
         print(f"{number:>4} {entry['name']:<20} Dice {'n/a' if dice is None else f'{dice:.3f}'}")
+    for number, entry in summary.get("lesions", {}).items():
+        f1, ldice = entry["f1"]["mean"], entry["lesion_dice"]["mean"]
+        print(f"{number:>4} {entry['name']:<20} lesions TP {entry['tp']} FP {entry['fp']} FN {entry['fn']}  "
+              f"F1 {f1:.3f}  lesion-wise Dice {ldice:.3f}")
     print(f"mean Dice: {summary['mean_dice_foreground']:.3f}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from medseg.reports import build_report
+
+    labels = None
+    if args.labels is not None and os.path.isdir(args.labels):  # a bundle or run folder
+        from medseg.bundle.components import load_plan
+
+        labels = load_plan(args.labels).labels
+    elif args.labels is not None:
+        labels = _labels_from(args.labels)
+    build_report(args.pred, args.images, args.out, labels=labels, modality=args.modality)
+    print(os.path.join(args.out, "report.html"))
     return 0
 
 
@@ -206,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--instances", action="store_true",
+                   help="also write <case>_instances.<ext>: one id per connected lesion (lesion/tumour labels)")
+    p.add_argument("--instance-labels", type=_ints, default=None, metavar="L1,L2",
+                   help="labels to split into instances (default: labels named lesion, tumour, ...)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, HD95 and more per case and label")
@@ -213,8 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", required=True, help="folder of reference label maps (<case>.<ext>)")
     p.add_argument("--labels", default=None, help="dataset.json whose 'labels' name the label values")
     p.add_argument("--out", required=True, help="folder for metrics.csv and summary.json")
-    p.add_argument("--nsd-tolerance-mm", type=float, default=1.0)
+    p.add_argument("--nsd-tolerance-mm", type=float, default=1.0, help="normalised surface Dice tolerance (mm)")
+    p.add_argument("--lesion-labels", type=_ints, default=None, metavar="L1,L2",
+                   help="labels evaluated lesion by lesion into lesions.csv (default: labels named lesion, tumour, ...)")
+    p.add_argument("--lesion-min-ml", type=float, default=0.0, help="ignore connected components below this volume")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="volumes, intensity statistics, overlays and an HTML report of predictions")
+    p.add_argument("--pred", required=True, help="folder of predicted label maps (<case>_seg.<ext>)")
+    p.add_argument("--images", required=True, help="folder of the images (<case>.<ext>)")
+    p.add_argument("--out", required=True, help="folder for structures.csv/json, <case>.png and report.html")
+    p.add_argument("--labels", default=None,
+                   help="label names: a dataset.json, or a bundle / run folder (its configs/plan.json)")
+    p.add_argument("--modality", choices=["CT", "MR"], type=str.upper, default=None,
+                   help="default: CT if the image holds values below -500 (HU), else MR")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bundle", help="MONAI bundles: init, run, verify, export")
     bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)

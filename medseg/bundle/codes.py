@@ -49,3 +49,13 @@ def segment_code(name: str) -> dict[str, Any]:
         code, meaning, category = _KNOWN[key]
         return {"name": name, "snomed": {"code": code, "scheme": "SCT", "meaning": meaning}, "category": dict(category)}
     return {"name": name, "snomed": None, "category": dict(ANATOMICAL_STRUCTURE)}
+
+
+#: Words that make a label a lesion (evaluated lesion by lesion, written as instances).
+LESION_WORDS = ("lesion", "tumor", "tumour", "neoplasm", "mass", "metastasis", "metastases", "nodule", "cancer")
+
+
+def is_lesion_name(name: str) -> bool:
+    """True for label names such as ``lesion``, ``liver_tumor``, ``Metastasis``."""
+    lowered = name.lower().replace("_", " ")
+    return any(word in lowered for word in LESION_WORDS)

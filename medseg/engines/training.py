@@ -8,6 +8,7 @@ Run folder written by :func:`train` (a MONAI bundle, see :mod:`medseg.bundle.cre
     RUN_DIR/logs/                  TensorBoard event files
     RUN_DIR/split.json             training / validation case names
     RUN_DIR/train_summary.json     epochs, best validation Dice, time, why training stopped
+    RUN_DIR/history.json, curves.png   loss per epoch and validation Dice (updated at each validation)
 """
 
 from __future__ import annotations
@@ -158,6 +159,51 @@ class RunCheckpoints:
         self.best_metric = float(state["best"]["metric"])
         self.best_epoch = int(state["best"]["epoch"])
         return state["trainer"]
+
+
+@dataclass
+class TrainingHistory:
+    """Loss per epoch and validation mean Dice, saved as ``history.json`` and drawn as ``curves.png``
+    (after every validation and at the end of training)."""
+
+    epochs: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    val_epochs: list[int] = field(default_factory=list)
+    val_dice: list[float] = field(default_factory=list)
+    _pending: list[float] = field(default_factory=list, repr=False)
+
+    def add_loss(self, value: float) -> None:
+        self._pending.append(value)
+
+    def end_epoch(self, epoch: int) -> float:
+        loss = float(sum(self._pending) / len(self._pending)) if self._pending else float("nan")
+        self._pending.clear()
+        self.epochs.append(epoch)
+        self.losses.append(loss)
+        return loss
+
+    def add_validation(self, epoch: int, dice: float, run_dir: Path) -> None:
+        if self.val_epochs and self.val_epochs[-1] == epoch:  # the final validation repeats an epoch
+            self.val_dice[-1] = dice
+        else:
+            self.val_epochs.append(epoch)
+            self.val_dice.append(dice)
+        self.save(run_dir)
+
+    def save(self, run_dir: Path) -> None:
+        from medseg.reports.figures import training_curves_png
+
+        data = {"epoch": self.epochs, "loss": self.losses, "val_epoch": self.val_epochs, "val_mean_dice": self.val_dice}
+        atomic_write_text(run_dir / "history.json", json.dumps(data, indent=1) + "\n")
+        training_curves_png(self.epochs, self.losses, self.val_epochs, self.val_dice, run_dir / "curves.png")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> TrainingHistory:
+        path = run_dir / "history.json"
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls(list(data["epoch"]), list(data["loss"]), list(data["val_epoch"]), list(data["val_mean_dice"]))
 
 
 def load_matching_weights(network: torch.nn.Module, source: str | os.PathLike[str]) -> dict[str, list[str]]:
@@ -358,12 +404,18 @@ def train_bundle(bundle_root: str | os.PathLike[str], dataset_dir: str | os.Path
 
         ProgressBar(persist=False).attach(trainer, output_transform=from_engine(["loss"], first=True))
 
-    def log_epoch(engine: Engine) -> None:
-        log.info("epoch %d/%d  loss %.4f  lr %.2e  %.1fs elapsed", engine.state.epoch, engine.state.max_epochs,
-                 float(engine.state.output[0]["loss"]) if engine.state.output else float("nan"),
-                 optimizer.param_groups[0]["lr"], time.monotonic() - started)
+    history = TrainingHistory.load(run_dir) if opts.resume else TrainingHistory()
 
+    def log_epoch(engine: Engine) -> None:
+        loss = history.end_epoch(engine.state.epoch)
+        log.info("epoch %d/%d  loss %.4f  lr %.2e  %.1fs elapsed", engine.state.epoch, engine.state.max_epochs,
+                 loss, optimizer.param_groups[0]["lr"], time.monotonic() - started)
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda engine: history.add_loss(float(engine.state.output[0]["loss"])))
     trainer.add_event_handler(Events.EPOCH_COMPLETED, log_epoch)
+    evaluator.add_event_handler(Events.COMPLETED, lambda engine: history.add_validation(
+        trainer.state.epoch, float(engine.state.metrics.get(metric_name, float("nan"))), run_dir))
 
     stopped = {"by_time": False}
 
@@ -401,6 +453,7 @@ def train_bundle(bundle_root: str | os.PathLike[str], dataset_dir: str | os.Path
         with atomic_path(checkpoints.model_path) as tmp:
             torch.save(network.state_dict(), tmp)
 
+    history.save(run_dir)
     summary = {
         "epochs_completed": trainer.state.epoch,
         "iterations": trainer.state.iteration,

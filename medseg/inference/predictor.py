@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg.bundle.codes import is_lesion_name
 from medseg.bundle.components import (
     bundle_path,
     inference_postprocessing,
@@ -34,6 +35,7 @@ from medseg.io.image import (
     read_geometry,
     write_label_map,
 )
+from medseg.metrics.lesions import instance_map
 from medseg.networks import build_network
 from medseg.plan import Plan
 from medseg.transforms import preprocessing
@@ -41,9 +43,9 @@ from medseg.transforms import preprocessing
 log = logging.getLogger(__name__)
 
 
-def output_name(image: Path) -> str:
-    """``<case>_seg.<same ending>`` for an input image file."""
-    return f"{case_name(image)}_seg{image_suffix(image)}"
+def output_name(image: Path, kind: str = "seg") -> str:
+    """``<case>_seg.<same ending>`` (or ``_instances``) for an input image file."""
+    return f"{case_name(image)}_{kind}{image_suffix(image)}"
 
 
 def load_model(run_dir: str | os.PathLike[str], device: torch.device) -> tuple[Plan, torch.nn.Module]:
@@ -118,10 +120,23 @@ class Predictor:
                               f"input has {geometry.size}")
         return labels.astype(np.uint8 if self.plan.num_classes <= 256 else np.uint16)
 
-    def predict_file(self, image_path: Path, output_path: Path) -> Path:
-        """Predict one image and write its label map atomically in the input's geometry and format."""
+    def lesion_labels(self) -> list[int]:
+        """Labels written as instances by ``--instances``: lesion-like names (lesion, tumour, ...)."""
+        return [k for k, v in self.plan.labels.items() if k != 0 and is_lesion_name(v)]
+
+    def predict_file(self, image_path: Path, output_path: Path, instances_path: Path | None = None,
+                     instance_labels: Sequence[int] | None = None, min_lesion_ml: float = 0.0) -> Path:
+        """Predict one image and write its label map atomically in the input's geometry and format;
+        with ``instances_path`` also an instance map (one id per connected lesion of ``instance_labels``)."""
         labels = self.predict_array(image_path)
-        return write_label_map(labels, image_path, output_path)
+        written = write_label_map(labels, image_path, output_path)
+        if instances_path is not None:
+            values = list(instance_labels) if instance_labels is not None else self.lesion_labels()
+            spacing = read_geometry(image_path).spacing
+            instances = instance_map(labels, values, spacing, min_volume_ml=min_lesion_ml)
+            write_label_map(instances, image_path, instances_path)
+            log.info("%s: %d lesion instance(s) of label(s) %s", image_path.name, int(instances.max()), values)
+        return written
 
 
 def collect_inputs(input_path: str | os.PathLike[str]) -> list[Path]:
@@ -144,17 +159,22 @@ def collect_inputs(input_path: str | os.PathLike[str]) -> list[Path]:
 
 def predict(run_dir: str | os.PathLike[str], input_path: str | os.PathLike[str], output_dir: str | os.PathLike[str],
             device: str = "cpu", overlap: float = 0.5, overwrite: bool = False,
-            sw_batch_size: int | None = None) -> list[Path]:
+            sw_batch_size: int | None = None, instances: bool = False,
+            instance_labels: Sequence[int] | None = None) -> list[Path]:
     """Predict every input image into ``output_dir`` as ``<case>_seg.<ending>``.
 
     All headers are checked before any prediction; if any case fails, the outputs this call
     already wrote are removed again, so a failed call leaves nothing behind.
 
+    With ``instances``, an instance map ``<case>_instances.<ending>`` (one id per connected
+    component of the lesion labels, or of ``instance_labels``) is written beside each label map.
+
     Raises
     ------
     InputError
         Bad inputs (see :func:`collect_inputs`, :meth:`Predictor.predict_array`), an output that
-        would overwrite an input or an existing file (unless ``overwrite``).
+        would overwrite an input or an existing file (unless ``overwrite``), ``instances`` for a
+        model without lesion labels, unknown ``instance_labels``.
     BundleError
         Bad run folder.
     """
@@ -163,36 +183,43 @@ def predict(run_dir: str | os.PathLike[str], input_path: str | os.PathLike[str],
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(output_dir, "exists and is not a folder")
-    planned: list[tuple[Path, Path]] = []
+    if instances:
+        values = list(instance_labels) if instance_labels is not None else predictor.lesion_labels()
+        unknown = sorted(set(values) - set(predictor.plan.labels) | ({0} & set(values)))
+        if not values or unknown:
+            raise InputError(Path(run_dir), "--instances: " + (f"labels {unknown} are not foreground labels of this model"
+                             if unknown else "the model has no lesion label; name them with --instance-labels"))
+        instance_labels = values
+    planned: list[tuple[Path, Path, Path | None]] = []
     input_set = {p.resolve() for p in inputs}
     for image in inputs:
         read_geometry(image, predictor.plan.dims)
-        target = output_dir / output_name(image)
-        if target.resolve() in input_set:
-            raise InputError(target, "would overwrite an input image; choose another --output folder")
-        if target.exists() and not overwrite:
-            raise InputError(target, "already exists; pass --overwrite to replace it")
-        planned.append((image, target))
-    names = [t.name for _, t in planned]
+        targets = [output_dir / output_name(image)] + ([output_dir / output_name(image, "instances")] if instances else [])
+        for target in targets:
+            if target.resolve() in input_set:
+                raise InputError(target, "would overwrite an input image; choose another --output folder")
+            if target.exists() and not overwrite:
+                raise InputError(target, "already exists; pass --overwrite to replace it")
+        planned.append((image, targets[0], targets[1] if instances else None))
+    names = [t.name for _, t, _ in planned]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise InputError(Path(input_path), f"several inputs would be written to the same output: {', '.join(clashes)}")
     created_dir = not output_dir.exists()
     written: list[Path] = []
     try:
-        for index, (image, target) in enumerate(planned, 1):
+        for index, (image, target, instance_target) in enumerate(planned, 1):
             log.info("[%d/%d] %s -> %s", index, len(planned), image.name, target)
-            existed = target.exists()
-            predictor.predict_file(image, target)
-            if not existed:
-                written.append(target)
+            fresh = [p for p in (target, instance_target) if p is not None and not p.exists()]
+            written.extend(fresh)  # removed again if this case fails half-way
+            predictor.predict_file(image, target, instance_target, instance_labels)
     except BaseException:
         for path in written:
             _remove_image(path)
         if created_dir and output_dir.exists() and not any(output_dir.iterdir()):
             output_dir.rmdir()
         raise
-    return [t for _, t in planned]
+    return [t for _, t, _ in planned]
 
 
 def _remove_image(path: Path) -> None:
@@ -203,7 +230,3 @@ def _remove_image(path: Path) -> None:
         for sibling in path.parent.glob(stem + ".*raw*"):
             sibling.unlink(missing_ok=True)
 
-
-def predict_cases(predictor: Predictor, images: Sequence[Path], output_dir: Path) -> list[Path]:
-    """Predict a list of images into ``output_dir`` (used by the demo)."""
-    return [predictor.predict_file(image, output_dir / output_name(image)) for image in images]

@@ -294,11 +294,19 @@ class SimpleITKReader(ImageReader):
 
 
 def label_dtype(labels: np.ndarray) -> np.dtype:
-    """uint8 for label maps up to 255, uint16 beyond (DESIGN: label maps are integers)."""
+    """uint8 for label maps up to 255, uint16 up to 65535, uint32 beyond (instance maps).
+
+    Raises
+    ------
+    ValueError
+        For negative labels.
+    """
     top = int(labels.max()) if labels.size else 0
     if labels.size and int(labels.min()) < 0:
         raise ValueError("label maps cannot hold negative labels")
-    return np.dtype(np.uint8) if top <= 255 else np.dtype(np.uint16)
+    if top <= 255:
+        return np.dtype(np.uint8)
+    return np.dtype(np.uint16) if top <= 65535 else np.dtype(np.uint32)
 
 
 def write_label_map(labels: np.ndarray, reference: str | os.PathLike[str], output: str | os.PathLike[str]) -> Path:

@@ -16,16 +16,18 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from medseg.bundle.codes import is_lesion_name
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_write_text
 from medseg.io.image import case_name, list_images, read_geometry, read_image, to_array
+from medseg.metrics.lesions import lesion_rows, lesion_wise, write_lesions_csv
 from medseg.metrics.overlap import (
     EMPTY_CONVENTION,
     METRIC_FIELDS,
@@ -128,8 +130,13 @@ def evaluate_folders(
     out_dir: str | os.PathLike[str],
     labels: Mapping[int, str] | None = None,
     nsd_tolerance_mm: float = 1.0,
+    lesion_labels: Sequence[int] | None = None,
+    lesion_min_volume_ml: float = 0.0,
+    plots: bool = True,
 ) -> dict[str, Any]:
-    """Compute per-case, per-label metrics and write ``metrics.csv`` and ``summary.json``.
+    """Compute per-case, per-label metrics and write ``metrics.csv``, ``summary.json``, for lesion
+    labels ``lesions.csv`` (lesion-wise TP/FP/FN, F1, lesion-wise Dice; see
+    :mod:`medseg.metrics.lesions`), and ``dice_boxplot.png`` (Dice per label over cases).
 
     Parameters
     ----------
@@ -143,6 +150,13 @@ def evaluate_folders(
         ``label_<n>``.
     nsd_tolerance_mm
         Tolerance of the normalised surface Dice, in mm.
+    lesion_labels
+        Labels evaluated lesion by lesion; default: labels whose name is a lesion, tumour,
+        neoplasm, mass or metastasis.
+    lesion_min_volume_ml
+        Connected components smaller than this are ignored in the lesion-wise evaluation.
+    plots
+        Write ``dice_boxplot.png``.
 
     Returns
     -------
@@ -200,13 +214,48 @@ def evaluate_folders(
         (case, label, results[case].get(label, both_empty_metrics())) for case in results for label in foreground
     ]
     summary = _summary(rows, names, foreground, len(pairs), nsd_tolerance_mm)
+    lesion_values = [v for v in (lesion_labels if lesion_labels is not None else
+                                 [k for k in foreground if is_lesion_name(names[k])]) if v in foreground]
+    lesion_rows_: list[dict[str, Any]] = []
+    for case, pred, ref in pairs if lesion_values else []:
+        ref_image = read_image(ref)
+        pred_labels, ref_labels = to_array(read_image(pred)), to_array(ref_image)
+        for label in lesion_values:
+            result = lesion_wise(pred_labels, ref_labels, label, ref_image.GetSpacing(), min_volume_ml=lesion_min_volume_ml)
+            lesion_rows_.append(lesion_rows(case, label, result))
+    if lesion_rows_:
+        summary["lesions"] = _lesion_summary(lesion_rows_, names)
 
     csv_text = _csv_text(rows, names)
     json_text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
     atomic_write_text(out_dir / "metrics.csv", csv_text)
     atomic_write_text(out_dir / "summary.json", json_text)
-    log.info("wrote %s and %s", out_dir / "metrics.csv", out_dir / "summary.json")
+    written = [out_dir / "metrics.csv", out_dir / "summary.json"]
+    if lesion_rows_:
+        written.append(write_lesions_csv(lesion_rows_, out_dir / "lesions.csv"))
+    if plots and rows:
+        from medseg.reports.figures import dice_boxplot_png
+
+        by_label = {names[label]: [m.dice for _, lab, m in rows if lab == label] for label in foreground}
+        written.append(dice_boxplot_png(by_label, out_dir / "dice_boxplot.png",
+                                        title=f"Dice per label ({len(pairs)} case{'s' if len(pairs) != 1 else ''})"))
+    log.info("wrote %s", ", ".join(str(p) for p in written))
     return summary
+
+
+def _lesion_summary(rows: list[dict[str, Any]], names: Mapping[int, str]) -> dict[str, Any]:
+    """Per lesion label: lesion counts summed over cases, and mean/std/median of the case scores."""
+    out: dict[str, Any] = {}
+    for label in sorted({int(r["label"]) for r in rows}):
+        mine = [r for r in rows if int(r["label"]) == label]
+        out[str(label)] = {
+            "name": names.get(label, f"label_{label}"),
+            "tp": sum(int(r["tp"]) for r in mine), "fp": sum(int(r["fp"]) for r in mine),
+            "fn": sum(int(r["fn"]) for r in mine),
+            **{key: _stats([float(r[key]) for r in mine])
+               for key in ("precision", "recall", "f1", "lesion_dice", "lesion_hd95_mm")},
+        }
+    return out
 
 
 def _values(labels: np.ndarray) -> list[int]:

@@ -6,7 +6,12 @@
 * :func:`overlay_png`, :func:`structure_statistics`, :func:`write_report_html`: the pieces.
 """
 
-from medseg.reports.figures import dice_boxplot_png, overlay_png, render_overlay, training_curves_png
+from medseg.reports.figures import (
+    dice_boxplot_png,
+    overlay_png,
+    render_overlay,
+    training_curves_png,
+)
 from medseg.reports.html import write_report_html
 from medseg.reports.report import build_report
 from medseg.reports.stats import STAT_COLUMNS, structure_statistics

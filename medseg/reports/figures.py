@@ -266,7 +266,7 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, spacing: Sequence[floa
     plan: list[tuple[int | None, dict[str, int]]] = []
     views = ["axial"] if image.ndim == 2 else list(_VIEWS)
     if image.ndim == 2:
-        plan.append((None, {"axial": -1}))
+        plan.append((None, {"axial": 0}))
     elif not present:
         plan.append((None, {v: image.shape[_VIEWS[v][0]] // 2 for v in views}))
     else:
@@ -284,20 +284,22 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, spacing: Sequence[floa
     cell_h = cell_w * float(np.clip(max(ratios), 0.35, 1.4))  # rows only as tall as the tallest panel needs
     gap = 0.3  # inches for each panel's title
     width = max(n_cols * cell_w + 0.2, 4.0)
-    height = _HEADER_IN + n_rows * (cell_h + gap) + 0.1
+    legend_cols = 5 if image.ndim == 3 else 3
+    header = _HEADER_IN + 0.17 * max(0, math.ceil(len(present) / legend_cols) - 1)  # more legend lines
+    height = header + n_rows * (cell_h + gap) + 0.1
     figure = _new_figure(width, height)
     figure.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
     if present:
         handles = [Patch(facecolor=(*label_colour(v), LABEL_ALPHA + 0.2), edgecolor=label_colour(v),
                          label=f"{v}: {name(v)}") for v in present]
         figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.32 / height),
-                      ncol=min(len(handles), 5 if image.ndim == 3 else 3), fontsize=7, frameon=False,
+                      ncol=min(len(handles), legend_cols), fontsize=7, frameon=False,
                       handlelength=1.2, columnspacing=1.0)
     else:
         figure.text(0.5, 1 - 0.4 / height, "no structures", ha="center", va="top", fontsize=9,
                     color="darkred", fontstyle="italic")
     grid = figure.add_gridspec(n_rows, n_cols, left=0.1 / width, right=1 - 0.1 / width, bottom=0.1 / height,
-                               top=1 - (_HEADER_IN + gap - 0.05) / height, hspace=gap / cell_h, wspace=0.04)
+                               top=1 - (header + gap - 0.05) / height, hspace=gap / cell_h, wspace=0.04)
 
     axes: list[tuple[Any, int | None, str, int]] = []
     for row, (value, slices) in enumerate(plan):
@@ -308,7 +310,7 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, spacing: Sequence[floa
                 aspect = spacing[1] / spacing[0]
                 letters = _VIEWS["axial"][3]
                 panel_title = "axial (2D)" + ("" if present else ": no structures")
-                index = 0
+                index = slices[view]
             else:
                 fixed, slicer, (row_axis, col_axis), letters = _VIEWS[view]
                 index = slices[view]

@@ -29,11 +29,23 @@ from tqdm import tqdm
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path, atomic_write_text
-from medseg.io.image import Geometry, case_name, list_images, read_geometry, read_image, to_array
+from medseg.io.image import (
+    Geometry,
+    case_name,
+    list_images,
+    read_geometry,
+    read_image,
+    to_array,
+)
 from medseg.metrics.evaluate import PRED_SUFFIX
 from medseg.reports.figures import render_overlay
 from medseg.reports.html import write_report_html
-from medseg.reports.stats import STAT_COLUMNS, empty_statistics, structure_statistics, unit_for_modality
+from medseg.reports.stats import (
+    STAT_COLUMNS,
+    empty_statistics,
+    structure_statistics,
+    unit_for_modality,
+)
 
 __all__ = ["build_report", "pair_predictions", "guess_modality", "CT_WINDOW", "CT_MIN_HU"]
 

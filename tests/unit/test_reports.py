@@ -15,9 +15,15 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from medseg.data.synthetic import CT_LABELS, Grid, sample_anatomy, tissue_map, write_dataset
+from medseg.data.synthetic import (
+    CT_LABELS,
+    Grid,
+    sample_anatomy,
+    tissue_map,
+    write_dataset,
+)
 from medseg.errors import InputError
-from medseg.io.image import Geometry
+from medseg.io.image import Geometry, read_image, to_array
 from medseg.reports import (
     STAT_COLUMNS,
     build_report,
@@ -42,6 +48,16 @@ def _rgb(png: bytes) -> np.ndarray:
 def _coloured(rgb: np.ndarray, threshold: int = 40) -> np.ndarray:
     """Pixels that are clearly not grey (chroma above threshold)."""
     return (rgb.max(axis=-1) - rgb.min(axis=-1)) > threshold
+
+
+def _blue(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of label 1 (tab10 blue, filled or outlined): not the yellow orientation letters."""
+    return rgb[..., 2] - rgb[..., 0] > 40
+
+
+def _orange(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of label 2 (tab10 orange): red well above green (unlike the yellow letters) and blue."""
+    return (rgb[..., 0] - rgb[..., 2] > 40) & (rgb[..., 0] - rgb[..., 1] > 40)
 
 
 def _crop(rgb: np.ndarray, bbox: tuple[float, float, float, float], inset: int = 2) -> np.ndarray:
@@ -114,22 +130,26 @@ def test_overlay_png_is_a_png_with_colour_where_the_label_is(tmp_path: Path) -> 
     rng = np.random.default_rng(0)
     image = rng.normal(40, 10, (40, 40, 12)).astype(np.float32)
     labels = np.zeros(image.shape, np.uint8)
-    labels[4:14, 15:25, 4:8] = 1  # small x index: towards the patient's right (LPS grid)
+    # identity-direction (LPS) grid: small x index = patient's right, small y = anterior, large z = superior
+    labels[4:14, 2:12, 7:11] = 1
     out = overlay_png(image, labels, (1.0, 1.0, 3.0), NAMES, tmp_path / "case.png", "case", window=(-160, 240))
     assert out == tmp_path / "case.png" and out.read_bytes()[:8] == PNG_MAGIC
     assert [p.name for p in tmp_path.iterdir()] == ["case.png"]  # no temporary left behind
-    png = Image.open(out)
-    png.verify()
+    Image.open(out).verify()
 
     data, panels = render_overlay(image, labels, (1.0, 1.0, 3.0), NAMES, "case", window=(-160, 240))
     assert data == out.read_bytes()
     assert [(p["label"], p["view"]) for p in panels] == [(1, "axial"), (1, "coronal"), (1, "sagittal")]
     rgb = _rgb(data)
-    axial = _coloured(_crop(rgb, panels[0]["bbox"]))
-    assert axial.sum() > 50
-    xs = np.nonzero(axial)[1] / axial.shape[1]
-    assert xs.mean() < 0.4  # right-sided box on the image left
-    assert _coloured(_crop(rgb, panels[1]["bbox"])).sum() > 50
+    assert not _blue(rgb[:, : int(panels[0]["bbox"][0]) - 1]).any()  # nothing blue left of the panels
+    for panel in panels:
+        blue = _blue(_crop(rgb, panel["bbox"]))
+        assert blue.sum() > 50, panel["view"]
+        rows, cols = np.nonzero(blue)
+        # axial: right on the image left, anterior up; coronal: right on the left, superior up;
+        # sagittal: anterior on the left, superior up
+        assert cols.max() / blue.shape[1] < 0.5, panel["view"]
+        assert rows.max() / blue.shape[0] < 0.5, panel["view"]
 
 
 def test_overlay_keeps_the_physical_aspect_ratio() -> None:
@@ -173,25 +193,27 @@ def test_overlay_orientation_liver_on_image_left_for_lps_ras_and_coronal_grids()
     for rgb, (_, panels) in zip(views, rendered):
         assert [p["view"] for p in panels] == ["axial", "coronal", "sagittal"]
         for panel in panels[:2]:  # axial and coronal: the liver (patient's right) on the image left
-            coloured = _coloured(_crop(rgb, panel["bbox"]))
+            coloured = _blue(_crop(rgb, panel["bbox"]))
             assert coloured.sum() > 50
             assert (np.nonzero(coloured)[1] / coloured.shape[1]).mean() < 0.45
-        axial = _coloured(_crop(rgb, panels[0]["bbox"]))  # liver anterior: upper half
+        axial = _blue(_crop(rgb, panels[0]["bbox"]))  # liver anterior: upper half
         assert (np.nonzero(axial)[0] / axial.shape[0]).mean() < 0.5
     # all three grids show the same pictures
     assert views[0].shape == views[1].shape == views[2].shape
     assert np.mean(views[0] != views[1]) < 0.002
     assert np.mean(views[0] != views[2]) < 0.002
-    # no geometry: an identity-direction (LPS) grid
+    # no geometry: an identity-direction (LPS) grid (the panel titles differ: positions relative to the origin)
     image, liver = _phantom_on(lps, anatomy)
-    assert render_overlay(image, liver, lps.spacing, NAMES, "phantom", (0, 7))[0] == rendered[0][0]
+    data, panels = render_overlay(image, liver, lps.spacing, NAMES, "phantom", (0, 7))
+    for panel, reference in zip(panels, rendered[0][1]):
+        assert np.array_equal(_crop(_rgb(data), panel["bbox"]), _crop(views[0], reference["bbox"]))
 
 
 def test_overlay_empty_label_map_and_2d(tmp_path: Path) -> None:
     image = np.linspace(0, 1, 20 * 20 * 6, dtype=np.float32).reshape(20, 20, 6)
     data, panels = render_overlay(image, np.zeros(image.shape, np.uint8), (1, 1, 2), NAMES, "empty")
     assert len(panels) == 3 and all(p["label"] is None for p in panels)
-    assert not _coloured(_crop(_rgb(data), panels[0]["bbox"])).any()
+    assert not _blue(_crop(_rgb(data), panels[0]["bbox"])).any()
 
     labels2d = np.zeros((30, 30), np.uint8)
     labels2d[2:10, 10:20] = 1
@@ -200,7 +222,10 @@ def test_overlay_empty_label_map_and_2d(tmp_path: Path) -> None:
     data = out.read_bytes()
     _, panels = render_overlay(np.ones((30, 30)), labels2d, (1.0, 1.5), NAMES, "2D")
     assert len(panels) == 1
-    assert _coloured(_crop(_rgb(data), panels[0]["bbox"])).sum() > 50
+    panel = _crop(_rgb(data), panels[0]["bbox"])
+    # label 1 at small x (patient's right, LPS): image left; label 2 at large x: image right
+    assert (np.nonzero(_blue(panel))[1] / panel.shape[1]).max() < 0.5
+    assert (np.nonzero(_orange(panel))[1] / panel.shape[1]).min() > 0.5
     with pytest.raises(ValueError, match="shape"):
         overlay_png(np.ones((3, 3, 3)), np.ones((3, 3, 2), np.uint8), (1, 1, 1), NAMES, tmp_path / "x.png", "x")
     assert not (tmp_path / "x.png").exists()
@@ -342,3 +367,14 @@ def test_build_report_errors_leave_no_output(ct_set: tuple[Path, Path], tmp_path
     assert caught.value.path == str(bad)
     assert expected in caught.value.problem
     assert not out.exists()
+
+
+def test_overlay_of_a_96_voxel_ct_case_stays_small(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "data", "ct", cases=2, seed=1, size=96)
+    image = read_image(tmp_path / "data" / "imagesTs" / "ct_001.nii.gz")
+    labels = read_image(tmp_path / "data" / "labelsTs" / "ct_001.nii.gz")
+    geometry = Geometry.of(image)
+    data, panels = render_overlay(to_array(image), to_array(labels), geometry.spacing, NAMES, "ct_001",
+                                  (-160, 240), geometry=geometry)
+    assert len(panels) == 3 * 5
+    assert len(data) < 300_000
