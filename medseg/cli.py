@@ -36,6 +36,7 @@ def _positive_list(kind: type) -> Callable[[str], tuple]:
 
 
 _floats = _positive_list(float)
+_ints = _positive_list(int)
 
 
 def _hu_window(text: str) -> tuple[float, float]:
@@ -46,7 +47,6 @@ def _hu_window(text: str) -> tuple[float, float]:
     if low >= high:
         raise argparse.ArgumentTypeError(f"the window's LOW must be below HIGH, got {text!r}")
     return low, high
-_ints = _positive_list(int)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -104,8 +104,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medseg.errors import InputError
     from medseg.metrics.evaluate import evaluate_folders
 
-    if not args.nsd_tolerance_mm >= 0:
-        raise InputError(None, f"--nsd-tolerance-mm must be >= 0, got {args.nsd_tolerance_mm}")
+    if not 0 <= args.nsd_tolerance_mm < float("inf"):
+        raise InputError(None, f"--nsd-tolerance-mm must be a finite value >= 0, got {args.nsd_tolerance_mm}")
+    if not 0 <= args.lesion_min_ml < float("inf"):
+        raise InputError(None, f"--lesion-min-ml must be a finite value >= 0, got {args.lesion_min_ml}")
     summary = evaluate_folders(args.pred, args.ref, args.out, labels=_labels_from(args.labels),
                                nsd_tolerance_mm=args.nsd_tolerance_mm, lesion_labels=args.lesion_labels,
                                lesion_min_volume_ml=args.lesion_min_ml)
@@ -116,7 +118,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f1, ldice = entry["f1"]["mean"], entry["lesion_dice"]["mean"]
         print(f"{number:>4} {entry['name']:<20} lesions TP {entry['tp']} FP {entry['fp']} FN {entry['fn']}  "
               f"F1 {f1:.3f}  lesion-wise Dice {ldice:.3f}")
-    print(f"mean Dice: {summary['mean_dice_foreground']:.3f}")
+    mean = summary["mean_dice_foreground"]
+    print(f"mean Dice: {'n/a' if mean is None else f'{mean:.3f}'}")
     return 0
 
 

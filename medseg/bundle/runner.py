@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,28 @@ from medseg.errors import BundleError, InputError, MedsegError
 log = logging.getLogger(__name__)
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+QUIET_LOGGING = """[loggers]
+keys=root
+
+[handlers]
+keys=stderr
+
+[formatters]
+keys=plain
+
+[logger_root]
+level=WARNING
+handlers=stderr
+
+[handler_stderr]
+class=StreamHandler
+level=WARNING
+formatter=plain
+args=(sys.stderr,)
+
+[formatter_plain]
+format=%(levelname)s %(name)s: %(message)s
+"""
 #: Override keys holding paths; relative values are taken relative to the caller's working folder.
 PATH_KEYS = ("bundle_root", "dataset_dir", "output_dir", "data_dir", "ckpt_dir", "ckpt_path")
 
@@ -60,7 +83,8 @@ def find_config(bundle: Path, name: str) -> Path:
         candidate = configs / f"{name}{suffix}"
         if candidate.is_file():
             return candidate
-    available = sorted(p.stem for p in configs.glob("*") if p.suffix in CONFIG_SUFFIXES and p.stem != "metadata")
+    available = sorted(p.stem for p in configs.glob("*")
+                       if p.suffix in CONFIG_SUFFIXES and p.stem not in ("metadata", "plan"))
     raise BundleError(f"{configs}: no config named {name!r}" + (f"; available: {', '.join(available)}" if available else ""))
 
 
@@ -118,8 +142,9 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
     kwargs: dict[str, Any] = {"config_file": str(config_file)}
     if meta.is_file():
         kwargs["meta_file"] = str(meta)
-    if logging_conf.is_file():
-        kwargs["logging_file"] = str(logging_conf)
+    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
+    if logging_conf.is_file() and not quiet:
+        kwargs["logging_file"] = str(logging_conf)  # the bundle's own logging, unless medseg runs --quiet
     for key in PATH_KEYS:  # relative to the caller's folder, before we move into the bundle
         value = values.get(key)
         if isinstance(value, str) and value and not value.startswith(("@", "%", "$")) and not os.path.isabs(value):
@@ -128,7 +153,12 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
     try:
         # MONAI resolves relative `%file` macros against the working folder; safe mode checked them
         # against the bundle, so run from inside the bundle
-        with weights_only_loads(), contextlib.chdir(bundle):
+        with weights_only_loads(), contextlib.chdir(bundle), tempfile.TemporaryDirectory() as tmp:
+            if quiet:  # MONAI would otherwise apply configs/logging.conf (INFO) by default
+                kwargs["logging_file"] = os.path.join(tmp, "quiet.conf")
+                Path(kwargs["logging_file"]).write_text(QUIET_LOGGING)
+                for name in ("monai.bundle.scripts", "monai.bundle.workflows"):  # own handlers, level INFO
+                    logging.getLogger(name).setLevel(logging.WARNING)
             run(**kwargs, **values)
     except MedsegError:
         raise

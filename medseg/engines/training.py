@@ -291,6 +291,9 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     datalist = load_datalist(data)
     if bundle or opts.resume:
         load_plan(run_dir)  # raises BundleError if this is not a bundle
+        if not opts.resume and (run_dir / "models" / "model.pt").exists():
+            raise InputError(run_dir / "models" / "model.pt", "this bundle is already trained; pass --resume to "
+                             "continue, or train a copy (its weights would be replaced)")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise InputError(run_dir, "exists and is not empty; choose a new --out folder or pass --resume")
     geometries = validate_datalist(datalist)  # before anything is written: bad data leaves no run folder

@@ -253,3 +253,12 @@ def test_cli_verify_and_export(tmp_path: Path, small_bundle: Path, capsys: pytes
     x = torch.randn(1, 1, *plan.patch_size)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), network(x), atol=1e-5, rtol=1e-5)
+
+
+def test_training_a_trained_bundle_again_is_refused(small_bundle: Path, ct_dataset: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    weights = (small_bundle / "models" / "model.pt").read_bytes()
+    code = main(["--quiet", "train", "--bundle", str(small_bundle), "--data", str(ct_dataset), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already trained" in err
+    assert (small_bundle / "models" / "model.pt").read_bytes() == weights
