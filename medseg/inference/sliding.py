@@ -269,7 +269,6 @@ def slab_sliding_window(
         if a % nd not in axes:
             axes.append(a % nd)
     device = torch.device(device) if device is not None else inputs.device
-    _check_finite(inputs)
 
     need = estimate_slab_bytes(spatial, roi, overlap, num_classes, sw_batch_size=sw_batch_size,
                                mirrored=bool(axes), probabilities=probabilities_path is not None)
@@ -281,6 +280,7 @@ def slab_sliding_window(
             f"needs {need / _GB:.1f} GB for the slab buffer (roi {'x'.join(map(str, roi))}), "
             f"only {avail / _GB:.1f} GB available; use a smaller roi or fewer classes, or free memory",
         )
+    _check_finite(inputs)
 
     # windows: MONAI's positions in the padded volume, ordered (stably) by their start along z
     starts = [tuple(s for s, _ in w) for w in dense_patch_slices(padded, window, scan, return_slice=False)]
@@ -300,6 +300,7 @@ def slab_sliding_window(
     if probabilities_path is not None:
         probs = np.lib.format.open_memmap(os.fspath(probabilities_path), mode="w+", dtype=np.float16,
                                           shape=(num_classes, *spatial))
+        writer = _ProbabilityWriter(probs)
     crop = tuple(slice(lo, lo + s) for lo, s in zip(pad_lo[:-1], spatial[:-1]))  # in-plane, ring coordinates
 
     with torch.inference_mode():
@@ -311,8 +312,6 @@ def slab_sliding_window(
 
         def flush(stop: int) -> None:
             nonlocal flushed
-            if flushed >= stop:
-                return
             while flushed < stop:
                 z1 = min(stop, flushed + flush_step)
                 for r0, r1, off in _ring_runs(flushed, z1, depth):
@@ -328,12 +327,10 @@ def slab_sliding_window(
                         if probs is not None:
                             acc.sub_(best).exp_()
                             acc.div_(acc.sum(dim=0))
-                            probs[(slice(None), ..., z_out)] = acc.to(torch.float16).cpu().numpy()
+                            writer.write(acc.to(torch.float16).cpu().numpy(), z_out)
                     ring[..., r0:r1].zero_()
                     weight[..., r0:r1].zero_()
                 flushed = z1
-            if probs is not None:
-                _drop_mapped_pages(probs)
 
         def window_input(start: tuple[int, ...]) -> torch.Tensor:
             if not needs_pad:
@@ -345,10 +342,14 @@ def slab_sliding_window(
                     sl.append(slice(None))
                 else:
                     sl.append(slice(start[d], start[d] + window[d]))
-            return F.pad(inputs[(slice(None), slice(None), *sl)], pad_arg, mode=pad_mode, value=cval)
+            # torch refuses a value for the other modes (MONAI passes cval regardless, and fails if it is not 0)
+            value = cval if pad_mode == "constant" else None
+            return F.pad(inputs[(slice(None), slice(None), *sl)], pad_arg, mode=pad_mode, value=value)
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
             out = _logits(network, batch, num_classes, window)
+            if axes and out.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr():
+                out = out.clone()  # a network that returns (a view of) its input: keep the batch for the flips
             for a in axes:
                 dim = a + 2
                 out += _logits(network, torch.flip(batch, (dim,)), num_classes, window).flip(dim)
@@ -392,14 +393,41 @@ def _logits(network: Callable, batch: torch.Tensor, num_classes: int, window: tu
     return out.to(torch.float32)
 
 
-def _drop_mapped_pages(probs: np.memmap) -> None:
-    """Write back and unmap the probability file's pages from this process (they stay in the page cache),
-    so the memory map does not grow the resident set by the size of the file."""
-    mm = getattr(probs, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    try:
-        mm.flush()
-        mm.madvise(mmap.MADV_DONTNEED)
-    except (OSError, ValueError):
-        pass
+class _ProbabilityWriter:
+    """Writes z-ranges into the ``(C, *spatial)`` float16 memory map without growing the resident set.
+
+    The last axis is the fastest in the file, so every z-range touches every page of the file. Written
+    in pieces of at most ``chunk_bytes`` of the file, each piece's pages are unmapped from this process
+    right after (``MADV_DONTNEED``; the data stays in the page cache, dirty, and the kernel writes it
+    back): the resident set grows by one piece, not by the size of the file (22 GB for 105 classes
+    on a 512 x 512 x 400 CT).
+    """
+
+    def __init__(self, probs: np.memmap, chunk_bytes: int = 32 * 1024 * 1024) -> None:
+        self.probs = probs
+        mm = getattr(probs, "_mmap", None)
+        delta = int(getattr(probs, "offset", 0)) % mmap.ALLOCATIONGRANULARITY  # where the array starts in mm
+        ok = (
+            mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED")
+            and delta + probs.nbytes <= len(mm)
+        )
+        self.mm, self.delta = (mm, delta) if ok else (None, 0)
+        row = math.prod(probs.shape[2:]) * probs.itemsize  # bytes of one index along the first spatial axis
+        self.rows = max(1, chunk_bytes // max(row, 1))
+        self.row_bytes = row
+
+    def write(self, values: np.ndarray, z_out: slice) -> None:
+        """``probs[:, ..., z_out] = values`` (values: ``(C, *spatial[:-1], n)``)."""
+        probs, nx = self.probs, self.probs.shape[1]
+        for c in range(probs.shape[0]):
+            for x0 in range(0, nx, self.rows):
+                x1 = min(nx, x0 + self.rows)
+                probs[c, x0:x1, ..., z_out] = values[c, x0:x1]
+                if self.mm is not None:
+                    start = self.delta + (c * nx + x0) * self.row_bytes
+                    stop = self.delta + (c * nx + x1) * self.row_bytes
+                    page0 = start - start % mmap.PAGESIZE
+                    try:
+                        self.mm.madvise(mmap.MADV_DONTNEED, page0, stop - page0)
+                    except (OSError, ValueError):
+                        self.mm = None

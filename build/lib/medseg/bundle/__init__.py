@@ -1,0 +1,1 @@
+"""MONAI bundles: create, run (safe and trusted modes), verify, export."""

@@ -1,0 +1,170 @@
+"""Run any bundle in the MONAI model-zoo layout: ``medseg bundle run BUNDLE [--config NAME] [--set K=V] [--trust]``.
+
+Safe mode (the default) scans the configs before MONAI parses anything (see
+:mod:`medseg.bundle.safety`). In every mode ``torch.load`` is forced to ``weights_only=True``
+(``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), so a pickled checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import BundleError, InputError, MedsegError
+
+log = logging.getLogger(__name__)
+
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+QUIET_LOGGING = """[loggers]
+keys=root
+
+[handlers]
+keys=stderr
+
+[formatters]
+keys=plain
+
+[logger_root]
+level=WARNING
+handlers=stderr
+
+[handler_stderr]
+class=StreamHandler
+level=WARNING
+formatter=plain
+args=(sys.stderr,)
+
+[formatter_plain]
+format=%(levelname)s %(name)s: %(message)s
+"""
+#: Override keys holding paths; relative values are taken relative to the caller's working folder.
+PATH_KEYS = ("bundle_root", "dataset_dir", "output_dir", "data_dir", "ckpt_dir", "ckpt_path")
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["epochs=5", "device=cpu", "network_def#channels=[8,16]"]`` -> dict; values are parsed as
+    JSON when they are valid JSON (numbers, lists, true/false/null), else kept as strings.
+
+    Raises
+    ------
+    InputError
+        For an item without ``=``.
+    """
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(None, f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+def find_config(bundle: Path, name: str) -> Path:
+    """``configs/<name>.json|yaml|yml`` of a bundle.
+
+    Raises
+    ------
+    BundleError
+        If the bundle folder or the config does not exist.
+    """
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: no such bundle folder")
+    configs = bundle / "configs"
+    for suffix in CONFIG_SUFFIXES:
+        candidate = configs / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in configs.glob("*")
+                       if p.suffix in CONFIG_SUFFIXES and p.stem not in ("metadata", "plan"))
+    raise BundleError(f"{configs}: no config named {name!r}" + (f"; available: {', '.join(available)}" if available else ""))
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Force ``torch.load(..., weights_only=True)`` for everything run inside."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = set()
+    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MedsegError):
+            return exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
+def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", overrides: Mapping[str, Any] | None = None,
+               trust: bool = False) -> None:
+    """Run ``configs/<config>`` of a bundle with MONAI's ``monai.bundle.run`` (ids ``initialize``,
+    ``run``, ``finalize``), ``bundle_root`` set to the bundle and ``overrides`` applied.
+
+    Raises
+    ------
+    BundleError
+        Missing bundle or config, a bundle refused by safe mode (unless ``trust``), or a failure
+        inside the bundle (its root cause is named).
+    InputError
+        Bad input found by medseg's own components while running.
+    """
+    from monai.bundle import run
+
+    from medseg.bundle.safety import check_bundle
+
+    bundle = Path(bundle_dir).resolve()
+    config_file = find_config(bundle, config)
+    values = dict(overrides or {})
+    if not trust:
+        check_bundle(bundle, values)  # before MONAI parses anything
+    else:
+        log.warning("running %s with --trust: its configs may execute arbitrary code", bundle)
+    values.setdefault("bundle_root", str(bundle))
+    meta = bundle / "configs" / "metadata.json"
+    logging_conf = bundle / "configs" / "logging.conf"
+    kwargs: dict[str, Any] = {"config_file": str(config_file)}
+    if meta.is_file():
+        kwargs["meta_file"] = str(meta)
+    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
+    if logging_conf.is_file() and not quiet:
+        kwargs["logging_file"] = str(logging_conf)  # the bundle's own logging, unless medseg runs --quiet
+    for key in PATH_KEYS:  # relative to the caller's folder, before we move into the bundle
+        value = values.get(key)
+        if isinstance(value, str) and value and not value.startswith(("@", "%", "$")) and not os.path.isabs(value):
+            values[key] = os.path.abspath(value)
+    log.info("running %s (%s)", config_file, ", ".join(f"{k}={v}" for k, v in values.items()))
+    try:
+        # MONAI resolves relative `%file` macros against the working folder; safe mode checked them
+        # against the bundle, so run from inside the bundle
+        with weights_only_loads(), contextlib.chdir(bundle), tempfile.TemporaryDirectory() as tmp:
+            if quiet:  # MONAI would otherwise apply configs/logging.conf (INFO) by default
+                kwargs["logging_file"] = os.path.join(tmp, "quiet.conf")
+                Path(kwargs["logging_file"]).write_text(QUIET_LOGGING)
+                for name in ("monai.bundle.scripts", "monai.bundle.workflows"):  # own handlers, level INFO
+                    logging.getLogger(name).setLevel(logging.WARNING)
+            run(**kwargs, **values)
+    except MedsegError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - report what the bundle did wrong, not MONAI's wrappers
+        cause = _root_cause(exc)
+        if isinstance(cause, MedsegError):
+            raise cause from exc
+        first = str(cause).strip().splitlines()[0][:400] if str(cause).strip() else ""
+        raise BundleError(f"{config_file}: the bundle failed: {type(cause).__name__}: {first}") from exc

@@ -1,0 +1,340 @@
+"""The ``medseg`` command: parse arguments, call one function per subcommand, map errors to exit codes.
+
+Exit status: 0 success, 2 bad input (``medseg: error: <file>: <problem>``), 1 internal failure,
+130 interrupted. ``--debug`` prints the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from medseg import __version__
+from medseg.errors import MedsegError
+
+log = logging.getLogger("medseg")
+
+
+def _positive_list(kind: type) -> Callable[[str], tuple]:
+    """argparse type for "1.5,1.5,3" (or "1.5x1.5x3"): a tuple of positive ``kind`` values."""
+    noun = "integers" if kind is int else "numbers"
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun} separated by commas, got {text!r}") from None
+        if not values or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected positive {noun}, got {text!r}")
+        return values
+
+    return parse
+
+
+_floats = _positive_list(float)
+_ints = _positive_list(int)
+
+
+def _hu_window(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in HU, e.g. -160,240, got {text!r}") from None
+    if low >= high:
+        raise argparse.ArgumentTypeError(f"the window's LOW must be below HIGH, got {text!r}")
+    return low, high
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from medseg.data.synthetic import write_dataset
+
+    path = write_dataset(args.out, modality=args.modality, cases=args.cases, seed=args.seed, size=args.size, dims=args.dims)
+    print(path)
+    return 0
+
+
+def _train_options(args: argparse.Namespace):
+    from medseg.engines.training import TrainOptions
+
+    opts = TrainOptions(epochs=args.epochs, max_minutes=args.max_minutes, device=args.device, fold=args.fold,
+                        resume=args.resume, val_interval=args.val_interval, seed=args.seed,
+                        target_spacing=args.spacing, patch_size=args.patch_size, ct_window=args.ct_window,
+                        init_weights=args.init_weights)
+    if args.batch_size:
+        opts.batch_size = args.batch_size
+    return opts
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medseg.engines.training import train
+
+    target = args.bundle or args.out
+    summary = train(args.data, target, _train_options(args), bundle=bool(args.bundle))
+    best = summary["best_val_mean_dice"]
+    print(f"model: {os.path.join(target, 'models', 'model.pt')}  best validation mean Dice: "
+          f"{'n/a' if best is None else f'{best:.3f}'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medseg.inference.predictor import predict
+
+    outputs = predict(args.model, args.input, args.output, device=args.device, overlap=args.overlap,
+                      overwrite=args.overwrite, sw_batch_size=args.sw_batch_size,
+                      instances=args.instances or args.instance_labels is not None,
+                      instance_labels=args.instance_labels)
+    for path in outputs:
+        print(path)
+    return 0
+
+
+def _labels_from(path: str | None):
+    if path is None:
+        return None
+    from medseg.data.datalist import load_datalist
+
+    return load_datalist(path).labels
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medseg.errors import InputError
+    from medseg.metrics.evaluate import evaluate_folders
+
+    if not 0 <= args.nsd_tolerance_mm < float("inf"):
+        raise InputError(None, f"--nsd-tolerance-mm must be a finite value >= 0, got {args.nsd_tolerance_mm}")
+    if not 0 <= args.lesion_min_ml < float("inf"):
+        raise InputError(None, f"--lesion-min-ml must be a finite value >= 0, got {args.lesion_min_ml}")
+    summary = evaluate_folders(args.pred, args.ref, args.out, labels=_labels_from(args.labels),
+                               nsd_tolerance_mm=args.nsd_tolerance_mm, lesion_labels=args.lesion_labels,
+                               lesion_min_volume_ml=args.lesion_min_ml)
+    for number, entry in summary["labels"].items():
+        dice = entry["dice"]["mean"]
+        print(f"{number:>4} {entry['name']:<20} Dice {'n/a' if dice is None else f'{dice:.3f}'}")
+    for number, entry in summary.get("lesions", {}).items():
+        f1, ldice = entry["f1"]["mean"], entry["lesion_dice"]["mean"]
+        print(f"{number:>4} {entry['name']:<20} lesions TP {entry['tp']} FP {entry['fp']} FN {entry['fn']}  "
+              f"F1 {f1:.3f}  lesion-wise Dice {ldice:.3f}")
+    mean = summary["mean_dice_foreground"]
+    print(f"mean Dice: {'n/a' if mean is None else f'{mean:.3f}'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from medseg.reports import build_report
+
+    labels = None
+    if args.labels is not None and os.path.isdir(args.labels):  # a bundle or run folder
+        from medseg.bundle.components import load_plan
+
+        labels = load_plan(args.labels).labels
+    elif args.labels is not None:
+        labels = _labels_from(args.labels)
+    build_report(args.pred, args.images, args.out, labels=labels, modality=args.modality)
+    print(os.path.join(args.out, "report.html"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medseg.demo import run_demo
+
+    result = run_demo(args.out, minutes=args.minutes, cases=args.cases, seed=args.seed, device=args.device)
+    print(f"mean Dice: {result['mean_dice']:.3f}")
+    return 0
+
+
+def cmd_bundle_init(args: argparse.Namespace) -> int:
+    from medseg.bundle.create import write_bundle
+    from medseg.data.datalist import load_datalist, validate_datalist
+    from medseg.errors import InputError
+    from medseg.plan import make_plan
+
+    datalist = load_datalist(args.data)
+    out = __import__("pathlib").Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(out, "exists and is not empty; choose a new folder")
+    try:
+        plan = make_plan(datalist, validate_datalist(datalist), args.spacing, args.patch_size, ct_window=args.ct_window)
+    except ValueError as exc:
+        raise InputError(None, str(exc)) from exc
+    write_bundle(out, plan, name=args.name or out.name, description=args.description,
+                 data_source=args.data_source or f"MSD dataset {datalist.name!r}: {len(datalist.training)} training cases")
+    print(out)
+    return 0
+
+
+def cmd_bundle_run(args: argparse.Namespace) -> int:
+    from medseg.bundle.runner import parse_overrides, run_bundle
+
+    run_bundle(args.bundle, args.config, parse_overrides(args.set), trust=args.trust)
+    return 0
+
+
+def cmd_bundle_verify(args: argparse.Namespace) -> int:
+    from medseg.bundle.export import verify_bundle
+
+    for line in verify_bundle(args.bundle, device=args.device):
+        print(line)
+    print(f"{args.bundle}: verified")
+    return 0
+
+
+def cmd_bundle_export(args: argparse.Namespace) -> int:
+    from medseg.bundle.export import export_bundle
+
+    print(export_bundle(args.bundle, args.format, args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description="Medical-image segmentation with MONAI.")
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic CT or MR dataset (MSD layout)")
+    p.add_argument("--out", required=True, help="new folder for dataset.json, imagesTr/, labelsTr/, imagesTs/, labelsTs/")
+    p.add_argument("--modality", choices=["ct", "mr"], default="ct", type=str.lower)
+    p.add_argument("--cases", type=int, default=10, help="number of cases (a quarter become test cases)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=96, help="in-plane matrix size in voxels (default 96)")
+    p.add_argument("--dims", type=int, choices=[2, 3], default=3)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train a U-Net on an MSD dataset.json (the run folder is a MONAI bundle)")
+    p.add_argument("--data", required=True, help="dataset.json (MSD layout)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="new run folder (a bundle is written there), or an existing one with --resume")
+    where.add_argument("--bundle", help="train an existing bundle in place (from medseg bundle init) with its plan")
+    p.add_argument("--init-weights", default=None, metavar="PATH",
+                   help="transfer learning: start from the matching tensors of a bundle, run folder or .pt file")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--fold", type=int, default=0, help="validation fold 0-4 (5-fold split of the training cases)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    p.add_argument("--val-interval", type=int, default=5, help="validate every N epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spacing", type=_floats, default=None, help="target spacing in mm, e.g. 1.5,1.5,3 (default: median)")
+    p.add_argument("--patch-size", type=_ints, default=None, help="training patch in voxels, e.g. 96,96,48")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--ct-window", type=_hu_window, default=None, metavar="LOW,HIGH",
+                   help="clip CT to this HU window (e.g. -160,240) instead of the foreground percentiles")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment images; label maps in the input's own geometry and format")
+    p.add_argument("--model", required=True, help="run folder written by medseg train")
+    p.add_argument("--input", required=True, help="an image file or a folder of them (.nii, .nii.gz, .nrrd, .mha, .mhd)")
+    p.add_argument("--output", required=True, help="folder for <case>_seg.<ext> label maps")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--instances", action="store_true",
+                   help="also write <case>_instances.<ext>: one id per connected lesion (lesion/tumour labels)")
+    p.add_argument("--instance-labels", type=_ints, default=None, metavar="L1,L2",
+                   help="labels to split into instances (default: labels named lesion, tumour, ...)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, HD95 and more per case and label")
+    p.add_argument("--pred", required=True, help="folder of predicted label maps (<case>_seg.<ext> or <case>.<ext>)")
+    p.add_argument("--ref", required=True, help="folder of reference label maps (<case>.<ext>)")
+    p.add_argument("--labels", default=None, help="dataset.json whose 'labels' name the label values")
+    p.add_argument("--out", required=True, help="folder for metrics.csv and summary.json")
+    p.add_argument("--nsd-tolerance-mm", type=float, default=1.0, help="normalised surface Dice tolerance (mm)")
+    p.add_argument("--lesion-labels", type=_ints, default=None, metavar="L1,L2",
+                   help="labels evaluated lesion by lesion into lesions.csv (default: labels named lesion, tumour, ...)")
+    p.add_argument("--lesion-min-ml", type=float, default=0.0, help="ignore connected components below this volume")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="volumes, intensity statistics, overlays and an HTML report of predictions")
+    p.add_argument("--pred", required=True, help="folder of predicted label maps (<case>_seg.<ext>)")
+    p.add_argument("--images", required=True, help="folder of the images (<case>.<ext>)")
+    p.add_argument("--out", required=True, help="folder for structures.csv/json, <case>.png and report.html")
+    p.add_argument("--labels", default=None,
+                   help="label names: a dataset.json, or a bundle / run folder (its configs/plan.json)")
+    p.add_argument("--modality", choices=["CT", "MR"], type=str.upper, default=None,
+                   help="default: CT if the image holds values below -500 (HU), else MR")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bundle", help="MONAI bundles: init, run, verify, export")
+    bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
+    b = bsub.add_parser("init", help="create a bundle for a dataset (modality, labels, spacing from the data)")
+    b.add_argument("--data", required=True, help="dataset.json (MSD layout)")
+    b.add_argument("--out", required=True, help="new bundle folder")
+    b.add_argument("--name", default=None)
+    b.add_argument("--description", default=None)
+    b.add_argument("--data-source", default=None, help="what the bundle is trained on (metadata data_source)")
+    b.add_argument("--spacing", type=_floats, default=None)
+    b.add_argument("--patch-size", type=_ints, default=None)
+    b.add_argument("--ct-window", type=_hu_window, default=None, metavar="LOW,HIGH")
+    b.set_defaults(func=cmd_bundle_init)
+    b = bsub.add_parser("run", help="run a bundle config (model-zoo layout), safe mode unless --trust")
+    b.add_argument("bundle", help="bundle folder")
+    b.add_argument("--config", default="inference", help="config name in configs/ (default: inference)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config id, e.g. --set dataset_dir=DATA --set epochs=5 (repeatable)")
+    b.add_argument("--trust", action="store_true", help="run configs with $ expressions and any _target_ (untrusted code!)")
+    b.set_defaults(func=cmd_bundle_run)
+    b = bsub.add_parser("verify", help="check metadata and network input/output against the configs")
+    b.add_argument("bundle")
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=cmd_bundle_verify)
+    b = bsub.add_parser("export", help="export the trained network as TorchScript or ONNX")
+    b.add_argument("bundle")
+    b.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    b.add_argument("--out", default=None, help="output file (default: models/model.ts or models/model.onnx)")
+    b.set_defaults(func=cmd_bundle_export)
+
+    p = sub.add_parser("demo", help="synthetic CT -> train -> predict -> evaluate, ending with 'mean Dice: ...'")
+    p.add_argument("--out", default="medseg-demo", help="demo folder (replaced if it holds an earlier demo)")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
+    p.add_argument("--cases", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    # "LoadImage" logs each reader it tries before the one that fits (nibabel before SimpleITK for NRRD)
+    for noisy in ("ignite", "monai", "LoadImage", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medseg`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.debug, args.quiet)
+    if not args.debug:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    try:
+        return int(args.func(args) or 0)
+    except MedsegError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"medseg: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("medseg: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
+        if args.debug:
+            traceback.print_exc()
+        print(f"medseg: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

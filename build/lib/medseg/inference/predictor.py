@@ -1,0 +1,232 @@
+"""Sliding-window prediction in the input's own space and format.
+
+For each input: load with MONAI (geometry in the metadata) -> the plan's preprocessing
+(RAS, target spacing, body crop, intensity) -> sliding-window inference with Gaussian blending ->
+softmax -> ``Invertd`` (undo crop, spacing and orientation, probabilities resampled linearly) ->
+argmax -> label map written with exactly the input's shape, spacing, origin and direction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.bundle.codes import is_lesion_name
+from medseg.bundle.components import (
+    bundle_path,
+    inference_postprocessing,
+    load_plan,
+    load_weights,
+    sliding_window_inferer,
+)
+from medseg.engines.training import resolve_device
+from medseg.errors import BundleError, InputError, MedsegError
+from medseg.io.image import (
+    case_name,
+    image_suffix,
+    list_images,
+    read_geometry,
+    write_label_map,
+)
+from medseg.metrics.lesions import instance_map
+from medseg.networks import build_network
+from medseg.plan import Plan
+from medseg.transforms import preprocessing
+
+log = logging.getLogger(__name__)
+
+
+def output_name(image: Path, kind: str = "seg") -> str:
+    """``<case>_seg.<same ending>`` (or ``_instances``) for an input image file."""
+    return f"{case_name(image)}_{kind}{image_suffix(image)}"
+
+
+def load_model(run_dir: str | os.PathLike[str], device: torch.device) -> tuple[Plan, torch.nn.Module]:
+    """Load a bundle's (or run folder's) plan and weights, ``configs/plan.json`` and ``models/model.pt``,
+    through the same factories its ``inference.json`` names.
+
+    Raises
+    ------
+    BundleError
+        Missing folder, plan or weights, or weights that do not fit the plan's network.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise BundleError(f"{run_dir}: no such bundle or run folder (expected the --out folder of medseg train)")
+    plan = load_plan(run_dir)
+    network = load_weights(build_network(plan), bundle_path(run_dir, ["models", "model.pt"]), device)
+    return plan, network
+
+
+@dataclass
+class Predictor:
+    """Predicts label maps for images with a trained run folder's plan and weights."""
+
+    plan: Plan
+    network: torch.nn.Module
+    device: torch.device
+    overlap: float = 0.5
+    sw_batch_size: int | None = None
+    progress: bool | None = None
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike[str], device: str = "cpu", overlap: float = 0.5,
+                 sw_batch_size: int | None = None) -> Predictor:
+        """Raises InputError for a bad device or overlap, BundleError for a bad run folder."""
+        if not 0.0 <= overlap < 1.0:
+            raise InputError(None, f"--overlap must be in [0, 1), got {overlap}")
+        torch_device = resolve_device(device)
+        plan, network = load_model(run_dir, torch_device)
+        return cls(plan, network, torch_device, overlap, sw_batch_size)
+
+    def predict_array(self, image_path: Path) -> np.ndarray:
+        """Label map (index order of the input file) for one image.
+
+        Raises
+        ------
+        InputError
+            Unreadable, truncated or wrong-dimensional image, or NaN/Inf voxels.
+        """
+        geometry = read_geometry(image_path, self.plan.dims)
+        pre = preprocessing(self.plan, ("image",))
+        try:
+            data = pre({"image": str(image_path)})
+        except MedsegError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - MONAI wraps reader errors in RuntimeError chains
+            cause = exc
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            if isinstance(cause, MedsegError):
+                raise cause from exc
+            raise InputError(image_path, f"cannot read or preprocess this image ({type(cause).__name__}: {cause})") from exc
+        image = data["image"]
+        if not torch.isfinite(image).all():
+            raise InputError(image_path, "has NaN or infinite voxel values")
+        progress = self.progress if self.progress is not None else sys.stderr.isatty()
+        inferer = sliding_window_inferer(self.plan, self.overlap, self.sw_batch_size, progress)
+        with torch.inference_mode():
+            data["pred"] = inferer(image[None].to(self.device), self.network)[0].float().cpu()
+        labels = inference_postprocessing(self.plan, pre)(data)["pred"][0].numpy()
+        if tuple(labels.shape) != geometry.size:
+            raise MedsegError(f"{image_path}: internal error, inverted prediction has shape {labels.shape}, "
+                              f"input has {geometry.size}")
+        return labels.astype(np.uint8 if self.plan.num_classes <= 256 else np.uint16)
+
+    def lesion_labels(self) -> list[int]:
+        """Labels written as instances by ``--instances``: lesion-like names (lesion, tumour, ...)."""
+        return [k for k, v in self.plan.labels.items() if k != 0 and is_lesion_name(v)]
+
+    def predict_file(self, image_path: Path, output_path: Path, instances_path: Path | None = None,
+                     instance_labels: Sequence[int] | None = None, min_lesion_ml: float = 0.0) -> Path:
+        """Predict one image and write its label map atomically in the input's geometry and format;
+        with ``instances_path`` also an instance map (one id per connected lesion of ``instance_labels``)."""
+        labels = self.predict_array(image_path)
+        written = write_label_map(labels, image_path, output_path)
+        if instances_path is not None:
+            values = list(instance_labels) if instance_labels is not None else self.lesion_labels()
+            spacing = read_geometry(image_path).spacing
+            instances = instance_map(labels, values, spacing, min_volume_ml=min_lesion_ml)
+            write_label_map(instances, image_path, instances_path)
+            log.info("%s: %d lesion instance(s) of label(s) %s", image_path.name, int(instances.max()), values)
+        return written
+
+
+def collect_inputs(input_path: str | os.PathLike[str]) -> list[Path]:
+    """One image file, or every image file in a folder.
+
+    Raises
+    ------
+    InputError
+        Missing path, non-image file, empty folder.
+    """
+    path = Path(input_path)
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    if path.is_dir():
+        return list_images(path)
+    if image_suffix(path) is None:
+        raise InputError(path, "not a supported image file (expected .nii, .nii.gz, .nrrd, .nhdr, .mha or .mhd)")
+    return [path]
+
+
+def predict(run_dir: str | os.PathLike[str], input_path: str | os.PathLike[str], output_dir: str | os.PathLike[str],
+            device: str = "cpu", overlap: float = 0.5, overwrite: bool = False,
+            sw_batch_size: int | None = None, instances: bool = False,
+            instance_labels: Sequence[int] | None = None) -> list[Path]:
+    """Predict every input image into ``output_dir`` as ``<case>_seg.<ending>``.
+
+    All headers are checked before any prediction; if any case fails, the outputs this call
+    already wrote are removed again, so a failed call leaves nothing behind.
+
+    With ``instances``, an instance map ``<case>_instances.<ending>`` (one id per connected
+    component of the lesion labels, or of ``instance_labels``) is written beside each label map.
+
+    Raises
+    ------
+    InputError
+        Bad inputs (see :func:`collect_inputs`, :meth:`Predictor.predict_array`), an output that
+        would overwrite an input or an existing file (unless ``overwrite``), ``instances`` for a
+        model without lesion labels, unknown ``instance_labels``.
+    BundleError
+        Bad run folder.
+    """
+    inputs = collect_inputs(input_path)
+    predictor = Predictor.from_run(run_dir, device, overlap, sw_batch_size)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(output_dir, "exists and is not a folder")
+    if instances:
+        values = list(instance_labels) if instance_labels is not None else predictor.lesion_labels()
+        unknown = sorted(set(values) - set(predictor.plan.labels) | ({0} & set(values)))
+        if not values or unknown:
+            raise InputError(Path(run_dir), "--instances: " + (f"labels {unknown} are not foreground labels of this model"
+                             if unknown else "the model has no lesion label; name them with --instance-labels"))
+        instance_labels = values
+    planned: list[tuple[Path, Path, Path | None]] = []
+    input_set = {p.resolve() for p in inputs}
+    for image in inputs:
+        read_geometry(image, predictor.plan.dims)
+        targets = [output_dir / output_name(image)] + ([output_dir / output_name(image, "instances")] if instances else [])
+        for target in targets:
+            if target.resolve() in input_set:
+                raise InputError(target, "would overwrite an input image; choose another --output folder")
+            if target.exists() and not overwrite:
+                raise InputError(target, "already exists; pass --overwrite to replace it")
+        planned.append((image, targets[0], targets[1] if instances else None))
+    names = [t.name for _, t, _ in planned]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise InputError(Path(input_path), f"several inputs would be written to the same output: {', '.join(clashes)}")
+    created_dir = not output_dir.exists()
+    written: list[Path] = []
+    try:
+        for index, (image, target, instance_target) in enumerate(planned, 1):
+            log.info("[%d/%d] %s -> %s", index, len(planned), image.name, target)
+            fresh = [p for p in (target, instance_target) if p is not None and not p.exists()]
+            written.extend(fresh)  # removed again if this case fails half-way
+            predictor.predict_file(image, target, instance_target, instance_labels)
+    except BaseException:
+        for path in written:
+            _remove_image(path)
+        if created_dir and output_dir.exists() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+    return [t for _, t, _ in planned]
+
+
+def _remove_image(path: Path) -> None:
+    """Remove an output image (and the data file of a two-file format)."""
+    path.unlink(missing_ok=True)
+    if image_suffix(path) in (".mhd", ".nhdr"):
+        stem = path.name[: -len(image_suffix(path) or "")]
+        for sibling in path.parent.glob(stem + ".*raw*"):
+            sibling.unlink(missing_ok=True)
+

@@ -1,0 +1,407 @@
+"""Sliding-window inference in bounded memory: a slab of the last spatial axis at a time.
+
+:func:`monai.inferers.sliding_window_inference` stitches the windows into a float32 buffer of
+``C x D x H x W`` (all classes, the whole volume) plus a count map of the whole volume: 44 GB for
+105 classes on a 512 x 512 x 400 CT, before the argmax allocates more. :func:`slab_sliding_window`
+visits exactly the same windows (MONAI's own ``_get_scan_interval`` and ``dense_patch_slices``), blends
+them with exactly the same Gaussian importance map (``compute_importance_map``) and normalises in the
+same way, but in the order of their start along the *last* spatial axis (z). Its accumulation buffer
+is a ring of ``roi_z`` planes, ``C x X x Y x roi_z`` float32 (plus an ``X x Y x roi_z`` weight ring):
+as soon as no remaining window can touch a z-range, the range is normalised, reduced to labels (argmax)
+and, when asked, softmax probabilities (float16, into a ``.npy`` memory map on disk), and its planes
+are zeroed for reuse. Peak memory is therefore the input + the slab ring + the label map + one batch
+of windows through the network, independent of the volume's depth times the number of classes.
+
+The blended logits equal MONAI's with the same settings up to float rounding (the per-voxel sums add
+the same terms in a different order), so the label maps agree voxel for voxel except at exact ties.
+
+Deviations from MONAI, all deliberate:
+
+* the accumulation is float32 whatever the input's dtype (MONAI accumulates in the input's dtype,
+  float16 inputs are blended in float16 there); windows reach the network in the input's dtype
+  (non-floating inputs are converted to float32);
+* windows of a volume smaller than the roi are padded one at a time (``padding_mode``, ``cval``) instead
+  of padding a copy of the whole input; the result is identical because a window covers the whole
+  padded extent of every padded axis;
+* the network must return one tensor ``(B, C, *roi)`` (no tuples/dicts, no different output sizes);
+* ``mirror_axes`` (test-time mirroring) is not in MONAI; see :func:`slab_sliding_window`.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
+from monai.inferers.utils import _get_scan_interval
+from monai.utils import PytorchPadMode, ensure_tuple_rep, fall_back_tuple, look_up_option
+
+from medseg.errors import InputError
+
+__all__ = ["SlabResult", "estimate_slab_bytes", "label_dtype", "slab_sliding_window"]
+
+_GB = 1024**3
+
+
+@dataclass
+class SlabResult:
+    """What :func:`slab_sliding_window` returns.
+
+    Attributes
+    ----------
+    labels
+        ``(*spatial)`` label map on the CPU: the argmax over classes of the blended logits;
+        uint8 for up to 256 classes, int16 up to 32768, int32 beyond.
+    probabilities
+        ``(C, *spatial)`` float16 softmax of the blended logits in a ``.npy`` file opened as a memory map
+        (``numpy.load(path, mmap_mode="r")`` reopens it), or ``None`` when no ``probabilities_path`` was given.
+    slab_shape
+        Shape of the accumulation ring, ``(C, X, Y, slab_depth)`` (``(C, X, slab_depth)`` in 2D): what
+        was allocated for the blending instead of ``(C, *spatial)``.
+    num_windows
+        How many windows went through the network (each once, times ``1 + len(mirror_axes)`` passes).
+    """
+
+    labels: torch.Tensor
+    probabilities: np.memmap | None = None
+    slab_shape: tuple[int, ...] = field(default=())
+    num_windows: int = 0
+
+
+def label_dtype(num_classes: int) -> torch.dtype:
+    """The smallest integer dtype that holds labels ``0 .. num_classes - 1``."""
+    if num_classes <= 256:
+        return torch.uint8
+    if num_classes <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def _geometry(spatial_shape: Sequence[int], roi_size: Sequence[int] | int, overlap: Sequence[float] | float):
+    """MONAI's geometry: roi (after fall-back), padding, padded size, scan interval, window size."""
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    nd = len(spatial_shape)
+    if isinstance(roi_size, Sequence) and len(roi_size) != nd:
+        raise ValueError(f"roi_size {tuple(roi_size)} has {len(roi_size)} axes, the input has {nd} spatial axes")
+    roi = tuple(int(r) for r in fall_back_tuple(roi_size, spatial_shape))
+    overlaps = tuple(float(o) for o in ensure_tuple_rep(overlap, nd))
+    for o in overlaps:
+        if not 0 <= o < 1:
+            raise ValueError(f"overlap must be >= 0 and < 1, got {overlap}")
+    # MONAI pads (symmetrically, the extra voxel after) every axis smaller than the roi
+    pad_lo = tuple(max(r - s, 0) // 2 for r, s in zip(roi, spatial_shape))
+    padded = tuple(max(s, r) for s, r in zip(spatial_shape, roi))
+    scan = _get_scan_interval(padded, roi, nd, overlaps)
+    window = tuple(int(w) for w in get_valid_patch_size(padded, roi))
+    return roi, pad_lo, padded, tuple(int(s) for s in scan), window
+
+
+def estimate_slab_bytes(
+    spatial_shape: Sequence[int],
+    roi_size: Sequence[int] | int,
+    overlap: Sequence[float] | float,
+    num_classes: int,
+    *,
+    sw_batch_size: int = 4,
+    mirrored: bool = False,
+    probabilities: bool = False,
+) -> int:
+    """Bytes that :func:`slab_sliding_window` allocates on top of the input (the network's own
+    activations excluded: they depend on the network, not on the volume).
+
+    The accumulation ring ``(C + 1) x X x Y x roi_z`` float32, the label map, the per-flush temporaries
+    (at most ``step_z`` planes: max values, argmax indices, and with ``probabilities`` their float16
+    copy) and one batch of network outputs (twice with ``mirrored``).
+    """
+    _, _, padded, scan, window = _geometry(spatial_shape, roi_size, overlap)
+    c = int(num_classes)
+    plane = math.prod(padded[:-1])
+    depth = window[-1]
+    step = max(1, min(scan[-1], depth))
+    ring = (c + 1) * plane * depth * 4
+    labels = math.prod(int(s) for s in spatial_shape) * torch.empty((), dtype=label_dtype(c)).element_size()
+    flush = plane * step * (4 + 8) + (c * plane * step * 2 if probabilities else 0)
+    batch = sw_batch_size * c * math.prod(window) * 4 * (2 if mirrored else 1)
+    return int(ring + labels + flush + batch)
+
+
+def _available_host_bytes() -> int | None:
+    """Memory the system can give this process now, or None when it cannot be told.
+
+    ``MemAvailable`` (Linux) counts reclaimable page cache; ``SC_AVPHYS_PAGES`` (free pages only) is the
+    fall-back, and would be too pessimistic on its own on a machine with a warm page cache.
+    """
+    avail = None
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    kb = int(line.split()[1]) * 1024
+                    avail = kb if avail is None else max(avail, kb)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return avail if avail is None or avail > 0 else None
+
+
+def _available_device_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # noqa: BLE001 - no driver, no context: do not refuse on a guess
+            return None
+    return _available_host_bytes()
+
+
+def _check_finite(inputs: torch.Tensor) -> None:
+    """InputError if any voxel is NaN or infinite (checked a few planes at a time: no input-sized mask)."""
+    if not inputs.is_floating_point():
+        return
+    depth = inputs.shape[-1]
+    plane = max(1, inputs.numel() // max(depth, 1))
+    chunk = max(1, (1 << 24) // plane)
+    for z0 in range(0, depth, chunk):
+        if not bool(torch.isfinite(inputs[..., z0 : z0 + chunk]).all()):
+            raise InputError(None, "the image has NaN or infinite voxel values; sliding-window inference refused")
+
+
+def _ring_runs(start: int, stop: int, depth: int) -> list[tuple[int, int, int]]:
+    """Split planes ``[start, stop)`` (``stop - start <= depth``) into contiguous runs of a ring of ``depth``
+    planes: ``(ring_start, ring_stop, offset)``, offset counted from ``start``."""
+    runs, z = [], start
+    while z < stop:
+        r0 = z % depth
+        n = min(stop - z, depth - r0)
+        runs.append((r0, r0 + n, z - start))
+        z += n
+    return runs
+
+
+def slab_sliding_window(
+    inputs: torch.Tensor,
+    roi_size: Sequence[int],
+    network: Callable[[torch.Tensor], torch.Tensor],
+    num_classes: int,
+    overlap: Sequence[float] | float = 0.5,
+    sw_batch_size: int = 4,
+    sigma_scale: Sequence[float] | float = 0.125,
+    padding_mode: PytorchPadMode | str = "constant",
+    cval: float = 0.0,
+    probabilities_path: str | os.PathLike[str] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    mirror_axes: Sequence[int] = (),
+) -> SlabResult:
+    """Gaussian-blended sliding-window inference whose memory does not grow with classes x volume.
+
+    Same windows, importance map and normalisation as
+    ``monai.inferers.sliding_window_inference(inputs, roi_size, sw_batch_size, network, overlap,
+    mode="gaussian", sigma_scale=sigma_scale, padding_mode=padding_mode, cval=cval)``; the blended logits
+    agree up to float rounding, and the result is their argmax (and optionally softmax).
+
+    Parameters
+    ----------
+    inputs
+        ``(1, C_in, *spatial)``, 2D or 3D, on the CPU (or any device). Axis ``-1`` is streamed.
+    roi_size
+        Window size per spatial axis; non-positive entries take the whole axis (as in MONAI). Axes of
+        the volume smaller than the roi are padded symmetrically and cropped back (as in MONAI).
+    network
+        ``(B, C_in, *roi) -> (B, num_classes, *roi)`` logits; called under ``torch.inference_mode()``.
+    num_classes
+        Channels the network returns.
+    overlap, sw_batch_size, sigma_scale, padding_mode, cval
+        As in MONAI (``mode`` is always ``"gaussian"``).
+    probabilities_path
+        When given, a ``.npy`` file of ``(num_classes, *spatial)`` float16 softmax probabilities is
+        written there (as a memory map, slab by slab) and returned open in ``SlabResult.probabilities``.
+    device
+        Where windows go through the network and the slab ring lives (default: the input's device);
+        the label map is always on the CPU.
+    progress
+        Show a tqdm bar over the window batches.
+    mirror_axes
+        Test-time mirroring: spatial axes (0-based, ``-1`` = last). Each window's logits are the average
+        of ``network(window)`` and, for every axis ``a`` given, ``flip(network(flip(window, a)), a)``, one
+        flip per axis (not every combination of axes): ``1 + len(mirror_axes)`` forward passes. Because the
+        Gaussian blending is linear, this equals averaging MONAI runs whose predictor flips the window,
+        and equals averaging MONAI runs on the flipped volume whenever the window grid is symmetric.
+
+    Raises
+    ------
+    InputError
+        NaN or infinite voxels; or the estimate of :func:`estimate_slab_bytes` exceeds the memory available
+        (the message names both in GB).
+    ValueError
+        Wrong shapes or arguments, or a network output of the wrong shape.
+    """
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    inputs = inputs.as_subclass(torch.Tensor) if type(inputs) is not torch.Tensor else inputs  # MetaTensor
+    if inputs.ndim not in (4, 5) or inputs.shape[0] != 1:
+        raise ValueError(f"inputs must be (1, C_in, *spatial) with 2 or 3 spatial axes, got {tuple(inputs.shape)}")
+    num_classes = int(num_classes)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    sw_batch_size = int(sw_batch_size)
+    if sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    spatial = tuple(int(s) for s in inputs.shape[2:])
+    nd = len(spatial)
+    if min(spatial) < 1:
+        raise InputError(None, f"the image is empty (spatial shape {spatial})")
+    roi, pad_lo, padded, scan, window = _geometry(spatial, roi_size, overlap)
+    axes: list[int] = []
+    for a in mirror_axes:
+        a = int(a)
+        if not -nd <= a < nd:
+            raise ValueError(f"mirror axis {a} out of range for {nd} spatial axes")
+        if a % nd not in axes:
+            axes.append(a % nd)
+    device = torch.device(device) if device is not None else inputs.device
+
+    need = estimate_slab_bytes(spatial, roi, overlap, num_classes, sw_batch_size=sw_batch_size,
+                               mirrored=bool(axes), probabilities=probabilities_path is not None)
+    avail = _available_device_bytes(device)
+    if avail is not None and need > avail:
+        raise InputError(
+            None,
+            f"sliding-window inference of a {'x'.join(map(str, spatial))} volume with {num_classes} classes "
+            f"needs {need / _GB:.1f} GB for the slab buffer (roi {'x'.join(map(str, roi))}), "
+            f"only {avail / _GB:.1f} GB available; use a smaller roi or fewer classes, or free memory",
+        )
+    _check_finite(inputs)
+
+    # windows: MONAI's positions in the padded volume, ordered (stably) by their start along z
+    starts = [tuple(s for s, _ in w) for w in dense_patch_slices(padded, window, scan, return_slice=False)]
+    starts.sort(key=lambda s: s[-1])
+    depth = window[-1]  # ring planes: after flushing planes < a window's start, the window fits exactly
+    flush_step = max(1, min(scan[-1], depth))
+    pad_mode = look_up_option(padding_mode, PytorchPadMode)
+    pad_hi = tuple(p - s - lo for p, s, lo in zip(padded, spatial, pad_lo))
+    needs_pad = any(pad_lo) or any(pad_hi)
+    # F.pad lists the last axis first
+    pad_arg = [v for d in reversed(range(nd)) for v in (pad_lo[d], pad_hi[d])]
+    in_dtype = inputs.dtype if inputs.is_floating_point() else torch.float32
+
+    # allocated outside inference mode, so that callers may modify them in place afterwards
+    labels = torch.empty(spatial, dtype=label_dtype(num_classes))
+    probs = None
+    if probabilities_path is not None:
+        probs = np.lib.format.open_memmap(os.fspath(probabilities_path), mode="w+", dtype=np.float16,
+                                          shape=(num_classes, *spatial))
+    crop = tuple(slice(lo, lo + s) for lo, s in zip(pad_lo[:-1], spatial[:-1]))  # in-plane, ring coordinates
+
+    with torch.inference_mode():
+        importance = compute_importance_map(window, mode="gaussian", sigma_scale=sigma_scale, device=device,
+                                            dtype=torch.float32)
+        ring = torch.zeros((num_classes, *padded[:-1], depth), dtype=torch.float32, device=device)
+        weight = torch.zeros((*padded[:-1], depth), dtype=torch.float32, device=device)
+        flushed = 0  # planes [0, flushed) of the padded volume are final
+
+        def flush(stop: int) -> None:
+            nonlocal flushed
+            if flushed >= stop:
+                return
+            while flushed < stop:
+                z1 = min(stop, flushed + flush_step)
+                for r0, r1, off in _ring_runs(flushed, z1, depth):
+                    p0, p1 = flushed + off, flushed + off + (r1 - r0)  # padded z-range of this run
+                    o0, o1 = max(p0, pad_lo[-1]), min(p1, pad_lo[-1] + spatial[-1])
+                    if o0 < o1:  # planes of the original volume (not padding)
+                        rz = slice(r0 + o0 - p0, r0 + o1 - p0)
+                        acc = ring[(slice(None), *crop, rz)]
+                        acc.div_(weight[(*crop, rz)])  # MONAI: output /= count_map
+                        best, idx = acc.max(dim=0)  # first maximum on ties, as argmax
+                        z_out = slice(o0 - pad_lo[-1], o1 - pad_lo[-1])
+                        labels[..., z_out].copy_(idx)
+                        if probs is not None:
+                            acc.sub_(best).exp_()
+                            acc.div_(acc.sum(dim=0))
+                            probs[(slice(None), ..., z_out)] = acc.to(torch.float16).cpu().numpy()
+                    ring[..., r0:r1].zero_()
+                    weight[..., r0:r1].zero_()
+                flushed = z1
+            if probs is not None:
+                _drop_mapped_pages(probs)
+
+        def window_input(start: tuple[int, ...]) -> torch.Tensor:
+            if not needs_pad:
+                return inputs[(slice(None), slice(None), *(slice(s, s + w) for s, w in zip(start, window)))]
+            # padded axes: the window covers the whole padded extent (the roi), so pad just this window
+            sl = []
+            for d in range(nd):
+                if pad_lo[d] or pad_hi[d]:
+                    sl.append(slice(None))
+                else:
+                    sl.append(slice(start[d], start[d] + window[d]))
+            # torch refuses a value for the other modes (MONAI passes cval regardless, and fails if it is not 0)
+            value = cval if pad_mode == "constant" else None
+            return F.pad(inputs[(slice(None), slice(None), *sl)], pad_arg, mode=pad_mode, value=value)
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            out = _logits(network, batch, num_classes, window)
+            for a in axes:
+                dim = a + 2
+                out += _logits(network, torch.flip(batch, (dim,)), num_classes, window).flip(dim)
+            if axes:
+                out /= 1 + len(axes)
+            return out
+
+        batches = range(0, len(starts), sw_batch_size)
+        if progress:
+            from monai.utils import optional_import
+
+            tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+            if has_tqdm:
+                batches = tqdm(batches)
+        for b0 in batches:
+            group = starts[b0 : b0 + sw_batch_size]
+            batch = torch.cat([window_input(s) for s in group]).to(device=device, dtype=in_dtype)
+            out = forward(batch)
+            out *= importance  # MONAI: seg_prob *= w_t, then output[window] += seg_prob
+            for p, start in zip(out, group):
+                flush(start[-1])  # no window from here on touches planes < start
+                xy = tuple(slice(s, s + w) for s, w in zip(start[:-1], window[:-1]))
+                for r0, r1, off in _ring_runs(start[-1], start[-1] + depth, depth):
+                    ring[(slice(None), *xy, slice(r0, r1))] += p[..., off : off + r1 - r0]
+                    weight[(*xy, slice(r0, r1))] += importance[..., off : off + r1 - r0]
+            del batch, out
+        flush(padded[-1])
+
+    if probs is not None:
+        probs.flush()
+    return SlabResult(labels=labels, probabilities=probs, slab_shape=tuple(ring.shape), num_windows=len(starts))
+
+
+def _logits(network: Callable, batch: torch.Tensor, num_classes: int, window: tuple[int, ...]) -> torch.Tensor:
+    out = network(batch)
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"the network must return one tensor, got {type(out).__name__}")
+    expected = (batch.shape[0], num_classes, *window)
+    if tuple(out.shape) != expected:
+        raise ValueError(f"the network returned {tuple(out.shape)} for a {tuple(batch.shape)} batch, expected {expected}")
+    return out.to(torch.float32)
+
+
+def _drop_mapped_pages(probs: np.memmap) -> None:
+    """Write back and unmap the probability file's pages from this process (they stay in the page cache),
+    so the memory map does not grow the resident set by the size of the file."""
+    mm = getattr(probs, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        mm.flush()
+        mm.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):
+        pass

@@ -1,0 +1,212 @@
+"""The plan: everything a trained model needs to preprocess, infer and label (saved as ``plan.json``).
+
+A plan is derived from the training data (target spacing, intensity statistics, patch size) and
+stored next to the weights, so ``medseg predict --model RUN_DIR`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from nibabel.orientations import io_orientation
+
+from medseg.data.datalist import Case, Datalist
+from medseg.errors import BundleError
+from medseg.io.atomic import atomic_write_text
+from medseg.io.image import Geometry, read_image
+
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT = "medseg-plan/1"
+
+
+@dataclass
+class Intensity:
+    """Intensity normalisation: CT clips to [a_min, a_max] HU and z-scores with the foreground
+    mean/std; MR z-scores each image on its non-zero voxels."""
+
+    preset: str  # "ct" | "mr"
+    a_min: float | None = None
+    a_max: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+@dataclass
+class NetworkSpec:
+    """Arguments of the network factory (:func:`medseg.networks.build_network`)."""
+
+    name: str = "unet"
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 1
+    norm: str = "instance"
+    dropout: float = 0.0
+
+
+@dataclass
+class Plan:
+    """Preprocessing, network and inference settings of one model."""
+
+    dims: int
+    modality: str
+    labels: dict[int, str]
+    target_spacing: tuple[float, ...]
+    patch_size: tuple[int, ...]
+    intensity: Intensity
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    format: str = PLAN_FORMAT
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.labels) + 1
+
+    @property
+    def axcodes(self) -> str:
+        return "RAS"[: self.dims]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["labels"] = {str(k): v for k, v in self.labels.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        data = dict(data)
+        if data.get("format") != PLAN_FORMAT:
+            raise ValueError(f"unknown plan format {data.get('format')!r}, expected {PLAN_FORMAT!r}")
+        data["labels"] = {int(k): v for k, v in data["labels"].items()}
+        data["target_spacing"] = tuple(data["target_spacing"])
+        data["patch_size"] = tuple(data["patch_size"])
+        data["intensity"] = Intensity(**data["intensity"])
+        net = dict(data["network"])
+        net["channels"], net["strides"] = tuple(net["channels"]), tuple(net["strides"])
+        data["network"] = NetworkSpec(**net)
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        return atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        """Load ``plan.json``.
+
+        Raises
+        ------
+        BundleError
+            If the file is missing or not a valid plan.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise BundleError(f"{path}: no such file; is this a medseg run folder (medseg train --out)?")
+        try:
+            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BundleError(f"{path}: not a valid medseg plan ({exc})") from exc
+
+
+def ras_spacing(geometry: Geometry) -> np.ndarray:
+    """Voxel spacing along the R, A, S axes (the order after ``Orientation("RAS")``)."""
+    ornt = io_orientation(geometry.affine_ras())
+    spacing = np.empty(geometry.dims)
+    for axis, (ras_axis, _) in enumerate(ornt):
+        spacing[int(ras_axis)] = geometry.spacing[axis]
+    return spacing
+
+
+def ras_extent(geometry: Geometry) -> np.ndarray:
+    """Field of view in mm along the R, A, S axes."""
+    ornt = io_orientation(geometry.affine_ras())
+    extent = np.empty(geometry.dims)
+    for axis, (ras_axis, _) in enumerate(ornt):
+        extent[int(ras_axis)] = geometry.spacing[axis] * geometry.size[axis]
+    return extent
+
+
+def ct_intensity_statistics(cases: Sequence[Case], window: Sequence[float] | None = None,
+                            max_samples: int = 200_000, seed: int = 0) -> Intensity:
+    """nnU-Net-style CT statistics of the foreground (labelled) voxels: clip range = the 0.5/99.5
+    percentiles, or the given HU ``window`` (e.g. ``(-160, 240)``); mean and std after clipping.
+
+    Raises
+    ------
+    ValueError
+        If ``window`` is not two increasing values.
+    """
+    if window is not None and (len(window) != 2 or window[0] >= window[1]):
+        raise ValueError(f"a CT window needs two increasing HU values, got {list(window)}")
+    rng = np.random.default_rng(seed)
+    samples: list[np.ndarray] = []
+    per_case = max(1, max_samples // max(1, len(cases)))
+    for case in cases:
+        image = sitk.GetArrayFromImage(read_image(case.image))
+        label = sitk.GetArrayFromImage(read_image(case.label)) if case.label else None
+        values = image[label > 0] if label is not None else image.ravel()
+        if values.size:
+            samples.append(rng.choice(values, size=min(per_case, values.size), replace=False).astype(np.float64))
+    if not samples:
+        low, high = window if window is not None else (-1000.0, 1000.0)
+        return Intensity("ct", float(low), float(high), (low + high) / 2, (high - low) / 4)
+    values = np.concatenate(samples)
+    a_min, a_max = window if window is not None else np.percentile(values, [0.5, 99.5])
+    clipped = np.clip(values, a_min, a_max)
+    std = float(max(clipped.std(), 1e-3))
+    return Intensity("ct", float(a_min), float(a_max), float(clipped.mean()), std)
+
+
+def default_patch_size(dims: int, median_shape: np.ndarray, cap: Sequence[int]) -> tuple[int, ...]:
+    """Patch no larger than the median resampled image, a multiple of 16, at most ``cap``."""
+    patch = []
+    for axis in range(dims):
+        size = int(min(cap[axis], max(16, 16 * round(median_shape[axis] / 16))))
+        patch.append(size)
+    return tuple(patch)
+
+
+def make_plan(
+    datalist: Datalist,
+    geometries: Sequence[Geometry],
+    target_spacing: Sequence[float] | None = None,
+    patch_size: Sequence[int] | None = None,
+    network: NetworkSpec | None = None,
+    ct_window: Sequence[float] | None = None,
+) -> Plan:
+    """Derive a plan from validated training data.
+
+    ``target_spacing`` defaults to the median RAS spacing of the training images; ``patch_size``
+    to the median resampled size rounded to multiples of 16, capped at 64x64x32 (3D) or 256x256 (2D);
+    CT intensities clip to ``ct_window`` (HU) if given, else to foreground percentiles.
+
+    Raises
+    ------
+    ValueError
+        A target spacing or CT window of the wrong length.
+    """
+    dims = geometries[0].dims
+    spacings = np.stack([ras_spacing(g) for g in geometries])
+    extents = np.stack([ras_extent(g) for g in geometries])
+    spacing = np.asarray(target_spacing if target_spacing is not None else np.median(spacings, axis=0), float)
+    if spacing.shape != (dims,):
+        raise ValueError(f"target spacing needs {dims} values, got {spacing.tolist()}")
+    median_shape = np.median(extents, axis=0) / spacing
+    cap = (64, 64, 32) if dims == 3 else (256, 256)
+    patch = tuple(int(p) for p in patch_size) if patch_size is not None else default_patch_size(dims, median_shape, cap)
+    if datalist.preset == "ct":
+        intensity = ct_intensity_statistics(datalist.training, ct_window)
+    else:
+        intensity = Intensity("mr")
+    spec = network or NetworkSpec()
+    plan = Plan(dims, datalist.modality, dict(datalist.labels), tuple(float(s) for s in spacing), patch, intensity, spec)
+    log.info("plan: %dD %s, target spacing %s mm, patch %s, %d classes", dims, plan.modality,
+             [round(s, 3) for s in plan.target_spacing], list(patch), plan.num_classes)
+    return plan

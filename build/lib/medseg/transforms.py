@@ -1,0 +1,154 @@
+"""CT and MR preprocessing and augmentation chains, built from MONAI transforms only.
+
+Deterministic part (cached during training, inverted after inference)::
+
+    LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd(target) -> CropForegroundd(body)
+    -> intensity (CT: clip + z-score with dataset statistics; MR: per-image z-score on non-zero voxels)
+
+Training adds foreground/background-balanced patch sampling and augmentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.data import NibabelReader
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAffined,
+    RandCropByLabelClassesd,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from medseg.io.image import SimpleITKReader
+from medseg.plan import Plan
+
+
+class BodyMask:
+    """Foreground (body) selector for ``CropForegroundd``: voxels above ``threshold``.
+
+    For MR (``threshold=None``) the threshold is 5 % of the image's 99th percentile.
+    A class rather than a lambda so it pickles into DataLoader workers and bundle configs.
+    """
+
+    def __init__(self, threshold: float | None = None) -> None:
+        self.threshold = threshold
+
+    def __call__(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        if self.threshold is not None:
+            return image > self.threshold
+        values = torch.as_tensor(image, dtype=torch.float32).flatten()
+        if values.numel() > 1_000_000:
+            values = values[:: values.numel() // 1_000_000 + 1]
+        top = torch.quantile(values, 0.99)
+        return image > 0.05 * float(top)
+
+
+def readers() -> list:
+    """MONAI readers in priority order for ``LoadImaged``: nibabel for NIfTI, SimpleITK for the rest.
+
+    ``LoadImage`` tries registered readers from last to first, so NibabelReader is listed last.
+    """
+    return [SimpleITKReader(), NibabelReader()]
+
+
+def load_transforms(keys: Sequence[str]) -> list[MapTransform]:
+    return [
+        LoadImaged(keys=keys, reader=readers(), image_only=True),
+        EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
+    ]
+
+
+def spatial_transforms(plan: Plan, keys: Sequence[str]) -> list[MapTransform]:
+    """Orientation to RAS and resampling to the plan's spacing (image bilinear, label nearest)."""
+    modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+    return [
+        Orientationd(keys=keys, axcodes=plan.axcodes),
+        Spacingd(keys=keys, pixdim=plan.target_spacing, mode=modes),
+    ]
+
+
+def crop_transforms(plan: Plan, keys: Sequence[str]) -> list[MapTransform]:
+    """Crop to the body: above -500 HU for CT, above 5 % of the 99th percentile for MR."""
+    threshold = -500.0 if plan.intensity.preset == "ct" else None
+    return [CropForegroundd(keys=keys, source_key="image", select_fn=BodyMask(threshold), margin=2, allow_smaller=True)]
+
+
+def intensity_transforms(plan: Plan) -> list[MapTransform]:
+    """CT: clip to [a_min, a_max] HU and z-score with the training foreground statistics, in one
+    linear ``ScaleIntensityRanged``. MR: ``NormalizeIntensityd`` on non-zero voxels."""
+    it = plan.intensity
+    if it.preset == "ct":
+        assert it.a_min is not None and it.a_max is not None and it.mean is not None and it.std is not None
+        return [
+            ScaleIntensityRanged(
+                keys="image",
+                a_min=it.a_min,
+                a_max=it.a_max,
+                b_min=(it.a_min - it.mean) / it.std,
+                b_max=(it.a_max - it.mean) / it.std,
+                clip=True,
+            )
+        ]
+    return [NormalizeIntensityd(keys="image", nonzero=True)]
+
+
+def preprocessing(plan: Plan, keys: Sequence[str] = ("image",), crop: bool = True) -> Compose:
+    """The deterministic chain for ``keys`` (``("image",)`` at inference, ``("image", "label")`` in training)."""
+    keys = list(keys)
+    chain: list[MapTransform] = load_transforms(keys) + spatial_transforms(plan, keys)
+    if crop:
+        chain += crop_transforms(plan, keys)
+    chain += intensity_transforms(plan)
+    label_type = torch.uint8 if plan.num_classes <= 256 else torch.int32
+    chain.append(EnsureTyped(keys=keys, dtype=[torch.float32 if k == "image" else label_type for k in keys]))
+    return Compose(chain)
+
+
+def augmentation(plan: Plan, num_samples: int = 2) -> Compose:
+    """Random patch sampling balanced over classes (background included) plus augmentation:
+    flips, small rotations and scaling, intensity scale/shift and Gaussian noise."""
+    keys = ["image", "label"]
+    dims = plan.dims
+    rotate = (np.deg2rad(15),) * (3 if dims == 3 else 1)
+    return Compose(
+        [
+            SpatialPadd(keys=keys, spatial_size=plan.patch_size),
+            RandCropByLabelClassesd(
+                keys=keys,
+                label_key="label",
+                spatial_size=plan.patch_size,
+                num_classes=plan.num_classes,
+                num_samples=num_samples,
+                warn=False,
+            ),
+            RandAffined(
+                keys=keys,
+                prob=0.2,
+                rotate_range=rotate,
+                scale_range=(0.1,) * dims,
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            ),
+            *[RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(dims)],
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+            RandGaussianNoised(keys="image", prob=0.15, std=0.05),
+            EnsureTyped(keys=keys, dtype=[torch.float32, torch.int64], track_meta=False),
+        ]
+    )

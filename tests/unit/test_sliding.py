@@ -1,0 +1,232 @@
+"""Slab-streamed sliding-window inference: same result as MONAI's, memory bounded by a slab."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import UNet
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from medseg.errors import InputError
+from medseg.inference.sliding import SlabResult, estimate_slab_bytes, label_dtype, slab_sliding_window
+
+
+def unet(classes: int, dims: int = 3, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return UNet(dims, 1, classes, (4, 8), (2,), num_res_units=1).eval()
+
+
+def conv_net(classes: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(1, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(6, classes, 3, padding=1)
+    ).eval()
+
+
+def volume(*spatial: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 1, *spatial, generator=g)
+
+
+def monai_logits(x, roi, net, overlap, sw_batch_size=4, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return sliding_window_inference(x, roi, sw_batch_size, net, overlap, mode="gaussian", **kw)[0]
+
+
+def assert_matches(result: SlabResult, ref_logits: torch.Tensor) -> None:
+    ref_labels = ref_logits.argmax(0)
+    assert result.labels.shape == ref_labels.shape
+    assert result.labels.dtype == torch.uint8
+    agreement = (result.labels.long() == ref_labels).double().mean().item()
+    assert agreement >= 0.9999, agreement
+    if result.probabilities is not None:
+        probs = torch.from_numpy(np.asarray(result.probabilities, dtype=np.float32))
+        assert probs.shape == ref_logits.shape
+        assert (probs - torch.softmax(ref_logits, 0)).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("net_kind", "classes", "shape", "roi", "overlap"),
+    [
+        ("unet", 2, (45, 37, 29), (16, 16, 8), 0.25),
+        ("unet", 7, (45, 37, 29), (16, 16, 8), 0.5),
+        ("unet", 7, (25, 21, 13), (16, 16, 8), 0.75),  # smaller: 0.75 on (45, 37, 29) is 756 windows
+        ("unet", 2, (45, 37, 29), (32, 32, 16), 0.5),
+        ("unet", 7, (45, 37, 29), (32, 32, 16), 0.75),
+        ("conv", 7, (45, 37, 29), (16, 16, 8), 0.25),
+        ("conv", 2, (45, 37, 29), (32, 32, 16), 0.5),
+    ],
+)
+def test_matches_monai(tmp_path, net_kind, classes, shape, roi, overlap):
+    net = unet(classes) if net_kind == "unet" else conv_net(classes)
+    x = volume(*shape)
+    result = slab_sliding_window(x, roi, net, classes, overlap=overlap, sw_batch_size=4,
+                                 probabilities_path=tmp_path / "p.npy")
+    assert_matches(result, monai_logits(x, roi, net, overlap))
+    # the file on disk is a plain .npy
+    reopened = np.load(tmp_path / "p.npy", mmap_mode="r")
+    assert reopened.shape == (classes, *shape) and reopened.dtype == np.float16
+    np.testing.assert_allclose(reopened.astype(np.float32).sum(0), 1.0, atol=5e-3)
+
+
+@pytest.mark.parametrize("sw_batch_size", [1, 3, 7])
+def test_batch_size_does_not_change_the_result(sw_batch_size):
+    # batches that span several z-starts (and a window count that is not a multiple of the batch size)
+    net, x = unet(7), volume(45, 37, 29)
+    reference = slab_sliding_window(x, (16, 16, 8), net, 7, overlap=0.5, sw_batch_size=4)
+    result = slab_sliding_window(x, (16, 16, 8), net, 7, overlap=0.5, sw_batch_size=sw_batch_size)
+    assert torch.equal(result.labels, reference.labels)
+
+
+def test_per_axis_overlap_and_whole_axis_roi():
+    net, x = conv_net(2), volume(30, 26, 21)
+    for roi, overlap in [((16, -1, 8), (0.5, 0.25, 0.0)), ((16, 16, 21), 0.5), ((16, 16, 8), 0.0)]:
+        assert_matches(slab_sliding_window(x, roi, net, 2, overlap=overlap), monai_logits(x, roi, net, overlap))
+
+
+def test_identity_network_gives_the_blended_input_back():
+    # a per-voxel network (its logits are the input and its negative, whatever the window): blending the
+    # overlapping windows gives the same logits back, and mirroring changes nothing either
+    x = volume(30, 26, 21)
+
+    def two(w):
+        return torch.cat([w, -w], 1)
+
+    result = slab_sliding_window(x, (16, 16, 8), two, 2, overlap=0.5, mirror_axes=(1,))
+    assert torch.equal(result.labels, (x[0, 0] < 0).to(torch.uint8))
+
+
+@pytest.mark.parametrize("padding_mode", ["constant", "reflect"])
+def test_volume_smaller_than_roi_is_padded_like_monai(tmp_path, padding_mode):
+    net, x = unet(7), volume(10, 37, 5)  # smaller than the roi along x and z (odd and even padding)
+    cval = 0.5 if padding_mode == "constant" else 0.0  # MONAI refuses a non-zero cval for "reflect"
+    result = slab_sliding_window(x, (16, 16, 8), net, 7, overlap=0.5, padding_mode=padding_mode, cval=cval,
+                                 probabilities_path=tmp_path / "p.npy")
+    assert result.labels.shape == (10, 37, 5)
+    assert_matches(result, monai_logits(x, (16, 16, 8), net, 0.5, padding_mode=padding_mode, cval=cval))
+
+
+def test_2d_input(tmp_path):
+    net, x = unet(3, dims=2), volume(40, 33)
+    result = slab_sliding_window(x, (16, 16), net, 3, overlap=0.5, probabilities_path=tmp_path / "p.npy")
+    assert result.labels.shape == (40, 33)
+    assert result.slab_shape == (3, 40, 16)
+    assert_matches(result, monai_logits(x, (16, 16), net, 0.5))
+
+
+def test_mirror_axes_average_flipped_predictions(tmp_path):
+    net, x, roi = unet(7), volume(45, 37, 29), (16, 16, 8)
+    result = slab_sliding_window(x, roi, net, 7, overlap=0.5, mirror_axes=(0, -1),
+                                 probabilities_path=tmp_path / "p.npy")
+    runs = [monai_logits(x, roi, net, 0.5)]
+    for dim in (2, 4):  # spatial axes 0 and 2 of the (N, C, X, Y, Z) windows
+        runs.append(monai_logits(x, roi, lambda w, d=dim: net(w.flip(d)).flip(d), 0.5))
+    assert_matches(result, torch.stack(runs).mean(0))
+    assert not torch.equal(result.labels, slab_sliding_window(x, roi, net, 7, overlap=0.5).labels)
+
+
+def test_mirror_axes_equal_monai_on_flipped_volumes_for_a_symmetric_grid():
+    # 40 - 16 and 24 - 8 are multiples of the step (8, 4): the flipped volume has the same window grid
+    net, x, roi = unet(2), volume(40, 37, 24), (16, 16, 8)
+    result = slab_sliding_window(x, roi, net, 2, overlap=0.5, mirror_axes=(0, 2))
+    runs = [monai_logits(x, roi, net, 0.5)]
+    for dim in (2, 4):
+        runs.append(monai_logits(x.flip(dim), roi, net, 0.5).flip(dim - 1))
+    assert_matches(result, torch.stack(runs).mean(0))
+
+
+def test_estimate_is_far_below_monai_buffer_for_a_large_ct():
+    classes, shape = 105, (512, 512, 400)
+    monai_buffer = classes * math.prod(shape) * 4  # ~44 GB
+    estimate = estimate_slab_bytes(shape, (96, 96, 96), 0.5, classes)
+    ring = (classes + 1) * 512 * 512 * 96 * 4
+    assert ring <= estimate < monai_buffer / 3
+    # the slab does not grow with depth; MONAI's buffer does
+    assert estimate_slab_bytes((512, 512, 800), (96, 96, 96), 0.5, classes) - estimate == 512 * 512 * 400
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any torch op produces (network, blending, normalisation, argmax)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.shape = ()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.shape = t.numel(), tuple(t.shape)
+        return out
+
+
+def test_never_allocates_classes_times_volume(tmp_path):
+    classes, shape, roi = 7, (40, 36, 64), (16, 16, 8)
+    net, x = conv_net(classes), volume(*shape)
+    with _LargestTensor() as mode:
+        result = slab_sliding_window(x, roi, net, classes, overlap=0.5, sw_batch_size=2,
+                                     probabilities_path=tmp_path / "p.npy")
+    assert result.slab_shape == (classes, 40, 36, 8)
+    slab = math.prod(result.slab_shape)
+    # the largest tensors are the ring and volume-sized single-channel ones (the label map, the finite check)
+    assert mode.largest <= max(slab, math.prod(shape)), mode.shape
+    assert mode.largest <= classes * math.prod(shape) // 7
+    # ... and still the same answer as MONAI, which needs classes x volume
+    with _LargestTensor() as monai_mode:
+        ref = monai_logits(x, roi, net, 0.5, sw_batch_size=2)
+    assert monai_mode.largest >= classes * math.prod(shape)
+    assert_matches(result, ref)
+
+
+def test_labels_are_an_ordinary_tensor():
+    result = slab_sliding_window(volume(20, 20, 10), (16, 16, 8), unet(2), 2, overlap=0.5)
+    assert not result.labels.is_inference()
+    result.labels[0] = 1  # callers may edit the label map in place
+    assert result.probabilities is None
+
+
+def test_label_dtype():
+    assert label_dtype(2) == label_dtype(256) == torch.uint8
+    assert label_dtype(257) == torch.int16
+    assert label_dtype(40000) == torch.int32
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_is_refused(bad):
+    x = volume(20, 20, 10)
+    x[0, 0, 3, 4, 9] = bad
+    with pytest.raises(InputError, match="NaN or infinite voxel values"):
+        slab_sliding_window(x, (16, 16, 8), unet(2), 2)
+
+
+def test_impossible_memory_estimate_is_refused_up_front():
+    # a 4096^3 volume that costs no memory (one voxel, expanded): the slab for 105 classes is ~680 GB
+    x = torch.zeros(1, 1, 1, 1, 1).expand(1, 1, 4096, 4096, 4096)
+    calls = []
+
+    def network(batch):  # never reached
+        calls.append(batch.shape)
+        raise AssertionError("the network ran")
+
+    with pytest.raises(InputError, match=r"needs \d+(\.\d)? GB for the slab buffer.*GB available"):
+        slab_sliding_window(x, (96, 96, 96), network, 105)
+    assert not calls
+
+
+def test_bad_arguments():
+    net, x = unet(2), volume(20, 20, 10)
+    with pytest.raises(ValueError, match="roi_size"):
+        slab_sliding_window(x, (16, 16), net, 2)
+    with pytest.raises(ValueError, match="overlap"):
+        slab_sliding_window(x, (16, 16, 8), net, 2, overlap=1.0)
+    with pytest.raises(ValueError, match="mirror axis"):
+        slab_sliding_window(x, (16, 16, 8), net, 2, mirror_axes=(3,))
+    with pytest.raises(ValueError, match="expected"):
+        slab_sliding_window(x, (16, 16, 8), net, 3)  # the network returns 2 channels
+    with pytest.raises(ValueError, match="inputs must be"):
+        slab_sliding_window(torch.zeros(2, 1, 20, 20, 10), (16, 16, 8), net, 2)
