@@ -1,3 +1,0 @@
-from medseg.cli import main
-
-raise SystemExit(main())

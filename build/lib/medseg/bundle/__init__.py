@@ -1,1 +1,0 @@
-"""MONAI bundles: create, run (safe and trusted modes), verify, export."""
