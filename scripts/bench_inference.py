@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Sliding-window inference: medseg's slab inferer vs MONAI's ``sliding_window_inference``.
+
+Each (implementation, class count) runs in its own process, on the same network (a MONAI UNet
+with random weights: speed and memory do not depend on the weights), window, overlap and volume
+(512 x 512 x D, float32). Reported per run: wall time of the inference (argmax included),
+voxels per second, peak resident memory, and the resident memory after loading the model and the
+input (``baseline_rss_gb``); memory is compared as peak minus baseline. Where an implementation
+cannot fit in memory it is not started: ``fits`` is false and ``needed_gb`` is the buffer it
+would allocate (MONAI: C x volume float32 output plus its weight map).
+
+    .venv/bin/python scripts/bench_inference.py [--depth 400] [--classes 2,15,105] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+SIZE_XY = 512
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1024**3
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
+
+
+def _available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024**2
+    return float("inf")
+
+
+def monai_needed_gb(classes: int, shape: tuple[int, ...]) -> float:
+    voxels = 1
+    for s in shape:
+        voxels *= s
+    return (classes + 1) * voxels * 4 / 1024**3  # output buffer + count map, float32
+
+
+def worker(impl: str, classes: int, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from monai.networks.nets import UNet
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shape = (SIZE_XY, SIZE_XY, args.depth)
+    network = UNet(3, 1, classes, (16, 32, 64, 128), (2, 2, 2), num_res_units=1, norm="instance").eval()
+    volume = torch.randn(1, 1, *shape)
+    baseline = _rss_gb()
+    record: dict[str, Any] = {"impl": impl, "classes": classes, "shape": list(shape), "device": "cpu",
+                              "precision": "float32", "baseline_rss_gb": round(baseline, 3), "fits": True,
+                              "roi": list(args.roi), "overlap": args.overlap, "sw_batch_size": args.sw_batch_size}
+    started = time.perf_counter()
+    with torch.inference_mode():
+        if impl == "monai":
+            from monai.inferers import sliding_window_inference
+
+            logits = sliding_window_inference(volume, args.roi, args.sw_batch_size, network, args.overlap,
+                                              mode="gaussian")
+            labels = torch.argmax(logits, dim=1)
+        else:
+            from medseg.inference.sliding import slab_sliding_window
+
+            labels = slab_sliding_window(volume, args.roi, network, classes, overlap=args.overlap,
+                                         sw_batch_size=args.sw_batch_size).labels
+    seconds = time.perf_counter() - started
+    voxels = shape[0] * shape[1] * shape[2]
+    record.update(seconds=round(seconds, 2), mvox_per_s=round(voxels / seconds / 1e6, 3),
+                  peak_rss_gb=round(_peak_rss_gb(), 3), label_voxels=int(labels.numel()))
+    return record
+
+
+def run_one(impl: str, classes: int, args: argparse.Namespace) -> dict[str, Any]:
+    shape = (SIZE_XY, SIZE_XY, args.depth)
+    if impl == "monai":
+        needed = monai_needed_gb(classes, shape)
+        if needed + 2.0 > _available_gb():
+            return {"impl": impl, "classes": classes, "shape": list(shape), "device": "cpu", "precision": "float32",
+                    "fits": False, "needed_gb": round(needed, 2), "seconds": None, "mvox_per_s": None,
+                    "peak_rss_gb": None, "baseline_rss_gb": None}
+    else:
+        from medseg.inference.sliding import estimate_slab_bytes
+
+        needed = estimate_slab_bytes(shape, args.roi, args.overlap, classes, sw_batch_size=args.sw_batch_size) / 1024**3
+        if needed + 2.0 > _available_gb():
+            return {"impl": impl, "classes": classes, "shape": list(shape), "device": "cpu", "precision": "float32",
+                    "fits": False, "needed_gb": round(needed, 2), "seconds": None, "mvox_per_s": None,
+                    "peak_rss_gb": None, "baseline_rss_gb": None}
+    cmd = [sys.executable, __file__, "--worker", impl, "--classes", str(classes), "--depth", str(args.depth),
+           "--roi", ",".join(map(str, args.roi)), "--overlap", str(args.overlap),
+           "--sw-batch-size", str(args.sw_batch_size), "--threads", str(args.threads)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"impl": impl, "classes": classes, "shape": list(shape), "fits": False,
+                "error": result.stderr.strip().splitlines()[-1:] or [f"exit {result.returncode}"]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=400, help="slices of the 512 x 512 x D volume")
+    parser.add_argument("--classes", default="2,15,105")
+    parser.add_argument("--roi", default="96,96,64")
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--sw-batch-size", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--impls", default="monai,medseg")
+    parser.add_argument("--json", default=None, help="write the records to this file")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.roi = tuple(int(v) for v in args.roi.split(","))
+    if args.worker:
+        print(json.dumps(worker(args.worker, int(args.classes), args)))
+        return 0
+    records = []
+    for classes in (int(c) for c in args.classes.split(",")):
+        for impl in args.impls.split(","):
+            record = run_one(impl, classes, args)
+            records.append(record)
+            print(json.dumps(record), flush=True)
+    print(f"\n{'classes':>7} {'impl':>7} {'seconds':>8} {'Mvox/s':>7} {'peak-baseline GB':>17} {'fits':>5}")
+    for r in records:
+        extra = r["peak_rss_gb"] - r["baseline_rss_gb"] if r.get("peak_rss_gb") is not None else None
+        print(f"{r['classes']:>7} {r['impl']:>7} {r.get('seconds') or '-':>8} {r.get('mvox_per_s') or '-':>7} "
+              f"{'-' if extra is None else f'{extra:.2f}':>17} {str(r['fits']):>5}"
+              + ("" if r["fits"] else f"  (needs {r.get('needed_gb')} GB)"))
+    by = {(r["impl"], r["classes"]): r for r in records}
+    for classes in sorted({r["classes"] for r in records}):
+        m, s = by.get(("monai", classes)), by.get(("medseg", classes))
+        if m and s and m.get("seconds") and s.get("seconds"):
+            mem_m = m["peak_rss_gb"] - m["baseline_rss_gb"]
+            mem_s = s["peak_rss_gb"] - s["baseline_rss_gb"]
+            print(f"classes {classes}: speed medseg/MONAI {m['seconds'] / s['seconds']:.2f}x, "
+                  f"memory medseg/MONAI {mem_s / mem_m:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
