@@ -38,9 +38,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
+from monai.data.utils import (
+    compute_importance_map,
+    dense_patch_slices,
+    get_valid_patch_size,
+)
 from monai.inferers.utils import _get_scan_interval
-from monai.utils import PytorchPadMode, ensure_tuple_rep, fall_back_tuple, look_up_option
+from monai.utils import (
+    PytorchPadMode,
+    ensure_tuple_rep,
+    fall_back_tuple,
+    look_up_option,
+)
 
 from medseg.errors import InputError
 

@@ -195,8 +195,8 @@ def evaluate_folders(
     progress = tqdm(pairs, desc="evaluate", unit="case", disable=not sys.stderr.isatty())
     for case, pred, ref in progress:
         ref_image = read_image(ref)
-        pred_labels = _label_array(pred, to_array(read_image(pred)), declared)
-        ref_labels = _label_array(ref, to_array(ref_image), declared)
+        pred_labels = as_label_map(pred, to_array(read_image(pred)), declared)
+        ref_labels = as_label_map(ref, to_array(ref_image), declared)
         spacing = ref_image.GetSpacing()
         present = sorted((set(_values(pred_labels)) | set(_values(ref_labels))) - {0})
         seen.update(present)
@@ -272,7 +272,7 @@ def _values(labels: np.ndarray) -> list[int]:
     return [int(v) for v in np.flatnonzero(counts)]
 
 
-def _label_array(path: Path, array: np.ndarray, declared: Mapping[int, str] | None) -> np.ndarray:
+def as_label_map(path: Path, array: np.ndarray, declared: Mapping[int, str] | None) -> np.ndarray:
     """Check that ``array`` is a label map (non-negative integers, declared labels) and return it as ints.
 
     Raises

@@ -37,7 +37,7 @@ from medseg.io.image import (
     read_image,
     to_array,
 )
-from medseg.metrics.evaluate import PRED_SUFFIX
+from medseg.metrics.evaluate import PRED_SUFFIX, as_label_map
 from medseg.reports.figures import render_overlay
 from medseg.reports.html import write_report_html
 from medseg.reports.stats import (
@@ -107,28 +107,6 @@ def pair_predictions(pred_dir: str | os.PathLike[str], images_dir: str | os.Path
     if unused:
         log.info("%d image(s) in %s have no prediction and are not in the report", unused, images_dir)
     return [(case, matched[case], images[case]) for case in sorted(matched)]
-
-
-def _label_map(path: Path, array: np.ndarray, declared: Mapping[int, str] | None) -> np.ndarray:
-    """``array`` as an integer label map; InputError naming ``path`` if it is not one."""
-    if array.dtype.kind == "b":
-        array = array.astype(np.uint8)
-    elif array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)):
-            raise InputError(path, "not a label map: holds NaN or infinite values")
-        fractional = array != np.round(array)
-        if np.any(fractional):
-            raise InputError(path, f"not a label map: holds non-integer value {float(array[fractional].flat[0]):g}")
-        array = array.astype(np.int64)
-    elif array.dtype.kind not in "iu":
-        raise InputError(path, f"not a label map: pixel type {array.dtype} is not integer")
-    if array.size and int(array.min()) < 0:
-        raise InputError(path, f"not a label map: holds negative value {int(array.min())}")
-    if declared is not None:
-        undeclared = sorted(set(int(v) for v in np.unique(array)) - set(declared) - {0})
-        if undeclared:
-            raise InputError(path, f"label value {undeclared[0]} is not declared in labels ({sorted(declared)})")
-    return array
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:
@@ -223,7 +201,7 @@ def build_report(pred_dir: str | os.PathLike[str], images_dir: str | os.PathLike
     progress = tqdm(pairs, desc="report", unit="case", disable=not sys.stderr.isatty())
     for case, pred, image_path in progress:
         image = to_array(read_image(image_path))
-        label_map = _label_map(pred, to_array(read_image(pred)), declared)
+        label_map = as_label_map(pred, to_array(read_image(pred)), declared)
         case_modality = fixed_modality or guess_modality(image)
         unit = unit_for_modality(case_modality)
         geometry = geometries[case]
