@@ -33,6 +33,7 @@ from medseg.metrics.overlap import (
     METRIC_FIELDS,
     LabelMetrics,
     both_empty_metrics,
+    checked_non_negative,
     label_metrics,
 )
 
@@ -172,8 +173,7 @@ def evaluate_folders(
     ValueError
         If ``nsd_tolerance_mm`` is negative or not finite, or ``labels`` has a negative key.
     """
-    if not (math.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):
-        raise ValueError(f"nsd_tolerance_mm must be finite and >= 0, got {nsd_tolerance_mm}")
+    checked_non_negative("nsd_tolerance_mm", nsd_tolerance_mm)
     declared: dict[int, str] | None = None
     if labels is not None:
         declared = {int(k): str(v) for k, v in labels.items()}

@@ -85,7 +85,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.io.atomic import atomic_path
-from medseg.metrics.overlap import label_metrics
+from medseg.metrics.overlap import checked_non_negative, checked_spacing, label_metrics
 
 #: Columns of ``lesions.csv``, in order.
 LESION_COLUMNS: tuple[str, ...] = (
@@ -142,22 +142,6 @@ class LesionSummary:
     matches: tuple[LesionMatch, ...]
 
 
-def _check_spacing(ndim: int, spacing: Sequence[float]) -> tuple[float, ...]:
-    if ndim not in (2, 3):
-        raise ValueError(f"label maps must be 2D or 3D, got {ndim}D")
-    spacing_t = tuple(float(s) for s in spacing)
-    if len(spacing_t) != ndim or not all(math.isfinite(s) and s > 0 for s in spacing_t):
-        raise ValueError(f"spacing {spacing_t} must hold one positive value per axis ({ndim})")
-    return spacing_t
-
-
-def _check_non_negative(name: str, value: float) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return value
-
-
 def _structure(ndim: int, connectivity: int | None) -> np.ndarray:
     """scipy structuring element of ``connectivity`` (6/18/26 in 3D, 4/8 in 2D; None: full)."""
     if connectivity is None:
@@ -210,8 +194,8 @@ def connected_lesions(
         ``min_volume_ml`` is negative or not finite, or ``connectivity`` is not valid.
     """
     mask = np.asarray(mask)
-    spacing_t = _check_spacing(mask.ndim, spacing)
-    min_volume_ml = _check_non_negative("min_volume_ml", min_volume_ml)
+    spacing_t = checked_spacing(mask.ndim, spacing)
+    min_volume_ml = checked_non_negative("min_volume_ml", min_volume_ml)
     labels = np.zeros(mask.shape, dtype=np.int32)
     n = int(ndimage.label(mask != 0, structure=_structure(mask.ndim, connectivity), output=labels))
     if n == 0 or min_volume_ml == 0:
@@ -354,10 +338,10 @@ def lesion_wise(
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise ValueError(f"pred and ref shapes differ: {pred.shape} vs {ref.shape}")
-    spacing_t = _check_spacing(pred.ndim, spacing)
-    dilation_mm = _check_non_negative("dilation_mm", dilation_mm)
-    min_volume_ml = _check_non_negative("min_volume_ml", min_volume_ml)
-    penalty = _check_non_negative("hd95_penalty_mm", hd95_penalty_mm)
+    spacing_t = checked_spacing(pred.ndim, spacing)
+    dilation_mm = checked_non_negative("dilation_mm", dilation_mm)
+    min_volume_ml = checked_non_negative("min_volume_ml", min_volume_ml)
+    penalty = checked_non_negative("hd95_penalty_mm", hd95_penalty_mm)
     voxel_ml = _voxel_ml(spacing_t)
     full = _structure(pred.ndim, None)
 

@@ -108,14 +108,33 @@ def label_metrics(
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise ValueError(f"pred and ref shapes differ: {pred.shape} vs {ref.shape}")
-    if pred.ndim not in (2, 3):
-        raise ValueError(f"label maps must be 2D or 3D, got {pred.ndim}D")
+    spacing_t = checked_spacing(pred.ndim, spacing)
+    tolerance = checked_non_negative("nsd_tolerance_mm", nsd_tolerance_mm)
+    return _mask_metrics(pred == label, ref == label, spacing_t, tolerance)
+
+
+def checked_spacing(ndim: int, spacing: Sequence[float]) -> tuple[float, ...]:
+    """``spacing`` as floats, after checking the grid is 2D/3D with one positive finite value per axis.
+
+    Raises
+    ------
+    ValueError
+        Otherwise.
+    """
+    if ndim not in (2, 3):
+        raise ValueError(f"label maps must be 2D or 3D, got {ndim}D")
     spacing_t = tuple(float(s) for s in spacing)
-    if len(spacing_t) != pred.ndim or not all(math.isfinite(s) and s > 0 for s in spacing_t):
-        raise ValueError(f"spacing {spacing_t} must hold one positive value per axis ({pred.ndim})")
-    if not (math.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):
-        raise ValueError(f"nsd_tolerance_mm must be finite and >= 0, got {nsd_tolerance_mm}")
-    return _mask_metrics(pred == label, ref == label, spacing_t, float(nsd_tolerance_mm))
+    if len(spacing_t) != ndim or not all(math.isfinite(s) and s > 0 for s in spacing_t):
+        raise ValueError(f"spacing {spacing_t} must hold one positive value per axis ({ndim})")
+    return spacing_t
+
+
+def checked_non_negative(name: str, value: float) -> float:
+    """``value`` as a float; ValueError unless finite and >= 0."""
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
 
 
 def _mask_metrics(p: np.ndarray, r: np.ndarray, spacing: tuple[float, ...], tol: float) -> LabelMetrics:
