@@ -189,9 +189,13 @@ def evaluate_folders(
             raise InputError(pred, f"grid does not match its reference {ref.name}: {difference}")
     log.info("evaluating %d case(s) from %s against %s", len(pairs), pred_dir, ref_dir)
 
-    # per case: metrics of the labels present in the prediction or the reference
+    # per case: metrics of the labels present in the prediction or the reference, and lesion-wise
+    # scores of the lesion labels (explicit, or named like lesions in the declared labels)
     results: dict[str, dict[int, LabelMetrics]] = {}
     seen: set[int] = set()
+    lesion_candidates = list(lesion_labels) if lesion_labels is not None else [
+        k for k, name in (declared or {}).items() if k != 0 and is_lesion_name(name)]
+    lesion_rows_: list[dict[str, Any]] = []
     progress = tqdm(pairs, desc="evaluate", unit="case", disable=not sys.stderr.isatty())
     for case, pred, ref in progress:
         ref_image = read_image(ref)
@@ -203,6 +207,9 @@ def evaluate_folders(
         results[case] = {
             label: label_metrics(pred_labels, ref_labels, label, spacing, nsd_tolerance_mm) for label in present
         }
+        for label in lesion_candidates:
+            result = lesion_wise(pred_labels, ref_labels, label, spacing, min_volume_ml=lesion_min_volume_ml)
+            lesion_rows_.append(lesion_rows(case, label, result))
         log.debug("%s: labels %s", case, present)
 
     names = declared if declared is not None else {label: f"label_{label}" for label in sorted(seen)}
@@ -214,15 +221,7 @@ def evaluate_folders(
         (case, label, results[case].get(label, both_empty_metrics())) for case in results for label in foreground
     ]
     summary = _summary(rows, names, foreground, len(pairs), nsd_tolerance_mm)
-    lesion_values = [v for v in (lesion_labels if lesion_labels is not None else
-                                 [k for k in foreground if is_lesion_name(names[k])]) if v in foreground]
-    lesion_rows_: list[dict[str, Any]] = []
-    for case, pred, ref in pairs if lesion_values else []:
-        ref_image = read_image(ref)
-        pred_labels, ref_labels = to_array(read_image(pred)), to_array(ref_image)
-        for label in lesion_values:
-            result = lesion_wise(pred_labels, ref_labels, label, ref_image.GetSpacing(), min_volume_ml=lesion_min_volume_ml)
-            lesion_rows_.append(lesion_rows(case, label, result))
+    lesion_rows_ = [row for row in lesion_rows_ if int(row["label"]) in foreground]  # as metrics.csv
     if lesion_rows_:
         summary["lesions"] = _lesion_summary(lesion_rows_, names)
 
