@@ -147,22 +147,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle_init(args: argparse.Namespace) -> int:
-    from medseg.bundle.create import write_bundle
-    from medseg.data.datalist import load_datalist, validate_datalist
-    from medseg.errors import InputError
-    from medseg.plan import make_plan
+    from medseg.bundle.create import init_bundle
 
-    datalist = load_datalist(args.data)
-    out = __import__("pathlib").Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise InputError(out, "exists and is not empty; choose a new folder")
-    try:
-        plan = make_plan(datalist, validate_datalist(datalist), args.spacing, args.patch_size, ct_window=args.ct_window)
-    except ValueError as exc:
-        raise InputError(None, str(exc)) from exc
-    write_bundle(out, plan, name=args.name or out.name, description=args.description,
-                 data_source=args.data_source or f"MSD dataset {datalist.name!r}: {len(datalist.training)} training cases")
-    print(out)
+    bundle, _, _ = init_bundle(args.data, args.out, args.spacing, args.patch_size, ct_window=args.ct_window,
+                               name=args.name, description=args.description, data_source=args.data_source)
+    print(bundle)
     return 0
 
 

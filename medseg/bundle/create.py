@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import monai
 import numpy as np
@@ -31,7 +32,10 @@ import medseg
 from medseg.bundle.codes import segment_code
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_write_text
-from medseg.plan import Plan
+from medseg.plan import NetworkSpec, Plan
+
+if TYPE_CHECKING:
+    from medseg.data.datalist import Datalist
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +228,39 @@ python -m monai.bundle run --config_file configs/inference.json --bundle_root . 
 ## Metrics
 Not trained yet.
 """
+
+
+def init_bundle(data: str | os.PathLike[str], bundle_dir: str | os.PathLike[str],
+                target_spacing: Sequence[float] | None = None, patch_size: Sequence[int] | None = None,
+                network: NetworkSpec | None = None, ct_window: Sequence[float] | None = None,
+                name: str | None = None, description: str | None = None,
+                data_source: str | None = None) -> tuple[Path, Datalist, Plan]:
+    """``medseg bundle init`` (and the first step of ``medseg train --out``): validate an MSD dataset,
+    derive a plan from it (see :func:`medseg.plan.make_plan`) and write a bundle.
+
+    Returns the bundle folder, the validated dataset and the plan.
+
+    Raises
+    ------
+    InputError
+        ``bundle_dir`` not empty, an invalid dataset (nothing is written then), a target spacing
+        or CT window of the wrong form.
+    """
+    from medseg.data.datalist import load_datalist, validate_datalist
+    from medseg.plan import make_plan
+
+    datalist = load_datalist(data)
+    bundle = Path(bundle_dir)
+    if bundle.exists() and any(bundle.iterdir()):
+        raise InputError(bundle, "exists and is not empty; choose a new folder")
+    geometries = validate_datalist(datalist)  # before anything is written: bad data leaves no bundle
+    try:
+        plan = make_plan(datalist, geometries, target_spacing, patch_size, network, ct_window)
+    except ValueError as exc:
+        raise InputError(None, str(exc)) from exc
+    source = data_source or f"MSD dataset {datalist.name!r} ({datalist.path}): {len(datalist.training)} training cases"
+    write_bundle(bundle, plan, name=name or bundle.name, description=description, data_source=source)
+    return bundle, datalist, plan
 
 
 def write_bundle(bundle_dir: str | os.PathLike[str], plan: Plan, name: str | None = None,

@@ -52,7 +52,7 @@ from medseg.errors import BundleError, InputError
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.image import case_name, list_images
 from medseg.networks import build_network
-from medseg.plan import NetworkSpec, Plan, make_plan
+from medseg.plan import NetworkSpec, Plan
 from medseg.transforms import augmentation, preprocessing
 
 log = logging.getLogger(__name__)
@@ -283,28 +283,34 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     BundleError
         ``--resume`` with a missing or unreadable checkpoint, ``bundle=True`` without a plan.
     """
-    from medseg.bundle.create import write_bundle
+    from medseg.bundle.create import init_bundle
 
     opts = options or TrainOptions()
     run_dir = Path(run_dir)
-    resolve_device(opts.device)
-    datalist = load_datalist(data)
+    _check_options(opts)
     if bundle or opts.resume:
-        load_plan(run_dir)  # raises BundleError if this is not a bundle
+        plan = load_plan(run_dir)  # raises BundleError if this is not a bundle
         if not opts.resume and (run_dir / "models" / "model.pt").exists():
             raise InputError(run_dir / "models" / "model.pt", "this bundle is already trained; pass --resume to "
                              "continue, or train a copy (its weights would be replaced)")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise InputError(run_dir, "exists and is not empty; choose a new --out folder or pass --resume")
-    geometries = validate_datalist(datalist)  # before anything is written: bad data leaves no run folder
-    if not (bundle or opts.resume):
+        datalist = training_datalist(data, plan)
+        validate_datalist(datalist)
+    else:
         try:
-            plan = make_plan(datalist, geometries, opts.target_spacing, opts.patch_size, opts.network, opts.ct_window)
-        except ValueError as exc:
-            raise InputError(None, str(exc)) from exc
-        write_bundle(run_dir, plan, name=run_dir.name, data_source=f"MSD dataset {datalist.name!r} ({datalist.path}): "
-                     f"{len(datalist.training)} training cases")
-    return train_bundle(run_dir, datalist.path, opts)
+            _, datalist, plan = init_bundle(data, run_dir, opts.target_spacing, opts.patch_size, opts.network,
+                                            opts.ct_window)
+        except InputError as exc:
+            if exc.path == str(run_dir):  # say how to continue a run instead
+                raise InputError(run_dir, "exists and is not empty; choose a new --out folder or pass --resume") from exc
+            raise
+    return _train_validated(run_dir, plan, datalist, opts)
+
+
+def _check_options(opts: TrainOptions) -> torch.device:
+    """Raises InputError for an unavailable device or fewer than one epoch; returns the device."""
+    if opts.epochs < 1:
+        raise InputError(None, f"--epochs must be at least 1, got {opts.epochs}")
+    return resolve_device(opts.device)
 
 
 def train_bundle(bundle_root: str | os.PathLike[str], dataset_dir: str | os.PathLike[str],
@@ -322,13 +328,17 @@ def train_bundle(bundle_root: str | os.PathLike[str], dataset_dir: str | os.Path
         Missing plan; ``resume`` without a usable checkpoint.
     """
     opts = options or TrainOptions()
-    run_dir = Path(bundle_root)
-    device = resolve_device(opts.device)
-    if opts.epochs < 1:
-        raise InputError(None, f"--epochs must be at least 1, got {opts.epochs}")
-    plan = load_plan(run_dir)
+    _check_options(opts)
+    plan = load_plan(bundle_root)
     datalist = training_datalist(dataset_dir, plan)
     validate_datalist(datalist)
+    return _train_validated(Path(bundle_root), plan, datalist, opts, network, loss)
+
+
+def _train_validated(run_dir: Path, plan: Plan, datalist: Datalist, opts: TrainOptions,
+                     network: torch.nn.Module | None = None, loss: torch.nn.Module | None = None) -> dict[str, Any]:
+    """The training run itself, on a dataset already validated against the bundle's plan."""
+    device = resolve_device(opts.device)
     set_determinism(seed=opts.seed)
     split_file = run_dir / "split.json"
     if opts.resume:
