@@ -44,6 +44,21 @@ def load_plan(bundle_root: str | os.PathLike[str]) -> Plan:
     return Plan.load(Path(bundle_root) / PLAN_FILE)
 
 
+def read_state_dict(path: str | os.PathLike[str]) -> Mapping[str, Any]:
+    """A network state dict from a weights file or a training checkpoint (its ``"network"`` entry),
+    read with ``torch.load(weights_only=True)``: pickled code is refused.
+
+    Raises
+    ------
+    Exception
+        Whatever ``torch.load`` raises for a missing, corrupt or pickled file; callers name the file.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("network"), Mapping):
+        state = state["network"]  # checkpoints/last.pt
+    return state
+
+
 def load_weights(network: torch.nn.Module, path: str | os.PathLike[str], device: str | torch.device = "cpu",
                  strict: bool = True) -> torch.nn.Module:
     """Load a state dict with ``torch.load(weights_only=True)`` into ``network``, move it to ``device``
@@ -59,10 +74,7 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike[str], device:
     if not path.exists():
         raise BundleError(f"{path}: no such weights file; has the model been trained?")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "network" in state and not any(isinstance(v, torch.Tensor) for v in state.values()):
-            state = state["network"]  # a training checkpoint
-        network.load_state_dict(state, strict=strict)
+        network.load_state_dict(read_state_dict(path), strict=strict)
     except Exception as exc:  # noqa: BLE001 - any failure means unusable weights
         raise BundleError(f"{path}: cannot load these weights ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
     return network.to(device).eval()

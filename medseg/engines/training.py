@@ -40,7 +40,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import AsDiscreted, Compose
 from monai.utils import set_determinism
 
-from medseg.bundle.components import load_plan
+from medseg.bundle.components import load_plan, read_state_dict
 from medseg.data.datalist import (
     Case,
     Datalist,
@@ -224,11 +224,9 @@ def load_matching_weights(network: torch.nn.Module, source: str | os.PathLike[st
     if not path.exists():
         raise InputError(path, "no such weights file for --init-weights")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_state_dict(path)
     except Exception as exc:  # noqa: BLE001 - pickled code or a corrupt file: refuse either way
         raise InputError(path, f"not a loadable state dict ({type(exc).__name__})") from exc
-    if isinstance(state, dict) and isinstance(state.get("network"), dict):
-        state = state["network"]
     own = network.state_dict()
     loaded = [k for k, v in own.items() if k in state and isinstance(state[k], torch.Tensor) and state[k].shape == v.shape]
     skipped = [k for k in own if k not in loaded]
