@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import InputError
-from medseg.io.image import Geometry, read_geometry, read_image
+from medseg.io.image import Geometry, case_name, read_geometry, read_image
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,6 @@ class Datalist:
     def preset(self) -> str:
         """Intensity preset name: ``"ct"`` for CT, ``"mr"`` for everything else."""
         return "ct" if self.modality == "CT" else "mr"
-
-
-def _case_name(path: Path) -> str:
-    from medseg.io.image import case_name
-
-    return case_name(path)
 
 
 def _resolve(root: Path, entry: Any, key: str, json_path: Path) -> Path:
@@ -147,14 +141,14 @@ def load_datalist(path: str | os.PathLike[str]) -> Datalist:
             raise InputError(path, f"training entry {entry!r} needs 'image' and 'label'")
         image = _resolve(root, entry["image"], "training", path)
         label = _resolve(root, entry["label"], "training", path)
-        training.append(Case(_case_name(image), image, label))
+        training.append(Case(case_name(image), image, label))
 
     test: list[Case] = []
     for entry in data.get("test") or []:
         image = _resolve(root, entry.get("image") if isinstance(entry, dict) else entry, "test", path)
         label_path = entry.get("label") if isinstance(entry, dict) else None
         label = _resolve(root, label_path, "test", path) if label_path else root / "labelsTs" / image.name
-        test.append(Case(_case_name(image), image, label if label.exists() else None))
+        test.append(Case(case_name(image), image, label if label.exists() else None))
 
     names = [c.name for c in training + test]
     duplicates = sorted({n for n in names if names.count(n) > 1})
