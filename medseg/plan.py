@@ -115,22 +115,23 @@ class Plan:
             raise BundleError(f"{path}: not a valid medseg plan ({exc})") from exc
 
 
+def _to_ras_order(geometry: Geometry, per_axis: Sequence[float]) -> np.ndarray:
+    """Reorder per-index-axis values to the R, A, S axes (the order after ``Orientation("RAS")``)."""
+    ornt = io_orientation(geometry.affine_ras())
+    out = np.empty(geometry.dims)
+    for axis, (ras_axis, _) in enumerate(ornt):
+        out[int(ras_axis)] = per_axis[axis]
+    return out
+
+
 def ras_spacing(geometry: Geometry) -> np.ndarray:
     """Voxel spacing along the R, A, S axes (the order after ``Orientation("RAS")``)."""
-    ornt = io_orientation(geometry.affine_ras())
-    spacing = np.empty(geometry.dims)
-    for axis, (ras_axis, _) in enumerate(ornt):
-        spacing[int(ras_axis)] = geometry.spacing[axis]
-    return spacing
+    return _to_ras_order(geometry, geometry.spacing)
 
 
 def ras_extent(geometry: Geometry) -> np.ndarray:
     """Field of view in mm along the R, A, S axes."""
-    ornt = io_orientation(geometry.affine_ras())
-    extent = np.empty(geometry.dims)
-    for axis, (ras_axis, _) in enumerate(ornt):
-        extent[int(ras_axis)] = geometry.spacing[axis] * geometry.size[axis]
-    return extent
+    return _to_ras_order(geometry, [sp * n for sp, n in zip(geometry.spacing, geometry.size, strict=True)])
 
 
 def ct_intensity_statistics(cases: Sequence[Case], window: Sequence[float] | None = None,
