@@ -144,14 +144,19 @@ def _first_training(dataset_json: Path, key: str) -> Path:
     return (dataset_json.parent / entry[key]).resolve()
 
 
+def _set_voxels(path: Path, index: tuple, value: int) -> None:
+    """Overwrite voxels (numpy index in SimpleITK's z, y, x order) of a label file, keeping its grid."""
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image)
+    array[index] = value
+    changed = sitk.GetImageFromArray(array)
+    changed.CopyInformation(image)
+    sitk.WriteImage(changed, str(path))
+
+
 def _label_out_of_range(dataset_json: Path) -> tuple[Path, str]:
     label_path = _first_training(dataset_json, "label")
-    label = sitk.ReadImage(str(label_path))
-    array = sitk.GetArrayFromImage(label)
-    array[0, 0, :3] = 9
-    fixed = sitk.GetImageFromArray(array)
-    fixed.CopyInformation(label)
-    sitk.WriteImage(fixed, str(label_path))
+    _set_voxels(label_path, (0, 0, slice(0, 3)), 9)
     return label_path, "[9]"
 
 
@@ -227,12 +232,7 @@ def test_evaluate_label_values_outside_labels(tmp_path: Path, ct_dataset: Path, 
     pred = tmp_path / "pred"
     shutil.copytree(ref, pred)
     victim = sorted(pred.iterdir())[0]
-    image = sitk.ReadImage(str(victim))
-    array = sitk.GetArrayFromImage(image)
-    array[1, 1, 1] = 12
-    changed = sitk.GetImageFromArray(array)
-    changed.CopyInformation(image)
-    sitk.WriteImage(changed, str(victim))
+    _set_voxels(victim, (1, 1, 1), 12)
     out = tmp_path / "eval"
     code, err = run_cli(capsys, "evaluate", "--pred", str(pred), "--ref", str(ref), "--labels", str(ct_dataset),
                         "--out", str(out))
