@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from monai.networks.nets import UNet
 
@@ -31,3 +33,42 @@ def build_network(plan: Plan, spec: NetworkSpec | None = None) -> torch.nn.Modul
             dropout=spec.dropout,
         )
     raise BundleError(f"unknown network {spec.name!r}; available: unet")
+
+
+# network class -> attribute holding its last layer, a pointwise (1 x 1 x 1) convolution
+_POINTWISE_HEADS = {"DynUNet": "output_block", "BasicUNet": "final_conv",
+                    "SegResNet": "conv_final"}
+
+
+def split_pointwise_head(network: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, int] | None:
+    """Split a network whose last layer is a pointwise affine convolution into ``(body, head, F)``:
+    ``network(x) == head(body(x))``, ``body`` returns ``F`` feature channels, ``head`` is the
+    1 x 1 (x 1) convolution. Sliding-window inference can then blend ``F`` features instead of the
+    class logits (:func:`medseg.inference.sliding.slab_sliding_window`), so that its memory does not
+    grow with the number of classes.
+
+    Known: MONAI's DynUNet (without deep supervision), BasicUNet and SegResNet
+    (whose last block is norm -> activation -> 1 x 1 x 1 convolution: the body keeps norm and
+    activation). ``None`` for anything else, e.g. MONAI's ``UNet``, whose last layer is a
+    3 x 3 x 3 convolution. The original network is not modified (the body is a shallow copy).
+    """
+    attr = _POINTWISE_HEADS.get(type(network).__name__)
+    if attr is None or getattr(network, "deep_supervision", False):
+        return None
+    last = getattr(network, attr, None)
+    if not isinstance(last, torch.nn.Module):
+        return None
+    keep: torch.nn.Module = torch.nn.Identity()
+    if isinstance(last, torch.nn.Sequential):  # SegResNet: (norm, act, conv)
+        keep, last = torch.nn.Sequential(*list(last)[:-1]), list(last)[-1]
+    convs = [m for m in last.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]  # noqa: SLF001
+    params = [m for m in last.modules() if any(True for _ in m.parameters(recurse=False))]
+    if len(convs) != 1 or params != convs:
+        return None
+    conv = convs[0]
+    if conv.transposed or any(k != 1 for k in conv.kernel_size) or any(s != 1 for s in conv.stride) \
+            or conv.groups != 1:
+        return None
+    body = copy.copy(network)
+    body._modules = {**network._modules, attr: keep}  # noqa: SLF001 - a new dict: the original keeps its own
+    return body, last, int(conv.in_channels)

@@ -1,16 +1,19 @@
-"""Sliding-window inference in bounded memory: a slab of the last spatial axis at a time.
+"""Sliding-window inference in bounded memory: blocks of the volume allocated and reduced as windows pass.
 
 :func:`monai.inferers.sliding_window_inference` stitches the windows into a float32 buffer of
 ``C x D x H x W`` (all classes, the whole volume) plus a count map of the whole volume: 44 GB for
 105 classes on a 512 x 512 x 400 CT, before the argmax allocates more. :func:`slab_sliding_window`
 visits exactly the same windows (MONAI's own ``_get_scan_interval`` and ``dense_patch_slices``), blends
 them with exactly the same Gaussian importance map (``compute_importance_map``) and normalises in the
-same way, but in the order of their start along the *last* spatial axis (z). Its accumulation buffer
-is a ring of ``roi_z`` planes, ``C x X x Y x roi_z`` float32 (plus an ``X x Y x roi_z`` weight ring):
-as soon as no remaining window can touch a z-range, the range is normalised, reduced to labels (argmax)
-and, when asked, softmax probabilities (float16, into a ``.npy`` memory map on disk), and its planes
-are zeroed for reuse. Peak memory is therefore the input + the slab ring + the label map + one batch
-of windows through the network, independent of the volume's depth times the number of classes.
+same way, but in the order of their start along the last spatial axis (z), then y. Its accumulation
+buffer is cut into blocks along z and y at every window start and end (x whole): a block is allocated
+when the first window reaches it and, right after the last window touching it, normalised, reduced to
+labels (argmax) and, when asked, softmax probabilities (float16, into a ``.npy`` memory map on disk),
+and freed. At most about ``roi_z - step_z`` planes plus two rows of blocks are alive at a time (32 of
+400 planes, plus two 96-row strips of 64, for a 96 x 96 x 64 roi at overlap 0.5). With a pointwise
+head (``head=``) the blocks hold the network's feature channels instead of its class logits. Peak
+memory is therefore the input + that buffer + the label map + one batch of windows through the
+network, independent of the volume's depth and, with a head, of the number of classes.
 
 The blended logits equal MONAI's with the same settings up to float rounding (the per-voxel sums add
 the same terms in a different order), so the label maps agree voxel for voxel except at exact ties.
@@ -29,11 +32,13 @@ Deviations from MONAI, all deliberate:
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import mmap
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -70,16 +75,20 @@ class SlabResult:
     probabilities
         ``(C, *spatial)`` float16 softmax of the blended logits in a ``.npy`` file opened as a memory map
         (``numpy.load(path, mmap_mode="r")`` reopens it), or ``None`` when no ``probabilities_path`` was given.
-    slab_shape
-        Shape of the accumulation ring, ``(C, X, Y, slab_depth)`` (``(C, X, slab_depth)`` in 2D): what
-        was allocated for the blending instead of ``(C, *spatial)``.
+    buffer_channels
+        Channels of the accumulation buffer: the feature (or class) channels blended plus one weight channel.
+    peak_buffer_voxels
+        The most voxels of the accumulation buffer alive at one time (its blocks are allocated when the
+        first window reaches them and freed when the last has passed): what was allocated, times
+        ``buffer_channels`` float32, instead of ``(C, *spatial)``.
     num_windows
         How many windows went through the network (each once, times ``1 + len(mirror_axes)`` passes).
     """
 
     labels: torch.Tensor
     probabilities: np.memmap | None = None
-    slab_shape: tuple[int, ...] = field(default=())
+    buffer_channels: int = 0
+    peak_buffer_voxels: int = 0
     num_windows: int = 0
 
 
@@ -120,24 +129,34 @@ def estimate_slab_bytes(
     sw_batch_size: int = 4,
     mirrored: bool = False,
     probabilities: bool = False,
+    feature_channels: int | None = None,
 ) -> int:
     """Bytes that :func:`slab_sliding_window` allocates on top of the input (the network's own
     activations excluded: they depend on the network, not on the volume).
 
-    The accumulation ring ``(C + 1) x X x Y x roi_z`` float32, the label map, the per-flush temporaries
-    (at most ``step_z`` planes: max values, argmax indices, and with ``probabilities`` their float16
-    copy) and one batch of network outputs (twice with ``mirrored``).
+    The accumulation ring ``(K + 1) x X x Y x roi_z`` float32 (``K`` = ``feature_channels`` when a
+    pointwise head is applied after blending, else ``num_classes``), the label map, the per-flush
+    temporaries (bounded chunks of logits, max values and indices, float16 copies) and one batch of
+    network outputs (twice with ``mirrored``).
     """
     _, _, padded, scan, window = _geometry(spatial_shape, roi_size, overlap)
     c = int(num_classes)
-    plane = math.prod(padded[:-1])
-    depth = window[-1]
-    step = max(1, min(scan[-1], depth))
-    ring = (c + 1) * plane * depth * 4
+    k = int(feature_channels) if feature_channels else c
+    buffer = (k + 1) * _BlockPlan(padded, window, _window_order(padded, window, scan)).peak_voxels * 4
     labels = math.prod(int(s) for s in spatial_shape) * torch.empty((), dtype=label_dtype(c)).element_size()
-    flush = plane * step * (4 + 8) + (c * plane * step * 2 if probabilities else 0)
-    batch = sw_batch_size * c * math.prod(window) * 4 * (2 if mirrored else 1)
-    return int(ring + labels + flush + batch)
+    chunk = _chunk_voxels(c, k)
+    flush = chunk * (c * 4 + 4 + 8) + (chunk * c * 2 if probabilities else 0)
+    batch = sw_batch_size * k * math.prod(window) * 4 * (2 if mirrored else 1)
+    return int(buffer + labels + flush + batch)
+
+
+_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def _chunk_voxels(num_classes: int, ring_channels: int) -> int:
+    """Voxels per flush chunk: the logits of a chunk (``num_classes`` float32) stay within 64 MB
+    when a head makes them (with no head they are views of the ring: bounded by the ring itself)."""
+    return max(1, _CHUNK_BYTES // (4 * max(num_classes, ring_channels)))
 
 
 def _available_host_bytes() -> int | None:
@@ -184,18 +203,6 @@ def _check_finite(inputs: torch.Tensor) -> None:
             raise InputError(None, "the image has NaN or infinite voxel values; sliding-window inference refused")
 
 
-def _ring_runs(start: int, stop: int, depth: int) -> list[tuple[int, int, int]]:
-    """Split planes ``[start, stop)`` (``stop - start <= depth``) into contiguous runs of a ring of ``depth``
-    planes: ``(ring_start, ring_stop, offset)``, offset counted from ``start``."""
-    runs, z = [], start
-    while z < stop:
-        r0 = z % depth
-        n = min(stop - z, depth - r0)
-        runs.append((r0, r0 + n, z - start))
-        z += n
-    return runs
-
-
 def slab_sliding_window(
     inputs: torch.Tensor,
     roi_size: Sequence[int],
@@ -210,6 +217,8 @@ def slab_sliding_window(
     device: torch.device | str | None = None,
     progress: bool = False,
     mirror_axes: Sequence[int] = (),
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    feature_channels: int | None = None,
 ) -> SlabResult:
     """Gaussian-blended sliding-window inference whose memory does not grow with classes x volume.
 
@@ -226,9 +235,10 @@ def slab_sliding_window(
         Window size per spatial axis; non-positive entries take the whole axis (as in MONAI). Axes of
         the volume smaller than the roi are padded symmetrically and cropped back (as in MONAI).
     network
-        ``(B, C_in, *roi) -> (B, num_classes, *roi)`` logits; called under ``torch.inference_mode()``.
+        ``(B, C_in, *roi) -> (B, num_classes, *roi)`` logits (with ``head``: ``(B, feature_channels, *roi)``
+        features); called under ``torch.inference_mode()``.
     num_classes
-        Channels the network returns.
+        Classes of the logits.
     overlap, sw_batch_size, sigma_scale, padding_mode, cval
         As in MONAI (``mode`` is always ``"gaussian"``).
     probabilities_path
@@ -245,6 +255,13 @@ def slab_sliding_window(
         flip per axis (not every combination of axes): ``1 + len(mirror_axes)`` forward passes. Because the
         Gaussian blending is linear, this equals averaging MONAI runs whose predictor flips the window,
         and equals averaging MONAI runs on the flipped volume whenever the window grid is symmetric.
+    head, feature_channels
+        A *pointwise affine* map ``(1, feature_channels, *block) -> (1, num_classes, *block)`` (a 1 x 1 x 1
+        convolution: the last layer of DynUNet, BasicUNet, SegResNet; see
+        :func:`medseg.networks.split_pointwise_head`). Then the network's features, not its logits, are
+        blended, and the head runs on each finished block: the ring has ``feature_channels`` channels
+        whatever the number of classes. Because the Gaussian blending is a normalised weighted mean,
+        ``head(blend(features)) == blend(head(features))`` up to float rounding.
 
     Raises
     ------
@@ -279,8 +296,12 @@ def slab_sliding_window(
             axes.append(a % nd)
     device = torch.device(device) if device is not None else inputs.device
 
+    if head is not None and not feature_channels:
+        raise ValueError("a head needs feature_channels (the channels the network returns)")
+    ring_channels = int(feature_channels) if head is not None else num_classes
     need = estimate_slab_bytes(spatial, roi, overlap, num_classes, sw_batch_size=sw_batch_size,
-                               mirrored=bool(axes), probabilities=probabilities_path is not None)
+                               mirrored=bool(axes), probabilities=probabilities_path is not None,
+                               feature_channels=ring_channels)
     avail = _available_device_bytes(device)
     if avail is not None and need > avail:
         raise InputError(
@@ -291,11 +312,9 @@ def slab_sliding_window(
         )
     _check_finite(inputs)
 
-    # windows: MONAI's positions in the padded volume, ordered (stably) by their start along z
-    starts = [tuple(s for s, _ in w) for w in dense_patch_slices(padded, window, scan, return_slice=False)]
-    starts.sort(key=lambda s: s[-1])
-    depth = window[-1]  # ring planes: after flushing planes < a window's start, the window fits exactly
-    flush_step = max(1, min(scan[-1], depth))
+    # windows: MONAI's positions in the padded volume, ordered (stably) by their start along z, then y
+    starts = _window_order(padded, window, scan)
+    blocks = _BlockPlan(padded, window, starts)
     pad_mode = look_up_option(padding_mode, PytorchPadMode)
     pad_hi = tuple(p - s - lo for p, s, lo in zip(padded, spatial, pad_lo))
     needs_pad = any(pad_lo) or any(pad_hi)
@@ -310,36 +329,45 @@ def slab_sliding_window(
         probs = np.lib.format.open_memmap(os.fspath(probabilities_path), mode="w+", dtype=np.float16,
                                           shape=(num_classes, *spatial))
         writer = _ProbabilityWriter(probs)
-    crop = tuple(slice(lo, lo + s) for lo, s in zip(pad_lo[:-1], spatial[:-1]))  # in-plane, ring coordinates
+    lead = nd - len(blocks.axes)  # leading axes (x in 3D) are whole in every block
+    lead_crop = tuple(slice(lo, lo + s) for lo, s in zip(pad_lo[:lead], spatial[:lead]))
+    chunk_voxels = _chunk_voxels(num_classes, ring_channels)
 
     with torch.inference_mode():
         importance = compute_importance_map(window, mode="gaussian", sigma_scale=sigma_scale, device=device,
                                             dtype=torch.float32)
-        ring = torch.zeros((num_classes, *padded[:-1], depth), dtype=torch.float32, device=device)
-        weight = torch.zeros((*padded[:-1], depth), dtype=torch.float32, device=device)
-        flushed = 0  # planes [0, flushed) of the padded volume are final
+        live: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (sum of w * out, sum of w)
 
-        def flush(stop: int) -> None:
-            nonlocal flushed
-            while flushed < stop:
-                z1 = min(stop, flushed + flush_step)
-                for r0, r1, off in _ring_runs(flushed, z1, depth):
-                    p0, p1 = flushed + off, flushed + off + (r1 - r0)  # padded z-range of this run
-                    o0, o1 = max(p0, pad_lo[-1]), min(p1, pad_lo[-1] + spatial[-1])
-                    if o0 < o1:  # planes of the original volume (not padding)
-                        rz = slice(r0 + o0 - p0, r0 + o1 - p0)
-                        acc = ring[(slice(None), *crop, rz)]
-                        acc.div_(weight[(*crop, rz)])  # MONAI: output /= count_map
-                        best, idx = acc.max(dim=0)  # first maximum on ties, as argmax
-                        z_out = slice(o0 - pad_lo[-1], o1 - pad_lo[-1])
-                        labels[..., z_out].copy_(idx)
-                        if probs is not None:
-                            acc.sub_(best).exp_()
-                            acc.div_(acc.sum(dim=0))
-                            writer.write(acc.to(torch.float16).cpu().numpy(), z_out)
-                    ring[..., r0:r1].zero_()
-                    weight[..., r0:r1].zero_()
-                flushed = z1
+        def flush(block: tuple[int, ...]) -> None:
+            acc, weight = live.pop(block)
+            bounds = blocks.bounds_of(block)
+            # the block's part of the original (unpadded) volume
+            sel, out_index = [], []
+            for axis, (b0, b1) in zip(blocks.axes, bounds):
+                o0, o1 = max(b0, pad_lo[axis]), min(b1, pad_lo[axis] + spatial[axis])
+                if o0 >= o1:
+                    return  # padding only
+                sel.append(slice(o0 - b0, o1 - b0))
+                out_index.append(slice(o0 - pad_lo[axis], o1 - pad_lo[axis]))
+            acc = acc[(slice(None), *lead_crop, *sel)]
+            acc.div_(weight[(*lead_crop, *sel)])  # MONAI: output /= count_map
+            rows = max(1, chunk_voxels // max(1, math.prod(acc.shape[2:])))
+            for r0 in range(0, acc.shape[1], rows):  # bounded temporaries along the first axis
+                r1 = min(acc.shape[1], r0 + rows)
+                logits = acc[:, r0:r1]
+                if head is not None:
+                    logits = _head_logits(head, logits, num_classes)
+                best, idx = logits.max(dim=0)  # first maximum on ties, as argmax
+                if lead:
+                    index = (slice(r0, r1), *(slice(None),) * (lead - 1), *out_index)
+                else:  # 2D: the first axis is a block axis
+                    first = out_index[0]
+                    index = (slice(first.start + r0, first.start + r1), *out_index[1:])
+                labels[index].copy_(idx)
+                if probs is not None:
+                    logits.sub_(best).exp_()
+                    logits.div_(logits.sum(dim=0))
+                    writer.write(logits.to(torch.float16).cpu().numpy(), index)
 
         def window_input(start: tuple[int, ...]) -> torch.Tensor:
             if not needs_pad:
@@ -356,12 +384,12 @@ def slab_sliding_window(
             return F.pad(inputs[(slice(None), slice(None), *sl)], pad_arg, mode=pad_mode, value=value)
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
-            out = _logits(network, batch, num_classes, window)
+            out = _logits(network, batch, ring_channels, window)
             if axes and out.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr():
                 out = out.clone()  # a network that returns (a view of) its input: keep the batch for the flips
             for a in axes:
                 dim = a + 2
-                out += _logits(network, torch.flip(batch, (dim,)), num_classes, window).flip(dim)
+                out += _logits(network, torch.flip(batch, (dim,)), ring_channels, window).flip(dim)
             if axes:
                 out /= 1 + len(axes)
             return out
@@ -378,25 +406,98 @@ def slab_sliding_window(
             batch = torch.cat([window_input(s) for s in group]).to(device=device, dtype=in_dtype)
             out = forward(batch)
             out *= importance  # MONAI: seg_prob *= w_t, then output[window] += seg_prob
-            for p, start in zip(out, group):
-                flush(start[-1])  # no window from here on touches planes < start
-                xy = tuple(slice(s, s + w) for s, w in zip(start[:-1], window[:-1]))
-                for r0, r1, off in _ring_runs(start[-1], start[-1] + depth, depth):
-                    ring[(slice(None), *xy, slice(r0, r1))] += p[..., off : off + r1 - r0]
-                    weight[(*xy, slice(r0, r1))] += importance[..., off : off + r1 - r0]
+            for i, (p, start) in enumerate(zip(out, group)):
+                w = b0 + i
+                lead_sl = tuple(slice(s, s + k) for s, k in zip(start[:lead], window[:lead]))
+                for block in blocks.covers[w]:
+                    bounds = blocks.bounds_of(block)
+                    if block not in live:
+                        shape = (*padded[:lead], *(b1 - b0_ for b0_, b1 in bounds))
+                        live[block] = (torch.zeros((ring_channels, *shape), dtype=torch.float32, device=device),
+                                       torch.zeros(shape, dtype=torch.float32, device=device))
+                    acc, weight = live[block]
+                    # the block lies inside the window along the block axes
+                    win = tuple(slice(b0_ - start[a], b1 - start[a]) for a, (b0_, b1) in zip(blocks.axes, bounds))
+                    acc[(slice(None), *lead_sl)] += p[(slice(None), *(slice(None),) * lead, *win)]
+                    weight[lead_sl] += importance[(*(slice(None),) * lead, *win)]
+                for block in blocks.finished_after[w]:
+                    flush(block)
             del batch, out
-        flush(padded[-1])
 
     if probs is not None:
         probs.flush()
-    return SlabResult(labels=labels, probabilities=probs, slab_shape=tuple(ring.shape), num_windows=len(starts))
+    return SlabResult(labels=labels, probabilities=probs, buffer_channels=ring_channels + 1,
+                      peak_buffer_voxels=blocks.peak_voxels, num_windows=len(starts))
 
 
-def _logits(network: Callable, batch: torch.Tensor, num_classes: int, window: tuple[int, ...]) -> torch.Tensor:
+def _window_order(padded: Sequence[int], window: Sequence[int], scan: Sequence[int]) -> list[tuple[int, ...]]:
+    """MONAI's window starts (``dense_patch_slices``) in the order that keeps the fewest blocks alive:
+    by z-step (``z_start // step_z``: MONAI's last z-start, moved back to end at the volume's edge, joins
+    the step before it), then y, then z, then x."""
+    starts = [tuple(int(s) for s, _ in w) for w in dense_patch_slices(padded, window, scan, return_slice=False)]
+    if len(padded) > 1:
+        starts.sort(key=lambda s: (s[-1] // scan[-1], s[-2], s[-1], *s[:-2]))
+    return starts
+
+
+class _BlockPlan:
+    """Blocks of the accumulation buffer: the padded volume cut along its last two axes at every window
+    start and end (leading axes whole). A block is allocated when the first window touching it arrives
+    and reduced to labels and freed right after the last one: with windows ordered by z then y, at most
+    about ``(roi_z - step_z)`` planes plus two rows of blocks are alive at any time."""
+
+    def __init__(self, padded: Sequence[int], window: Sequence[int], starts: Sequence[tuple[int, ...]]) -> None:
+        nd = len(padded)
+        self.axes = tuple(range(max(0, nd - 2), nd))
+        self.cuts = []
+        for a in self.axes:
+            cuts = {0, int(padded[a])} | {s[a] for s in starts} | {s[a] + window[a] for s in starts}
+            self.cuts.append(sorted(cuts))
+        self.covers: list[list[tuple[int, ...]]] = []
+        for s in starts:
+            ranges = [range(bisect.bisect_left(c, s[a]), bisect.bisect_left(c, s[a] + window[a]))
+                      for c, a in zip(self.cuts, self.axes)]
+            self.covers.append(list(itertools.product(*ranges)))
+        last: dict[tuple[int, ...], int] = {}
+        for w, covered in enumerate(self.covers):
+            for block in covered:
+                last[block] = w
+        self.finished_after: list[list[tuple[int, ...]]] = [[] for _ in starts]
+        for block, w in last.items():
+            self.finished_after[w].append(block)
+        lead = math.prod(int(p) for p in padded[: nd - len(self.axes)])
+        alive, peak, seen = 0, 0, set()
+        for w, covered in enumerate(self.covers):
+            for block in covered:
+                if block not in seen:
+                    seen.add(block)
+                    alive += self.voxels(block)
+            peak = max(peak, alive)
+            alive -= sum(self.voxels(b) for b in self.finished_after[w])
+        self.peak_voxels = peak * lead
+
+    def bounds_of(self, block: tuple[int, ...]) -> list[tuple[int, int]]:
+        return [(c[i], c[i + 1]) for c, i in zip(self.cuts, block)]
+
+    def voxels(self, block: tuple[int, ...]) -> int:
+        return math.prod(b1 - b0 for b0, b1 in self.bounds_of(block))
+
+
+def _head_logits(head: Callable, features: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``head`` on a ``(F, *block)`` block of blended features -> ``(num_classes, *block)`` float32."""
+    out = head(features[None])
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes, *features.shape[1:]):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the head returned {got} for {tuple(features.shape)} features, expected "
+                         f"{(1, num_classes, *features.shape[1:])}")
+    return out[0].to(torch.float32)
+
+
+def _logits(network: Callable, batch: torch.Tensor, channels: int, window: tuple[int, ...]) -> torch.Tensor:
     out = network(batch)
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"the network must return one tensor, got {type(out).__name__}")
-    expected = (batch.shape[0], num_classes, *window)
+    expected = (batch.shape[0], channels, *window)
     if tuple(out.shape) != expected:
         raise ValueError(f"the network returned {tuple(out.shape)} for a {tuple(batch.shape)} batch, expected {expected}")
     return out.to(torch.float32)
@@ -425,13 +526,15 @@ class _ProbabilityWriter:
         self.rows = max(1, chunk_bytes // max(row, 1))
         self.row_bytes = row
 
-    def write(self, values: np.ndarray, z_out: slice) -> None:
-        """``probs[:, ..., z_out] = values`` (values: ``(C, *spatial[:-1], n)``)."""
-        probs, nx = self.probs, self.probs.shape[1]
+    def write(self, values: np.ndarray, index: tuple[slice, ...]) -> None:
+        """``probs[(slice(None), *index)] = values`` (``index``: one slice per spatial axis)."""
+        probs = self.probs
+        nx, x_start = probs.shape[1], index[0].start or 0
+        x_stop = x_start + values.shape[1]
         for c in range(probs.shape[0]):
-            for x0 in range(0, nx, self.rows):
-                x1 = min(nx, x0 + self.rows)
-                probs[c, x0:x1, ..., z_out] = values[c, x0:x1]
+            for x0 in range(x_start, x_stop, self.rows):
+                x1 = min(x_stop, x0 + self.rows)
+                probs[(c, slice(x0, x1), *index[1:])] = values[c, x0 - x_start : x1 - x_start]
                 if self.mm is not None:
                     start = self.delta + (c * nx + x0) * self.row_bytes
                     stop = self.delta + (c * nx + x1) * self.row_bytes

@@ -114,7 +114,7 @@ def test_2d_input(tmp_path):
     net, x = unet(3, dims=2), volume(40, 33)
     result = slab_sliding_window(x, (16, 16), net, 3, overlap=0.5, probabilities_path=tmp_path / "p.npy")
     assert result.labels.shape == (40, 33)
-    assert result.slab_shape == (3, 40, 16)
+    assert result.buffer_channels == 4 and result.peak_buffer_voxels < 40 * 33
     assert_matches(result, monai_logits(x, (16, 16), net, 0.5))
 
 
@@ -143,10 +143,12 @@ def test_estimate_is_far_below_monai_buffer_for_a_large_ct():
     classes, shape = 105, (512, 512, 400)
     monai_buffer = classes * math.prod(shape) * 4  # ~44 GB
     estimate = estimate_slab_bytes(shape, (96, 96, 96), 0.5, classes)
-    ring = (classes + 1) * 512 * 512 * 96 * 4
-    assert ring <= estimate < monai_buffer / 3
-    # the slab does not grow with depth; MONAI's buffer does
-    assert estimate_slab_bytes((512, 512, 800), (96, 96, 96), 0.5, classes) - estimate == 512 * 512 * 400
+    half_window = (classes + 1) * 512 * 512 * 48 * 4  # planes that every z-step leaves to the next one
+    assert half_window <= estimate < monai_buffer / 5
+    # the buffer does not grow with depth (MONAI's doubles): twice the depth adds the label map (uint8)
+    # and at most a few planes, depending on where MONAI's last window falls
+    extra = estimate_slab_bytes((512, 512, 800), (96, 96, 96), 0.5, classes) - estimate
+    assert 512 * 512 * 400 <= extra <= 512 * 512 * 400 + (classes + 1) * 512 * 512 * 16 * 4
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -171,10 +173,9 @@ def test_never_allocates_classes_times_volume(tmp_path):
     with _LargestTensor() as mode:
         result = slab_sliding_window(x, roi, net, classes, overlap=0.5, sw_batch_size=2,
                                      probabilities_path=tmp_path / "p.npy")
-    assert result.slab_shape == (classes, 40, 36, 8)
-    slab = math.prod(result.slab_shape)
-    # the largest tensors are the ring and volume-sized single-channel ones (the label map, the finite check)
-    assert mode.largest <= max(slab, math.prod(shape)), mode.shape
+    assert result.buffer_channels == classes + 1 and result.peak_buffer_voxels < math.prod(shape) / 4
+    # the largest tensors are volume-sized single-channel ones (the label map, the finite check)
+    assert mode.largest <= math.prod(shape), mode.shape
     assert mode.largest <= classes * math.prod(shape) // 7
     # ... and still the same answer as MONAI, which needs classes x volume
     with _LargestTensor() as monai_mode:
@@ -230,3 +231,56 @@ def test_bad_arguments():
         slab_sliding_window(x, (16, 16, 8), net, 3)  # the network returns 2 channels
     with pytest.raises(ValueError, match="inputs must be"):
         slab_sliding_window(torch.zeros(2, 1, 20, 20, 10), (16, 16, 8), net, 2)
+
+
+def _pointwise_head_networks(classes: int) -> dict[str, torch.nn.Module]:
+    from monai.networks.nets import BasicUNet, DynUNet, SegResNet
+
+    torch.manual_seed(0)
+    return {
+        "dynunet": DynUNet(3, 1, classes, [3, 3, 3], [1, 2, 2], [2, 2], filters=[6, 8, 16]).eval(),
+        "basicunet": BasicUNet(3, 1, classes, features=(6, 8, 8, 16, 16, 6)).eval(),
+        "segresnet": SegResNet(3, 8, 1, classes, blocks_down=(1, 1), blocks_up=(1,)).eval(),
+    }
+
+
+@pytest.mark.parametrize("name", ["dynunet", "basicunet", "segresnet"])
+def test_blending_features_before_a_pointwise_head_matches_monai(tmp_path, name):
+    from medseg.networks import split_pointwise_head
+
+    classes = 30
+    net = _pointwise_head_networks(classes)[name]
+    body, head, features = split_pointwise_head(net)
+    x = volume(45, 37, 40)
+    result = slab_sliding_window(x, (32, 32, 32), body, classes, overlap=0.5, sw_batch_size=2, head=head,
+                                 feature_channels=features, probabilities_path=tmp_path / "p.npy")
+    # the buffer holds the network's feature channels, not the 30 classes
+    assert result.buffer_channels == features + 1 and features < classes
+    assert_matches(result, monai_logits(x, (32, 32, 32), net, 0.5, sw_batch_size=2))
+    # the original network is untouched: it still returns class logits
+    with torch.no_grad():
+        assert net(x[..., :32, :32, :32]).shape[1] == classes
+
+
+def test_ring_with_a_head_does_not_grow_with_the_classes():
+    sizes = {c: estimate_slab_bytes((512, 512, 400), (96, 96, 64), 0.5, c, sw_batch_size=2, feature_channels=8)
+             for c in (2, 15, 105)}
+    # only the label map (uint8 up to 256 classes) and bounded chunk temporaries depend on the classes
+    assert sizes[105] - sizes[2] <= 0.2 * 1024**3
+    assert sizes[105] <= 1.0 * 1024**3
+
+
+def test_split_pointwise_head_refuses_networks_without_one():
+    from monai.networks.nets import DynUNet
+
+    from medseg.networks import split_pointwise_head
+
+    assert split_pointwise_head(unet(4)) is None  # MONAI UNet: last layer is a 3x3x3 convolution
+    assert split_pointwise_head(conv_net(4)) is None
+    deep = DynUNet(3, 1, 4, [3, 3, 3], [1, 2, 2], [2, 2], filters=[4, 8, 8], deep_supervision=True)
+    assert split_pointwise_head(deep) is None
+
+
+def test_a_head_needs_the_feature_channels():
+    with pytest.raises(ValueError, match="feature_channels"):
+        slab_sliding_window(volume(20, 20, 10), (16, 16, 8), conv_net(4), 4, head=torch.nn.Identity())
