@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine
-from monai.inferers import SlidingWindowInferer
-from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, MapTransform
+from monai.transforms import Compose, MapTransform
 
 from medseg.errors import BundleError, InputError
+from medseg.inference.inferer import InvertPredictiond, SlabInferer
 from medseg.io.image import case_name, image_suffix, list_images, write_label_map
 from medseg.plan import Plan
 
@@ -99,18 +99,22 @@ def image_list(dataset_dir: str | os.PathLike[str], subdir: str = "imagesTs") ->
 
 
 def sliding_window_inferer(plan: Plan, overlap: float = 0.5, sw_batch_size: int | None = None,
-                           progress: bool = False) -> SlidingWindowInferer:
-    """MONAI sliding-window inferer over the plan's patch size with Gaussian blending.
+                           progress: bool = False, tta: bool = False, output: str = "auto") -> SlabInferer:
+    """medseg's bounded-memory Gaussian sliding-window inferer over the plan's patch size
+    (:class:`medseg.inference.inferer.SlabInferer`); ``tta`` mirrors the windows along every spatial axis.
 
     Raises
     ------
     InputError
-        If ``overlap`` is not in [0, 1).
+        If ``overlap`` is not in [0, 1) or ``sw_batch_size`` is below 1.
     """
     if not 0.0 <= float(overlap) < 1.0:
         raise InputError(None, f"overlap must be in [0, 1), got {overlap}")
-    return SlidingWindowInferer(roi_size=plan.patch_size, sw_batch_size=sw_batch_size or plan.sw_batch_size,
-                                overlap=float(overlap), mode="gaussian", progress=progress)
+    batch = sw_batch_size or plan.sw_batch_size
+    if int(batch) < 1:
+        raise InputError(None, f"sw_batch_size must be >= 1, got {batch}")
+    return SlabInferer(plan.patch_size, plan.num_classes, overlap=float(overlap), sw_batch_size=int(batch),
+                       mirror_axes=tuple(range(plan.dims)) if tta else (), output=output, progress=progress)
 
 
 class SaveLabelMapd(MapTransform):
@@ -134,13 +138,10 @@ class SaveLabelMapd(MapTransform):
 
 
 def inference_postprocessing(plan: Plan, preprocessing: Compose, output_dir: str | os.PathLike[str] | None = None) -> Compose:
-    """Softmax -> ``Invertd`` (probabilities back to the input grid, linear interpolation, undoing
-    crop, spacing and orientation) -> argmax -> optionally write the label map into ``output_dir``."""
-    steps: list[Any] = [
-        Activationsd(keys="pred", softmax=True),
-        Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
-        AsDiscreted(keys="pred", argmax=True),
-    ]
+    """Undo the preprocessing on the :class:`~medseg.inference.inferer.SlabInferer` output (``Invertd``:
+    probabilities resampled linearly then argmax, or a label map resampled with nearest neighbour, undoing
+    crop, spacing and orientation) -> optionally write the label map into ``output_dir``."""
+    steps: list[Any] = [InvertPredictiond(keys="pred", transform=preprocessing, orig_keys="image")]
     if output_dir is not None:
         steps.append(SaveLabelMapd(keys="pred", output_dir=output_dir))
     return Compose(steps)

@@ -1,9 +1,11 @@
 """Sliding-window prediction in the input's own space and format.
 
 For each input: load with MONAI (geometry in the metadata) -> the plan's preprocessing
-(RAS, target spacing, body crop, intensity) -> sliding-window inference with Gaussian blending ->
-softmax -> ``Invertd`` (undo crop, spacing and orientation, probabilities resampled linearly) ->
-argmax -> label map written with exactly the input's shape, spacing, origin and direction.
+(RAS, target spacing, body crop, intensity) -> bounded-memory sliding-window inference with Gaussian
+blending (:class:`medseg.inference.inferer.SlabInferer`, optionally mirrored) -> ``Invertd`` (undo
+crop, spacing and orientation: softmax probabilities resampled linearly then argmax when
+classes x voxels fit in 1 GB, else the label map resampled with nearest neighbour) -> label map
+written with exactly the input's shape, spacing, origin and direction.
 """
 
 from __future__ import annotations
@@ -75,16 +77,19 @@ class Predictor:
     overlap: float = 0.5
     sw_batch_size: int | None = None
     progress: bool | None = None
+    tta: bool = False
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike[str], device: str = "cpu", overlap: float = 0.5,
-                 sw_batch_size: int | None = None) -> Predictor:
-        """Raises InputError for a bad device or overlap, BundleError for a bad run folder."""
+                 sw_batch_size: int | None = None, tta: bool = False) -> Predictor:
+        """Raises InputError for a bad device, overlap or window batch size, BundleError for a bad run folder."""
         if not 0.0 <= overlap < 1.0:
             raise InputError(None, f"--overlap must be in [0, 1), got {overlap}")
+        if sw_batch_size is not None and sw_batch_size < 1:
+            raise InputError(None, f"--sw-batch-size must be >= 1, got {sw_batch_size}")
         torch_device = resolve_device(device)
         plan, network = load_model(run_dir, torch_device)
-        return cls(plan, network, torch_device, overlap, sw_batch_size)
+        return cls(plan, network, torch_device, overlap, sw_batch_size, tta=tta)
 
     def predict_array(self, image_path: Path) -> np.ndarray:
         """Label map (index order of the input file) for one image.
@@ -111,7 +116,7 @@ class Predictor:
         if not torch.isfinite(image).all():
             raise InputError(image_path, "has NaN or infinite voxel values")
         progress = self.progress if self.progress is not None else sys.stderr.isatty()
-        inferer = sliding_window_inferer(self.plan, self.overlap, self.sw_batch_size, progress)
+        inferer = sliding_window_inferer(self.plan, self.overlap, self.sw_batch_size, progress, tta=self.tta)
         with torch.inference_mode():
             data["pred"] = inferer(image[None].to(self.device), self.network)[0].float().cpu()
         labels = inference_postprocessing(self.plan, pre)(data)["pred"][0].numpy()
@@ -160,7 +165,7 @@ def collect_inputs(input_path: str | os.PathLike[str]) -> list[Path]:
 def predict(run_dir: str | os.PathLike[str], input_path: str | os.PathLike[str], output_dir: str | os.PathLike[str],
             device: str = "cpu", overlap: float = 0.5, overwrite: bool = False,
             sw_batch_size: int | None = None, instances: bool = False,
-            instance_labels: Sequence[int] | None = None) -> list[Path]:
+            instance_labels: Sequence[int] | None = None, tta: bool = False) -> list[Path]:
     """Predict every input image into ``output_dir`` as ``<case>_seg.<ending>``.
 
     All headers are checked before any prediction; if any case fails, the outputs this call
@@ -168,6 +173,7 @@ def predict(run_dir: str | os.PathLike[str], input_path: str | os.PathLike[str],
 
     With ``instances``, an instance map ``<case>_instances.<ending>`` (one id per connected
     component of the lesion labels, or of ``instance_labels``) is written beside each label map.
+    ``tta`` averages the windows' predictions with their mirror images along every spatial axis.
 
     Raises
     ------
@@ -179,7 +185,7 @@ def predict(run_dir: str | os.PathLike[str], input_path: str | os.PathLike[str],
         Bad run folder.
     """
     inputs = collect_inputs(input_path)
-    predictor = Predictor.from_run(run_dir, device, overlap, sw_batch_size)
+    predictor = Predictor.from_run(run_dir, device, overlap, sw_batch_size, tta)
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(output_dir, "exists and is not a folder")

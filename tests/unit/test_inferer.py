@@ -1,0 +1,81 @@
+"""medseg's sliding-window inferer: the accelerated network, label or probability output, inversion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import DynUNet, UNet
+
+from medseg.inference.accelerate import ChannelsLast, inference_network
+from medseg.inference.inferer import SlabInferer
+
+
+def _unet(classes: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return UNet(3, 1, classes, (4, 8, 16), (2, 2), num_res_units=1, norm="instance").eval()
+
+
+def test_inference_network_is_the_same_function_and_leaves_the_original_alone():
+    net = _unet(2)
+    fast = inference_network(net)
+    wrapped = [m for m in fast.modules() if isinstance(m, ChannelsLast)]
+    # the thin convolutions (1 input channel; 2 output classes) and nothing else
+    assert wrapped and all(min(m.conv.in_channels, m.conv.out_channels) <= 2 for m in wrapped)
+    assert not any(isinstance(m, ChannelsLast) for m in net.modules())
+    x = torch.randn(2, 1, 32, 32, 16)
+    with torch.inference_mode():
+        ref, out = net(x), fast(x)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # weights are shared, not copied: training the original changes the fast copy too
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)
+    assert not torch.allclose(fast(x), out)
+    assert inference_network(net, thin_channels=0) is net
+
+
+def test_labels_and_probabilities_agree_with_monai():
+    net, x = _unet(3), torch.randn(1, 1, 40, 36, 20)
+    with torch.inference_mode():
+        ref = sliding_window_inference(x, (16, 16, 16), 2, net, 0.5, mode="gaussian")
+    labels = SlabInferer((16, 16, 16), 3, output="labels")(x, net)
+    probs = SlabInferer((16, 16, 16), 3, output="probabilities")(x, net)
+    assert labels.shape == (1, 1, 40, 36, 20) and probs.shape == (1, 3, 40, 36, 20)
+    assert (labels[0, 0].long() == ref.argmax(1)[0]).double().mean() >= 0.9999
+    assert (probs - ref.softmax(1)).abs().max() < 1e-3
+
+
+def test_auto_output_switches_to_labels_when_probabilities_would_not_fit():
+    x = MetaTensor(torch.zeros(1, 1, 40, 36, 20), meta={"spatial_shape": torch.tensor([[80, 72, 40]])})
+    small = SlabInferer((16, 16, 16), 105, max_probability_bytes=1024**3)
+    assert small.wants_probabilities(x)
+    # the input's native grid (8x the processed one here) counts, not only the processed grid
+    tight = SlabInferer((16, 16, 16), 105, max_probability_bytes=105 * 40 * 36 * 20 * 4 * 2)
+    assert not tight.wants_probabilities(x)
+    assert tight.wants_probabilities(x[..., :10]) is False  # native size still dominates
+
+
+def test_networks_with_a_pointwise_head_blend_features_when_there_are_more_classes():
+    torch.manual_seed(0)
+    net = DynUNet(3, 1, 12, [3, 3, 3], [1, 2, 2], [2, 2], filters=[4, 8, 8]).eval()
+    inferer = SlabInferer((16, 16, 16), 12, output="labels")
+    x = torch.randn(1, 1, 30, 30, 30)
+    labels = inferer(x, net)
+    _, head, features = inferer._prepare(net, x.device)  # noqa: SLF001 - which path was taken
+    assert head is not None and features == 4
+    with torch.inference_mode():
+        ref = sliding_window_inference(x, (16, 16, 16), 2, net, 0.5, mode="gaussian")
+    assert (labels[0, 0].long() == ref.argmax(1)[0]).double().mean() >= 0.9999
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="overlap"):
+        SlabInferer((16, 16, 16), 2, overlap=1.0)
+    with pytest.raises(ValueError, match="sw_batch_size"):
+        SlabInferer((16, 16, 16), 2, sw_batch_size=0)
+    with pytest.raises(ValueError, match="output"):
+        SlabInferer((16, 16, 16), 2, output="logits")
+    with pytest.raises(ValueError, match="one image"):
+        SlabInferer((16, 16, 16), 2)(torch.zeros(2, 1, 16, 16, 16), _unet(2))
