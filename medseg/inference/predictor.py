@@ -78,6 +78,7 @@ class Predictor:
     sw_batch_size: int | None = None
     progress: bool | None = None
     tta: bool = False
+    output: str = "auto"  # what the inferer hands to the inversion: "auto", "labels" or "probabilities"
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike[str], device: str = "cpu", overlap: float = 0.5,
@@ -116,7 +117,8 @@ class Predictor:
         if not torch.isfinite(image).all():
             raise InputError(image_path, "has NaN or infinite voxel values")
         progress = self.progress if self.progress is not None else sys.stderr.isatty()
-        inferer = sliding_window_inferer(self.plan, self.overlap, self.sw_batch_size, progress, tta=self.tta)
+        inferer = sliding_window_inferer(self.plan, self.overlap, self.sw_batch_size, progress, tta=self.tta,
+                                         output=self.output)
         with torch.inference_mode():
             data["pred"] = inferer(image[None].to(self.device), self.network)[0].float().cpu()
         labels = inference_postprocessing(self.plan, pre)(data)["pred"][0].numpy()

@@ -76,7 +76,8 @@ class SlabResult:
         ``(C, *spatial)`` float16 softmax of the blended logits in a ``.npy`` file opened as a memory map
         (``numpy.load(path, mmap_mode="r")`` reopens it), or ``None`` when no ``probabilities_path`` was given.
     buffer_channels
-        Channels of the accumulation buffer: the feature (or class) channels blended plus one weight channel.
+        Channels of the accumulation buffer: the feature (or class) channels blended (the weights, MONAI's
+        count map, are summed for one block at a time when it is reduced).
     peak_buffer_voxels
         The most voxels of the accumulation buffer alive at one time (its blocks are allocated when the
         first window reaches them and freed when the last has passed): what was allocated, times
@@ -134,15 +135,16 @@ def estimate_slab_bytes(
     """Bytes that :func:`slab_sliding_window` allocates on top of the input (the network's own
     activations excluded: they depend on the network, not on the volume).
 
-    The accumulation ring ``(K + 1) x X x Y x roi_z`` float32 (``K`` = ``feature_channels`` when a
-    pointwise head is applied after blending, else ``num_classes``), the label map, the per-flush
-    temporaries (bounded chunks of logits, max values and indices, float16 copies) and one batch of
-    network outputs (twice with ``mirrored``).
+    The accumulation blocks alive at the peak, ``K`` float32 channels (``K`` = ``feature_channels`` when
+    a pointwise head is applied after blending, else ``num_classes``), the weights of one block, the
+    label map, the per-flush temporaries (bounded chunks of logits, max values and indices, float16
+    copies) and one batch of network outputs (twice with ``mirrored``).
     """
     _, _, padded, scan, window = _geometry(spatial_shape, roi_size, overlap)
     c = int(num_classes)
     k = int(feature_channels) if feature_channels else c
-    buffer = (k + 1) * _BlockPlan(padded, window, _window_order(padded, window, scan)).peak_voxels * 4
+    plan = _BlockPlan(padded, window, _window_order(padded, window, scan))
+    buffer = k * plan.peak_voxels * 4 + plan.largest_block_voxels * 4  # + the weights of the block being reduced
     labels = math.prod(int(s) for s in spatial_shape) * torch.empty((), dtype=label_dtype(c)).element_size()
     chunk = _chunk_voxels(c, k)
     flush = chunk * (c * 4 + 4 + 8) + (chunk * c * 2 if probabilities else 0)
@@ -150,12 +152,12 @@ def estimate_slab_bytes(
     return int(buffer + labels + flush + batch)
 
 
-_CHUNK_BYTES = 64 * 1024 * 1024
+_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def _chunk_voxels(num_classes: int, ring_channels: int) -> int:
-    """Voxels per flush chunk: the logits of a chunk (``num_classes`` float32) stay within 64 MB
-    when a head makes them (with no head they are views of the ring: bounded by the ring itself)."""
+    """Voxels per flush chunk: the logits of a chunk (``num_classes`` float32) stay within 16 MB
+    when a head makes them (with no head they are views of the buffer: bounded by the buffer itself)."""
     return max(1, _CHUNK_BYTES // (4 * max(num_classes, ring_channels)))
 
 
@@ -336,10 +338,20 @@ def slab_sliding_window(
     with torch.inference_mode():
         importance = compute_importance_map(window, mode="gaussian", sigma_scale=sigma_scale, device=device,
                                             dtype=torch.float32)
-        live: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (sum of w * out, sum of w)
+        live: dict[tuple[int, ...], torch.Tensor] = {}  # block -> sum over windows of importance * output
+
+        def block_weight(block: tuple[int, ...], bounds: list[tuple[int, int]]) -> torch.Tensor:
+            """The block's sum of importance maps (MONAI's count map), from the windows that cover it."""
+            weight = torch.zeros((*padded[:lead], *(b1 - b0_ for b0_, b1 in bounds)), dtype=torch.float32,
+                                 device=device)
+            for w in blocks.windows_of[block]:
+                start = starts[w]
+                weight[tuple(slice(s, s + k) for s, k in zip(start[:lead], window[:lead]))] += importance[
+                    (*(slice(None),) * lead, *blocks.window_part(start, bounds))]
+            return weight
 
         def flush(block: tuple[int, ...]) -> None:
-            acc, weight = live.pop(block)
+            acc = live.pop(block)
             bounds = blocks.bounds_of(block)
             # the block's part of the original (unpadded) volume
             sel, out_index = [], []
@@ -350,7 +362,7 @@ def slab_sliding_window(
                 sel.append(slice(o0 - b0, o1 - b0))
                 out_index.append(slice(o0 - pad_lo[axis], o1 - pad_lo[axis]))
             acc = acc[(slice(None), *lead_crop, *sel)]
-            acc.div_(weight[(*lead_crop, *sel)])  # MONAI: output /= count_map
+            acc.div_(block_weight(block, bounds)[(*lead_crop, *sel)])  # MONAI: output /= count_map
             rows = max(1, chunk_voxels // max(1, math.prod(acc.shape[2:])))
             for r0 in range(0, acc.shape[1], rows):  # bounded temporaries along the first axis
                 r1 = min(acc.shape[1], r0 + rows)
@@ -412,21 +424,18 @@ def slab_sliding_window(
                 for block in blocks.covers[w]:
                     bounds = blocks.bounds_of(block)
                     if block not in live:
-                        shape = (*padded[:lead], *(b1 - b0_ for b0_, b1 in bounds))
-                        live[block] = (torch.zeros((ring_channels, *shape), dtype=torch.float32, device=device),
-                                       torch.zeros(shape, dtype=torch.float32, device=device))
-                    acc, weight = live[block]
+                        shape = (ring_channels, *padded[:lead], *(b1 - b0_ for b0_, b1 in bounds))
+                        live[block] = torch.zeros(shape, dtype=torch.float32, device=device)
                     # the block lies inside the window along the block axes
-                    win = tuple(slice(b0_ - start[a], b1 - start[a]) for a, (b0_, b1) in zip(blocks.axes, bounds))
-                    acc[(slice(None), *lead_sl)] += p[(slice(None), *(slice(None),) * lead, *win)]
-                    weight[lead_sl] += importance[(*(slice(None),) * lead, *win)]
+                    win = blocks.window_part(start, bounds)
+                    live[block][(slice(None), *lead_sl)] += p[(slice(None), *(slice(None),) * lead, *win)]
                 for block in blocks.finished_after[w]:
                     flush(block)
             del batch, out
 
     if probs is not None:
         probs.flush()
-    return SlabResult(labels=labels, probabilities=probs, buffer_channels=ring_channels + 1,
+    return SlabResult(labels=labels, probabilities=probs, buffer_channels=ring_channels,
                       peak_buffer_voxels=blocks.peak_voxels, num_windows=len(starts))
 
 
@@ -459,9 +468,11 @@ class _BlockPlan:
                       for c, a in zip(self.cuts, self.axes)]
             self.covers.append(list(itertools.product(*ranges)))
         last: dict[tuple[int, ...], int] = {}
+        self.windows_of: dict[tuple[int, ...], list[int]] = {}
         for w, covered in enumerate(self.covers):
             for block in covered:
                 last[block] = w
+                self.windows_of.setdefault(block, []).append(w)
         self.finished_after: list[list[tuple[int, ...]]] = [[] for _ in starts]
         for block, w in last.items():
             self.finished_after[w].append(block)
@@ -475,9 +486,14 @@ class _BlockPlan:
             peak = max(peak, alive)
             alive -= sum(self.voxels(b) for b in self.finished_after[w])
         self.peak_voxels = peak * lead
+        self.largest_block_voxels = max(self.voxels(b) for b in last) * lead
 
     def bounds_of(self, block: tuple[int, ...]) -> list[tuple[int, int]]:
         return [(c[i], c[i + 1]) for c, i in zip(self.cuts, block)]
+
+    def window_part(self, start: tuple[int, ...], bounds: list[tuple[int, int]]) -> tuple[slice, ...]:
+        """Where a block lies in a window starting at ``start`` (along the block axes)."""
+        return tuple(slice(b0 - start[a], b1 - start[a]) for a, (b0, b1) in zip(self.axes, bounds))
 
     def voxels(self, block: tuple[int, ...]) -> int:
         return math.prod(b1 - b0 for b0, b1 in self.bounds_of(block))

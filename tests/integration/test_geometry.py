@@ -73,9 +73,11 @@ def anatomy():
     return sample_anatomy(rng, 120.0, (5.0, -12.0, 40.0), "ct", 3)
 
 
-def test_oracle_prediction_is_written_in_input_geometry(tmp_path: Path, anatomy) -> None:
+@pytest.mark.parametrize("output", ["probabilities", "labels"])
+def test_oracle_prediction_is_written_in_input_geometry(tmp_path: Path, anatomy, output: str) -> None:
     """With a perfect network the whole preprocessing -> inference -> inversion path must hand back
-    each structure, voxel for voxel aligned, in the oblique non-RAS input grid."""
+    each structure, voxel for voxel aligned, in the oblique non-RAS input grid: with probabilities
+    resampled linearly and with the label map resampled nearest (what many-class models get)."""
     grid = oblique_grid(np.array([5.0, -12.0, 40.0]))
     _, label_path = write_case(anatomy, grid, tmp_path, "case", ".nrrd", 0)
     label_image = sitk.ReadImage(str(label_path))
@@ -83,7 +85,7 @@ def test_oracle_prediction_is_written_in_input_geometry(tmp_path: Path, anatomy)
     plan = Plan(dims=3, modality="CT", labels={0: "background", 1: "structure"}, target_spacing=(1.5, 1.5, 2.0),
                 patch_size=(48, 48, 32), intensity=Intensity("ct", a_min=0.0, a_max=1.0, mean=0.0, std=1.0),
                 network=NetworkSpec())
-    predictor = Predictor(plan, OracleNetwork(2).eval(), torch.device("cpu"), overlap=0.5)
+    predictor = Predictor(plan, OracleNetwork(2).eval(), torch.device("cpu"), overlap=0.5, output=output)
     for number, name in {**ORGANS, 5: "lesion"}.items():
         # the structure's mask is the input image: a perfect segmenter must give it back in place
         mask = sitk.Cast(label_image == number, sitk.sitkFloat32)

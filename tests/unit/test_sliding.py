@@ -114,7 +114,7 @@ def test_2d_input(tmp_path):
     net, x = unet(3, dims=2), volume(40, 33)
     result = slab_sliding_window(x, (16, 16), net, 3, overlap=0.5, probabilities_path=tmp_path / "p.npy")
     assert result.labels.shape == (40, 33)
-    assert result.buffer_channels == 4 and result.peak_buffer_voxels < 40 * 33
+    assert result.buffer_channels == 3 and result.peak_buffer_voxels < 40 * 33
     assert_matches(result, monai_logits(x, (16, 16), net, 0.5))
 
 
@@ -143,7 +143,7 @@ def test_estimate_is_far_below_monai_buffer_for_a_large_ct():
     classes, shape = 105, (512, 512, 400)
     monai_buffer = classes * math.prod(shape) * 4  # ~44 GB
     estimate = estimate_slab_bytes(shape, (96, 96, 96), 0.5, classes)
-    half_window = (classes + 1) * 512 * 512 * 48 * 4  # planes that every z-step leaves to the next one
+    half_window = classes * 512 * 512 * 48 * 4  # planes that every z-step leaves to the next one
     assert half_window <= estimate < monai_buffer / 5
     # the buffer does not grow with depth (MONAI's doubles): twice the depth adds the label map (uint8)
     # and at most a few planes, depending on where MONAI's last window falls
@@ -173,7 +173,7 @@ def test_never_allocates_classes_times_volume(tmp_path):
     with _LargestTensor() as mode:
         result = slab_sliding_window(x, roi, net, classes, overlap=0.5, sw_batch_size=2,
                                      probabilities_path=tmp_path / "p.npy")
-    assert result.buffer_channels == classes + 1 and result.peak_buffer_voxels < math.prod(shape) / 4
+    assert result.buffer_channels == classes and result.peak_buffer_voxels < math.prod(shape) / 4
     # the largest tensors are volume-sized single-channel ones (the label map, the finite check)
     assert mode.largest <= math.prod(shape), mode.shape
     assert mode.largest <= classes * math.prod(shape) // 7
@@ -255,7 +255,7 @@ def test_blending_features_before_a_pointwise_head_matches_monai(tmp_path, name)
     result = slab_sliding_window(x, (32, 32, 32), body, classes, overlap=0.5, sw_batch_size=2, head=head,
                                  feature_channels=features, probabilities_path=tmp_path / "p.npy")
     # the buffer holds the network's feature channels, not the 30 classes
-    assert result.buffer_channels == features + 1 and features < classes
+    assert result.buffer_channels == features < classes
     assert_matches(result, monai_logits(x, (32, 32, 32), net, 0.5, sw_batch_size=2))
     # the original network is untouched: it still returns class logits
     with torch.no_grad():
