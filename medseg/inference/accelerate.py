@@ -26,7 +26,8 @@ _CONVS = (nn.Conv3d, nn.ConvTranspose3d)
 
 class ChannelsLast(nn.Module):
     """Runs a 3D (transposed) convolution in channels-last memory format; input and output in the
-    default (contiguous) format. The wrapped module's weights are shared, converted in layout only."""
+    default (contiguous) format. The weights are copied in channels-last layout when wrapping (for
+    inference: later changes to the original's weights are not seen; wrap again)."""
 
     def __init__(self, conv: nn.Conv3d | nn.ConvTranspose3d) -> None:
         super().__init__()
@@ -54,8 +55,9 @@ def inference_network(network: nn.Module, thin_channels: int = 2) -> nn.Module:
     output channels) run in channels-last.
 
     The original module tree is not modified: containers on the path to a wrapped layer are
-    shallow-copied, every other module and every weight is shared. A network without such layers
-    (or ``thin_channels=0``) is returned as it is.
+    shallow-copied, every other module is shared (and switched to eval mode); the wrapped layers hold
+    channels-last copies of their weights. A network without such layers (or ``thin_channels=0``) is
+    returned as it is.
     """
     fast = _wrap(network, int(thin_channels)) if thin_channels > 0 else network
     return fast.eval()

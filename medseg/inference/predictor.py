@@ -3,8 +3,9 @@
 For each input: load with MONAI (geometry in the metadata) -> the plan's preprocessing
 (RAS, target spacing, body crop, intensity) -> bounded-memory sliding-window inference with Gaussian
 blending (:class:`medseg.inference.inferer.SlabInferer`, optionally mirrored) -> ``Invertd`` (undo
-crop, spacing and orientation: softmax probabilities resampled linearly then argmax when
-classes x voxels fit in 1 GB, else the label map resampled with nearest neighbour) -> label map
+crop, spacing and orientation: softmax probabilities resampled linearly then argmax; when
+classes x voxels do not fit in 1 GB, the probabilities wait on disk in float16 and are resampled one
+class at a time) -> label map
 written with exactly the input's shape, spacing, origin and direction.
 """
 
@@ -78,7 +79,7 @@ class Predictor:
     sw_batch_size: int | None = None
     progress: bool | None = None
     tta: bool = False
-    output: str = "auto"  # what the inferer hands to the inversion: "auto", "labels" or "probabilities"
+    output: str = "auto"  # what the inferer hands to the inversion (SlabInferer's output)
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike[str], device: str = "cpu", overlap: float = 0.5,
@@ -120,7 +121,7 @@ class Predictor:
         inferer = sliding_window_inferer(self.plan, self.overlap, self.sw_batch_size, progress, tta=self.tta,
                                          output=self.output)
         with torch.inference_mode():
-            data["pred"] = inferer(image[None].to(self.device), self.network)[0].float().cpu()
+            data["pred"] = inferer(image[None].to(self.device), self.network)[0].cpu()
         labels = inference_postprocessing(self.plan, pre)(data)["pred"][0].numpy()
         if tuple(labels.shape) != geometry.size:
             raise MedsegError(f"{image_path}: internal error, inverted prediction has shape {labels.shape}, "

@@ -339,6 +339,9 @@ def slab_sliding_window(
         importance = compute_importance_map(window, mode="gaussian", sigma_scale=sigma_scale, device=device,
                                             dtype=torch.float32)
         live: dict[tuple[int, ...], torch.Tensor] = {}  # block -> sum over windows of importance * output
+        # reduced blocks' tensors, reused for new blocks of the same shape: allocating and freeing tens of
+        # MB at a time leaves the C allocator's heap fragmented, and the resident set well above the live set
+        spare: dict[tuple[int, ...], list[torch.Tensor]] = {}
 
         def block_weight(block: tuple[int, ...], bounds: list[tuple[int, int]]) -> torch.Tensor:
             """The block's sum of importance maps (MONAI's count map), from the windows that cover it."""
@@ -352,6 +355,7 @@ def slab_sliding_window(
 
         def flush(block: tuple[int, ...]) -> None:
             acc = live.pop(block)
+            spare.setdefault(tuple(acc.shape), []).append(acc)
             bounds = blocks.bounds_of(block)
             # the block's part of the original (unpadded) volume
             sel, out_index = [], []
@@ -425,7 +429,9 @@ def slab_sliding_window(
                     bounds = blocks.bounds_of(block)
                     if block not in live:
                         shape = (ring_channels, *padded[:lead], *(b1 - b0_ for b0_, b1 in bounds))
-                        live[block] = torch.zeros(shape, dtype=torch.float32, device=device)
+                        reuse = spare.get(shape)
+                        live[block] = reuse.pop().zero_() if reuse else torch.zeros(shape, dtype=torch.float32,
+                                                                                        device=device)
                     # the block lies inside the window along the block axes
                     win = blocks.window_part(start, bounds)
                     live[block][(slice(None), *lead_sl)] += p[(slice(None), *(slice(None),) * lead, *win)]

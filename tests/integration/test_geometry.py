@@ -73,11 +73,11 @@ def anatomy():
     return sample_anatomy(rng, 120.0, (5.0, -12.0, 40.0), "ct", 3)
 
 
-@pytest.mark.parametrize("output", ["probabilities", "labels"])
+@pytest.mark.parametrize("output", ["probabilities", "disk", "labels"])
 def test_oracle_prediction_is_written_in_input_geometry(tmp_path: Path, anatomy, output: str) -> None:
     """With a perfect network the whole preprocessing -> inference -> inversion path must hand back
-    each structure, voxel for voxel aligned, in the oblique non-RAS input grid: with probabilities
-    resampled linearly and with the label map resampled nearest (what many-class models get)."""
+    each structure, voxel for voxel aligned, in the oblique non-RAS input grid: probabilities inverted
+    in memory, from disk one class at a time (what many-class models get), or the label map nearest."""
     grid = oblique_grid(np.array([5.0, -12.0, 40.0]))
     _, label_path = write_case(anatomy, grid, tmp_path, "case", ".nrrd", 0)
     label_image = sitk.ReadImage(str(label_path))
