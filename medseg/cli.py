@@ -86,7 +86,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     outputs = predict(args.model, args.input, args.output, device=args.device, overlap=args.overlap,
                       overwrite=args.overwrite, sw_batch_size=args.sw_batch_size,
                       instances=args.instances or args.instance_labels is not None,
-                      instance_labels=args.instance_labels, tta=args.tta)
+                      instance_labels=args.instance_labels, tta=args.tta,
+                      precision=args.precision)
     for path in outputs:
         print(path)
     return 0
@@ -224,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass")
     p.add_argument("--tta", action="store_true",
                    help="test-time mirroring: average each window with its flips along every spatial axis (1 + dims passes)")
+    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: the network under autocast (about 2x faster on AVX-512 BF16 CPUs; check agreement)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--instances", action="store_true",
                    help="also write <case>_instances.<ext>: one id per connected lesion (lesion/tumour labels)")

@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Sliding-window inference: medseg's slab inferer vs MONAI's ``sliding_window_inference``.
+"""Sliding-window inference: medseg's SlabInferer vs MONAI's ``sliding_window_inference``.
 
-Each (implementation, class count) runs in its own process, on the same network (a MONAI UNet
-with random weights: speed and memory do not depend on the weights), window, overlap and volume
-(512 x 512 x D, float32). Reported per run: wall time of the inference (argmax included),
-voxels per second, peak resident memory, and the resident memory after loading the model and the
-input (``baseline_rss_gb``); memory is compared as peak minus baseline. Where an implementation
-cannot fit in memory it is not started: ``fits`` is false and ``needed_gb`` is the buffer it
-would allocate (MONAI: C x volume float32 output plus its weight map).
+Each (implementation, class count) runs in its own process, on the same network (random weights:
+speed and memory do not depend on the weights), window, overlap, window batch and volume
+(512 x 512 x D, float32). ``--network unet`` is MONAI's UNet (last layer a 3x3x3 convolution: medseg
+blends its class logits); ``--network dynunet`` an nnU-Net-like DynUNet (last layer a 1x1x1
+convolution: medseg blends its 8 feature channels and applies the head to each finished block).
+Reported per run: wall time of the inference (argmax included), voxels per second, peak resident
+memory, and the resident memory after loading the model and the input (``baseline_rss_gb``); memory is
+compared as peak minus baseline. MONAI is not started where its buffers cannot fit in the memory
+available: ``fits`` is false and ``needed_gb`` is what it would allocate (C x volume float32 output plus
+its count map). medseg refuses by itself, up front, when its buffer cannot fit.
 
-    .venv/bin/python scripts/bench_inference.py [--depth 400] [--classes 2,15,105] [--json out.json]
+    .venv/bin/python scripts/bench_inference.py [--network unet|dynunet] [--depth 400]
+                                                [--classes 2,15,105] [--json out.json]
 """
 
 from __future__ import annotations
@@ -51,18 +55,33 @@ def monai_needed_gb(classes: int, shape: tuple[int, ...]) -> float:
     return (classes + 1) * voxels * 4 / 1024**3  # output buffer + count map, float32
 
 
+def build_network(name: str, classes: int):
+    """The benchmarked networks (random weights): MONAI's UNet, whose last layer is a 3x3x3 convolution
+    (medseg blends its logits), and an nnU-Net-like DynUNet, whose last layer is a 1x1x1 convolution
+    (medseg blends its 8 full-resolution feature channels and applies the head per finished slab)."""
+    from monai.networks.nets import DynUNet, UNet
+
+    if name == "unet":
+        return UNet(3, 1, classes, (16, 32, 64, 128), (2, 2, 2), num_res_units=1, norm="instance").eval()
+    if name == "dynunet":
+        return DynUNet(3, 1, classes, [3, 3, 3, 3], [1, 2, 2, 2], [2, 2, 2], filters=[8, 16, 32, 64],
+                       norm_name="instance").eval()
+    raise SystemExit(f"unknown network {name!r} (unet, dynunet)")
+
+
 def worker(impl: str, classes: int, args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from monai.networks.nets import UNet
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape = (SIZE_XY, SIZE_XY, args.depth)
-    network = UNet(3, 1, classes, (16, 32, 64, 128), (2, 2, 2), num_res_units=1, norm="instance").eval()
+    network = build_network(args.network, classes)
     volume = torch.randn(1, 1, *shape)
     baseline = _rss_gb()
-    record: dict[str, Any] = {"impl": impl, "classes": classes, "shape": list(shape), "device": "cpu",
-                              "precision": "float32", "baseline_rss_gb": round(baseline, 3), "fits": True,
+    precision = args.precision if impl == "medseg" else "float32"
+    record: dict[str, Any] = {"impl": impl, "network": args.network, "classes": classes, "shape": list(shape),
+                              "device": "cpu",
+                              "precision": precision, "baseline_rss_gb": round(baseline, 3), "fits": True,
                               "roi": list(args.roi), "overlap": args.overlap, "sw_batch_size": args.sw_batch_size}
     started = time.perf_counter()
     with torch.inference_mode():
@@ -73,10 +92,11 @@ def worker(impl: str, classes: int, args: argparse.Namespace) -> dict[str, Any]:
                                               mode="gaussian")
             labels = torch.argmax(logits, dim=1)
         else:
-            from medseg.inference.sliding import slab_sliding_window
+            from medseg.inference.inferer import SlabInferer
 
-            labels = slab_sliding_window(volume, args.roi, network, classes, overlap=args.overlap,
-                                         sw_batch_size=args.sw_batch_size).labels
+            inferer = SlabInferer(args.roi, classes, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                                  output="labels", precision=precision)
+            labels = inferer(volume, network)
     seconds = time.perf_counter() - started
     voxels = shape[0] * shape[1] * shape[2]
     record.update(seconds=round(seconds, 2), mvox_per_s=round(voxels / seconds / 1e6, 3),
@@ -84,29 +104,52 @@ def worker(impl: str, classes: int, args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def agreement(bundle: str, precision: str, cases: int = 4) -> dict[str, Any]:
+    """Fraction of voxels whose label under ``precision`` equals float32's, for a trained bundle on
+    ``cases`` test phantoms (seed 7) written in the bundle's modality, predicted through ``Predictor``."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from medseg.data.synthetic import write_dataset
+    from medseg.inference.predictor import Predictor
+
+    reference = Predictor.from_run(bundle)
+    other = Predictor.from_run(bundle, precision=precision)
+    same = total = 0
+    foreground_same = foreground = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_dataset(Path(tmp) / "phantoms", modality=reference.plan.modality.lower(), cases=cases * 4,
+                             seed=7).parent
+        images = sorted((data / "imagesTs").iterdir())
+        for image in images:
+            a, b = reference.predict_array(image), other.predict_array(image)
+            same, total = same + int((a == b).sum()), total + a.size
+            mask = (a > 0) | (b > 0)
+            foreground_same, foreground = foreground_same + int((a[mask] == b[mask]).sum()), foreground + int(mask.sum())
+    return {"impl": "medseg", "precision": precision, "model": bundle, "cases": len(images),
+            "agreement_vs_float32": round(same / total, 6),
+            "foreground_agreement_vs_float32": round(foreground_same / max(foreground, 1), 6)}
+
+
 def run_one(impl: str, classes: int, args: argparse.Namespace) -> dict[str, Any]:
     shape = (SIZE_XY, SIZE_XY, args.depth)
+    base = {"impl": impl, "network": args.network, "classes": classes, "shape": list(shape), "device": "cpu",
+            "precision": args.precision if impl == "medseg" else "float32", "seconds": None, "mvox_per_s": None, "peak_rss_gb": None,
+            "baseline_rss_gb": None}
     if impl == "monai":
+        # MONAI allocates its buffers during the run: not started where they cannot fit (medseg refuses
+        # by itself, up front, when its slab buffer cannot)
         needed = monai_needed_gb(classes, shape)
         if needed + 2.0 > _available_gb():
-            return {"impl": impl, "classes": classes, "shape": list(shape), "device": "cpu", "precision": "float32",
-                    "fits": False, "needed_gb": round(needed, 2), "seconds": None, "mvox_per_s": None,
-                    "peak_rss_gb": None, "baseline_rss_gb": None}
-    else:
-        from medseg.inference.sliding import estimate_slab_bytes
-
-        needed = estimate_slab_bytes(shape, args.roi, args.overlap, classes, sw_batch_size=args.sw_batch_size) / 1024**3
-        if needed + 2.0 > _available_gb():
-            return {"impl": impl, "classes": classes, "shape": list(shape), "device": "cpu", "precision": "float32",
-                    "fits": False, "needed_gb": round(needed, 2), "seconds": None, "mvox_per_s": None,
-                    "peak_rss_gb": None, "baseline_rss_gb": None}
+            return {**base, "fits": False, "needed_gb": round(needed, 2)}
     cmd = [sys.executable, __file__, "--worker", impl, "--classes", str(classes), "--depth", str(args.depth),
-           "--roi", ",".join(map(str, args.roi)), "--overlap", str(args.overlap),
-           "--sw-batch-size", str(args.sw_batch_size), "--threads", str(args.threads)]
+           "--roi", ",".join(map(str, args.roi)), "--overlap", str(args.overlap), "--network", args.network,
+           "--sw-batch-size", str(args.sw_batch_size), "--threads", str(args.threads), "--precision", args.precision]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        return {"impl": impl, "classes": classes, "shape": list(shape), "fits": False,
-                "error": result.stderr.strip().splitlines()[-1:] or [f"exit {result.returncode}"]}
+        return {**base, "fits": False, "error": (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -119,6 +162,12 @@ def main() -> int:
     parser.add_argument("--sw-batch-size", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--impls", default="monai,medseg")
+    parser.add_argument("--network", default="unet", help="unet (MONAI UNet) or dynunet (1x1x1 head)")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                        help="medseg's precision (MONAI always runs float32)")
+    parser.add_argument("--agreement", default=None, metavar="BUNDLE",
+                        help="also report the argmax agreement of --precision against float32 with this trained "
+                             "bundle on synthetic phantoms of its modality")
     parser.add_argument("--json", default=None, help="write the records to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,7 +176,7 @@ def main() -> int:
         print(json.dumps(worker(args.worker, int(args.classes), args)))
         return 0
     records = []
-    for classes in (int(c) for c in args.classes.split(",")):
+    for classes in (int(c) for c in args.classes.split(",") if c):
         for impl in args.impls.split(","):
             record = run_one(impl, classes, args)
             records.append(record)
@@ -146,6 +195,12 @@ def main() -> int:
             mem_s = s["peak_rss_gb"] - s["baseline_rss_gb"]
             print(f"classes {classes}: speed medseg/MONAI {m['seconds'] / s['seconds']:.2f}x, "
                   f"memory medseg/MONAI {mem_s / mem_m:.2f}")
+    if args.agreement:
+        record = agreement(args.agreement, args.precision)
+        records.append(record)
+        print(f"{args.precision} vs float32 with {args.agreement}: argmax agreement "
+              f"{record['agreement_vs_float32']:.4%} of voxels, {record['foreground_agreement_vs_float32']:.4%} of "
+              f"foreground voxels ({record['cases']} phantoms)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)

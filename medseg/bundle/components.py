@@ -18,7 +18,7 @@ from ignite.engine import Engine
 from monai.transforms import Compose, MapTransform
 
 from medseg.errors import BundleError, InputError
-from medseg.inference.inferer import InvertPredictiond, SlabInferer
+from medseg.inference.inferer import PRECISIONS, InvertPredictiond, SlabInferer
 from medseg.io.image import case_name, image_suffix, list_images, write_label_map
 from medseg.plan import Plan
 
@@ -99,22 +99,27 @@ def image_list(dataset_dir: str | os.PathLike[str], subdir: str = "imagesTs") ->
 
 
 def sliding_window_inferer(plan: Plan, overlap: float = 0.5, sw_batch_size: int | None = None,
-                           progress: bool = False, tta: bool = False, output: str = "auto") -> SlabInferer:
+                           progress: bool = False, tta: bool = False, output: str = "auto",
+                           precision: str = "float32") -> SlabInferer:
     """medseg's bounded-memory Gaussian sliding-window inferer over the plan's patch size
-    (:class:`medseg.inference.inferer.SlabInferer`); ``tta`` mirrors the windows along every spatial axis.
+    (:class:`medseg.inference.inferer.SlabInferer`); ``tta`` mirrors the windows along every spatial axis,
+    ``precision="bfloat16"`` runs the network under bfloat16 autocast.
 
     Raises
     ------
     InputError
-        If ``overlap`` is not in [0, 1) or ``sw_batch_size`` is below 1.
+        If ``overlap`` is not in [0, 1), ``sw_batch_size`` is below 1 or ``precision`` is unknown.
     """
     if not 0.0 <= float(overlap) < 1.0:
         raise InputError(None, f"overlap must be in [0, 1), got {overlap}")
     batch = sw_batch_size or plan.sw_batch_size
     if int(batch) < 1:
         raise InputError(None, f"sw_batch_size must be >= 1, got {batch}")
+    if precision not in PRECISIONS:
+        raise InputError(None, f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return SlabInferer(plan.patch_size, plan.num_classes, overlap=float(overlap), sw_batch_size=int(batch),
-                       mirror_axes=tuple(range(plan.dims)) if tta else (), output=output, progress=progress)
+                       mirror_axes=tuple(range(plan.dims)) if tta else (), output=output, progress=progress,
+                       precision=precision)
 
 
 class SaveLabelMapd(MapTransform):

@@ -50,6 +50,7 @@ __all__ = ["DEFAULT_MAX_PROBABILITY_BYTES", "InvertPredictiond", "SlabInferer"]
 
 DEFAULT_MAX_PROBABILITY_BYTES = 1024**3
 OUTPUTS = ("auto", "probabilities", "disk", "labels")
+PRECISIONS = ("float32", "bfloat16")
 
 
 class SlabInferer(Inferer):
@@ -71,17 +72,21 @@ class SlabInferer(Inferer):
         tqdm bar over the window batches.
     accelerate
         On the CPU, run thin convolutions in channels-last (same arithmetic; off: the network as given).
+    precision
+        ``"float32"`` or ``"bfloat16"``: the network's forward pass under ``torch.autocast`` in bfloat16
+        (about twice as fast on CPUs with AVX-512 BF16 and on GPUs); blending, head and softmax stay
+        float32. Not bit-compatible with float32: check the agreement on your model first.
 
     Raises
     ------
     ValueError
-        For an overlap outside [0, 1), a batch size below 1 or an unknown ``output``.
+        For an overlap outside [0, 1), a batch size below 1, an unknown ``output`` or ``precision``.
     """
 
     def __init__(self, roi_size: Sequence[int], num_classes: int, overlap: float = 0.5, sw_batch_size: int = 2,
                  mirror_axes: Sequence[int] = (), output: str = "auto",
                  max_probability_bytes: int = DEFAULT_MAX_PROBABILITY_BYTES, progress: bool = False,
-                 accelerate: bool = True) -> None:
+                 accelerate: bool = True, precision: str = "float32") -> None:
         super().__init__()
         if not 0.0 <= float(overlap) < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -89,6 +94,8 @@ class SlabInferer(Inferer):
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.roi_size = tuple(int(r) for r in roi_size)
         self.num_classes = int(num_classes)
         self.overlap = float(overlap)
@@ -98,6 +105,7 @@ class SlabInferer(Inferer):
         self.max_probability_bytes = int(max_probability_bytes)
         self.progress = progress
         self.accelerate = accelerate
+        self.precision = precision
 
     def _prepare(self, network: Callable[..., torch.Tensor], device: torch.device):
         """(body, head, feature channels) for ``network``; made anew on every call (a few shallow copies),
@@ -141,6 +149,9 @@ class SlabInferer(Inferer):
         kwargs_net = dict(kwargs)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
+            if self.precision == "bfloat16":
+                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                    return body(x, *args, **kwargs_net)
             return body(x, *args, **kwargs_net)
 
         common = dict(roi_size=self.roi_size, network=forward, num_classes=self.num_classes, overlap=self.overlap,

@@ -30,6 +30,7 @@ from medseg.bundle.components import (
     sliding_window_inferer,
 )
 from medseg.engines.training import resolve_device
+from medseg.inference.inferer import PRECISIONS
 from medseg.errors import BundleError, InputError, MedsegError
 from medseg.io.image import (
     case_name,
@@ -80,18 +81,22 @@ class Predictor:
     progress: bool | None = None
     tta: bool = False
     output: str = "auto"  # what the inferer hands to the inversion (SlabInferer's output)
+    precision: str = "float32"  # or "bfloat16": the network under autocast
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike[str], device: str = "cpu", overlap: float = 0.5,
-                 sw_batch_size: int | None = None, tta: bool = False) -> Predictor:
-        """Raises InputError for a bad device, overlap or window batch size, BundleError for a bad run folder."""
+                 sw_batch_size: int | None = None, tta: bool = False, precision: str = "float32") -> Predictor:
+        """Raises InputError for a bad device, overlap, window batch size or precision, BundleError for a bad
+        run folder."""
         if not 0.0 <= overlap < 1.0:
             raise InputError(None, f"--overlap must be in [0, 1), got {overlap}")
         if sw_batch_size is not None and sw_batch_size < 1:
             raise InputError(None, f"--sw-batch-size must be >= 1, got {sw_batch_size}")
+        if precision not in PRECISIONS:
+            raise InputError(None, f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         torch_device = resolve_device(device)
         plan, network = load_model(run_dir, torch_device)
-        return cls(plan, network, torch_device, overlap, sw_batch_size, tta=tta)
+        return cls(plan, network, torch_device, overlap, sw_batch_size, tta=tta, precision=precision)
 
     def predict_array(self, image_path: Path) -> np.ndarray:
         """Label map (index order of the input file) for one image.
@@ -119,7 +124,7 @@ class Predictor:
             raise InputError(image_path, "has NaN or infinite voxel values")
         progress = self.progress if self.progress is not None else sys.stderr.isatty()
         inferer = sliding_window_inferer(self.plan, self.overlap, self.sw_batch_size, progress, tta=self.tta,
-                                         output=self.output)
+                                         output=self.output, precision=self.precision)
         with torch.inference_mode():
             data["pred"] = inferer(image[None].to(self.device), self.network)[0].cpu()
         labels = inference_postprocessing(self.plan, pre)(data)["pred"][0].numpy()
@@ -168,7 +173,8 @@ def collect_inputs(input_path: str | os.PathLike[str]) -> list[Path]:
 def predict(run_dir: str | os.PathLike[str], input_path: str | os.PathLike[str], output_dir: str | os.PathLike[str],
             device: str = "cpu", overlap: float = 0.5, overwrite: bool = False,
             sw_batch_size: int | None = None, instances: bool = False,
-            instance_labels: Sequence[int] | None = None, tta: bool = False) -> list[Path]:
+            instance_labels: Sequence[int] | None = None, tta: bool = False,
+            precision: str = "float32") -> list[Path]:
     """Predict every input image into ``output_dir`` as ``<case>_seg.<ending>``.
 
     All headers are checked before any prediction; if any case fails, the outputs this call
@@ -176,7 +182,8 @@ def predict(run_dir: str | os.PathLike[str], input_path: str | os.PathLike[str],
 
     With ``instances``, an instance map ``<case>_instances.<ending>`` (one id per connected
     component of the lesion labels, or of ``instance_labels``) is written beside each label map.
-    ``tta`` averages the windows' predictions with their mirror images along every spatial axis.
+    ``tta`` averages the windows' predictions with their mirror images along every spatial axis;
+    ``precision="bfloat16"`` runs the network under bfloat16 autocast.
 
     Raises
     ------
@@ -188,7 +195,7 @@ def predict(run_dir: str | os.PathLike[str], input_path: str | os.PathLike[str],
         Bad run folder.
     """
     inputs = collect_inputs(input_path)
-    predictor = Predictor.from_run(run_dir, device, overlap, sw_batch_size, tta)
+    predictor = Predictor.from_run(run_dir, device, overlap, sw_batch_size, tta, precision)
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(output_dir, "exists and is not a folder")

@@ -30,6 +30,20 @@ def test_tta_runs_in_the_input_geometry_and_changes_the_prediction(tmp_path: Pat
     assert not np.array_equal(to_array(sitk.ReadImage(str(a))), to_array(sitk.ReadImage(str(b))))
 
 
+def test_bfloat16_prediction_on_a_trained_model_nearly_equals_float32(tmp_path: Path, ct_dataset: Path,
+                                                                      trained_run: Path) -> None:
+    image = _first_test_image(ct_dataset)
+    out = tmp_path / "bf16"
+    assert main(["predict", "--model", str(trained_run), "--input", str(image), "--output", str(out),
+                 "--precision", "bfloat16"]) == 0
+    (written,) = list(out.iterdir())
+    assert read_geometry(written).mismatch(read_geometry(image)) is None
+    bf16 = to_array(sitk.ReadImage(str(written)))
+    fp32 = Predictor.from_run(trained_run).predict_array(image)
+    foreground = (bf16 > 0) | (fp32 > 0)
+    assert (bf16[foreground] == fp32[foreground]).mean() > 0.97
+
+
 def test_class_by_class_inversion_from_disk_equals_the_in_memory_inversion(tmp_path: Path, ct_dataset: Path,
                                                                            trained_run: Path) -> None:
     """What a many-class model on a large CT gets (float16 probabilities on disk, inverted one class at a

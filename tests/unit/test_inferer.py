@@ -89,3 +89,36 @@ def test_bad_settings_are_refused():
         SlabInferer((16, 16, 16), 2, output="logits")
     with pytest.raises(ValueError, match="one image"):
         SlabInferer((16, 16, 16), 2)(torch.zeros(2, 1, 16, 16, 16), _unet(2))
+
+
+class _SignNet(torch.nn.Module):
+    """Two classes by the sign of a smoothed input: well-separated logits, so bfloat16 may only flip
+    voxels where the input is near zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 3, padding=1)
+        torch.nn.init.constant_(self.conv.weight, 1.0 / 27)
+        torch.nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.cat([y, -y], 1)
+
+
+def test_bfloat16_runs_the_network_under_autocast_and_agrees_with_float32():
+    seen = []
+
+    class Spy(_SignNet):
+        def forward(self, x):
+            out = super().forward(x)
+            seen.append(out.dtype)
+            return out
+
+    x = torch.randn(1, 1, 40, 36, 20)
+    fp32 = SlabInferer((16, 16, 16), 2, output="labels")(x, _SignNet().eval())
+    bf16 = SlabInferer((16, 16, 16), 2, output="labels", precision="bfloat16")(x, Spy().eval())
+    assert set(seen) == {torch.bfloat16}
+    assert (fp32 == bf16).double().mean() > 0.98
+    with pytest.raises(ValueError, match="precision"):
+        SlabInferer((16, 16, 16), 2, precision="float16")
