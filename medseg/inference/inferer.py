@@ -9,11 +9,12 @@ channels-last (:func:`medseg.inference.accelerate.inference_network`).
 
 It returns one of
 
-* ``"probabilities"``: softmax probabilities ``(1, C, *spatial)`` float32 in memory;
+* ``"probabilities"``: softmax probabilities ``(1, C, *spatial)`` float32 in memory (computed in float32,
+  kept in float16 while the windows stream: within 1e-3 of MONAI's);
 * ``"disk"``: the same probabilities in float16, in a memory-mapped file on disk (``TMPDIR``; the file is
   unlinked at once, so nothing is left behind even after a crash): a ``(1, C, *spatial)`` float16 tensor
   whose pages are read only when used;
-* ``"labels"``: the label map ``(1, 1, *spatial)`` (float32 holding integer labels);
+* ``"labels"``: the label map ``(1, 1, *spatial)``, uint8 up to 256 classes (then int16, int32);
 * ``"auto"`` (the default): ``"probabilities"`` when ``C`` x the larger of the input's native grid and the
   processed grid fits in ``max_probability_bytes`` (1 GB), else ``"disk"``.
 
@@ -166,7 +167,7 @@ class SlabInferer(Inferer):
         elif output == "disk":
             out = torch.from_numpy(_disk_probabilities(inputs, common))[None]  # stays on the CPU, on disk
         else:
-            out = slab_sliding_window(inputs, **common).labels.to(torch.float32)[None, None].to(inputs.device)
+            out = slab_sliding_window(inputs, **common).labels[None, None].to(inputs.device)
         if isinstance(inputs, MetaTensor):
             out = MetaTensor(out, meta=inputs.meta)
         return out
