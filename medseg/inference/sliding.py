@@ -155,10 +155,10 @@ def estimate_slab_bytes(
 _CHUNK_BYTES = 16 * 1024 * 1024
 
 
-def _chunk_voxels(num_classes: int, ring_channels: int) -> int:
+def _chunk_voxels(num_classes: int, buffer_channels: int) -> int:
     """Voxels per flush chunk: the logits of a chunk (``num_classes`` float32) stay within 16 MB
     when a head makes them (with no head they are views of the buffer: bounded by the buffer itself)."""
-    return max(1, _CHUNK_BYTES // (4 * max(num_classes, ring_channels)))
+    return max(1, _CHUNK_BYTES // (4 * max(num_classes, buffer_channels)))
 
 
 def _available_host_bytes() -> int | None:
@@ -247,7 +247,7 @@ def slab_sliding_window(
         When given, a ``.npy`` file of ``(num_classes, *spatial)`` float16 softmax probabilities is
         written there (as a memory map, slab by slab) and returned open in ``SlabResult.probabilities``.
     device
-        Where windows go through the network and the slab ring lives (default: the input's device);
+        Where windows go through the network and the blocks live (default: the input's device);
         the label map is always on the CPU.
     progress
         Show a tqdm bar over the window batches.
@@ -261,7 +261,7 @@ def slab_sliding_window(
         A *pointwise affine* map ``(1, feature_channels, *block) -> (1, num_classes, *block)`` (a 1 x 1 x 1
         convolution: the last layer of DynUNet, BasicUNet, SegResNet; see
         :func:`medseg.networks.split_pointwise_head`). Then the network's features, not its logits, are
-        blended, and the head runs on each finished block: the ring has ``feature_channels`` channels
+        blended, and the head runs on each finished block: the blocks have ``feature_channels`` channels
         whatever the number of classes. Because the Gaussian blending is a normalised weighted mean,
         ``head(blend(features)) == blend(head(features))`` up to float rounding.
 
@@ -300,10 +300,10 @@ def slab_sliding_window(
 
     if head is not None and not feature_channels:
         raise ValueError("a head needs feature_channels (the channels the network returns)")
-    ring_channels = int(feature_channels) if head is not None else num_classes
+    buffer_channels = int(feature_channels) if head is not None else num_classes
     need = estimate_slab_bytes(spatial, roi, overlap, num_classes, sw_batch_size=sw_batch_size,
                                mirrored=bool(axes), probabilities=probabilities_path is not None,
-                               feature_channels=ring_channels)
+                               feature_channels=buffer_channels)
     avail = _available_device_bytes(device)
     if avail is not None and need > avail:
         raise InputError(
@@ -333,13 +333,13 @@ def slab_sliding_window(
         writer = _ProbabilityWriter(probs)
     lead = nd - len(blocks.axes)  # leading axes (x in 3D) are whole in every block
     lead_crop = tuple(slice(lo, lo + s) for lo, s in zip(pad_lo[:lead], spatial[:lead]))
-    chunk_voxels = _chunk_voxels(num_classes, ring_channels)
+    chunk_voxels = _chunk_voxels(num_classes, buffer_channels)
 
     with torch.inference_mode():
         importance = compute_importance_map(window, mode="gaussian", sigma_scale=sigma_scale, device=device,
                                             dtype=torch.float32)
         live: dict[tuple[int, ...], torch.Tensor] = {}  # block -> sum over windows of importance * output
-        arena = torch.empty(ring_channels * blocks.arena_voxels, dtype=torch.float32, device=device)  # see _BlockPlan
+        arena = torch.empty(buffer_channels * blocks.arena_voxels, dtype=torch.float32, device=device)  # see _BlockPlan
 
         def block_weight(block: tuple[int, ...], bounds: list[tuple[int, int]]) -> torch.Tensor:
             """The block's sum of importance maps (MONAI's count map), from the windows that cover it."""
@@ -397,12 +397,12 @@ def slab_sliding_window(
             return F.pad(inputs[(slice(None), slice(None), *sl)], pad_arg, mode=pad_mode, value=value)
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
-            out = _logits(network, batch, ring_channels, window)
+            out = _logits(network, batch, buffer_channels, window)
             if axes and out.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr():
                 out = out.clone()  # a network that returns (a view of) its input: keep the batch for the flips
             for a in axes:
                 dim = a + 2
-                out += _logits(network, torch.flip(batch, (dim,)), ring_channels, window).flip(dim)
+                out += _logits(network, torch.flip(batch, (dim,)), buffer_channels, window).flip(dim)
             if axes:
                 out /= 1 + len(axes)
             return out
@@ -425,8 +425,8 @@ def slab_sliding_window(
                 for block in blocks.covers[w]:
                     bounds = blocks.bounds_of(block)
                     if block not in live:
-                        shape = (ring_channels, *padded[:lead], *(b1 - b0_ for b0_, b1 in bounds))
-                        offset = ring_channels * blocks.offset_of[block]
+                        shape = (buffer_channels, *padded[:lead], *(b1 - b0_ for b0_, b1 in bounds))
+                        offset = buffer_channels * blocks.offset_of[block]
                         live[block] = arena[offset : offset + math.prod(shape)].view(shape).zero_()
                     # the block lies inside the window along the block axes
                     win = blocks.window_part(start, bounds)
@@ -437,7 +437,7 @@ def slab_sliding_window(
 
     if probs is not None:
         probs.flush()
-    return SlabResult(labels=labels, probabilities=probs, buffer_channels=ring_channels,
+    return SlabResult(labels=labels, probabilities=probs, buffer_channels=buffer_channels,
                       peak_buffer_voxels=blocks.arena_voxels, num_windows=len(starts))
 
 
