@@ -144,8 +144,9 @@ class SaveLabelMapd(MapTransform):
 
 def inference_postprocessing(plan: Plan, preprocessing: Compose, output_dir: str | os.PathLike[str] | None = None) -> Compose:
     """Undo the preprocessing on the :class:`~medseg.inference.inferer.SlabInferer` output (``Invertd``:
-    probabilities resampled linearly then argmax, or a label map resampled with nearest neighbour, undoing
-    crop, spacing and orientation) -> optionally write the label map into ``output_dir``."""
+    probabilities resampled linearly then argmax, one class at a time when they wait on disk in float16,
+    or a label map resampled with nearest neighbour; undoing crop, spacing and orientation) -> optionally
+    write the label map into ``output_dir``."""
     steps: list[Any] = [InvertPredictiond(keys="pred", transform=preprocessing, orig_keys="image")]
     if output_dir is not None:
         steps.append(SaveLabelMapd(keys="pred", output_dir=output_dir))
