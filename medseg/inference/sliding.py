@@ -141,9 +141,16 @@ def estimate_slab_bytes(
     copies) and one batch of network outputs (twice with ``mirrored``).
     """
     _, _, padded, scan, window = _geometry(spatial_shape, roi_size, overlap)
+    plan = _BlockPlan(padded, window, _window_order(padded, window, scan))
+    return _estimate_bytes(plan, spatial_shape, window, num_classes, sw_batch_size, mirrored, probabilities,
+                           feature_channels)
+
+
+def _estimate_bytes(plan: _BlockPlan, spatial_shape: Sequence[int], window: Sequence[int], num_classes: int,
+                    sw_batch_size: int, mirrored: bool, probabilities: bool, feature_channels: int | None) -> int:
+    """:func:`estimate_slab_bytes` for a block plan already made."""
     c = int(num_classes)
     k = int(feature_channels) if feature_channels else c
-    plan = _BlockPlan(padded, window, _window_order(padded, window, scan))
     buffer = k * plan.arena_voxels * 4 + plan.largest_block_voxels * 4  # + the weights of the block being reduced
     labels = math.prod(int(s) for s in spatial_shape) * torch.empty((), dtype=label_dtype(c)).element_size()
     chunk = _chunk_voxels(c, k)
@@ -301,9 +308,11 @@ def slab_sliding_window(
     if head is not None and not feature_channels:
         raise ValueError("a head needs feature_channels (the channels the network returns)")
     buffer_channels = int(feature_channels) if head is not None else num_classes
-    need = estimate_slab_bytes(spatial, roi, overlap, num_classes, sw_batch_size=sw_batch_size,
-                               mirrored=bool(axes), probabilities=probabilities_path is not None,
-                               feature_channels=buffer_channels)
+    # windows: MONAI's positions in the padded volume, in the order that keeps the fewest blocks alive
+    starts = _window_order(padded, window, scan)
+    blocks = _BlockPlan(padded, window, starts)
+    need = _estimate_bytes(blocks, spatial, window, num_classes, sw_batch_size, bool(axes),
+                           probabilities_path is not None, buffer_channels)
     avail = _available_device_bytes(device)
     if avail is not None and need > avail:
         raise InputError(
@@ -314,9 +323,6 @@ def slab_sliding_window(
         )
     _check_finite(inputs)
 
-    # windows: MONAI's positions in the padded volume, ordered (stably) by their start along z, then y
-    starts = _window_order(padded, window, scan)
-    blocks = _BlockPlan(padded, window, starts)
     pad_mode = look_up_option(padding_mode, PytorchPadMode)
     pad_hi = tuple(p - s - lo for p, s, lo in zip(padded, spatial, pad_lo))
     needs_pad = any(pad_lo) or any(pad_hi)
@@ -479,15 +485,6 @@ class _BlockPlan:
         for block, w in last.items():
             self.finished_after[w].append(block)
         lead = math.prod(int(p) for p in padded[: nd - len(self.axes)])
-        alive, peak, seen = 0, 0, set()
-        for w, covered in enumerate(self.covers):
-            for block in covered:
-                if block not in seen:
-                    seen.add(block)
-                    alive += self.voxels(block)
-            peak = max(peak, alive)
-            alive -= sum(self.voxels(b) for b in self.finished_after[w])
-        self.peak_voxels = peak * lead
         self.largest_block_voxels = max(self.voxels(b) for b in last) * lead
         # One arena for all blocks: a block is a contiguous piece of it, placed first-fit when the first
         # window reaches the block and given back (merged with free neighbours) when the last has passed.
@@ -526,7 +523,6 @@ class _BlockPlan:
                     merged.append(interval)
             free = merged
         self.arena_voxels = end
-
 
     def bounds_of(self, block: tuple[int, ...]) -> list[tuple[int, int]]:
         return [(c[i], c[i + 1]) for c, i in zip(self.cuts, block)]
