@@ -9,8 +9,7 @@ channels-last (:func:`medseg.inference.accelerate.inference_network`).
 
 It returns one of
 
-* ``"probabilities"``: softmax probabilities ``(1, C, *spatial)`` float32 in memory (computed in float32,
-  kept in float16 while the windows stream: within 1e-3 of MONAI's);
+* ``"probabilities"``: softmax probabilities ``(1, C, *spatial)`` float32 in memory;
 * ``"disk"``: the same probabilities in float16, in a memory-mapped file on disk (``TMPDIR``; the file is
   unlinked at once, so nothing is left behind even after a crash): a ``(1, C, *spatial)`` float16 tensor
   whose pages are read only when used;
@@ -33,7 +32,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -160,10 +158,8 @@ class SlabInferer(Inferer):
                       head=head, feature_channels=features)
         output = self.resolve_output(inputs)
         if output == "probabilities":
-            with tempfile.TemporaryDirectory(prefix="medseg-probs-") as tmp:
-                result = slab_sliding_window(inputs, probabilities_path=Path(tmp) / "p.npy", **common)
-                out = torch.from_numpy(np.asarray(result.probabilities, dtype=np.float32))[None].to(inputs.device)
-                del result
+            result = slab_sliding_window(inputs, probabilities_in_memory=True, **common)
+            out = torch.from_numpy(result.probabilities)[None].to(inputs.device)
         elif output == "disk":
             out = torch.from_numpy(_disk_probabilities(inputs, common))[None]  # stays on the CPU, on disk
         else:

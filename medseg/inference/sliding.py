@@ -74,7 +74,8 @@ class SlabResult:
         uint8 for up to 256 classes, int16 up to 32768, int32 beyond.
     probabilities
         ``(C, *spatial)`` float16 softmax of the blended logits in a ``.npy`` file opened as a memory map
-        (``numpy.load(path, mmap_mode="r")`` reopens it), or ``None`` when no ``probabilities_path`` was given.
+        (``numpy.load(path, mmap_mode="r")`` reopens it); with ``probabilities_in_memory`` a float32 array
+        in memory; else ``None``.
     buffer_channels
         Channels of the accumulation buffer: the feature (or class) channels blended (the weights, MONAI's
         count map, are summed for one block at a time when it is reduced).
@@ -87,7 +88,7 @@ class SlabResult:
     """
 
     labels: torch.Tensor
-    probabilities: np.memmap | None = None
+    probabilities: np.ndarray | None = None
     buffer_channels: int = 0
     peak_buffer_voxels: int = 0
     num_windows: int = 0
@@ -131,6 +132,7 @@ def estimate_slab_bytes(
     mirrored: bool = False,
     probabilities: bool = False,
     feature_channels: int | None = None,
+    probabilities_in_memory: bool = False,
 ) -> int:
     """Bytes that :func:`slab_sliding_window` allocates on top of the input (the network's own
     activations excluded: they depend on the network, not on the volume).
@@ -138,21 +140,26 @@ def estimate_slab_bytes(
     The accumulation blocks alive at the peak, ``K`` float32 channels (``K`` = ``feature_channels`` when
     a pointwise head is applied after blending, else ``num_classes``), the weights of one block, the
     label map, the per-flush temporaries (bounded chunks of logits, max values and indices, float16
-    copies) and one batch of network outputs (twice with ``mirrored``).
+    copies), the float32 probabilities with ``probabilities_in_memory``, and one batch of network outputs
+    (twice with ``mirrored``).
     """
     _, _, padded, scan, window = _geometry(spatial_shape, roi_size, overlap)
     plan = _BlockPlan(padded, window, _window_order(padded, window, scan))
     return _estimate_bytes(plan, spatial_shape, window, num_classes, sw_batch_size, mirrored, probabilities,
-                           feature_channels)
+                           feature_channels, probabilities_in_memory)
 
 
 def _estimate_bytes(plan: _BlockPlan, spatial_shape: Sequence[int], window: Sequence[int], num_classes: int,
-                    sw_batch_size: int, mirrored: bool, probabilities: bool, feature_channels: int | None) -> int:
+                    sw_batch_size: int, mirrored: bool, probabilities: bool, feature_channels: int | None,
+                    probabilities_in_memory: bool = False) -> int:
     """:func:`estimate_slab_bytes` for a block plan already made."""
     c = int(num_classes)
     k = int(feature_channels) if feature_channels else c
     buffer = k * plan.arena_voxels * 4 + plan.largest_block_voxels * 4  # + the weights of the block being reduced
-    labels = math.prod(int(s) for s in spatial_shape) * torch.empty((), dtype=label_dtype(c)).element_size()
+    voxels = math.prod(int(s) for s in spatial_shape)
+    labels = voxels * torch.empty((), dtype=label_dtype(c)).element_size()
+    if probabilities_in_memory:
+        labels += c * voxels * 4
     chunk = _chunk_voxels(c, k)
     flush = chunk * (c * 4 + 4 + 8) + (chunk * c * 2 if probabilities else 0)
     batch = sw_batch_size * k * math.prod(window) * 4 * (2 if mirrored else 1)
@@ -223,6 +230,7 @@ def slab_sliding_window(
     padding_mode: PytorchPadMode | str = "constant",
     cval: float = 0.0,
     probabilities_path: str | os.PathLike[str] | None = None,
+    probabilities_in_memory: bool = False,
     device: torch.device | str | None = None,
     progress: bool = False,
     mirror_axes: Sequence[int] = (),
@@ -253,6 +261,9 @@ def slab_sliding_window(
     probabilities_path
         When given, a ``.npy`` file of ``(num_classes, *spatial)`` float16 softmax probabilities is
         written there (as a memory map, slab by slab) and returned open in ``SlabResult.probabilities``.
+    probabilities_in_memory
+        Without ``probabilities_path``: return the softmax probabilities as a float32 array in memory
+        (for callers whose ``num_classes x volume`` is small).
     device
         Where windows go through the network and the blocks live (default: the input's device);
         the label map is always on the CPU.
@@ -311,8 +322,9 @@ def slab_sliding_window(
     # windows: MONAI's positions in the padded volume, in the order that keeps the fewest blocks alive
     starts = _window_order(padded, window, scan)
     blocks = _BlockPlan(padded, window, starts)
+    in_memory = probabilities_in_memory and probabilities_path is None
     need = _estimate_bytes(blocks, spatial, window, num_classes, sw_batch_size, bool(axes),
-                           probabilities_path is not None, buffer_channels)
+                           probabilities_path is not None or in_memory, buffer_channels, in_memory)
     avail = _available_device_bytes(device)
     if avail is not None and need > avail:
         raise InputError(
@@ -336,7 +348,11 @@ def slab_sliding_window(
     if probabilities_path is not None:
         probs = np.lib.format.open_memmap(os.fspath(probabilities_path), mode="w+", dtype=np.float16,
                                           shape=(num_classes, *spatial))
+    elif in_memory:
+        probs = np.empty((num_classes, *spatial), dtype=np.float32)
+    if probs is not None:
         writer = _ProbabilityWriter(probs)
+        probs_dtype = torch.float16 if probs.dtype == np.float16 else torch.float32
     lead = nd - len(blocks.axes)  # leading axes (x in 3D) are whole in every block
     lead_crop = tuple(slice(lo, lo + s) for lo, s in zip(pad_lo[:lead], spatial[:lead]))
     chunk_voxels = _chunk_voxels(num_classes, buffer_channels)
@@ -386,7 +402,7 @@ def slab_sliding_window(
                 if probs is not None:
                     logits.sub_(best).exp_()
                     logits.div_(logits.sum(dim=0))
-                    writer.write(logits.to(torch.float16).cpu().numpy(), index)
+                    writer.write(logits.to(probs_dtype).cpu().numpy(), index)
 
         def window_input(start: tuple[int, ...]) -> torch.Tensor:
             if not needs_pad:
@@ -441,7 +457,7 @@ def slab_sliding_window(
                     flush(block)
             del batch, out
 
-    if probs is not None:
+    if isinstance(probs, np.memmap):
         probs.flush()
     return SlabResult(labels=labels, probabilities=probs, buffer_channels=buffer_channels,
                       peak_buffer_voxels=blocks.arena_voxels, num_windows=len(starts))
@@ -565,7 +581,7 @@ class _ProbabilityWriter:
     on a 512 x 512 x 400 CT).
     """
 
-    def __init__(self, probs: np.memmap, chunk_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, probs: np.ndarray, chunk_bytes: int = 32 * 1024 * 1024) -> None:
         self.probs = probs
         mm = getattr(probs, "_mmap", None)
         delta = int(getattr(probs, "offset", 0)) % mmap.ALLOCATIONGRANULARITY  # where the array starts in mm
