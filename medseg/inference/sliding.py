@@ -257,7 +257,8 @@ def slab_sliding_window(
     num_classes
         Classes of the logits.
     overlap, sw_batch_size, sigma_scale, padding_mode, cval
-        As in MONAI (``mode`` is always ``"gaussian"``).
+        As in MONAI (``mode`` is always ``"gaussian"``); with a ``head`` on the CPU the network takes
+        one window at a time whatever ``sw_batch_size`` (less memory, and faster on the CPU measured).
     probabilities_path
         When given, a ``.npy`` file of ``(num_classes, *spatial)`` float16 softmax probabilities is
         written there (as a memory map, slab by slab) and returned open in ``SlabResult.probabilities``.
@@ -319,11 +320,16 @@ def slab_sliding_window(
     if head is not None and not feature_channels:
         raise ValueError("a head needs feature_channels (the channels the network returns)")
     buffer_channels = int(feature_channels) if head is not None else num_classes
+    # With a head on the CPU the body takes one window at a time: the head path exists for memory that
+    # does not grow, and a batch of windows multiplies the network's own activations (measured with
+    # DynUNet(8..64), 96x96x64 windows, 2 threads: 0.20 GB and 0.20 s per window alone, 0.34 GB and
+    # 0.27 s per window in pairs). On a GPU the window batch is kept: there it buys throughput.
+    step = 1 if head is not None and device.type == "cpu" else sw_batch_size
     # windows: MONAI's positions in the padded volume, in the order that keeps the fewest blocks alive
     starts = _window_order(padded, window, scan)
     blocks = _BlockPlan(padded, window, starts)
     in_memory = probabilities_in_memory and probabilities_path is None
-    need = _estimate_bytes(blocks, spatial, window, num_classes, sw_batch_size, bool(axes),
+    need = _estimate_bytes(blocks, spatial, window, num_classes, step, bool(axes),
                            probabilities_path is not None or in_memory, buffer_channels, in_memory)
     avail = _available_device_bytes(device)
     if avail is not None and need > avail:
@@ -429,7 +435,7 @@ def slab_sliding_window(
                 out /= 1 + len(axes)
             return out
 
-        batches = range(0, len(starts), sw_batch_size)
+        batches = range(0, len(starts), step)
         if progress:
             from monai.utils import optional_import
 
@@ -437,7 +443,7 @@ def slab_sliding_window(
             if has_tqdm:
                 batches = tqdm(batches)
         for b0 in batches:
-            group = starts[b0 : b0 + sw_batch_size]
+            group = starts[b0 : b0 + step]
             batch = torch.cat([window_input(s) for s in group]).to(device=device, dtype=in_dtype)
             out = forward(batch)
             out *= importance  # MONAI: seg_prob *= w_t, then output[window] += seg_prob

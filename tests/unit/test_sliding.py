@@ -270,6 +270,25 @@ def test_ring_with_a_head_does_not_grow_with_the_classes():
     assert sizes[105] <= 1.0 * 1024**3
 
 
+def test_with_a_head_the_cpu_body_takes_one_window_at_a_time():
+    from medseg.networks import split_pointwise_head
+
+    body, head, features = split_pointwise_head(_pointwise_head_networks(5)["dynunet"])
+    batches: list[int] = []
+
+    def counting(batch: torch.Tensor) -> torch.Tensor:
+        batches.append(batch.shape[0])
+        return body(batch)
+
+    x = volume(40, 36, 30)
+    with_head = slab_sliding_window(x, (16, 16, 16), counting, 5, sw_batch_size=4, head=head, feature_channels=features)
+    assert set(batches) == {1} and len(batches) == with_head.num_windows
+    batches.clear()
+    # without a head the window batch is kept
+    slab_sliding_window(x, (16, 16, 16), counting, features, sw_batch_size=4)
+    assert max(batches) == 4
+
+
 def test_split_pointwise_head_refuses_networks_without_one():
     from monai.networks.nets import DynUNet
 
