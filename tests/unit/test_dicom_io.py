@@ -1,0 +1,592 @@
+"""DICOM series input (medseg.io.dicom), the synthetic series writer and `medseg inspect`.
+
+Every series here is a medseg phantom written by medseg.data.synthetic_dicom; the "broken" series
+are clean ones edited the way real exports go wrong (a deleted file, a truncated file, a tilted
+gantry, a scout image in the series, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.uid import (
+    MPEG2MPML,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from medseg.cli import main
+from medseg.data.synthetic import Grid
+from medseg.data.synthetic_dicom import (
+    PATIENT_ID,
+    PATIENT_NAME,
+    phantom_series,
+    write_dicom_series,
+)
+from medseg.errors import DicomError, InputError
+from medseg.io.dicom import (
+    DicomScan,
+    is_dicom_input,
+    read_series,
+    scan_dicom,
+    select_series,
+    source_datasets,
+)
+
+HAVE_DCMTK = shutil.which("dcmcjpeg") is not None
+HAVE_DCIODVFY = shutil.which("dciodvfy") is not None
+IN_CI = os.environ.get("CI") == "true"
+
+
+def _rotation(axis: tuple[float, float, float], degrees: float) -> np.ndarray:
+    x, y, z = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+    k = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+    a = math.radians(degrees)
+    return np.eye(3) + math.sin(a) * k + (1.0 - math.cos(a)) * (k @ k)
+
+
+def _grid(plane: str = "axial", degrees: float = 14.0, left_handed: bool = False,
+          size: tuple[int, int, int] = (40, 36, 22), spacing: tuple[float, float, float] = (3.1, 3.4, 5.5)) -> Grid:
+    """An oblique, anisotropic grid (non-square matrix, three different spacings)."""
+    base = {"axial": np.array([[-1.0, 0, 0], [0, -1, 0], [0, 0, 1]]),          # RAS-like, right-handed
+            "sagittal": np.array([[0.0, 0, -1], [1, 0, 0], [0, -1, 0]])}[plane]  # P, I, L ... right-handed
+    if left_handed:
+        base = base @ np.diag([1.0, 1.0, -1.0])
+    matrix = _rotation((0.3, 1.0, 0.2), degrees) @ base
+    return Grid.centred(size, spacing, (12.0, -20.0, 140.0), matrix.ravel())
+
+
+def _geometry_equal(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+def _values(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image).astype(np.float64)
+
+
+def _read(folder: Path, **rule) -> sitk.Image:
+    return read_series(select_series(scan_dicom(folder), **rule))
+
+
+def _edit(path: Path, change: Callable[[pydicom.Dataset], None]) -> None:
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def clean_ct(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], sitk.Image]:
+    """An oblique anisotropic CT phantom series (IM000001 names): folder, files in z order, image."""
+    folder = tmp_path_factory.mktemp("clean") / "ct"
+    files, image, _ = phantom_series(folder, "ct", seed=4, grid=_grid(), file_names="im")
+    return folder, files, image
+
+
+@pytest.fixture()
+def ct_copy(tmp_path: Path, clean_ct) -> tuple[Path, list[Path], sitk.Image]:
+    """A private copy of the clean CT series to break."""
+    folder, files, image = clean_ct
+    copy = tmp_path / "export" / "ct"
+    shutil.copytree(folder, copy)
+    return copy, [copy / f.name for f in files], image
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry and values
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("modality,plane", [("ct", "axial"), ("mr", "sagittal")])
+def test_round_trip_oblique_anisotropic(tmp_path: Path, modality: str, plane: str) -> None:
+    """write_dicom_series -> scan -> select -> read_series gives back the phantom's grid and voxels."""
+    files, image, label = phantom_series(tmp_path / "s", modality, seed=1, grid=_grid(plane))
+    assert len(files) == image.GetSize()[2] == 22
+    series = select_series(scan_dicom(tmp_path))
+    assert series.modality == modality.upper() and not series.problems and not series.multiframe
+    assert series.size == image.GetSize() and series.files == tuple(files)
+    out = read_series(series)
+    _geometry_equal(out, image)
+    _geometry_equal(out, label)
+    assert out.GetPixelID() == sitk.sitkFloat32
+    np.testing.assert_array_equal(_values(out), _values(image))
+    if modality == "ct":  # HU (stored as HU + 1024 with RescaleIntercept -1024)
+        assert _values(out).min() < -900 and pydicom.dcmread(files[0]).RescaleIntercept == -1024
+
+
+def test_left_handed_grid_reads_sorted_along_the_normal(tmp_path: Path) -> None:
+    """A grid whose slice axis points against row x column comes back with z reversed: the same voxels
+    at the same physical points, the third direction column being the normal."""
+    _, image, _ = phantom_series(tmp_path, "ct", seed=2, grid=_grid(left_handed=True))
+    out = _read(tmp_path)
+    n = image.GetSize()[2]
+    for index in [(0, 0, 0), (5, 7, 3), (39, 35, n - 1)]:
+        flipped = (index[0], index[1], n - 1 - index[2])
+        np.testing.assert_allclose(out.TransformIndexToPhysicalPoint(index),
+                                   image.TransformIndexToPhysicalPoint(flipped), atol=1e-4)
+    np.testing.assert_array_equal(_values(out), _values(image)[::-1])
+    matrix = np.asarray(out.GetDirection()).reshape(3, 3)
+    np.testing.assert_allclose(matrix[:, 2], np.cross(matrix[:, 0], matrix[:, 1]), atol=1e-6)
+
+
+def test_same_as_simpleitk_series_reader(clean_ct) -> None:
+    """SimpleITK's own (GDCM) series reader agrees on origin, spacing, direction and values."""
+    folder, _, _ = clean_ct
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    reference = reader.Execute()
+    ours = _read(folder)
+    _geometry_equal(ours, reference)
+    np.testing.assert_array_equal(_values(ours), _values(reference))
+
+
+def test_shuffled_names_and_reversed_instance_numbers(ct_copy) -> None:
+    """Slices are sorted by position along the normal, not by file name or InstanceNumber."""
+    folder, files, image = ct_copy
+    shuffled = list(range(len(files)))
+    random.Random(7).shuffle(shuffled)
+    names = [f"IMG{n:05d}" for n in shuffled]
+    for k, path in enumerate(files):
+        _edit(path, lambda ds, k=k: setattr(ds, "InstanceNumber", len(files) - k))
+        path.rename(folder / names[k])
+    assert not any(p.suffix for p in folder.iterdir())
+    out = _read(folder)
+    _geometry_equal(out, image)
+    np.testing.assert_array_equal(_values(out), _values(image))
+
+
+def test_files_without_preamble_are_recognised(ct_copy) -> None:
+    """Old exports: a bare data set (no 128-byte preamble, no file meta), no extension."""
+    folder, files, image = ct_copy
+    for path in files:
+        ds = pydicom.dcmread(path)
+        del ds.file_meta
+        ds.preamble = None
+        pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True)
+    assert files[0].read_bytes()[128:132] != b"DICM"
+    scan = scan_dicom(folder)
+    assert scan.series[0].transfer_syntaxes == (ImplicitVRLittleEndian,)
+    np.testing.assert_array_equal(_values(read_series(select_series(scan))), _values(image))
+
+
+def test_source_datasets_follow_read_order(clean_ct) -> None:
+    folder, files, image = clean_ct
+    series = select_series(scan_dicom(folder))
+    datasets = source_datasets(series)
+    assert [ds.SOPInstanceUID for ds in datasets] == [pydicom.dcmread(f).SOPInstanceUID for f in files]
+    volume = _values(read_series(series))
+    assert np.array_equal(datasets[3].pixel_array.astype(np.float64) - 1024, volume[3])
+
+
+# --------------------------------------------------------------------------------------------
+# Folder trees, DICOMDIR, stray files, selection
+# --------------------------------------------------------------------------------------------
+
+
+def test_dicomdir(tmp_path: Path) -> None:
+    files, image, _ = phantom_series(tmp_path / "cd", "mr", seed=3, size=32, dicomdir=True)
+    dicomdir = tmp_path / "cd" / "DICOMDIR"
+    assert dicomdir.is_file() and all("SE000000" in str(f) for f in files)
+    for source in (tmp_path / "cd", dicomdir):
+        out = _read(source)
+        _geometry_equal(out, image)
+        np.testing.assert_array_equal(_values(out), _values(image))
+    assert is_dicom_input(dicomdir) and is_dicom_input(tmp_path / "cd")
+    # a file the DICOMDIR names but that is gone: reported, and the series has a hole
+    files[5].unlink()
+    scan = scan_dicom(dicomdir)
+    assert any(path == files[5] and "DICOMDIR" in reason for path, reason in scan.skipped)
+    assert any("missing slices" in p for p in scan.series[0].problems)
+
+
+def test_stray_files_skipped_with_a_note(ct_copy, caplog: pytest.LogCaptureFixture) -> None:
+    folder, _, image = ct_copy
+    (folder / "README.TXT").write_text("Exported by a PACS viewer\n")
+    (folder / "notes.dcm").write_text("not really DICOM")
+    (folder / "empty").write_bytes(b"")
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkUInt8), str(folder / "thumb.png"))
+    (folder / "viewer").mkdir()
+    (folder / "viewer" / "setup.exe").write_bytes(b"MZ\x90\x00" + bytes(200))
+    with caplog.at_level("INFO", logger="medseg.io.dicom"):
+        scan = scan_dicom(folder.parent)
+    reasons = {path.name: reason for path, reason in scan.skipped}
+    assert set(reasons) == {"README.TXT", "notes.dcm", "empty", "thumb.png", "setup.exe"}
+    assert "PNG" in reasons["thumb.png"] and all("not DICOM" in r for r in reasons.values())
+    assert "skipped 5 file(s)" in caplog.text
+    assert len(scan.series) == 1 and not scan.series[0].problems
+    np.testing.assert_array_equal(_values(read_series(select_series(scan))), _values(image))
+
+
+@pytest.fixture(scope="module")
+def two_studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """study A: CT portal venous (30 slices) + MR T1 (22 slices); study B: CT thorax (12 slices)."""
+    root = tmp_path_factory.mktemp("tree") / "export"
+    study_a, study_b = generate_uid(), generate_uid()
+    uids = {name: generate_uid() for name in ("venous", "t1", "thorax")}
+    _, ct, _ = phantom_series(root / "a" / "1", "ct", seed=5, grid=_grid(size=(32, 32, 30), degrees=0),
+                              study_uid=study_a, series_uid=uids["venous"], series_number=2,
+                              series_description="Abdomen PORTAL VENOUS 3mm", file_names="im")
+    phantom_series(root / "a" / "2", "mr", seed=6, grid=_grid("sagittal", size=(32, 32, 22)), study_uid=study_a,
+                   series_uid=uids["t1"], series_number=3, series_description="t1_vibe_tra", file_names="im")
+    phantom_series(root / "b" / "x" / "y", "ct", seed=7, grid=_grid(size=(32, 32, 12)), study_uid=study_b,
+                   series_uid=uids["thorax"], series_number=1, series_description="Thorax", file_names="uid")
+    return root, uids
+
+
+def test_tree_of_studies_and_selection_rules(two_studies) -> None:
+    root, uids = two_studies
+    scan = scan_dicom(root)
+    assert {s.series_uid for s in scan.series} == set(uids.values())
+    assert len({s.study_uid for s in scan.series}) == 2
+    assert select_series(scan, modality="mr").series_uid == uids["t1"]
+    assert select_series(scan, description="portal").series_uid == uids["venous"]
+    assert select_series(scan, modality="CT", min_slices=20).series_uid == uids["venous"]
+    assert select_series(scan, series_uid=uids["thorax"]).slices == 12
+    with pytest.raises(InputError, match="regular expression"):
+        select_series(scan, description="(unclosed")
+
+
+def test_ambiguous_selection_lists_the_candidates(two_studies) -> None:
+    root, uids = two_studies
+    scan = scan_dicom(root)
+    with pytest.raises(DicomError) as info:
+        select_series(scan, modality="CT")
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith(f"{root}: 2 DICOM series match (modality CT)")
+    candidates = lines[1:]
+    assert len(candidates) == 2
+    assert any(uids["venous"] in c and "CT" in c and "30 slice(s)" in c and "PORTAL VENOUS" in c for c in candidates)
+    assert any(uids["thorax"] in c and "12 slice(s)" in c and "Thorax" in c for c in candidates)
+    with pytest.raises(DicomError) as info:
+        select_series(scan)
+    assert len(str(info.value).splitlines()) == 4
+    with pytest.raises(DicomError, match="no DICOM series matches .modality PT.") as info:
+        select_series(scan, modality="PT")
+    assert all(uid in str(info.value) for uid in uids.values())
+
+
+def test_no_dicom_and_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(DicomError, match="no such file or folder"):
+        scan_dicom(tmp_path / "missing")
+    (tmp_path / "a.txt").write_text("hello")
+    with pytest.raises(DicomError, match=r"no DICOM images found \(1 file\(s\) looked at; skipped 1"):
+        scan_dicom(tmp_path)
+
+
+def test_is_dicom_input(tmp_path: Path, clean_ct) -> None:
+    folder, files, image = clean_ct
+    assert is_dicom_input(folder) and is_dicom_input(folder.parent) and is_dicom_input(files[0])
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    (tmp_path / "notes.txt").write_text("x")
+    assert not is_dicom_input(tmp_path / "ct.nii.gz")
+    assert not is_dicom_input(tmp_path)  # a folder of NIfTI images
+    assert not is_dicom_input(tmp_path / "notes.txt") and not is_dicom_input(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------------------------
+# Problems and notes
+# --------------------------------------------------------------------------------------------
+
+
+def _problems(folder: Path) -> tuple[str, ...]:
+    return scan_dicom(folder).series[0].problems
+
+
+def _refused(folder: Path, *fragments: str) -> str:
+    """select_series refuses the series; its message names the series and each fragment."""
+    scan = scan_dicom(folder)
+    with pytest.raises(DicomError) as info:
+        select_series(scan)
+    message = str(info.value)
+    assert scan.series[0].series_uid in message
+    for fragment in fragments:
+        assert fragment in message, message
+    with pytest.raises(DicomError):
+        read_series(scan.series[0])
+    return message
+
+
+def test_missing_slice(ct_copy) -> None:
+    folder, files, _ = ct_copy
+    files[9].unlink()
+    message = _refused(folder, "missing slices", files[8].name, files[10].name)
+    assert "about 1 slice(s) missing" in message
+
+
+def test_uneven_spacing(ct_copy) -> None:
+    folder, files, image = ct_copy
+    step = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2] * image.GetSpacing()[2]
+
+    def shift(ds: pydicom.Dataset) -> None:
+        ds.ImagePositionPatient = [float(v) + 0.3 * s for v, s in zip(ds.ImagePositionPatient, step)]
+
+    _edit(files[6], shift)
+    _refused(folder, "uneven slice spacing")
+
+
+def test_gantry_tilt(ct_copy) -> None:
+    folder, files, image = ct_copy
+    matrix = np.asarray(image.GetDirection()).reshape(3, 3)
+    shear = math.tan(math.radians(15.0)) * image.GetSpacing()[2] * matrix[:, 1]  # along the column direction
+    for k, path in enumerate(files):
+        _edit(path, lambda ds, k=k: setattr(ds, "ImagePositionPatient",
+                                            [float(v) + k * s for v, s in zip(ds.ImagePositionPatient, shear)]))
+    message = _refused(folder, "gantry tilt")
+    assert "15.0 degrees" in message
+
+
+def test_mixed_orientations(ct_copy) -> None:
+    folder, files, _ = ct_copy
+    for path in files[:10]:
+        _edit(path, lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]))
+    _refused(folder, "mixed orientations", "10 image(s)", "12 image(s)")
+
+
+def _crop(ds: pydicom.Dataset) -> None:
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:20, :24]).tobytes()
+    ds.Rows, ds.Columns = 20, 24
+
+
+def test_mixed_sizes(ct_copy) -> None:
+    folder, files, _ = ct_copy
+    for path in files[:8]:
+        _edit(path, _crop)
+    _refused(folder, "mixed sizes", "8 image(s) of 24x20", "14 image(s) of 40x36")
+
+
+def _extra_instance(folder: Path, source: Path, name: str, change: Callable[[pydicom.Dataset], None]) -> Path:
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    change(ds)
+    ds.save_as(folder / name, enforce_file_format=True)
+    return folder / name
+
+
+def test_localizers_dropped_with_a_note(ct_copy) -> None:
+    """A scout (ImageType LOCALIZER) and a stray image of another orientation and size in the series."""
+    folder, files, image = ct_copy
+
+    def scout(ds: pydicom.Dataset) -> None:
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+
+    def sagittal(ds: pydicom.Dataset) -> None:
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        _crop(ds)
+
+    _extra_instance(folder, files[0], "SCOUT1", scout)
+    _extra_instance(folder, files[0], "ZZ_SAG", sagittal)
+    series = scan_dicom(folder).series[0]
+    assert not series.problems
+    assert any("1 localizer image" in n and "SCOUT1" in n for n in series.notes)
+    assert any("different orientation" in n and "ZZ_SAG" in n for n in series.notes)
+    out = read_series(select_series(scan_dicom(folder)))
+    _geometry_equal(out, image)
+    np.testing.assert_array_equal(_values(out), _values(image))
+
+
+def test_localizer_series_is_never_picked(ct_copy) -> None:
+    folder, files, _ = ct_copy
+
+    def scout_series(ds: pydicom.Dataset) -> None:
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.SeriesInstanceUID = "1.2.3.4.5.6"
+        ds.SeriesDescription = "Topogram"
+
+    _extra_instance(folder, files[0], "TOPO", scout_series)
+    scan = scan_dicom(folder)
+    assert len(scan.series) == 2
+    assert select_series(scan).series_uid != "1.2.3.4.5.6"
+
+
+def test_duplicate_instances(ct_copy) -> None:
+    folder, files, image = ct_copy
+    shutil.copy(files[4], folder / "ZZ_COPY_OF_IM5")  # the same instance twice: harmless
+    series = scan_dicom(folder).series[0]
+    assert not series.problems and any("duplicate" in n and "ZZ_COPY_OF_IM5" in n for n in series.notes)
+    np.testing.assert_array_equal(_values(read_series(series)), _values(image))
+    # another instance at the same position: a real problem
+    _extra_instance(folder, files[4], "OTHER", lambda ds: None)
+    _refused(folder, "same slice position", "OTHER")
+
+
+def test_truncated_file(ct_copy) -> None:
+    folder, files, _ = ct_copy
+    data = files[7].read_bytes()
+    files[7].write_bytes(data[: len(data) - 1000])
+    message = _refused(folder, files[7].name, "truncated")
+    assert "pixel data has" in message
+
+
+def test_truncated_compressed_file(tmp_path: Path) -> None:
+    files, _, _ = phantom_series(tmp_path, "ct", seed=1, size=32, transfer_syntax=JPEGLSLossless)
+    data = files[3].read_bytes()
+    files[3].write_bytes(data[:-100])
+    _refused(tmp_path, files[3].name, "truncated")
+
+
+def test_missing_pixel_data(ct_copy) -> None:
+    folder, files, _ = ct_copy
+    _edit(files[2], lambda ds: ds.__delattr__("PixelData"))
+    _refused(folder, files[2].name, "no pixel data")
+
+
+def test_unsupported_transfer_syntax(tmp_path: Path) -> None:
+    files, _, _ = phantom_series(tmp_path, "ct", seed=1, size=32, transfer_syntax=RLELossless)
+    _edit(files[0], lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", MPEG2MPML))
+    _refused(tmp_path, files[0].name, "MPEG2", "cannot be decoded")
+
+
+def test_corrupt_compressed_data_names_the_file(tmp_path: Path) -> None:
+    """Data no decoder accepts is only found when decoding: read_series and inspect --decode name the file."""
+    files, _, _ = phantom_series(tmp_path / "s", "ct", seed=1, size=32, transfer_syntax=JPEG2000Lossless)
+
+    def garble(ds: pydicom.Dataset) -> None:
+        frames = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)
+        frame = next(frames)
+        ds.PixelData = pydicom.encaps.encapsulate([b"\x00" * len(frame)])
+
+    _edit(files[5], garble)
+    series = select_series(scan_dicom(tmp_path))  # headers are fine
+    with pytest.raises(DicomError) as info:
+        read_series(series)
+    assert str(info.value).startswith(f"{files[5]}: series {series.series_uid}: cannot decode")
+
+
+# --------------------------------------------------------------------------------------------
+# Transfer syntaxes and multi-frame
+# --------------------------------------------------------------------------------------------
+
+SYNTAXES = [ImplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless,
+            pytest.param(JPEGLosslessSV1, marks=pytest.mark.skipif(
+                not HAVE_DCMTK and not IN_CI, reason="dcmtk (dcmcjpeg) not installed: scripts/install_system_deps.sh"))]
+
+
+@pytest.mark.parametrize("modality", ["ct", "mr"])
+@pytest.mark.parametrize("syntax", SYNTAXES)
+def test_compressed_syntaxes_decode_to_the_same_voxels(tmp_path: Path, syntax: str, modality: str) -> None:
+    grid = _grid(size=(34, 32, 10))
+    files, image, _ = phantom_series(tmp_path, modality, seed=8, grid=grid, transfer_syntax=syntax)
+    assert pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+    series = select_series(scan_dicom(tmp_path))
+    assert series.transfer_syntaxes == (syntax,)
+    out = read_series(series)
+    _geometry_equal(out, image)
+    np.testing.assert_array_equal(_values(out), _values(image))
+
+
+@pytest.mark.parametrize("modality,syntax", [("ct", ExplicitVRLittleEndian), ("ct", JPEGLSLossless),
+                                             ("mr", JPEG2000Lossless), ("mr", RLELossless)])
+def test_enhanced_multiframe_reads_to_the_same_image(tmp_path: Path, modality: str, syntax: str) -> None:
+    grid = _grid("sagittal" if modality == "mr" else "axial")
+    files, image, _ = phantom_series(tmp_path, modality, seed=9, grid=grid, multiframe=True, transfer_syntax=syntax)
+    assert len(files) == 1
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert ds.SOPClassUID.name.startswith("Legacy Converted Enhanced") and int(ds.NumberOfFrames) == 22
+    series = select_series(scan_dicom(tmp_path))
+    assert series.multiframe and series.files == tuple(files) and sorted(series.frame_order) == list(range(22))
+    out = read_series(series)
+    _geometry_equal(out, image)
+    np.testing.assert_array_equal(_values(out), _values(image))
+    assert len(source_datasets(series)) == 1
+
+
+def test_enhanced_multiframe_frames_out_of_order(tmp_path: Path) -> None:
+    """Frames stored in reverse (per-frame groups and pixels) are still sorted along the normal."""
+    files, image, _ = phantom_series(tmp_path, "ct", seed=9, grid=_grid(size=(24, 20, 8)), multiframe=True)
+    before = select_series(scan_dicom(tmp_path)).frame_order
+
+    def reverse(ds: pydicom.Dataset) -> None:
+        ds.PerFrameFunctionalGroupsSequence = list(ds.PerFrameFunctionalGroupsSequence)[::-1]
+        ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1]).tobytes()
+
+    _edit(files[0], reverse)
+    series = select_series(scan_dicom(tmp_path))
+    assert series.frame_order == tuple(7 - i for i in before)
+    np.testing.assert_array_equal(_values(read_series(series)), _values(image))
+
+
+@pytest.mark.pacs
+@pytest.mark.skipif(not HAVE_DCIODVFY and not IN_CI, reason="dicom3tools (dciodvfy) not installed")
+@pytest.mark.parametrize("modality,multiframe", [("ct", False), ("mr", False), ("ct", True), ("mr", True)])
+def test_synthetic_instances_pass_dciodvfy(tmp_path: Path, modality: str, multiframe: bool) -> None:
+    files, _, _ = phantom_series(tmp_path, modality, seed=1, size=32, multiframe=multiframe,
+                                 transfer_syntax=JPEGLSLossless if multiframe else ExplicitVRLittleEndian)
+    result = subprocess.run(["dciodvfy", str(files[0])], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+    assert errors == []
+
+
+def test_writer_refuses_values_that_do_not_fit(tmp_path: Path) -> None:
+    image = sitk.Image(4, 4, 3, sitk.sitkFloat32) + 70000.0
+    with pytest.raises(InputError, match="do not fit"):
+        write_dicom_series(image, tmp_path, modality="MR")
+    with pytest.raises(InputError, match="transfer syntax"):
+        write_dicom_series(image, tmp_path, transfer_syntax="1.2.3")
+
+
+# --------------------------------------------------------------------------------------------
+# medseg inspect
+# --------------------------------------------------------------------------------------------
+
+
+def test_inspect_lists_series_without_patient_data(two_studies, capsys: pytest.CaptureFixture[str]) -> None:
+    root, uids = two_studies
+    (root / "b" / "DS_STORE").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
+    assert main(["inspect", str(root), "--decode"]) == 0
+    out = capsys.readouterr().out
+    scan: DicomScan = scan_dicom(root)
+    for series in scan.series:
+        assert series.series_uid in out and series.study_uid in out
+    assert "32 x 32 x 30 (columns x rows x slices), 30 file(s)" in out
+    assert "Explicit VR Little Endian (1.2.840.10008.1.2.1)" in out
+    assert "oblique sagittal" in out and "problems       none" in out
+    assert "decoded        30 frame(s), 0 file(s) failed" in out
+    assert "b/DS_STORE: not DICOM" in out
+    assert PATIENT_NAME not in out and "Synthetic" not in out and PATIENT_ID not in out
+
+
+def test_inspect_reports_problems_and_decode_failures(ct_copy, capsys: pytest.CaptureFixture[str]) -> None:
+    folder, files, _ = ct_copy
+    files[9].unlink()
+    assert main(["inspect", str(folder)]) == 0  # problems are reported, not an error
+    out = capsys.readouterr().out
+    assert "problems       1" in out and "missing slices" in out
+    data = files[3].read_bytes()
+    files[3].write_bytes(data[:-500])
+    assert main(["inspect", str(folder), "--decode"]) == 2
+    captured = capsys.readouterr()
+    assert f"- {files[3].name}: " in captured.out
+    last = captured.err.strip().splitlines()[-1]
+    assert last == f"medseg: error: {folder}: 1 file(s) could not be decoded (listed above)"
+
+
+def test_inspect_errors_and_images(tmp_path: Path, clean_ct, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"medseg: error: {tmp_path / 'missing'}: no such file or folder"
+    (tmp_path / "notes.txt").write_text("nothing here")
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"medseg: error: {tmp_path}: no DICOM images found")
+    _, _, image = clean_ct
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    assert main(["inspect", str(tmp_path / "ct.nii.gz")]) == 0
+    assert "3D image, size 40 x 36 x 22, spacing 3.1 x 3.4 x 5.5 mm" in capsys.readouterr().out
