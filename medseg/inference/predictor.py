@@ -246,3 +246,137 @@ def _remove_image(path: Path) -> None:
         for sibling in path.parent.glob(stem + ".*raw*"):
             sibling.unlink(missing_ok=True)
 
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM series input (NIfTI, DICOM SEG or RTSTRUCT output)
+# --------------------------------------------------------------------------------------------
+
+#: Output formats of :func:`predict_dicom` and the file ending each gets after ``<name>``.
+DICOM_OUTPUT_FORMATS: dict[str, str] = {"nifti": "_seg.nii.gz", "dicom-seg": "_seg.dcm", "rtstruct": "_rtstruct.dcm"}
+
+
+def dicom_case_name(description: str, series_uid: str) -> str:
+    """File-name stem for the outputs of a DICOM series: its SeriesDescription made file-safe
+    (letters, digits, ``.``, ``_``, ``-``; at most 64 characters), else its SeriesInstanceUID.
+    Never patient data."""
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", description or "").strip("._-")[:64].rstrip("._-")
+    return name or series_uid
+
+
+def bundle_metadata(run_dir: str | os.PathLike[str]) -> dict:
+    """The bundle's ``configs/metadata.json`` (an empty dict if the run folder has none).
+
+    Raises
+    ------
+    BundleError
+        If the file exists but is not a JSON object.
+    """
+    import json
+
+    path = Path(run_dir) / "configs" / "metadata.json"
+    if not path.is_file():
+        log.warning("%s: no metadata.json; segment names come from the plan", path.parent)
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    return meta
+
+
+def predict_dicom(run_dir: str | os.PathLike[str], input_path: str | os.PathLike[str],
+                  output_dir: str | os.PathLike[str], *, fmt: str = "nifti", series_uid: str | None = None,
+                  modality: str | None = None, min_slices: int = 1, description: str | None = None,
+                  device: str = "cpu", overlap: float = 0.5, overwrite: bool = False, tta: bool = False,
+                  precision: str = "float32", sw_batch_size: int | None = None) -> list[Path]:
+    """Segment one DICOM series (chosen by :func:`medseg.io.dicom.select_series`) of a folder.
+
+    The series is read in modality units with its exact geometry, predicted like any image, and
+    written into ``output_dir`` as ``<name><ending>`` (``name``: the series' description made
+    file-safe, else its SeriesInstanceUID):
+
+    * ``fmt="nifti"``: ``<name>_seg.nii.gz``, a label map in the series' geometry;
+    * ``fmt="dicom-seg"``: ``<name>_seg.dcm``, one DICOM SEG (:func:`medseg.io.dicom_seg.write_dicom_seg`);
+    * ``fmt="rtstruct"``: ``<name>_rtstruct.dcm``, one RT structure set (:func:`medseg.io.rtstruct.write_rtstruct`).
+
+    Segment names and codes come from the bundle's ``configs/metadata.json`` ``"segments"``; the
+    algorithm is identified as ``medseg <bundle name>`` with the bundle's version. Everything is
+    checked before the prediction; a failure leaves no output (and no new empty ``output_dir``).
+
+    Returns
+    -------
+    list of Path
+        The written file.
+
+    Raises
+    ------
+    DicomError
+        No DICOM image, no or an ambiguous series choice (the candidates are listed), a series with
+        blocking problems, unreadable or truncated files, missing pixel data, NaN voxels.
+    InputError
+        Unknown ``fmt``, an output that exists (unless ``overwrite``), a 2D model, bad options.
+    BundleError
+        Bad run folder, or segments without SNOMED CT codes for ``fmt="dicom-seg"``.
+    """
+    import tempfile
+
+    import SimpleITK as sitk
+
+    from medseg.errors import DicomError
+    from medseg.io import dicom
+
+    if fmt not in DICOM_OUTPUT_FORMATS:
+        raise InputError(None, f"--format must be one of {', '.join(DICOM_OUTPUT_FORMATS)}, got {fmt!r}")
+    scan = dicom.scan_dicom(input_path)
+    series = dicom.select_series(scan, series_uid=series_uid, modality=modality, min_slices=min_slices,
+                                 description=description)
+    predictor = Predictor.from_run(run_dir, device, overlap, sw_batch_size, tta, precision)
+    if predictor.plan.dims != 3:
+        raise InputError(Path(run_dir), f"is a {predictor.plan.dims}D model; DICOM series need a 3D model")
+    meta = bundle_metadata(run_dir)
+    segments = None
+    if fmt != "nifti":
+        from medseg.io.dicom_seg import segment_descriptions
+
+        segments = segment_descriptions(meta, predictor.plan.labels, require_codes=fmt == "dicom-seg",
+                                        source=Path(run_dir) / "configs" / "metadata.json")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(output_dir, "exists and is not a folder")
+    target = output_dir / (dicom_case_name(series.description, series.series_uid) + DICOM_OUTPUT_FORMATS[fmt])
+    if target.exists() and not overwrite:
+        raise InputError(target, "already exists; pass --overwrite to replace it")
+    what = f"series {series.series_uid} ({series.modality}, {series.size[2]} slices)"
+    log.info("%s: %s -> %s", Path(input_path), what, target)
+    image = dicom.read_series(series)
+    sources = dicom.source_datasets(series) if fmt != "nifti" else []
+    created_dir = not output_dir.exists()
+    try:
+        with tempfile.TemporaryDirectory(prefix="medseg-dicom-") as tmp:
+            volume = Path(tmp) / "series.mha"
+            sitk.WriteImage(image, str(volume))
+            try:
+                labels = predictor.predict_array(volume)
+            except InputError as exc:  # names the temporary file; the user knows the series
+                raise DicomError(Path(input_path), f"{what}: {exc.problem}") from exc
+            if fmt == "nifti":
+                write_label_map(labels, volume, target)
+            else:
+                from medseg.io.dicom_seg import write_dicom_seg
+                from medseg.io.rtstruct import write_rtstruct
+
+                writer = write_dicom_seg if fmt == "dicom-seg" else write_rtstruct
+                bundle_name = str(meta.get("name") or Path(run_dir).resolve().name)
+                # (x, y, z) index order -> (slices, rows, columns) of the source instances
+                writer(np.ascontiguousarray(labels.transpose(2, 1, 0)), sources, segments or {}, target,
+                       algorithm_name=f"medseg {bundle_name}", algorithm_version=str(meta.get("version") or "unknown"))
+    except BaseException:
+        if created_dir and output_dir.exists() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+    return [target]

@@ -1,0 +1,325 @@
+"""DICOM Segmentation (SEG) output with highdicom: one BINARY SEG instance per predicted series.
+
+The SEG references the exact source instances (every one of them in ``ReferencedSeriesSequence``,
+and the source slice of each frame in its ``DerivationImageSequence``), joins the source's study
+(patient and study modules copied by highdicom), opens a new series, and describes one segment per
+foreground label of the model with the label's name and SNOMED CT codes from the bundle's
+``configs/metadata.json`` ``"segments"``, algorithm type AUTOMATIC and the algorithm's name and
+version.
+
+Choices (documented in the README):
+
+* Segment type BINARY (LABELMAP needs a 2024 DICOM edition that dciodvfy and many viewers do not know).
+* Every foreground label of the model is described, also when the prediction does not contain it
+  (the segment then has no frames): a reader sees what the model looks for, and segment numbers
+  equal the model's label values.
+* Empty frames are omitted. A prediction without any foreground still gives a valid SEG (highdicom
+  then stores all frames, empty), with a warning in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.sr.coding import Code
+
+from medseg.errors import BundleError, DicomError
+from medseg.io.atomic import atomic_path
+
+__all__ = ["SourcePlane", "segment_descriptions", "source_planes", "segment_colour", "write_dicom_seg"]
+
+log = logging.getLogger(__name__)
+
+#: ``configs/metadata.json`` inside a bundle or run folder.
+METADATA_FILE = Path("configs") / "metadata.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Segment descriptions from the bundle metadata
+# --------------------------------------------------------------------------------------------
+
+def _coded(entry: Any) -> dict[str, str] | None:
+    """A ``{"code", "scheme", "meaning"}`` dict with all three set, or None."""
+    if not isinstance(entry, Mapping):
+        return None
+    values = {key: str(entry.get(key) or "").strip() for key in ("code", "scheme", "meaning")}
+    return values if all(values.values()) else None
+
+
+def segment_descriptions(metadata: Mapping[str, Any], labels: Mapping[int, str], *, require_codes: bool = True,
+                         source: str | os.PathLike[str] | None = None) -> dict[int, dict[str, Any]]:
+    """The segments of a model: ``{label value: {"name", "snomed", "category"}}`` for every
+    foreground label, from the bundle's ``metadata.json`` ``"segments"``.
+
+    A label missing from ``"segments"`` (bundles made before segment metadata existed) gets the
+    code medseg knows for its name (:func:`medseg.bundle.codes.segment_code`), with a warning.
+
+    Parameters
+    ----------
+    metadata
+        The parsed ``configs/metadata.json``.
+    labels
+        The model's labels (``plan.labels``: value -> name; 0 is background and skipped).
+    require_codes
+        Require a SNOMED CT property type and a category for every segment (DICOM SEG needs both;
+        an RT structure set only needs names).
+    source
+        The metadata file, named in error messages.
+
+    Raises
+    ------
+    BundleError
+        A foreground label without a code (when ``require_codes``), or a ``"segments"`` entry
+        whose name differs from the model's label name.
+    """
+    from medseg.bundle.codes import segment_code
+
+    where = os.fspath(source) if source is not None else "metadata.json"
+    entries = metadata.get("segments") if isinstance(metadata.get("segments"), Mapping) else {}
+    result: dict[int, dict[str, Any]] = {}
+    for value, name in sorted(labels.items()):
+        value = int(value)
+        if value == 0:
+            continue
+        entry = entries.get(str(value))
+        if not isinstance(entry, Mapping):
+            log.warning("%s: no segments.%d entry for label %r; using medseg's code for the name", where, value, name)
+            entry = segment_code(name)
+        if entry.get("name") not in (None, name):
+            raise BundleError(f"{where}: segments.{value}.name is {entry.get('name')!r}, "
+                              f"but the model calls label {value} {name!r}")
+        snomed, category = _coded(entry.get("snomed")), _coded(entry.get("category"))
+        if require_codes and (snomed is None or category is None):
+            key, what = ("snomed", "property type") if snomed is None else ("category", "category")
+            raise BundleError(f"{where}: segment {value} ({name!r}) has no SNOMED CT {what} code, which DICOM SEG "
+                              f"needs; set segments.{value}.{key} to {{\"code\", \"scheme\", \"meaning\"}}")
+        result[value] = {"name": str(name), "snomed": snomed, "category": category}
+    if not result:
+        raise BundleError(f"{where}: the model has no foreground label to describe")
+    return result
+
+
+def segment_colour(value: int) -> tuple[int, int, int]:
+    """The 0-255 RGB display colour of a label: the colour of medseg's report figures."""
+    from medseg.reports.figures import label_colour
+
+    return tuple(int(round(255 * c)) for c in label_colour(value))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Source geometry
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SourcePlane:
+    """One source slice (an instance, or one frame of a multi-frame instance) and its geometry."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None  # 1-based frame of a multi-frame instance, None for single-frame
+    position: np.ndarray  # ImagePositionPatient (LPS mm) of the first pixel
+    row_direction: np.ndarray  # direction of increasing column index (first half of IOP)
+    column_direction: np.ndarray  # direction of increasing row index (second half of IOP)
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) in mm
+    rows: int
+    columns: int
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_direction, self.column_direction)
+
+    def to_patient(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """LPS points (n, 3) of continuous pixel indices (row, column) in this plane."""
+        return (self.position[None, :]
+                + np.asarray(columns, dtype=np.float64)[:, None] * self.pixel_spacing[1] * self.row_direction[None, :]
+                + np.asarray(rows, dtype=np.float64)[:, None] * self.pixel_spacing[0] * self.column_direction[None, :])
+
+
+def _functional_group(ds: pydicom.Dataset, index: int, name: str) -> pydicom.Dataset | None:
+    """Item of functional group ``name`` of frame ``index`` (per-frame first, then shared)."""
+    for groups, i in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(groups)
+        if seq is not None and len(seq) > i and name in seq[i] and len(seq[i][name].value):
+            return seq[i][name].value[0]
+    return None
+
+
+def source_planes(sources: Sequence[pydicom.Dataset]) -> list[SourcePlane]:
+    """The slices of the source instances in the order a label map's slices follow.
+
+    Single-frame sources: one plane per dataset, in the given order (slice k = ``sources[k]``).
+    One multi-frame source: one plane per frame, sorted along the slice normal (row direction x
+    column direction), ascending, as :func:`medseg.io.dicom.read_series` orders them.
+
+    Raises
+    ------
+    DicomError
+        No sources, several multi-frame sources, or a source without plane geometry.
+    """
+    if not sources:
+        raise DicomError(None, "no source instances given")
+    multiframe = [ds for ds in sources if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds]
+    planes: list[SourcePlane] = []
+    if multiframe:
+        if len(sources) != 1:
+            raise DicomError(None, f"{len(sources)} source instances with a multi-frame one among them; "
+                                   "expected one multi-frame instance or single-frame instances only")
+        ds = sources[0]
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        for i in range(frames):
+            position = _functional_group(ds, i, "PlanePositionSequence")
+            orientation = _functional_group(ds, i, "PlaneOrientationSequence")
+            measures = _functional_group(ds, i, "PixelMeasuresSequence")
+            if position is None or orientation is None or measures is None:
+                raise DicomError(None, f"instance {ds.SOPInstanceUID}: frame {i + 1} has no plane position, "
+                                       "orientation or pixel spacing")
+            planes.append(_plane(ds, position.ImagePositionPatient, orientation.ImageOrientationPatient,
+                                 measures.PixelSpacing, i + 1))
+        order = np.argsort([float(p.position @ p.normal) for p in planes], kind="stable")
+        return [planes[i] for i in order]
+    for ds in sources:
+        if not all(k in ds for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")):
+            raise DicomError(None, f"instance {ds.get('SOPInstanceUID', '?')}: no ImagePositionPatient, "
+                                   "ImageOrientationPatient or PixelSpacing")
+        planes.append(_plane(ds, ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing, None))
+    return planes
+
+
+def _plane(ds: pydicom.Dataset, ipp: Sequence[Any], iop: Sequence[Any], spacing: Sequence[Any],
+           frame: int | None) -> SourcePlane:
+    cosines = np.asarray([float(v) for v in iop], dtype=np.float64)
+    return SourcePlane(str(ds.SOPClassUID), str(ds.SOPInstanceUID), frame,
+                       np.asarray([float(v) for v in ipp], dtype=np.float64), cosines[:3], cosines[3:],
+                       (float(spacing[0]), float(spacing[1])), int(ds.Rows), int(ds.Columns))
+
+
+def _check_label_map(label_map: np.ndarray, planes: Sequence[SourcePlane], segments: Mapping[int, Any]) -> np.ndarray:
+    """Validate a (slices, rows, columns) label map against the source planes and the segments.
+
+    Raises
+    ------
+    ValueError
+        Wrong shape, or label values that no segment describes.
+    """
+    label_map = np.asarray(label_map)
+    expected = (len(planes), planes[0].rows, planes[0].columns)
+    if label_map.ndim != 3 or tuple(label_map.shape) != expected:
+        raise ValueError(f"label map has shape {label_map.shape}; the source slices need {expected} "
+                         "(slices, rows, columns)")
+    present = {int(v) for v in np.unique(label_map)} - {0}
+    unknown = sorted(present - {int(k) for k in segments})
+    if unknown:
+        raise ValueError(f"label map holds values {unknown} that no segment describes")
+    return label_map
+
+
+# --------------------------------------------------------------------------------------------
+# SEG writer
+# --------------------------------------------------------------------------------------------
+
+def write_dicom_seg(label_map: np.ndarray, sources: Sequence[pydicom.Dataset], segments: Mapping[int, Mapping[str, Any]],
+                    out_path: str | os.PathLike[str], *, algorithm_name: str, algorithm_version: str,
+                    series_number: int = 900, series_description: str = "medseg segmentation") -> Path:
+    """Write ``label_map`` as one BINARY DICOM Segmentation instance of the source series' study.
+
+    Parameters
+    ----------
+    label_map
+        Integer array ``(slices, rows, columns)``: slice k is ``sources[k]`` for single-frame
+        sources (for one multi-frame source, its k-th frame along the slice normal, see
+        :func:`source_planes`); 0 is background, value v is segment ``segments[v]``.
+    sources
+        The source instances (``medseg.io.dicom.source_datasets``); pixel data is not needed.
+    segments
+        ``{label value: {"name", "snomed", "category"}}`` as :func:`segment_descriptions` returns.
+        Every entry becomes a segment (segment number = its rank, which equals the label value for
+        models with labels 1..N), whether or not the prediction contains it.
+    out_path
+        The SEG file; written atomically.
+    algorithm_name, algorithm_version
+        Algorithm identification of every segment (e.g. ``"medseg ct_abdomen_phantom"``, ``"0.1.0"``).
+
+    Returns
+    -------
+    Path
+        ``out_path``.
+
+    Raises
+    ------
+    DicomError
+        Sources without usable geometry, or highdicom refusing them (the message names the series).
+    ValueError
+        A label map that does not fit the sources or holds undescribed values; segments without codes.
+    """
+    import highdicom as hd
+
+    from medseg import __version__
+
+    out_path = Path(out_path)
+    planes = source_planes(sources)
+    label_map = _check_label_map(label_map, planes, segments)
+    values = sorted(int(v) for v in segments)
+    # segment numbers 1..N in label order (highdicom's label-map style needs them consecutive)
+    lut = np.zeros(max(values) + 1, dtype=np.uint8 if len(values) < 256 else np.uint16)
+    for number, value in enumerate(values, 1):
+        lut[value] = number
+    pixels = lut[label_map]
+    if len(sources) == 1 and planes[0].frame_number is not None:
+        # one multi-frame source: highdicom pairs pixel_array[i] with frame i + 1 of the file
+        in_file_order = np.empty_like(pixels)
+        in_file_order[[p.frame_number - 1 for p in planes]] = pixels  # type: ignore[operator]
+        pixels = in_file_order
+    algorithm = hd.AlgorithmIdentificationSequence(name=algorithm_name[:64], version=algorithm_version[:64],
+                                                   family=Code("123110", "DCM", "Artificial Intelligence"))
+    descriptions = []
+    for number, value in enumerate(values, 1):
+        entry = segments[value]
+        snomed, category = _coded(entry.get("snomed")), _coded(entry.get("category"))
+        if snomed is None or category is None:
+            raise ValueError(f"segment {value} ({entry.get('name')!r}) needs a SNOMED CT type and category code")
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=str(entry["name"])[:64],
+            segmented_property_category=Code(category["code"], category["scheme"], category["meaning"]),
+            segmented_property_type=Code(snomed["code"], snomed["scheme"], snomed["meaning"]),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            display_color=hd.color.CIELabColor.from_rgb(*segment_colour(value)),
+        ))
+    if not pixels.any():
+        log.warning("series %s: the prediction is empty; the SEG describes %d segment(s) with empty frames only",
+                    sources[0].SeriesInstanceUID, len(values))
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=list(sources),
+            pixel_array=pixels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=int(series_number),
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="medseg",
+            manufacturer_model_name=algorithm_name[:64],
+            software_versions=__version__,
+            device_serial_number="0",
+            content_label="MEDSEG",
+            content_description=series_description[:64],
+            series_description=series_description[:64],
+            omit_empty_frames=True,
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise DicomError(None, f"series {sources[0].get('SeriesInstanceUID', '?')}: cannot build a DICOM SEG "
+                               f"on these source images ({exc})") from exc
+    with atomic_path(out_path) as tmp:
+        seg.save_as(tmp, enforce_file_format=True)
+    log.info("DICOM SEG %s: series %s, %d frame(s), %d segment(s), source series %s",
+             out_path.name, seg.SeriesInstanceUID, int(seg.NumberOfFrames), len(values), sources[0].SeriesInstanceUID)
+    return out_path
