@@ -81,8 +81,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from medseg.inference.predictor import predict
+    from medseg.errors import InputError
+    from medseg.inference.predictor import predict, predict_dicom
+    from medseg.io.dicom import is_dicom_input
 
+    selection = {"--series-uid": args.series_uid, "--modality": args.modality,
+                 "--series-description": args.series_description,
+                 "--min-slices": args.min_slices if args.min_slices != 1 else None}
+    if is_dicom_input(args.input):
+        if args.instances or args.instance_labels is not None:
+            raise InputError(args.input, "--instances is not supported for DICOM input")
+        outputs = predict_dicom(args.model, args.input, args.output, fmt=args.format, series_uid=args.series_uid,
+                                modality=args.modality, min_slices=args.min_slices,
+                                description=args.series_description, device=args.device, overlap=args.overlap,
+                                overwrite=args.overwrite, tta=args.tta, precision=args.precision,
+                                sw_batch_size=args.sw_batch_size)
+        for path in outputs:
+            print(path)
+        return 0
+    given = [flag for flag, value in selection.items() if value is not None]
+    if args.format != "nifti" or given:
+        what = f"--format {args.format}" if args.format != "nifti" else ", ".join(given)
+        raise InputError(args.input, f"{what} needs a DICOM folder or file as --input")
     outputs = predict(args.model, args.input, args.output, device=args.device, overlap=args.overlap,
                       overwrite=args.overwrite, sw_batch_size=args.sw_batch_size,
                       instances=args.instances or args.instance_labels is not None,
@@ -139,6 +159,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from medseg.errors import DicomError
+    from medseg.io.image import image_suffix, read_geometry
+
+    if os.path.isfile(args.path) and image_suffix(args.path):  # NIfTI / NRRD / MetaImage: its grid
+        geometry = read_geometry(args.path)
+        print(f"{args.path}: {geometry.dims}D image, size {' x '.join(map(str, geometry.size))}, spacing "
+              f"{' x '.join(f'{s:.6g}' for s in geometry.spacing)} mm, origin "
+              f"({', '.join(f'{o:.6g}' for o in geometry.origin)}) mm (LPS), direction "
+              f"({', '.join(f'{d:.6g}' for d in geometry.direction)})")
+        return 0
+    from medseg.io.dicom import inspect_lines, scan_dicom
+
+    scan = scan_dicom(args.path)
+    lines, failures = inspect_lines(scan, decode=args.decode)
+    print("\n".join(lines))
+    if failures:
+        raise DicomError(args.path, f"{failures} file(s) could not be decoded (listed above)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from medseg.demo import run_demo
 
@@ -176,6 +217,40 @@ def cmd_bundle_export(args: argparse.Namespace) -> int:
     from medseg.bundle.export import export_bundle
 
     print(export_bundle(args.bundle, args.format, args.out))
+    return 0
+
+
+def cmd_pacs_run(args: argparse.Namespace) -> int:
+    from medseg.pacs.dicomweb import make_session, run_study
+
+    password, token = args.password, args.token
+    if password is None and args.username is not None:
+        password = os.environ.get("MEDSEG_PACS_PASSWORD")
+    if token is None and args.username is None:
+        token = os.environ.get("MEDSEG_PACS_TOKEN")
+    session = make_session(username=args.username, password=password, token=token, verify=not args.no_verify,
+                           ca_bundle=args.ca_bundle)
+    result = run_study(args.url, args.study, args.model, series_uid=args.series, modality=args.modality,
+                       session=session, output=args.output, device=args.device)
+    print(f"SOPInstanceUID={result.seg_sop_instance_uid}")
+    print(f"SeriesInstanceUID={result.seg_series_instance_uid}")
+    if result.seg_copy is not None:
+        print(result.seg_copy)
+    return 0
+
+
+def cmd_pacs_listen(args: argparse.Namespace) -> int:
+    from medseg.errors import InputError
+    from medseg.pacs.listener import Destination, Listener, ListenerConfig
+
+    if not 0 < args.port < 65536:
+        raise InputError(None, f"--port {args.port}: expected 1-65535")
+    if not 0 <= args.idle_seconds < float("inf"):
+        raise InputError(None, f"--idle-seconds must be a finite value >= 0, got {args.idle_seconds}")
+    config = ListenerConfig(port=args.port, ae_title=args.ae_title, model=args.model,
+                            forward=Destination.parse(args.forward), allow=tuple(args.allow),
+                            storage=args.storage, idle_seconds=args.idle_seconds, bind=args.bind, device=args.device)
+    Listener(config).serve_forever()
     return 0
 
 
@@ -218,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment images; label maps in the input's own geometry and format")
     p.add_argument("--model", required=True, help="run folder written by medseg train")
-    p.add_argument("--input", required=True, help="an image file or a folder of them (.nii, .nii.gz, .nrrd, .mha, .mhd)")
-    p.add_argument("--output", required=True, help="folder for <case>_seg.<ext> label maps")
+    p.add_argument("--input", required=True,
+                   help="an image file or a folder of them (.nii, .nii.gz, .nrrd, .mha, .mhd), or a DICOM folder / DICOMDIR")
+    p.add_argument("--output", required=True, help="folder for <case>_seg.<ext> label maps (or the DICOM outputs)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass")
@@ -232,6 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write <case>_instances.<ext>: one id per connected lesion (lesion/tumour labels)")
     p.add_argument("--instance-labels", type=_ints, default=None, metavar="L1,L2",
                    help="labels to split into instances (default: labels named lesion, tumour, ...)")
+    p.add_argument("--format", choices=["nifti", "dicom-seg", "rtstruct"], default="nifti",
+                   help="DICOM input: <name>_seg.nii.gz in the series geometry (default), <name>_seg.dcm "
+                        "(DICOM SEG) or <name>_rtstruct.dcm (RT structure set); <name>: series description or UID")
+    p.add_argument("--series-uid", default=None, metavar="UID", help="DICOM input: segment the series with this UID")
+    p.add_argument("--modality", default=None, type=str.upper, metavar="CT|MR",
+                   help="DICOM input: only series of this modality")
+    p.add_argument("--min-slices", type=int, default=1, metavar="N",
+                   help="DICOM input: only series with at least N slices")
+    p.add_argument("--series-description", default=None, metavar="REGEX",
+                   help="DICOM input: only series whose description matches this regular expression")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, HD95 and more per case and label")
@@ -254,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=["CT", "MR"], type=str.upper, default=None,
                    help="default: CT if the image holds values below -500 (HU), else MR")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("inspect", help="list the DICOM series in a folder / DICOMDIR / file: UIDs, geometry, problems")
+    p.add_argument("path", help="a folder tree of DICOM files, a DICOMDIR, a DICOM file, or a NIfTI/NRRD/MHA image")
+    p.add_argument("--decode", action="store_true", help="also decode every frame and report files that fail")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bundle", help="MONAI bundles: init, run, verify, export")
     bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
@@ -284,6 +375,40 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="output file (default: models/model.ts or models/model.onnx)")
     b.set_defaults(func=cmd_bundle_export)
 
+    p = sub.add_parser("pacs", help="PACS: segment a study over DICOMweb, or listen for DICOM C-STORE")
+    psub = p.add_subparsers(dest="pacs_command", metavar="ACTION", required=True)
+    b = psub.add_parser("run", help="DICOMweb: fetch a study's series (QIDO/WADO-RS), segment, store the SEG (STOW-RS)")
+    b.add_argument("--url", required=True, help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    b.add_argument("--study", required=True, metavar="STUDY_UID", help="StudyInstanceUID")
+    b.add_argument("--model", required=True, help="run folder or bundle")
+    b.add_argument("--series", default=None, metavar="SERIES_UID",
+                   help="series to segment (default: the study's only image series)")
+    b.add_argument("--modality", default=None, help="only consider series of this modality (e.g. CT)")
+    b.add_argument("--username", default=None, help="HTTP basic authentication user")
+    b.add_argument("--password", default=None,
+                   help="HTTP basic authentication password (default: $MEDSEG_PACS_PASSWORD)")
+    b.add_argument("--token", default=None, help="bearer token (default: $MEDSEG_PACS_TOKEN)")
+    tls = b.add_mutually_exclusive_group()
+    tls.add_argument("--no-verify", action="store_true", help="do not verify the server's TLS certificate (unsafe)")
+    tls.add_argument("--ca-bundle", default=None, metavar="FILE", help="verify TLS against this CA bundle (PEM)")
+    b.add_argument("--output", default=None, metavar="DIR", help="also keep a copy of the SEG in this folder")
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=cmd_pacs_run)
+    b = psub.add_parser("listen", help="DIMSE storage SCP: segment each received series, C-STORE the SEG onward")
+    b.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    b.add_argument("--ae-title", required=True, metavar="AET", help="this listener's AE title (the called AE)")
+    b.add_argument("--model", required=True, help="run folder or bundle")
+    b.add_argument("--forward", required=True, metavar="AET@HOST:PORT", help="where the SEGs are sent by C-STORE")
+    b.add_argument("--allow", action="append", default=[], metavar="CALLING_AET",
+                   help="accept associations only from this calling AE title (repeatable; default: any)")
+    b.add_argument("--storage", default="medseg-listener", metavar="DIR",
+                   help="folder for received instances, quarantine, SEGs and journal.sqlite (default: medseg-listener)")
+    b.add_argument("--idle-seconds", type=float, default=30.0, metavar="N",
+                   help="segment a series once no instance of it arrived for N seconds (default: 30)")
+    b.add_argument("--bind", default="0.0.0.0", metavar="ADDRESS", help="address to listen on (default: all)")
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=cmd_pacs_listen)
+
     p = sub.add_parser("demo", help="synthetic CT -> train -> predict -> evaluate, ending with 'mean Dice: ...'")
     p.add_argument("--out", default="medseg-demo", help="demo folder (replaced if it holds an earlier demo)")
     p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
@@ -299,8 +424,11 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, force=True)
     # "LoadImage" logs each reader it tries before the one that fits (nibabel before SimpleITK for NRRD)
-    for noisy in ("ignite", "monai", "LoadImage", "matplotlib", "PIL"):
+    for noisy in ("ignite", "monai", "LoadImage", "matplotlib", "PIL", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # with pydicom installed, MONAI's image readers warn on every image that the (CUDA-only) nvImageCodec
+    # pydicom plugin is missing; medseg decodes DICOM through pydicom's own plugins
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,97 @@
+"""The segmentation job shared by the DICOMweb client and the DIMSE listener: one series folder -> one SEG."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+
+from medseg.errors import MedsegError
+
+log = logging.getLogger(__name__)
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+class _RedactValues(logging.Filter):
+    """Replace quoted values in pydicom's log messages ("Invalid value for VR PN: '<name>'")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "'" in message or '"' in message:
+            record.msg, record.args = _QUOTED.sub("<value not logged>", message), None
+        return True
+
+
+def keep_values_out_of_logs() -> None:
+    """pydicom reports invalid element values (a malformed PatientName included) with the value in the
+    log and in a warning; a PACS process must not write patient data into its logs. Also quiets
+    highdicom's per-module INFO lines. Idempotent."""
+    logger = logging.getLogger("pydicom")
+    if not any(isinstance(f, _RedactValues) for f in logger.filters):
+        logger.addFilter(_RedactValues())
+    warnings.filterwarnings("ignore", message=r"Invalid value for VR")
+    # highdicom logs every module it copies into the SEG at INFO (a dozen lines per job)
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger("highdicom").getEffectiveLevel()))
+
+
+def check_model(model: str | os.PathLike[str]) -> None:
+    """Load the run folder's plan and weights once, so that a bad ``--model`` fails before any DICOM
+    traffic.
+
+    Raises
+    ------
+    BundleError
+        Missing folder, plan or weights, or weights that do not fit the plan's network.
+    """
+    import torch
+
+    from medseg.inference.predictor import load_model
+
+    load_model(model, torch.device("cpu"))
+
+
+def segment_series_folder(model: str | os.PathLike[str], series_dir: str | os.PathLike[str],
+                          out_dir: str | os.PathLike[str], *, series_uid: str | None = None,
+                          device: str = "cpu") -> Path:
+    """Segment the DICOM series in ``series_dir`` with ``model`` and write a DICOM SEG into ``out_dir``.
+
+    Calls :func:`medseg.inference.predictor.predict_dicom` with ``fmt="dicom-seg"``.
+
+    Parameters
+    ----------
+    model
+        Run folder or bundle (``medseg train --out``).
+    series_dir
+        Folder holding the instances of the series (other series may be present when ``series_uid``
+        names the one to segment).
+    out_dir
+        Folder for the SEG file.
+    series_uid
+        SeriesInstanceUID to segment; ``None``: the folder's only image series.
+    device
+        Torch device of the inference.
+
+    Returns
+    -------
+    Path
+        The DICOM SEG file.
+
+    Raises
+    ------
+    DicomError
+        Unusable series (see :func:`medseg.io.dicom.select_series`).
+    BundleError
+        Bad run folder.
+    MedsegError
+        The prediction wrote no DICOM SEG file.
+    """
+    from medseg.inference.predictor import predict_dicom
+
+    outputs = predict_dicom(model, series_dir, out_dir, fmt="dicom-seg", series_uid=series_uid, device=device)
+    segs = [Path(p) for p in outputs if Path(p).is_file()]
+    if len(segs) != 1:
+        raise MedsegError(f"{out_dir}: expected one DICOM SEG file from the prediction, got {len(segs)}")
+    log.info("SEG written: %s", segs[0].name)
+    return segs[0]
