@@ -18,7 +18,7 @@ from ignite.engine import Engine
 from monai.transforms import Compose, MapTransform
 
 from medseg.errors import BundleError, InputError
-from medseg.inference.inferer import PRECISIONS, InvertPredictiond, SlabInferer
+from medseg.inference.inferer import InvertPredictiond, SlabInferer
 from medseg.io.image import case_name, image_suffix, list_images, write_label_map
 from medseg.plan import Plan
 
@@ -108,18 +108,16 @@ def sliding_window_inferer(plan: Plan, overlap: float = 0.5, sw_batch_size: int 
     Raises
     ------
     InputError
-        If ``overlap`` is not in [0, 1), ``sw_batch_size`` is below 1 or ``precision`` is unknown.
+        If ``overlap`` is not in [0, 1), ``sw_batch_size`` is below 1, or ``output`` or ``precision``
+        is unknown.
     """
-    if not 0.0 <= float(overlap) < 1.0:
-        raise InputError(None, f"overlap must be in [0, 1), got {overlap}")
-    batch = sw_batch_size or plan.sw_batch_size
-    if int(batch) < 1:
-        raise InputError(None, f"sw_batch_size must be >= 1, got {batch}")
-    if precision not in PRECISIONS:
-        raise InputError(None, f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return SlabInferer(plan.patch_size, plan.num_classes, overlap=float(overlap), sw_batch_size=int(batch),
-                       mirror_axes=tuple(range(plan.dims)) if tta else (), output=output, progress=progress,
-                       precision=precision)
+    overlap, batch = float(overlap), int(sw_batch_size or plan.sw_batch_size)
+    try:  # SlabInferer checks overlap, window batch, output and precision; here they are the user's input
+        return SlabInferer(plan.patch_size, plan.num_classes, overlap=overlap, sw_batch_size=batch,
+                           mirror_axes=tuple(range(plan.dims)) if tta else (), output=output, progress=progress,
+                           precision=precision)
+    except ValueError as exc:
+        raise InputError(None, str(exc)) from exc
 
 
 class SaveLabelMapd(MapTransform):

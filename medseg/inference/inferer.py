@@ -92,9 +92,9 @@ class SlabInferer(Inferer):
         if int(sw_batch_size) < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
         if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.roi_size = tuple(int(r) for r in roi_size)
         self.num_classes = int(num_classes)
         self.overlap = float(overlap)
