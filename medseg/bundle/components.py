@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 PLAN_FILE = Path("configs") / "plan.json"
 WEIGHTS_FILE = Path("models") / "model.pt"
+META_FILE = Path("configs") / "metadata.json"
 
 
 def bundle_path(bundle_root: str | os.PathLike[str], parts: Sequence[str]) -> str:

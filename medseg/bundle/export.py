@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from medseg.bundle.components import PLAN_FILE, WEIGHTS_FILE, load_plan, load_weights
+from medseg.bundle.components import META_FILE, PLAN_FILE, WEIGHTS_FILE, load_plan, load_weights
 from medseg.bundle.runner import weights_only_loads
 from medseg.errors import BundleError, MedsegError
 from medseg.io.atomic import atomic_path
@@ -51,7 +51,6 @@ REQUIRED_METADATA: tuple[str, ...] = (
 #: MONAI >= 1.4 renamed ``optional_packages_version``; either name satisfies the requirement.
 METADATA_ALIASES: dict[str, str] = {"optional_packages_version": "required_packages_version"}
 
-META_FILE = Path("configs") / "metadata.json"
 INFERENCE_FILE = Path("configs") / "inference.json"
 NET_ID = "network_def"
 

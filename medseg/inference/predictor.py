@@ -23,6 +23,7 @@ import torch
 
 from medseg.bundle.codes import is_lesion_name
 from medseg.bundle.components import (
+    META_FILE,
     bundle_path,
     inference_postprocessing,
     load_plan,
@@ -276,7 +277,7 @@ def bundle_metadata(run_dir: str | os.PathLike[str]) -> dict:
     """
     import json
 
-    path = Path(run_dir) / "configs" / "metadata.json"
+    path = Path(run_dir) / META_FILE
     if not path.is_file():
         log.warning("%s: no metadata.json; segment names come from the plan", path.parent)
         return {}
@@ -344,7 +345,7 @@ def predict_dicom(run_dir: str | os.PathLike[str], input_path: str | os.PathLike
         from medseg.io.dicom_seg import segment_descriptions
 
         segments = segment_descriptions(meta, predictor.plan.labels, require_codes=fmt == "dicom-seg",
-                                        source=Path(run_dir) / "configs" / "metadata.json")
+                                        source=Path(run_dir) / META_FILE)
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(output_dir, "exists and is not a folder")

@@ -37,10 +37,6 @@ __all__ = ["SourcePlane", "segment_descriptions", "source_planes", "segment_colo
 
 log = logging.getLogger(__name__)
 
-#: ``configs/metadata.json`` inside a bundle or run folder.
-METADATA_FILE = Path("configs") / "metadata.json"
-
-
 # --------------------------------------------------------------------------------------------
 # Segment descriptions from the bundle metadata
 # --------------------------------------------------------------------------------------------
