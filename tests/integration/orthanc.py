@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -21,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from tests.tools import needs
 
 ORTHANC = shutil.which("Orthanc") or next(iter(glob.glob("/usr/sbin/Orthanc")), None)
 DICOMWEB_PLUGIN = next(iter(sorted(glob.glob("/usr/share/orthanc/plugins*/libOrthancDicomWeb.so"))), None)
 STORESCU = shutil.which("storescu")
 ECHOSCU = shutil.which("echoscu")
 OPENSSL = shutil.which("openssl")
-IN_CI = os.environ.get("CI") == "true"
 ORTHANC_AET = "ORTHANC"
 USER, PASSWORD = "medseg", "s3cret-pw"
 
@@ -42,8 +41,7 @@ def missing_tools(*names: str) -> list[str]:
 def require_tools(*names: str) -> pytest.MarkDecorator:
     """A skipif marker for missing tools; under CI=true the test runs (and fails) instead."""
     missing = missing_tools(*names)
-    return pytest.mark.skipif(bool(missing) and not IN_CI,
-                              reason=f"not installed: {', '.join(missing)} (scripts/install_system_deps.sh as root)")
+    return needs(not missing, ", ".join(missing))
 
 
 def free_port() -> int:

@@ -7,9 +7,7 @@ with the briefly trained model; the outputs are checked against each other and w
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -24,18 +22,9 @@ from medseg.data.synthetic import Grid
 from medseg.data.synthetic_dicom import PATIENT_ID, PATIENT_NAME, phantom_series
 from medseg.io.dicom import read_series, scan_dicom, select_series
 from medseg.io.image import Geometry, to_array
+from tests.tools import dciodvfy_errors, needs_dciodvfy
 
-DCIODVFY = shutil.which("dciodvfy")
-needs_dciodvfy = pytest.mark.skipif(DCIODVFY is None and os.environ.get("CI") != "true",
-                                    reason="dciodvfy (dicom3tools) not installed (scripts/install_system_deps.sh installs it)")
 DESCRIPTION = "Abdomen CT 2.5mm"  # the outputs are named Abdomen_CT_2.5mm_*
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """The "Error" lines dciodvfy prints for a file (warnings are not errors)."""
-    assert DCIODVFY is not None, "dciodvfy is required in CI: scripts/install_system_deps.sh installs dicom3tools"
-    result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.reports import build_report
+from tests.tools import needs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -21,8 +21,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "true",
-                       reason="chromium not installed (scripts/install_system_deps.sh installs it as root)"),
+    needs(CHROMIUM, "chromium"),
 ]
 
 

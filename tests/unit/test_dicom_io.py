@@ -8,10 +8,8 @@ gantry, a scout image in the series, ...).
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,10 +45,8 @@ from medseg.io.dicom import (
     select_series,
     source_datasets,
 )
+from tests.tools import dciodvfy_errors, needs, needs_dciodvfy
 
-HAVE_DCMTK = shutil.which("dcmcjpeg") is not None
-HAVE_DCIODVFY = shutil.which("dciodvfy") is not None
-IN_CI = os.environ.get("CI") == "true"
 
 
 def _rotation(axis: tuple[float, float, float], degrees: float) -> np.ndarray:
@@ -475,8 +471,7 @@ def test_corrupt_compressed_data_names_the_file(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 SYNTAXES = [ImplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless,
-            pytest.param(JPEGLosslessSV1, marks=pytest.mark.skipif(
-                not HAVE_DCMTK and not IN_CI, reason="dcmtk (dcmcjpeg) not installed: scripts/install_system_deps.sh"))]
+            pytest.param(JPEGLosslessSV1, marks=needs(shutil.which("dcmcjpeg"), "dcmtk (dcmcjpeg)"))]
 
 
 @pytest.mark.parametrize("modality", ["ct", "mr"])
@@ -524,14 +519,12 @@ def test_enhanced_multiframe_frames_out_of_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.pacs
-@pytest.mark.skipif(not HAVE_DCIODVFY and not IN_CI, reason="dicom3tools (dciodvfy) not installed")
+@needs_dciodvfy
 @pytest.mark.parametrize("modality,multiframe", [("ct", False), ("mr", False), ("ct", True), ("mr", True)])
 def test_synthetic_instances_pass_dciodvfy(tmp_path: Path, modality: str, multiframe: bool) -> None:
     files, _, _ = phantom_series(tmp_path, modality, seed=1, size=32, multiframe=multiframe,
                                  transfer_syntax=JPEGLSLossless if multiframe else ExplicitVRLittleEndian)
-    result = subprocess.run(["dciodvfy", str(files[0])], capture_output=True, text=True, timeout=60)
-    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-    assert errors == []
+    assert dciodvfy_errors(files[0]) == []
 
 
 def test_writer_refuses_values_that_do_not_fit(tmp_path: Path) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -19,20 +16,11 @@ from medseg.data.synthetic_dicom import write_dicom_series
 from medseg.errors import BundleError
 from medseg.io.dicom_seg import segment_descriptions, source_planes, write_dicom_seg
 from medseg.io.rtstruct import mask_contours, write_rtstruct
+from tests.tools import dciodvfy_errors, needs_dciodvfy
 
-DCIODVFY = shutil.which("dciodvfy")
-needs_dciodvfy = pytest.mark.skipif(DCIODVFY is None and os.environ.get("CI") != "true",
-                                    reason="dciodvfy (dicom3tools) not installed (scripts/install_system_deps.sh installs it)")
 
 LABELS = {0: "background", 1: "liver", 2: "spleen", 3: "lesion"}
 SEGMENTS = {v: segment_code(n) for v, n in LABELS.items() if v}
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """The "Error" lines dciodvfy prints for a file (warnings are not errors)."""
-    assert DCIODVFY is not None, "dciodvfy is required in CI: scripts/install_system_deps.sh installs dicom3tools"
-    result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
 
 
 def _image(direction: tuple[float, ...] = (1, 0, 0, 0, 1, 0, 0, 0, 1), size=(20, 16, 6)) -> sitk.Image:
