@@ -121,13 +121,16 @@ class Predictor:
                 raise cause from exc
             raise InputError(image_path, f"cannot read or preprocess this image ({type(cause).__name__}: {cause})") from exc
         image = data["image"]
-        if not torch.isfinite(image).all():
-            raise InputError(image_path, "has NaN or infinite voxel values")
         progress = self.progress if self.progress is not None else sys.stderr.isatty()
         inferer = sliding_window_inferer(self.plan, self.overlap, self.sw_batch_size, progress, tta=self.tta,
                                          output=self.output, precision=self.precision)
-        with torch.inference_mode():
-            data["pred"] = inferer(image[None].to(self.device), self.network)[0].cpu()
+        try:
+            with torch.inference_mode():
+                data["pred"] = inferer(image[None].to(self.device), self.network)[0].cpu()
+        except InputError as exc:  # NaN/Inf voxels (checked by the inferer, a few planes at a time), memory
+            if exc.path is not None:
+                raise
+            raise InputError(image_path, exc.problem) from exc
         labels = inference_postprocessing(self.plan, pre)(data)["pred"][0].numpy()
         if tuple(labels.shape) != geometry.size:
             raise MedsegError(f"{image_path}: internal error, inverted prediction has shape {labels.shape}, "

@@ -65,6 +65,15 @@ def _four_d(folder: Path, source: Path) -> Path:
     return path
 
 
+def _nan_voxels(folder: Path, source: Path) -> Path:
+    image = nib.load(str(source))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    data[data.shape[0] // 2, data.shape[1] // 2, data.shape[2] // 2] = np.nan
+    path = folder / "nan_voxel.nii.gz"
+    nib.save(nib.Nifti1Image(data, image.affine), str(path))
+    return path
+
+
 def _missing(folder: Path, source: Path) -> Path:
     return folder / "does_not_exist.nii.gz"
 
@@ -82,6 +91,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "truncated": (_truncated, "truncated"),
     "4d": (_four_d, "4D"),
     "empty-folder": (_empty_folder, "no image files"),
+    "nan-voxel": (_nan_voxels, "NaN or infinite voxel values"),
 }
 
 
