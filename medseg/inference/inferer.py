@@ -4,8 +4,9 @@
 ``monai.bundle run`` use it like MONAI's ``SlidingWindowInferer``) around
 :func:`medseg.inference.sliding.slab_sliding_window`: Gaussian blending, streamed in slabs, with
 features instead of logits blended when the network ends in a pointwise head (memory independent of
-the class count), optional test-time mirroring, and on the CPU the network's thin convolutions run in
-channels-last (:func:`medseg.inference.accelerate.inference_network`).
+the class count), optional test-time mirroring, and on the CPU the network's convolutions run by
+oneDNN, thin ones in channels-last (:func:`medseg.inference.accelerate.inference_network`), with freed
+activations kept in the heap between windows (:func:`medseg.inference.accelerate.retained_heap`).
 
 It returns one of
 
@@ -27,6 +28,7 @@ never picks it).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -41,7 +43,7 @@ from monai.inferers import Inferer
 from monai.transforms import AsDiscreted, Compose, Invertd, MapTransform
 
 from medseg.errors import InputError
-from medseg.inference.accelerate import inference_network
+from medseg.inference.accelerate import inference_network, retained_heap
 from medseg.inference.sliding import slab_sliding_window
 from medseg.networks import split_pointwise_head
 
@@ -70,11 +72,16 @@ class SlabInferer(Inferer):
     progress
         tqdm bar over the window batches.
     accelerate
-        On the CPU, run thin convolutions in channels-last (same arithmetic; off: the network as given).
+        On the CPU, run the 3D convolutions through oneDNN, thin ones in channels-last, and keep freed
+        activations in glibc's heap during the call (:mod:`medseg.inference.accelerate`; same arithmetic;
+        off: the network and the allocator as given).
     precision
         ``"float32"`` or ``"bfloat16"``: the network's forward pass under ``torch.autocast`` in bfloat16
         (about twice as fast on CPUs with AVX-512 BF16 and on GPUs); blending, head and softmax stay
         float32. Not bit-compatible with float32: check the agreement on your model first.
+    buffer_bytes
+        Budget of the blending buffer, above which a 3D volume is swept in x-strips (default: 128 MiB on
+        the CPU, none on a GPU); see :func:`medseg.inference.sliding.slab_sliding_window`.
 
     Raises
     ------
@@ -85,7 +92,7 @@ class SlabInferer(Inferer):
     def __init__(self, roi_size: Sequence[int], num_classes: int, overlap: float = 0.5, sw_batch_size: int = 2,
                  mirror_axes: Sequence[int] = (), output: str = "auto",
                  max_probability_bytes: int = DEFAULT_MAX_PROBABILITY_BYTES, progress: bool = False,
-                 accelerate: bool = True, precision: str = "float32") -> None:
+                 accelerate: bool = True, precision: str = "float32", buffer_bytes: int | None = None) -> None:
         super().__init__()
         if not 0.0 <= float(overlap) < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -105,6 +112,7 @@ class SlabInferer(Inferer):
         self.progress = progress
         self.accelerate = accelerate
         self.precision = precision
+        self.buffer_bytes = None if buffer_bytes is None else int(buffer_bytes)
 
     def _prepare(self, network: Callable[..., torch.Tensor], device: torch.device):
         """(body, head, feature channels) for ``network``; made anew on every call (a few shallow copies),
@@ -155,8 +163,16 @@ class SlabInferer(Inferer):
 
         common = dict(roi_size=self.roi_size, network=forward, num_classes=self.num_classes, overlap=self.overlap,
                       sw_batch_size=self.sw_batch_size, mirror_axes=self.mirror_axes, progress=self.progress,
-                      head=head, feature_channels=features)
+                      head=head, feature_channels=features, buffer_bytes=self.buffer_bytes)
         output = self.resolve_output(inputs)
+        with retained_heap() if self.accelerate and inputs.device.type == "cpu" else contextlib.nullcontext():
+            out = self._infer(inputs, output, common)
+        if isinstance(inputs, MetaTensor):
+            out = MetaTensor(out, meta=inputs.meta)
+        return out
+
+    @staticmethod
+    def _infer(inputs: torch.Tensor, output: str, common: dict[str, Any]) -> torch.Tensor:
         if output == "probabilities":
             result = slab_sliding_window(inputs, probabilities_in_memory=True, **common)
             out = torch.from_numpy(result.probabilities)[None].to(inputs.device)
@@ -164,8 +180,6 @@ class SlabInferer(Inferer):
             out = torch.from_numpy(_disk_probabilities(inputs, common))[None]  # stays on the CPU, on disk
         else:
             out = slab_sliding_window(inputs, **common).labels[None, None].to(inputs.device)
-        if isinstance(inputs, MetaTensor):
-            out = MetaTensor(out, meta=inputs.meta)
         return out
 
 

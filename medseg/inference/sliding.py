@@ -58,9 +58,13 @@ from monai.utils import (
 
 from medseg.errors import InputError
 
-__all__ = ["SlabResult", "estimate_slab_bytes", "label_dtype", "slab_sliding_window"]
+__all__ = ["DEFAULT_BUFFER_BYTES", "SlabResult", "estimate_slab_bytes", "label_dtype", "slab_sliding_window"]
 
 _GB = 1024**3
+#: Budget of the accumulation buffer on the CPU: above it the volume is swept in x-strips (see :func:`_plan`).
+DEFAULT_BUFFER_BYTES = 128 * 1024**2
+#: At most this fraction of MONAI's windows is computed a second time at the borders of x-strips.
+MAX_EXTRA_WINDOWS = 0.25
 
 
 @dataclass
@@ -84,7 +88,10 @@ class SlabResult:
         first window reaches it and gives it back when the last has passed (about as many voxels as
         blocks are alive at one time); times ``buffer_channels`` float32, instead of ``(C, *spatial)``.
     num_windows
-        How many windows went through the network (each once, times ``1 + len(mirror_axes)`` passes).
+        How many windows went through the network (times ``1 + len(mirror_axes)`` passes): MONAI's
+        windows, plus those computed again at the borders of x-strips.
+    strips
+        Strips along x the volume was swept in (1: the whole cross-section at once).
     """
 
     labels: torch.Tensor
@@ -92,6 +99,7 @@ class SlabResult:
     buffer_channels: int = 0
     peak_buffer_voxels: int = 0
     num_windows: int = 0
+    strips: int = 1
 
 
 def label_dtype(num_classes: int) -> torch.dtype:
@@ -133,6 +141,7 @@ def estimate_slab_bytes(
     probabilities: bool = False,
     feature_channels: int | None = None,
     probabilities_in_memory: bool = False,
+    buffer_bytes: int | None = DEFAULT_BUFFER_BYTES,
 ) -> int:
     """Bytes that :func:`slab_sliding_window` allocates on top of the input (the network's own
     activations excluded: they depend on the network, not on the volume).
@@ -141,15 +150,16 @@ def estimate_slab_bytes(
     a pointwise head is applied after blending, else ``num_classes``), the weights of one block, the
     label map, the per-flush temporaries (bounded chunks of logits, max values and indices, float16
     copies), the float32 probabilities with ``probabilities_in_memory``, and one batch of network outputs
-    (twice with ``mirrored``).
+    (twice with ``mirrored``). ``buffer_bytes`` is the strip budget (see :func:`slab_sliding_window`).
     """
     _, _, padded, scan, window = _geometry(spatial_shape, roi_size, overlap)
-    plan = _BlockPlan(padded, window, _window_order(padded, window, scan))
+    channels = int(feature_channels) if feature_channels else int(num_classes)
+    plan = _plan(padded, window, scan, channels, buffer_bytes)
     return _estimate_bytes(plan, spatial_shape, window, num_classes, sw_batch_size, mirrored, probabilities,
                            feature_channels, probabilities_in_memory)
 
 
-def _estimate_bytes(plan: _BlockPlan, spatial_shape: Sequence[int], window: Sequence[int], num_classes: int,
+def _estimate_bytes(plan: _Plan, spatial_shape: Sequence[int], window: Sequence[int], num_classes: int,
                     sw_batch_size: int, mirrored: bool, probabilities: bool, feature_channels: int | None,
                     probabilities_in_memory: bool = False) -> int:
     """:func:`estimate_slab_bytes` for a block plan already made."""
@@ -236,6 +246,7 @@ def slab_sliding_window(
     mirror_axes: Sequence[int] = (),
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     feature_channels: int | None = None,
+    buffer_bytes: int | None = None,
 ) -> SlabResult:
     """Gaussian-blended sliding-window inference whose memory does not grow with classes x volume.
 
@@ -283,6 +294,12 @@ def slab_sliding_window(
         blended, and the head runs on each finished block: the blocks have ``feature_channels`` channels
         whatever the number of classes. Because the Gaussian blending is a normalised weighted mean,
         ``head(blend(features)) == blend(head(features))`` up to float rounding.
+    buffer_bytes
+        Budget of the accumulation buffer (default: :data:`DEFAULT_BUFFER_BYTES` on the CPU, none on other
+        devices). A 3D volume whose buffer would exceed it is swept in 2 or more strips along x, cut at
+        window starts: the windows straddling a cut go through the network once per strip (at most
+        :data:`MAX_EXTRA_WINDOWS` more windows; the smallest buffer within that when the budget cannot be
+        met). The result does not change: every voxel still blends every window that covers it.
 
     Raises
     ------
@@ -325,11 +342,12 @@ def slab_sliding_window(
     # DynUNet(8..64), 96x96x64 windows, 2 threads: 0.20 GB and 0.20 s per window alone, 0.34 GB and
     # 0.27 s per window in pairs). On a GPU the window batch is kept: there it buys throughput.
     step = 1 if head is not None and device.type == "cpu" else sw_batch_size
-    # windows: MONAI's positions in the padded volume, in the order that keeps the fewest blocks alive
-    starts = _window_order(padded, window, scan)
-    blocks = _BlockPlan(padded, window, starts)
+    # windows: MONAI's positions in the padded volume, in the order that keeps the fewest blocks alive,
+    # in x-strips when the buffer would exceed its budget
+    budget = buffer_bytes if buffer_bytes is not None else (DEFAULT_BUFFER_BYTES if device.type == "cpu" else None)
+    plan = _plan(padded, window, scan, buffer_channels, budget)
     in_memory = probabilities_in_memory and probabilities_path is None
-    need = _estimate_bytes(blocks, spatial, window, num_classes, step, bool(axes),
+    need = _estimate_bytes(plan, spatial, window, num_classes, step, bool(axes),
                            probabilities_path is not None or in_memory, buffer_channels, in_memory)
     avail = _available_device_bytes(device)
     if avail is not None and need > avail:
@@ -359,29 +377,42 @@ def slab_sliding_window(
     if probs is not None:
         writer = _ProbabilityWriter(probs)
         probs_dtype = torch.float16 if probs.dtype == np.float16 else torch.float32
-    lead = nd - len(blocks.axes)  # leading axes (x in 3D) are whole in every block
-    lead_crop = tuple(slice(lo, lo + s) for lo, s in zip(pad_lo[:lead], spatial[:lead]))
+    lead = nd - 2  # the leading axis (x in 3D) is whole in every block of a strip; 2D has none
     chunk_voxels = _chunk_voxels(num_classes, buffer_channels)
 
     with torch.inference_mode():
         importance = compute_importance_map(window, mode="gaussian", sigma_scale=sigma_scale, device=device,
                                             dtype=torch.float32)
         live: dict[tuple[int, ...], torch.Tensor] = {}  # block -> sum over windows of importance * output
-        arena = torch.empty(buffer_channels * blocks.arena_voxels, dtype=torch.float32, device=device)  # see _BlockPlan
+        arena = torch.empty(buffer_channels * plan.arena_voxels, dtype=torch.float32, device=device)  # see _BlockPlan
+        strip = plan.strips[0]
+
+        def lead_parts(start: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+            """Where a window starting at ``start`` meets the strip along the leading axis: (in the strip's
+            blocks, in the window); nothing in 2D."""
+            if not lead:
+                return (), ()
+            x0, x1 = max(start[0], strip.x0), min(start[0] + window[0], strip.x1)
+            return (slice(x0 - strip.x0, x1 - strip.x0),), (slice(x0 - start[0], x1 - start[0]),)
 
         def block_weight(block: tuple[int, ...], bounds: list[tuple[int, int]]) -> torch.Tensor:
             """The block's sum of importance maps (MONAI's count map), from the windows that cover it."""
-            weight = torch.zeros((*padded[:lead], *(b1 - b0_ for b0_, b1 in bounds)), dtype=torch.float32,
+            blocks = strip.blocks
+            weight = torch.zeros((*strip.lead_shape, *(b1 - b0_ for b0_, b1 in bounds)), dtype=torch.float32,
                                  device=device)
             for w in blocks.windows_of[block]:
-                start = starts[w]
-                weight[tuple(slice(s, s + k) for s, k in zip(start[:lead], window[:lead]))] += importance[
-                    (*(slice(None),) * lead, *blocks.window_part(start, bounds))]
+                start = strip.starts[w]
+                dst, src = lead_parts(start)
+                weight[dst] += importance[(*src, *blocks.window_part(start, bounds))]
             return weight
 
         def flush(block: tuple[int, ...]) -> None:
             acc = live.pop(block)
+            blocks = strip.blocks
             bounds = blocks.bounds_of(block)
+            lead_crop, lead_out = strip.crop(pad_lo, spatial)
+            if lead_crop is None:
+                return  # padding only
             # the block's part of the original (unpadded) volume
             sel, out_index = [], []
             for axis, (b0, b1) in zip(blocks.axes, bounds):
@@ -400,7 +431,7 @@ def slab_sliding_window(
                     logits = _head_logits(head, logits, num_classes)
                 best, idx = logits.max(dim=0)  # first maximum on ties, as argmax
                 if lead:
-                    index = (slice(r0, r1), *(slice(None),) * (lead - 1), *out_index)
+                    index = (slice(lead_out + r0, lead_out + r1), *out_index)
                 else:  # 2D: the first axis is a block axis
                     first = out_index[0]
                     index = (slice(first.start + r0, first.start + r1), *out_index[1:])
@@ -435,38 +466,45 @@ def slab_sliding_window(
                 out /= 1 + len(axes)
             return out
 
-        batches = range(0, len(starts), step)
+        bar = None
         if progress:
             from monai.utils import optional_import
 
             tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
             if has_tqdm:
-                batches = tqdm(batches)
-        for b0 in batches:
-            group = starts[b0 : b0 + step]
-            batch = torch.cat([window_input(s) for s in group]).to(device=device, dtype=in_dtype)
-            out = forward(batch)
-            out *= importance  # MONAI: seg_prob *= w_t, then output[window] += seg_prob
-            for i, (p, start) in enumerate(zip(out, group)):
-                w = b0 + i
-                lead_sl = tuple(slice(s, s + k) for s, k in zip(start[:lead], window[:lead]))
-                for block in blocks.covers[w]:
-                    bounds = blocks.bounds_of(block)
-                    if block not in live:
-                        shape = (buffer_channels, *padded[:lead], *(b1 - b0_ for b0_, b1 in bounds))
-                        offset = buffer_channels * blocks.offset_of[block]
-                        live[block] = arena[offset : offset + math.prod(shape)].view(shape).zero_()
-                    # the block lies inside the window along the block axes
-                    win = blocks.window_part(start, bounds)
-                    live[block][(slice(None), *lead_sl)] += p[(slice(None), *(slice(None),) * lead, *win)]
-                for block in blocks.finished_after[w]:
-                    flush(block)
-            del batch, out
+                bar = tqdm(total=sum(math.ceil(len(s.starts) / step) for s in plan.strips))
+        for strip in plan.strips:
+            blocks, starts = strip.blocks, strip.starts
+            for b0 in range(0, len(starts), step):
+                group = starts[b0 : b0 + step]
+                batch = torch.cat([window_input(s) for s in group]).to(device=device, dtype=in_dtype)
+                out = forward(batch)
+                out *= importance  # MONAI: seg_prob *= w_t, then output[window] += seg_prob
+                for i, (p, start) in enumerate(zip(out, group)):
+                    w = b0 + i
+                    dst, src = lead_parts(start)
+                    for block in blocks.covers[w]:
+                        bounds = blocks.bounds_of(block)
+                        if block not in live:
+                            shape = (buffer_channels, *strip.lead_shape, *(b1 - b0_ for b0_, b1 in bounds))
+                            offset = buffer_channels * blocks.offset_of[block]
+                            live[block] = arena[offset : offset + math.prod(shape)].view(shape).zero_()
+                        # the block lies inside the window along the block axes
+                        win = blocks.window_part(start, bounds)
+                        live[block][(slice(None), *dst)] += p[(slice(None), *src, *win)]
+                    for block in blocks.finished_after[w]:
+                        flush(block)
+                del batch, out
+                if bar is not None:
+                    bar.update()
+        if bar is not None:
+            bar.close()
 
     if isinstance(probs, np.memmap):
         probs.flush()
     return SlabResult(labels=labels, probabilities=probs, buffer_channels=buffer_channels,
-                      peak_buffer_voxels=blocks.arena_voxels, num_windows=len(starts))
+                      peak_buffer_voxels=plan.arena_voxels, num_windows=plan.num_windows,
+                      strips=len(plan.strips))
 
 
 def _window_order(padded: Sequence[int], window: Sequence[int], scan: Sequence[int]) -> list[tuple[int, ...]]:
@@ -479,13 +517,98 @@ def _window_order(padded: Sequence[int], window: Sequence[int], scan: Sequence[i
     return starts
 
 
+@dataclass
+class _Strip:
+    """The windows meeting ``[x0, x1)`` of the padded volume (all of it in 2D), in sweep order, and their blocks
+    (cut to the strip along x: what a window has outside the strip is left to the neighbouring strip)."""
+
+    x0: int
+    x1: int
+    starts: list[tuple[int, ...]]
+    blocks: _BlockPlan
+    lead_shape: tuple[int, ...]
+
+    def crop(self, pad_lo: Sequence[int], spatial: Sequence[int]) -> tuple[tuple[slice, ...] | None, int]:
+        """(the strip's unpadded part along x, in strip coordinates; where it starts in the output); ``None``
+        when the strip is padding only; ``((), 0)`` in 2D."""
+        if not self.lead_shape:
+            return (), 0
+        o0, o1 = max(self.x0, pad_lo[0]), min(self.x1, pad_lo[0] + spatial[0])
+        if o0 >= o1:
+            return None, 0
+        return (slice(o0 - self.x0, o1 - self.x0),), o0 - pad_lo[0]
+
+
+@dataclass
+class _Plan:
+    """The strips of one sweep; the arena is sized for the largest."""
+
+    strips: list[_Strip]
+
+    @property
+    def arena_voxels(self) -> int:
+        return max(s.blocks.arena_voxels for s in self.strips)
+
+    @property
+    def largest_block_voxels(self) -> int:
+        return max(s.blocks.largest_block_voxels for s in self.strips)
+
+    @property
+    def num_windows(self) -> int:
+        return sum(len(s.starts) for s in self.strips)
+
+
+def _plan(padded: Sequence[int], window: Sequence[int], scan: Sequence[int], channels: int,
+          budget: int | None) -> _Plan:
+    """The sweep of a volume: one strip, or (3D, buffer over ``budget`` bytes) the fewest x-strips that bring
+    the buffer under it, cut at MONAI's window starts as evenly as they allow, while the windows computed
+    twice stay within :data:`MAX_EXTRA_WINDOWS` of MONAI's (the last within that bound when none does).
+
+    The buffer's floor is a slice of the volume as thick as the windows' overlap along z (32 planes of
+    512 x 512 for a 96 x 96 x 64 roi at overlap 0.5): sweeping in strips divides its area, at the price of
+    the windows that straddle a cut (one column of windows per cut at overlap 0.5).
+    """
+    starts = _window_order(padded, window, scan)
+
+    def strip(x0: int, x1: int) -> _Strip:
+        if len(padded) < 3:
+            return _Strip(x0, x1, starts, _BlockPlan(padded, window, starts), ())
+        mine = [s for s in starts if s[0] < x1 and s[0] + window[0] > x0]
+        lead = (x1 - x0, *(int(p) for p in padded[1:-2]))
+        return _Strip(x0, x1, mine, _BlockPlan(padded, window, mine, math.prod(lead)), lead)
+
+    best = _Plan([strip(0, int(padded[0]))])
+    if budget is None or len(padded) < 3:
+        return best
+    xs = sorted({s[0] for s in starts})
+    for count in range(2, len(xs) + 1):
+        if channels * best.arena_voxels * 4 <= budget:
+            break
+        cuts: list[int] = []
+        for k in range(1, count):  # the window start nearest to an even cut, after the previous one
+            later = [x for x in xs if x > (cuts[-1] if cuts else 0)]
+            if not later:
+                break
+            cuts.append(min(later, key=lambda x: abs(x - k * padded[0] / count)))
+        if len(cuts) < count - 1:
+            break
+        edges = [0, *cuts, int(padded[0])]
+        candidate = _Plan([strip(a, b) for a, b in zip(edges[:-1], edges[1:])])
+        if candidate.num_windows > (1 + MAX_EXTRA_WINDOWS) * len(starts):
+            break
+        if candidate.arena_voxels < best.arena_voxels:
+            best = candidate
+    return best
+
+
 class _BlockPlan:
     """Blocks of the accumulation buffer: the padded volume cut along its last two axes at every window
     start and end (leading axes whole). A block is allocated when the first window touching it arrives
     and reduced to labels and freed right after the last one: with windows ordered by z then y, at most
     about ``(roi_z - step_z)`` planes plus two rows of blocks are alive at any time."""
 
-    def __init__(self, padded: Sequence[int], window: Sequence[int], starts: Sequence[tuple[int, ...]]) -> None:
+    def __init__(self, padded: Sequence[int], window: Sequence[int], starts: Sequence[tuple[int, ...]],
+                 lead_voxels: int | None = None) -> None:
         nd = len(padded)
         self.axes = tuple(range(max(0, nd - 2), nd))
         self.cuts = []
@@ -506,7 +629,7 @@ class _BlockPlan:
         self.finished_after: list[list[tuple[int, ...]]] = [[] for _ in starts]
         for block, w in last.items():
             self.finished_after[w].append(block)
-        lead = math.prod(int(p) for p in padded[: nd - len(self.axes)])
+        lead = lead_voxels if lead_voxels is not None else math.prod(int(p) for p in padded[: nd - len(self.axes)])
         self.largest_block_voxels = max(self.voxels(b) for b in last) * lead
         # One arena for all blocks: a block is a contiguous piece of it, placed first-fit when the first
         # window reaches the block and given back (merged with free neighbours) when the last has passed.

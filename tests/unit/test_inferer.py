@@ -11,7 +11,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import DynUNet, UNet
 
-from medseg.inference.accelerate import ChannelsLast, inference_network
+from medseg.inference.accelerate import ChannelsLast, OneDNNConv3d, inference_network
 from medseg.inference.inferer import SlabInferer
 
 
@@ -23,10 +23,15 @@ def _unet(classes: int) -> torch.nn.Module:
 def test_inference_network_is_the_same_function_and_leaves_the_original_alone():
     net = _unet(2)
     fast = inference_network(net)
-    wrapped = [m for m in fast.modules() if isinstance(m, ChannelsLast)]
-    # the thin convolutions (1 input channel; 2 output classes) and nothing else
-    assert wrapped and all(min(m.conv.in_channels, m.conv.out_channels) <= 2 for m in wrapped)
-    assert not any(isinstance(m, ChannelsLast) for m in net.modules())
+    convs = [m for m in net.modules() if type(m) is torch.nn.Conv3d]
+    onednn = [m for m in fast.modules() if isinstance(m, OneDNNConv3d)]
+    # every convolution runs through oneDNN; the thin ones (1 input channel; 2 output classes) in channels-last
+    assert len(onednn) == len(convs)
+    assert {m.channels_last for m in onednn} == {True, False}
+    assert all(m.channels_last == (min(m.conv.in_channels, m.conv.out_channels) <= 2) for m in onednn)
+    transposed = [m for m in fast.modules() if isinstance(m, ChannelsLast)]
+    assert len(transposed) == sum(type(m) is torch.nn.ConvTranspose3d for m in net.modules()) > 0
+    assert not any(isinstance(m, (ChannelsLast, OneDNNConv3d)) for m in net.modules())
     x = torch.randn(2, 1, 32, 32, 16)
     with torch.inference_mode():
         ref, out = net(x), fast(x)
@@ -34,7 +39,46 @@ def test_inference_network_is_the_same_function_and_leaves_the_original_alone():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # the original keeps its own parameters, in their own layout
     assert all(p.is_contiguous() for p in net.parameters())
-    assert inference_network(net, thin_channels=0) is net
+    assert not any(m.channels_last for m in inference_network(net, thin_channels=0).modules()
+                   if isinstance(m, OneDNNConv3d))
+
+
+def test_onednn_convolution_runs_small_inputs_in_onednn_and_keeps_autocast():
+    conv = torch.nn.Conv3d(1, 8, 3, padding=1).eval()  # a CT network's first layer, one window
+    x = torch.randn(1, 1, 24, 24, 16)
+    fast = OneDNNConv3d(conv, channels_last=True)
+    with torch.inference_mode():
+        with torch.profiler.profile() as prof:
+            out = fast(x)
+        torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous()
+        names = {e.key for e in prof.key_averages()}
+        assert "aten::mkldnn_convolution" in names and "aten::slow_conv3d_forward" not in names
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fast(x).dtype == torch.bfloat16  # under autocast: the module's own (autocast) path
+
+
+def test_retained_heap_keeps_activations_in_the_heap_and_gives_them_back():
+    import os
+
+    from medseg.inference.accelerate import _glibc, retained_heap
+
+    if _glibc() is None:
+        pytest.skip("not glibc")
+
+    def resident_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    with retained_heap():
+        block = torch.ones(40 << 20, dtype=torch.uint8)  # a window's activation of 40 MB, written
+        peak = resident_mb()
+        del block
+        kept = resident_mb()  # freed but kept in the heap: the next window reuses the pages
+    released = resident_mb()
+    assert kept >= peak - 5, (peak, kept)
+    assert released <= peak - 35, (peak, released)
+
 
 
 def test_labels_and_probabilities_agree_with_monai():

@@ -142,13 +142,15 @@ def test_mirror_axes_equal_monai_on_flipped_volumes_for_a_symmetric_grid():
 def test_estimate_is_far_below_monai_buffer_for_a_large_ct():
     classes, shape = 105, (512, 512, 400)
     monai_buffer = classes * math.prod(shape) * 4  # ~44 GB
-    estimate = estimate_slab_bytes(shape, (96, 96, 96), 0.5, classes)
+    estimate = estimate_slab_bytes(shape, (96, 96, 96), 0.5, classes, buffer_bytes=None)
     half_window = classes * 512 * 512 * 48 * 4  # planes that every z-step leaves to the next one
     assert half_window <= estimate < monai_buffer / 5
     # the buffer does not grow with depth (MONAI's doubles): twice the depth adds the label map (uint8)
     # and at most a few planes, depending on where MONAI's last window falls
-    extra = estimate_slab_bytes((512, 512, 800), (96, 96, 96), 0.5, classes) - estimate
+    extra = estimate_slab_bytes((512, 512, 800), (96, 96, 96), 0.5, classes, buffer_bytes=None) - estimate
     assert 512 * 512 * 400 <= extra <= 512 * 512 * 400 + (classes + 1) * 512 * 512 * 16 * 4
+    # swept in x-strips (the default budget on the CPU), the buffer is a fraction of a whole cross-section
+    assert estimate_slab_bytes(shape, (96, 96, 96), 0.5, classes) < 0.6 * estimate
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -303,3 +305,38 @@ def test_split_pointwise_head_refuses_networks_without_one():
 def test_a_head_needs_the_feature_channels():
     with pytest.raises(ValueError, match="feature_channels"):
         slab_sliding_window(volume(20, 20, 10), (16, 16, 8), conv_net(4), 4, head=torch.nn.Identity())
+
+
+@pytest.mark.parametrize(("with_head", "mirror"), [(False, ()), (True, ()), (False, (0,))])
+def test_a_small_buffer_budget_sweeps_x_strips_with_the_same_result(tmp_path, with_head, mirror):
+    from medseg.networks import split_pointwise_head
+
+    classes, shape, roi = 7, (90, 30, 40), (20, 16, 16)  # 8 window columns along x at overlap 0.5
+    x = volume(*shape)
+    if with_head:
+        net = _pointwise_head_networks(classes)["dynunet"]
+        body, head, features = split_pointwise_head(net)
+        kw = dict(head=head, feature_channels=features)
+    else:
+        net = body = conv_net(classes)
+        kw = {}
+    whole = slab_sliding_window(x, roi, body, classes, overlap=0.5, mirror_axes=mirror, buffer_bytes=None, **kw)
+    swept = slab_sliding_window(x, roi, body, classes, overlap=0.5, mirror_axes=mirror,
+                                buffer_bytes=whole.buffer_channels * whole.peak_buffer_voxels * 4 // 3,
+                                probabilities_path=tmp_path / "p.npy", **kw)
+    assert whole.strips == 1 and swept.strips >= 2
+    # a smaller buffer, paid for by the windows that straddle a cut (one column each at overlap 0.5)
+    assert swept.peak_buffer_voxels < 0.6 * whole.peak_buffer_voxels
+    assert whole.num_windows < swept.num_windows <= 1.25 * whole.num_windows
+    runs = [monai_logits(x, roi, net, 0.5)]
+    for a in mirror:
+        runs.append(monai_logits(x, roi, lambda w, d=a + 2: net(w.flip(d)).flip(d), 0.5))
+    assert_matches(swept, torch.stack(runs).mean(0))
+    assert torch.equal(swept.labels, whole.labels)
+
+
+def test_strips_stay_within_a_quarter_more_windows_when_the_budget_cannot_be_met():
+    x = volume(90, 30, 40)
+    result = slab_sliding_window(x, (20, 16, 16), conv_net(3), 3, overlap=0.5, buffer_bytes=1)
+    monai_windows = 8 * 3 * 4  # x: 0, 10, .., 70; y: 0, 8, 14; z: 0, 8, 16, 24
+    assert result.strips >= 2 and monai_windows < result.num_windows <= 1.25 * monai_windows
