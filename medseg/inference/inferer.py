@@ -80,7 +80,7 @@ class SlabInferer(Inferer):
         (about twice as fast on CPUs with AVX-512 BF16 and on GPUs); blending, head and softmax stay
         float32. Not bit-compatible with float32: check the agreement on your model first.
     buffer_bytes
-        Budget of the blending buffer, above which a 3D volume is swept in x-strips (default: 128 MiB on
+        Budget of the blending buffer, above which a 3D volume is swept in x-strips (default: 96 MiB on
         the CPU, none on a GPU); see :func:`medseg.inference.sliding.slab_sliding_window`.
 
     Raises

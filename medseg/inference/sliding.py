@@ -11,9 +11,13 @@ when the first window reaches it and, right after the last window touching it, n
 labels (argmax) and, when asked, softmax probabilities (float16, into a ``.npy`` memory map on disk),
 and freed. At most about ``roi_z - step_z`` planes plus two rows of blocks are alive at a time (32 of
 400 planes, plus two 96-row strips of 64, for a 96 x 96 x 64 roi at overlap 0.5). With a pointwise
-head (``head=``) the blocks hold the network's feature channels instead of its class logits. Peak
-memory is therefore the input + that buffer + the label map + one batch of windows through the
-network, independent of the volume's depth and, with a head, of the number of classes.
+head (``head=``) the blocks hold the network's feature channels instead of its class logits. When that
+buffer would still exceed its budget (``buffer_bytes``, 96 MiB on the CPU), a 3D volume is swept in
+strips along x, cut at window starts, one after the other: the buffer shrinks with the strip's width,
+and the windows that straddle a cut go through the network once for each strip (at overlap 0.5 one
+column of windows per cut; never more than 30 % more windows in all). Peak memory is therefore the
+input + that buffer + the label map + one batch of windows through the network, independent of the
+volume's depth and, with a head, of the number of classes.
 
 The blended logits equal MONAI's with the same settings up to float rounding (the per-voxel sums add
 the same terms in a different order), so the label maps agree voxel for voxel except at exact ties.
@@ -62,9 +66,11 @@ __all__ = ["DEFAULT_BUFFER_BYTES", "SlabResult", "estimate_slab_bytes", "label_d
 
 _GB = 1024**3
 #: Budget of the accumulation buffer on the CPU: above it the volume is swept in x-strips (see :func:`_plan`).
-DEFAULT_BUFFER_BYTES = 128 * 1024**2
+#: 96 MiB keeps the buffer of an 8-feature network on a 512 x 512 CT (4 strips: 92 MiB) below the uint8
+#: label map of a 400-slice one (100 MiB).
+DEFAULT_BUFFER_BYTES = 96 * 1024**2
 #: At most this fraction of MONAI's windows is computed a second time at the borders of x-strips.
-MAX_EXTRA_WINDOWS = 0.25
+MAX_EXTRA_WINDOWS = 0.3
 
 
 @dataclass
@@ -385,7 +391,8 @@ def slab_sliding_window(
                                             dtype=torch.float32)
         live: dict[tuple[int, ...], torch.Tensor] = {}  # block -> sum over windows of importance * output
         arena = torch.empty(buffer_channels * plan.arena_voxels, dtype=torch.float32, device=device)  # see _BlockPlan
-        strip = plan.strips[0]
+        strips = plan.strips
+        strip = strips[0]
 
         def lead_parts(start: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
             """Where a window starting at ``start`` meets the strip along the leading axis: (in the strip's
@@ -472,8 +479,8 @@ def slab_sliding_window(
 
             tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
             if has_tqdm:
-                bar = tqdm(total=sum(math.ceil(len(s.starts) / step) for s in plan.strips))
-        for strip in plan.strips:
+                bar = tqdm(total=sum(math.ceil(len(s.starts) / step) for s in strips))
+        for strip in strips:
             blocks, starts = strip.blocks, strip.starts
             for b0 in range(0, len(starts), step):
                 group = starts[b0 : b0 + step]
@@ -504,7 +511,7 @@ def slab_sliding_window(
         probs.flush()
     return SlabResult(labels=labels, probabilities=probs, buffer_channels=buffer_channels,
                       peak_buffer_voxels=plan.arena_voxels, num_windows=plan.num_windows,
-                      strips=len(plan.strips))
+                      strips=len(strips))
 
 
 def _window_order(padded: Sequence[int], window: Sequence[int], scan: Sequence[int]) -> list[tuple[int, ...]]:
@@ -541,21 +548,28 @@ class _Strip:
 
 @dataclass
 class _Plan:
-    """The strips of one sweep; the arena is sized for the largest."""
+    """The strips of one sweep (x-ranges of the padded volume), the arena's size (for the widest strip) and
+    the windows that go through the network. :meth:`strips` builds each strip's windows and blocks."""
 
-    strips: list[_Strip]
+    padded: tuple[int, ...]
+    window: tuple[int, ...]
+    starts: list[tuple[int, ...]]
+    edges: list[int]
+    arena_voxels: int
+    largest_block_voxels: int
+    num_windows: int
 
     @property
-    def arena_voxels(self) -> int:
-        return max(s.blocks.arena_voxels for s in self.strips)
-
-    @property
-    def largest_block_voxels(self) -> int:
-        return max(s.blocks.largest_block_voxels for s in self.strips)
-
-    @property
-    def num_windows(self) -> int:
-        return sum(len(s.starts) for s in self.strips)
+    def strips(self) -> list[_Strip]:
+        padded, window, starts = self.padded, self.window, self.starts
+        if len(padded) < 3:
+            return [_Strip(0, int(padded[0]), starts, _BlockPlan(padded, window, starts), ())]
+        out = []
+        for x0, x1 in zip(self.edges[:-1], self.edges[1:]):
+            mine = [s for s in starts if s[0] < x1 and s[0] + window[0] > x0]
+            lead = (x1 - x0, *(int(p) for p in padded[1:-2]))
+            out.append(_Strip(x0, x1, mine, _BlockPlan(padded, window, mine, math.prod(lead)), lead))
+        return out
 
 
 def _plan(padded: Sequence[int], window: Sequence[int], scan: Sequence[int], channels: int,
@@ -567,20 +581,29 @@ def _plan(padded: Sequence[int], window: Sequence[int], scan: Sequence[int], cha
     The buffer's floor is a slice of the volume as thick as the windows' overlap along z (32 planes of
     512 x 512 for a 96 x 96 x 64 roi at overlap 0.5): sweeping in strips divides its area, at the price of
     the windows that straddle a cut (one column of windows per cut at overlap 0.5).
+
+    Blocks are cut along y and z only, and a strip's windows come column by column in the same (y, z)
+    order, so a strip's arena is the arena of one column of windows per voxel of width: the choice is made
+    on that one plan, and the strips' own plans are built only for the sweep.
     """
+    padded, window = tuple(int(p) for p in padded), tuple(int(w) for w in window)
     starts = _window_order(padded, window, scan)
-
-    def strip(x0: int, x1: int) -> _Strip:
-        if len(padded) < 3:
-            return _Strip(x0, x1, starts, _BlockPlan(padded, window, starts), ())
-        mine = [s for s in starts if s[0] < x1 and s[0] + window[0] > x0]
-        lead = (x1 - x0, *(int(p) for p in padded[1:-2]))
-        return _Strip(x0, x1, mine, _BlockPlan(padded, window, mine, math.prod(lead)), lead)
-
-    best = _Plan([strip(0, int(padded[0]))])
-    if budget is None or len(padded) < 3:
-        return best
+    if len(padded) < 3:
+        one = _BlockPlan(padded, window, starts)
+        return _Plan(padded, window, starts, [0, padded[0]], one.arena_voxels, one.largest_block_voxels, len(starts))
     xs = sorted({s[0] for s in starts})
+    column = _BlockPlan(padded, window, [s for s in starts if s[0] == xs[0]], math.prod(padded[1:-2]))
+    per_column = len(starts) // len(xs)
+
+    def plan(edges: list[int]) -> _Plan:
+        widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+        columns = sum(sum(1 for x in xs if x < b and x + window[0] > a) for a, b in zip(edges[:-1], edges[1:]))
+        return _Plan(padded, window, starts, edges, column.arena_voxels * max(widths),
+                     column.largest_block_voxels * max(widths), columns * per_column)
+
+    best = plan([0, padded[0]])
+    if budget is None:
+        return best
     for count in range(2, len(xs) + 1):
         if channels * best.arena_voxels * 4 <= budget:
             break
@@ -592,8 +615,7 @@ def _plan(padded: Sequence[int], window: Sequence[int], scan: Sequence[int], cha
             cuts.append(min(later, key=lambda x: abs(x - k * padded[0] / count)))
         if len(cuts) < count - 1:
             break
-        edges = [0, *cuts, int(padded[0])]
-        candidate = _Plan([strip(a, b) for a, b in zip(edges[:-1], edges[1:])])
+        candidate = plan([0, *cuts, padded[0]])
         if candidate.num_windows > (1 + MAX_EXTRA_WINDOWS) * len(starts):
             break
         if candidate.arena_voxels < best.arena_voxels:

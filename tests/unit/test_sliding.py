@@ -327,7 +327,7 @@ def test_a_small_buffer_budget_sweeps_x_strips_with_the_same_result(tmp_path, wi
     assert whole.strips == 1 and swept.strips >= 2
     # a smaller buffer, paid for by the windows that straddle a cut (one column each at overlap 0.5)
     assert swept.peak_buffer_voxels < 0.6 * whole.peak_buffer_voxels
-    assert whole.num_windows < swept.num_windows <= 1.25 * whole.num_windows
+    assert whole.num_windows < swept.num_windows <= 1.3 * whole.num_windows
     runs = [monai_logits(x, roi, net, 0.5)]
     for a in mirror:
         runs.append(monai_logits(x, roi, lambda w, d=a + 2: net(w.flip(d)).flip(d), 0.5))
@@ -335,8 +335,8 @@ def test_a_small_buffer_budget_sweeps_x_strips_with_the_same_result(tmp_path, wi
     assert torch.equal(swept.labels, whole.labels)
 
 
-def test_strips_stay_within_a_quarter_more_windows_when_the_budget_cannot_be_met():
+def test_strips_stay_within_30_percent_more_windows_when_the_budget_cannot_be_met():
     x = volume(90, 30, 40)
     result = slab_sliding_window(x, (20, 16, 16), conv_net(3), 3, overlap=0.5, buffer_bytes=1)
     monai_windows = 8 * 3 * 4  # x: 0, 10, .., 70; y: 0, 8, 14; z: 0, 8, 16, 24
-    assert result.strips >= 2 and monai_windows < result.num_windows <= 1.25 * monai_windows
+    assert result.strips >= 2 and monai_windows < result.num_windows <= 1.3 * monai_windows
