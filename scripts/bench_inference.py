@@ -194,7 +194,7 @@ def main() -> int:
             mem_m = m["peak_rss_gb"] - m["baseline_rss_gb"]
             mem_s = s["peak_rss_gb"] - s["baseline_rss_gb"]
             print(f"classes {classes}: speed medseg/MONAI {m['seconds'] / s['seconds']:.2f}x, "
-                  f"memory medseg/MONAI {mem_s / mem_m:.2f}")
+                  f"memory medseg/MONAI {mem_s / mem_m:.3f}")
     if args.agreement:
         record = agreement(args.agreement, args.precision)
         records.append(record)

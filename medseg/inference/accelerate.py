@@ -67,8 +67,8 @@ class OneDNNConv3d(nn.Module):
     """A ``Conv3d`` (zero padding given as numbers) run by oneDNN whatever its size, in channels-last when
     ``channels_last``; input and output in the default (contiguous) format. Inputs that are not float32
     CPU tensors, and any call under autocast (oneDNN's entry point is not autocast-aware), go through the
-    convolution module as usual. The weights are copied when wrapping (for inference; wrap again after
-    training)."""
+    convolution module as usual. In channels-last the weights are copied when wrapping (for inference:
+    wrap again after training); otherwise they share the original's storage (detached)."""
 
     def __init__(self, conv: nn.Conv3d, channels_last: bool) -> None:
         super().__init__()

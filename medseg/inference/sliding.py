@@ -391,7 +391,7 @@ def slab_sliding_window(
                                             dtype=torch.float32)
         live: dict[tuple[int, ...], torch.Tensor] = {}  # block -> sum over windows of importance * output
         arena = torch.empty(buffer_channels * plan.arena_voxels, dtype=torch.float32, device=device)  # see _BlockPlan
-        strips = plan.strips
+        strips = plan.strips()
         strip = strips[0]
 
         def lead_parts(start: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
@@ -559,8 +559,8 @@ class _Plan:
     largest_block_voxels: int
     num_windows: int
 
-    @property
     def strips(self) -> list[_Strip]:
+        """Each strip's windows and block plan (built here: only the sweep needs them)."""
         padded, window, starts = self.padded, self.window, self.starts
         if len(padded) < 3:
             return [_Strip(0, int(padded[0]), starts, _BlockPlan(padded, window, starts), ())]
