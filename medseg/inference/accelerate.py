@@ -31,6 +31,7 @@ import copy
 import ctypes
 import ctypes.util
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -143,6 +144,8 @@ _RETAINED = 1 << 30  # blocks up to 1 GiB come from the heap; the heap keeps up 
 # glibc's own defaults adapt between 128 KiB and these (its dynamic threshold stops once set by hand)
 _AFTER_MMAP, _AFTER_TRIM = 32 << 20, 64 << 20
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+_lock = threading.Lock()
+_active = 0  # retained_heap blocks open now
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -166,15 +169,25 @@ def retained_heap() -> Iterator[None]:
 
     Nothing is changed where the C library is not glibc or where the user tuned malloc through the
     environment (``MALLOC_*_`` or ``GLIBC_TUNABLES``). Process-wide while it lasts: other threads
-    allocating at the same time are served the same way.
+    allocating at the same time are served the same way; nested or concurrent blocks restore the
+    thresholds when the last one ends.
     """
+    global _active
     libc = None if any(k in os.environ for k in _USER_SETTINGS) else _glibc()
-    if libc is None or not (libc.mallopt(_M_MMAP_THRESHOLD, _RETAINED) and libc.mallopt(_M_TRIM_THRESHOLD, _RETAINED)):
+    if libc is None:
         yield
         return
+    with _lock:  # nested or concurrent inferences: the first sets, the last restores
+        if _active == 0:
+            libc.mallopt(_M_MMAP_THRESHOLD, _RETAINED)
+            libc.mallopt(_M_TRIM_THRESHOLD, _RETAINED)
+        _active += 1
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
-        libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
-        libc.malloc_trim(0)
+        with _lock:
+            _active -= 1
+            if _active == 0:
+                libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP)
+                libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
+                libc.malloc_trim(0)
