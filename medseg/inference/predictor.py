@@ -358,7 +358,7 @@ def predict_dicom(run_dir: str | os.PathLike[str], input_path: str | os.PathLike
     what = f"series {series.series_uid} ({series.modality}, {series.size[2]} slices)"
     log.info("%s: %s -> %s", Path(input_path), what, target)
     image = dicom.read_series(series)
-    sources = dicom.source_datasets(series) if fmt != "nifti" else []
+    sources = dicom.source_datasets(series, pixels=False) if fmt != "nifti" else []
     created_dir = not output_dir.exists()
     try:
         with tempfile.TemporaryDirectory(prefix="medseg-dicom-") as tmp:

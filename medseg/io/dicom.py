@@ -808,6 +808,11 @@ def _load(path: Path, series: DicomSeries) -> Dataset:
         raise DicomError(path, f"series {series.series_uid}: unreadable ({_short(exc)})") from None
     if not any(tag in ds for tag in _PIXEL_TAGS):
         raise DicomError(path, f"series {series.series_uid}: no pixel data")
+    return _with_transfer_syntax(ds)
+
+
+def _with_transfer_syntax(ds: Dataset) -> Dataset:
+    """``ds`` with a file meta TransferSyntaxUID (files without meta: the encoding they were read in)."""
     if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
         implicit, _ = ds.original_encoding
         ds.ensure_file_meta()
@@ -854,17 +859,30 @@ def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
     return 1.0, 0.0
 
 
-def source_datasets(series: DicomSeries) -> list[Dataset]:
-    """The source instances, pixel data included, in the slice order of :func:`read_series`
-    (one data set for a multi-frame series: its frames in :attr:`DicomSeries.frame_order`).
+def source_datasets(series: DicomSeries, pixels: bool = True) -> list[Dataset]:
+    """The source instances in the slice order of :func:`read_series` (one data set for a multi-frame
+    series: its frames in :attr:`DicomSeries.frame_order`); with ``pixels=False`` their headers only, read
+    up to the pixel data (what the DICOM SEG and RTSTRUCT writers need, without holding the series' pixel
+    bytes a second time), the pixel data still checked for presence and truncation.
 
     Raises
     ------
     DicomError
-        The series has blocking problems, or a file is unreadable or has no pixel data.
+        The series has blocking problems, or a file is unreadable, has no pixel data or (headers only)
+        is truncated.
     """
     _refuse_problems(series)
-    return [_load(path, series) for path in series.files]
+    if pixels:
+        return [_load(path, series) for path in series.files]
+    datasets = []
+    for path in series.files:
+        header, reason = _read_header(path, raw=True)
+        if header is None:
+            raise DicomError(path, f"series {series.series_uid}: {reason}")
+        if header.pixel_problem:
+            raise DicomError(path, f"series {series.series_uid}: {header.pixel_problem}")
+        datasets.append(_with_transfer_syntax(header.ds))
+    return datasets
 
 
 def _refuse_problems(series: DicomSeries) -> None:

@@ -189,6 +189,20 @@ def test_source_datasets_follow_read_order(clean_ct) -> None:
     assert [ds.SOPInstanceUID for ds in datasets] == [pydicom.dcmread(f).SOPInstanceUID for f in files]
     volume = _values(read_series(series))
     assert np.array_equal(datasets[3].pixel_array.astype(np.float64) - 1024, volume[3])
+    # headers only (for the SEG / RTSTRUCT writers): the same instances, without their pixel bytes
+    headers = source_datasets(series, pixels=False)
+    assert [ds.SOPInstanceUID for ds in headers] == [ds.SOPInstanceUID for ds in datasets]
+    assert all("PixelData" not in ds and ds.file_meta.TransferSyntaxUID for ds in headers)
+
+
+def test_source_headers_still_refuse_a_file_truncated_after_the_scan(ct_copy) -> None:
+    folder, files, _ = ct_copy
+    series = select_series(scan_dicom(folder))
+    path = series.files[2]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(DicomError, match="truncated"):
+        source_datasets(series, pixels=False)
 
 
 # --------------------------------------------------------------------------------------------
