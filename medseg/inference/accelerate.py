@@ -40,12 +40,15 @@ from torch import nn
 __all__ = ["ChannelsLast", "OneDNNConv3d", "inference_network", "retained_heap"]
 
 
-def _channels_last_copy(conv: nn.Module) -> nn.Module:
-    """A shallow copy of ``conv`` whose 5-D parameters are detached channels-last copies."""
+def _detached_copy(conv: nn.Module, channels_last: bool) -> nn.Module:
+    """A shallow copy of ``conv`` with detached parameters of its own: the 5-D ones copied in channels-last
+    layout when ``channels_last``, else sharing the original's storage."""
     new = copy.copy(conv)
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     new._parameters = {  # noqa: SLF001 - a new dict: the original keeps its own parameters
-        name: p if p is None or p.ndim != 5
-        else nn.Parameter(p.detach().contiguous(memory_format=torch.channels_last_3d), requires_grad=False)
+        name: p if p is None
+        else nn.Parameter(p.detach().contiguous(memory_format=layout) if p.ndim == 5 else p.detach(),
+                          requires_grad=False)
         for name, p in conv._parameters.items()  # noqa: SLF001
     }
     return new
@@ -58,7 +61,7 @@ class ChannelsLast(nn.Module):
 
     def __init__(self, conv: nn.Conv3d | nn.ConvTranspose3d) -> None:
         super().__init__()
-        self.conv = _channels_last_copy(conv)
+        self.conv = _detached_copy(conv, channels_last=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x.contiguous(memory_format=torch.channels_last_3d)).contiguous()
@@ -74,12 +77,7 @@ class OneDNNConv3d(nn.Module):
     def __init__(self, conv: nn.Conv3d, channels_last: bool) -> None:
         super().__init__()
         self.channels_last = channels_last
-        self.conv = _channels_last_copy(conv) if channels_last else copy.copy(conv)
-        if not channels_last:
-            self.conv._parameters = {  # noqa: SLF001 - detached: the original keeps its own parameters
-                name: p if p is None else nn.Parameter(p.detach(), requires_grad=False)
-                for name, p in conv._parameters.items()  # noqa: SLF001
-            }
+        self.conv = _detached_copy(conv, channels_last)
         self.args = (tuple(conv.padding), tuple(conv.stride), tuple(conv.dilation), conv.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -417,7 +417,6 @@ def slab_sliding_window(
             acc = live.pop(block)
             blocks = strip.blocks
             bounds = blocks.bounds_of(block)
-            lead_crop, lead_out = strip.crop(pad_lo, spatial)
             if lead_crop is None:
                 return  # padding only
             # the block's part of the original (unpadded) volume
@@ -482,6 +481,7 @@ def slab_sliding_window(
                 bar = tqdm(total=sum(math.ceil(len(s.starts) / step) for s in strips))
         for strip in strips:
             blocks, starts = strip.blocks, strip.starts
+            lead_crop, lead_out = strip.crop(pad_lo, spatial)  # the strip's unpadded part, for flush
             for b0 in range(0, len(starts), step):
                 group = starts[b0 : b0 + step]
                 batch = torch.cat([window_input(s) for s in group]).to(device=device, dtype=in_dtype)
