@@ -162,12 +162,19 @@ def durable_write(path: Path, data: bytes) -> None:
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        durable_move(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def durable_move(source: Path, path: Path) -> None:
+    """Move a finished file (on the same file system) to ``path`` so that it is on disk when this returns:
+    fsync of the file, ``os.replace``, fsync of the folder."""
+    make_dirs_durable(path.parent)
+    with open(source, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(source, path)
     _fsync_dir(path.parent)
 
 
@@ -487,7 +494,7 @@ class Listener:
                                                 device=self.config.device)
                 seg = pydicom.dcmread(seg_tmp, stop_before_pixels=True)
                 seg_path = self.results / record.study_uid / uid / f"{seg.SOPInstanceUID}.dcm"
-                durable_write(seg_path, seg_tmp.read_bytes())
+                durable_move(seg_tmp, seg_path)  # the run folder lies beside it: a rename
             except MedsegError as exc:
                 self.journal.mark_failed(uid, str(exc))
                 log.error("series %s: job failed: %s (instances kept in %s)", uid, exc, folder)
