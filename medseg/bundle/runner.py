@@ -127,6 +127,7 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
     """
     from monai.bundle import run
 
+    from medseg.bundle.components import META_FILE
     from medseg.bundle.safety import check_bundle
 
     bundle = Path(bundle_dir).resolve()
@@ -137,7 +138,7 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
     else:
         log.warning("running %s with --trust: its configs may execute arbitrary code", bundle)
     values.setdefault("bundle_root", str(bundle))
-    meta = bundle / "configs" / "metadata.json"
+    meta = bundle / META_FILE
     logging_conf = bundle / "configs" / "logging.conf"
     kwargs: dict[str, Any] = {"config_file": str(config_file)}
     if meta.is_file():
