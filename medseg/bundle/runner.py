@@ -1,8 +1,13 @@
 """Run any bundle in the MONAI model-zoo layout: ``medseg bundle run BUNDLE [--config NAME] [--set K=V] [--trust]``.
 
 Safe mode (the default) scans the configs before MONAI parses anything (see
-:mod:`medseg.bundle.safety`). In every mode ``torch.load`` is forced to ``weights_only=True``
-(``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), so a pickled checkpoint cannot run code.
+:mod:`medseg.bundle.safety`) and then runs them so that nothing of the bundle but its configs is used:
+the bundle's ``logging.conf`` is not applied (``logging.config.fileConfig`` builds handlers from the
+file, e.g. a FileHandler writing anywhere), and the bundle folder is kept off ``sys.path`` (MONAI puts
+the config's bundle folder on it before ``run``: a ``.py`` file in the bundle could shadow a module
+imported later; here MONAI sees a copy of the config in an empty temporary folder). In every mode
+``torch.load`` is forced to ``weights_only=True`` (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), so a pickled
+checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,6 +110,34 @@ def weights_only_loads() -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
+class _DropMessage(logging.Filter):
+    """Drops MONAI's notice that the bundle's logging config is not applied (safe mode decides that)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "skipping logging" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _isolated(bundle: Path, config_file: Path, folder: str) -> Iterator[Path]:
+    """A copy of ``config_file`` in ``folder/configs`` (MONAI adds ``folder`` to ``sys.path``, not the
+    bundle), with every ``sys.path`` entry that is the working folder or inside the bundle removed for
+    the duration (restored afterwards)."""
+    copy = Path(folder) / "configs" / config_file.name
+    copy.parent.mkdir()
+    shutil.copyfile(config_file, copy)
+    saved = list(sys.path)
+    sys.path[:] = [entry for entry in saved if entry not in ("", ".")
+                   and not Path(os.path.abspath(entry)).resolve().is_relative_to(bundle)]
+    workflows = logging.getLogger("monai.bundle.workflows")
+    drop = _DropMessage()
+    workflows.addFilter(drop)
+    try:
+        yield copy
+    finally:
+        workflows.removeFilter(drop)
+        sys.path[:] = saved
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     seen = set()
     while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
@@ -133,8 +169,12 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
     bundle = Path(bundle_dir).resolve()
     config_file = find_config(bundle, config)
     values = dict(overrides or {})
+    for key in PATH_KEYS:  # relative to the caller's folder, before we move into the bundle
+        value = values.get(key)
+        if isinstance(value, str) and value and not value.startswith(("@", "%", "$")) and not os.path.isabs(value):
+            values[key] = os.path.abspath(value)
     if not trust:
-        check_bundle(bundle, values)  # before MONAI parses anything
+        check_bundle(bundle, values, config=config_file)  # before MONAI parses anything
     else:
         log.warning("running %s with --trust: its configs may execute arbitrary code", bundle)
     values.setdefault("bundle_root", str(bundle))
@@ -144,12 +184,8 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
     if meta.is_file():
         kwargs["meta_file"] = str(meta)
     quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
-    if logging_conf.is_file() and not quiet:
-        kwargs["logging_file"] = str(logging_conf)  # the bundle's own logging, unless medseg runs --quiet
-    for key in PATH_KEYS:  # relative to the caller's folder, before we move into the bundle
-        value = values.get(key)
-        if isinstance(value, str) and value and not value.startswith(("@", "%", "$")) and not os.path.isabs(value):
-            values[key] = os.path.abspath(value)
+    if trust and logging_conf.is_file() and not quiet:
+        kwargs["logging_file"] = str(logging_conf)  # a trusted bundle's own logging, unless medseg runs --quiet
     log.info("running %s (%s)", config_file, ", ".join(f"{k}={v}" for k, v in values.items()))
     try:
         # MONAI resolves relative `%file` macros against the working folder; safe mode checked them
@@ -160,7 +196,14 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
                 Path(kwargs["logging_file"]).write_text(QUIET_LOGGING)
                 for name in ("monai.bundle.scripts", "monai.bundle.workflows"):  # own handlers, level INFO
                     logging.getLogger(name).setLevel(logging.WARNING)
-            run(**kwargs, **values)
+            if trust:
+                run(**kwargs, **values)
+            else:
+                kwargs.setdefault("logging_file", False)  # medseg's logging stays; never the bundle's file
+                with _isolated(bundle, config_file, tmp) as copy, warnings.catch_warnings():
+                    # MONAI warns that _target_ runs with no allow list: in safe mode it was checked against one
+                    warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
+                    run(**{**kwargs, "config_file": str(copy)}, **values)
     except MedsegError:
         raise
     except Exception as exc:  # noqa: BLE001 - report what the bundle did wrong, not MONAI's wrappers

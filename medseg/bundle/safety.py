@@ -1,4 +1,5 @@
-"""Safe mode: refuse a MONAI bundle whose configs could run code, *before* MONAI parses them.
+"""Safe mode: refuse a MONAI bundle whose configs could run code or write outside its folders, *before*
+MONAI parses them.
 
 MONAI's ``ConfigParser`` is a small programming language: ``"$..."`` strings go to ``eval()``,
 ``"_target_"`` imports and calls any dotted name (``pydoc.locate``), ``"%file#id"`` macros pull
@@ -10,11 +11,11 @@ of the rules below matches, listing every offending key in one :class:`~medseg.e
 Rules (``key`` is the MONAI id of the value, ``#``-joined, e.g. ``network_def#_target_``, ``run#0``):
 
 1. A string value or dict key starting with ``$`` (a Python expression; under ``imports`` an import).
-2. ``_target_`` must be a literal name resolving, like MONAI resolves it, to a class or function of
-   :data:`ALLOWED_PACKAGES` (a bare name through MONAI's ``ComponentLocator``) and not under
-   :data:`DENIED_TARGETS`. Private names (``_x``) are refused; so is every step of the attribute
-   path that leaves the allowed packages (``torch.os.system`` is ``os.system`` to ``pydoc.locate``).
-   The allowed modules are imported to resolve the name (trusted library code, never bundle code).
+2. ``_target_`` must be a literal name that resolves, exactly as MONAI resolves it (a bare name through
+   MONAI's ``ComponentLocator``, the first module it lists; a dotted name like ``pydoc.locate``), to a
+   class or function on the allow list (:data:`medseg.bundle.allowlist.ALLOWED_TARGETS`, compared by
+   identity, so aliases are found). Only modules of :data:`RESOLVABLE_PACKAGES` are imported to
+   resolve a name; private names (``_x``) are refused.
 3. ``_mode_`` must be ``"default"`` or ``"callable"`` (a partial of an already vetted target);
    ``"debug"`` runs ``pdb`` and anything else is not a MONAI mode. A truthy ``_debug_`` runs
    ``breakpoint()``.
@@ -26,84 +27,40 @@ Rules (``key`` is the MONAI id of the value, ``#``-joined, e.g. ``network_def#_t
    is scanned both raw and parsed); keys that are parameters of ``monai.bundle.run`` rather than
    config ids (``config_file``, ``args_file``, ``tracking``, ...) are refused.
 7. A config file that does not parse, or that is a symlink leaving the bundle.
+8. Once rules 1-7 pass, each config is merged as MONAI will run it (with ``_meta_`` and the
+   overrides) and the arguments of every component are checked against its allow-list entry
+   (:mod:`medseg.bundle.confinement`): only reviewed arguments; pinned arguments (readers, writers
+   named by strings) hold allowed values; file-name parts are single components; every file or
+   folder read or written resolves inside the bundle or a path given on the command line.
 
-Safe mode vets *names*, not behaviour: an allowed function that writes attacker-chosen text to an
-attacker-chosen path is code execution too (``site-packages/x.pth``), so the known writers are
-denied, but the deny list is best effort. ``--trust`` is for bundles whose source you trust.
+What the runner adds (:mod:`medseg.bundle.runner`): the bundle's ``logging.conf`` is not applied in
+safe mode (``fileConfig`` instantiates handler classes with arguments from the file: a FileHandler
+can write anywhere); the bundle folder is never put on ``sys.path`` (MONAI adds the config's bundle
+folder before ``run``; medseg runs a copy of the config from an empty folder); ``torch.load`` is
+forced to ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import yaml
 
+from medseg.bundle.allowlist import Vetted, allowed_objects, vetted
+from medseg.bundle.confinement import Confinement, merged_config
 from medseg.errors import BundleError
 
-ALLOWED_PACKAGES: tuple[str, ...] = ("monai", "torch", "medseg", "ignite", "numpy")
-"""Top-level packages whose classes and functions a safe-mode ``_target_`` may name."""
+RESOLVABLE_PACKAGES: tuple[str, ...] = ("monai", "torch", "medseg", "ignite", "numpy")
+"""Top-level packages whose modules may be imported to resolve a ``_target_`` name (trusted library code,
+never bundle code); what may actually be called is decided by the allow list."""
 
 _UNPICKLES = "unpickles data, which can run arbitrary code"
-_EXECUTES_CONFIGS = "parses and runs other, unchecked bundle configs"
-_WRITES_TEXT = "writes attacker-chosen content to any path (e.g. a site-packages .pth file runs at Python start)"
-
-DENIED_TARGETS: Mapping[str, str] = {
-    # Matched by dotted prefix against the name as written AND the resolved home of the object
-    # (torch.load lives in torch.serialization, numpy.load in numpy.lib._npyio_impl, ...).
-    "torch.load": _UNPICKLES,  # weights_only=False is just a keyword away
-    "torch.serialization": _UNPICKLES + "; torch.save " + _WRITES_TEXT,  # home of torch.load/save
-    "torch.save": _WRITES_TEXT,
-    "torch.jit.load": "loads TorchScript archives, which carry code",
-    "torch.jit._serialization": "loads TorchScript archives, which carry code",  # home of torch.jit.load
-    "torch.hub": "downloads repositories and runs their hubconf.py",
-    "torch.utils.model_zoo": "downloads and unpickles checkpoints (aliases of torch.hub)",
-    "torch.package": "PackageImporter imports code shipped inside the package",
-    "torch.utils.cpp_extension": "compiles and loads native code",
-    "torch.ops.load_library": "dlopen()s an arbitrary shared library",
-    "torch._ops._Ops.load_library": "dlopen()s an arbitrary shared library",  # home of the above
-    "torch.classes.load_library": "dlopen()s an arbitrary shared library",
-    "torch.export.load": "deserialises saved programs",
-    "torch.distributed": "process launchers (run, launch, elastic), RPC and checkpoint loaders that unpickle",
-    "torch.backends.xeon": "run_cpu launches processes",
-    "torch.utils.collect_env": "runs shell commands",
-    "torch.utils.benchmark": "Timer executes Python source strings",
-    "torch.utils.data.datapipes": "datapipe decoders " + _UNPICKLES,
-    "numpy.load": "allow_pickle=True " + _UNPICKLES,
-    "numpy.lib.npyio": "numpy.load " + _UNPICKLES + "; savetxt " + _WRITES_TEXT,
-    "numpy.lib._npyio_impl": "numpy.load " + _UNPICKLES + "; savetxt " + _WRITES_TEXT,  # numpy 2 home
-    "numpy.lib.format": "reads pickled arrays and writes/maps files",
-    "numpy.save": _WRITES_TEXT,
-    "numpy.savetxt": _WRITES_TEXT,
-    "numpy.savez": _WRITES_TEXT,
-    "numpy.savez_compressed": _WRITES_TEXT,
-    "numpy.memmap": "creates and writes files at any path",
-    "numpy.ctypeslib": "loads shared libraries",
-    "numpy.f2py": "runs compilers and shell commands",
-    "numpy.distutils": "runs compilers and shell commands",
-    "numpy.testing": "runstring() executes Python source",
-    "monai.bundle": _EXECUTES_CONFIGS + " (run, load, download, ConfigParser, ConfigWorkflow)",
-    "monai.utils.module": "optional_import/instantiate/locate import and call arbitrary names",
-    "monai.utils.misc.run_cmd": "runs a subprocess",
-    "monai.apps": "downloads and extracts archives, runs auto3dseg/nnU-Net subprocesses",
-    "monai.auto3dseg": "algo_from_pickle " + _UNPICKLES,
-    "monai.fl": "federated clients " + _EXECUTES_CONFIGS,
-    "monai.data.torchscript_utils": "loads TorchScript archives, which carry code",
-    "ignite.handlers.checkpoint": "Checkpoint/DiskSaver load, write and delete checkpoints at any path "
-                                  "(use monai.handlers.CheckpointLoader)",
-    "medseg.cli": "re-enters the medseg CLI (e.g. `bundle run --trust`)",
-    "medseg.__main__": "re-enters the medseg CLI",
-    "medseg.bundle.runner": "re-enters the bundle runner, which can run other bundles",
-    "medseg.io.atomic": _WRITES_TEXT,
-}
-"""Dangerous callables inside :data:`ALLOWED_PACKAGES` (dotted prefix -> why)."""
 
 ALLOWED_MODES: tuple[str, ...] = ("default", "callable")
 """``_mode_`` values accepted in safe mode; ``callable`` only returns (a partial of) a vetted target."""
@@ -142,38 +99,13 @@ def _segments(key: Any) -> list[str]:
     return [s.lstrip("+") for s in str(key).replace("::", "#").split("#")]
 
 
-def _denied(name: str) -> str | None:
-    for prefix, reason in DENIED_TARGETS.items():
-        if name == prefix or name.startswith(prefix + "."):
-            return reason
-    return None
-
-
-def _origin(obj: Any) -> str:
-    """Dotted home of ``obj``: a module's name, a class's or function's ``module.qualname``, else its type's."""
-    if isinstance(obj, ModuleType):
-        return obj.__name__
-    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
-    if (inspect.isclass(obj) or callable(obj)) and isinstance(module, str) and isinstance(qualname, str):
-        return f"{module}.{qualname}"
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def _outside(name: str) -> str | None:
-    """Problem if ``name`` is outside the allowed packages or denied, else None."""
-    if name.split(".")[0] not in ALLOWED_PACKAGES:
-        return f"is outside the allowed packages ({', '.join(ALLOWED_PACKAGES)})"
-    reason = _denied(name)
-    return None if reason is None else f"is denied in safe mode: {reason}"
-
-
-def _dotted_problem(name: str) -> str | None:
-    """Resolve a dotted name the way ``pydoc.locate`` does, vetting every step; problem or None."""
+def _dotted(name: str) -> tuple[Any, str | None]:
+    """Resolve a dotted name the way ``pydoc.locate`` does: ``(object, None)`` or ``(None, problem)``."""
     parts = name.split(".")
-    if problem := _outside(name):
-        return f"{name!r} {problem}"
+    if parts[0] not in RESOLVABLE_PACKAGES:
+        return None, f"{name!r} is not on the safe-mode allow list (outside the packages {', '.join(RESOLVABLE_PACKAGES)})"
     if any(p.startswith("_") for p in parts):
-        return f"{name!r} names a private attribute"
+        return None, f"{name!r} names a private attribute"
     obj: Any = None
     n = 0
     while n < len(parts):  # import the longest module prefix, as pydoc.locate does
@@ -183,39 +115,53 @@ def _dotted_problem(name: str) -> str | None:
             break
         n += 1
     if obj is None:
-        return f"{name!r} cannot be imported"
-    steps = [obj]
+        return None, f"{name!r} cannot be imported"
     for part in parts[n:]:
         try:
             obj = getattr(obj, part)
         except Exception:  # noqa: BLE001 - MONAI would fail to locate it
-            return f"{name!r} does not exist"
-        steps.append(obj)
-    for step in steps:
-        if problem := _outside(_origin(step)):
-            return f"{name!r} resolves to {_origin(step)!r}, which {problem}"
-    return None
+            return None, f"{name!r} does not exist"
+    return obj, None
 
 
-def _target_problem(value: Any, locator: Any) -> str | None:
-    """Why a ``_target_`` value is refused, or None; ``$`` strings are reported by the expression rule."""
+def _home(obj: Any) -> str:
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if isinstance(module, str) and isinstance(qualname, str):
+        return f"{module}.{qualname}"
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def resolve_target(value: Any, locator: Any) -> tuple[tuple[Any, Vetted] | None, str | None]:
+    """How MONAI will resolve a ``_target_`` value, and its allow-list entry.
+
+    Returns
+    -------
+    tuple
+        ``((object, entry), None)`` for an allowed target, ``(None, problem)`` otherwise, and
+        ``(None, None)`` for a ``$`` expression (reported by the expression rule).
+    """
     if not isinstance(value, str):
-        return f"_target_ must be a literal class or function name, not {type(value).__name__}"
+        return None, f"_target_ must be a literal class or function name, not {type(value).__name__}"
     if value.startswith(_EXPR):
-        return None
+        return None, None
     parts = value.split(".")
     if not all(p.isidentifier() for p in parts):
-        return f"_target_ {_quote(value)} is not a literal dotted name (references and macros are not allowed)"
-    if len(parts) > 1:
-        problem = _dotted_problem(value)
-        return None if problem is None else f"_target_ {problem}"
-    modules = locator.get_component_module_name(value)  # exactly MONAI's lookup of a bare name
-    if not modules:
-        return f"_target_ {value!r} is not a MONAI component (write the full dotted name)"
-    for module in [modules] if isinstance(modules, str) else modules:
-        if problem := _dotted_problem(f"{module}.{value}"):
-            return f"_target_ {problem}"
-    return None
+        return None, f"_target_ {_quote(value)} is not a literal dotted name (references and macros are not allowed)"
+    name = value
+    if len(parts) == 1:
+        modules = locator.get_component_module_name(value)  # exactly MONAI's lookup of a bare name
+        if not modules:
+            return None, f"_target_ {value!r} is not a MONAI component (write the full dotted name)"
+        name = f"{modules[0] if isinstance(modules, list) else modules}.{value}"  # MONAI takes the first
+    obj, problem = _dotted(name)
+    if problem is not None:
+        return None, f"_target_ {problem}"
+    entry = vetted(obj)
+    if entry is None:
+        where = "" if value == _home(obj) else f" (it is {_home(obj)})"
+        return None, (f"_target_ {value!r}{where} is not on the safe-mode allow list: only reviewed classes and "
+                      "functions run without --trust (medseg.bundle.allowlist)")
+    return (obj, entry), None
 
 
 def _locator() -> Any:
@@ -244,6 +190,7 @@ class _Scanner:
 
     def __init__(self, bundle_dir: Path) -> None:
         self.root = Path(bundle_dir).resolve()
+        allowed_objects()  # import the allow-listed modules first: MONAI's locator only sees imported modules
         self.locator = _locator()
         self.findings: list[Finding] = []
         self.references: list[Path] = []
@@ -306,7 +253,7 @@ class _Scanner:
         field = segments[-1] if segments else ""
         problem = None
         if field == "_target_":
-            problem = _target_problem(value, self.locator)
+            problem = resolve_target(value, self.locator)[1]
         elif field == "_mode_":
             mode = value.strip() if isinstance(value, str) else value
             if mode == "debug":
@@ -400,7 +347,7 @@ def _config_files(root: Path) -> Iterator[Path]:
 
 
 def _scan(bundle_dir: str | os.PathLike[str], extra_files: Sequence[str | os.PathLike[str]],
-          overrides: Mapping[str, Any] | None) -> list[Finding]:
+          overrides: Mapping[str, Any] | None, config: str | os.PathLike[str] | None = None) -> list[Finding]:
     root = Path(bundle_dir).resolve()
     if not root.is_dir():
         raise BundleError(f"{bundle_dir}: no such bundle folder")
@@ -433,13 +380,54 @@ def _scan(bundle_dir: str | os.PathLike[str], extra_files: Sequence[str | os.Pat
         scanner.scan(content, name)
         queue.extend((ref, True) for ref in scanner.references)
         scanner.references.clear()
+    if not scanner.findings:  # rule 8 needs configs that MONAI can merge without running anything
+        if config is not None:  # the config about to run, with the overrides it runs with
+            scanner.findings.extend(_argument_findings(scanner, root / Path(config), overrides or {}))
+        else:
+            for path in [*_config_files(root), *((root / Path(extra)).absolute() for extra in extra_files)]:
+                scanner.findings.extend(_argument_findings(scanner, path, {}))
     return sorted(set(scanner.findings))
+
+
+def user_paths(overrides: Mapping[str, Any], root: Path) -> list[Path]:
+    """The paths a user named in ``--set`` values (literal strings; relative ones are taken relative to the
+    bundle, where the runner runs): files may be read and written there as well as in the bundle."""
+    paths: list[Path] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, str) and value and not value.startswith((_EXPR, _MACRO, "@")) and "\x00" not in value:
+            paths.append(root / os.path.expanduser(value))
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item)
+
+    for value in overrides.values():
+        collect(value)
+    return paths
+
+
+def _argument_findings(scanner: _Scanner, config: Path, overrides: Mapping[str, Any]) -> list[Finding]:
+    """Rule 8 for one config file: its components' arguments, merged with ``_meta_`` and the overrides."""
+    from medseg.bundle.components import META_FILE
+
+    name = _display(config, scanner.root)
+    try:
+        merged = merged_config(config, scanner.root / META_FILE, overrides, scanner.root)
+    except Exception as exc:  # noqa: BLE001 - MONAI's parser failing is a reason to refuse, not a crash
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return [Finding(name, "", f"cannot be merged with its overrides and metadata as MONAI would: {first}")]
+    resolve: Callable[[Any], tuple[Any, Vetted] | None] = lambda value: resolve_target(value, scanner.locator)[0]
+    confinement = Confinement(merged, scanner.root, user_paths(overrides, scanner.root), resolve)
+    return [Finding(name, problem.key, problem.problem) for problem in confinement.check()]
 
 
 def scan_bundle(bundle_dir: str | os.PathLike[str],
                 extra_files: Sequence[str | os.PathLike[str]] = ()) -> list[Finding]:
     """Findings in every ``configs/*.json|yaml|yml`` of a bundle, ``extra_files`` and the in-bundle
-    files their ``%`` macros reference.
+    files their ``%`` macros reference; when those pass, the arguments of every config (rule 8, no overrides).
 
     Parameters
     ----------
@@ -462,7 +450,8 @@ def scan_bundle(bundle_dir: str | os.PathLike[str],
 
 
 def check_bundle(bundle_dir: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None,
-                 extra_files: Sequence[str | os.PathLike[str]] = ()) -> None:
+                 extra_files: Sequence[str | os.PathLike[str]] = (),
+                 config: str | os.PathLike[str] | None = None) -> None:
     """Refuse an untrusted bundle (safe mode); call before anything reaches MONAI's parser.
 
     Parameters
@@ -473,6 +462,9 @@ def check_bundle(bundle_dir: str | os.PathLike[str], overrides: Mapping[str, Any
         The ``--set`` overrides that will be applied.
     extra_files
         More config files that will be parsed (see :func:`scan_bundle`).
+    config
+        The config file that will run (bundle-relative or absolute): rule 8 checks it merged with
+        ``overrides``. None: every config, without overrides.
 
     Raises
     ------
@@ -481,7 +473,7 @@ def check_bundle(bundle_dir: str | os.PathLike[str], overrides: Mapping[str, Any
         anyway:`` followed by one ``  file: key: problem`` line per finding; or if ``bundle_dir``
         is not a folder.
     """
-    findings = _scan(bundle_dir, extra_files, overrides)
+    findings = _scan(bundle_dir, extra_files, overrides, config)
     if findings:
         lines = "\n".join(f"  {finding}" for finding in findings)
         raise BundleError(f"{bundle_dir}: refused to run an untrusted bundle (safe mode); "

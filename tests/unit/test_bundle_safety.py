@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from medseg.bundle.safety import (
-    ALLOWED_PACKAGES,
+    RESOLVABLE_PACKAGES,
     Finding,
     check_bundle,
     scan_bundle,
@@ -77,26 +77,26 @@ def _payloads(tmp: Path) -> dict[str, tuple[dict[str, Any], list[str], str]]:
     return {
         "expr": ({"x": f"$__import__('os').system({_touch(m['expr'])!r})"}, ["x"], "Python expression"),
         "system": ({"x": {"_target_": "os.system", "command": _touch(m["system"])}}, ["x#_target_"],
-                   "outside the allowed packages"),
+                   "not on the safe-mode allow list"),
         "imports": ({"imports": ["$import os"], "go": f"$os.system({_touch(m['imports'])!r})"},
                     ["imports#0", "go"], "Python"),
         "subprocess": ({"x": {"_target_": "subprocess.run", "args": ["touch", str(m["subprocess"])]}}, ["x#_target_"],
-                       "outside the allowed packages"),
+                       "not on the safe-mode allow list"),
         "exec": ({"x": {"_target_": "builtins.exec", "source": f"open({str(m['exec'])!r}, 'w')"}}, ["x#_target_"],
-                 "outside the allowed packages"),
+                 "not on the safe-mode allow list"),
         "pickle": ({"x": {"_target_": "torch.load", "f": "models/model.pt", "weights_only": False}},
                    ["x#_target_", "x#weights_only"], "unpickles"),
         "nested": ({"x": {"_target_": "monai.bundle.run", "config_file": "docs/other.json", "run_id": "go"}},
-                   ["x#_target_"], "denied"),
+                   ["x#_target_"], "not on the safe-mode allow list"),
         "passwd": ({"x": "%/etc/passwd#x"}, ["x"], "leaves the bundle"),
         "outside": ({"x": "%../outside.json#x"}, ["x"], "leaves the bundle"),
         "debug": ({"x": {"_target_": "torch.nn.Identity", "_mode_": "debug"}}, ["x#_mode_"], "pdb"),
         "debug_kwarg": ({"x": {"_target_": "torch.nn.Identity", "_debug_": True}}, ["x#_debug_"], "breakpoint"),
         # pydoc.locate("torch.os.system") is os.system: an allowed prefix is not enough
-        "alias": ({"x": {"_target_": "torch.os.system", "command": _touch(m["alias"])}}, ["x#_target_"], "'os'"),
+        "alias": ({"x": {"_target_": "torch.os.system", "command": _touch(m["alias"])}}, ["x#_target_"], "(it is posix.system)"),
         # MONAI merges top-level "a#b" keys into a's content: this overrides net's _target_
         "merge": ({"net": {"_target_": "torch.nn.Identity", "command": _touch(m["merge"])},
-                   "net#_target_": "os.system"}, ["net#_target_"], "outside the allowed packages"),
+                   "net#_target_": "os.system"}, ["net#_target_"], "not on the safe-mode allow list"),
         # a bare name that is no MONAI component falls back to builtins in pydoc.locate
         "bare": ({"x": {"_target_": "exec", "source": f"open({str(m['bare'])!r}, 'w')"}}, ["x#_target_"],
                  "not a MONAI component"),
@@ -183,7 +183,7 @@ BENIGN_INFERENCE: dict[str, Any] = {
                   "network": "@network_def", "inferer": "@inferer", "val_handlers": "@handlers", "amp": False},
     "run": [{"_target_": "medseg.bundle.components.run_engine", "engine": "@evaluator"}],
     "_desc_": "no $ anywhere",
-    "loader": {"_target_": "PersistentDataset", "data": [], "cache_dir": "cache", "weights_only": True,
+    "loader": {"_target_": "CacheDataset", "data": [{"image": "data/a.nii.gz"}], "cache_rate": 1.0,
                "_requires_": "@network_def", "_disabled_": False},
 }
 
@@ -255,7 +255,7 @@ def test_yaml_configs_are_scanned(tmp_path: Path) -> None:
     }})
     message = _refusal(bundle)
     assert "  configs/train.yaml: lr: Python expression ('$0.1 * 2')" in message
-    assert "  configs/train.yaml: trainer#_target_: _target_ 'os.system' is outside the allowed packages" in message
+    assert "  configs/train.yaml: trainer#_target_: _target_ 'os.system' is not on the safe-mode allow list" in message
     assert not marker.exists()
 
 
@@ -269,8 +269,8 @@ def test_set_overrides_are_scanned(tmp_path: Path) -> None:
         "post_keys": "%../../x.json#y",
     })
     assert "  --set: device: Python expression (\"$torch.device('cpu')\") is not allowed in safe mode" in message
-    assert "  --set: network_def#_target_: _target_ 'os.system' is outside" in message
-    assert "  --set: inferer#_target_: _target_ 'subprocess.run' is outside" in message
+    assert "  --set: network_def#_target_: _target_ 'os.system' is not on the safe-mode allow list" in message
+    assert "  --set: inferer#_target_: _target_ 'subprocess.run' is not on the safe-mode allow list" in message
     assert "  --set: args_file: 'args_file' is a monai.bundle.run parameter" in message
     assert "  --set: post_keys: file reference leaves the bundle" in message
     assert scan_overrides({"device": "cpu", "roi": [8, 8], "network_def#channels": "[8, 16]"}, bundle) == []
@@ -339,7 +339,7 @@ def test_field_rules(tmp_path: Path) -> None:
 
 
 def test_public_api_shapes(tmp_path: Path) -> None:
-    assert ALLOWED_PACKAGES == ("monai", "torch", "medseg", "ignite", "numpy")
+    assert RESOLVABLE_PACKAGES == ("monai", "torch", "medseg", "ignite", "numpy")
     finding = Finding("configs/x.json", "run#0", "problem")
     assert str(finding) == "configs/x.json: run#0: problem"
     with pytest.raises(BundleError, match="no such bundle folder"):
