@@ -4,7 +4,7 @@ States of a series::
 
     received --(complete: no open association, quiet)--> running --(SEG written)--> sending --(C-STORE ok)--> done
         ^                                                   |                         |
-        |                                                   +--> failed               +--> sending (retry later) / failed
+        |                                                   +--> failed               +--> retry later / failed
         +---- new instances of a done / failed series reopen it (the next SEG is a revision if one was sent)
         +---- new instances while running: the job's SEG is discarded, never sent
 

@@ -100,8 +100,8 @@ def uids(path: Path) -> tuple[str, str, str]:
 
 
 def segs_in_study(orthanc: Orthanc, study_uid: str) -> list[dict]:
-    return orthanc.rest("POST", "/tools/find", json={"Level": "Instance", "Expand": True,
-                                                     "Query": {"StudyInstanceUID": study_uid, "Modality": "SEG"}}).json()
+    query = {"StudyInstanceUID": study_uid, "Modality": "SEG"}
+    return orthanc.rest("POST", "/tools/find", json={"Level": "Instance", "Expand": True, "Query": query}).json()
 
 
 def read_segs(orthanc: Orthanc, study_uid: str) -> list[pydicom.Dataset]:
@@ -123,7 +123,7 @@ def wait_for_seg(orthanc: Orthanc, study_uid: str, listener: ListenerProcess, ti
     deadline = time.monotonic() + timeout
     while len(found := segs_in_study(orthanc, study_uid)) < count:
         assert listener.process.poll() is None, listener.log()
-        assert time.monotonic() < deadline, f"{len(found)} of {count} SEGs arrived in Orthanc:\n{listener.log()[-4000:]}"
+        assert time.monotonic() < deadline, f"{len(found)} of {count} SEGs in Orthanc:\n{listener.log()[-4000:]}"
         time.sleep(0.5)
     return found
 

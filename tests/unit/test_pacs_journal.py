@@ -113,9 +113,10 @@ def test_a_journal_of_the_previous_format_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "journal.sqlite"
     with sqlite3.connect(path) as db:  # the schema medseg wrote before the revision columns
         db.executescript("""
-            CREATE TABLE series (series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, modality TEXT NOT NULL DEFAULT '',
-                state TEXT NOT NULL, instances INTEGER NOT NULL DEFAULT 0, first_received REAL NOT NULL,
-                last_received REAL NOT NULL, runs INTEGER NOT NULL DEFAULT 0, sends INTEGER NOT NULL DEFAULT 0,
+            CREATE TABLE series (series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL,
+                modality TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, instances INTEGER NOT NULL DEFAULT 0,
+                first_received REAL NOT NULL, last_received REAL NOT NULL, runs INTEGER NOT NULL DEFAULT 0,
+                sends INTEGER NOT NULL DEFAULT 0,
                 next_attempt REAL NOT NULL DEFAULT 0, reopen INTEGER NOT NULL DEFAULT 0, seg_path TEXT,
                 seg_sop_uid TEXT, seg_series_uid TEXT, error TEXT, updated REAL NOT NULL);
             CREATE TABLE instances (sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, received REAL NOT NULL);
