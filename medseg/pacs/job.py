@@ -8,6 +8,8 @@ import re
 import warnings
 from pathlib import Path
 
+import pydicom
+
 from medseg.errors import MedsegError
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ def check_model(model: str | os.PathLike[str]) -> None:
 
 def segment_series_folder(model: str | os.PathLike[str], series_dir: str | os.PathLike[str],
                           out_dir: str | os.PathLike[str], *, series_uid: str | None = None,
-                          device: str = "cpu") -> Path:
+                          device: str = "cpu", revision: int = 1) -> Path:
     """Segment the DICOM series in ``series_dir`` with ``model`` and write a DICOM SEG into ``out_dir``.
 
     Calls :func:`medseg.inference.predictor.predict_dicom` with ``fmt="dicom-seg"``.
@@ -72,6 +74,10 @@ def segment_series_folder(model: str | os.PathLike[str], series_dir: str | os.Pa
         SeriesInstanceUID to segment; ``None``: the folder's only image series.
     device
         Torch device of the inference.
+    revision
+        Revision number of this SEG of the series (1: the first). From 2 on, the SeriesDescription
+        gets a revision note (:func:`revision_description`); every SEG has its own new
+        SeriesInstanceUID and SOPInstanceUID either way.
 
     Returns
     -------
@@ -93,5 +99,22 @@ def segment_series_folder(model: str | os.PathLike[str], series_dir: str | os.Pa
     segs = [Path(p) for p in outputs if Path(p).is_file()]
     if len(segs) != 1:
         raise MedsegError(f"{out_dir}: expected one DICOM SEG file from the prediction, got {len(segs)}")
+    if revision > 1:
+        ds = pydicom.dcmread(segs[0])
+        ds.SeriesDescription = revision_description(str(ds.get("SeriesDescription", "") or "segmentation"), revision,
+                                                    referenced_instances(ds))
+        ds.save_as(segs[0])
     log.info("SEG written: %s", segs[0].name)
     return segs[0]
+
+
+def revision_description(description: str, revision: int, instances: int) -> str:
+    """``description`` plus `` (revision N: M instances)``, the description shortened to keep the
+    note within the 64 characters of a SeriesDescription (LO)."""
+    note = f" (revision {revision}: {instances} instances)"
+    return description[: max(0, 64 - len(note))].rstrip() + note
+
+
+def referenced_instances(seg: pydicom.Dataset) -> int:
+    """Number of source instances a SEG references (all items of its ReferencedSeriesSequence)."""
+    return sum(len(item.get("ReferencedInstanceSequence", [])) for item in seg.get("ReferencedSeriesSequence", []))

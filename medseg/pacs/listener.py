@@ -11,11 +11,21 @@
   acknowledged (0x0000). A bad instance is answered with a failure status (0xC210 cannot understand,
   0xA900 data set does not match the SOP class) and its bytes go to ``<storage>/quarantine/`` with a
   ``.txt`` reason file.
-* A worker thread runs a series once it has been quiet for ``idle_seconds``:
-  :func:`medseg.pacs.job.segment_series_folder`, SEG kept in ``<storage>/results/<study>/<series>/``,
-  C-STORE to the forward destination, ``done``. Failures are logged, the series is marked ``failed``
-  (its instances stay on disk) and the listener goes on. Sends are retried with back-off.
-* :class:`medseg.pacs.journal.Journal` records each step; see there for the restart semantics.
+* A series is *complete*, and a worker thread segments it, once (1) no association that delivered
+  an instance of it is still open (:class:`medseg.pacs.associations.OpenAssociations`; released,
+  aborted, dropped by the peer or timed out after ``network_timeout`` seconds of silence all count as
+  closed) and (2) it has been quiet for ``idle_seconds`` since the later of its last instance and the
+  close of the last such association. Then :func:`medseg.pacs.job.segment_series_folder`, SEG kept
+  as ``<storage>/results/<study>/<series>/rev<N>-<sop>.dcm``, C-STORE to the forward destination,
+  ``done``. Failures are logged, the series is marked ``failed`` (its instances stay on disk) and the
+  listener goes on. Sends are retried with back-off.
+* New instances of a series whose SEG was sent (or is being sent) make it wait for completeness
+  again; it then gets a new SEG built from all its instances that supersedes the first: revision 2, 3,
+  ... (new SeriesInstanceUID and SOPInstanceUID, the SeriesDescription with `` (revision N: M
+  instances)``). Instances arriving while a job runs make the job's SEG be discarded unsent; the
+  series is segmented again once complete.
+* :class:`medseg.pacs.journal.Journal` records each step; see there for the restart semantics (after
+  a restart, a series not yet segmented is quiet from the restart).
 
 Logs name UIDs, modalities, counts and AE titles, never patient names, IDs or birth dates.
 """
@@ -23,8 +33,6 @@ Logs name UIDs, modalities, counts and AE titles, never patient names, IDs or bi
 from __future__ import annotations
 
 import logging
-import os
-import re
 import shutil
 import signal
 import threading
@@ -37,65 +45,25 @@ from typing import Any
 
 import pydicom
 from pydicom.pixels import get_decoder
-from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from medseg.errors import InputError, MedsegError, PacsError
-from medseg.pacs.job import check_model, keep_values_out_of_logs, segment_series_folder
+from medseg.pacs.associations import OpenAssociations
+from medseg.pacs.durable import durable_move, durable_write, make_dirs_durable
+from medseg.pacs.forward import Destination, check_ae_title, send_file
+from medseg.pacs.instances import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    BadInstance,
+    check_instance,
+)
+from medseg.pacs.job import check_model, keep_values_out_of_logs, referenced_instances, segment_series_folder
 from medseg.pacs.journal import Journal, SeriesRecord
 
 log = logging.getLogger(__name__)
-
-#: C-STORE failure statuses (PS3.4 B.2.3).
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC210
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-
-
-def check_ae_title(title: str, option: str) -> str:
-    """A valid AE title (1-16 printable characters, no backslash; surrounding spaces removed).
-
-    Raises
-    ------
-    InputError
-        Empty, too long or with forbidden characters.
-    """
-    stripped = title.strip()
-    if not _AE_TITLE.match(stripped):
-        raise InputError(None, f"{option} {title!r}: an AE title is 1 to 16 printable characters, no backslash")
-    return stripped
-
-
-@dataclass(frozen=True)
-class Destination:
-    """Where SEGs are sent: ``AET@HOST:PORT``."""
-
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        """Parse ``AET@HOST:PORT``.
-
-        Raises
-        ------
-        InputError
-            Not of that form, bad AE title or port.
-        """
-        match = re.fullmatch(r"(?P<aet>[^@]+)@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d+)", text.strip())
-        if not match or not 0 < int(match["port"]) < 65536:
-            raise InputError(None, f"--forward {text!r}: expected AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242")
-        return cls(check_ae_title(match["aet"], "--forward"), match["host"].strip("[]"), int(match["port"]))
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass
@@ -113,6 +81,8 @@ class ListenerConfig:
     device: str = "cpu"
     send_attempts: int = 5
     retry_seconds: float = 30.0
+    #: an association silent this long is aborted (it then no longer holds its series back)
+    network_timeout: float = 60.0
 
 
 def supported_transfer_syntaxes() -> list[str]:
@@ -129,105 +99,6 @@ def supported_transfer_syntaxes() -> list[str]:
         except NotImplementedError:
             pass
     return syntaxes
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_dirs_durable(path: Path) -> None:
-    """``mkdir -p`` that fsyncs the parent of each folder it creates (the new entries survive a crash)."""
-    missing = []
-    current = path
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        _fsync_dir(folder.parent)
-
-
-def durable_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that it is on disk when this returns: temporary file in the same
-    folder, fsync, ``os.replace``, fsync of the folder."""
-    make_dirs_durable(path.parent)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        durable_move(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def durable_move(source: Path, path: Path) -> None:
-    """Move a finished file (on the same file system) to ``path`` so that it is on disk when this returns:
-    fsync of the file, ``os.replace``, fsync of the folder."""
-    make_dirs_durable(path.parent)
-    with open(source, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(source, path)
-    _fsync_dir(path.parent)
-
-
-class BadInstance(Exception):
-    """A received instance that is refused (status and reason)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def check_instance(ds: pydicom.Dataset, sop_class_uid: str | None = None,
-                   sop_instance_uid: str | None = None) -> tuple[str, str, str]:
-    """Validate a received image instance; returns (study, series, SOP instance) UIDs.
-
-    Raises
-    ------
-    BadInstance
-        Undecodable header, a missing or malformed UID (they become folder names), UIDs that do not
-        match the C-STORE request, missing or (uncompressed) truncated pixel data.
-    """
-    try:
-        for elem in ds.iterall():  # parse every element now: a truncated or corrupt header fails here
-            elem.value  # noqa: B018
-        uids = {k: str(ds.get(k, "") or "").strip() for k in
-                ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")}
-    except Exception as exc:  # noqa: BLE001 - whatever pydicom raises for a corrupt data set
-        raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"undecodable data set ({type(exc).__name__})") from None
-    for keyword, value in uids.items():
-        if not value:
-            raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"no {keyword}")
-        if len(value) > 64 or not _UID.match(value):
-            raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"malformed {keyword}")
-    if sop_instance_uid is not None and uids["SOPInstanceUID"] != str(sop_instance_uid).strip():
-        raise BadInstance(STATUS_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from the C-STORE request's")
-    if sop_class_uid is not None and uids["SOPClassUID"] != str(sop_class_uid).strip():
-        raise BadInstance(STATUS_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the C-STORE request's")
-    keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
-    if keyword is None:
-        raise BadInstance(STATUS_DOES_NOT_MATCH_SOP_CLASS, "no pixel data (not an image instance)")
-    if "Rows" not in ds or "Columns" not in ds:
-        raise BadInstance(STATUS_DOES_NOT_MATCH_SOP_CLASS, "pixel data without Rows / Columns")
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if keyword == "PixelData" and syntax is not None and not UID(syntax).is_compressed:
-        try:
-            expected = get_expected_length(ds, unit="bytes")
-        except Exception:  # noqa: BLE001 - missing BitsAllocated, SamplesPerPixel, ...
-            raise BadInstance(STATUS_DOES_NOT_MATCH_SOP_CLASS, "incomplete image pixel description") from None
-        if len(ds.PixelData) < expected:
-            raise BadInstance(STATUS_DOES_NOT_MATCH_SOP_CLASS,
-                              f"pixel data truncated ({len(ds.PixelData)} of {expected} bytes)")
-    return uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
 
 
 class Listener:
@@ -259,6 +130,7 @@ class Listener:
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self.associations = OpenAssociations()
         self.current: str | None = None
 
     # ----------------------------------------------------------------- life cycle
@@ -284,6 +156,9 @@ class Listener:
         shown = ", ".join(f"{r.series_uid} {r.state}" for r in pending[:5]) + (", ..." if len(pending) > 5 else "")
         log.info("journal %s: %d series pending (%s), %d done, %d failed", self.journal.path, len(pending),
                  shown or "none", counts["done"], counts["failed"])
+        if any(r.state == "received" for r in pending):
+            log.info("series not yet segmented are quiet from this restart: each waits %g s (more if a sender "
+                     "delivers to it again)", self.config.idle_seconds)
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         ae = AE(ae_title=self.ae_title)
         syntaxes = supported_transfer_syntaxes()
@@ -291,12 +166,14 @@ class Listener:
             ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
         ae.require_called_aet = True
+        ae.network_timeout = self.config.network_timeout
         if self.allow:
             ae.require_calling_aet = list(self.allow)
         else:
             log.warning("no --allow list: any calling AE title may store instances")
         handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_ACCEPTED, self._on_accepted)]
+                    (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_RELEASED, self._on_closed),
+                    (evt.EVT_ABORTED, self._on_closed), (evt.EVT_CONN_CLOSE, self._on_connection_closed)]
         try:
             self._server = ae.start_server((self.config.bind, self.config.port), block=False, evt_handlers=handlers)
         except OSError as exc:
@@ -304,9 +181,9 @@ class Listener:
             raise PacsError(f"cannot listen on {self.config.bind}:{self.config.port}: {exc.strerror or exc}") from None
         self._worker = threading.Thread(target=self._work, name="medseg-pacs-worker", daemon=True)
         self._worker.start()
-        log.info("listening as %s on %s:%d (%d transfer syntaxes), forwarding SEGs to %s, quiet time %g s, storage %s",
-                 self.ae_title, self.config.bind, self.config.port, len(syntaxes), self.config.forward,
-                 self.config.idle_seconds, self.storage)
+        log.info("listening as %s on %s:%d (%d transfer syntaxes), forwarding SEGs to %s, quiet time %g s after "
+                 "the series' last instance and association, storage %s", self.ae_title, self.config.bind,
+                 self.config.port, len(syntaxes), self.config.forward, self.config.idle_seconds, self.storage)
 
     def stop(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop accepting associations; with ``wait``, let a running job finish (up to ``timeout``)."""
@@ -383,6 +260,28 @@ class Listener:
                else f"called AE title not {self.ae_title}, or too many associations")
         log.warning("association from AE %r at %s rejected: %s", calling, event.assoc.requestor.address, why)
 
+    def _on_closed(self, event: Any) -> None:
+        """EVT_RELEASED / EVT_ABORTED (fired by the association's thread after its last C-STORE): the
+        series it delivered to start their quiet time now. Under the associations' lock, so that the
+        worker never sees such a series free before its quiet time was restarted."""
+        with self.associations.lock:
+            series = self.associations.closed(event.assoc)
+            if series:
+                self._touch(series, f"association from {str(event.assoc.requestor.ae_title).strip()} ended")
+
+    def _on_connection_closed(self, event: Any) -> None:
+        """EVT_CONN_CLOSE (the transport's thread): the worker looks for ended associations now."""
+        self._wake.set()
+
+    def _touch(self, series: set[str], why: str) -> None:
+        try:
+            assert self.journal is not None
+            self.journal.touch(series)
+        except Exception as exc:  # noqa: BLE001 - the quiet time then runs from the last instance
+            log.error("journal write failed: %s", exc)
+        log.debug("%s: %d series quiet from now", why, len(series))
+        self._wake.set()
+
     def handle_store(self, event: Any) -> int:
         """EVT_C_STORE: validate, write durably, journal, then acknowledge (or quarantine and fail)."""
         calling = str(event.assoc.requestor.ae_title)
@@ -398,6 +297,8 @@ class Listener:
             self._quarantine(event, calling, bad)
             return bad.status
         modality = str(ds.get("Modality", "") or "")
+        # before the instance is journalled: the worker cannot take the series while this association is open
+        self.associations.delivered(event.assoc, series)
         try:
             durable_write(self.incoming / study / series / f"{sop}.dcm", event.encoded_dataset())
             assert self.journal is not None
@@ -407,9 +308,15 @@ class Listener:
             return STATUS_OUT_OF_RESOURCES
         if outcome == "new":
             log.info("series %s (%s, study %s): receiving from %s", series, modality or "?", study, calling)
+        elif outcome == "revision":
+            record = self.journal.get(series)
+            done = record.revision if record is not None else 0
+            log.warning("series %s: new instance after its SEG (revision %d) was sent or while it is being sent; "
+                        "revision %d, built from all its instances, follows once the series is complete again",
+                        series, done, done + 1)
         elif outcome == "reopened":
-            log.warning("series %s: new instance %s after its job started or ended; it is segmented again",
-                        series, sop)
+            log.warning("series %s: new instance while its job runs or after it failed; it is segmented again "
+                        "once complete", series)
         else:
             log.debug("series %s: instance %s %s", series, sop, outcome)
         self._wake.set()
@@ -434,8 +341,8 @@ class Listener:
                     bad.reason, bad.status, where)
 
     def _adopt_orphans(self) -> None:
-        """Series folders on disk that the journal lacks (crash between fsync and commit); temporary
-        files and job folders left by a crash."""
+        """Instance files on disk that the journal lacks (a crash between their fsync and the commit:
+        never acknowledged, but kept and segmented); temporary files and job folders left by a crash."""
         assert self.journal is not None
         for tmp in [*self.incoming.glob("*/*/.*.tmp"), *self.results.glob("*/*/.*.tmp"),
                     *self.quarantine.glob(".*.tmp")]:
@@ -443,21 +350,19 @@ class Listener:
         for run in self.results.glob("*/*/.run-*"):  # output folders of jobs killed half-way
             shutil.rmtree(run, ignore_errors=True)
         for folder in sorted(self.incoming.glob("*/*")):
-            if not folder.is_dir() or self.journal.get(folder.name) is not None:
+            if not folder.is_dir():
                 continue
-            files = sorted(folder.glob("*.dcm"))
-            if files:
-                log.warning("series %s: on disk but not in the journal; adopting %d instances", folder.name, len(files))
-                self.journal.adopt(folder.parent.name, folder.name, [f.stem for f in files],
-                                   max(f.stat().st_mtime for f in files))
+            missing = {f.stem for f in folder.glob("*.dcm")} - self.journal.instances_of(folder.name)
+            if missing:
+                added = self.journal.adopt(folder.parent.name, folder.name, sorted(missing))
+                log.warning("series %s: %d instances on disk but not in the journal; adopted", folder.name, added)
 
     # ----------------------------------------------------------------- jobs
     def _work(self) -> None:
         poll = max(0.2, min(2.0, self.config.idle_seconds / 4))
         while not self._stop.is_set():
-            assert self.journal is not None
             try:
-                record = self.journal.next_due(self.config.idle_seconds)
+                record = self._claim()
             except Exception as exc:  # noqa: BLE001
                 log.error("journal read failed: %s", exc)
                 record = None
@@ -472,46 +377,86 @@ class Listener:
                 log.error("series %s: internal error: %s: %s", record.series_uid, type(exc).__name__, exc)
                 log.debug("traceback", exc_info=True)
                 try:
+                    assert self.journal is not None
                     self.journal.mark_failed(record.series_uid, f"internal error: {type(exc).__name__}: {exc}")
                 except Exception:  # noqa: BLE001
                     self._stop.wait(poll)
             finally:
                 self.current = None
 
-    def process(self, record: SeriesRecord) -> None:
-        """Run one due series: the job (state received), then the send (state sending)."""
+    def _claim(self) -> SeriesRecord | None:
+        """The next due series (:meth:`Journal.next_due` minus the series an open association delivered
+        to). A ``received`` one is marked ``running`` under the associations' lock, so that an instance
+        of it either arrives before (the series is busy, not taken) or finds it running (its job's SEG
+        is then discarded)."""
         assert self.journal is not None
+        with self.associations.lock:
+            ended = self.associations.prune()
+            if ended:
+                self._touch(ended, "association ended without release or abort event")
+            record = self.journal.next_due(self.config.idle_seconds, self.associations.busy())
+            if record is not None and record.state == "received":
+                self.journal.mark_running(record.series_uid)
+                record = self.journal.get(record.series_uid)
+        return record
+
+    def process(self, record: SeriesRecord) -> None:
+        """Run one claimed series: the job (state running), then the send (state sending)."""
+        if record.state == "running":
+            record = self._run_job(record)
+        if record is not None and record.state == "sending" and record.seg_path:
+            self._send_seg(record)
+
+    def _run_job(self, record: SeriesRecord) -> SeriesRecord | None:
+        """Segment a running series into SEG revision ``record.revision + 1``; returns the series in
+        state ``sending``, or ``None`` (job failed, or its SEG discarded because instances arrived)."""
+        assert self.journal is not None
+        uid, revision = record.series_uid, record.revision + 1
+        folder = self.incoming / record.study_uid / uid
+        out = self.results / record.study_uid / uid
+        for stale in out.glob(f"rev{revision}-*.dcm"):  # this revision was never sent: a killed or discarded job's
+            stale.unlink(missing_ok=True)
+        log.info("series %s: complete (no open association, quiet for %g s), segmenting %d instances (%s, run %d)",
+                 uid, self.config.idle_seconds, record.instances,
+                 f"revision {revision}" if revision > 1 else "first SEG", record.runs)
+        started = time.monotonic()
+        work = out / f".run-{uuid.uuid4().hex[:8]}"
+        try:
+            seg_tmp = segment_series_folder(self.config.model, folder, work, series_uid=uid,
+                                            device=self.config.device, revision=revision)
+            seg = pydicom.dcmread(seg_tmp, stop_before_pixels=True)
+            seg_path = out / f"rev{revision}-{seg.SOPInstanceUID}.dcm"
+            durable_move(seg_tmp, seg_path)  # the run folder lies beside it: a rename
+        except MedsegError as exc:
+            self.journal.mark_failed(uid, str(exc))
+            log.error("series %s: job failed: %s (instances kept in %s)", uid, exc, folder)
+            return None
+        except Exception as exc:  # noqa: BLE001
+            self.journal.mark_failed(uid, f"internal error: {type(exc).__name__}: {exc}")
+            log.error("series %s: job failed: internal error: %s: %s (instances kept in %s)", uid,
+                      type(exc).__name__, exc, folder)
+            log.debug("traceback", exc_info=True)
+            return None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        count = referenced_instances(seg)
+        if not self.journal.mark_sending(uid, seg_path, str(seg.SOPInstanceUID), str(seg.SeriesInstanceUID),
+                                         revision):
+            seg_path.unlink(missing_ok=True)
+            log.warning("series %s: instances arrived while the job ran; its SEG (%d instances) is discarded unsent, "
+                        "the series is segmented again once complete", uid, count)
+            return None
+        log.info("series %s: SEG %s (revision %d, %d instances referenced) written in %.1f s", uid,
+                 seg.SOPInstanceUID, revision, count, time.monotonic() - started)
+        if revision > 1:
+            log.warning("series %s: SEG revision %d (series %s, %d instances) supersedes revision %d (series %s)",
+                        uid, revision, seg.SeriesInstanceUID, count, record.revision, record.seg_series_uid)
+        return self.journal.get(uid)
+
+    def _send_seg(self, record: SeriesRecord) -> None:
+        """C-STORE the series' SEG; ``done``, or a retry later, or ``failed`` after the last attempt."""
+        assert self.journal is not None and record.seg_path
         uid = record.series_uid
-        if record.state == "received":
-            self.journal.mark_running(uid)
-            folder = self.incoming / record.study_uid / uid
-            log.info("series %s: quiet for %g s, segmenting %d instances (run %d)", uid, self.config.idle_seconds,
-                     record.instances, record.runs + 1)
-            started = time.monotonic()
-            work = self.results / record.study_uid / uid / f".run-{uuid.uuid4().hex[:8]}"
-            try:
-                seg_tmp = segment_series_folder(self.config.model, folder, work, series_uid=uid,
-                                                device=self.config.device)
-                seg = pydicom.dcmread(seg_tmp, stop_before_pixels=True)
-                seg_path = self.results / record.study_uid / uid / f"{seg.SOPInstanceUID}.dcm"
-                durable_move(seg_tmp, seg_path)  # the run folder lies beside it: a rename
-            except MedsegError as exc:
-                self.journal.mark_failed(uid, str(exc))
-                log.error("series %s: job failed: %s (instances kept in %s)", uid, exc, folder)
-                return
-            except Exception as exc:  # noqa: BLE001
-                self.journal.mark_failed(uid, f"internal error: {type(exc).__name__}: {exc}")
-                log.error("series %s: job failed: internal error: %s: %s (instances kept in %s)", uid,
-                          type(exc).__name__, exc, folder)
-                log.debug("traceback", exc_info=True)
-                return
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-            self.journal.mark_sending(uid, seg_path, str(seg.SOPInstanceUID), str(seg.SeriesInstanceUID))
-            log.info("series %s: SEG %s written in %.1f s", uid, seg.SOPInstanceUID, time.monotonic() - started)
-            record = self.journal.get(uid) or record
-        if record.state != "sending" or not record.seg_path:
-            return
         try:
             self.send(Path(record.seg_path))
         except PacsError as exc:
@@ -525,39 +470,15 @@ class Listener:
                       f"; retry in {retry_at - time.time():.0f} s" if retry_at else "; giving up (state failed)")
             return
         self.journal.mark_done(uid)
-        log.info("series %s: sent SEG %s (series %s) to %s", uid, record.seg_sop_uid, record.seg_series_uid,
-                 self.config.forward)
+        log.info("series %s: sent SEG %s (series %s, revision %d) to %s", uid, record.seg_sop_uid,
+                 record.seg_series_uid, record.revision, self.config.forward)
 
     def send(self, seg_path: Path) -> None:
-        """C-STORE one file to the forward destination.
+        """C-STORE one file to the forward destination (:func:`medseg.pacs.forward.send_file`).
 
         Raises
         ------
         PacsError
             No association (refused, rejected, aborted) or a failure status.
         """
-        dest = self.config.forward
-        try:
-            ds = pydicom.dcmread(seg_path)
-        except Exception as exc:  # noqa: BLE001
-            raise PacsError(f"{seg_path}: cannot read the SEG to send: {exc}") from None
-        syntaxes = list(dict.fromkeys([str(ds.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian,
-                                       ImplicitVRLittleEndian]))
-        ae = AE(ae_title=self.ae_title)
-        ae.add_requested_context(ds.SOPClassUID, syntaxes)
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        if not assoc.is_established:
-            why = "rejected the association" if assoc.is_rejected else "aborted the association" if assoc.is_aborted \
-                else "cannot be reached"
-            raise PacsError(f"{dest}: {why}")
-        try:
-            status = assoc.send_c_store(ds)
-        finally:
-            assoc.release()
-        code = int(status.get("Status", -1)) if status else -1
-        if code == -1:
-            raise PacsError(f"{dest}: no C-STORE response (timeout or aborted)")
-        if code != STATUS_SUCCESS and not 0xB000 <= code <= 0xBFFF:
-            raise PacsError(f"{dest}: C-STORE of the SEG failed with status 0x{code:04X}")
-        if code != STATUS_SUCCESS:
-            log.warning("%s: C-STORE of the SEG succeeded with warning status 0x%04X", dest, code)
+        send_file(seg_path, self.ae_title, self.config.forward)

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,18 +13,21 @@ import pydicom
 import pytest
 
 from medseg.pacs.journal import Journal
-from tests.integration.orthanc import (
-    STORESCU,
-    Orthanc,
-    free_port,
-    require_tools,
-    small_series,
-    start_orthanc,
+from tests.integration.dimse import (
+    LISTENER_AET,
+    MODALITY_AET,
+    SECRETS,
+    ListenerProcess,
+    segs_in_study,
+    state,
+    storescu,
+    uids,
+    wait_for_seg,
+    wait_for_state,
 )
+from tests.integration.orthanc import Orthanc, require_tools, small_series, start_orthanc
 
 pytestmark = [pytest.mark.pacs, require_tools("orthanc", "dicomweb", "storescu")]
-LISTENER_AET, MODALITY_AET = "MEDSEG", "CT_MODALITY"
-SECRETS = ("Phantom", "PHANTOM001", "Synthetic")  # the synthetic patient's name and ID must never be logged
 
 
 @pytest.fixture(scope="module")
@@ -36,66 +36,6 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory):
                            modalities={"medseg": (LISTENER_AET, "127.0.0.1", 104)})
     yield server
     server.stop()
-
-
-class ListenerProcess:
-    """``python -m medseg pacs listen`` on a free port of 127.0.0.1, logging into ``log``."""
-
-    def __init__(self, storage: Path, model: Path, orthanc: Orthanc, idle: float, log: Path) -> None:
-        self.port, self.storage, self.log_path = free_port(), storage, log
-        command = [sys.executable, "-m", "medseg", "pacs", "listen", "--port", str(self.port), "--bind", "127.0.0.1",
-                   "--ae-title", LISTENER_AET, "--model", str(model), "--allow", MODALITY_AET,
-                   "--forward", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}", "--storage", str(storage),
-                   "--idle-seconds", str(idle)]
-        with open(log, "ab") as handle:
-            self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while "listening as" not in self.log():
-            assert self.process.poll() is None, f"listener exited with {self.process.returncode}:\n{self.log()}"
-            assert time.monotonic() < deadline, self.log()
-            time.sleep(0.2)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=120)
-
-    def kill(self) -> None:
-        self.process.kill()  # SIGKILL: no clean-up at all
-        self.process.wait(timeout=30)
-
-
-def storescu(port: int, files: list[Path], aet: str = MODALITY_AET, *options: str) -> subprocess.CompletedProcess[str]:
-    assert STORESCU, "dcmtk's storescu is required (scripts/install_system_deps.sh)"
-    return subprocess.run([STORESCU, *options, "-aet", aet, "-aec", LISTENER_AET, "127.0.0.1", str(port),
-                           *map(str, files)], capture_output=True, text=True, timeout=120)
-
-
-def uids(path: Path) -> tuple[str, str, str]:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
-
-
-def segs_in_study(orthanc: Orthanc, study_uid: str) -> list[dict]:
-    return orthanc.rest("POST", "/tools/find", json={"Level": "Instance", "Expand": True,
-                                                     "Query": {"StudyInstanceUID": study_uid, "Modality": "SEG"}}).json()
-
-
-def wait_for_seg(orthanc: Orthanc, study_uid: str, listener: ListenerProcess, timeout: float = 150) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while not (found := segs_in_study(orthanc, study_uid)):
-        assert listener.process.poll() is None, listener.log()
-        assert time.monotonic() < deadline, f"no SEG arrived in Orthanc:\n{listener.log()[-4000:]}"
-        time.sleep(0.5)
-    return found
-
-
-def state(storage: Path, series_uid: str) -> str | None:
-    with sqlite3.connect(storage / "journal.sqlite") as db:
-        row = db.execute("SELECT state FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
-    return None if row is None else row[0]
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +61,8 @@ def test_series_is_stored_segmented_and_forwarded(listener: ListenerProcess, ort
     assert seg.StudyInstanceUID == study_uid
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == len(files)
-    deadline = time.monotonic() + 30
-    while state(listener.storage, series_uid) != "done":
-        assert time.monotonic() < deadline, listener.log()[-3000:]
-        time.sleep(0.2)
-    assert (listener.storage / "results" / study_uid / series_uid / f"{seg.SOPInstanceUID}.dcm").is_file()
+    wait_for_state(listener.storage, series_uid, "done", listener, timeout=30)
+    assert (listener.storage / "results" / study_uid / series_uid / f"rev1-{seg.SOPInstanceUID}.dcm").is_file()
 
 
 def test_unknown_calling_ae_is_rejected(listener: ListenerProcess, tmp_path: Path) -> None:
@@ -253,8 +190,8 @@ def test_journal_replays_interrupted_jobs(tmp_path: Path) -> None:
         assert journal.record_instance("9.9", series, f"{series}.1", "CT", now=0) == "new"
         assert journal.record_instance("9.9", series, f"{series}.2", "CT", now=1) == "added"
         journal.mark_running(series)
-    journal.mark_sending("1.2", tmp_path / "seg.dcm", "5.5", "6.6")
-    journal.mark_sending("1.3", tmp_path / "seg3.dcm", "7.7", "8.8")
+    journal.mark_sending("1.2", tmp_path / "seg.dcm", "5.5", "6.6", revision=1)
+    journal.mark_sending("1.3", tmp_path / "seg3.dcm", "7.7", "8.8", revision=1)
     journal.mark_done("1.3")
     journal.close()
 
@@ -263,10 +200,10 @@ def test_journal_replays_interrupted_jobs(tmp_path: Path) -> None:
     assert set(pending) == {"1.1", "1.2"}
     assert pending["1.1"].state == "received" and pending["1.1"].runs == 1
     assert pending["1.2"].state == "sending" and pending["1.2"].seg_sop_uid == "5.5"
-    assert journal.next_due(idle_seconds=5, now=3) is not None
+    assert journal.next_due(idle_seconds=5, now=3).series_uid == "1.2"  # the interrupted send is due at once
     assert journal.record_instance("9.9", "1.3", "1.3.1", "CT") == "duplicate"
     assert journal.get("1.3").state == "done"
-    assert journal.record_instance("9.9", "1.3", "1.3.3", "CT") == "reopened"
+    assert journal.record_instance("9.9", "1.3", "1.3.3", "CT") == "revision"
     assert journal.get("1.3").state == "received"
     journal.close()
     assert os.path.getsize(tmp_path / "journal.sqlite") > 0
