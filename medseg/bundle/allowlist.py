@@ -78,8 +78,8 @@ _OPTIMIZER = ("optimiser or learning-rate schedule over the parameters it is giv
               "no file access")
 _NO_COMPILE = {"compile": (False,), "compile_kwargs": (None,)}
 _ENGINE = ("Ignite engine loop over a data loader calling the network, inferer, handlers and post-processing "
-           "it is given (all vetted config items); no file access of its own. torch.compile is pinned off "
-           "(its options reach the inductor code generator)")
+           "it is given (all vetted config items); no file access of its own (a literal list as data loader is "
+           "confined like a data list). torch.compile is pinned off (its options reach the inductor code generator)")
 _READERS = (None, "NibabelReader", "ITKReader", "PydicomReader", "NrrdReader", "PILReader", "NumpyReader")
 _WRITERS = (None, "NibabelWriter", "ITKWriter", "PILWriter")
 _LOADER_KWARGS = ("batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn", "pin_memory", "drop_last",
@@ -223,16 +223,14 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
     Vetted("monai.handlers.EarlyStopHandler", "stops training when a vetted score function stops improving; "
                                               "no file access"),
     # --- engines and data ---------------------------------------------------------------------------
-    Vetted("monai.engines.SupervisedTrainer", _ENGINE, fixed=_NO_COMPILE,
-           reviewed=("train_data_loader",)),
-    Vetted("monai.engines.SupervisedEvaluator", _ENGINE, fixed=_NO_COMPILE,
-           reviewed=("val_data_loader",)),
+    Vetted("monai.engines.SupervisedTrainer", _ENGINE, fixed=_NO_COMPILE, data=("train_data_loader",)),
+    Vetted("monai.engines.SupervisedEvaluator", _ENGINE, fixed=_NO_COMPILE, data=("val_data_loader",)),
     Vetted("monai.data.Dataset", "applies vetted transforms to the items of its data list in memory; the data "
                                  "list's file names are confined like any path", data=("data",)),
     Vetted("monai.data.CacheDataset", "like Dataset, caching transformed items in memory (not on disk)",
            data=("data",), reviewed=("cache_num", "cache_rate", "copy_cache", "runtime_cache")),
     Vetted("monai.data.DataLoader", "torch DataLoader over a vetted dataset; keyword arguments reviewed (callables "
-                                    "can only be vetted config items)", extra=_LOADER_KWARGS),
+                                    "can only be vetted config items)", data=("dataset",), extra=_LOADER_KWARGS),
     Vetted("monai.data.list_data_collate", "collates a list of dictionaries into a batch in memory"),
     Vetted("monai.data.decollate_batch", "splits a batch into a list in memory"),
 )

@@ -194,7 +194,8 @@ class Confinement:
             return
         for leaf in leaves:
             if isinstance(leaf, _Component):
-                self._check_path_factory(key, leaf, entry)
+                if not data:  # a dataset or loader in a data argument is vetted where it stands
+                    self._check_path_factory(key, leaf, entry)
             elif isinstance(leaf, str):
                 if (problem := self._outside(leaf)) is not None:
                     self._add(key, f"{_short(leaf)} {problem} ({entry.name} {_verb(entry, key)} it)")

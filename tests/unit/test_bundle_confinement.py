@@ -194,3 +194,20 @@ def test_issue_payload_through_the_cli_creates_no_file_and_does_with_trust(tmp_p
                              capture_output=True, text=True, timeout=300)
     assert trusted.returncode == 0, trusted.stderr
     assert (site / "zz.pth").exists()
+
+
+def test_data_lists_are_confined_wherever_they_stand(tmp_path: Path) -> None:
+    """A literal data list is read by whatever loads it: as a dataset's data, a loader's dataset or an
+    engine's data loader, its file names must stay inside the bundle; vetted datasets and loaders pass."""
+    items = [{"image": "/etc/shadow"}]
+    bundle = _bundle(tmp_path / "bundle", {
+        "dataset": {"_target_": "monai.data.Dataset", "data": [{"image": "images/a.nii.gz"}]},
+        "loader": {"_target_": "monai.data.DataLoader", "dataset": "@dataset"},
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "cpu", "val_data_loader": "@loader",
+                      "network": {"_target_": "torch.nn.Identity"}},
+        "bad_loader": {"_target_": "monai.data.DataLoader", "dataset": items},
+        "bad_evaluator": {"_target_": "SupervisedEvaluator", "device": "cpu", "val_data_loader": items,
+                          "network": {"_target_": "torch.nn.Identity"}},
+    })
+    keys = {f.key for f in scan_bundle(bundle)}
+    assert keys == {"bad_loader#dataset", "bad_evaluator#val_data_loader"}
