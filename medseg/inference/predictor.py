@@ -8,9 +8,10 @@ spacing and orientation: softmax probabilities resampled linearly then argmax; w
 voxels do not fit in 1 GB, the probabilities wait on disk in float16 and are resampled one class at
 a time) -> label map written with exactly the input's shape, spacing, origin and direction.
 
-Every input is checked before torch and MONAI are imported (several seconds) and before the
-model is loaded, so bad input is answered at once; progress lines (``[1/3] scan.nii.gz -> ...``)
-are logged only once an input has been read, so an unreadable input's error stays the one line.
+Every input is checked before the model is loaded (this module imports torch and MONAI only in
+the functions that predict), so bad input is answered before that; progress lines
+(``[1/3] scan.nii.gz -> ...``) are logged only once an input has been read, so an unreadable
+input's error stays the one line.
 """
 
 from __future__ import annotations
