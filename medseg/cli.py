@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from medseg import __version__
 from medseg.errors import MedsegError
+from medseg.logs import setup_logging
 
 log = logging.getLogger("medseg")
 
@@ -37,6 +38,16 @@ def _positive_list(kind: type) -> Callable[[str], tuple]:
 
 _floats = _positive_list(float)
 _ints = _positive_list(int)
+
+
+def _label_mapping(text: str) -> dict[int, int]:
+    """argparse type for ``--label-map 6=5,7=5``."""
+    from medseg.labels import parse_label_mapping
+
+    try:
+        return parse_label_mapping(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _hu_window(text: str) -> tuple[float, float]:
@@ -95,7 +106,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                 modality=args.modality, min_slices=args.min_slices,
                                 description=args.series_description, device=args.device, overlap=args.overlap,
                                 overwrite=args.overwrite, tta=args.tta, precision=args.precision,
-                                sw_batch_size=args.sw_batch_size)
+                                sw_batch_size=args.sw_batch_size, strict=args.strict)
         for path in outputs:
             print(path)
         return 0
@@ -107,18 +118,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite, sw_batch_size=args.sw_batch_size,
                       instances=args.instances or args.instance_labels is not None,
                       instance_labels=args.instance_labels, tta=args.tta,
-                      precision=args.precision)
+                      precision=args.precision, strict=args.strict)
     for path in outputs:
         print(path)
     return 0
 
 
-def _labels_from(path: str | None):
+def _labels_from(path: str | None) -> dict[int, str] | None:
+    """Label names from ``--labels`` (any source :func:`medseg.labels.read_label_names` reads)."""
     if path is None:
         return None
-    from medseg.data.datalist import load_datalist
+    from medseg.labels import read_label_names
 
-    return load_datalist(path).labels
+    return read_label_names(path)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -131,7 +143,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise InputError(None, f"--lesion-min-ml must be a finite value >= 0, got {args.lesion_min_ml}")
     summary = evaluate_folders(args.pred, args.ref, args.out, labels=_labels_from(args.labels),
                                nsd_tolerance_mm=args.nsd_tolerance_mm, lesion_labels=args.lesion_labels,
-                               lesion_min_volume_ml=args.lesion_min_ml)
+                               lesion_min_volume_ml=args.lesion_min_ml, label_map=args.label_map)
     for number, entry in summary["labels"].items():
         dice = entry["dice"]["mean"]
         print(f"{number:>4} {entry['name']:<20} Dice {'n/a' if dice is None else f'{dice:.3f}'}")
@@ -147,30 +159,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from medseg.reports import build_report
 
-    labels = None
-    if args.labels is not None and os.path.isdir(args.labels):  # a bundle or run folder
-        from medseg.bundle.components import load_plan
-
-        labels = load_plan(args.labels).labels
-    elif args.labels is not None:
-        labels = _labels_from(args.labels)
-    build_report(args.pred, args.images, args.out, labels=labels, modality=args.modality)
+    build_report(args.pred, args.images, args.out, labels=_labels_from(args.labels), modality=args.modality)
     print(os.path.join(args.out, "report.html"))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from medseg.errors import DicomError
-    from medseg.io.image import image_suffix, read_geometry
 
-    if os.path.isfile(args.path) and image_suffix(args.path):  # NIfTI / NRRD / MetaImage: its grid
-        geometry = read_geometry(args.path)
-        print(f"{args.path}: {geometry.dims}D image, size {' x '.join(map(str, geometry.size))}, spacing "
-              f"{' x '.join(f'{s:.6g}' for s in geometry.spacing)} mm, origin "
-              f"({', '.join(f'{o:.6g}' for o in geometry.origin)}) mm (LPS), direction "
-              f"({', '.join(f'{d:.6g}' for d in geometry.direction)})")
-        return 0
-    from medseg.io.dicom import inspect_lines, scan_dicom
+    if os.path.isfile(args.path):  # NIfTI / NRRD / MetaImage: its grid (medseg.io.image imports MONAI)
+        from medseg.io.image import image_suffix, read_geometry
+
+        if image_suffix(args.path):
+            geometry = read_geometry(args.path)
+            print(f"{args.path}: {geometry.dims}D image, size {' x '.join(map(str, geometry.size))}, spacing "
+                  f"{' x '.join(f'{s:.6g}' for s in geometry.spacing)} mm, origin "
+                  f"({', '.join(f'{o:.6g}' for o in geometry.origin)}) mm (LPS), direction "
+                  f"({', '.join(f'{d:.6g}' for d in geometry.direction)})")
+            return 0
+    from medseg.io.dicom import inspect_lines, scan_dicom  # DICOM headers: pydicom only, no torch or MONAI
 
     scan = scan_dicom(args.path)
     lines, failures = inspect_lines(scan, decode=args.decode)
@@ -254,76 +261,116 @@ def cmd_pacs_listen(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medseg", description="Medical-image segmentation with MONAI.")
-    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default after its help text, ``(default: 0.5)``.
 
-    p = sub.add_parser("synth", help="write a synthetic CT or MR dataset (MSD layout)")
+    Left out where there is nothing to show: flags (default off), options whose help says what
+    their absence means (default None), empty lists, and help that already names its default.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == [] or default is argparse.SUPPRESS
+                or "%(default)" in text or "default:" in text or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows defaults (:class:`HelpFormatter`)."""
+    return sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".", formatter_class=HelpFormatter)
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "synth", "write a synthetic CT or MR dataset (MSD layout)")
     p.add_argument("--out", required=True, help="new folder for dataset.json, imagesTr/, labelsTr/, imagesTs/, labelsTs/")
-    p.add_argument("--modality", choices=["ct", "mr"], default="ct", type=str.lower)
+    p.add_argument("--modality", choices=["ct", "mr"], default="ct", type=str.lower, help="imaging modality")
     p.add_argument("--cases", type=int, default=10, help="number of cases (a quarter become test cases)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=96, help="in-plane matrix size in voxels (default 96)")
-    p.add_argument("--dims", type=int, choices=[2, 3], default=3)
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
+    p.add_argument("--size", type=int, default=96, help="in-plane matrix size in voxels")
+    p.add_argument("--dims", type=int, choices=[2, 3], default=3, help="2D slices or 3D volumes")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("train", help="train a U-Net on an MSD dataset.json (the run folder is a MONAI bundle)")
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "train", "train a U-Net on an MSD dataset.json (the run folder is a MONAI bundle)")
     p.add_argument("--data", required=True, help="dataset.json (MSD layout)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="new run folder (a bundle is written there), or an existing one with --resume")
     where.add_argument("--bundle", help="train an existing bundle in place (from medseg bundle init) with its plan")
     p.add_argument("--init-weights", default=None, metavar="PATH",
-                   help="transfer learning: start from the matching tensors of a bundle, run folder or .pt file")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+                   help="transfer learning: start from the matching tensors of a bundle, run folder or .pt file "
+                        "(default: random initialisation)")
+    p.add_argument("--epochs", type=int, default=100, help="number of epochs")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this many minutes (default: no time limit)")
+    _device(p)
     p.add_argument("--fold", type=int, default=0, help="validation fold 0-4 (5-fold split of the training cases)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
     p.add_argument("--val-interval", type=int, default=5, help="validate every N epochs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the split, sampling and initialisation")
     p.add_argument("--spacing", type=_floats, default=None, help="target spacing in mm, e.g. 1.5,1.5,3 (default: median)")
-    p.add_argument("--patch-size", type=_ints, default=None, help="training patch in voxels, e.g. 96,96,48")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--patch-size", type=_ints, default=None,
+                   help="training patch in voxels, e.g. 96,96,48 (default: from the median image size)")
+    p.add_argument("--batch-size", type=int, default=None, help="patches per iteration (default: the plan's)")
     p.add_argument("--ct-window", type=_hu_window, default=None, metavar="LOW,HIGH",
-                   help="clip CT to this HU window (e.g. -160,240) instead of the foreground percentiles")
+                   help="clip CT to this HU window, e.g. -160,240 (default: the foreground's 0.5-99.5 percentiles)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="segment images; label maps in the input's own geometry and format")
-    p.add_argument("--model", required=True, help="run folder written by medseg train")
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "predict", "segment images; label maps in the input's own geometry and format")
+    p.add_argument("--model", required=True, help="run folder written by medseg train, or a bundle")
     p.add_argument("--input", required=True,
                    help="an image file or a folder of them (.nii, .nii.gz, .nrrd, .mha, .mhd), or a DICOM folder / DICOMDIR")
     p.add_argument("--output", required=True, help="folder for <case>_seg.<ext> label maps (or the DICOM outputs)")
-    p.add_argument("--device", default="cpu")
+    _device(p)
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
-    p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass")
+    p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: the plan's)")
     p.add_argument("--tta", action="store_true",
                    help="test-time mirroring: average each window with its flips along every spatial axis (1 + dims passes)")
     p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16: the network under autocast (about 2x faster on AVX-512 BF16 CPUs; check agreement)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse (exit 2, nothing written) an input the model does not fit: another modality (DICOM "
+                        "Modality, or intensities unlike the training data's) or a voxel spacing more than 2x off the "
+                        "model's; without it these are warnings")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--instances", action="store_true",
                    help="also write <case>_instances.<ext>: one id per connected lesion (lesion/tumour labels)")
     p.add_argument("--instance-labels", type=_ints, default=None, metavar="L1,L2",
                    help="labels to split into instances (default: labels named lesion, tumour, ...)")
     p.add_argument("--format", choices=["nifti", "dicom-seg", "rtstruct"], default="nifti",
-                   help="DICOM input: <name>_seg.nii.gz in the series geometry (default), <name>_seg.dcm "
+                   help="DICOM input: <name>_seg.nii.gz in the series geometry (nifti), <name>_seg.dcm "
                         "(DICOM SEG) or <name>_rtstruct.dcm (RT structure set); <name>: series description or UID")
-    p.add_argument("--series-uid", default=None, metavar="UID", help="DICOM input: segment the series with this UID")
+    p.add_argument("--series-uid", default=None, metavar="UID",
+                   help="DICOM input: segment the series with this UID (default: the only candidate)")
     p.add_argument("--modality", default=None, type=str.upper, metavar="CT|MR",
-                   help="DICOM input: only series of this modality")
+                   help="DICOM input: only series of this modality (default: any)")
     p.add_argument("--min-slices", type=int, default=1, metavar="N",
                    help="DICOM input: only series with at least N slices")
     p.add_argument("--series-description", default=None, metavar="REGEX",
-                   help="DICOM input: only series whose description matches this regular expression")
+                   help="DICOM input: only series whose description matches this regular expression (default: any)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="Dice, HD95 and more per case and label")
+
+_LABELS_HELP = ("label names: a bundle or run folder, its configs/plan.json, a dataset.json (full, or holding only "
+                "\"labels\"; MSD {\"1\": \"liver\"} or nnU-Net {\"liver\": 1}) or a bundle's metadata.json")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "evaluate", "Dice, HD95 and more per case and label")
     p.add_argument("--pred", required=True, help="folder of predicted label maps (<case>_seg.<ext> or <case>.<ext>)")
     p.add_argument("--ref", required=True, help="folder of reference label maps (<case>.<ext>)")
-    p.add_argument("--labels", default=None, help="dataset.json whose 'labels' name the label values")
+    p.add_argument("--labels", default=None, help=_LABELS_HELP + " (default: the values found, named label_<n>)")
+    p.add_argument("--label-map", type=_label_mapping, default=None, metavar="PRED=REF,...",
+                   help="rename prediction values before comparing, e.g. 6=5,7=5 when the model splits reference "
+                        "label 5 in two (default: none)")
     p.add_argument("--out", required=True, help="folder for metrics.csv and summary.json")
     p.add_argument("--nsd-tolerance-mm", type=float, default=1.0, help="normalised surface Dice tolerance (mm)")
     p.add_argument("--lesion-labels", type=_ints, default=None, metavar="L1,L2",
@@ -331,70 +378,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesion-min-ml", type=float, default=0.0, help="ignore connected components below this volume")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("report", help="volumes, intensity statistics, overlays and an HTML report of predictions")
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "report", "volumes, intensity statistics, overlays and an HTML report of predictions")
     p.add_argument("--pred", required=True, help="folder of predicted label maps (<case>_seg.<ext>)")
     p.add_argument("--images", required=True, help="folder of the images (<case>.<ext>)")
     p.add_argument("--out", required=True, help="folder for structures.csv/json, <case>.png and report.html")
-    p.add_argument("--labels", default=None,
-                   help="label names: a dataset.json, or a bundle / run folder (its configs/plan.json)")
+    p.add_argument("--labels", default=None, help=_LABELS_HELP + " (default: the values found, named label_<n>)")
     p.add_argument("--modality", choices=["CT", "MR"], type=str.upper, default=None,
-                   help="default: CT if the image holds values below -500 (HU), else MR")
+                   help="intensity unit and overlay window (default: CT if the image holds values below -500 HU, else MR)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("inspect", help="list the DICOM series in a folder / DICOMDIR / file: UIDs, geometry, problems")
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "inspect", "list the DICOM series in a folder / DICOMDIR / file: UIDs, geometry, problems")
     p.add_argument("path", help="a folder tree of DICOM files, a DICOMDIR, a DICOM file, or a NIfTI/NRRD/MHA image")
     p.add_argument("--decode", action="store_true", help="also decode every frame and report files that fail")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("bundle", help="MONAI bundles: init, run, verify, export")
+
+def _add_bundle(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "bundle", "MONAI bundles: init, run, verify, export")
     bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
-    b = bsub.add_parser("init", help="create a bundle for a dataset (modality, labels, spacing from the data)")
+    b = _command(bsub, "init", "create a bundle for a dataset (modality, labels, spacing from the data)")
     b.add_argument("--data", required=True, help="dataset.json (MSD layout)")
     b.add_argument("--out", required=True, help="new bundle folder")
-    b.add_argument("--name", default=None)
-    b.add_argument("--description", default=None)
-    b.add_argument("--data-source", default=None, help="what the bundle is trained on (metadata data_source)")
-    b.add_argument("--spacing", type=_floats, default=None)
-    b.add_argument("--patch-size", type=_ints, default=None)
-    b.add_argument("--ct-window", type=_hu_window, default=None, metavar="LOW,HIGH")
+    b.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
+    b.add_argument("--description", default=None,
+                   help="one-sentence description (default: \"<dims>D U-Net segmentation bundle created by medseg\")")
+    b.add_argument("--data-source", default=None,
+                   help="what the bundle is trained on, metadata data_source (default: the dataset's name, path and "
+                        "number of training cases)")
+    b.add_argument("--spacing", type=_floats, default=None, help="target spacing in mm (default: median)")
+    b.add_argument("--patch-size", type=_ints, default=None, help="training patch in voxels (default: from the data)")
+    b.add_argument("--ct-window", type=_hu_window, default=None, metavar="LOW,HIGH",
+                   help="clip CT to this HU window (default: the foreground percentiles)")
     b.set_defaults(func=cmd_bundle_init)
-    b = bsub.add_parser("run", help="run a bundle config (model-zoo layout), safe mode unless --trust")
+    b = _command(bsub, "run", "run a bundle config (model-zoo layout), safe mode unless --trust")
     b.add_argument("bundle", help="bundle folder")
-    b.add_argument("--config", default="inference", help="config name in configs/ (default: inference)")
+    b.add_argument("--config", default="inference", help="config name in configs/")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config id, e.g. --set dataset_dir=DATA --set epochs=5 (repeatable)")
     b.add_argument("--trust", action="store_true", help="run configs with $ expressions and any _target_ (untrusted code!)")
     b.set_defaults(func=cmd_bundle_run)
-    b = bsub.add_parser("verify", help="check metadata and network input/output against the configs")
-    b.add_argument("bundle")
-    b.add_argument("--device", default="cpu")
+    b = _command(bsub, "verify", "check metadata and network input/output against the configs")
+    b.add_argument("bundle", help="bundle folder")
+    _device(b)
     b.set_defaults(func=cmd_bundle_verify)
-    b = bsub.add_parser("export", help="export the trained network as TorchScript or ONNX")
-    b.add_argument("bundle")
-    b.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    b = _command(bsub, "export", "export the trained network as TorchScript or ONNX")
+    b.add_argument("bundle", help="bundle folder")
+    b.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="export format")
     b.add_argument("--out", default=None, help="output file (default: models/model.ts or models/model.onnx)")
     b.set_defaults(func=cmd_bundle_export)
 
-    p = sub.add_parser("pacs", help="PACS: segment a study over DICOMweb, or listen for DICOM C-STORE")
+
+def _add_pacs(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "pacs", "PACS: segment a study over DICOMweb, or listen for DICOM C-STORE")
     psub = p.add_subparsers(dest="pacs_command", metavar="ACTION", required=True)
-    b = psub.add_parser("run", help="DICOMweb: fetch a study's series (QIDO/WADO-RS), segment, store the SEG (STOW-RS)")
+    b = _command(psub, "run", "DICOMweb: fetch a study's series (QIDO/WADO-RS), segment, store the SEG (STOW-RS)")
     b.add_argument("--url", required=True, help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
     b.add_argument("--study", required=True, metavar="STUDY_UID", help="StudyInstanceUID")
     b.add_argument("--model", required=True, help="run folder or bundle")
     b.add_argument("--series", default=None, metavar="SERIES_UID",
                    help="series to segment (default: the study's only image series)")
-    b.add_argument("--modality", default=None, help="only consider series of this modality (e.g. CT)")
-    b.add_argument("--username", default=None, help="HTTP basic authentication user")
+    b.add_argument("--modality", default=None, help="only consider series of this modality, e.g. CT (default: any)")
+    b.add_argument("--username", default=None, help="HTTP basic authentication user (default: none)")
     b.add_argument("--password", default=None,
                    help="HTTP basic authentication password (default: $MEDSEG_PACS_PASSWORD)")
     b.add_argument("--token", default=None, help="bearer token (default: $MEDSEG_PACS_TOKEN)")
     tls = b.add_mutually_exclusive_group()
     tls.add_argument("--no-verify", action="store_true", help="do not verify the server's TLS certificate (unsafe)")
-    tls.add_argument("--ca-bundle", default=None, metavar="FILE", help="verify TLS against this CA bundle (PEM)")
-    b.add_argument("--output", default=None, metavar="DIR", help="also keep a copy of the SEG in this folder")
-    b.add_argument("--device", default="cpu")
+    tls.add_argument("--ca-bundle", default=None, metavar="FILE",
+                     help="verify TLS against this CA bundle (PEM; default: the system's)")
+    b.add_argument("--output", default=None, metavar="DIR", help="also keep a copy of the SEG in this folder (default: none)")
+    _device(b)
     b.set_defaults(func=cmd_pacs_run)
-    b = psub.add_parser("listen", help="DIMSE storage SCP: segment each received series, C-STORE the SEG onward")
+    b = _command(psub, "listen", "DIMSE storage SCP: segment each received series, C-STORE the SEG onward")
     b.add_argument("--port", type=int, required=True, help="TCP port to listen on")
     b.add_argument("--ae-title", required=True, metavar="AET", help="this listener's AE title (the called AE)")
     b.add_argument("--model", required=True, help="run folder or bundle")
@@ -402,44 +461,47 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--allow", action="append", default=[], metavar="CALLING_AET",
                    help="accept associations only from this calling AE title (repeatable; default: any)")
     b.add_argument("--storage", default="medseg-listener", metavar="DIR",
-                   help="folder for received instances, quarantine, SEGs and journal.sqlite (default: medseg-listener)")
+                   help="folder for received instances, quarantine, SEGs and journal.sqlite")
     b.add_argument("--idle-seconds", type=float, default=30.0, metavar="N",
-                   help="segment a series once no instance of it arrived for N seconds (default: 30)")
-    b.add_argument("--bind", default="0.0.0.0", metavar="ADDRESS", help="address to listen on (default: all)")
-    b.add_argument("--device", default="cpu")
+                   help="segment a series once no instance of it arrived for N seconds")
+    b.add_argument("--bind", default="0.0.0.0", metavar="ADDRESS", help="address to listen on (0.0.0.0: all)")
+    _device(b)
     b.set_defaults(func=cmd_pacs_listen)
 
-    p = sub.add_parser("demo", help="synthetic CT -> train -> predict -> evaluate, ending with 'mean Dice: ...'")
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "demo", "synthetic CT -> train -> predict -> evaluate, ending with 'mean Dice: ...'")
     p.add_argument("--out", default="medseg-demo", help="demo folder (replaced if it holds an earlier demo)")
     p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
-    p.add_argument("--cases", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--cases", type=int, default=16, help="number of synthetic cases")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    _device(p)
     p.set_defaults(func=cmd_demo)
+
+
+#: One function per subcommand adds its parser, in the order ``medseg --help`` lists them.
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_synth, _add_train, _add_predict, _add_evaluate, _add_report, _add_inspect, _add_bundle, _add_pacs, _add_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medseg`` argument parser: global options, then one subparser per command (:data:`SUBCOMMANDS`)."""
+    parser = argparse.ArgumentParser(prog="medseg", description="Medical-image segmentation with MONAI.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and medseg's debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
-
-
-def _setup_logging(debug: bool, quiet: bool) -> None:
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, force=True)
-    # "LoadImage" logs each reader it tries before the one that fits (nibabel before SimpleITK for NRRD)
-    for noisy in ("ignite", "monai", "LoadImage", "matplotlib", "PIL", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
-    # with pydicom installed, MONAI's image readers warn on every image that the (CUDA-only) nvImageCodec
-    # pydicom plugin is missing; medseg decodes DICOM through pydicom's own plugins
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medseg`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.debug, args.quiet)
-    if not args.debug:
-        import warnings
-
-        warnings.filterwarnings("ignore")
+    setup_logging(debug=args.debug, quiet=args.quiet)
     try:
         return int(args.func(args) or 0)
     except MedsegError as exc:

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from medseg.errors import InputError
 from medseg.io.image import Geometry, case_name, read_geometry, read_image
+from medseg.labels import parse_labels
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +64,6 @@ def _resolve(root: Path, entry: Any, key: str, json_path: Path) -> Path:
     return path if path.is_absolute() else (root / path).resolve()
 
 
-def _parse_labels(raw: Any, json_path: Path) -> dict[int, str]:
-    if not isinstance(raw, dict) or not raw:
-        raise InputError(json_path, "'labels' must be a non-empty mapping such as {\"0\": \"background\", \"1\": \"liver\"}")
-    labels: dict[int, str] = {}
-    for key, value in raw.items():
-        if str(key).lstrip("-").isdigit():  # MSD: {"0": "background"}
-            number, name = int(key), value
-        elif isinstance(value, int) and not isinstance(value, bool):  # nnU-Net v2: {"background": 0}
-            number, name = value, key
-        else:
-            raise InputError(json_path, f"label {key!r}: {value!r} is not supported (region-based labels are not)")
-        if number < 0 or number > 65535:
-            raise InputError(json_path, f"label value {number} is outside 0..65535")
-        if number in labels:
-            raise InputError(json_path, f"label value {number} is declared twice")
-        labels[number] = str(name)
-    if 0 not in labels:
-        raise InputError(json_path, "'labels' must declare 0 (background)")
-    return dict(sorted(labels.items()))
-
-
 def _parse_modality(data: dict[str, Any], json_path: Path) -> str:
     raw = data.get("channel_names") or data.get("modality")
     if raw is None:
@@ -129,7 +109,7 @@ def load_datalist(path: str | os.PathLike[str]) -> Datalist:
         raise InputError(path, "must hold a JSON object")
     path = path.resolve()
     root = path.parent
-    labels = _parse_labels(data.get("labels"), path)
+    labels = parse_labels(data.get("labels"), path)
     modality = _parse_modality(data, path)
 
     training_raw = data.get("training")

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from tqdm import tqdm
 from medseg.bundle.codes import is_lesion_name
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_write_text
-from medseg.io.image import case_name, list_images, read_geometry, read_image, to_array
+from medseg.io.image import case_name, list_images, read_geometry
+from medseg.metrics.labelmaps import describe_values, label_values, read_label_map
 from medseg.metrics.lesions import lesion_rows, lesion_wise, write_lesions_csv
 from medseg.metrics.overlap import (
     EMPTY_CONVENTION,
@@ -45,7 +46,6 @@ CSV_COLUMNS: tuple[str, ...] = ("case", "label", *METRIC_FIELDS, "label_name")
 SUMMARY_METRICS: tuple[str, ...] = ("dice", "iou", "hd95_mm", "assd_mm", "nsd")
 #: Suffix a prediction may carry after the case name (``<case>_seg.nii.gz``).
 PRED_SUFFIX = "_seg"
-_CHUNK = 1 << 24
 
 
 def pair_cases(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike[str]) -> list[tuple[str, Path, Path]]:
@@ -134,6 +134,7 @@ def evaluate_folders(
     lesion_labels: Sequence[int] | None = None,
     lesion_min_volume_ml: float = 0.0,
     plots: bool = True,
+    label_map: Mapping[int, int] | None = None,
 ) -> dict[str, Any]:
     """Compute per-case, per-label metrics and write ``metrics.csv``, ``summary.json``, for lesion
     labels ``lesions.csv`` (lesion-wise TP/FP/FN, F1, lesion-wise Dice; see
@@ -158,6 +159,10 @@ def evaluate_folders(
         Connected components smaller than this are ignored in the lesion-wise evaluation.
     plots
         Write ``dice_boxplot.png``.
+    label_map
+        ``{prediction value: reference value}`` applied to every prediction before it is checked
+        and compared (e.g. ``{6: 5, 7: 5}`` when the model splits a reference label in two).
+        A warning names the labels that occur only in the predictions or only in the references.
 
     Returns
     -------
@@ -168,10 +173,12 @@ def evaluate_folders(
     ------
     InputError
         Any error of :func:`pair_cases`; an unreadable image; a pair whose grids differ; a label
-        map with non-integral, non-finite or negative values; with ``labels``, a value not
-        declared in it. Nothing is written when an error is raised.
+        map with non-integral, NaN, infinite or negative values (see
+        :func:`medseg.metrics.labelmaps.read_label_map`); with ``labels``, a value (of a prediction
+        after ``label_map``) not declared in it. Nothing is written when an error is raised.
     ValueError
-        If ``nsd_tolerance_mm`` is negative or not finite, or ``labels`` has a negative key.
+        If ``nsd_tolerance_mm`` is negative or not finite, or ``labels`` or ``label_map`` has a
+        negative value.
     """
     checked_non_negative("nsd_tolerance_mm", nsd_tolerance_mm)
     declared: dict[int, str] | None = None
@@ -179,30 +186,40 @@ def evaluate_folders(
         declared = {int(k): str(v) for k, v in labels.items()}
         if any(k < 0 for k in declared):
             raise ValueError(f"label values must be >= 0, got {sorted(declared)}")
+    mapping = {int(k): int(v) for k, v in (label_map or {}).items()}
+    if any(k < 0 or v < 0 for k, v in mapping.items()):
+        raise ValueError(f"a label mapping needs values >= 0, got {mapping}")
     out_dir = Path(out_dir)
 
     pairs = pair_cases(pred_dir, ref_dir)
-    for _case, pred, ref in pairs:  # cheap header-only check of every pair before any pixel is read
+    spacings: dict[str, tuple[float, ...]] = {}
+    for case, pred, ref in pairs:  # cheap header-only check of every pair before any pixel is read
         ref_geometry = read_geometry(ref)
         difference = ref_geometry.mismatch(read_geometry(pred))
         if difference is not None:
             raise InputError(pred, f"grid does not match its reference {ref.name}: {difference}")
+        spacings[case] = ref_geometry.spacing
     log.info("evaluating %d case(s) from %s against %s", len(pairs), pred_dir, ref_dir)
 
     # per case: metrics of the labels present in the prediction or the reference, and lesion-wise
     # scores of the lesion labels (explicit, or named like lesions in the declared labels)
     results: dict[str, dict[int, LabelMetrics]] = {}
     seen: set[int] = set()
+    in_preds: set[int] = set()
+    in_refs: set[int] = set()
+    hint = "; rename prediction values with a label mapping (--label-map PRED=REF)" if declared is not None else ""
     lesion_candidates = list(lesion_labels) if lesion_labels is not None else [
         k for k, name in (declared or {}).items() if k != 0 and is_lesion_name(name)]
     lesion_rows_: list[dict[str, Any]] = []
     progress = tqdm(pairs, desc="evaluate", unit="case", disable=not sys.stderr.isatty())
     for case, pred, ref in progress:
-        ref_image = read_image(ref)
-        pred_labels = as_label_map(pred, to_array(read_image(pred)), declared)
-        ref_labels = as_label_map(ref, to_array(ref_image), declared)
-        spacing = ref_image.GetSpacing()
-        present = sorted((set(_values(pred_labels)) | set(_values(ref_labels))) - {0})
+        pred_labels = read_label_map(pred, declared, mapping, hint)
+        ref_labels = read_label_map(ref, declared)
+        spacing = spacings[case]
+        pred_values, ref_values = set(label_values(pred_labels)) - {0}, set(label_values(ref_labels)) - {0}
+        in_preds |= pred_values
+        in_refs |= ref_values
+        present = sorted(pred_values | ref_values)
         seen.update(present)
         results[case] = {
             label: label_metrics(pred_labels, ref_labels, label, spacing, nsd_tolerance_mm) for label in present
@@ -212,6 +229,7 @@ def evaluate_folders(
             lesion_rows_.append(lesion_rows(case, label, result))
         log.debug("%s: labels %s", case, present)
 
+    _warn_label_sets(in_preds, in_refs)
     names = declared if declared is not None else {label: f"label_{label}" for label in sorted(seen)}
     foreground = sorted(label for label in names if label != 0)
     if not foreground:
@@ -242,6 +260,19 @@ def evaluate_folders(
     return summary
 
 
+def _warn_label_sets(in_preds: set[int], in_refs: set[int]) -> None:
+    """One warning per direction when the predictions' and the references' label sets differ
+    (over all cases: a label absent from one case is an ordinary miss)."""
+    only_pred, only_ref = sorted(in_preds - in_refs), sorted(in_refs - in_preds)
+    if only_pred:
+        log.warning("label(s) %s occur in the predictions but in no reference: all their voxels count as false "
+                    "positives; if the model numbers labels differently, map them (--label-map PRED=REF)",
+                    describe_values(only_pred))
+    if only_ref:
+        log.warning("label(s) %s occur in the references but in no prediction: all their voxels count as misses",
+                    describe_values(only_ref))
+
+
 def _lesion_summary(rows: list[dict[str, Any]], names: Mapping[int, str]) -> dict[str, Any]:
     """Per lesion label: lesion counts summed over cases, and mean/std/median of the case scores."""
     out: dict[str, Any] = {}
@@ -255,57 +286,6 @@ def _lesion_summary(rows: list[dict[str, Any]], names: Mapping[int, str]) -> dic
                for key in ("precision", "recall", "f1", "lesion_dice", "lesion_hd95_mm")},
         }
     return out
-
-
-def _values(labels: np.ndarray) -> list[int]:
-    """The distinct values of an integer label map (bincount when small, unique otherwise)."""
-    if labels.size == 0:
-        return []
-    top = int(labels.max())
-    if top >= 65536 or labels.dtype == np.uint64:  # bincount cannot take uint64
-        return [int(v) for v in np.unique(labels)]
-    flat = labels.reshape(-1)
-    counts = np.zeros(top + 1, dtype=np.int64)
-    for start in range(0, flat.size, _CHUNK):  # chunks bound the temporary intp copy bincount makes
-        counts += np.bincount(flat[start : start + _CHUNK], minlength=top + 1)
-    return [int(v) for v in np.flatnonzero(counts)]
-
-
-def as_label_map(path: Path, array: np.ndarray, declared: Mapping[int, str] | None) -> np.ndarray:
-    """Check that ``array`` is a label map (non-negative integers, declared labels) and return it as ints.
-
-    Raises
-    ------
-    InputError
-        Non-integral, non-finite or negative values, or a value not in ``declared``.
-    """
-    if array.dtype.kind == "b":
-        array = array.astype(np.uint8)
-    elif array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)):
-            raise InputError(path, "not a label map: holds NaN or infinite values")
-        if not np.all(array == np.round(array)):
-            bad = float(array[array != np.round(array)].flat[0])
-            raise InputError(path, f"not a label map: holds non-integer value {bad:g}")
-        array = array.astype(np.int64)
-    elif array.dtype.kind not in "iu":
-        raise InputError(path, f"not a label map: pixel type {array.dtype} is not integer")
-    if array.size and int(array.min()) < 0:
-        raise InputError(path, f"not a label map: holds negative value {int(array.min())}")
-    if declared is not None:
-        allowed = set(declared) | {0}
-        undeclared = [v for v in _values(array) if v not in allowed]
-        if undeclared:
-            raise InputError(path, f"label value {undeclared[0]} not declared in labels ({_describe(allowed)})")
-    return array
-
-
-def _describe(values: Iterable[int]) -> str:
-    """``0..5`` for a contiguous run, else ``0, 1, 3``."""
-    ordered = sorted(values)
-    if len(ordered) > 2 and ordered == list(range(ordered[0], ordered[-1] + 1)):
-        return f"{ordered[0]}..{ordered[-1]}"
-    return ", ".join(str(v) for v in ordered)
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:

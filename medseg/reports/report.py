@@ -37,7 +37,8 @@ from medseg.io.image import (
     read_image,
     to_array,
 )
-from medseg.metrics.evaluate import PRED_SUFFIX, as_label_map
+from medseg.metrics.evaluate import PRED_SUFFIX
+from medseg.metrics.labelmaps import read_label_map
 from medseg.reports.figures import render_overlay
 from medseg.reports.html import write_report_html
 from medseg.reports.stats import (
@@ -201,7 +202,7 @@ def build_report(pred_dir: str | os.PathLike[str], images_dir: str | os.PathLike
     progress = tqdm(pairs, desc="report", unit="case", disable=not sys.stderr.isatty())
     for case, pred, image_path in progress:
         image = to_array(read_image(image_path))
-        label_map = as_label_map(pred, to_array(read_image(pred)), declared)
+        label_map = read_label_map(pred, declared)
         case_modality = fixed_modality or guess_modality(image)
         unit = unit_for_modality(case_modality)
         geometry = geometries[case]

@@ -238,3 +238,109 @@ def test_2d_cases(tmp_path: Path) -> None:
     assert summary["labels"]["3"]["dice"]["mean"] == pytest.approx(2 * 12 / 32)
     assert summary["labels"]["3"]["hd95_mm"]["mean"] == pytest.approx(2.0)
     assert not math.isnan(summary["mean_dice_foreground"])
+
+
+# --------------------------------------------------------------------------------------------
+# label maps that are not label maps, label sets that differ, label mappings, label sources
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("side", "name", "value", "fragment"), [
+    ("pred", "b_seg.nii.gz", np.nan, "NaN"),  # SimpleITK reads NaN in NIfTI as 0: checked on the stored values
+    ("pred", "b_seg.nii.gz", np.inf, "NaN or infinite"),
+    ("pred", "b.nrrd", -np.inf, "infinite"),
+    ("ref", "b.nii.gz", np.nan, "NaN"),
+    ("pred", "b.nrrd", 2.5, "non-integer value 2.5"),
+])
+def test_nan_infinite_or_fractional_voxels_are_refused_naming_the_file(
+        folders: tuple[Path, Path, dict[str, float]], tmp_path: Path, side: str, name: str, value: float,
+        fragment: str) -> None:
+    pred_dir, ref_dir, _ = folders
+    (pred_dir / "b.nrrd").unlink()
+    (ref_dir / "b.nii.gz").unlink()
+    good = _box(((3, 7), (3, 7), (2, 4)), 1).astype(np.float32)
+    bad = good.copy()
+    bad[3:7, 3:7, 2:4] = value  # the whole structure: read as 0 it would look like an empty prediction
+    pred, ref = (bad, good) if side == "pred" else (good, bad)
+    pred_path = _write(pred_dir / (name if side == "pred" else "b_seg.nii.gz"), pred)
+    ref_path = _write(ref_dir / (name if side == "ref" else "b.nii.gz"), ref)
+    target = pred_path if side == "pred" else ref_path
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=fragment) as info:
+        evaluate_folders(pred_dir, ref_dir, out)
+    assert str(info.value).startswith(str(target)) and "not a label map" in str(info.value)
+    _assert_nothing_written(out)
+
+
+def test_differing_label_sets_warn_and_a_label_map_renames_prediction_values(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ref = _box(((2, 8), (2, 8), (1, 4)), 5)  # the reference has one lesion label, 5
+    pred = ref.copy()
+    pred[2:5] = np.where(pred[2:5] == 5, 6, 0)  # the model splits it into 6 and 7
+    pred[5:8] = np.where(pred[5:8] == 5, 7, 0)
+    _write(tmp_path / "ref" / "c.nii.gz", ref)
+    _write(tmp_path / "pred" / "c_seg.nii.gz", pred)
+    with caplog.at_level("WARNING", logger="medseg"):
+        summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "out1")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("6, 7 occur in the predictions but in no reference" in w and "--label-map" in w for w in warnings)
+    assert any("5 occur in the references but in no prediction" in w for w in warnings)
+    assert summary["labels"]["5"]["dice"]["mean"] == 0.0
+
+    caplog.clear()
+    names = {0: "background", 5: "lesion"}
+    with caplog.at_level("WARNING", logger="medseg"):
+        summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "out2", labels=names,
+                                   label_map={6: 5, 7: 5})
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert summary["labels"]["5"]["dice"]["mean"] == pytest.approx(1.0)
+    assert summary["labels"]["5"]["name"] == "lesion"
+    # without the mapping, the undeclared prediction values are refused and the mapping is suggested
+    with pytest.raises(InputError, match=r"label value 6 not declared.*--label-map"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "out3", labels=names)
+
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "ct_abdomen_phantom"
+
+
+@pytest.mark.parametrize("source", ["bundle", "plan", "labels_only_msd", "labels_only_v2", "dataset"])
+def test_cli_evaluate_takes_labels_from_any_source(folders: tuple[Path, Path, dict[str, float]], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str], source: str) -> None:
+    from medseg.cli import main
+
+    pred_dir, ref_dir, _ = folders
+    paths = {
+        "bundle": BUNDLE,
+        "plan": BUNDLE / "configs" / "plan.json",
+        "labels_only_msd": tmp_path / "msd.json",
+        "labels_only_v2": tmp_path / "v2.json",
+        "dataset": tmp_path / "data" / "dataset.json",
+    }
+    (tmp_path / "msd.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver", "2": "spleen"}}))
+    (tmp_path / "v2.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1, "spleen": 2}}))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps({  # a dataset.json whose files are elsewhere
+        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver", "2": "spleen"},
+        "training": [{"image": "imagesTr/x.nii.gz", "label": "labelsTr/x.nii.gz"}]}))
+    out = tmp_path / "out"
+    assert main(["--quiet", "evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--labels", str(paths[source]),
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    summary = _strict_json(out / "summary.json")
+    assert summary["labels"]["1"]["name"] == "liver" and summary["labels"]["2"]["name"] == "spleen"
+    assert "liver" in capsys.readouterr().out
+
+
+def test_cli_evaluate_label_map_and_a_bad_one(folders: tuple[Path, Path, dict[str, float]], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from medseg.cli import main
+
+    pred_dir, ref_dir, dice1 = folders
+    out = tmp_path / "out"
+    # mapping 2 -> 1 merges the second structure into the first in the predictions
+    assert main(["--quiet", "evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out),
+                 "--label-map", "2=1"]) == 0
+    summary = _strict_json(out / "summary.json")
+    assert summary["labels"]["1"]["dice"]["mean"] < np.mean(list(dice1.values()))
+    with pytest.raises(SystemExit) as excinfo:
+        main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out), "--label-map", "6:5"])
+    assert excinfo.value.code == 2 and "PRED=REF" in capsys.readouterr().err

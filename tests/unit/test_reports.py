@@ -378,3 +378,41 @@ def test_overlay_of_a_96_voxel_ct_case_stays_small(tmp_path: Path) -> None:
                                   (-160, 240), geometry=geometry)
     assert len(panels) == 3 * 5
     assert len(data) < 300_000
+
+
+@pytest.mark.parametrize("source", ["labels_only", "bundle", "dataset"])
+def test_cli_report_takes_labels_from_any_source(ct_set: tuple[Path, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str], source: str) -> None:
+    """A dataset.json holding only "labels" (no modality, no training list) names the structures as
+    well as a bundle folder or a full dataset.json does."""
+    from medseg.cli import main
+
+    preds, images = ct_set
+    labels_only = tmp_path / "labels.json"
+    labels_only.write_text(json.dumps({"labels": {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "bone": 4,
+                                                  "lesion": 5}}))
+    path = {"labels_only": labels_only, "bundle": Path(__file__).resolve().parents[2] / "bundles" / "ct_abdomen_phantom",
+            "dataset": images.parent / "dataset.json"}[source]
+    out = tmp_path / "out"
+    assert main(["--quiet", "report", "--pred", str(preds), "--images", str(images), "--out", str(out),
+                 "--labels", str(path)]) == 0, capsys.readouterr().err
+    document = json.loads((out / "structures.json").read_text(encoding="utf-8"))
+    assert [document["labels"][str(k)]["name"] for k in range(1, 6)] == ["liver", "spleen", "kidney", "bone", "lesion"]
+
+
+def test_report_refuses_nan_in_a_nifti_prediction(ct_set: tuple[Path, Path], tmp_path: Path) -> None:
+    """SimpleITK reads NaN voxels of a NIfTI file as 0 (background): the report must not measure that."""
+    preds_src, images = ct_set
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    source = preds_src / "ct_000_seg.nii.gz"
+    image = sitk.ReadImage(str(source))
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    array[array == 1] = np.nan
+    bad = sitk.GetImageFromArray(array)
+    bad.CopyInformation(image)
+    sitk.WriteImage(bad, str(preds / source.name))
+    with pytest.raises(InputError, match="NaN") as excinfo:
+        build_report(preds, images, tmp_path / "out")
+    assert str(excinfo.value).startswith(str(preds / source.name))
+    assert not (tmp_path / "out").exists()

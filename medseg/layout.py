@@ -1,0 +1,14 @@
+"""Where a bundle (or run folder) keeps its parts, relative to its root (MONAI model-zoo layout).
+
+A bottom-layer module with no imports, so that code which only reads a bundle's JSON files (the
+label-name reader, the model-fits-input checks of ``medseg predict``) need not import
+:mod:`medseg.bundle.components`, which imports torch and MONAI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PLAN_FILE = Path("configs") / "plan.json"
+WEIGHTS_FILE = Path("models") / "model.pt"
+META_FILE = Path("configs") / "metadata.json"

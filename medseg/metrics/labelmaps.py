@@ -1,0 +1,137 @@
+"""Reading label maps for evaluation and reports: integer values only, declared labels, mappings.
+
+A label map holds non-negative integer labels. Float pixel types are accepted when every value is
+integral (some tools write label maps as float32); NaN, infinite, fractional and negative values
+are refused, naming the file. SimpleITK's NIfTI reader turns NaN and infinite voxels into 0, which
+would make such a prediction look like background (and score Dice 1.0 where the reference is
+empty); :func:`read_label_map` therefore checks float NIfTI files on their stored values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import InputError
+from medseg.io.image import NIFTI_SUFFIXES, image_suffix, read_image, to_array
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 24
+
+
+def label_values(labels: np.ndarray) -> list[int]:
+    """The distinct values of an integer label map (bincount when small, unique otherwise)."""
+    if labels.size == 0:
+        return []
+    top = int(labels.max())
+    if top >= 65536 or labels.dtype == np.uint64:  # bincount cannot take uint64
+        return [int(v) for v in np.unique(labels)]
+    flat = labels.reshape(-1)
+    counts = np.zeros(top + 1, dtype=np.int64)
+    for start in range(0, flat.size, _CHUNK):  # chunks bound the temporary intp copy bincount makes
+        counts += np.bincount(flat[start : start + _CHUNK], minlength=top + 1)
+    return [int(v) for v in np.flatnonzero(counts)]
+
+
+def describe_values(values: Iterable[int]) -> str:
+    """``0..5`` for a contiguous run, else ``0, 1, 3``."""
+    ordered = sorted(values)
+    if len(ordered) > 2 and ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}..{ordered[-1]}"
+    return ", ".join(str(v) for v in ordered)
+
+
+def as_label_map(path: Path, array: np.ndarray, declared: Mapping[int, str] | None = None,
+                 hint: str = "") -> np.ndarray:
+    """Check that ``array`` is a label map (non-negative integers, declared labels) and return it as ints.
+
+    ``hint`` is appended to the message about an undeclared value (e.g. how to map it).
+
+    Raises
+    ------
+    InputError
+        (naming ``path``) Non-integral, NaN, infinite or negative values, a non-numeric pixel type,
+        or a value not in ``declared``.
+    """
+    if array.dtype.kind == "b":
+        array = array.astype(np.uint8)
+    elif array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = array[~finite]
+            what = "NaN" if np.isnan(bad).any() else "infinite"
+            raise InputError(path, f"not a label map: holds {bad.size} {what} voxel(s); label maps hold integers")
+        fractional = array != np.round(array)
+        if fractional.any():
+            raise InputError(path, f"not a label map: holds non-integer value {float(array[fractional].flat[0]):g} "
+                             f"({int(fractional.sum())} voxel(s)); label maps hold integers")
+        array = array.astype(np.int64)
+    elif array.dtype.kind not in "iu":
+        raise InputError(path, f"not a label map: pixel type {array.dtype} is not integer")
+    if array.size and int(array.min()) < 0:
+        raise InputError(path, f"not a label map: holds negative value {int(array.min())}")
+    if declared is not None:
+        allowed = set(declared) | {0}
+        undeclared = [v for v in label_values(array) if v not in allowed]
+        if undeclared:
+            raise InputError(path, f"label value {undeclared[0]} not declared in labels ({describe_values(allowed)})"
+                             + hint)
+    return array
+
+
+def nifti_nonfinite(path: Path) -> int:
+    """Number of NaN or infinite voxels a float NIfTI file stores (0 for integer files, which cannot
+    hold them). Read with nibabel: SimpleITK reads them as 0.
+
+    Raises
+    ------
+    InputError
+        If nibabel cannot read the file.
+    """
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        if image.get_data_dtype().kind != "f":
+            return 0
+        data = np.asanyarray(image.dataobj)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a bad file
+        raise InputError(path, f"cannot read this NIfTI file ({type(exc).__name__}: {exc})") from exc
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
+
+
+def map_labels(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
+    """``labels`` with each value ``k`` in ``mapping`` replaced by ``mapping[k]`` (others unchanged)."""
+    if not mapping:
+        return labels
+    top = max(int(labels.max()) if labels.size else 0, max(mapping))
+    lut = np.arange(top + 1, dtype=np.int64)
+    for source, target in mapping.items():
+        lut[source] = target
+    return lut[labels]
+
+
+def read_label_map(path: Path, declared: Mapping[int, str] | None = None,
+                   mapping: Mapping[int, int] | None = None, hint: str = "") -> np.ndarray:
+    """Read a label map (index order ``(x, y, z)``), check it, apply ``mapping``, check ``declared``.
+
+    Raises
+    ------
+    InputError
+        Unreadable file; NaN, infinite, fractional or negative values; a value (after
+        ``mapping``) not in ``declared``.
+    """
+    path = Path(path)
+    array = to_array(read_image(path))
+    if array.dtype.kind == "f" and image_suffix(path) in NIFTI_SUFFIXES:
+        bad = nifti_nonfinite(path)
+        if bad:
+            raise InputError(path, f"not a label map: holds {bad} NaN or infinite voxel(s); label maps hold integers")
+    array = as_label_map(path, array)
+    if mapping:
+        array = map_labels(array, mapping)
+    return as_label_map(path, array, declared, hint) if declared is not None else array
