@@ -463,7 +463,8 @@ def _add_pacs(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--storage", default="medseg-listener", metavar="DIR",
                    help="folder for received instances, quarantine, SEGs and journal.sqlite")
     b.add_argument("--idle-seconds", type=float, default=30.0, metavar="N",
-                   help="segment a series once no instance of it arrived for N seconds")
+                   help="segment a series once every association that delivered to it has ended and no instance "
+                        "of it arrived for N seconds; later instances give a revision SEG")
     b.add_argument("--bind", default="0.0.0.0", metavar="ADDRESS", help="address to listen on (0.0.0.0: all)")
     _device(b)
     b.set_defaults(func=cmd_pacs_listen)

@@ -20,13 +20,11 @@ from monai.transforms import Compose, MapTransform
 from medseg.errors import BundleError, InputError
 from medseg.inference.inferer import InvertPredictiond, SlabInferer
 from medseg.io.image import case_name, image_suffix, list_images, write_label_map
+from medseg.layout import META_FILE, PLAN_FILE, WEIGHTS_FILE  # noqa: F401 - re-exported for the bundle layer
 from medseg.plan import Plan
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = Path("configs") / "plan.json"
-WEIGHTS_FILE = Path("models") / "model.pt"
-META_FILE = Path("configs") / "metadata.json"
 
 
 def bundle_path(bundle_root: str | os.PathLike[str], parts: Sequence[str]) -> str:

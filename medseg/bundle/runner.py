@@ -29,28 +29,6 @@ from medseg.errors import BundleError, InputError, MedsegError
 log = logging.getLogger(__name__)
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
-QUIET_LOGGING = """[loggers]
-keys=root
-
-[handlers]
-keys=stderr
-
-[formatters]
-keys=plain
-
-[logger_root]
-level=WARNING
-handlers=stderr
-
-[handler_stderr]
-class=StreamHandler
-level=WARNING
-formatter=plain
-args=(sys.stderr,)
-
-[formatter_plain]
-format=%(levelname)s %(name)s: %(message)s
-"""
 #: Override keys holding paths; relative values are taken relative to the caller's working folder.
 PATH_KEYS = ("bundle_root", "dataset_dir", "output_dir", "data_dir", "ckpt_dir", "ckpt_path")
 
@@ -111,10 +89,11 @@ def weights_only_loads() -> Iterator[None]:
 
 
 class _DropMessage(logging.Filter):
-    """Drops MONAI's notice that the bundle's logging config is not applied (safe mode decides that)."""
+    """Drops MONAI's notices about the logging and metadata files that medseg chose (and names itself)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "skipping logging" not in record.getMessage()
+        message = record.getMessage()
+        return "skipping logging" not in message and "Cannot find the metadata config file" not in message
 
 
 @contextlib.contextmanager
@@ -128,14 +107,22 @@ def _isolated(bundle: Path, config_file: Path, folder: str) -> Iterator[Path]:
     saved = list(sys.path)
     sys.path[:] = [entry for entry in saved if entry not in ("", ".")
                    and not Path(os.path.abspath(entry)).resolve().is_relative_to(bundle)]
+    try:
+        yield copy
+    finally:
+        sys.path[:] = saved
+
+
+@contextlib.contextmanager
+def _no_notice() -> Iterator[None]:
+    """Without MONAI's notice that no logging config is applied (``logging_file=False`` is medseg's choice)."""
     workflows = logging.getLogger("monai.bundle.workflows")
     drop = _DropMessage()
     workflows.addFilter(drop)
     try:
-        yield copy
+        yield
     finally:
         workflows.removeFilter(drop)
-        sys.path[:] = saved
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -183,23 +170,23 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
     kwargs: dict[str, Any] = {"config_file": str(config_file)}
     if meta.is_file():
         kwargs["meta_file"] = str(meta)
-    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
-    if trust and logging_conf.is_file() and not quiet:
-        kwargs["logging_file"] = str(logging_conf)  # a trusted bundle's own logging, unless medseg runs --quiet
+    else:
+        log.warning("%s: no %s; running without metadata", bundle, META_FILE.as_posix())
+    quiet = logging.getLogger("medseg").getEffectiveLevel() > logging.INFO  # libraries are kept at WARNING anyway
+    # a trusted bundle's own logging, unless medseg runs --quiet; otherwise medseg's logging stays as it is
+    # (safe mode never applies the bundle's file: fileConfig builds handlers, e.g. files, from it)
+    kwargs["logging_file"] = str(logging_conf) if trust and logging_conf.is_file() and not quiet else False
     log.info("running %s (%s)", config_file, ", ".join(f"{k}={v}" for k, v in values.items()))
     try:
         # MONAI resolves relative `%file` macros against the working folder; safe mode checked them
         # against the bundle, so run from inside the bundle
-        with weights_only_loads(), contextlib.chdir(bundle), tempfile.TemporaryDirectory() as tmp:
-            if quiet:  # MONAI would otherwise apply configs/logging.conf (INFO) by default
-                kwargs["logging_file"] = os.path.join(tmp, "quiet.conf")
-                Path(kwargs["logging_file"]).write_text(QUIET_LOGGING)
+        with weights_only_loads(), contextlib.chdir(bundle), tempfile.TemporaryDirectory() as tmp, _no_notice():
+            if quiet:
                 for name in ("monai.bundle.scripts", "monai.bundle.workflows"):  # own handlers, level INFO
                     logging.getLogger(name).setLevel(logging.WARNING)
             if trust:
                 run(**kwargs, **values)
             else:
-                kwargs.setdefault("logging_file", False)  # medseg's logging stays; never the bundle's file
                 with _isolated(bundle, config_file, tmp) as copy, warnings.catch_warnings():
                     # MONAI warns that _target_ runs with no allow list: in safe mode it was checked against one
                     warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)

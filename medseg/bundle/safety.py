@@ -55,6 +55,7 @@ import yaml
 from medseg.bundle.allowlist import Vetted, allowed_objects, vetted
 from medseg.bundle.confinement import Confinement, merged_config
 from medseg.errors import BundleError
+from medseg.layout import META_FILE
 
 RESOLVABLE_PACKAGES: tuple[str, ...] = ("monai", "torch", "medseg", "ignite", "numpy")
 """Top-level packages whose modules may be imported to resolve a ``_target_`` name (trusted library code,
@@ -411,8 +412,6 @@ def user_paths(overrides: Mapping[str, Any], root: Path) -> list[Path]:
 
 def _argument_findings(scanner: _Scanner, config: Path, overrides: Mapping[str, Any]) -> list[Finding]:
     """Rule 8 for one config file: its components' arguments, merged with ``_meta_`` and the overrides."""
-    from medseg.bundle.components import META_FILE
-
     name = _display(config, scanner.root)
     try:
         merged = merged_config(config, scanner.root / META_FILE, overrides, scanner.root)
