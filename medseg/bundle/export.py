@@ -297,7 +297,8 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], device: str = "cpu", *, tr
     ``plan.dims`` entries, ``outputs.pred.channel_def`` = the plan's class names); a ``segments``
     entry for every foreground label (a missing SNOMED CT code is a warning line, not a problem);
     ``data_source`` without a local absolute path, and with ``models/model.pt`` present a non-empty
-    ``eval_metrics`` and a ``docs/README.md`` that does not say "Not trained yet"; safe mode (unless ``trust``) and then MONAI's ``verify_net_in_out`` on ``network_def`` of
+    ``eval_metrics`` and a ``docs/README.md`` that does not say "Not trained yet"; safe mode
+    (unless ``trust``) and then MONAI's ``verify_net_in_out`` on ``network_def`` of
     ``configs/inference.json`` (``p=1``, ``n=``:data:`VERIFY_N`, ``any=1``, ``bundle_root`` set);
     ``models/model.pt``, if present, loads into the network (``weights_only``).
 

@@ -222,7 +222,8 @@ def train_bundle(bundle_root: str | os.PathLike[str], dataset_dir: str | os.Path
 
 def _train_validated(run_dir: Path, plan: Plan, datalist: Datalist, opts: TrainOptions,
                      network: torch.nn.Module | None = None, loss: torch.nn.Module | None = None, *,
-                     init: tuple[Path, Mapping[str, Any]] | None = None, new_bundle: bool = False, started: float | None = None,
+                     init: tuple[Path, Mapping[str, Any]] | None = None, new_bundle: bool = False,
+                     started: float | None = None,
                      clock: Clock = time.monotonic) -> dict[str, Any]:
     """Check and load the rest (weights, checkpoint, images), then write and train; on a failure
     before the first checkpoint, remove what this call wrote."""
@@ -342,7 +343,7 @@ def _finish(run: PreparedRun, trainer: Engine, checkpoints: RunCheckpoints, pace
             f"on {len(run.val_cases)} validation cases (fold {opts.fold})")
     record_training(run_dir, run.plan, mean_dice=best, per_label=checkpoints.best_per_label, note=note,
                     data_source=data_source)
-    log.info("training done: %d epoch%s (%d iterations) in %s, stopped by %s; best validation Dice %.4f (epoch %d); "
-             "model: %s", epochs, "s" * (epochs != 1), iterations, duration(pace.elapsed()), stopped_by, checkpoints.best_metric,
-             checkpoints.best_epoch, checkpoints.model_path)
+    log.info("training done: %d epoch%s (%d iterations) in %s, stopped by %s; best validation Dice %.4f at iteration "
+             "%d (epoch %d); model: %s", epochs, "s" * (epochs != 1), iterations, duration(pace.elapsed()), stopped_by,
+             checkpoints.best_metric, checkpoints.best_iteration, checkpoints.best_epoch, checkpoints.model_path)
     return summary

@@ -80,7 +80,8 @@ def _resumed_split(run_dir: Path, datalist: Datalist) -> tuple[list[Case], list[
     return [by_name[n] for n in names[0]], [by_name[n] for n in names[1]]
 
 
-def _loaders(plan: Plan, opts: TrainOptions, train_cases: list[Case], val_cases: list[Case]) -> tuple[DataLoader, DataLoader]:
+def _loaders(plan: Plan, opts: TrainOptions, train_cases: list[Case],
+             val_cases: list[Case]) -> tuple[DataLoader, DataLoader]:
     keys = ("image", "label")
     pre = preprocessing(plan, keys)
     workers = min(2, os.cpu_count() or 1)
@@ -174,7 +175,8 @@ def build_trainer(run: PreparedRun, evaluator: SupervisedEvaluator, loss: torch.
         train_handlers=[
             LrScheduleHandler(lr_scheduler=run.scheduler, print_lr=False),
             ValidationHandler(validator=evaluator, interval=run.opts.val_interval, epoch_level=True),
-            TensorBoardStatsHandler(log_dir=tb_dir, tag_name="train_loss", output_transform=from_engine(["loss"], first=True)),
+            TensorBoardStatsHandler(log_dir=tb_dir, tag_name="train_loss",
+                                    output_transform=from_engine(["loss"], first=True)),
         ],
     )
     TensorBoardStatsHandler(log_dir=tb_dir, output_transform=lambda x: None,

@@ -228,6 +228,27 @@ def test_bad_init_weights_leave_existing_folders_as_they_were(tmp_path: Path, sm
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_resume_from_a_pickled_checkpoint_exits_2_and_changes_nothing(tmp_path: Path, small_ct: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from medseg.data.datalist import load_datalist, split_cases
+
+    run, marker = tmp_path / "run", tmp_path / "PWNED"
+    assert main(["--quiet", "bundle", "init", "--data", str(small_ct), "--out", str(run), "--patch-size", "32,32,16"]) == 0
+    training, validation = split_cases(load_datalist(small_ct).training, 0)
+    (run / "split.json").write_text(json.dumps({"fold": 0, "training": [c.name for c in training],
+                                                "validation": [c.name for c in validation]}))
+    (run / "checkpoints").mkdir()
+    with open(run / "checkpoints" / "last.pt", "wb") as f:
+        pickle.dump({"network": _Payload(marker)}, f)
+    before = {p.relative_to(run): p.read_bytes() if p.is_file() else None for p in run.rglob("*")}
+    capsys.readouterr()
+    code = main(["--quiet", "train", "--data", str(small_ct), "--out", str(run), "--resume", "--epochs", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "last.pt: cannot resume from this checkpoint" in err[0], err
+    assert not marker.exists()
+    assert {p.relative_to(run): p.read_bytes() if p.is_file() else None for p in run.rglob("*")} == before
+
+
 def test_a_failure_before_the_first_checkpoint_removes_what_the_run_wrote(
         tmp_path: Path, small_ct: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The run folder (configs, split.json) is written, then building the trainer fails: the folder goes."""
