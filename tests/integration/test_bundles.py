@@ -24,7 +24,7 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 def monai_bundle_run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], capture_output=True, text=True,
-                          env=ENV, timeout=600)
+                          env=ENV, timeout=1800)  # a hang guard: a loaded machine is slower, not red
 
 
 @pytest.fixture(scope="module")
