@@ -27,23 +27,30 @@ def _prepare(out: Path) -> None:
     (out / MARKER).write_text("written by medseg demo; replaced by the next demo run\n")
 
 
-def run_demo(out: str | os.PathLike[str] = "medseg-demo", minutes: float = 5.0, cases: int = 16, seed: int = 0,
-             device: str = "cpu", epochs: int = 30) -> dict[str, Any]:
+def run_demo(out: str | os.PathLike[str] = "medseg-demo", minutes: float | None = 5.0, cases: int = 16, seed: int = 0,
+             device: str = "cpu", epochs: int = 30, max_iterations: int | None = None) -> dict[str, Any]:
     """Run the whole path on a synthetic CT dataset and return timings and the held-out mean Dice.
 
+    Training stops after ``epochs`` epochs of 20 iterations (or ``max_iterations``), or earlier when
+    the time budget of ``minutes`` (final validation included; ``None`` or 0: no budget) runs out.
     Folder layout: ``data/`` (dataset), ``run/`` (model), ``predictions/``, ``evaluation/``.
 
     Raises
     ------
     InputError
-        If ``out`` exists and is not an earlier demo folder.
+        If ``out`` exists and is not an earlier demo folder, or a count is out of range.
     """
     from medseg.data.datalist import load_datalist
     from medseg.data.synthetic import write_dataset
-    from medseg.engines.training import TrainOptions, train
+    from medseg.engines.training import TrainOptions, check_options, train
     from medseg.inference.predictor import predict
     from medseg.metrics.evaluate import evaluate_folders
 
+    if minutes is not None and not minutes >= 0:
+        raise InputError(None, f"--minutes must be 0 (no time budget) or positive, got {minutes}")
+    options = TrainOptions(epochs=epochs, max_minutes=minutes or None, max_iterations=max_iterations,
+                           device=device, val_interval=5, seed=seed)
+    check_options(options)  # before the demo folder is touched
     out = Path(out)
     _prepare(out)
     started = time.monotonic()
@@ -52,8 +59,7 @@ def run_demo(out: str | os.PathLike[str] = "medseg-demo", minutes: float = 5.0, 
     log.info("synthetic CT dataset: %d training and %d test cases in %s (%.0fs)", len(datalist.training),
              len(datalist.test), dataset_json.parent, time.monotonic() - started)
     t_train = time.monotonic()
-    summary = train(dataset_json, out / "run", TrainOptions(epochs=epochs, max_minutes=minutes, device=device,
-                                                            val_interval=5, seed=seed))
+    summary = train(dataset_json, out / "run", options)
     t_predict = time.monotonic()
     predict(out / "run", out / "data" / "imagesTs", out / "predictions", device=device)
     t_eval = time.monotonic()

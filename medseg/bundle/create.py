@@ -17,9 +17,11 @@ pass medseg's safe mode.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +32,7 @@ import torch
 
 import medseg
 from medseg.bundle.codes import segment_code
-from medseg.errors import InputError
+from medseg.errors import BundleError, InputError
 from medseg.io.atomic import atomic_write_text
 from medseg.plan import NetworkSpec, Plan
 
@@ -40,6 +42,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 C = "medseg.bundle.components"
+
+#: The docs/README.md metrics section of a bundle without trained weights (verify refuses it beside weights).
+NOT_TRAINED = "Not trained yet."
+#: The heading :func:`record_training` rewrites in docs/README.md.
+METRICS_HEADING = "## Metrics"
+README_FILE = Path("docs") / "README.md"
 
 LOGGING_CONF = """[loggers]
 keys=root
@@ -110,6 +118,8 @@ def train_config() -> dict[str, Any]:
         "epochs": 100,
         "val_interval": 5,
         "max_minutes": None,
+        "max_iterations": None,
+        "log_every": 10,
         "fold": 0,
         "learning_rate": 0.002,
         "batch_size": 2,
@@ -119,7 +129,8 @@ def train_config() -> dict[str, Any]:
         "init_weights": None,
         "loss": {"_target_": "monai.losses.DiceCELoss", "to_onehot_y": True, "softmax": True},
         "options": {"_target_": "medseg.engines.training.TrainOptions", "epochs": "@epochs",
-                    "max_minutes": "@max_minutes", "device": "@device", "fold": "@fold", "resume": "@resume",
+                    "max_minutes": "@max_minutes", "max_iterations": "@max_iterations", "log_every": "@log_every",
+                    "device": "@device", "fold": "@fold", "resume": "@resume",
                     "val_interval": "@val_interval", "learning_rate": "@learning_rate", "batch_size": "@batch_size",
                     "samples_per_case": "@samples_per_case", "seed": "@seed", "init_weights": "@init_weights"},
         "initialize": [],
@@ -227,8 +238,48 @@ python -m monai.bundle run --config_file configs/inference.json --bundle_root . 
 ```
 
 ## Metrics
-Not trained yet.
+{NOT_TRAINED}
 """
+
+
+def plan_bundle(data: str | os.PathLike[str], bundle_dir: str | os.PathLike[str],
+                target_spacing: Sequence[float] | None = None, patch_size: Sequence[int] | None = None,
+                network: NetworkSpec | None = None, ct_window: Sequence[float] | None = None) -> tuple[Datalist, Plan]:
+    """Everything :func:`init_bundle` checks and derives, without writing: the validated dataset and its plan.
+
+    Raises
+    ------
+    InputError
+        ``bundle_dir`` not empty, an invalid dataset, a target spacing, patch size or CT window of
+        the wrong form.
+    """
+    from medseg.data.datalist import load_datalist, validate_datalist
+    from medseg.plan import make_plan
+
+    datalist = load_datalist(data)
+    bundle = Path(bundle_dir)
+    if bundle.exists() and (not bundle.is_dir() or any(bundle.iterdir())):
+        raise InputError(bundle, "exists and is not empty; choose a new folder")
+    geometries = validate_datalist(datalist)
+    try:
+        plan = make_plan(datalist, geometries, target_spacing, patch_size, network, ct_window)
+    except ValueError as exc:
+        raise InputError(None, str(exc)) from exc
+    return datalist, plan
+
+
+def describe_data_source(datalist: Datalist, bundle_dir: str | os.PathLike[str]) -> str:
+    """``data_source`` for a bundle trained on ``datalist``: the dataset's name and size, and its path
+    only relative to the bundle (a local absolute path means nothing to whoever receives the bundle)."""
+    try:
+        relative: Path | None = Path(os.path.relpath(Path(datalist.path).absolute(), Path(bundle_dir).absolute()))
+    except ValueError:  # another drive (Windows)
+        relative = None
+    if relative is not None and relative.parts and relative.parts[0] != "..":
+        where = f"{relative.as_posix()} in the bundle"
+    else:
+        where = f"{Path(datalist.path).name} of a folder named {Path(datalist.path).parent.name!r}"
+    return f"MSD dataset {datalist.name!r}: {len(datalist.training)} training cases ({where})"
 
 
 def init_bundle(data: str | os.PathLike[str], bundle_dir: str | os.PathLike[str],
@@ -236,8 +287,8 @@ def init_bundle(data: str | os.PathLike[str], bundle_dir: str | os.PathLike[str]
                 network: NetworkSpec | None = None, ct_window: Sequence[float] | None = None,
                 name: str | None = None, description: str | None = None,
                 data_source: str | None = None) -> tuple[Path, Datalist, Plan]:
-    """``medseg bundle init`` (and the first step of ``medseg train --out``): validate an MSD dataset,
-    derive a plan from it (see :func:`medseg.plan.make_plan`) and write a bundle.
+    """``medseg bundle init``: validate an MSD dataset, derive a plan from it (see
+    :func:`medseg.plan.make_plan`) and write a bundle.
 
     Returns the bundle folder, the validated dataset and the plan.
 
@@ -245,21 +296,14 @@ def init_bundle(data: str | os.PathLike[str], bundle_dir: str | os.PathLike[str]
     ------
     InputError
         ``bundle_dir`` not empty, an invalid dataset (nothing is written then), a target spacing
-        or CT window of the wrong form.
+        or CT window of the wrong form, a ``data_source`` holding a local absolute path.
     """
-    from medseg.data.datalist import load_datalist, validate_datalist
-    from medseg.plan import make_plan
-
-    datalist = load_datalist(data)
+    datalist, plan = plan_bundle(data, bundle_dir, target_spacing, patch_size, network, ct_window)
+    if data_source is not None and local_paths(data_source):
+        raise InputError(None, f"--data-source names a local path ({local_paths(data_source)[0]}); describe the "
+                         "data instead, or give a path relative to the bundle")
     bundle = Path(bundle_dir)
-    if bundle.exists() and any(bundle.iterdir()):
-        raise InputError(bundle, "exists and is not empty; choose a new folder")
-    geometries = validate_datalist(datalist)  # before anything is written: bad data leaves no bundle
-    try:
-        plan = make_plan(datalist, geometries, target_spacing, patch_size, network, ct_window)
-    except ValueError as exc:
-        raise InputError(None, str(exc)) from exc
-    source = data_source or f"MSD dataset {datalist.name!r} ({datalist.path}): {len(datalist.training)} training cases"
+    source = data_source or describe_data_source(datalist, bundle)
     write_bundle(bundle, plan, name=name or bundle.name, description=description, data_source=source)
     return bundle, datalist, plan
 
@@ -289,3 +333,122 @@ def write_bundle(bundle_dir: str | os.PathLike[str], plan: Plan, name: str | Non
     (bundle / "models").mkdir(parents=True, exist_ok=True)
     log.info("bundle %s written to %s", name, bundle)
     return bundle
+
+
+# ------------------------------------------------------------------------------- after training
+
+_PATH_END = r"""[^\s'"`)\]}>,;]"""
+_LOCAL_PATH = re.compile(
+    r"""(?:^|(?<=[\s'"`(\[{<=,;:]))"""  # at the start or after a separator (not inside a word or URL)
+    rf"""(?:/(?!/){_PATH_END}+|~[\\/]{_PATH_END}*|[A-Za-z]:[\\/]{_PATH_END}*|\\\\{_PATH_END}+|file:{_PATH_END}+)""")
+_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+
+
+def local_paths(text: str) -> list[str]:
+    """The local absolute paths in ``text``: ``/home/...``, ``~/...``, ``C:\\...``, ``\\\\server\\...``,
+    ``file:...`` (URLs such as ``https://...`` are not local)."""
+    return _LOCAL_PATH.findall(text) if isinstance(text, str) else []
+
+
+def bump_version(version: str) -> str:
+    """The next minor version (``0.1.0`` -> ``0.2.0``): new weights change what the bundle predicts.
+
+    Raises
+    ------
+    ValueError
+        If ``version`` is not ``MAJOR.MINOR.PATCH``.
+    """
+    match = _VERSION.match(str(version))
+    if match is None:
+        raise ValueError(f"version {version!r} is not MAJOR.MINOR.PATCH")
+    return f"{match[1]}.{int(match[2]) + 1}.0"
+
+
+def read_trainable_metadata(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The bundle's ``configs/metadata.json``, checked before training so that recording the result cannot fail.
+
+    Raises
+    ------
+    BundleError
+        Missing or unreadable file, not a JSON object, a ``version`` that is not MAJOR.MINOR.PATCH,
+        a ``changelog`` that is not an object.
+    """
+    path = Path(bundle_dir) / "configs" / "metadata.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"{path}: cannot read the bundle metadata that training updates "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path}: not a JSON object")
+    try:
+        bump_version(meta.get("version", ""))
+    except ValueError as exc:
+        raise BundleError(f"{path}: {exc}; training records a new version") from exc
+    if not isinstance(meta.get("changelog", {}), dict):
+        raise BundleError(f"{path}: changelog is not an object of version -> note")
+    return meta
+
+
+def metrics_section(per_label: dict[str, float | None], mean: float | None, plan: Plan, note: str) -> str:
+    """The ``## Metrics`` section of docs/README.md after training: validation Dice per label and mean."""
+    names = {name: value for value, name in plan.labels.items() if value != 0}
+    rows = "\n".join(f"| {names.get(name, '-')} | {name} | {'n/a' if dice is None else f'{dice:.3f}'} |"
+                     for name, dice in per_label.items())
+    table = f"| value | segment | validation Dice |\n|---|---|---|\n{rows}\n\n" if rows else ""
+    return (f"{METRICS_HEADING}\n{note}\n\n{table}"
+            f"Mean validation Dice over foreground labels: **{'n/a' if mean is None else f'{mean:.3f}'}**. "
+            f"Held-out test metrics: `medseg bundle run . --config evaluate --set dataset_dir=DATA`.\n")
+
+
+def _replace_section(text: str, heading: str, section: str) -> str:
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        return text.rstrip("\n") + "\n\n" + section
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "".join(lines[:start]) + section + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
+
+
+def record_training(bundle_dir: str | os.PathLike[str], plan: Plan, *, mean_dice: float | None,
+                    per_label: dict[str, float | None], note: str, data_source: str,
+                    today: datetime.date | None = None) -> str:
+    """Record a finished training in the bundle's metadata and docs; returns the new version.
+
+    ``configs/metadata.json``: the version bumped (:func:`bump_version`), a changelog entry
+    ``"<date>: <note>"``, ``eval_metrics`` = ``val_mean_dice`` and ``val_dice_<label>`` (earlier
+    metrics described the replaced weights and are dropped), and ``data_source`` replaced by
+    ``data_source`` if it held a local absolute path or nothing. ``docs/README.md``: the
+    ``## Metrics`` section rewritten (the file is written if missing). Both atomically.
+
+    Raises
+    ------
+    BundleError
+        As :func:`read_trainable_metadata`.
+    """
+    bundle = Path(bundle_dir)
+    meta = read_trainable_metadata(bundle)
+    version = bump_version(meta["version"])
+    day = (today or datetime.date.today()).isoformat()
+    meta["version"] = version
+    meta["changelog"] = {version: f"{day}: {note}", **meta.get("changelog", {})}
+    metrics = {"val_mean_dice": None if mean_dice is None else round(mean_dice, 4)}
+    metrics.update({f"val_dice_{name}": None if dice is None else round(dice, 4) for name, dice in per_label.items()})
+    meta["eval_metrics"] = metrics
+    old_source = meta.get("data_source")
+    if not isinstance(old_source, str) or not old_source.strip() or old_source == "unspecified" or local_paths(old_source):
+        meta["data_source"] = data_source
+    readme_path = bundle / README_FILE
+    if readme_path.is_file():
+        text = readme_path.read_text(encoding="utf-8")
+        if isinstance(old_source, str) and old_source and meta["data_source"] != old_source:
+            text = text.replace(old_source, meta["data_source"])
+    else:
+        text = readme(plan, str(meta.get("name", bundle.name)), str(meta.get("description", "")), meta["data_source"])
+    section = metrics_section(per_label, mean_dice, plan, f"Validation Dice of `models/model.pt`, measured by "
+                                                          f"`medseg train` on {day} (version {version}): {note}.")
+    atomic_write_text(bundle / "configs" / "metadata.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(readme_path, _replace_section(text, METRICS_HEADING, section))
+    log.info("recorded the training in %s (version %s) and %s", bundle / "configs" / "metadata.json", version,
+             readme_path)
+    return version

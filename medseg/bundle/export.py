@@ -2,7 +2,8 @@
 
 :func:`verify_bundle` checks a bundle (model-zoo layout, see :mod:`medseg.bundle.create`) against
 its plan: the model-zoo metadata fields, ``network_data_format`` (channels, dimensions, class
-names), one ``segments`` entry per foreground label, MONAI's own ``verify_net_in_out`` (the
+names), one ``segments`` entry per foreground label, the training records (``data_source`` without
+local paths; with weights, ``eval_metrics`` and a docs README that describe them), MONAI's own ``verify_net_in_out`` (the
 ``network_def`` of ``configs/inference.json`` fed a fake input of the shape the metadata
 declares) and, when there are weights, that ``models/model.pt`` loads into the network. It
 collects *every* problem and raises one :class:`~medseg.errors.BundleError` listing them.
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from medseg.bundle.components import META_FILE, PLAN_FILE, WEIGHTS_FILE, load_plan, load_weights
+from medseg.bundle.create import NOT_TRAINED, README_FILE, local_paths
 from medseg.bundle.runner import weights_only_loads
 from medseg.errors import BundleError, MedsegError
 from medseg.io.atomic import atomic_path
@@ -230,6 +232,32 @@ def _check_segments(meta: dict[str, Any], plan: Plan, lines: list[str], problems
         lines.append(f"segments: {len(foreground)} foreground labels described, {coded} with a SNOMED CT code")
 
 
+def _check_training_records(bundle: Path, meta: dict[str, Any], lines: list[str], problems: list[str]) -> None:
+    """``data_source`` holds no local absolute path; a bundle with weights says how they were trained
+    (non-empty ``eval_metrics``, a docs/README.md that does not say "Not trained yet")."""
+    before = len(problems)
+    source = meta.get("data_source")
+    found = local_paths(source) if isinstance(source, str) else []
+    if found:
+        problems.append(f"{META_FILE}: data_source names a local absolute path ({found[0]!r}): describe the data "
+                        f"or give a path relative to the bundle")
+    if not (bundle / WEIGHTS_FILE).exists():
+        return
+    metrics = meta.get("eval_metrics")
+    if "eval_metrics" in meta and (not isinstance(metrics, Mapping) or not metrics):
+        problems.append(f"{META_FILE}: eval_metrics is empty but {WEIGHTS_FILE.as_posix()} exists: record the "
+                        f"measured metrics (medseg train writes the validation Dice there)")
+    readme = bundle / README_FILE
+    if not readme.is_file():
+        lines.append(f"warning: no {README_FILE.as_posix()} describing the bundle")
+    elif NOT_TRAINED in readme.read_text(encoding="utf-8", errors="replace"):
+        problems.append(f"{README_FILE.as_posix()}: says {NOT_TRAINED!r} but {WEIGHTS_FILE.as_posix()} exists: "
+                        f"its metrics section must describe the trained weights")
+    if len(problems) == before and isinstance(metrics, Mapping) and metrics:
+        lines.append(f"training records: eval_metrics ({', '.join(list(metrics)[:3])}{', ...' if len(metrics) > 3 else ''})"
+                     f", version {meta.get('version')}, {README_FILE.as_posix()} describes the trained weights")
+
+
 def _check_net_in_out(bundle: Path, device: str, lines: list[str], problems: list[str]) -> None:
     from monai.bundle import verify_net_in_out
 
@@ -268,7 +296,9 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], device: str = "cpu", *, tr
     ``network_data_format`` (1 input channel, one output channel per class, ``spatial_shape`` with
     ``plan.dims`` entries, ``outputs.pred.channel_def`` = the plan's class names); a ``segments``
     entry for every foreground label (a missing SNOMED CT code is a warning line, not a problem);
-    safe mode (unless ``trust``) and then MONAI's ``verify_net_in_out`` on ``network_def`` of
+    ``data_source`` without a local absolute path, and with ``models/model.pt`` present a non-empty
+    ``eval_metrics`` and a ``docs/README.md`` that does not say "Not trained yet"; safe mode
+    (unless ``trust``) and then MONAI's ``verify_net_in_out`` on ``network_def`` of
     ``configs/inference.json`` (``p=1``, ``n=``:data:`VERIFY_N`, ``any=1``, ``bundle_root`` set);
     ``models/model.pt``, if present, loads into the network (``weights_only``).
 
@@ -313,6 +343,8 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], device: str = "cpu", *, tr
     if meta is not None and plan is not None:
         _check_data_format(meta, plan, lines, problems)
         _check_segments(meta, plan, lines, problems)
+    if meta is not None:
+        _check_training_records(bundle, meta, lines, problems)
 
     findings = [] if trust else _safety_findings(bundle)
     problems.extend(f"safe mode refuses {finding}" for finding in findings)

@@ -2,58 +2,54 @@
 
 Run folder written by :func:`train` (a MONAI bundle, see :mod:`medseg.bundle.create`)::
 
-    RUN_DIR/configs/               plan.json, metadata.json, train/inference/evaluate.json, logging.conf
-    RUN_DIR/models/model.pt        network state dict of the best validation epoch
+    RUN_DIR/configs/               plan.json, metadata.json (version, changelog and eval_metrics updated
+                                   after training), train/inference/evaluate.json, logging.conf
+    RUN_DIR/docs/README.md         with the validation Dice per label after training
+    RUN_DIR/models/model.pt        network state dict of the best validation
     RUN_DIR/checkpoints/last.pt    state dicts of network, optimiser, LR schedule and trainer (for --resume)
     RUN_DIR/logs/                  TensorBoard event files
     RUN_DIR/split.json             training / validation case names
-    RUN_DIR/train_summary.json     epochs, best validation Dice, time, why training stopped
+    RUN_DIR/train_summary.json     epochs and iterations done, best validation Dice, time, why training stopped
     RUN_DIR/history.json, curves.png   loss per epoch and validation Dice (updated at each validation)
+
+Every input (options, dataset, ``--init-weights``, ``--resume`` state) is checked and loaded before
+anything is written (:func:`medseg.engines.workflow.prepare_run`); a run that fails before its
+first checkpoint removes what it wrote (:class:`medseg.engines.rundir.RunFolderGuard`). Progress is
+logged every ``log_every`` iterations (:mod:`medseg.engines.progress`); a time budget includes the
+final validation (:mod:`medseg.engines.budget`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import TimeLimit
-from monai.data import CacheDataset, DataLoader
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import (
-    LrScheduleHandler,
-    MeanDice,
-    StatsHandler,
-    TensorBoardStatsHandler,
-    ValidationHandler,
-    from_engine,
-)
-from monai.inferers import SimpleInferer, SlidingWindowInferer
-from monai.losses import DiceCELoss
-from monai.transforms import AsDiscreted, Compose
-from monai.utils import set_determinism
 
-from medseg.bundle.components import load_plan, read_state_dict
-from medseg.data.datalist import (
-    Case,
-    Datalist,
-    load_datalist,
-    split_cases,
-    validate_datalist,
-)
-from medseg.errors import BundleError, InputError
+from medseg.bundle.components import load_plan
+from medseg.bundle.create import describe_data_source, plan_bundle, record_training, write_bundle
+from medseg.data.datalist import Case, Datalist, load_datalist, validate_datalist
+from medseg.engines.budget import FinalValidation, IterationLimit, TimeBudget, probe_validation
+from medseg.engines.progress import Clock, Pace, ProgressLog, Schedule, duration, log_validation
+from medseg.engines.records import RunCheckpoints, completed_epochs, per_label_dice
+from medseg.engines.rundir import RunFolderGuard
+from medseg.engines.weights import load_matching_weights, read_init_weights
+from medseg.engines.workflow import METRIC, PreparedRun, build_evaluator, build_trainer, iteration_loss, prepare_run
+from medseg.errors import InputError
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.image import case_name, list_images
-from medseg.networks import build_network
 from medseg.plan import NetworkSpec, Plan
-from medseg.transforms import augmentation, preprocessing
+
+__all__ = ["TrainOptions", "load_matching_weights", "resolve_device", "train", "train_bundle", "training_datalist"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +59,12 @@ class TrainOptions:
     """Options of :func:`train` (the ``medseg train`` flags)."""
 
     epochs: int = 100
+    #: time budget in minutes for the whole run (data loading, training and the final validation)
     max_minutes: float | None = None
+    #: stop after this many iterations in total (counted across --resume); the epochs still bound it
+    max_iterations: int | None = None
+    #: log a progress line every this many iterations (and at every epoch end)
+    log_every: int = 10
     device: str = "cpu"
     fold: int = 0
     resume: bool = False
@@ -99,143 +100,31 @@ def resolve_device(name: str) -> torch.device:
     raise InputError(None, f"--device must be cpu or cuda, got {name!r}")
 
 
-class RunCheckpoints:
-    """Saves ``checkpoints/last.pt`` after every epoch and ``models/model.pt`` on a new best validation
-    Dice, each atomically (a crash mid-write never leaves a corrupt checkpoint for ``--resume``)."""
-
-    def __init__(self, run_dir: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, trainer: Engine, metric: str) -> None:
-        self.run_dir = run_dir
-        self.network, self.optimizer, self.scheduler, self.trainer = network, optimizer, scheduler, trainer
-        self.metric = metric
-        self.best_metric = -1.0
-        self.best_epoch = 0
-
-    @property
-    def last_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.pt"
-
-    @property
-    def model_path(self) -> Path:
-        return self.run_dir / "models" / "model.pt"
-
-    def save_last(self, engine: Engine) -> None:
-        state = {
-            "network": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
-            "trainer": {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
-                        "epoch_length": engine.state.epoch_length, "max_epochs": engine.state.max_epochs},
-            "best": {"metric": self.best_metric, "epoch": self.best_epoch},
-        }
-        with atomic_path(self.last_path) as tmp:
-            torch.save(state, tmp)
-
-    def save_best(self, evaluator: Engine) -> None:
-        value = float(evaluator.state.metrics.get(self.metric, float("nan")))
-        if value == value and value > self.best_metric:  # NaN-safe
-            self.best_metric, self.best_epoch = value, self.trainer.state.epoch
-            with atomic_path(self.model_path) as tmp:
-                torch.save(self.network.state_dict(), tmp)
-            log.info("new best validation Dice %.4f at epoch %d -> %s", value, self.best_epoch, self.model_path)
-
-    def load(self) -> dict[str, Any]:
-        """Restore network, optimiser, schedule and trainer state from ``last.pt``.
-
-        Raises
-        ------
-        BundleError
-            If the checkpoint is missing or unreadable.
-        """
-        if not self.last_path.exists():
-            raise BundleError(f"{self.last_path}: no checkpoint to resume from")
-        try:
-            state = torch.load(self.last_path, map_location="cpu", weights_only=True)
-            self.network.load_state_dict(state["network"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["lr_scheduler"])
-        except Exception as exc:  # noqa: BLE001 - any failure means the checkpoint is unusable
-            raise BundleError(f"{self.last_path}: cannot resume from this checkpoint ({exc})") from exc
-        self.best_metric = float(state["best"]["metric"])
-        self.best_epoch = int(state["best"]["epoch"])
-        return state["trainer"]
-
-
-@dataclass
-class TrainingHistory:
-    """Loss per epoch and validation mean Dice, saved as ``history.json`` and drawn as ``curves.png``
-    (after every validation and at the end of training)."""
-
-    epochs: list[int] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    val_epochs: list[int] = field(default_factory=list)
-    val_dice: list[float] = field(default_factory=list)
-    _pending: list[float] = field(default_factory=list, repr=False)
-
-    def add_loss(self, value: float) -> None:
-        self._pending.append(value)
-
-    def end_epoch(self, epoch: int) -> float:
-        loss = float(sum(self._pending) / len(self._pending)) if self._pending else float("nan")
-        self._pending.clear()
-        self.epochs.append(epoch)
-        self.losses.append(loss)
-        return loss
-
-    def add_validation(self, epoch: int, dice: float, run_dir: Path) -> None:
-        if self.val_epochs and self.val_epochs[-1] == epoch:  # the final validation repeats an epoch
-            self.val_dice[-1] = dice
-        else:
-            self.val_epochs.append(epoch)
-            self.val_dice.append(dice)
-        self.save(run_dir)
-
-    def save(self, run_dir: Path) -> None:
-        from medseg.reports.figures import training_curves_png
-
-        data = {"epoch": self.epochs, "loss": self.losses, "val_epoch": self.val_epochs, "val_mean_dice": self.val_dice}
-        atomic_write_text(run_dir / "history.json", json.dumps(data, indent=1) + "\n")
-        training_curves_png(self.epochs, self.losses, self.val_epochs, self.val_dice, run_dir / "curves.png")
-
-    @classmethod
-    def load(cls, run_dir: Path) -> TrainingHistory:
-        path = run_dir / "history.json"
-        if not path.exists():
-            return cls()
-        data = json.loads(path.read_text())
-        return cls(list(data["epoch"]), list(data["loss"]), list(data["val_epoch"]), list(data["val_mean_dice"]))
-
-
-def load_matching_weights(network: torch.nn.Module, source: str | os.PathLike[str]) -> dict[str, list[str]]:
-    """Transfer learning: copy every tensor of ``source`` whose name and shape match ``network``.
-
-    ``source`` is a state-dict file, a training checkpoint, or a bundle / run folder (its
-    ``models/model.pt``). Loaded with ``weights_only=True``. Returns ``{"loaded": [...], "skipped": [...]}``
-    (skipped: network tensors absent from the source or of another shape).
+def check_options(opts: TrainOptions) -> torch.device:
+    """Check every option before anything is read or written; returns the device.
 
     Raises
     ------
     InputError
-        Missing source, unreadable file, or no tensor that fits.
+        A count below its minimum, a non-positive or non-finite learning rate or time budget,
+        ``--fold`` outside 0-4, ``--init-weights`` with ``--resume``, an unavailable device.
     """
-    path = Path(source)
-    if path.is_dir():
-        path = path / "models" / "model.pt"
-    if not path.exists():
-        raise InputError(path, "no such weights file for --init-weights")
-    try:
-        state = read_state_dict(path)
-    except Exception as exc:  # noqa: BLE001 - pickled code or a corrupt file: refuse either way
-        raise InputError(path, f"not a loadable state dict ({type(exc).__name__})") from exc
-    own = network.state_dict()
-    loaded = [k for k, v in own.items() if k in state and isinstance(state[k], torch.Tensor) and state[k].shape == v.shape]
-    skipped = [k for k in own if k not in loaded]
-    if not loaded:
-        raise InputError(path, "no tensor matches this network (different architecture?)")
-    network.load_state_dict({**own, **{k: state[k] for k in loaded}})
-    log.info("--init-weights %s: loaded %d tensors, skipped %d%s", path, len(loaded), len(skipped),
-             f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})" if skipped else "")
-    return {"loaded": loaded, "skipped": skipped}
+    for flag, value, least in (("--epochs", opts.epochs, 1), ("--val-interval", opts.val_interval, 1),
+                               ("--batch-size", opts.batch_size, 1), ("--log-every", opts.log_every, 1),
+                               ("samples_per_case", opts.samples_per_case, 1), ("num_workers", opts.num_workers, 0),
+                               ("min_iterations_per_epoch", opts.min_iterations_per_epoch, 1),
+                               ("--max-iterations", opts.max_iterations, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise InputError(None, f"{flag} must be an integer of at least {least}, got {value!r}")
+    for flag, number in (("--max-minutes", opts.max_minutes), ("learning_rate", opts.learning_rate)):
+        if number is not None and not (isinstance(number, (int, float)) and math.isfinite(number) and number > 0):
+            raise InputError(None, f"{flag} must be a positive number, got {number!r}")
+    if not 0 <= opts.fold < 5:
+        raise InputError(None, f"--fold must be between 0 and 4, got {opts.fold}")
+    if opts.init_weights is not None and opts.resume:
+        raise InputError(opts.init_weights, "--init-weights starts a new run; --resume continues one from its "
+                         "checkpoint: use one of the two")
+    return resolve_device(opts.device)
 
 
 def training_datalist(dataset_dir: str | os.PathLike[str], plan: Plan) -> Datalist:
@@ -268,24 +157,27 @@ def training_datalist(dataset_dir: str | os.PathLike[str], plan: Plan) -> Datali
 def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options: TrainOptions | None = None,
           bundle: bool = False) -> dict[str, Any]:
     """Train on an MSD dataset: write a bundle for it into ``run_dir`` (plan derived from the data),
-    then train it with :func:`train_bundle`. With ``bundle=True``, ``run_dir`` is an existing
-    bundle (``medseg bundle init``) whose plan is used as it is.
+    then train it. With ``bundle=True``, ``run_dir`` is an existing bundle (``medseg bundle init``)
+    whose plan is used as it is. Nothing is written before every input has been checked; a run that
+    fails before its first checkpoint leaves ``run_dir`` as it found it.
 
     Returns the training summary (also written to ``train_summary.json``).
 
     Raises
     ------
     InputError
-        Invalid dataset (see :func:`medseg.data.datalist.validate_datalist`), a non-empty run
-        folder without ``--resume``, an unavailable device.
+        Invalid dataset (see :func:`medseg.data.datalist.validate_datalist`) or options (see
+        :func:`check_options`), a non-empty run folder without ``--resume``, ``--init-weights``
+        that are not a loadable state dict or do not fit the network.
     BundleError
-        ``--resume`` with a missing or unreadable checkpoint, ``bundle=True`` without a plan.
+        ``--resume`` with a missing or unreadable checkpoint, ``bundle=True`` without a plan or
+        with unreadable metadata.
     """
-    from medseg.bundle.create import init_bundle
-
+    started = time.monotonic()
     opts = options or TrainOptions()
     run_dir = Path(run_dir)
-    _check_options(opts)
+    check_options(opts)
+    init = read_init_weights(opts.init_weights) if opts.init_weights else None  # before any data is read
     if bundle or opts.resume:
         plan = load_plan(run_dir)  # raises BundleError if this is not a bundle
         if not opts.resume and (run_dir / "models" / "model.pt").exists():
@@ -293,191 +185,165 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
                              "continue, or train a copy (its weights would be replaced)")
         datalist = training_datalist(data, plan)
         validate_datalist(datalist)
-    else:
-        try:
-            _, datalist, plan = init_bundle(data, run_dir, opts.target_spacing, opts.patch_size, opts.network,
-                                            opts.ct_window)
-        except InputError as exc:
-            if exc.path == str(run_dir):  # say how to continue a run instead
-                raise InputError(run_dir, "exists and is not empty; choose a new --out folder or pass --resume") from exc
-            raise
-    return _train_validated(run_dir, plan, datalist, opts)
-
-
-def _check_options(opts: TrainOptions) -> torch.device:
-    """Raises InputError for an unavailable device or fewer than one epoch; returns the device."""
-    if opts.epochs < 1:
-        raise InputError(None, f"--epochs must be at least 1, got {opts.epochs}")
-    return resolve_device(opts.device)
+        return _train_validated(run_dir, plan, datalist, opts, init=init, started=started)
+    try:
+        datalist, plan = plan_bundle(data, run_dir, opts.target_spacing, opts.patch_size, opts.network, opts.ct_window)
+    except InputError as exc:
+        if exc.path == str(run_dir):  # say how to continue a run instead
+            raise InputError(run_dir, "exists and is not empty; choose a new --out folder or pass --resume") from exc
+        raise
+    return _train_validated(run_dir, plan, datalist, opts, init=init, new_bundle=True, started=started)
 
 
 def train_bundle(bundle_root: str | os.PathLike[str], dataset_dir: str | os.PathLike[str],
                  options: TrainOptions | None = None, network: torch.nn.Module | None = None,
                  loss: torch.nn.Module | None = None) -> dict[str, Any]:
     """Train the network of a bundle (its ``configs/plan.json``) on ``dataset_dir``; the entry point
-    of ``configs/train.json`` and of ``medseg train``. Writes ``models/model.pt`` (best validation
-    Dice), ``checkpoints/last.pt``, ``logs/``, ``split.json`` and ``train_summary.json`` in the bundle.
+    of ``configs/train.json``. Writes ``models/model.pt`` (best validation Dice),
+    ``checkpoints/last.pt``, ``logs/``, ``split.json`` and ``train_summary.json`` in the bundle and
+    records the result in its metadata and docs.
 
     Raises
     ------
     InputError
         Invalid dataset, bad options, unavailable device, ``--init-weights`` that do not fit.
     BundleError
-        Missing plan; ``resume`` without a usable checkpoint.
+        Missing plan or unreadable metadata; ``resume`` without a usable checkpoint.
     """
+    started = time.monotonic()
     opts = options or TrainOptions()
-    _check_options(opts)
+    check_options(opts)
+    init = read_init_weights(opts.init_weights) if opts.init_weights else None
     plan = load_plan(bundle_root)
     datalist = training_datalist(dataset_dir, plan)
     validate_datalist(datalist)
-    return _train_validated(Path(bundle_root), plan, datalist, opts, network, loss)
+    return _train_validated(Path(bundle_root), plan, datalist, opts, network, loss, init=init, started=started)
 
 
 def _train_validated(run_dir: Path, plan: Plan, datalist: Datalist, opts: TrainOptions,
-                     network: torch.nn.Module | None = None, loss: torch.nn.Module | None = None) -> dict[str, Any]:
-    """The training run itself, on a dataset already validated against the bundle's plan."""
-    device = resolve_device(opts.device)
-    set_determinism(seed=opts.seed)
-    split_file = run_dir / "split.json"
-    if opts.resume:
-        if not split_file.exists():
-            raise BundleError(f"{split_file}: no training to resume in this bundle")
-        split = json.loads(split_file.read_text())
-        by_name = {c.name: c for c in datalist.training}
-        missing = [n for n in split["training"] + split["validation"] if n not in by_name]
-        if missing:
-            raise InputError(datalist.path, f"cases of the run being resumed are missing: {', '.join(missing)}")
-        train_cases = [by_name[n] for n in split["training"]]
-        val_cases = [by_name[n] for n in split["validation"]]
-    else:
-        train_cases, val_cases = split_cases(datalist.training, opts.fold)
-        atomic_write_text(split_file, json.dumps(
-            {"fold": opts.fold, "training": [c.name for c in train_cases], "validation": [c.name for c in val_cases]},
-            indent=2) + "\n")
-    log.info("training on %d cases, validating on %d (fold %d)", len(train_cases), len(val_cases), opts.fold)
+                     network: torch.nn.Module | None = None, loss: torch.nn.Module | None = None, *,
+                     init: tuple[Path, Mapping[str, Any]] | None = None, new_bundle: bool = False,
+                     started: float | None = None,
+                     clock: Clock = time.monotonic) -> dict[str, Any]:
+    """Check and load the rest (weights, checkpoint, images), then write and train; on a failure
+    before the first checkpoint, remove what this call wrote."""
+    started = clock() if started is None else started
+    device = check_options(opts)
+    run = prepare_run(run_dir, plan, datalist, opts, device, network, init, new_bundle)
+    guard = RunFolderGuard(run_dir)
+    checkpoints: list[RunCheckpoints] = []
+    try:
+        if new_bundle:
+            write_bundle(run_dir, plan, name=run_dir.name, data_source=describe_data_source(datalist, run_dir))
+        if not opts.resume:
+            atomic_write_text(run_dir / "split.json", run.split_json())
+        return _run(run, loss, started, clock, checkpoints)
+    except BaseException:
+        if not any(c.saved for c in checkpoints):
+            guard.rollback()
+        else:
+            log.error("training failed after a checkpoint was saved; continue it with --resume")
+        raise
 
-    keys = ("image", "label")
-    pre = preprocessing(plan, keys)
-    train_ds = CacheDataset([{"image": str(c.image), "label": str(c.label)} for c in train_cases],
-                            Compose(list(pre.transforms) + list(augmentation(plan, opts.samples_per_case).transforms)),
-                            cache_rate=1.0, num_workers=min(2, os.cpu_count() or 1), progress=False)
-    val_ds = CacheDataset([{"image": str(c.image), "label": str(c.label)} for c in val_cases], pre,
-                          cache_rate=1.0, num_workers=min(2, os.cpu_count() or 1), progress=False)
-    train_loader = DataLoader(train_ds, batch_size=opts.batch_size, shuffle=True, num_workers=opts.num_workers,
-                              persistent_workers=opts.num_workers > 0, drop_last=len(train_ds) > opts.batch_size)
-    val_loader = DataLoader(val_ds, batch_size=1, num_workers=0)
-    epoch_length = max(len(train_loader), opts.min_iterations_per_epoch)
 
-    network = (network if network is not None else build_network(plan)).to(device)
-    transfer = load_matching_weights(network, opts.init_weights) if opts.init_weights and not opts.resume else None
-    optimizer = torch.optim.AdamW(network.parameters(), lr=opts.learning_rate, weight_decay=1e-5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: (1 - min(epoch, opts.epochs - 1) / opts.epochs) ** 0.9)
-    num_classes = plan.num_classes
-    metric_name = "val_mean_dice"
-    tb_dir = str(run_dir / "logs")
-
-    evaluator = SupervisedEvaluator(
-        device=device,
-        val_data_loader=val_loader,
-        network=network,
-        inferer=SlidingWindowInferer(roi_size=plan.patch_size, sw_batch_size=plan.sw_batch_size, overlap=0.25, mode="gaussian"),
-        postprocessing=Compose([AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=num_classes)]),
-        key_val_metric={metric_name: MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
-        val_handlers=[StatsHandler(name="medseg.validation", output_transform=lambda x: None, iteration_log=False)],
-    )
-    trainer = SupervisedTrainer(
-        device=device,
-        max_epochs=opts.epochs,
-        epoch_length=epoch_length,
-        train_data_loader=train_loader,
-        network=network,
-        optimizer=optimizer,
-        loss_function=loss if loss is not None else DiceCELoss(to_onehot_y=True, softmax=True),
-        inferer=SimpleInferer(),
-        train_handlers=[
-            LrScheduleHandler(lr_scheduler=scheduler, print_lr=False),
-            ValidationHandler(validator=evaluator, interval=opts.val_interval, epoch_level=True),
-            StatsHandler(name="medseg.train", tag_name="train_loss", output_transform=from_engine(["loss"], first=True),
-                         iteration_log=lambda engine, event: event % 50 == 0, epoch_log=False),
-            TensorBoardStatsHandler(log_dir=tb_dir, tag_name="train_loss", output_transform=from_engine(["loss"], first=True)),
-        ],
-    )
-    for name in ("medseg.train", "medseg.validation"):  # MONAI's get_logger adds its own handler: use ours
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
-    TensorBoardStatsHandler(log_dir=tb_dir, output_transform=lambda x: None,
-                            global_epoch_transform=lambda epoch: trainer.state.epoch).attach(evaluator)
-    checkpoints = RunCheckpoints(run_dir, network, optimizer, scheduler, trainer, metric_name)
+def _run(run: PreparedRun, loss: torch.nn.Module | None, started: float, clock: Clock,
+         checkpoints_out: list[RunCheckpoints]) -> dict[str, Any]:
+    """Build the engines with their handlers (in the order their timing needs), train, record."""
+    opts, run_dir = run.opts, run.run_dir
+    log.info("training on %d cases, validating on %d (fold %d); %d iterations per epoch", len(run.train_cases),
+             len(run.val_cases), opts.fold, run.epoch_length)
+    evaluator = build_evaluator(run)
+    trainer = build_trainer(run, evaluator, loss)
+    schedule = Schedule(run.epoch_length, opts.epochs, opts.val_interval, opts.max_iterations)
+    pace = Pace(started, clock)
+    pace.attach(trainer, evaluator)
+    checkpoints = RunCheckpoints(run_dir, run.network, run.optimizer, run.scheduler, trainer, METRIC, run.plan.labels)
+    checkpoints_out.append(checkpoints)
+    if run.resume is not None:
+        checkpoints.restore_best(run.resume.best_metric, run.resume.best_epoch, run.resume.best_iteration,
+                                 run.resume.best_per_label)
+        log.info("resuming from epoch %d (best validation Dice so far %.4f)", run.resume.epoch, run.resume.best_metric)
+    history = run.history
     evaluator.add_event_handler(Events.COMPLETED, checkpoints.save_best)
+    evaluator.add_event_handler(Events.COMPLETED, lambda engine: history.add_validation(
+        trainer.state.epoch, float(engine.state.metrics.get(METRIC, float("nan"))), run_dir))
     trainer.add_event_handler(Events.EPOCH_COMPLETED, checkpoints.save_last)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: history.add_loss(iteration_loss(engine)))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: history.end_epoch(engine.state.epoch))
+    budget_s = None if opts.max_minutes is None else opts.max_minutes * 60
+    ProgressLog(pace, schedule, opts.log_every, budget_s,
+                lambda: run.optimizer.param_groups[0]["lr"]).attach(trainer, iteration_loss)
     if sys.stderr.isatty():
         from ignite.handlers import ProgressBar
 
-        ProgressBar(persist=False).attach(trainer, output_transform=from_engine(["loss"], first=True))
-
-    history = TrainingHistory.load(run_dir) if opts.resume else TrainingHistory()
-
-    def log_epoch(engine: Engine) -> None:
-        loss = history.end_epoch(engine.state.epoch)
-        log.info("epoch %d/%d  loss %.4f  lr %.2e  %.1fs elapsed", engine.state.epoch, engine.state.max_epochs,
-                 loss, optimizer.param_groups[0]["lr"], time.monotonic() - started)
-
-    trainer.add_event_handler(Events.ITERATION_COMPLETED,
-                              lambda engine: history.add_loss(float(engine.state.output[0]["loss"])))
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, log_epoch)
-    evaluator.add_event_handler(Events.COMPLETED, lambda engine: history.add_validation(
-        trainer.state.epoch, float(engine.state.metrics.get(metric_name, float("nan"))), run_dir))
-
-    stopped = {"by_time": False}
-
-    def final_validation(engine: Engine) -> None:
-        if engine.state.epoch % opts.val_interval != 0 or stopped["by_time"]:
-            evaluator.run(engine.state.epoch)
-
-    trainer.add_event_handler(Events.COMPLETED, final_validation)
-
-    if opts.resume:
-        state = checkpoints.load()
-        trainer.state.epoch = state["epoch"]
-        trainer.state.iteration = state["iteration"]
-        trainer.state.max_epochs = opts.epochs
-        trainer.state.epoch_length = epoch_length
-        log.info("resuming from epoch %d (best validation Dice so far %.4f)", state["epoch"], checkpoints.best_metric)
-        if state["epoch"] >= opts.epochs:
-            raise InputError(checkpoints.last_path, f"already trained {state['epoch']} epochs; pass a larger --epochs to continue")
-
-    started = time.monotonic()
-    if opts.max_minutes is not None:
-        limit = TimeLimit(max(1, int(opts.max_minutes * 60)))
-
-        def time_check(engine: Engine) -> None:
-            before = engine.should_terminate
-            limit(engine)
-            if engine.should_terminate and not before:
-                stopped["by_time"] = True
-                log.info("time budget of %.1f min reached at epoch %d; stopping", opts.max_minutes, engine.state.epoch)
-
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, time_check)
+        ProgressBar(persist=False).attach(trainer, output_transform=iteration_loss)
+    limit = IterationLimit(opts.max_iterations) if opts.max_iterations is not None else None
+    if limit is not None:
+        limit.attach(trainer)
+    pace.attach_last(trainer, evaluator)
+    evaluator.add_event_handler(Events.COMPLETED, lambda engine: log_validation(
+        trainer, float(engine.state.metrics.get(METRIC, float("nan"))),
+        per_label_dice(engine, METRIC, run.plan.labels),
+        pace.validation_s[-1] if pace.validation_s else None))
+    budget = None
+    if budget_s is not None:
+        budget = TimeBudget(budget_s, pace, schedule)
+        image = run.val_loader.dataset[0]["image"]
+        pace.validation_estimate = probe_validation(run.network, evaluator.inferer, image, len(run.val_cases),
+                                                    run.device, clock)
+        log.info("time budget %s for the whole run, final validation included (one validation: about %s, "
+                 "estimated from one case)", duration(budget_s), duration(pace.validation_estimate))
+        budget.attach(trainer)
+    FinalValidation(evaluator, pace).attach(trainer)
+    first_iteration = trainer.state.iteration
     trainer.run()
-    elapsed = time.monotonic() - started
-    if not checkpoints.model_path.exists():  # no validation happened (e.g. stopped in the first epoch)
-        with atomic_path(checkpoints.model_path) as tmp:
-            torch.save(network.state_dict(), tmp)
+    stopped_by = ("time budget" if budget is not None and budget.stopped
+                  else "max_iterations" if limit is not None and limit.stopped else "epochs")
+    return _finish(run, trainer, checkpoints, pace, first_iteration, stopped_by)
 
-    history.save(run_dir)
+
+def _finish(run: PreparedRun, trainer: Engine, checkpoints: RunCheckpoints, pace: Pace, first_iteration: int,
+            stopped_by: str) -> dict[str, Any]:
+    """Write the final model (if no validation produced one), history, summary and bundle records."""
+    opts, run_dir = run.opts, run.run_dir
+    if not checkpoints.model_path.exists():  # no validation gave a Dice (NaN): keep the last weights
+        with atomic_path(checkpoints.model_path) as tmp:
+            torch.save(run.network.state_dict(), tmp)
+    run.history.save(run_dir)
+    iterations = trainer.state.iteration
+    epochs = completed_epochs(iterations, run.epoch_length)
+    best = checkpoints.best_metric if checkpoints.best_metric >= 0 else None
     summary = {
-        "epochs_completed": trainer.state.epoch,
-        "iterations": trainer.state.iteration,
-        "best_val_mean_dice": checkpoints.best_metric if checkpoints.best_metric >= 0 else None,
+        "epochs_completed": epochs,
+        "iterations": iterations,
+        "iterations_this_run": iterations - first_iteration,
+        "epoch_length": run.epoch_length,
+        "best_val_mean_dice": best,
         "best_epoch": checkpoints.best_epoch,
-        "seconds": round(elapsed, 1),
-        "stopped_by_time_budget": stopped["by_time"],
-        "init_weights": None if transfer is None else {"source": str(opts.init_weights), "loaded": len(transfer["loaded"]),
-                                                       "skipped": transfer["skipped"]},
-        "device": str(device),
+        "best_iteration": checkpoints.best_iteration,
+        "best_val_dice_per_label": checkpoints.best_per_label,
+        "training_cases": len(run.train_cases),
+        "validation_cases": len(run.val_cases),
+        "seconds": round(pace.elapsed(), 1),
+        "stopped_by": stopped_by,
+        "stopped_by_time_budget": stopped_by == "time budget",
+        "init_weights": None if run.transfer is None else {"source": str(opts.init_weights),
+                                                           "loaded": len(run.transfer["loaded"]),
+                                                           "skipped": run.transfer["skipped"]},
+        "device": str(run.device),
         "options": {k: v for k, v in asdict(opts).items() if k != "network"},
     }
     atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-    log.info("training done: %d epochs in %.0fs, best validation Dice %.4f (epoch %d); model: %s",
-             trainer.state.epoch, elapsed, checkpoints.best_metric, checkpoints.best_epoch, checkpoints.model_path)
+    data_source = describe_data_source(run.datalist, run_dir)
+    note = (f"{'continued (--resume) to' if run.resume is not None else 'trained'} {epochs} epoch{'s' * (epochs != 1)} "
+            f"({iterations} iterations of {run.epoch_length} per epoch"
+            f"{'' if iterations % run.epoch_length == 0 else ', the last epoch partly'}) on {data_source}"
+            f"{'' if run.transfer is None else ', starting from --init-weights'}; stopped by {stopped_by}; "
+            f"best validation mean Dice {'n/a' if best is None else f'{best:.4f}'} at epoch {checkpoints.best_epoch} "
+            f"on {len(run.val_cases)} validation cases (fold {opts.fold})")
+    record_training(run_dir, run.plan, mean_dice=best, per_label=checkpoints.best_per_label, note=note,
+                    data_source=data_source)
+    log.info("training done: %d epoch%s (%d iterations) in %s, stopped by %s; best validation Dice %.4f at iteration "
+             "%d (epoch %d); model: %s", epochs, "s" * (epochs != 1), iterations, duration(pace.elapsed()), stopped_by,
+             checkpoints.best_metric, checkpoints.best_iteration, checkpoints.best_epoch, checkpoints.model_path)
     return summary

@@ -24,7 +24,7 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 def monai_bundle_run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], capture_output=True, text=True,
-                          env=ENV, timeout=600)
+                          env=ENV, timeout=1800)  # a hang guard: a loaded machine is slower, not red
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,40 @@ def test_bundle_init_layout_and_metadata(small_bundle: Path) -> None:
     assert plan["patch_size"] == [32, 32, 16] and plan["modality"] == "CT"
     for name in ("inference.json", "train.json", "evaluate.json"):
         assert "$" not in (small_bundle / "configs" / name).read_text(), f"{name} must pass safe mode"
+
+
+def test_bundle_init_describes_the_data_without_local_paths_and_training_records_itself(
+        small_bundle: Path, ct_dataset: Path, tmp_path: Path) -> None:
+    """`bundle init` says "Not trained yet" and names the dataset without its absolute path; after
+    `medseg train --bundle` the version, changelog, eval_metrics and docs/README.md describe the
+    trained weights, and `bundle verify` checks exactly that."""
+    from medseg.bundle.create import local_paths
+    from medseg.bundle.export import verify_bundle
+    from medseg.errors import BundleError
+
+    fresh = tmp_path / "fresh"
+    assert main(["--quiet", "bundle", "init", "--data", str(ct_dataset), "--out", str(fresh)]) == 0
+    meta = json.loads((fresh / "configs" / "metadata.json").read_text())
+    assert meta["eval_metrics"] == {} and meta["version"] == "0.1.0"
+    assert not local_paths(meta["data_source"]) and str(ct_dataset.parent) not in meta["data_source"]
+    assert "Not trained yet." in (fresh / "docs" / "README.md").read_text()
+    verify_bundle(fresh)  # no weights yet: fine
+
+    meta = json.loads((small_bundle / "configs" / "metadata.json").read_text())
+    assert meta["version"] == "0.2.0" and list(meta["changelog"]) == ["0.2.0", "0.1.0"]
+    assert "trained 3 epochs (60 iterations of 20 per epoch)" in meta["changelog"]["0.2.0"]
+    assert set(meta["eval_metrics"]) == {"val_mean_dice", "val_dice_liver", "val_dice_spleen", "val_dice_kidney",
+                                         "val_dice_bone", "val_dice_lesion"}
+    summary = json.loads((small_bundle / "train_summary.json").read_text())
+    assert meta["eval_metrics"]["val_mean_dice"] == round(summary["best_val_mean_dice"], 4)
+    assert not local_paths(meta["data_source"])
+    readme = (small_bundle / "docs" / "README.md").read_text()
+    assert "Not trained yet" not in readme and "| 1 | liver |" in readme
+    verify_bundle(small_bundle)
+
+    (fresh / "models" / "model.pt").write_bytes((small_bundle / "models" / "model.pt").read_bytes())
+    with pytest.raises(BundleError, match="eval_metrics is empty"):  # weights copied in without training
+        verify_bundle(fresh)
 
 
 def test_two_doors_give_identical_predictions(tmp_path: Path, small_bundle: Path, ct_dataset: Path) -> None:
@@ -92,6 +126,8 @@ def test_monai_bundle_run_train_config(tmp_path: Path, small_bundle: Path, ct_da
     summary = json.loads((bundle / "train_summary.json").read_text())
     assert summary["epochs_completed"] == 2
     torch.load(bundle / "models" / "model.pt", weights_only=True)
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["version"] == "0.3.0" and meta["eval_metrics"]["val_mean_dice"] == round(summary["best_val_mean_dice"], 4)
 
 
 def test_medseg_bundle_run_evaluate(tmp_path: Path, small_bundle: Path, ct_dataset: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.bundle.create import write_bundle
+from medseg.bundle.create import NOT_TRAINED, local_paths, record_training, write_bundle
 from medseg.bundle.export import REQUIRED_METADATA, export_bundle, verify_bundle
 from medseg.errors import BundleError
 from medseg.networks import build_network
@@ -38,6 +39,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     plan = small_plan()
     root = write_bundle(tmp_path_factory.mktemp("bundles") / "b", plan, data_source="test")
     torch.save(trained_network(plan).state_dict(), root / "models" / "model.pt")
+    record_training(root, plan, mean_dice=0.8, per_label={"liver": 0.9, "mystery": 0.7}, note="trained in a test",
+                    data_source="synthetic test data")
     return root
 
 
@@ -71,6 +74,70 @@ def test_verify_passes_on_fresh_bundle_with_weights(bundle: Path) -> None:
     # an unknown label name has a null SNOMED code: reported as a warning line, the bundle still passes
     assert any(line.startswith("warning: segment 2 ('mystery') has no SNOMED CT code") for line in lines)
     assert not any("no weights yet" in line for line in lines)
+    assert any(line.startswith("training records: eval_metrics (val_mean_dice,") for line in lines)
+
+
+def test_verify_refuses_weights_that_the_metadata_and_docs_call_untrained(tmp_path: Path) -> None:
+    """Weights beside "Not trained yet" and an empty eval_metrics (a bundle trained before training
+    recorded itself, or weights copied in by hand): both fields named, exit status 2."""
+    plan = small_plan()
+    root = write_bundle(tmp_path / "b", plan, data_source="test")
+    verify_bundle(root)  # no weights: an untrained bundle is fine
+    torch.save(trained_network(plan).state_dict(), root / "models" / "model.pt")
+    with pytest.raises(BundleError) as info:
+        verify_bundle(root)
+    message = str(info.value)
+    assert info.value.exit_code == 2 and "2 problems found" in message
+    assert "configs/metadata.json: eval_metrics is empty but models/model.pt exists" in message
+    assert f"docs/README.md: says {NOT_TRAINED!r} but models/model.pt exists" in message
+
+
+@pytest.mark.parametrize("source", ["MSD dataset 'ct' (/home/me/data/dataset.json): 9 training cases",
+                                    "C:\\Users\\me\\data", "~/data/ct", "file:///srv/data"])
+def test_verify_refuses_a_local_path_in_data_source(bundle: Path, tmp_path: Path, source: str) -> None:
+    copy = copy_of(bundle, tmp_path)
+    edit_metadata(copy, lambda meta: meta.update(data_source=source))
+    with pytest.raises(BundleError, match=r"1 problem found:\n  - configs/metadata.json: data_source names a local "
+                                          r"absolute path"):
+        verify_bundle(copy)
+
+
+def test_data_source_descriptions_and_urls_are_not_local_paths() -> None:
+    for text in ("medseg synthetic CT phantoms (`medseg synth --out DATA --cases 24`), CT/MR, 1/2 of them",
+                 "MSD Task09 from https://medicaldecathlon.com/ and s3://bucket/x", "dataset.json in the bundle"):
+        assert local_paths(text) == [], text
+
+
+def test_record_training_bumps_version_and_rewrites_metrics(tmp_path: Path) -> None:
+    plan = small_plan()
+    root = write_bundle(tmp_path / "b", plan, data_source="MSD dataset 'x' (/tmp/data/dataset.json): 4 cases")
+    day = datetime.date(2026, 1, 2)
+    assert record_training(root, plan, mean_dice=0.61234, per_label={"liver": 0.9, "mystery": None}, note="first",
+                           data_source="MSD dataset 'x': 4 training cases", today=day) == "0.2.0"
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    assert meta["changelog"] == {"0.2.0": "2026-01-02: first", "0.1.0": "created by medseg bundle init"}
+    assert meta["eval_metrics"] == {"val_mean_dice": 0.6123, "val_dice_liver": 0.9, "val_dice_mystery": None}
+    assert meta["data_source"] == "MSD dataset 'x': 4 training cases"  # the local path is gone ...
+    readme = (root / "docs" / "README.md").read_text()
+    assert "/tmp/data" not in readme and "MSD dataset 'x': 4 training cases" in readme  # ... from the docs too
+    assert NOT_TRAINED not in readme and "| 1 | liver | 0.900 |" in readme and "| 2 | mystery | n/a |" in readme
+
+    assert record_training(root, plan, mean_dice=0.7, per_label={"liver": 0.95}, note="second",
+                           data_source="other", today=day) == "0.3.0"
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    assert list(meta["changelog"]) == ["0.3.0", "0.2.0", "0.1.0"]
+    assert meta["eval_metrics"] == {"val_mean_dice": 0.7, "val_dice_liver": 0.95}  # the old weights' metrics go
+    assert meta["data_source"] == "MSD dataset 'x': 4 training cases"  # a description without local paths stays
+    readme = (root / "docs" / "README.md").read_text()
+    assert readme.count("## Metrics") == 1 and "0.950" in readme and "0.900" not in readme
+
+
+def test_record_training_refuses_a_version_it_cannot_bump(tmp_path: Path) -> None:
+    plan = small_plan()
+    root = write_bundle(tmp_path / "b", plan, data_source="test")
+    edit_metadata(root, lambda meta: meta.update(version="v1"))
+    with pytest.raises(BundleError, match=r"metadata.json: version 'v1' is not MAJOR.MINOR.PATCH"):
+        record_training(root, plan, mean_dice=0.5, per_label={}, note="x", data_source="y")
 
 
 def test_verify_without_weights_says_so(bundle: Path, tmp_path: Path) -> None:

@@ -1,0 +1,122 @@
+"""Weights a training run starts from: ``--init-weights`` (transfer learning) and ``--resume`` checkpoints.
+
+Both are read with ``torch.load(weights_only=True)`` (pickled code and TorchScript archives are
+refused) and checked against the network *before* the run folder is touched, so that a bad file
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medseg.bundle.components import read_state_dict
+from medseg.errors import BundleError, InputError
+
+log = logging.getLogger(__name__)
+
+
+def read_init_weights(source: str | os.PathLike[str]) -> tuple[Path, Mapping[str, Any]]:
+    """The file ``--init-weights`` names and its state dict: a state-dict file, a training checkpoint,
+    or a bundle / run folder (its ``models/model.pt``), read with ``torch.load(weights_only=True)``.
+
+    Raises
+    ------
+    InputError
+        Missing source, or a file that is not a plain state dict (pickled code, TorchScript,
+        corrupt or truncated).
+    """
+    path = Path(source)
+    if path.is_dir():
+        path = path / "models" / "model.pt"
+    if not path.is_file():
+        raise InputError(path, "no such weights file for --init-weights")
+    try:
+        state = read_state_dict(path)
+    except Exception as exc:  # noqa: BLE001 - pickled code, TorchScript or a corrupt file: refuse either way
+        raise InputError(path, f"not a loadable state dict ({type(exc).__name__})") from exc
+    if not isinstance(state, Mapping):
+        raise InputError(path, f"not a state dict (holds a {type(state).__name__})")
+    return path, state
+
+
+def apply_matching_weights(network: torch.nn.Module, path: Path, state: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Copy every tensor of ``state`` (read from ``path``) whose name and shape match ``network``.
+    Returns ``{"loaded": [...], "skipped": [...]}`` (skipped: network tensors absent from the source
+    or of another shape).
+
+    Raises
+    ------
+    InputError
+        If no tensor fits.
+    """
+    own = network.state_dict()
+    loaded = [k for k, v in own.items() if isinstance(state.get(k), torch.Tensor) and state[k].shape == v.shape]
+    skipped = [k for k in own if k not in loaded]
+    if not loaded:
+        raise InputError(path, "no tensor matches this network (different architecture?)")
+    network.load_state_dict({**own, **{k: state[k] for k in loaded}})
+    log.info("--init-weights %s: loaded %d tensors, skipped %d%s", path, len(loaded), len(skipped),
+             f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})" if skipped else "")
+    return {"loaded": loaded, "skipped": skipped}
+
+
+def load_matching_weights(network: torch.nn.Module, source: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Transfer learning: :func:`read_init_weights` then :func:`apply_matching_weights`.
+
+    Raises
+    ------
+    InputError
+        As those two.
+    """
+    return apply_matching_weights(network, *read_init_weights(source))
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run continues: the trainer counters and the best validation so far."""
+
+    epoch: int
+    iteration: int
+    epoch_length: int | None
+    best_metric: float
+    best_epoch: int
+    best_iteration: int = 0
+    best_per_label: dict[str, float | None] = field(default_factory=dict)
+
+
+def load_resume_checkpoint(path: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: torch.optim.lr_scheduler.LRScheduler) -> ResumePoint:
+    """Restore network, optimiser and LR schedule from a ``checkpoints/last.pt`` written by training.
+
+    Raises
+    ------
+    BundleError
+        If the checkpoint is missing, not loadable with ``weights_only=True``, lacks an entry or
+        does not fit the network / optimiser.
+    """
+    if not path.is_file():
+        raise BundleError(f"{path}: no checkpoint to resume from")
+    try:
+        state: Any = torch.load(path, map_location="cpu", weights_only=True)
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        trainer, best = state["trainer"], state["best"]
+        per_label = {str(k): None if math.isnan(float(v)) else float(v) for k, v in best.get("per_label", {}).items()}
+        point = ResumePoint(int(trainer["epoch"]), int(trainer["iteration"]),
+                            int(trainer["epoch_length"]) if trainer.get("epoch_length") else None,
+                            float(best["metric"]), int(best["epoch"]), int(best.get("iteration", 0)), per_label)
+    except Exception as exc:  # noqa: BLE001 - any failure means the checkpoint is unusable
+        raise BundleError(f"{path}: cannot resume from this checkpoint ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+    if point.epoch < 0 or point.iteration < 0:
+        raise BundleError(f"{path}: cannot resume from this checkpoint (negative epoch or iteration)")
+    return point
