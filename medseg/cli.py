@@ -74,8 +74,9 @@ def _train_options(args: argparse.Namespace):
     opts = TrainOptions(epochs=args.epochs, max_minutes=args.max_minutes, device=args.device, fold=args.fold,
                         resume=args.resume, val_interval=args.val_interval, seed=args.seed,
                         target_spacing=args.spacing, patch_size=args.patch_size, ct_window=args.ct_window,
-                        init_weights=args.init_weights)
-    if args.batch_size:
+                        init_weights=args.init_weights, max_iterations=args.max_iterations,
+                        log_every=args.log_every)
+    if args.batch_size is not None:  # 0 or less is refused by the option checks, never ignored
         opts.batch_size = args.batch_size
     return opts
 
@@ -190,7 +191,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from medseg.demo import run_demo
 
-    result = run_demo(args.out, minutes=args.minutes, cases=args.cases, seed=args.seed, device=args.device)
+    result = run_demo(args.out, minutes=args.minutes, cases=args.cases, seed=args.seed, device=args.device,
+                      epochs=args.epochs)
     print(f"mean Dice: {result['mean_dice']:.3f}")
     return 0
 
@@ -307,8 +309,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="transfer learning: start from the matching tensors of a bundle, run folder or .pt file "
                         "(default: random initialisation)")
     p.add_argument("--epochs", type=int, default=100, help="number of epochs")
+    p.add_argument("--max-iterations", type=int, default=None, metavar="N",
+                   help="stop after N iterations in total, counted across --resume (with --epochs: whichever comes "
+                        "first; default: no limit)")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop training after this many minutes (default: no time limit)")
+                   help="time budget for the whole run in minutes: data loading, training and the final validation "
+                        "(training stops early enough for it; Python start-up, a few seconds, is not counted; a "
+                        "sudden slow-down can still overrun it a little; default: no time limit)")
+    p.add_argument("--log-every", type=int, default=10, metavar="N",
+                   help="log a progress line (epoch, iteration, loss, elapsed, ETA) every N iterations and at each "
+                        "epoch end")
     _device(p)
     p.add_argument("--fold", type=int, default=0, help="validation fold 0-4 (5-fold split of the training cases)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
@@ -473,7 +483,9 @@ def _add_pacs(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "demo", "synthetic CT -> train -> predict -> evaluate, ending with 'mean Dice: ...'")
     p.add_argument("--out", default="medseg-demo", help="demo folder (replaced if it holds an earlier demo)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs of 20 iterations")
+    p.add_argument("--minutes", type=float, default=5.0,
+                   help="training time budget including the final validation; 0: none")
     p.add_argument("--cases", type=int, default=16, help="number of synthetic cases")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     _device(p)

@@ -131,17 +131,11 @@ def test_mr_dataset_trains_with_mr_preset(tmp_path: Path) -> None:
     assert set(labels.tolist()) <= set(range(6))
 
 
-def test_demo_end_to_end_prints_mean_dice_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_end_to_end_prints_mean_dice_last(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A shortened `medseg demo`: same path as `make demo`, bounded by 3 epochs (no time budget), last
     line `mean Dice: 0.xxx`; a foreign folder is refused and left as it was."""
-    import medseg.demo
-
-    full_demo = medseg.demo.run_demo
-    # `medseg demo` has no flag for the epochs yet: the same call with 3 epochs and no time budget
-    monkeypatch.setattr(medseg.demo, "run_demo", lambda out, **kw: full_demo(out, **{**kw, "minutes": None, "epochs": 3}))
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--cases", "6"]) == 0
+    assert main(["demo", "--out", str(out), "--cases", "6", "--epochs", "3", "--minutes", "0"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("mean Dice: ")
     assert float(last.split(": ")[1]) > 0.2  # 3 epochs of 20 iterations; a random label map scores < 0.1
