@@ -16,7 +16,6 @@ from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
 from medseg.io.image import (
     Geometry,
-    SimpleITKReader,
     case_name,
     image_suffix,
     list_images,
@@ -25,6 +24,7 @@ from medseg.io.image import (
     to_array,
     write_label_map,
 )
+from medseg.io.reader import ImageFileReader
 
 FORMATS = (".nii.gz", ".nrrd", ".mha", ".mhd")
 #: Files a format writes beside the named one (MetaImage keeps its pixels in a second file).
@@ -60,7 +60,7 @@ def _expected_ras_affine() -> np.ndarray:
 
 
 def _load(path: Path) -> MetaTensor:
-    return LoadImage(reader=SimpleITKReader(), image_only=True)(str(path))
+    return LoadImage(reader=ImageFileReader(), image_only=True)(str(path))
 
 
 def _assert_path_error(excinfo: pytest.ExceptionInfo, path: Path) -> str:
@@ -70,7 +70,7 @@ def _assert_path_error(excinfo: pytest.ExceptionInfo, path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# SimpleITKReader through MONAI's LoadImage
+# ImageFileReader through MONAI's LoadImage
 # --------------------------------------------------------------------------------------------
 
 
@@ -121,7 +121,7 @@ def test_reader_handles_2d_images(tmp_path: Path) -> None:
 def test_reader_refuses_a_missing_file_with_input_error(tmp_path: Path) -> None:
     path = tmp_path / "absent.nii.gz"
     with pytest.raises(InputError) as excinfo:
-        SimpleITKReader().read(path)
+        ImageFileReader().read(path)
     _assert_path_error(excinfo, path)
 
 
