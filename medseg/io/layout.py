@@ -87,7 +87,7 @@ def _metaimage(path: Path, head: bytes) -> PixelLayout:
     lines = head.split(b"\n")
     for index, raw in enumerate(lines):
         position += len(raw) + 1
-        key, sep, value = raw.decode("latin-1").partition("=")
+        key, sep, value = raw.decode("utf-8", "surrogateescape").partition("=")
         if not sep:
             continue
         key = key.strip().lower()
@@ -108,7 +108,7 @@ def _metaimage(path: Path, head: bytes) -> PixelLayout:
     except ValueError:
         raise InputError(path, f"HeaderSize {fields['headersize']!r} is not a number") from None
     if reference.upper().startswith("LIST"):
-        names = [line.decode("latin-1").strip() for line in lines[index + 1 :] if line.strip()]
+        names = [line.decode("utf-8", "surrogateescape").strip() for line in lines[index + 1 :] if line.strip()]
     elif "%" in reference:
         files, names = _pattern_files(base, reference, "ElementDataFile", path)
         return PixelLayout("MetaImage", tuple(files), tuple(names), skip, encoding, False)
@@ -125,7 +125,7 @@ def _nrrd(path: Path, head: bytes) -> PixelLayout:
     list_names: list[str] | None = None
     for raw in lines[1:] if lines else []:
         position_next = position + len(raw) + 1
-        text = raw.decode("latin-1").rstrip("\r")
+        text = raw.decode("utf-8", "surrogateescape").rstrip("\r")
         if list_names is not None:  # "data file: LIST": the rest of the header names the files
             if text.strip():
                 list_names.append(text.strip())
