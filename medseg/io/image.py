@@ -30,7 +30,13 @@ from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
 from medseg.io.geometry import check_grid
 from medseg.io.itkfiles import itk_readable, itk_writable
-from medseg.io.layout import PixelLayout, check_pixel_bytes, compressed_data_length, pixel_layout
+from medseg.io.layout import (
+    PixelLayout,
+    check_geometry_fields,
+    check_pixel_bytes,
+    compressed_data_length,
+    pixel_layout,
+)
 from medseg.io.nifti import check_nifti_data, check_nifti_header
 
 log = logging.getLogger(__name__)
@@ -182,18 +188,20 @@ def _read_header(path: Path, dims: int | None) -> _Header:
         raise InputError(path, f"is a {geometry.dims}D image; only 2D and 3D images are supported")
     if min(geometry.size) < 1:
         raise InputError(path, f"has an empty grid (size {' x '.join(map(str, geometry.size))})")
-    check_grid(path, geometry.spacing, geometry.origin, geometry.direction)
-    value_bytes = _VALUE_BYTES.get(reader.GetPixelID(), 8)
-    voxels = int(np.prod(geometry.size, dtype=object))
+    # the header as written first (ITK repairs or misreads some broken fields), then the grid ITK reports
     layout = None
     if is_nifti(path):
         check_nifti_header(path)
     else:
         layout = pixel_layout(path)
         if layout is not None:
-            pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
-            check_pixel_bytes(path, layout, voxels, value_bytes,
-                              f"{' x '.join(map(str, geometry.size))} voxels of {pixel}")
+            check_geometry_fields(path, layout)
+    check_grid(path, geometry.spacing, geometry.origin, geometry.direction)
+    value_bytes = _VALUE_BYTES.get(reader.GetPixelID(), 8)
+    voxels = int(np.prod(geometry.size, dtype=object))
+    if layout is not None:
+        pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+        check_pixel_bytes(path, layout, voxels, value_bytes, f"{' x '.join(map(str, geometry.size))} voxels of {pixel}")
     return _Header(geometry, voxels * value_bytes, layout)
 
 

@@ -17,6 +17,8 @@ compressed file is, once ITK has failed to read it.
 from __future__ import annotations
 
 import bz2
+import dataclasses
+import math
 import os
 import re
 import zlib
@@ -26,7 +28,8 @@ from typing import Any
 
 from medseg.errors import InputError, printable
 
-__all__ = ["PixelLayout", "pixel_layout", "check_pixel_bytes", "compressed_data_length", "MAX_DEFLATE_RATIO"]
+__all__ = ["PixelLayout", "pixel_layout", "check_pixel_bytes", "check_geometry_fields", "compressed_data_length",
+           "MAX_DEFLATE_RATIO"]
 
 #: The largest expansion of deflate (zlib, gzip) data: 258 bytes from a 2-bit code, about 1032:1.
 MAX_DEFLATE_RATIO = 1032
@@ -52,6 +55,8 @@ class PixelLayout:
         ``"raw"``, ``"zlib"``, ``"gzip"``, ``"bzip2"``, ``"text"``, ``"hex"`` or another NRRD encoding name.
     attached
         Whether the data follows the header in the same file.
+    fields
+        The header's fields as written, ``(name, value)`` in order.
     """
 
     kind: str
@@ -60,6 +65,7 @@ class PixelLayout:
     offset: int
     encoding: str
     attached: bool
+    fields: tuple[tuple[str, str], ...] = ()
 
 
 def _header_text(path: Path) -> bytes:
@@ -82,6 +88,18 @@ def _pattern_files(base: Path, spec: str, what: str, path: Path) -> tuple[list[P
 
 
 def _metaimage(path: Path, head: bytes) -> PixelLayout:
+    layout = _metaimage_layout(path, head)
+    written = []
+    for raw in head.split(b"\n"):
+        key, sep, value = raw.decode("utf-8", "surrogateescape").partition("=")
+        if sep:
+            written.append((key.strip(), value.strip()))
+            if key.strip().lower() == "elementdatafile":
+                break
+    return dataclasses.replace(layout, fields=tuple(written))
+
+
+def _metaimage_layout(path: Path, head: bytes) -> PixelLayout:
     fields: dict[str, str] = {}
     position = 0
     lines = head.split(b"\n")
@@ -118,6 +136,19 @@ def _metaimage(path: Path, head: bytes) -> PixelLayout:
 
 
 def _nrrd(path: Path, head: bytes) -> PixelLayout:
+    layout = _nrrd_layout(path, head)
+    written = []
+    for raw in head.split(b"\n")[1:]:
+        text = raw.decode("utf-8", "surrogateescape").rstrip("\r")
+        if not text.strip():
+            break
+        key, sep, value = text.partition(":")
+        if sep and not text.startswith("#") and ":=" not in text:
+            written.append((key.strip(), value.strip()))
+    return dataclasses.replace(layout, fields=tuple(written))
+
+
+def _nrrd_layout(path: Path, head: bytes) -> PixelLayout:
     fields: dict[str, str] = {}
     position = 0
     lines = head.split(b"\n")
@@ -190,6 +221,43 @@ def pixel_layout(path: str | os.PathLike[str]) -> PixelLayout | None:
     except OSError as exc:
         raise InputError(path, f"unreadable ({exc.strerror or exc})") from None
     return None
+
+
+#: Header fields that hold the grid: (format, field name in lower case without spaces).
+_GEOMETRY_FIELDS = {
+    "MetaImage": {"offset", "position", "origin", "elementspacing", "elementsize", "transformmatrix", "rotation",
+                  "orientation"},
+    "NRRD": {"spaceorigin", "spacedirections", "spacings", "thicknesses"},
+}
+_NUMBER_SPLIT = re.compile(r"[\s,()]+")
+
+
+def check_geometry_fields(path: str | os.PathLike[str], layout: PixelLayout) -> None:
+    """Raise InputError if a grid field of the header (origin, spacing, direction) holds anything but
+    finite numbers.
+
+    ITK does not always refuse such a header: MetaIO reads ``Offset = nan 6 7`` as an origin of
+    (0, 0, 0) and NRRD allows ``nan`` spacings (meaning "unknown"), so the grid ITK reports can be an
+    invention. NRRD's ``none`` (an axis that is not spatial) is allowed.
+
+    Raises
+    ------
+    InputError
+        Naming the field and its value as written.
+    """
+    wanted = _GEOMETRY_FIELDS.get(layout.kind, set())
+    for name, value in layout.fields:
+        if name.lower().replace(" ", "") not in wanted:
+            continue
+        for token in _NUMBER_SPLIT.split(value):
+            if not token or token.lower() == "none":
+                continue
+            try:
+                number = float(token)
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number):
+                raise InputError(path, f"{layout.kind} header field {name!r} = {value!r} is not finite numbers")
 
 
 def _size_text(count: int) -> str:
