@@ -85,15 +85,11 @@ def itk_writable(path: str | os.PathLike[str]) -> Iterator[str]:
         written = Path(tmp) / ("image" + suffix)
         yield str(written)
         layout = pixel_layout(written)
-        if layout is not None and not layout.attached:
-            header = written.read_bytes()
-            renamed = []
-            for file, reference in zip(layout.files, layout.references, strict=True):
-                new_name = stem + reference[len("image"):] if reference.startswith("image") else stem + "_" + reference
-                shutil.move(str(file), str(path.parent / new_name))
-                renamed.append(new_name)
-            if len(renamed) != 1:
+        if layout is not None and not layout.attached:  # .mhd / .nhdr: <stem>.zraw, named in the header
+            if len(layout.files) != 1:
                 raise InputError(path, "cannot write a multi-file image under a file name that is not UTF-8")
-            header = rename_data_file(header, layout.kind, os.fsencode(renamed[0]))
-            written.write_bytes(header)
+            reference = layout.references[0]
+            new_name = stem + reference[len("image"):] if reference.startswith("image") else f"{stem}_{reference}"
+            written.write_bytes(rename_data_file(written.read_bytes(), layout.kind, os.fsencode(new_name)))
+            shutil.move(str(layout.files[0]), str(path.parent / new_name))
         shutil.move(str(written), str(path))

@@ -83,7 +83,10 @@ def _pattern_files(base: Path, spec: str, what: str, path: Path) -> tuple[list[P
         raise InputError(path, f"{what} {spec!r} is neither a file name, LIST nor a numbered pattern") from None
     if step == 0 or (last - first) / step > 1_000_000:
         raise InputError(path, f"{what} {spec!r} numbers an impossible range of files")
-    names = [parts[0] % i for i in range(first, last + (1 if step > 0 else -1), step)]
+    try:
+        names = [parts[0] % i for i in range(first, last + (1 if step > 0 else -1), step)]
+    except (TypeError, ValueError):
+        raise InputError(path, f"{what} {spec!r}: {parts[0]!r} is not a pattern for one file number") from None
     return [base / n for n in names], names
 
 
@@ -298,7 +301,8 @@ def check_pixel_bytes(path: str | os.PathLike[str], layout: PixelLayout, values:
             raise InputError(path, f"its data file {printable(reference or file.name)} is unreadable "
                                    f"({exc.strerror or exc})") from None
         total += size if layout.offset < 0 else max(0, size - layout.offset)
-    where = "the file" if layout.attached else "its data file" + ("s" if len(layout.files) > 1 else "")
+    where = ("the file" if layout.attached else "its data file" if len(layout.files) == 1
+             else f"its {len(layout.files)} data files together")
     if layout.encoding == "raw":
         if total < needed:
             raise InputError(path, f"pixel data is truncated: the header declares {declared} "
