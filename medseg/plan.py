@@ -177,7 +177,7 @@ class _Fields:
     def numbers(self, key: str, count: int | None, kind: type, check: Any, expected: str) -> tuple:
         """``data[key]``: a list of ``count`` (any number if None, at least one) values of ``kind``."""
         values = self.get(key, object)
-        items = tuple(_as(v, kind) for v in values) if isinstance(values, list) else ()
+        items = tuple(_as(v, kind) for v in values) if isinstance(values, (list, tuple)) else ()
         if (count is not None and len(items) != count) or not items or any(v is None or not check(v) for v in items):
             size = f"{count} " if count is not None else ""
             raise ValueError(f"field {self._name(key)!r} must be a list of {size}{expected}, got {_shown(values)}")

@@ -237,3 +237,9 @@ def test_maintained_bundle_plans_load(bundle: str) -> None:
     """The checks accept every plan medseg writes: the shipped CT (window statistics) and MR (nulls) bundles."""
     plan = Plan.load(Path(__file__).parents[2] / "bundles" / bundle / "configs" / "plan.json")
     assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+
+
+def test_from_json_accepts_the_in_memory_form_of_to_json() -> None:
+    """to_json() keeps tuples (dataclasses.asdict); from_json takes them as JSON lists."""
+    plan = _plan()
+    assert Plan.from_json(plan.to_json()) == plan
