@@ -10,6 +10,29 @@ from __future__ import annotations
 import os
 
 
+def printable(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """``path`` as it may be shown on one line of a message.
+
+    A name of printable text is returned unchanged. Any other (a newline, a control or format
+    character, bytes that are not UTF-8, which Python holds as surrogate escapes) is shown as a
+    quoted Python string literal: ``'scan_\\xff\\xfe.nii.gz'``, ``'a\\nb.nii.gz'``, so a hostile
+    file name can neither break a message into several lines nor hide what it is.
+    """
+    text = os.fsdecode(os.fspath(path))
+    if text.isprintable() and not any(0xDC80 <= ord(c) <= 0xDCFF for c in text):
+        return text
+    shown = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte (os.fsdecode's surrogate escape)
+            shown.append(f"\\x{code - 0xDC00:02x}")
+        elif char in "\\'" or not char.isprintable():
+            shown.append(repr(char)[1:-1] if char != "'" else "\\'")
+        else:
+            shown.append(char)
+    return "'" + "".join(shown) + "'"
+
+
 class MedsegError(Exception):
     """Base class of medseg's errors; ``exit_code`` is what the CLI exits with."""
 
@@ -26,7 +49,8 @@ class MedsegError(Exception):
 class InputError(MedsegError):
     """Bad user input: a missing, unreadable, corrupt or inconsistent file or folder.
 
-    The message always names the file first: ``<path>: <problem>``.
+    The message always names the file first: ``<path>: <problem>``, the path made printable on one
+    line by :func:`printable` (:attr:`path` keeps it as given).
     """
 
     exit_code = 2
@@ -34,7 +58,7 @@ class InputError(MedsegError):
     def __init__(self, path: str | os.PathLike[str] | None, problem: str) -> None:
         self.path = None if path is None else os.fspath(path)
         self.problem = problem
-        super().__init__(problem if self.path is None else f"{self.path}: {problem}")
+        super().__init__(problem if self.path is None else f"{printable(self.path)}: {problem}")
 
 
 class DicomError(InputError):

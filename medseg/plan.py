@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ import SimpleITK as sitk
 from nibabel.orientations import io_orientation
 
 from medseg.data.datalist import Case, Datalist
-from medseg.errors import BundleError
+from medseg.errors import BundleError, printable
 from medseg.io.atomic import atomic_write_text
 from medseg.io.image import Geometry, read_image
 
@@ -81,18 +82,35 @@ class Plan:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Plan:
-        data = dict(data)
-        if data.get("format") != PLAN_FORMAT:
-            raise ValueError(f"unknown plan format {data.get('format')!r}, expected {PLAN_FORMAT!r}")
-        data["labels"] = {int(k): v for k, v in data["labels"].items()}
-        data["target_spacing"] = tuple(data["target_spacing"])
-        data["patch_size"] = tuple(data["patch_size"])
-        data["intensity"] = Intensity(**data["intensity"])
-        net = dict(data["network"])
-        net["channels"], net["strides"] = tuple(net["channels"]), tuple(net["strides"])
-        data["network"] = NetworkSpec(**net)
-        return cls(**data)
+    def from_json(cls, data: Any) -> Plan:
+        """A plan from its JSON form, every field checked for its type and range.
+
+        Raises
+        ------
+        ValueError
+            Naming the first bad field: not a JSON object, an unknown format, a missing or unknown
+            field, or a value of the wrong type or range (e.g. ``target_spacing: "abc"``, a patch size
+            given as strings, labels that are not a mapping of integers to names).
+        """
+        fields = _Fields(data, "plan")
+        plan_format = fields.get("format", str)
+        if plan_format != PLAN_FORMAT:
+            raise ValueError(f"unknown plan format {plan_format!r}, expected {PLAN_FORMAT!r}")
+        dims = fields.get("dims", int, lambda v: v in (2, 3), "2 or 3")
+        plan = cls(
+            dims=dims,
+            modality=fields.get("modality", str, bool, "a non-empty string"),
+            labels=_labels(fields.get("labels", dict)),
+            target_spacing=fields.numbers("target_spacing", dims, float, lambda v: math.isfinite(v) and v > 0,
+                                          "positive numbers"),
+            patch_size=fields.numbers("patch_size", dims, int, lambda v: v >= 1, "positive integers"),
+            intensity=_intensity(_Fields(fields.get("intensity", dict), "intensity")),
+            network=_network(_Fields(fields.get("network", dict, default={}), "network")),
+            overlap=fields.get("overlap", float, lambda v: 0 <= v < 1, "a number in [0, 1)", default=0.5),
+            sw_batch_size=fields.get("sw_batch_size", int, lambda v: v >= 1, "an integer >= 1", default=2),
+        )
+        fields.done()
+        return plan
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         return atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
@@ -104,15 +122,143 @@ class Plan:
         Raises
         ------
         BundleError
-            If the file is missing or not a valid plan.
+            If the file is missing, not JSON (or not UTF-8), or not a valid plan: the message names the
+            file and the field (see :meth:`from_json`).
         """
         path = Path(path)
         if not path.exists():
-            raise BundleError(f"{path}: no such file; is this a medseg run folder (medseg train --out)?")
+            raise BundleError(f"{printable(path)}: no such file; is this a medseg run folder (medseg train --out)?")
         try:
             return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise BundleError(f"{path}: not a valid medseg plan ({exc})") from exc
+            raise BundleError(f"{printable(path)}: not a valid medseg plan: {exc}") from None
+
+
+_MISSING = object()
+_JSON_TYPES = {int: "an integer", float: "a number", str: "a string", dict: "a JSON object", list: "a list"}
+
+
+class _Fields:
+    """The fields of one JSON object of a plan, read one by one with their type and range checked;
+    :meth:`done` refuses the fields nobody read (a misspelt key is an error, not a silent default)."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} must be a JSON object, got {_shown(data)}")
+        self.data, self.where, self.read = data, where, set()
+
+    def _name(self, key: str) -> str:
+        return key if self.where == "plan" else f"{self.where}.{key}"
+
+    def get(self, key: str, kind: type, check: Any = None, expected: str = "", default: Any = _MISSING) -> Any:
+        """``data[key]`` as ``kind`` (bool is never a number; an int is a float), checked by ``check``."""
+        self.read.add(key)
+        if key not in self.data:
+            if default is _MISSING:
+                raise ValueError(f"field {self._name(key)!r} is missing")
+            return default
+        value = _as(self.data[key], kind)
+        if (value is None and kind is not object) or (check is not None and not check(value)):
+            raise ValueError(f"field {self._name(key)!r} must be {expected or _JSON_TYPES[kind]}, "
+                             f"got {_shown(self.data[key])}")
+        return value
+
+    def optional_number(self, key: str) -> float | None:
+        """``data[key]``: a finite number, or None when it is null or absent."""
+        self.read.add(key)
+        value = self.data.get(key)
+        if value is None:
+            return None
+        number = _as(value, float)
+        if number is None or not math.isfinite(number):
+            raise ValueError(f"field {self._name(key)!r} must be a finite number or null, got {_shown(value)}")
+        return number
+
+    def numbers(self, key: str, count: int | None, kind: type, check: Any, expected: str) -> tuple:
+        """``data[key]``: a list of ``count`` (any number if None, at least one) values of ``kind``."""
+        values = self.get(key, object)
+        items = tuple(_as(v, kind) for v in values) if isinstance(values, (list, tuple)) else ()
+        if (count is not None and len(items) != count) or not items or any(v is None or not check(v) for v in items):
+            size = f"{count} " if count is not None else ""
+            raise ValueError(f"field {self._name(key)!r} must be a list of {size}{expected}, got {_shown(values)}")
+        return items
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.read)
+        if unknown:
+            raise ValueError(f"unknown field {self._name(unknown[0])!r}")
+
+
+def _as(value: Any, kind: type) -> Any:
+    """``value`` if it is a JSON value of ``kind`` (ints count as floats; booleans are neither), else None."""
+    if kind is object:
+        return value
+    if isinstance(value, bool):
+        return None
+    if kind is float and isinstance(value, (int, float)):
+        return float(value)
+    return value if isinstance(value, kind) else None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _labels(data: dict) -> dict[int, str]:
+    labels: dict[int, str] = {}
+    for key, name in data.items():
+        try:
+            number = int(key)
+        except ValueError:
+            number = -1
+        if number < 0 or str(number) != key.strip():
+            raise ValueError(f"field 'labels' must map label values (0, 1, ...) to names, got the key {_shown(key)}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"field 'labels' must map label values to names, got {_shown(name)} for {key}")
+        labels[number] = name
+    if 0 not in labels:
+        raise ValueError("field 'labels' must name label 0 (the background)")
+    return labels
+
+
+def _intensity(fields: _Fields) -> Intensity:
+    preset = fields.get("preset", str, lambda v: v in ("ct", "mr"), '"ct" or "mr"')
+    values = {key: fields.optional_number(key) for key in ("a_min", "a_max", "mean", "std")}
+    fields.done()
+    if preset == "ct":
+        missing = [key for key, value in values.items() if value is None]
+        if missing:
+            raise ValueError(f"field 'intensity.{missing[0]}' must be a number for the CT preset")
+        if values["a_min"] >= values["a_max"]:  # type: ignore[operator]
+            raise ValueError(f"field 'intensity.a_min' ({values['a_min']}) must be below 'intensity.a_max' "
+                             f"({values['a_max']})")
+        if values["std"] <= 0:  # type: ignore[operator]
+            raise ValueError(f"field 'intensity.std' must be positive, got {values['std']}")
+    return Intensity(preset, **values)
+
+
+def _network(fields: _Fields) -> NetworkSpec:
+    default = NetworkSpec()
+    channels = fields.numbers("channels", None, int, lambda v: v >= 1, "positive integers") \
+        if "channels" in fields.data else default.channels
+    strides = fields.numbers("strides", len(channels) - 1, int, lambda v: v >= 1, "positive integers (one fewer "
+                             "than channels)") if "strides" in fields.data else default.strides
+    if len(strides) != len(channels) - 1:
+        raise ValueError(f"field 'network.strides' must have one value fewer than 'network.channels' "
+                         f"({len(channels)})")
+    spec = NetworkSpec(
+        name=fields.get("name", str, bool, "a network name", default=default.name),
+        channels=tuple(channels),
+        strides=tuple(strides),
+        num_res_units=fields.get("num_res_units", int, lambda v: v >= 0, "an integer >= 0",
+                                 default=default.num_res_units),
+        norm=fields.get("norm", str, bool, "a normalisation name", default=default.norm),
+        dropout=fields.get("dropout", float, lambda v: 0 <= v < 1, "a number in [0, 1)", default=default.dropout),
+    )
+    fields.read.update({"channels", "strides"})
+    fields.done()
+    return spec
 
 
 def _to_ras_order(geometry: Geometry, per_axis: Sequence[float]) -> np.ndarray:

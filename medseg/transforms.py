@@ -14,13 +14,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.data import NibabelReader
 from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
@@ -35,7 +33,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from medseg.io.image import SimpleITKReader
+from medseg.io.reader import ImageFileReader, LoadImageFiled
 from medseg.plan import Plan
 
 
@@ -60,16 +58,15 @@ class BodyMask:
 
 
 def readers() -> list:
-    """MONAI readers in priority order for ``LoadImaged``: nibabel for NIfTI, SimpleITK for the rest.
-
-    ``LoadImage`` tries registered readers from last to first, so NibabelReader is listed last.
-    """
-    return [SimpleITKReader(), NibabelReader()]
+    """The MONAI reader of medseg's image files: one, choosing nibabel (NIfTI) or SimpleITK by file ending."""
+    return [ImageFileReader()]
 
 
 def load_transforms(keys: Sequence[str]) -> list[MapTransform]:
+    """Read with :class:`~medseg.io.reader.LoadImageFiled`: a bad file raises its InputError, not MONAI's
+    try-every-reader RuntimeError."""
     return [
-        LoadImaged(keys=keys, reader=readers(), image_only=True),
+        LoadImageFiled(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
     ]
 

@@ -224,7 +224,11 @@ def _available_device_bytes(device: torch.device) -> int | None:
 
 
 def _check_finite(inputs: torch.Tensor) -> None:
-    """InputError if any voxel is NaN or infinite (checked a few planes at a time: no input-sized mask)."""
+    """InputError if any voxel is NaN or infinite (checked a few planes at a time: no input-sized mask),
+    naming the image file when ``inputs`` is a MetaTensor that knows it.
+
+    Files are checked when read (:class:`medseg.io.reader.ImageFileReader`); this catches what reaches the
+    network otherwise (arrays given directly, values made non-finite by preprocessing)."""
     if not inputs.is_floating_point():
         return
     depth = inputs.shape[-1]
@@ -232,7 +236,10 @@ def _check_finite(inputs: torch.Tensor) -> None:
     chunk = max(1, (1 << 24) // plane)
     for z0 in range(0, depth, chunk):
         if not bool(torch.isfinite(inputs[..., z0 : z0 + chunk]).all()):
-            raise InputError(None, "the image has NaN or infinite voxel values; sliding-window inference refused")
+            meta = getattr(inputs, "meta", None) or {}
+            source = meta.get("filename_or_obj") if isinstance(meta, dict) else None
+            raise InputError(source if isinstance(source, str) and source else None,
+                             "the image has NaN or infinite voxel values; sliding-window inference refused")
 
 
 def slab_sliding_window(

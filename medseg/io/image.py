@@ -2,38 +2,52 @@
 
 Arrays are in *voxel index order* ``(x, y, z)`` (``(i, j, k)`` for NIfTI), the order MONAI's
 readers use; SimpleITK's ``GetArrayFromImage`` order ``(z, y, x)`` never leaks out of this module.
-Affines given to MONAI are RAS (MONAI's convention); SimpleITK's direction/origin are LPS.
+Affines are RAS (MONAI's and nibabel's convention); SimpleITK's direction/origin are LPS.
+
+Every file is checked before its pixels are read: the grid (:func:`medseg.io.geometry.grid_problem`),
+the header as written (:func:`medseg.io.nifti.check_nifti_header` for NIfTI) and the bytes the header
+declares against the bytes on disk (:func:`medseg.io.layout.check_pixel_bytes` for NRRD / MetaImage),
+so a bad file is one :class:`~medseg.errors.InputError` naming it, never an allocation of what a
+lying header claims. The MONAI reader built on these functions is :mod:`medseg.io.reader`; this module
+imports neither MONAI nor torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
 import logging
 import os
 import sys
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from monai.data import ImageReader
-from monai.data.image_reader import _copy_compatible_dict, _stack_images
-from monai.data.utils import orientation_ras_lps
-from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
+from medseg.io.geometry import check_grid
+from medseg.io.itkfiles import itk_readable, itk_writable
+from medseg.io.layout import (
+    PixelLayout,
+    check_geometry_fields,
+    check_pixel_bytes,
+    compressed_data_length,
+    pixel_layout,
+)
+from medseg.io.nifti import check_nifti_data, check_nifti_header
 
 log = logging.getLogger(__name__)
 
 #: File endings medseg reads and writes, longest first so that ``.nii.gz`` wins over ``.gz``.
 IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+
+#: Bytes per value of SimpleITK's scalar pixel types.
+_VALUE_BYTES = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+                sitk.sitkInt32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat32: 4, sitk.sitkFloat64: 8}
 
 
 def image_suffix(path: str | os.PathLike[str]) -> str | None:
@@ -43,6 +57,11 @@ def image_suffix(path: str | os.PathLike[str]) -> str | None:
         if name.endswith(suffix) and len(name) > len(suffix):
             return suffix
     return None
+
+
+def is_nifti(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` ends in ``.nii`` or ``.nii.gz``."""
+    return image_suffix(path) in NIFTI_SUFFIXES
 
 
 def case_name(path: str | os.PathLike[str]) -> str:
@@ -69,6 +88,14 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     if not images:
         raise InputError(folder, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     return images
+
+
+def lps_to_ras(affine: np.ndarray) -> np.ndarray:
+    """Flip the first two world axes of a ``(d+1) x (d+1)`` affine (LPS <-> RAS; its own inverse),
+    as :func:`monai.data.utils.orientation_ras_lps` does."""
+    d = max(affine.shape[0] - 1, 1)
+    flip = [[-1.0, 1.0], [-1.0, -1.0, 1.0], [-1.0, -1.0, 1.0, 1.0]][min(d - 1, 2)] + [1.0] * (d - 3)
+    return np.diag(flip) @ affine
 
 
 @dataclass(frozen=True)
@@ -105,7 +132,7 @@ class Geometry:
 
     def affine_ras(self) -> np.ndarray:
         """The (d+1)x(d+1) index-to-RAS-world matrix (MONAI's and nibabel's convention)."""
-        return orientation_ras_lps(self.affine_lps())
+        return lps_to_ras(self.affine_lps())
 
     def mismatch(self, other: Geometry, tol_mm: float = 1e-3, tol_dir: float = 1e-4) -> str | None:
         """Describe how ``other`` differs from this grid, or return None if they match."""
@@ -133,24 +160,25 @@ def _check_path(path: Path) -> None:
         raise InputError(path, f"not a supported image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
 
 
-def read_geometry(path: str | os.PathLike[str], dims: int | None = None) -> Geometry:
-    """Read only the header of an image file and return its grid.
+@dataclass(frozen=True)
+class _Header:
+    """What the header of an image file declares, checked against the file."""
 
-    Raises
-    ------
-    InputError
-        Missing file, unsupported ending, unreadable header, multi-component pixels, or a
-        dimensionality other than ``dims`` (e.g. a 4D image where 3D is expected).
-    """
-    path = Path(path)
+    geometry: Geometry
+    data_bytes: int
+    layout: PixelLayout | None  # NRRD / MetaImage
+
+
+def _read_header(path: Path, dims: int | None) -> _Header:
     _check_path(path)
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        with _quiet_native_stderr():
-            reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise InputError(path, f"not a readable image ({_itk_reason(exc)})") from exc
+    with itk_readable(path) as name:
+        reader.SetFileName(name)
+        try:
+            with _quiet_native_stderr():
+                reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputError(path, f"not a readable image ({_itk_reason(exc)})") from None
     geometry = Geometry.of(reader)
     if reader.GetNumberOfComponents() != 1:
         raise InputError(path, f"has {reader.GetNumberOfComponents()} components per voxel; expected a scalar image")
@@ -158,9 +186,38 @@ def read_geometry(path: str | os.PathLike[str], dims: int | None = None) -> Geom
         raise InputError(path, f"is a {geometry.dims}D image, expected {dims}D")
     if geometry.dims not in (2, 3):
         raise InputError(path, f"is a {geometry.dims}D image; only 2D and 3D images are supported")
-    if min(geometry.size) < 1 or min(geometry.spacing) <= 0:
-        raise InputError(path, "has an empty grid or non-positive spacing")
-    return geometry
+    if min(geometry.size) < 1:
+        raise InputError(path, f"has an empty grid (size {' x '.join(map(str, geometry.size))})")
+    # the header as written first (ITK repairs or misreads some broken fields), then the grid ITK reports
+    layout = None
+    if is_nifti(path):
+        check_nifti_header(path)
+    else:
+        layout = pixel_layout(path)
+        if layout is not None:
+            check_geometry_fields(path, layout)
+    check_grid(path, geometry.spacing, geometry.origin, geometry.direction)
+    value_bytes = _VALUE_BYTES.get(reader.GetPixelID(), 8)
+    voxels = int(np.prod(geometry.size, dtype=object))
+    if layout is not None:
+        pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+        check_pixel_bytes(path, layout, voxels, value_bytes, f"{' x '.join(map(str, geometry.size))} voxels of {pixel}")
+    return _Header(geometry, voxels * value_bytes, layout)
+
+
+def read_geometry(path: str | os.PathLike[str], dims: int | None = None) -> Geometry:
+    """Read only the header of an image file, check it, and return its grid.
+
+    Raises
+    ------
+    InputError
+        Missing file, unsupported ending, unreadable header, multi-component pixels, a
+        dimensionality other than ``dims`` (e.g. a 4D image where 3D is expected), a grid whose
+        spacing, origin or direction is not finite and non-degenerate, a NIfTI header that needs
+        repairs, or fewer bytes of pixel data on disk than the header declares (a truncated file, a
+        missing ``.raw``, a header claiming an impossible size).
+    """
+    return _read_header(Path(path), dims).geometry
 
 
 @contextlib.contextmanager
@@ -201,47 +258,28 @@ def read_image(path: str | os.PathLike[str], dims: int | None = None) -> sitk.Im
         As :func:`read_geometry`, plus truncated or corrupt pixel data.
     """
     path = Path(path)
-    read_geometry(path, dims)
-    # ITK's NIfTI reader returns truncated .nii and .nii.gz files without complaint
-    if path.name.lower().endswith(".gz"):
-        _check_gzip(path)
-    if path.name.lower().endswith(".nii"):
-        _check_nifti_size(path)
+    header = _read_header(path, dims)
+    if is_nifti(path):  # ITK's NIfTI reader returns truncated .nii.gz files without complaint
+        check_nifti_data(path, check_nifti_header(path))
     try:
-        with _quiet_native_stderr():
-            return sitk.ReadImage(str(path))
+        with itk_readable(path) as name, _quiet_native_stderr():
+            return sitk.ReadImage(name)
     except RuntimeError as exc:
-        reason = _itk_reason(exc)
-        detail = "" if "No such file" in reason else f" ({reason})"
-        raise InputError(path, f"cannot read pixel data, the file may be truncated or corrupt{detail}") from exc
+        raise InputError(path, _read_failure(header, exc)) from None
 
 
-def _check_nifti_size(path: Path) -> None:
-    """Raise InputError if an uncompressed NIfTI file is shorter than its header says."""
-    try:
-        header = nib.load(str(path)).header
-        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken headers
-        raise InputError(path, f"not a readable NIfTI file ({exc})") from exc
-    actual = path.stat().st_size
-    if actual < expected:
-        raise InputError(path, f"file is truncated: {actual} bytes, the header needs {expected}")
-
-
-def _check_gzip(path: Path) -> None:
-    """Decompress a gzip file to its end (discarding the data) to catch truncation and corruption.
-
-    Raises
-    ------
-    InputError
-        If the stream ends early or fails its checksum.
-    """
-    try:
-        with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 22):
-                pass
-    except (EOFError, OSError, zlib.error) as exc:
-        raise InputError(path, f"compressed data is truncated or corrupt ({exc})") from exc
+def _read_failure(header: _Header, exc: RuntimeError) -> str:
+    """Why ITK could not read the pixel data the header declares, as precisely as can be told."""
+    reason = _itk_reason(exc)
+    if header.layout is not None:
+        decompressed = compressed_data_length(header.layout, header.data_bytes)
+        if decompressed is not None and decompressed < header.data_bytes:
+            return (f"compressed pixel data is truncated or corrupt: it decompresses to {decompressed} of the "
+                    f"{header.data_bytes} bytes the header declares")
+    if "allocate" in reason.lower():
+        return f"not enough memory to read the {header.data_bytes} bytes of pixel data the header declares"
+    detail = "" if "No such file" in reason or not reason.strip("() 0") else f" ({reason})"
+    return f"cannot read pixel data, the file may be truncated or corrupt{detail}"
 
 
 def to_array(image: sitk.Image) -> np.ndarray:
@@ -249,48 +287,38 @@ def to_array(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(image).T
 
 
-class SimpleITKReader(ImageReader):
-    """A MONAI :class:`~monai.data.ImageReader` backed by SimpleITK (NRRD, MetaImage, NIfTI, ...).
+def check_finite_voxels(path: str | os.PathLike[str] | None, array: np.ndarray) -> None:
+    """Raise InputError (naming ``path``) if ``array`` holds a NaN or infinite value.
 
-    Returns arrays in index order ``(x, y, z)`` with a RAS ``affine`` in the metadata, exactly
-    as MONAI's ``ITKReader`` and ``NibabelReader`` do, so MONAI's spatial transforms and
-    ``Invertd`` see the true geometry. Used through ``LoadImage(reader=SimpleITKReader())``.
+    Checked a few planes at a time along the last axis: no mask the size of the image.
 
     Raises
     ------
     InputError
-        From :meth:`read` for a missing, unreadable or truncated file.
+        With the number of NaN and infinite voxels and the index of the first one.
     """
-
-    suffixes: tuple[str, ...] = IMAGE_SUFFIXES
-
-    def __init__(self, dims: int | None = None) -> None:
-        super().__init__()
-        self.dims = dims
-
-    def verify_suffix(self, filename: Sequence[os.PathLike[str] | str] | os.PathLike[str] | str) -> bool:
-        return all(image_suffix(f) is not None for f in ensure_tuple(filename))
-
-    def read(self, data: Sequence[os.PathLike[str] | str] | os.PathLike[str] | str, **kwargs: Any) -> Any:
-        images = [read_image(name, self.dims) for name in ensure_tuple(data)]
-        return images if len(images) > 1 else images[0]
-
-    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
-        arrays: list[np.ndarray] = []
-        meta: dict = {}
-        for image in img if isinstance(img, (list, tuple)) else [img]:
-            geometry = Geometry.of(image)
-            header: dict = {
-                "spacing": np.asarray(geometry.spacing),
-                MetaKeys.ORIGINAL_AFFINE: geometry.affine_ras(),
-                MetaKeys.SPACE: SpaceKeys.RAS,
-                MetaKeys.SPATIAL_SHAPE: np.asarray(geometry.size),
-                MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
-            }
-            header[MetaKeys.AFFINE] = header[MetaKeys.ORIGINAL_AFFINE].copy()
-            arrays.append(to_array(image))
-            _copy_compatible_dict(header, meta)
-        return _stack_images(arrays, meta), meta
+    array = np.asarray(array)
+    if array.dtype.kind not in "fc" or array.size == 0:
+        return
+    step = max(1, (1 << 24) // max(1, array.size // max(1, array.shape[-1])))
+    bad_nan = bad_inf = 0
+    first = None
+    for start in range(0, array.shape[-1], step):
+        block = array[..., start : start + step]
+        finite = np.isfinite(block)
+        if finite.all():
+            continue
+        nan = np.isnan(block)
+        bad_nan += int(nan.sum())
+        bad_inf += int((~finite & ~nan).sum())
+        if first is None:
+            index = np.argwhere(~finite)[0]
+            index[-1] += start
+            first = tuple(int(i) for i in index)
+    if first is not None:
+        kinds = ", ".join(f"{n} {what}" for n, what in ((bad_nan, "NaN"), (bad_inf, "infinite")) if n)
+        raise InputError(path, f"the image has NaN or infinite voxel values ({kinds}, the first at voxel "
+                               f"{first}); medseg needs finite intensities")
 
 
 def label_dtype(labels: np.ndarray) -> np.dtype:
@@ -341,5 +369,6 @@ def write_label_map(labels: np.ndarray, reference: str | os.PathLike[str], outpu
             image.SetSpacing(geometry.spacing)
             image.SetOrigin(geometry.origin)
             image.SetDirection(geometry.direction)
-            sitk.WriteImage(image, str(tmp), useCompression=True)
+            with itk_writable(tmp) as name:
+                sitk.WriteImage(image, name, useCompression=True)
     return output

@@ -303,3 +303,210 @@ def test_console_script_exit_status_and_debug(tmp_path: Path, untrained_run: Pat
 def test_python_dash_m_medseg_runs(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "medseg", "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("medseg ")
+
+
+# ---- bad input through the console script: one process per case ------------------------------
+# Each case is run as a user runs it (a new process, stderr as the terminal sees it, native writes of
+# ITK/MONAI included): exit status 2, exactly one line "medseg: error: <file>: <problem>", nothing written.
+# --quiet: predict's "[1/1] scan -> out" progress line is logged before the pixels are read (see issue 12,
+# "print progress only once the input has been read"); readers' own output is what these tests watch.
+
+def _console(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([*_medseg(), "--quiet", *args], capture_output=True, env=env, timeout=timeout)
+
+
+def _assert_refused(result: subprocess.CompletedProcess, folder: Path, before: set[Path], *fragments: str) -> str:
+    err = result.stderr.decode("utf-8", "backslashreplace")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert result.returncode == 2, err
+    assert len(lines) == 1 and lines[0].startswith("medseg: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert set(files_under(folder)) == before, "nothing written"
+    return lines[0]
+
+
+def _sitk_copy(source: Path, path: Path, compress: bool = False) -> Path:
+    sitk.WriteImage(sitk.ReadImage(str(source)), str(path), compress)
+    return path
+
+
+def _cut(path: Path, keep: float = 0.6) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def _header_line(path: Path, key: bytes, line: bytes) -> Path:
+    data = path.read_bytes()
+    start = data.index(key)
+    path.write_bytes(data[:start] + line + data[data.index(b"\n", start):])
+    return path
+
+
+def _nifti_pixdim(folder: Path, source: Path, value: float, name: str) -> Path:
+    """A copy of ``source`` whose pixdim[1:4] is ``value`` in the header as written (qform only)."""
+    image = nib.load(str(source))
+    path = folder / name
+    data = np.asarray(image.dataobj)
+    out = nib.Nifti1Image(data, None)
+    out.set_qform(image.affine, code=1)
+    out.set_sform(None, code=0)
+    raw = bytearray(out.header.binaryblock)
+    header = nib.Nifti1Header(bytes(raw), check=False)
+    pixdim = header["pixdim"]
+    pixdim[1:4] = value
+    header["pixdim"] = pixdim
+    offset = int(out.header.get_data_offset()) or 352
+    body = header.binaryblock + b"\0" * (offset - 348) + np.asarray(data, dtype=out.get_data_dtype()).tobytes("F")
+    path.write_bytes(gzip.compress(body))
+    return path
+
+
+def _infinite(folder: Path, source: Path, value: float, corner: bool) -> Path:
+    image = nib.load(str(source))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    index = (0, 0, 0) if corner else tuple(s // 2 for s in data.shape)
+    data[index] = value
+    path = folder / f"{'minus' if value < 0 else 'plus'}_inf.nii.gz"
+    nib.save(nib.Nifti1Image(data, image.affine), str(path))
+    return path
+
+
+FILE_CASES: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
+    "truncated-nrrd": (lambda d, s: _cut(_sitk_copy(s, d / "scan.nrrd")), "pixel data is truncated"),
+    "truncated-compressed-mha": (lambda d, s: _cut(_sitk_copy(s, d / "scan.mha", True)),
+                                 "compressed pixel data is truncated"),
+    "mhd-without-raw": (lambda d, s: (_sitk_copy(s, d / "scan.mhd"), (d / "scan.raw").unlink())[0],
+                        "its data file scan.raw is missing"),
+    "mhd-short-raw": (lambda d, s: (_sitk_copy(s, d / "scan.mhd"), _cut(d / "scan.raw"))[0], "pixel data is truncated"),
+    "header-100000-cubed": (lambda d, s: _header_line(_sitk_copy(s, d / "scan.mha"), b"DimSize",
+                                                      b"DimSize = 100000 100000 100000"), "100000 x 100000 x 100000"),
+    "zero-direction-mha": (lambda d, s: _header_line(_sitk_copy(s, d / "scan.mha"), b"TransformMatrix",
+                                                     b"TransformMatrix = 0 0 0 0 0 0 0 0 0"), "direction matrix"),
+    "nifti-pixdim-0": (lambda d, s: _nifti_pixdim(d, s, 0.0, "pixdim0.nii.gz"), "pixdim (voxel spacing) (0, 0, 0)"),
+    "nifti-pixdim-nan": (lambda d, s: _nifti_pixdim(d, s, float("nan"), "pixdimnan.nii.gz"), "is not finite"),
+    "plus-inf-voxel": (lambda d, s: _infinite(d, s, np.inf, corner=False), "1 infinite"),
+    "minus-inf-in-background": (lambda d, s: _infinite(d, s, -np.inf, corner=True), "1 infinite"),
+    "not-utf8-name-truncated": (lambda d, s: _cut(Path(shutil.copy(s, d / os.fsdecode(b"scan_\xff\xfe.nii.gz")))),
+                                "scan_\\xff\\xfe.nii.gz': "),
+    "newline-name-truncated": (lambda d, s: _cut(Path(shutil.copy(s, d / "a\nmedseg: error: fake.nii.gz"))),
+                               "a\\nmedseg: error: fake.nii.gz': "),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(FILE_CASES))
+def test_console_refuses_bad_image_file(kind: str, tmp_path: Path, ct_dataset: Path, untrained_run: Path) -> None:
+    make, fragment = FILE_CASES[kind]
+    source = sorted((ct_dataset.parent / "imagesTs").iterdir())[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    bad = make(folder, source)
+    before = set(files_under(tmp_path))
+    result = _console("predict", "--model", str(untrained_run), "--input", str(bad), "--output", str(tmp_path / "out"))
+    line = _assert_refused(result, tmp_path, before, fragment)
+    assert "Traceback" not in line and "RuntimeError" not in line
+
+
+@pytest.mark.slow
+def test_console_reads_and_writes_file_names_that_are_not_utf8(tmp_path: Path, ct_dataset: Path,
+                                                              untrained_run: Path) -> None:
+    """SimpleITK aborted the process (SIGABRT, exit 134) on such a name; now NIfTI and NRRD inputs are segmented."""
+    source = sorted((ct_dataset.parent / "imagesTs").iterdir())[0]
+    folder = tmp_path / os.fsdecode(b"in_\xe9")
+    folder.mkdir()
+    shutil.copy(source, folder / os.fsdecode(b"scan_\xff\xfe.nii.gz"))
+    _sitk_copy(source, tmp_path / "plain.nrrd").rename(folder / os.fsdecode(b"vol_\xfe.nrrd"))  # (SimpleITK: UTF-8 only)
+    out = tmp_path / "out"
+    result = _console("predict", "--model", str(untrained_run), "--input", str(folder), "--output", str(out))
+    assert result.returncode == 0, result.stderr.decode("utf-8", "backslashreplace")
+    written = sorted(os.fsencode(p.name) for p in out.iterdir())
+    assert written == [b"scan_\xff\xfe_seg.nii.gz", b"vol_\xfe_seg.nrrd"]
+    from medseg.io.image import read_geometry, read_image
+
+    for name in ("scan_\udcff\udcfe_seg.nii.gz", "vol_\udcfe_seg.nrrd"):  # the names as Python holds them
+        assert read_geometry(out / name).mismatch(read_geometry(source)) is None
+        assert read_image(out / name).GetPixelID() == sitk.sitkUInt8
+
+
+def _dicom_series(folder: Path) -> list[Path]:
+    from medseg.data.synthetic_dicom import phantom_series
+
+    files, _, _ = phantom_series(folder, "ct", seed=2, size=32, file_names="im")
+    return files
+
+
+def _edit_dicom(path: Path, change: Callable) -> None:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.slow
+def test_console_refuses_conflicting_duplicate_dicom_instances(tmp_path: Path, untrained_run: Path) -> None:
+    """Two files with one SOPInstanceUID and different pixels: one was dropped silently (exit 0) before."""
+    folder = tmp_path / "dicom"
+    files = _dicom_series(folder)
+    altered = folder / "ZZ_ALTERED"
+    shutil.copy(files[3], altered)
+    _edit_dicom(altered, lambda ds: setattr(ds, "PixelData", (ds.pixel_array + 5).astype(ds.pixel_array.dtype).tobytes()))
+    before = set(files_under(tmp_path))
+    result = _console("predict", "--model", str(untrained_run), "--input", str(folder), "--output", str(tmp_path / "out"))
+    _assert_refused(result, tmp_path, before, "share SOPInstanceUID", "ZZ_ALTERED", "pixel data")
+
+
+@pytest.mark.slow
+def test_console_refuses_dicom_pixel_spacing_zero(tmp_path: Path, untrained_run: Path) -> None:
+    """PixelSpacing 0 reached SimpleITK's SetSpacing: exit 1 "internal error" before."""
+    folder = tmp_path / "dicom"
+    files = _dicom_series(folder)
+    for path in files:
+        _edit_dicom(path, lambda ds: setattr(ds, "PixelSpacing", [0, 0]))
+    before = set(files_under(tmp_path))
+    result = _console("predict", "--model", str(untrained_run), "--input", str(folder), "--output", str(tmp_path / "out"))
+    _assert_refused(result, tmp_path, before, "PixelSpacing (0, 0) is not positive", files[0].name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("field", "value"), [("target_spacing", "abc"), ("patch_size", ["64", "64", "32"]),
+                                              ("labels", ["background", "liver"])])
+def test_console_refuses_plan_with_wrong_types(tmp_path: Path, ct_dataset: Path, untrained_run: Path, field: str,
+                                               value: object) -> None:
+    """A bundle's plan.json with wrong types: exit 1 "internal error" from Spacingd or the network before."""
+    run = tmp_path / "run"
+    shutil.copytree(untrained_run, run)
+    plan = run / "configs" / "plan.json"
+    data = json.loads(plan.read_text())
+    data[field] = value
+    plan.write_text(json.dumps(data))
+    image = sorted((ct_dataset.parent / "imagesTs").iterdir())[0]
+    before = set(files_under(tmp_path))
+    result = _console("predict", "--model", str(run), "--input", str(image), "--output", str(tmp_path / "out"))
+    _assert_refused(result, tmp_path, before, str(plan), f"'{field}'")
+
+
+@pytest.mark.slow
+def test_console_inspect_decode_gives_the_whole_reason_on_one_line(tmp_path: Path) -> None:
+    """An undecodable file: a 21-line traceback and a reason cut after "plugins:" before."""
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    from medseg.data.synthetic_dicom import phantom_series
+
+    files, _, _ = phantom_series(tmp_path / "s", "ct", seed=1, size=32, transfer_syntax=JPEG2000Lossless)
+
+    def garble(ds: pydicom.Dataset) -> None:
+        frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+        ds.PixelData = pydicom.encaps.encapsulate([b"\x00" * len(frame)])
+
+    _edit_dicom(files[5], garble)
+    before = set(files_under(tmp_path))
+    result = _console("inspect", "--decode", str(tmp_path / "s"), timeout=300)
+    _assert_refused(result, tmp_path, before, "1 file(s) could not be decoded")
+    out = result.stdout.decode()
+    reason = next(line for line in out.splitlines() if files[5].name in line and "cannot decode" in line)
+    assert not reason.rstrip().endswith("plugins:") and len(reason.split("plugins:", 1)[-1].strip()) > 10, reason

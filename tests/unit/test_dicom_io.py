@@ -437,6 +437,75 @@ def test_duplicate_instances(ct_copy) -> None:
     _refused(folder, "same slice position", "OTHER")
 
 
+def test_conflicting_duplicate_instances_are_refused(ct_copy) -> None:
+    """Two files with one SOPInstanceUID but different pixels: which one is the slice cannot be told."""
+    folder, files, _ = ct_copy
+
+    def brighter(ds: pydicom.Dataset) -> None:
+        ds.PixelData = (ds.pixel_array + 7).astype(ds.pixel_array.dtype).tobytes()
+
+    altered = folder / "ZZ_ALTERED"
+    shutil.copy(files[4], altered)
+    _edit(altered, brighter)
+    message = _refused(folder, "share SOPInstanceUID", "pixel data", files[4].name, "ZZ_ALTERED")
+    assert "ignored" not in message
+    # the same instance moved elsewhere: a different geometry under one UID is a conflict as well
+    altered.unlink()
+    moved = folder / "ZZ_MOVED"
+    shutil.copy(files[4], moved)
+    _edit(moved, lambda ds: setattr(ds, "ImagePositionPatient", [float(v) + 1.0 for v in ds.ImagePositionPatient]))
+    _refused(folder, "share SOPInstanceUID", "ImagePositionPatient")
+
+
+def test_re_encoded_duplicate_is_an_identical_copy(ct_copy) -> None:
+    """The same instance stored twice in different encodings (not byte-identical): one copy kept, with a note."""
+    folder, files, image = ct_copy
+    ds = pydicom.dcmread(files[4])
+    ds.compress(RLELossless, encoding_plugin="pydicom", generate_instance_uid=False)
+    ds.save_as(folder / "ZZ_RLE_COPY", enforce_file_format=True)
+    series = scan_dicom(folder).series[0]
+    assert not series.problems, series.problems
+    assert any("identical duplicate" in n and "ZZ_RLE_COPY" in n for n in series.notes)
+    np.testing.assert_array_equal(_values(read_series(series)), _values(image))
+
+
+@pytest.mark.parametrize(("keyword", "value", "fragment"), [
+    ("PixelSpacing", [0, 0], "PixelSpacing (0, 0) is not positive"),
+    ("PixelSpacing", [-0.7, 0.7], "is not positive"),
+    ("PixelSpacing", ["nan", "nan"], "PixelSpacing (nan, nan) is not finite"),
+    ("ImagePositionPatient", ["nan", 0, 0], "ImagePositionPatient (nan, 0, 0) is not finite"),
+    ("ImageOrientationPatient", [1, 0, 0, 1, 0, 0], "is not two orthogonal unit vectors"),
+    ("ImageOrientationPatient", [0, 0, 0, 0, 0, 0], "is not two orthogonal unit vectors"),
+])
+def test_unusable_geometry_tags_are_refused_naming_file_and_tag(ct_copy, keyword: str, value: list,
+                                                                 fragment: str) -> None:
+    """Present but unusable geometry (PixelSpacing 0 made SimpleITK raise "internal error" before)."""
+    folder, files, _ = ct_copy
+    for path in files:
+        _edit(path, lambda ds: setattr(ds, keyword, value))
+    _refused(folder, fragment, files[0].name)
+
+
+def test_orthogonal_localizers_are_mixed_orientations_not_a_tilt(ct_copy) -> None:
+    """Two scouts at right angles: their positions are not steps along one normal, so no tilt is measured."""
+    folder, files, _ = ct_copy
+
+    def scout(orientation: list[int]) -> Callable[[pydicom.Dataset], None]:
+        def change(ds: pydicom.Dataset) -> None:
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+            ds.SeriesInstanceUID = "1.2.3.4.5.7"
+            ds.ImageOrientationPatient = orientation
+            ds.ImagePositionPatient = [-200, -200, 100] if orientation[0] else [0, -200, 300]
+        return change
+
+    _extra_instance(folder, files[0], "SCOUT_AX", scout([1, 0, 0, 0, 1, 0]))
+    _extra_instance(folder, files[0], "SCOUT_SAG", scout([0, 1, 0, 0, 0, -1]))
+    series = next(s for s in scan_dicom(folder).series if s.series_uid == "1.2.3.4.5.7")
+    assert series.localizer and series.orientations == 2
+    assert any("mixed orientations" in p for p in series.problems)
+    assert not any("tilt" in p for p in series.problems), series.problems
+
+
 def test_truncated_file(ct_copy) -> None:
     folder, files, _ = ct_copy
     data = files[7].read_bytes()
@@ -477,7 +546,10 @@ def test_corrupt_compressed_data_names_the_file(tmp_path: Path) -> None:
     series = select_series(scan_dicom(tmp_path))  # headers are fine
     with pytest.raises(DicomError) as info:
         read_series(series)
-    assert str(info.value).startswith(f"{files[5]}: series {series.series_uid}: cannot decode")
+    message = str(info.value)
+    assert message.startswith(f"{files[5]}: series {series.series_uid}: cannot decode")
+    # pydicom's reason lists each plugin's failure on the lines after "plugins:"; all of it, on one line
+    assert "\n" not in message and not message.rstrip().endswith("plugins:"), message
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,3 +669,57 @@ def test_inspect_errors_and_images(tmp_path: Path, clean_ct, capsys: pytest.Capt
     sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
     assert main(["inspect", str(tmp_path / "ct.nii.gz")]) == 0
     assert "3D image, size 40 x 36 x 22, spacing 3.1 x 3.4 x 5.5 mm" in capsys.readouterr().out
+
+
+def test_inspect_reports_unknown_geometry_instead_of_inventing_it(ct_copy, capsys: pytest.CaptureFixture[str]) -> None:
+    folder, files, _ = ct_copy
+    for path in files:
+        _edit(path, lambda ds: [ds.__delattr__(k) for k in ("ImagePositionPatient", "ImageOrientationPatient",
+                                                             "PixelSpacing")])
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "spacing        unknown x unknown x unknown mm" in out
+    assert "origin         unknown" in out and "orientation    unknown" in out
+    assert "axial" not in out and "(0, 0, 0) mm" not in out and " 1 x 1 " not in out
+
+
+def test_inspect_reports_enhanced_multiframe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    phantom_series(tmp_path, "ct", seed=9, grid=_grid(size=(24, 20, 8)), multiframe=True)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "24 x 20 x 8 (columns x rows x slices), 1 multi-frame file of 8 frames" in out
+    assert "multi-frame    yes, enhanced: 8 frames" in out and "problems       none" in out
+
+
+def _testdata_files() -> list[Path]:
+    from pydicom.data import get_testdata_files
+
+    return sorted(Path(f) for f in get_testdata_files() if Path(f).is_file())
+
+
+def test_inspect_never_crashes_on_pydicom_test_files(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every file pydicom ships for its tests (odd VRs, broken encapsulation, colour, RT, multi-frame):
+    ``inspect --decode`` exits 0, or 2 with one clean line; multi-frame images report every frame."""
+    files = _testdata_files()
+    assert len(files) > 100
+    multiframe_seen = 0
+    for path in files:
+        try:
+            frames = int(pydicom.dcmread(path, stop_before_pixels=True, force=True).get("NumberOfFrames", 1) or 1)
+        except Exception:  # noqa: BLE001 - the files pydicom itself cannot read
+            frames = None
+        capsys.readouterr()  # (pydicom's own warnings about the file, above)
+        code = main(["--quiet", "inspect", "--decode", str(path)])
+        captured = capsys.readouterr()
+        lines = [line for line in captured.err.splitlines() if line.strip()]
+        assert code in (0, 2), (path.name, code, captured.err)
+        assert "Traceback" not in captured.err and "internal error" not in captured.err, (path.name, captured.err)
+        if code == 2:
+            assert len(lines) == 1 and lines[0].startswith("medseg: error: "), (path.name, captured.err)
+        else:
+            assert not lines, (path.name, captured.err)
+        if frames and frames > 1 and "series 1:" in captured.out and "skipped 1 file" not in captured.out:
+            multiframe_seen += 1
+            assert f"x {frames} (columns x rows x slices), 1 multi-frame file of {frames} frames" in captured.out, path
+            assert "multi-frame    yes" in captured.out, path
+    assert multiframe_seen >= 3

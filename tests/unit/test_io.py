@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import math
+import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -12,12 +15,12 @@ import SimpleITK as sitk
 from monai.data import MetaTensor, NibabelReader
 from monai.transforms import LoadImage
 
-from medseg.errors import InputError
+from medseg.errors import InputError, printable
 from medseg.io.atomic import atomic_path
 from medseg.io.image import (
     Geometry,
-    SimpleITKReader,
     case_name,
+    check_finite_voxels,
     image_suffix,
     list_images,
     read_geometry,
@@ -25,6 +28,8 @@ from medseg.io.image import (
     to_array,
     write_label_map,
 )
+from medseg.io.geometry import grid_problem
+from medseg.io.reader import ImageFileReader, LoadImageFiled
 
 FORMATS = (".nii.gz", ".nrrd", ".mha", ".mhd")
 #: Files a format writes beside the named one (MetaImage keeps its pixels in a second file).
@@ -60,7 +65,7 @@ def _expected_ras_affine() -> np.ndarray:
 
 
 def _load(path: Path) -> MetaTensor:
-    return LoadImage(reader=SimpleITKReader(), image_only=True)(str(path))
+    return LoadImage(reader=ImageFileReader(), image_only=True)(str(path))
 
 
 def _assert_path_error(excinfo: pytest.ExceptionInfo, path: Path) -> str:
@@ -70,7 +75,7 @@ def _assert_path_error(excinfo: pytest.ExceptionInfo, path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# SimpleITKReader through MONAI's LoadImage
+# ImageFileReader through MONAI's LoadImage
 # --------------------------------------------------------------------------------------------
 
 
@@ -121,7 +126,7 @@ def test_reader_handles_2d_images(tmp_path: Path) -> None:
 def test_reader_refuses_a_missing_file_with_input_error(tmp_path: Path) -> None:
     path = tmp_path / "absent.nii.gz"
     with pytest.raises(InputError) as excinfo:
-        SimpleITKReader().read(path)
+        ImageFileReader().read(path)
     _assert_path_error(excinfo, path)
 
 
@@ -396,3 +401,201 @@ def test_case_name_and_image_suffix(name: str, case: str, suffix: str | None) ->
     assert image_suffix(name) == suffix
     assert image_suffix(Path("/some/folder") / name) == suffix
     assert case_name(Path("/some/folder") / name) == case
+
+
+# --------------------------------------------------------------------------------------------
+# Bad files: declared size against the bytes on disk, the grid, file names
+# --------------------------------------------------------------------------------------------
+
+
+def _replace_header_line(path: Path, key: bytes, line: bytes) -> None:
+    """Replace the header line of an NRRD / MetaImage file that starts with ``key`` (the data stays)."""
+    data = path.read_bytes()
+    start = data.index(key)
+    end = data.index(b"\n", start)
+    path.write_bytes(data[:start] + line + data[end:])
+
+
+def _written(tmp_path: Path, name: str, compress: bool = False) -> Path:
+    path = tmp_path / name
+    sitk.WriteImage(_oblique_image((20, 20, 20)), str(path), compress)
+    return path
+
+
+def test_missing_and_short_raw_data_file(tmp_path: Path, reader) -> None:
+    missing = _written(tmp_path, "missing.mhd")
+    (tmp_path / "missing.raw").unlink()
+    with pytest.raises(InputError) as excinfo:
+        reader(missing)
+    assert "its data file missing.raw is missing" in _assert_path_error(excinfo, missing)
+    short = _written(tmp_path, "short.mhd")
+    raw = tmp_path / "short.raw"
+    raw.write_bytes(raw.read_bytes()[:5000])
+    with pytest.raises(InputError) as excinfo:
+        reader(short)
+    message = _assert_path_error(excinfo, short)
+    assert "pixel data is truncated" in message and "20 x 20 x 20 voxels" in message and "4.9 kB" in message
+
+
+@pytest.mark.parametrize(("name", "key", "line"), [
+    ("huge.mha", b"DimSize", b"DimSize = 100000 100000 100000"),
+    ("huge.nrrd", b"sizes:", b"sizes: 100000 100000 100000"),
+])
+def test_header_claiming_an_impossible_size_is_refused_before_allocating(tmp_path: Path, reader, name: str,
+                                                                          key: bytes, line: bytes) -> None:
+    path = _written(tmp_path, name)
+    _replace_header_line(path, key, line)
+    with pytest.raises(InputError) as excinfo:
+        reader(path)
+    message = _assert_path_error(excinfo, path)
+    assert "100000 x 100000 x 100000 voxels" in message and "TB" in message, message
+
+
+@pytest.mark.parametrize("name", ["scan.mha", "scan.nrrd"])
+def test_truncated_compressed_nrrd_and_metaimage_say_how_far_they_decompress(tmp_path: Path, name: str) -> None:
+    path = _written(tmp_path, name, compress=True)
+    _truncate(path)
+    with pytest.raises(InputError) as excinfo:
+        read_image(path)
+    message = _assert_path_error(excinfo, path)
+    assert "compressed pixel data is truncated or corrupt: it decompresses to" in message, message
+    assert "of the 16000 bytes the header declares" in message
+
+
+def test_compressed_data_too_small_for_its_header(tmp_path: Path) -> None:
+    path = _written(tmp_path, "scan.mha", compress=True)
+    _replace_header_line(path, b"DimSize", b"DimSize = 4000 4000 4000")
+    with pytest.raises(InputError, match="more than the .* of compressed data in the file can hold"):
+        read_geometry(path)
+
+
+@pytest.mark.parametrize(("name", "key", "line", "fragment"), [
+    ("zero_direction.mha", b"TransformMatrix", b"TransformMatrix = 0 0 0 0 0 0 0 0 0", "is degenerate"),
+    ("sheared.mha", b"TransformMatrix", b"TransformMatrix = 1 0 0 0.5 1 0 0 0 1", "is not orthonormal"),
+    ("nan_spacing.mha", b"ElementSpacing", b"ElementSpacing = nan 1 1", "'ElementSpacing' = 'nan 1 1' is not finite"),
+    ("nan_origin.mha", b"Offset", b"Offset = nan 6 7", "'Offset' = 'nan 6 7' is not finite"),  # ITK: origin 0
+    ("zero_spacing.nrrd", b"space directions", b"space directions: (0,0,0) (0,1,0) (0,0,1)", "not positive"),
+    ("nan_origin.nrrd", b"space origin", b"space origin: (nan,0,0)", "not a readable image"),  # teem refuses
+])
+def test_unusable_grid_in_nrrd_and_metaimage(tmp_path: Path, reader, name: str, key: bytes, line: bytes,
+                                             fragment: str) -> None:
+    path = _written(tmp_path, name)
+    _replace_header_line(path, key, line)
+    with pytest.raises(InputError) as excinfo:
+        reader(path)
+    assert fragment in _assert_path_error(excinfo, path)
+
+
+def _nifti_with(path: Path, change) -> Path:
+    """A valid NIfTI whose raw header is then edited by ``change(header)`` (no nibabel repair)."""
+    image = nib.Nifti1Image(np.zeros((6, 7, 8), np.int16), np.diag([0.8, 0.9, 2.5, 1.0]))
+    image.set_qform(image.affine, code=1)
+    nib.save(image, str(path))
+    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as fp:
+        data = bytearray(fp.read())
+    header = nib.Nifti1Header(bytes(data[:348]), check=False)
+    change(header)
+    data[:348] = header.binaryblock
+    with gzip.open(path, "wb") if path.name.endswith(".gz") else open(path, "wb") as fp:
+        fp.write(bytes(data))
+    return path
+
+
+def _set(field: str, index, value):
+    def change(header: nib.Nifti1Header) -> None:
+        array = header[field]
+        if index is None:
+            header[field] = value
+        else:
+            array[index] = value
+            header[field] = array
+    return change
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    (_set("pixdim", slice(1, 4), 0.0), "NIfTI pixdim (voxel spacing) (0, 0, 0) is not positive"),
+    (_set("pixdim", slice(1, 4), np.nan), "NIfTI pixdim (voxel spacing) (nan, nan, nan) is not finite"),
+    (_set("pixdim", 2, -1.0), "is not positive"),
+    (_set("qoffset_x", None, np.inf), "NIfTI qform"),
+    (_set("quatern_b", None, 2.0), "is not a rotation"),
+    (lambda h: (h.__setitem__("sform_code", 1), h.__setitem__("srow_x", [np.nan, 0, 0, 0])), "NIfTI sform"),
+    (lambda h: (h.__setitem__("sform_code", 1), h.__setitem__("srow_x", [0, 0, 0, 0]),
+                h.__setitem__("srow_y", [0, 1, 0, 0]), h.__setitem__("srow_z", [0, 0, 1, 0])), "not positive"),
+], ids=["pixdim-0", "pixdim-nan", "pixdim-negative", "qoffset-inf", "quaternion", "sform-nan", "sform-zero"])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_nifti_header_that_needs_repair_is_refused(tmp_path: Path, reader, change, fragment: str,
+                                                   suffix: str) -> None:
+    """nibabel and ITK silently make pixdim 0 or NaN 1 mm; medseg refuses the header as written."""
+    path = _nifti_with(tmp_path / f"scan{suffix}", change)
+    with pytest.raises(InputError) as excinfo:
+        reader(path)
+    assert fragment in _assert_path_error(excinfo, path)
+    with pytest.raises(InputError, match="NIfTI"):
+        LoadImageFiled(keys="image")({"image": str(path)})
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_reader_refuses_nan_and_infinite_voxels(tmp_path: Path, suffix: str) -> None:
+    """Preprocessing clips +Inf and crops -Inf in the background away: the file itself must be refused."""
+    values = np.zeros((10, 12, 7), np.float32)
+    values[0, 0, 0], values[9, 11, 6], values[3, 3, 3] = -np.inf, np.inf, np.nan
+    image = sitk.GetImageFromArray(np.ascontiguousarray(values.T))
+    path = tmp_path / f"scan{suffix}"
+    sitk.WriteImage(image, str(path), True)
+    with pytest.raises(InputError) as excinfo:
+        _load(path)
+    message = _assert_path_error(excinfo, path)
+    assert "1 NaN, 2 infinite, the first at voxel (0, 0, 0)" in message, message
+    check_finite_voxels(path, np.zeros(5, np.float32))  # finite: no error
+    check_finite_voxels(path, np.zeros(5, np.int16))
+
+
+def test_load_image_filed_raises_the_input_error_itself(tmp_path: Path) -> None:
+    """MONAI's LoadImaged(reader=...) folds reader errors into one RuntimeError with their tracebacks."""
+    path = _written(tmp_path, "scan.nrrd")
+    _truncate(path)
+    with pytest.raises(InputError) as excinfo:
+        LoadImageFiled(keys="image")({"image": str(path)})
+    message = _assert_path_error(excinfo, path)
+    assert "Traceback" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha", ".mhd"])
+def test_file_names_that_are_not_utf8_are_read_and_written(tmp_path: Path, suffix: str) -> None:
+    """SimpleITK's SetFileName aborts the process (SIGABRT) on such a name; medseg reads and writes it."""
+    folder = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"d\xe9j\xe0"))  # Latin-1 folder name
+    os.mkdir(folder)
+    source = Path(folder) / os.fsdecode(b"scan_\xff\xfe" + suffix.encode())
+    sitk.WriteImage(_oblique_image(), str(tmp_path / f"plain{suffix}"), True)
+    for produced in tmp_path.glob("plain.*"):
+        shutil.move(produced, Path(folder) / produced.name.replace("plain", os.fsdecode(b"scan_\xff\xfe")))
+    if suffix == ".mhd":  # the header still names plain.zraw
+        shutil.move(Path(folder) / os.fsdecode(b"scan_\xff\xfe.zraw"), Path(folder) / "plain.zraw")
+    assert read_geometry(source).mismatch(Geometry.of(_oblique_image())) is None
+    np.testing.assert_array_equal(to_array(read_image(source)), sitk.GetArrayFromImage(_oblique_image()).T)
+    output = Path(folder) / os.fsdecode(b"seg_\xfd" + suffix.encode())
+    labels = np.ones((10, 12, 7), np.uint8)
+    write_label_map(labels, source, output)
+    np.testing.assert_array_equal(to_array(read_image(output)), labels)
+    assert read_geometry(output).mismatch(read_geometry(source)) is None
+
+
+def test_printable_escapes_control_characters_and_undecodable_bytes() -> None:
+    assert printable("/data/scan 1.nii.gz") == "/data/scan 1.nii.gz"
+    assert printable("/data/ünï.nii") == "/data/ünï.nii"
+    assert printable(os.fsdecode(b"scan_\xff\xfe.nii.gz")) == "'scan_\\xff\\xfe.nii.gz'"
+    assert printable("a\nmedseg: error: b.nii") == "'a\\nmedseg: error: b.nii'"
+    assert printable("x\u202e.nii") == "'x\\u202e.nii'"
+    error = InputError(os.fsdecode(b"bad\n\xff.nii"), "truncated")
+    assert str(error) == "'bad\\n\\xff.nii': truncated" and error.path == os.fsdecode(b"bad\n\xff.nii")
+
+
+def test_grid_problem() -> None:
+    eye = np.eye(3).ravel()
+    assert grid_problem((1, 1, 1), (0, 0, 0), eye) is None
+    assert grid_problem((1, 1, 1), (0, 0, 0), np.diag([-1.0, 1.0, -1.0]).ravel()) is None  # flips are fine
+    assert "not positive" in grid_problem((1, 0, 1), (0, 0, 0), eye)
+    assert "not finite" in grid_problem((1, 1, 1), (0, np.inf, 0), eye)
+    assert "degenerate" in grid_problem((1, 1, 1), (0, 0, 0), np.zeros(9))
+    assert "not orthonormal" in grid_problem((1, 1, 1), (0, 0, 0), np.diag([2.0, 1.0, 1.0]).ravel())
+    assert "inconsistent" in grid_problem((1, 1), (0, 0, 0), eye)

@@ -191,3 +191,55 @@ def test_load_plan_with_labels_as_list(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(BundleError, match="not a valid medseg plan"):
         Plan.load(path)
+
+
+@pytest.mark.parametrize(("field", "value", "fragment"), [
+    ("target_spacing", "abc", "'target_spacing' must be a list of 3 positive numbers"),
+    ("target_spacing", [1.0, 0.0, 2.0], "'target_spacing' must be a list of 3 positive numbers"),
+    ("target_spacing", [1.0, 1.0], "'target_spacing' must be a list of 3"),
+    ("patch_size", ["64", "64", "32"], "'patch_size' must be a list of 3 positive integers"),
+    ("patch_size", [64, 64, 32.5], "'patch_size' must be a list of 3 positive integers"),
+    ("labels", ["background", "liver"], "'labels' must be a JSON object"),
+    ("labels", {"0": "background", "one": "liver"}, "'labels' must map label values"),
+    ("labels", {"1": "liver"}, "must name label 0"),
+    ("dims", "3", "'dims' must be 2 or 3"),
+    ("modality", None, "'modality' must be a non-empty string"),
+    ("intensity", "ct", "'intensity' must be a JSON object"),
+    ("overlap", 1.0, "'overlap' must be a number in [0, 1)"),
+    ("sw_batch_size", True, "'sw_batch_size' must be an integer >= 1"),
+    ("network", {"channels": [8, "16"], "strides": [2]}, "'network.channels' must be a list of positive integers"),
+    ("spacing", "abc", "unknown field 'spacing'"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None)
+def test_load_plan_names_the_file_and_the_bad_field(tmp_path: Path, field: str, value: object, fragment: str) -> None:
+    """Wrong types reached Spacingd or the network as an "internal error" (exit 1) before; now the plan is refused."""
+    data = _plan().to_json()
+    data[field] = value
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError) as excinfo:
+        Plan.load(path)
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}: not a valid medseg plan: ") and fragment in message, message
+    assert "\n" not in message
+
+
+def test_load_plan_ct_intensity_must_be_usable(tmp_path: Path) -> None:
+    data = _plan().to_json()
+    data["intensity"] = dict(data["intensity"], std=0.0)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="'intensity.std' must be positive"):
+        Plan.load(path)
+
+
+@pytest.mark.parametrize("bundle", ["ct_abdomen_phantom", "mr_abdomen_phantom"])
+def test_maintained_bundle_plans_load(bundle: str) -> None:
+    """The checks accept every plan medseg writes: the shipped CT (window statistics) and MR (nulls) bundles."""
+    plan = Plan.load(Path(__file__).parents[2] / "bundles" / bundle / "configs" / "plan.json")
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+
+
+def test_from_json_accepts_the_in_memory_form_of_to_json() -> None:
+    """to_json() keeps tuples (dataclasses.asdict); from_json takes them as JSON lists."""
+    plan = _plan()
+    assert Plan.from_json(plan.to_json()) == plan
