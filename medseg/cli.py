@@ -515,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(debug=args.debug, quiet=args.quiet)
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:  # output paths are printed as the bytes they are, even if not UTF-8
+        reconfigure(errors="surrogateescape")
     try:
         return int(args.func(args) or 0)
     except MedsegError as exc:
@@ -528,7 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
         if args.debug:
             traceback.print_exc()
-        print(f"medseg: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+        text = " ".join(str(exc).split())  # one line, whatever the library put in its message
+        print(f"medseg: error: internal error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
 

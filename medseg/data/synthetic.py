@@ -35,6 +35,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from medseg.errors import InputError
+from medseg.io.itkfiles import itk_writable
 
 __all__ = [
     "CT_LABELS",
@@ -734,8 +735,9 @@ def write_dataset(out_dir: str | os.PathLike[str], modality: str = "ct", cases: 
             grid = random_grid(rng, size, dims, modality)
             image, label = make_phantom(rng, grid, modality)
             split = "Tr" if i < len(training) else "Ts"
-            sitk.WriteImage(image, str(tmp / f"images{split}" / names[i]), True)
-            sitk.WriteImage(label, str(tmp / f"labels{split}" / names[i]), True)
+            for picture, folder in ((image, f"images{split}"), (label, f"labels{split}")):
+                with itk_writable(tmp / folder / names[i]) as name:  # SimpleITK aborts on non-UTF-8 paths
+                    sitk.WriteImage(picture, name, True)
             log.debug("case %s: size %s, spacing %s", names[i], grid.size, grid.spacing)
         description = _dataset_json(modality, dims, seed, training, test)
         (tmp / "dataset.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")

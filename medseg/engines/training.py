@@ -38,6 +38,7 @@ from ignite.engine import Engine, Events
 from medseg.bundle.components import load_plan
 from medseg.bundle.create import describe_data_source, plan_bundle, record_training, write_bundle
 from medseg.data.datalist import Case, Datalist, load_datalist, validate_datalist
+from medseg.devices import resolve_device
 from medseg.engines.budget import FinalValidation, IterationLimit, TimeBudget, probe_validation
 from medseg.engines.progress import Clock, Pace, ProgressLog, Schedule, duration, log_validation
 from medseg.engines.records import RunCheckpoints, completed_epochs, per_label_dice
@@ -81,23 +82,6 @@ class TrainOptions:
     ct_window: tuple[float, float] | None = None
     init_weights: str | None = None
     network: NetworkSpec = field(default_factory=NetworkSpec)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu`` or ``cuda[:N]``.
-
-    Raises
-    ------
-    InputError
-        If CUDA is asked for and not available, or the name is unknown.
-    """
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError(None, f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        return torch.device(name)
-    raise InputError(None, f"--device must be cpu or cuda, got {name!r}")
 
 
 def check_options(opts: TrainOptions) -> torch.device:

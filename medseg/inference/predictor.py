@@ -146,7 +146,7 @@ class Predictor:
                  sw_batch_size: int | None = None, tta: bool = False, precision: str = "float32") -> Predictor:
         """Raises InputError for a bad device, overlap, window batch size or precision, BundleError for a bad
         run folder."""
-        from medseg.engines.training import resolve_device
+        from medseg.devices import resolve_device
         from medseg.inference.inferer import PRECISIONS
 
         _check_options(overlap, sw_batch_size)
@@ -173,12 +173,13 @@ class Predictor:
         except MedsegError:
             raise
         except Exception as exc:  # noqa: BLE001 - MONAI wraps reader errors in RuntimeError chains
-            cause = exc
-            while cause.__cause__ is not None:
+            cause: BaseException = exc  # the first medseg error in the chain, else the innermost cause
+            while not isinstance(cause, MedsegError) and cause.__cause__ is not None:
                 cause = cause.__cause__
             if isinstance(cause, MedsegError):
                 raise cause from exc
-            raise InputError(image_path, f"cannot read or preprocess this image ({type(cause).__name__}: {cause})") from exc
+            text = " ".join(str(cause).split())  # one line
+            raise InputError(image_path, f"cannot read or preprocess this image ({type(cause).__name__}: {text})") from exc
         return LoadedImage(Path(image_path), data, pre, geometry)
 
     def infer(self, loaded: LoadedImage) -> np.ndarray:

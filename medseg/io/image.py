@@ -255,17 +255,28 @@ def read_image(path: str | os.PathLike[str], dims: int | None = None) -> sitk.Im
     Raises
     ------
     InputError
-        As :func:`read_geometry`, plus truncated or corrupt pixel data.
+        As :func:`read_geometry`, plus truncated or corrupt pixel data, and NaN or infinite voxels (in a
+        NIfTI file checked on the stored values: SimpleITK would read them as 0).
     """
     path = Path(path)
     header = _read_header(path, dims)
-    if is_nifti(path):  # ITK's NIfTI reader returns truncated .nii.gz files without complaint
-        check_nifti_data(path, check_nifti_header(path))
+    nifti = check_nifti_header(path) if is_nifti(path) else None
+    if nifti is not None:  # ITK's NIfTI reader returns truncated .nii.gz files without complaint
+        check_nifti_data(path, nifti)
     try:
         with itk_readable(path) as name, _quiet_native_stderr():
-            return sitk.ReadImage(name)
+            image = sitk.ReadImage(name)
     except RuntimeError as exc:
         raise InputError(path, _read_failure(header, exc)) from None
+    if nifti is not None and np.dtype(nifti.dtype).kind in "fc":  # ITK reads a NIfTI's NaN/Inf as 0, silently
+        try:
+            stored = np.asanyarray(nib.load(str(path)).dataobj)
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a bad file
+            raise InputError(path, f"cannot read the pixel data ({type(exc).__name__}: {exc})") from None
+        check_finite_voxels(path, stored)
+    else:
+        check_finite_voxels(path, sitk.GetArrayViewFromImage(image).T)  # index order (x, y, z)
+    return image
 
 
 def _read_failure(header: _Header, exc: RuntimeError) -> str:

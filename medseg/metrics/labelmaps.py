@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io.image import NIFTI_SUFFIXES, image_suffix, read_image, to_array
+from medseg.io.image import read_image, to_array
 
 log = logging.getLogger(__name__)
 
@@ -83,27 +83,6 @@ def as_label_map(path: Path, array: np.ndarray, declared: Mapping[int, str] | No
     return array
 
 
-def nifti_nonfinite(path: Path) -> int:
-    """Number of NaN or infinite voxels a float NIfTI file stores (0 for integer files, which cannot
-    hold them). Read with nibabel: SimpleITK reads them as 0.
-
-    Raises
-    ------
-    InputError
-        If nibabel cannot read the file.
-    """
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-        if image.get_data_dtype().kind != "f":
-            return 0
-        data = np.asanyarray(image.dataobj)
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a bad file
-        raise InputError(path, f"cannot read this NIfTI file ({type(exc).__name__}: {exc})") from exc
-    return int(data.size - np.count_nonzero(np.isfinite(data)))
-
-
 def map_labels(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
     """``labels`` with each value ``k`` in ``mapping`` replaced by ``mapping[k]`` (others unchanged)."""
     if not mapping:
@@ -126,11 +105,7 @@ def read_label_map(path: Path, declared: Mapping[int, str] | None = None,
         ``mapping``) not in ``declared``.
     """
     path = Path(path)
-    array = to_array(read_image(path))
-    if array.dtype.kind == "f" and image_suffix(path) in NIFTI_SUFFIXES:
-        bad = nifti_nonfinite(path)
-        if bad:
-            raise InputError(path, f"not a label map: holds {bad} NaN or infinite voxel(s); label maps hold integers")
+    array = to_array(read_image(path))  # NaN and infinite voxels are refused there, NIfTI included
     array = as_label_map(path, array)
     if mapping:
         array = map_labels(array, mapping)
