@@ -34,6 +34,7 @@ import medseg
 from medseg.bundle.codes import segment_code
 from medseg.errors import BundleError, InputError
 from medseg.io.atomic import atomic_write_text
+from medseg.logs import BUNDLE_LOGGING_CONF
 from medseg.plan import NetworkSpec, Plan
 
 if TYPE_CHECKING:
@@ -49,28 +50,6 @@ NOT_TRAINED = "Not trained yet."
 METRICS_HEADING = "## Metrics"
 README_FILE = Path("docs") / "README.md"
 
-LOGGING_CONF = """[loggers]
-keys=root
-
-[handlers]
-keys=consoleHandler
-
-[formatters]
-keys=fullFormatter
-
-[logger_root]
-level=INFO
-handlers=consoleHandler
-
-[handler_consoleHandler]
-class=StreamHandler
-level=INFO
-formatter=fullFormatter
-args=(sys.stdout,)
-
-[formatter_fullFormatter]
-format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
-"""
 
 
 def _common(output_dir: str) -> dict[str, Any]:
@@ -171,9 +150,7 @@ def metadata(plan: Plan, name: str, description: str, data_source: str, authors:
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
-        # the zoo's field; MONAI 1.6 also reads its successor, required_packages_version
-        "optional_packages_version": packages,
-        "required_packages_version": packages,
+        "required_packages_version": packages,  # MONAI 1.6's name (optional_packages_version is deprecated)
         "name": name,
         "task": f"{plan.dims}D {modality} segmentation of {', '.join(fg.values())}",
         "description": description,
@@ -328,7 +305,7 @@ def write_bundle(bundle_dir: str | os.PathLike[str], plan: Plan, name: str | Non
                           ("evaluate.json", evaluate_config()),
                           ("metadata.json", metadata(plan, name, description, data_source))):
         atomic_write_text(configs / file, json.dumps(content, indent=2) + "\n")
-    atomic_write_text(configs / "logging.conf", LOGGING_CONF)
+    atomic_write_text(configs / "logging.conf", BUNDLE_LOGGING_CONF)
     atomic_write_text(bundle / "docs" / "README.md", readme(plan, name, description, data_source))
     (bundle / "models").mkdir(parents=True, exist_ok=True)
     log.info("bundle %s written to %s", name, bundle)

@@ -485,7 +485,8 @@ def slab_sliding_window(
 
             tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
             if has_tqdm:
-                bar = tqdm(total=sum(math.ceil(len(s.starts) / step) for s in strips))
+                bar = tqdm(total=sum(math.ceil(len(s.starts) / step) for s in strips), desc="sliding window",
+                           unit="window batch")
         for strip in strips:
             blocks, starts = strip.blocks, strip.starts
             lead_crop, lead_out = strip.crop(pad_lo, spatial)  # the strip's unpadded part, for flush
