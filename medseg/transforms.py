@@ -75,7 +75,8 @@ def spatial_transforms(plan: Plan, keys: Sequence[str]) -> list[MapTransform]:
     """Orientation to RAS and resampling to the plan's spacing (image bilinear, label nearest)."""
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
     return [
-        Orientationd(keys=keys, axcodes=plan.axcodes),
+        # the labels MONAI uses today, stated (its default changes in 1.8 and warns until then)
+        Orientationd(keys=keys, axcodes=plan.axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=keys, pixdim=plan.target_spacing, mode=modes),
     ]
 

@@ -14,6 +14,7 @@ preprocessing could clip or crop it away.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,9 @@ class LoadImageFiled(LoadImaged):
 
     def __init__(self, keys: Any, dims: int | None = None, **kwargs: Any) -> None:
         self.file_reader = ImageFileReader(dims)
-        super().__init__(keys, reader=self.file_reader, **kwargs)
+        with warnings.catch_warnings():  # LoadImage also builds MONAI's default readers: the CUDA-only
+            warnings.filterwarnings("ignore", message=".*nvImageCodec", category=UserWarning)  # DICOM plugin warns
+            super().__init__(keys, reader=self.file_reader, **kwargs)
 
     def __call__(self, data: Any, reader: ImageReader | None = None) -> Any:
         return super().__call__(data, reader or self.file_reader)
