@@ -19,11 +19,13 @@ The bundles' ``configs/logging.conf`` (``python -m monai.bundle run``) uses the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
 
-__all__ = ["BUNDLE_LOGGING_CONF", "DATE_FORMAT", "LOG_FORMAT", "RoutedLogger", "setup_logging"]
+__all__ = ["BUNDLE_LOGGING_CONF", "DATE_FORMAT", "LOG_FORMAT", "RoutedLogger", "held_info", "setup_logging"]
 
 #: The format of every log line the CLI prints (the bundles' logging.conf uses the same).
 LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
@@ -187,3 +189,38 @@ def setup_logging(debug: bool = False, quiet: bool = False) -> None:
         warnings.resetwarnings()
         warnings.filterwarnings("ignore")  # libraries' warnings: not the user's business
         warnings.filterwarnings("default", module=r"medseg(\.|$)")  # medseg's own: shown once per place
+
+
+class _Hold(logging.Filter):
+    """Keeps records below WARNING back (in ``held``) instead of letting a handler emit them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            if not self.held or self.held[-1] is not record:  # several root handlers see the same record
+                self.held.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def held_info() -> Iterator[None]:
+    """Hold informational records back while input is read and checked: emitted in order when the block
+    ends normally, dropped when it raises, so that an error about the input is the only line printed.
+    Warnings and errors pass at once."""
+    handlers = list(logging.getLogger().handlers)
+    hold = _Hold()
+    for handler in handlers:
+        handler.addFilter(hold)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hold)
+    for record in hold.held:  # reached only when the block did not raise
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)

@@ -48,6 +48,7 @@ from medseg.engines.workflow import METRIC, PreparedRun, build_evaluator, build_
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.image import case_name, list_images
+from medseg.logs import held_info
 from medseg.plan import NetworkSpec, Plan
 
 __all__ = ["TrainOptions", "load_matching_weights", "resolve_device", "train", "train_bundle", "training_datalist"]
@@ -160,23 +161,28 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     started = time.monotonic()
     opts = options or TrainOptions()
     run_dir = Path(run_dir)
-    check_options(opts)
-    init = read_init_weights(opts.init_weights) if opts.init_weights else None  # before any data is read
-    if bundle or opts.resume:
-        plan = load_plan(run_dir)  # raises BundleError if this is not a bundle
-        if not opts.resume and (run_dir / "models" / "model.pt").exists():
-            raise InputError(run_dir / "models" / "model.pt", "this bundle is already trained; pass --resume to "
-                             "continue, or train a copy (its weights would be replaced)")
-        datalist = training_datalist(data, plan)
-        validate_datalist(datalist)
-        return _train_validated(run_dir, plan, datalist, opts, init=init, started=started)
-    try:
-        datalist, plan = plan_bundle(data, run_dir, opts.target_spacing, opts.patch_size, opts.network, opts.ct_window)
-    except InputError as exc:
-        if exc.path == str(run_dir):  # say how to continue a run instead
-            raise InputError(run_dir, "exists and is not empty; choose a new --out folder or pass --resume") from exc
-        raise
-    return _train_validated(run_dir, plan, datalist, opts, init=init, new_bundle=True, started=started)
+    with held_info():  # notes on the plan and data are printed once every input has passed its checks
+        check_options(opts)
+        init = read_init_weights(opts.init_weights) if opts.init_weights else None  # before any data is read
+        if bundle or opts.resume:
+            plan = load_plan(run_dir)  # raises BundleError if this is not a bundle
+            if not opts.resume and (run_dir / "models" / "model.pt").exists():
+                raise InputError(run_dir / "models" / "model.pt", "this bundle is already trained; pass --resume "
+                                 "to continue, or train a copy (its weights would be replaced)")
+            datalist = training_datalist(data, plan)
+            validate_datalist(datalist)
+            new_bundle = False
+        else:
+            try:
+                datalist, plan = plan_bundle(data, run_dir, opts.target_spacing, opts.patch_size, opts.network,
+                                             opts.ct_window)
+            except InputError as exc:
+                if exc.path == str(run_dir):  # say how to continue a run instead
+                    raise InputError(run_dir, "exists and is not empty; choose a new --out folder or pass "
+                                              "--resume") from exc
+                raise
+            new_bundle = True
+    return _train_validated(run_dir, plan, datalist, opts, init=init, new_bundle=new_bundle, started=started)
 
 
 def train_bundle(bundle_root: str | os.PathLike[str], dataset_dir: str | os.PathLike[str],
@@ -196,11 +202,12 @@ def train_bundle(bundle_root: str | os.PathLike[str], dataset_dir: str | os.Path
     """
     started = time.monotonic()
     opts = options or TrainOptions()
-    check_options(opts)
-    init = read_init_weights(opts.init_weights) if opts.init_weights else None
-    plan = load_plan(bundle_root)
-    datalist = training_datalist(dataset_dir, plan)
-    validate_datalist(datalist)
+    with held_info():
+        check_options(opts)
+        init = read_init_weights(opts.init_weights) if opts.init_weights else None
+        plan = load_plan(bundle_root)
+        datalist = training_datalist(dataset_dir, plan)
+        validate_datalist(datalist)
     return _train_validated(Path(bundle_root), plan, datalist, opts, network, loss, init=init, started=started)
 
 
@@ -212,8 +219,9 @@ def _train_validated(run_dir: Path, plan: Plan, datalist: Datalist, opts: TrainO
     """Check and load the rest (weights, checkpoint, images), then write and train; on a failure
     before the first checkpoint, remove what this call wrote."""
     started = clock() if started is None else started
-    device = check_options(opts)
-    run = prepare_run(run_dir, plan, datalist, opts, device, network, init, new_bundle)
+    with held_info():
+        device = check_options(opts)
+        run = prepare_run(run_dir, plan, datalist, opts, device, network, init, new_bundle)
     guard = RunFolderGuard(run_dir)
     checkpoints: list[RunCheckpoints] = []
     try:

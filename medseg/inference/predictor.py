@@ -40,6 +40,7 @@ from medseg.io.image import (
     write_label_map,
 )
 from medseg.layout import META_FILE, PLAN_FILE, WEIGHTS_FILE
+from medseg.logs import held_info
 from medseg.plan import Plan
 
 if TYPE_CHECKING:
@@ -443,31 +444,32 @@ def predict_dicom(run_dir: str | os.PathLike[str], input_path: str | os.PathLike
 
     if fmt not in DICOM_OUTPUT_FORMATS:
         raise InputError(None, f"--format must be one of {', '.join(DICOM_OUTPUT_FORMATS)}, got {fmt!r}")
-    scan = dicom.scan_dicom(input_path)
-    series = dicom.select_series(scan, series_uid=series_uid, modality=modality, min_slices=min_slices,
-                                 description=description)
-    _check_options(overlap, sw_batch_size)
-    plan = read_plan(run_dir)
-    if plan.dims != 3:
-        raise InputError(Path(run_dir), f"is a {plan.dims}D model; DICOM series need a 3D model")
-    meta = bundle_metadata(run_dir)
-    segments = None
-    if fmt != "nifti":
-        from medseg.io.dicom_seg import segment_descriptions
+    with held_info():  # the scan's and reader's notes are printed only once the series has been read
+        scan = dicom.scan_dicom(input_path)
+        series = dicom.select_series(scan, series_uid=series_uid, modality=modality, min_slices=min_slices,
+                                     description=description)
+        _check_options(overlap, sw_batch_size)
+        plan = read_plan(run_dir)
+        if plan.dims != 3:
+            raise InputError(Path(run_dir), f"is a {plan.dims}D model; DICOM series need a 3D model")
+        meta = bundle_metadata(run_dir)
+        segments = None
+        if fmt != "nifti":
+            from medseg.io.dicom_seg import segment_descriptions
 
-        segments = segment_descriptions(meta, plan.labels, require_codes=fmt == "dicom-seg",
-                                        source=Path(run_dir) / META_FILE)
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(output_dir, "exists and is not a folder")
-    target = output_dir / (dicom_case_name(series.description, series.series_uid) + DICOM_OUTPUT_FORMATS[fmt])
-    if target.exists() and not overwrite:
-        raise InputError(target, "already exists; pass --overwrite to replace it")
-    what = f"series {series.series_uid} ({series.modality}, {series.size[2]} slices)"
-    image = dicom.read_series(series)
-    check_fit(plan, Path(input_path), Geometry.of(image), sitk.GetArrayViewFromImage(image), series.modality,
-              strict, subject=what)
-    sources = dicom.source_datasets(series, pixels=False) if fmt != "nifti" else []
+            segments = segment_descriptions(meta, plan.labels, require_codes=fmt == "dicom-seg",
+                                            source=Path(run_dir) / META_FILE)
+        output_dir = Path(output_dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise InputError(output_dir, "exists and is not a folder")
+        target = output_dir / (dicom_case_name(series.description, series.series_uid) + DICOM_OUTPUT_FORMATS[fmt])
+        if target.exists() and not overwrite:
+            raise InputError(target, "already exists; pass --overwrite to replace it")
+        what = f"series {series.series_uid} ({series.modality}, {series.size[2]} slices)"
+        image = dicom.read_series(series)
+        check_fit(plan, Path(input_path), Geometry.of(image), sitk.GetArrayViewFromImage(image), series.modality,
+                  strict, subject=what)
+        sources = dicom.source_datasets(series, pixels=False) if fmt != "nifti" else []
     log.info("%s: %s -> %s", Path(input_path), what, target)
     predictor = Predictor.from_run(run_dir, device, overlap, sw_batch_size, tta, precision)
     created_dir = not output_dir.exists()

@@ -96,3 +96,22 @@ def test_the_bundle_logging_conf_routes_monais_own_loggers(capsys: pytest.Captur
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert captured.out == "" and len(lines) == 2 and all(LINE.match(line) for line in lines), (captured.out, lines)
+
+
+def test_held_info_prints_notes_only_when_the_block_succeeds(capsys: pytest.CaptureFixture[str]) -> None:
+    """Notes logged while input is read are printed after the block, or not at all if it raises; warnings
+    pass at once (an error about the input must be the only line)."""
+    from medseg.logs import held_info, setup_logging
+
+    setup_logging()
+    log = logging.getLogger("medseg.test")
+    with pytest.raises(ValueError), held_info():
+        log.info("read 3 series")
+        raise ValueError("bad input")
+    assert capsys.readouterr().err == ""
+    with held_info():
+        log.info("first")
+        log.warning("careful")
+        log.info("second")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == ["careful", "first", "second"]
