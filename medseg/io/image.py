@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,20 +224,42 @@ def read_geometry(path: str | os.PathLike[str], dims: int | None = None) -> Geom
 @contextlib.contextmanager
 def _quiet_native_stderr() -> Iterator[None]:
     """Silence what ITK's C++ readers print straight to file descriptor 2 (MetaIO, NIfTI warnings):
-    medseg reports read failures itself, as one line."""
-    sys.stderr.flush()
+    medseg reports read failures itself, as one line.
+
+    File descriptor 2 belongs to the process: readers in several threads (a caching dataset's pool)
+    share one redirection, made by the first to enter and undone by the last to leave, so that a
+    thread never saves the silenced descriptor as the one to restore.
+    """
+    global _quiet_depth, _quiet_saved
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            sys.stderr.flush()
+            try:
+                saved = os.dup(2)
+            except OSError:  # no usable stderr: nothing to silence
+                saved = -1
+            if saved >= 0:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                try:
+                    os.dup2(devnull, 2)
+                finally:
+                    os.close(devnull)
+            _quiet_saved = saved
+        _quiet_depth += 1
     try:
-        saved = os.dup(2)
-    except OSError:  # no usable stderr
         yield
-        return
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _quiet_saved >= 0:
+                os.dup2(_quiet_saved, 2)
+                os.close(_quiet_saved)
+                _quiet_saved = -1
+
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved = -1
 
 
 def _itk_reason(exc: BaseException) -> str:
@@ -249,14 +272,15 @@ def _itk_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def read_image(path: str | os.PathLike[str], dims: int | None = None) -> sitk.Image:
+def read_image(path: str | os.PathLike[str], dims: int | None = None, *, finite: bool = True) -> sitk.Image:
     """Read a whole image with SimpleITK, pixel data included.
 
     Raises
     ------
     InputError
-        As :func:`read_geometry`, plus truncated or corrupt pixel data, and NaN or infinite voxels (in a
-        NIfTI file checked on the stored values: SimpleITK would read them as 0).
+        As :func:`read_geometry`, plus truncated or corrupt pixel data, and (unless ``finite=False``, for
+        a caller that checks the array itself) NaN or infinite voxels, in a NIfTI file checked on the
+        stored values: SimpleITK would read them as 0.
     """
     path = Path(path)
     header = _read_header(path, dims)
@@ -268,6 +292,8 @@ def read_image(path: str | os.PathLike[str], dims: int | None = None) -> sitk.Im
             image = sitk.ReadImage(name)
     except RuntimeError as exc:
         raise InputError(path, _read_failure(header, exc)) from None
+    if not finite:
+        return image
     if nifti is not None and np.dtype(nifti.dtype).kind in "fc":  # ITK reads a NIfTI's NaN/Inf as 0, silently
         try:
             stored = np.asanyarray(nib.load(str(path)).dataobj)

@@ -599,3 +599,21 @@ def test_grid_problem() -> None:
     assert "degenerate" in grid_problem((1, 1, 1), (0, 0, 0), np.zeros(9))
     assert "not orthonormal" in grid_problem((1, 1, 1), (0, 0, 0), np.diag([2.0, 1.0, 1.0]).ravel())
     assert "inconsistent" in grid_problem((1, 1), (0, 0, 0), eye)
+
+
+def test_reading_in_threads_leaves_stderr_working(tmp_path: Path) -> None:
+    """ITK's native messages are silenced by pointing file descriptor 2 at /dev/null while a file is read;
+    readers in several threads (a caching dataset's pool) must not leave it pointing there afterwards
+    (seen: a resumed training printed no log line and no error)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medseg.io.image import read_image
+
+    paths = [_written(tmp_path, f"scan{i}.nrrd") for i in range(8)]
+    before = os.fstat(2)
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(5):
+            list(pool.map(read_image, paths * 4))
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
