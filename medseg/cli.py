@@ -311,11 +311,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=100, help="number of epochs")
     p.add_argument("--max-iterations", type=int, default=None, metavar="N",
                    help="stop after N iterations in total, counted across --resume (with --epochs: whichever comes "
-                        "first; default: no limit)")
+                        "first) (default: no limit)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="time budget for the whole run in minutes: data loading, training and the final validation "
                         "(training stops early enough for it; Python start-up, a few seconds, is not counted; a "
-                        "sudden slow-down can still overrun it a little; default: no time limit)")
+                        "sudden slow-down can still overrun it a little) (default: no time limit)")
     p.add_argument("--log-every", type=int, default=10, metavar="N",
                    help="log a progress line (epoch, iteration, loss, elapsed, ETA) every N iterations and at each "
                         "epoch end")

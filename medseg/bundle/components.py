@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,20 @@ def load_plan(bundle_root: str | os.PathLike[str]) -> Plan:
     return Plan.load(Path(bundle_root) / PLAN_FILE)
 
 
+def torch_load_weights_only(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` without torch's warning about TorchScript
+    archives (which it then refuses with a RuntimeError: they carry code).
+
+    Raises
+    ------
+    Exception
+        Whatever ``torch.load`` raises for a missing, corrupt, pickled or TorchScript file.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TorchScript archive", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     """A network state dict from a weights file or a training checkpoint (its ``"network"`` entry),
     read with ``torch.load(weights_only=True)``: pickled code is refused.
@@ -52,7 +67,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     Exception
         Whatever ``torch.load`` raises for a missing, corrupt or pickled file; callers name the file.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch_load_weights_only(path)
     if isinstance(state, Mapping) and isinstance(state.get("network"), Mapping):
         state = state["network"]  # checkpoints/last.pt
     return state

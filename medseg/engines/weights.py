@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from medseg.bundle.components import read_state_dict
+from medseg.bundle.components import read_state_dict, torch_load_weights_only
 from medseg.errors import BundleError, InputError
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def load_resume_checkpoint(path: Path, network: torch.nn.Module, optimizer: torc
     if not path.is_file():
         raise BundleError(f"{path}: no checkpoint to resume from")
     try:
-        state: Any = torch.load(path, map_location="cpu", weights_only=True)
+        state: Any = torch_load_weights_only(path)
         network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])

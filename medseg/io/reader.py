@@ -89,7 +89,7 @@ class ImageFileReader(ImageReader):
                 check_nifti_data(path, check_nifti_header(path))
                 reads.append(_Read(path, self._nibabel.read(path)))
             else:
-                reads.append(_Read(path, read_image(path, self.dims)))
+                reads.append(_Read(path, read_image(path, self.dims, finite=False)))  # checked in get_data
         return reads if len(reads) > 1 else reads[0]
 
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:

@@ -43,7 +43,7 @@ def test_bundle_init_layout_and_metadata(small_bundle: Path) -> None:
     assert (small_bundle / "docs" / "README.md").is_file()
     assert (small_bundle / "models" / "model.pt").is_file()
     meta = json.loads((small_bundle / "configs" / "metadata.json").read_text())
-    for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version", "optional_packages_version",
+    for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
                 "name", "task", "description", "authors", "copyright", "data_source", "data_type", "image_classes",
                 "label_classes", "pred_classes", "eval_metrics", "intended_use", "references", "network_data_format"):
         assert key in meta, key
