@@ -31,3 +31,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
     assert DCIODVFY is not None, "dciodvfy is required in CI: scripts/install_system_deps.sh installs dicom3tools"
     result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
     return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+#: Seconds a test waits for something that must happen (a SEG, a state, a process) before it gives up.
+#: A hang guard, not a speed requirement: a slow or loaded machine waits longer, it does not fail.
+HANG_GUARD = 900.0

@@ -17,6 +17,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from tests.tools import HANG_GUARD
 from tests.integration.orthanc import STORESCU, Orthanc, free_port
 
 LISTENER_AET, MODALITY_AET = "MEDSEG", "CT_MODALITY"
@@ -34,7 +35,7 @@ class ListenerProcess:
                    "--idle-seconds", str(idle)]
         with open(log, "ab") as handle:
             self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_GUARD
         while "listening as" not in self.log():
             assert self.process.poll() is None, f"listener exited with {self.process.returncode}:\n{self.log()}"
             assert time.monotonic() < deadline, self.log()
@@ -117,7 +118,7 @@ def referenced_sops(seg: pydicom.Dataset) -> list[str]:
             for item in series.ReferencedInstanceSequence]
 
 
-def wait_for_seg(orthanc: Orthanc, study_uid: str, listener: ListenerProcess, timeout: float = 150,
+def wait_for_seg(orthanc: Orthanc, study_uid: str, listener: ListenerProcess, timeout: float = HANG_GUARD,
                  count: int = 1) -> list[dict]:
     """Poll Orthanc until the study holds ``count`` SEGs (or more)."""
     deadline = time.monotonic() + timeout
@@ -135,7 +136,7 @@ def state(storage: Path, series_uid: str) -> str | None:
 
 
 def wait_for_state(storage: Path, series_uid: str, wanted: str, listener: ListenerProcess,
-                   timeout: float = 150) -> None:
+                   timeout: float = HANG_GUARD) -> None:
     deadline = time.monotonic() + timeout
     while state(storage, series_uid) != wanted:
         assert listener.process.poll() is None, listener.log()[-4000:]

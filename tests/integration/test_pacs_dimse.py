@@ -13,6 +13,7 @@ import pydicom
 import pytest
 
 from medseg.pacs.journal import Journal
+from tests.tools import HANG_GUARD
 from tests.integration.dimse import (
     LISTENER_AET,
     MODALITY_AET,
@@ -61,7 +62,7 @@ def test_series_is_stored_segmented_and_forwarded(listener: ListenerProcess, ort
     assert seg.StudyInstanceUID == study_uid
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == len(files)
-    wait_for_state(listener.storage, series_uid, "done", listener, timeout=30)
+    wait_for_state(listener.storage, series_uid, "done", listener, timeout=HANG_GUARD)
     assert (listener.storage / "results" / study_uid / series_uid / f"rev1-{seg.SOPInstanceUID}.dcm").is_file()
 
 
@@ -107,7 +108,7 @@ def test_bad_instances_are_quarantined_and_listener_keeps_serving(listener: List
     del gap[5]
     assert storescu(listener.port, gap).returncode == 0
     study_uid, series_uid, _ = uids(gap[0])
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_GUARD
     while state(listener.storage, series_uid) != "failed":
         assert time.monotonic() < deadline, listener.log()[-3000:]
         time.sleep(0.2)
@@ -151,7 +152,7 @@ def test_restart_after_sigkill_sends_exactly_once(orthanc: Orthanc, untrained_ru
 
     second = ListenerProcess(storage, untrained_run, orthanc, idle=1, log=tmp_path / "second.log")
     assert len(wait_for_seg(orthanc, study_uid, second)) == 1
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HANG_GUARD
     while state(storage, series_uid) != "done":
         assert time.monotonic() < deadline, second.log()[-3000:]
         time.sleep(0.2)
@@ -170,7 +171,7 @@ def test_restart_after_sigkill_sends_exactly_once(orthanc: Orthanc, untrained_ru
     with sqlite3.connect(storage / "journal.sqlite") as db:
         db.execute("UPDATE series SET state = 'sending' WHERE series_uid = ?", (series_uid,))
     fourth = ListenerProcess(storage, untrained_run, orthanc, idle=1, log=tmp_path / "fourth.log")
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_GUARD
     while state(storage, series_uid) != "done":
         assert time.monotonic() < deadline, fourth.log()[-3000:]
         time.sleep(0.2)

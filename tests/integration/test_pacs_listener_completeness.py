@@ -18,6 +18,7 @@ from pynetdicom import AE
 
 from medseg.pacs.forward import Destination
 from medseg.pacs.listener import Listener, ListenerConfig
+from tests.tools import HANG_GUARD
 from tests.integration.dimse import (
     LISTENER_AET,
     MODALITY_AET,
@@ -72,7 +73,7 @@ def test_concurrent_slow_senders_get_one_complete_seg_per_series(listener: Liste
         sent = [pool.submit(Modality(listener.port).send, files, pause=PAUSE, pause_every=4, end=end)
                 for end, files in series.items()]
         for future in sent:
-            future.result(timeout=120)
+            future.result(timeout=HANG_GUARD)
     for end, files in series.items():
         study_uid, series_uid, _ = uids(files[0])
         wait_for_seg(orthanc, study_uid, listener)
@@ -125,7 +126,7 @@ def test_sigkill_during_a_job_then_restart_sends_one_complete_seg(orthanc: Ortha
     study_uid, series_uid, _ = uids(files[0])
     first = ListenerProcess(storage, untrained_run, orthanc, idle=IDLE, log=tmp_path / "first.log")
     Modality(first.port).send(files)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_GUARD
     while state(storage, series_uid) != "running":
         assert state(storage, series_uid) == "received", first.log()[-3000:]
         assert time.monotonic() < deadline, first.log()[-3000:]
@@ -161,7 +162,7 @@ def test_sigkill_while_a_sender_holds_its_association_then_it_reconnects(orthanc
     with ThreadPoolExecutor(1) as pool:
         # the 7th C-STORE waits (up to 50 s): the association is open, the series busy, when the kill comes
         holding = pool.submit(sender.send, files[:7], pause=50, pause_every=6, end="release")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG_GUARD
         while len(list((storage / "incoming" / study_uid / series_uid).glob("*.dcm"))) < 6:
             assert time.monotonic() < deadline, first.log()[-3000:]
             time.sleep(0.05)
@@ -170,7 +171,7 @@ def test_sigkill_while_a_sender_holds_its_association_then_it_reconnects(orthanc
         first.kill()
         sender.wake.set()
         with pytest.raises(Exception):  # noqa: B017 - the listener is gone: the 7th C-STORE cannot succeed
-            holding.result(timeout=120)
+            holding.result(timeout=HANG_GUARD)
     time.sleep(2 * IDLE)  # the instances are older than the quiet time when the restart comes
 
     second = ListenerProcess(storage, untrained_run, orthanc, idle=4 * IDLE, log=tmp_path / "second.log")
@@ -204,7 +205,7 @@ def test_a_silent_association_is_aborted_and_no_longer_holds_its_series(untraine
             assert assoc.send_c_store(path).Status == 0x0000
         time.sleep(1.5)  # silent, association open: the series must wait
         assert state(config.storage, series_uid) == "received"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_GUARD
         while state(config.storage, series_uid) in ("received", "running", "sending"):
             assert time.monotonic() < deadline
             time.sleep(0.1)
