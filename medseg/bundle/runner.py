@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from medseg.bundle.monai_calls import root_cause
 from medseg.errors import BundleError, InputError, MedsegError
 
 log = logging.getLogger(__name__)
@@ -125,16 +126,6 @@ def _no_notice() -> Iterator[None]:
         workflows.removeFilter(drop)
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    seen = set()
-    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, MedsegError):
-            return exc
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return exc
-
-
 def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", overrides: Mapping[str, Any] | None = None,
                trust: bool = False) -> None:
     """Run ``configs/<config>`` of a bundle with MONAI's ``monai.bundle.run`` (ids ``initialize``,
@@ -194,7 +185,7 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
     except MedsegError:
         raise
     except Exception as exc:  # noqa: BLE001 - report what the bundle did wrong, not MONAI's wrappers
-        cause = _root_cause(exc)
+        cause = root_cause(exc)
         if isinstance(cause, MedsegError):
             raise cause from exc
         first = str(cause).strip().splitlines()[0][:400] if str(cause).strip() else ""

@@ -62,7 +62,7 @@ def test_bundle_init_describes_the_data_without_local_paths_and_training_records
     `medseg train --bundle` the version, changelog, eval_metrics and docs/README.md describe the
     trained weights, and `bundle verify` checks exactly that."""
     from medseg.bundle.create import local_paths
-    from medseg.bundle.export import verify_bundle
+    from medseg.bundle.verify import verify_bundle
     from medseg.errors import BundleError
 
     fresh = tmp_path / "fresh"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg.bundle.export import verify_bundle
+from medseg.bundle.verify import verify_bundle
 from medseg.bundle.safety import scan_bundle
 from medseg.cli import main
 from medseg.data.synthetic import write_dataset

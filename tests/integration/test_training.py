@@ -21,7 +21,7 @@ import SimpleITK as sitk
 import torch
 
 from medseg.bundle.create import local_paths
-from medseg.bundle.export import verify_bundle
+from medseg.bundle.verify import verify_bundle
 from medseg.cli import main
 from medseg.data.synthetic import write_dataset
 from medseg.engines.training import TrainOptions, train

@@ -1,4 +1,4 @@
-"""medseg.bundle.export: verify_bundle collects every problem; TorchScript and ONNX exports reproduce the network."""
+"""medseg.bundle.verify and medseg.bundle.export: verify_bundle collects every problem; TorchScript and ONNX exports reproduce the network."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from medseg.bundle.create import NOT_TRAINED, local_paths, record_training, write_bundle
-from medseg.bundle.export import REQUIRED_METADATA, export_bundle, verify_bundle
+from medseg.bundle.export import export_bundle
+from medseg.bundle.verify import REQUIRED_METADATA, verify_bundle
 from medseg.errors import BundleError
 from medseg.networks import build_network
 from medseg.plan import Intensity, NetworkSpec, Plan

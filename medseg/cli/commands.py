@@ -1,0 +1,213 @@
+"""One function per ``medseg`` subcommand: call the library, print what the user asked for.
+
+Heavy modules (torch, MONAI) are imported inside each command, so ``medseg --help`` and
+``medseg inspect`` of a DICOM folder start without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from medseg.data.synthetic import write_dataset
+
+    path = write_dataset(args.out, modality=args.modality, cases=args.cases, seed=args.seed, size=args.size, dims=args.dims)
+    print(path)
+    return 0
+
+
+def _train_options(args: argparse.Namespace):
+    from medseg.engines.training import TrainOptions
+
+    opts = TrainOptions(epochs=args.epochs, max_minutes=args.max_minutes, device=args.device, fold=args.fold,
+                        resume=args.resume, val_interval=args.val_interval, seed=args.seed,
+                        target_spacing=args.spacing, patch_size=args.patch_size, ct_window=args.ct_window,
+                        init_weights=args.init_weights, max_iterations=args.max_iterations,
+                        log_every=args.log_every)
+    if args.batch_size is not None:  # 0 or less is refused by the option checks, never ignored
+        opts.batch_size = args.batch_size
+    return opts
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medseg.engines.training import train
+
+    target = args.bundle or args.out
+    summary = train(args.data, target, _train_options(args), bundle=bool(args.bundle))
+    best = summary["best_val_mean_dice"]
+    print(f"model: {os.path.join(target, 'models', 'model.pt')}  best validation mean Dice: "
+          f"{'n/a' if best is None else f'{best:.3f}'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medseg.errors import InputError
+    from medseg.inference.predictor import predict, predict_dicom
+    from medseg.io.dicom import is_dicom_input
+
+    selection = {"--series-uid": args.series_uid, "--modality": args.modality,
+                 "--series-description": args.series_description,
+                 "--min-slices": args.min_slices if args.min_slices != 1 else None}
+    if is_dicom_input(args.input):
+        if args.instances or args.instance_labels is not None:
+            raise InputError(args.input, "--instances is not supported for DICOM input")
+        outputs = predict_dicom(args.model, args.input, args.output, fmt=args.format, series_uid=args.series_uid,
+                                modality=args.modality, min_slices=args.min_slices,
+                                description=args.series_description, device=args.device, overlap=args.overlap,
+                                overwrite=args.overwrite, tta=args.tta, precision=args.precision,
+                                sw_batch_size=args.sw_batch_size, strict=args.strict)
+        for path in outputs:
+            print(path)
+        return 0
+    given = [flag for flag, value in selection.items() if value is not None]
+    if args.format != "nifti" or given:
+        what = f"--format {args.format}" if args.format != "nifti" else ", ".join(given)
+        raise InputError(args.input, f"{what} needs a DICOM folder or file as --input")
+    outputs = predict(args.model, args.input, args.output, device=args.device, overlap=args.overlap,
+                      overwrite=args.overwrite, sw_batch_size=args.sw_batch_size,
+                      instances=args.instances or args.instance_labels is not None,
+                      instance_labels=args.instance_labels, tta=args.tta,
+                      precision=args.precision, strict=args.strict)
+    for path in outputs:
+        print(path)
+    return 0
+
+
+def _labels_from(path: str | None) -> dict[int, str] | None:
+    """Label names from ``--labels`` (any source :func:`medseg.labels.read_label_names` reads)."""
+    if path is None:
+        return None
+    from medseg.labels import read_label_names
+
+    return read_label_names(path)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medseg.errors import InputError
+    from medseg.metrics.evaluate import evaluate_folders
+
+    if not 0 <= args.nsd_tolerance_mm < float("inf"):
+        raise InputError(None, f"--nsd-tolerance-mm must be a finite value >= 0, got {args.nsd_tolerance_mm}")
+    if not 0 <= args.lesion_min_ml < float("inf"):
+        raise InputError(None, f"--lesion-min-ml must be a finite value >= 0, got {args.lesion_min_ml}")
+    summary = evaluate_folders(args.pred, args.ref, args.out, labels=_labels_from(args.labels),
+                               nsd_tolerance_mm=args.nsd_tolerance_mm, lesion_labels=args.lesion_labels,
+                               lesion_min_volume_ml=args.lesion_min_ml, label_map=args.label_map)
+    for number, entry in summary["labels"].items():
+        dice = entry["dice"]["mean"]
+        print(f"{number:>4} {entry['name']:<20} Dice {'n/a' if dice is None else f'{dice:.3f}'}")
+    for number, entry in summary.get("lesions", {}).items():
+        f1, ldice = entry["f1"]["mean"], entry["lesion_dice"]["mean"]
+        print(f"{number:>4} {entry['name']:<20} lesions TP {entry['tp']} FP {entry['fp']} FN {entry['fn']}  "
+              f"F1 {f1:.3f}  lesion-wise Dice {ldice:.3f}")
+    mean = summary["mean_dice_foreground"]
+    print(f"mean Dice: {'n/a' if mean is None else f'{mean:.3f}'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from medseg.reports import build_report
+
+    build_report(args.pred, args.images, args.out, labels=_labels_from(args.labels), modality=args.modality)
+    print(os.path.join(args.out, "report.html"))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from medseg.errors import DicomError
+
+    if os.path.isfile(args.path):  # NIfTI / NRRD / MetaImage: its grid (medseg.io.image imports MONAI)
+        from medseg.io.image import image_suffix, read_geometry
+
+        if image_suffix(args.path):
+            geometry = read_geometry(args.path)
+            print(f"{args.path}: {geometry.dims}D image, size {' x '.join(map(str, geometry.size))}, spacing "
+                  f"{' x '.join(f'{s:.6g}' for s in geometry.spacing)} mm, origin "
+                  f"({', '.join(f'{o:.6g}' for o in geometry.origin)}) mm (LPS), direction "
+                  f"({', '.join(f'{d:.6g}' for d in geometry.direction)})")
+            return 0
+    from medseg.io.dicom import inspect_lines, scan_dicom  # DICOM headers: pydicom only, no torch or MONAI
+
+    scan = scan_dicom(args.path)
+    lines, failures = inspect_lines(scan, decode=args.decode)
+    print("\n".join(lines))
+    if failures:
+        raise DicomError(args.path, f"{failures} file(s) could not be decoded (listed above)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medseg.demo import run_demo
+
+    result = run_demo(args.out, minutes=args.minutes, cases=args.cases, seed=args.seed, device=args.device,
+                      epochs=args.epochs)
+    print(f"mean Dice: {result['mean_dice']:.3f}")
+    return 0
+
+
+def cmd_bundle_init(args: argparse.Namespace) -> int:
+    from medseg.bundle.create import init_bundle
+
+    bundle, _, _ = init_bundle(args.data, args.out, args.spacing, args.patch_size, ct_window=args.ct_window,
+                               name=args.name, description=args.description, data_source=args.data_source)
+    print(bundle)
+    return 0
+
+
+def cmd_bundle_run(args: argparse.Namespace) -> int:
+    from medseg.bundle.runner import parse_overrides, run_bundle
+
+    run_bundle(args.bundle, args.config, parse_overrides(args.set), trust=args.trust)
+    return 0
+
+
+def cmd_bundle_verify(args: argparse.Namespace) -> int:
+    from medseg.bundle.verify import verify_bundle
+
+    for line in verify_bundle(args.bundle, device=args.device):
+        print(line)
+    print(f"{args.bundle}: verified")
+    return 0
+
+
+def cmd_bundle_export(args: argparse.Namespace) -> int:
+    from medseg.bundle.export import export_bundle
+
+    print(export_bundle(args.bundle, args.format, args.out))
+    return 0
+
+
+def cmd_pacs_run(args: argparse.Namespace) -> int:
+    from medseg.pacs.dicomweb import make_session, run_study
+
+    password, token = args.password, args.token
+    if password is None and args.username is not None:
+        password = os.environ.get("MEDSEG_PACS_PASSWORD")
+    if token is None and args.username is None:
+        token = os.environ.get("MEDSEG_PACS_TOKEN")
+    session = make_session(username=args.username, password=password, token=token, verify=not args.no_verify,
+                           ca_bundle=args.ca_bundle)
+    result = run_study(args.url, args.study, args.model, series_uid=args.series, modality=args.modality,
+                       session=session, output=args.output, device=args.device)
+    print(f"SOPInstanceUID={result.seg_sop_instance_uid}")
+    print(f"SeriesInstanceUID={result.seg_series_instance_uid}")
+    if result.seg_copy is not None:
+        print(result.seg_copy)
+    return 0
+
+
+def cmd_pacs_listen(args: argparse.Namespace) -> int:
+    from medseg.errors import InputError
+    from medseg.pacs.listener import Destination, Listener, ListenerConfig
+
+    if not 0 < args.port < 65536:
+        raise InputError(None, f"--port {args.port}: expected 1-65535")
+    if not 0 <= args.idle_seconds < float("inf"):
+        raise InputError(None, f"--idle-seconds must be a finite value >= 0, got {args.idle_seconds}")
+    config = ListenerConfig(port=args.port, ae_title=args.ae_title, model=args.model,
+                            forward=Destination.parse(args.forward), allow=tuple(args.allow),
+                            storage=args.storage, idle_seconds=args.idle_seconds, bind=args.bind, device=args.device)
+    Listener(config).serve_forever()
+    return 0
