@@ -96,7 +96,7 @@ def _hostile(site: Path) -> dict[str, tuple[dict[str, Any], str, str]]:
 def test_hostile_writer_is_refused_and_writes_nothing(tmp_path: Path, name: str) -> None:
     site = _site(tmp_path)
     component, key, fragment = _hostile(site)[name]
-    bundle = _bundle(tmp_path / "bundle", {"initialize": [component], "where": f"@elsewhere",
+    bundle = _bundle(tmp_path / "bundle", {"initialize": [component], "where": "@elsewhere",
                                            "elsewhere": str(site)})
     lines = _refused(bundle)
     assert any(line.startswith(f"  configs/inference.json: initialize#0#{key}: ") and fragment in line
