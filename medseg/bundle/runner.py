@@ -100,14 +100,20 @@ class _DropMessage(logging.Filter):
 @contextlib.contextmanager
 def _isolated(bundle: Path, config_file: Path, folder: str) -> Iterator[Path]:
     """A copy of ``config_file`` in ``folder/configs`` (MONAI adds ``folder`` to ``sys.path``, not the
-    bundle), with every ``sys.path`` entry that is the working folder or inside the bundle removed for
-    the duration (restored afterwards)."""
+    bundle), with every ``sys.path`` entry that is the working folder or inside the bundle (but not
+    inside the running Python's environment, should the bundle folder hold it) removed for the
+    duration (restored afterwards)."""
     copy = Path(folder) / "configs" / config_file.name
     copy.parent.mkdir()
     shutil.copyfile(config_file, copy)
     saved = list(sys.path)
-    sys.path[:] = [entry for entry in saved if entry not in ("", ".")
-                   and not Path(os.path.abspath(entry)).resolve().is_relative_to(bundle)]
+    environment = [Path(p).resolve() for p in {sys.prefix, sys.base_prefix}]
+
+    def bundle_code(entry: str) -> bool:  # inside the bundle, and not the running Python's own environment
+        path = Path(os.path.abspath(entry)).resolve()
+        return path.is_relative_to(bundle) and not any(path.is_relative_to(env) for env in environment)
+
+    sys.path[:] = [entry for entry in saved if entry not in ("", ".") and not bundle_code(entry)]
     try:
         yield copy
     finally:
