@@ -157,11 +157,11 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
         value = values.get(key)
         if isinstance(value, str) and value and not value.startswith(("@", "%", "$")) and not os.path.isabs(value):
             values[key] = os.path.abspath(value)
+    values.setdefault("bundle_root", str(bundle))  # checked as it will run
     if not trust:
         check_bundle(bundle, values, config=config_file)  # before MONAI parses anything
     else:
         log.warning("running %s with --trust: its configs may execute arbitrary code", bundle)
-    values.setdefault("bundle_root", str(bundle))
     meta = bundle / META_FILE
     logging_conf = bundle / "configs" / "logging.conf"
     kwargs: dict[str, Any] = {"config_file": str(config_file)}
