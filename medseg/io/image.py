@@ -38,7 +38,7 @@ from medseg.io.layout import (
     compressed_data_length,
     pixel_layout,
 )
-from medseg.io.nifti import check_nifti_data, check_nifti_header
+from medseg.io.nifti import NiftiInfo, check_nifti_data, check_nifti_header
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ class _Header:
     geometry: Geometry
     data_bytes: int
     layout: PixelLayout | None  # NRRD / MetaImage
+    nifti: NiftiInfo | None  # NIfTI: the header as written
 
 
 def _read_header(path: Path, dims: int | None) -> _Header:
@@ -190,9 +191,9 @@ def _read_header(path: Path, dims: int | None) -> _Header:
     if min(geometry.size) < 1:
         raise InputError(path, f"has an empty grid (size {' x '.join(map(str, geometry.size))})")
     # the header as written first (ITK repairs or misreads some broken fields), then the grid ITK reports
-    layout = None
+    layout = nifti = None
     if is_nifti(path):
-        check_nifti_header(path)
+        nifti = check_nifti_header(path)
     else:
         layout = pixel_layout(path)
         if layout is not None:
@@ -203,7 +204,28 @@ def _read_header(path: Path, dims: int | None) -> _Header:
     if layout is not None:
         pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
         check_pixel_bytes(path, layout, voxels, value_bytes, f"{' x '.join(map(str, geometry.size))} voxels of {pixel}")
-    return _Header(geometry, voxels * value_bytes, layout)
+    return _Header(geometry, voxels * value_bytes, layout, nifti)
+
+
+def _checked_file(path: Path, dims: int | None) -> _Header:
+    """:func:`_read_header`, and for a ``.nii.gz`` its compressed stream read to the end (ITK's and
+    nibabel's NIfTI readers return truncated gzip data without complaint)."""
+    header = _read_header(path, dims)
+    if header.nifti is not None:
+        check_nifti_data(path, header.nifti)
+    return header
+
+
+def check_image_file(path: str | os.PathLike[str], dims: int | None = None) -> Geometry:
+    """Everything :func:`read_image` checks before it reads the pixels (header, grid, bytes on disk,
+    a ``.nii.gz`` stream intact), for a reader of its own; returns the grid.
+
+    Raises
+    ------
+    InputError
+        As :func:`read_geometry`, plus a truncated or corrupt ``.nii.gz`` stream.
+    """
+    return _checked_file(Path(path), dims).geometry
 
 
 def read_geometry(path: str | os.PathLike[str], dims: int | None = None) -> Geometry:
@@ -283,10 +305,7 @@ def read_image(path: str | os.PathLike[str], dims: int | None = None, *, finite:
         stored values: SimpleITK would read them as 0.
     """
     path = Path(path)
-    header = _read_header(path, dims)
-    nifti = check_nifti_header(path) if is_nifti(path) else None
-    if nifti is not None:  # ITK's NIfTI reader returns truncated .nii.gz files without complaint
-        check_nifti_data(path, nifti)
+    header = _checked_file(path, dims)
     try:
         with itk_readable(path) as name, _quiet_native_stderr():
             image = sitk.ReadImage(name)
@@ -294,7 +313,7 @@ def read_image(path: str | os.PathLike[str], dims: int | None = None, *, finite:
         raise InputError(path, _read_failure(header, exc)) from None
     if not finite:
         return image
-    if nifti is not None and np.dtype(nifti.dtype).kind in "fc":  # ITK reads a NIfTI's NaN/Inf as 0, silently
+    if header.nifti is not None and np.dtype(header.nifti.dtype).kind in "fc":  # ITK reads a NIfTI's NaN/Inf as 0
         try:
             stored = np.asanyarray(nib.load(str(path)).dataobj)
         except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a bad file

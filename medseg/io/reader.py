@@ -30,15 +30,14 @@ from medseg.io.image import (
     IMAGE_SUFFIXES,
     Geometry,
     check_finite_voxels,
+    check_image_file,
     image_suffix,
     is_nifti,
-    read_geometry,
     read_image,
     to_array,
 )
-from medseg.io.nifti import check_nifti_data, check_nifti_header
 
-__all__ = ["ImageFileReader", "LoadImageFiled", "SimpleITKReader"]
+__all__ = ["ImageFileReader", "LoadImageFiled"]
 
 
 class _Read:
@@ -85,8 +84,7 @@ class ImageFileReader(ImageReader):
         for name in ensure_tuple(data):
             path = Path(name)
             if is_nifti(path):
-                read_geometry(path, self.dims)
-                check_nifti_data(path, check_nifti_header(path))
+                check_image_file(path, self.dims)
                 reads.append(_Read(path, self._nibabel.read(path)))
             else:
                 reads.append(_Read(path, read_image(path, self.dims, finite=False)))  # checked in get_data
@@ -117,10 +115,6 @@ def _sitk_data(image: sitk.Image) -> tuple[np.ndarray, dict]:
     }
     header[MetaKeys.AFFINE] = header[MetaKeys.ORIGINAL_AFFINE].copy()
     return to_array(image), header
-
-
-#: The former name of :class:`ImageFileReader` (it read every format through SimpleITK).
-SimpleITKReader = ImageFileReader
 
 
 class LoadImageFiled(LoadImaged):
