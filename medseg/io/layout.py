@@ -17,7 +17,6 @@ compressed file is, once ITK has failed to read it.
 from __future__ import annotations
 
 import bz2
-import dataclasses
 import math
 import os
 import re
@@ -91,19 +90,8 @@ def _pattern_files(base: Path, spec: str, what: str, path: Path) -> tuple[list[P
 
 
 def _metaimage(path: Path, head: bytes) -> PixelLayout:
-    layout = _metaimage_layout(path, head)
-    written = []
-    for raw in head.split(b"\n"):
-        key, sep, value = raw.decode("utf-8", "surrogateescape").partition("=")
-        if sep:
-            written.append((key.strip(), value.strip()))
-            if key.strip().lower() == "elementdatafile":
-                break
-    return dataclasses.replace(layout, fields=tuple(written))
-
-
-def _metaimage_layout(path: Path, head: bytes) -> PixelLayout:
     fields: dict[str, str] = {}
+    written: list[tuple[str, str]] = []  # as written, in order
     position = 0
     lines = head.split(b"\n")
     for index, raw in enumerate(lines):
@@ -111,6 +99,7 @@ def _metaimage_layout(path: Path, head: bytes) -> PixelLayout:
         key, sep, value = raw.decode("utf-8", "surrogateescape").partition("=")
         if not sep:
             continue
+        written.append((key.strip(), value.strip()))
         key = key.strip().lower()
         fields[key] = value.strip()
         if key == "elementdatafile":
@@ -123,7 +112,7 @@ def _metaimage_layout(path: Path, head: bytes) -> PixelLayout:
     encoding = "zlib" if compressed else "raw" if binary else "text"
     base = path.parent
     if reference.upper() == "LOCAL":
-        return PixelLayout("MetaImage", (path,), (), position, encoding, True)
+        return PixelLayout("MetaImage", (path,), (), position, encoding, True, tuple(written))
     try:
         skip = int(fields.get("headersize", "0"))
     except ValueError:
@@ -132,27 +121,16 @@ def _metaimage_layout(path: Path, head: bytes) -> PixelLayout:
         names = [line.decode("utf-8", "surrogateescape").strip() for line in lines[index + 1 :] if line.strip()]
     elif "%" in reference:
         files, names = _pattern_files(base, reference, "ElementDataFile", path)
-        return PixelLayout("MetaImage", tuple(files), tuple(names), skip, encoding, False)
+        return PixelLayout("MetaImage", tuple(files), tuple(names), skip, encoding, False, tuple(written))
     else:
         names = [reference]
-    return PixelLayout("MetaImage", tuple(base / n for n in names), tuple(names), skip, encoding, False)
+    return PixelLayout("MetaImage", tuple(base / n for n in names), tuple(names), skip, encoding, False,
+                       tuple(written))
 
 
 def _nrrd(path: Path, head: bytes) -> PixelLayout:
-    layout = _nrrd_layout(path, head)
-    written = []
-    for raw in head.split(b"\n")[1:]:
-        text = raw.decode("utf-8", "surrogateescape").rstrip("\r")
-        if not text.strip():
-            break
-        key, sep, value = text.partition(":")
-        if sep and not text.startswith("#") and ":=" not in text:
-            written.append((key.strip(), value.strip()))
-    return dataclasses.replace(layout, fields=tuple(written))
-
-
-def _nrrd_layout(path: Path, head: bytes) -> PixelLayout:
     fields: dict[str, str] = {}
+    written: list[tuple[str, str]] = []  # as written, in order
     position = 0
     lines = head.split(b"\n")
     attached_end = None
@@ -173,6 +151,7 @@ def _nrrd_layout(path: Path, head: bytes) -> PixelLayout:
             continue
         key, sep, value = text.partition(":")
         if sep:
+            written.append((key.strip(), value.strip()))
             key = key.strip().lower().replace(" ", "")
             fields[key] = value.strip()
             if key == "datafile" and value.strip().upper().startswith("LIST"):
@@ -190,16 +169,17 @@ def _nrrd_layout(path: Path, head: bytes) -> PixelLayout:
     if reference is None:
         if attached_end is None:
             raise InputError(path, "NRRD header without data: no blank line after the header and no 'data file'")
-        return PixelLayout("NRRD", (path,), (), -1 if skip < 0 else header_length + skip + line_skip, encoding, True)
+        return PixelLayout("NRRD", (path,), (), -1 if skip < 0 else header_length + skip + line_skip, encoding, True,
+                           tuple(written))
     base = path.parent
     if list_names is not None:
         names = list_names
     elif "%" in reference:
         files, names = _pattern_files(base, reference, "data file", path)
-        return PixelLayout("NRRD", tuple(files), tuple(names), skip, encoding, False)
+        return PixelLayout("NRRD", tuple(files), tuple(names), skip, encoding, False, tuple(written))
     else:
         names = [reference]
-    return PixelLayout("NRRD", tuple(base / n for n in names), tuple(names), skip, encoding, False)
+    return PixelLayout("NRRD", tuple(base / n for n in names), tuple(names), skip, encoding, False, tuple(written))
 
 
 def pixel_layout(path: str | os.PathLike[str]) -> PixelLayout | None:
