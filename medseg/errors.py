@@ -19,7 +19,7 @@ def printable(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
     file name can neither break a message into several lines nor hide what it is.
     """
     text = os.fsdecode(os.fspath(path))
-    if text.isprintable() and not any(0xDC80 <= ord(c) <= 0xDCFF for c in text):
+    if text.isprintable():  # surrogate escapes (undecodable bytes) are not printable
         return text
     shown = []
     for char in text:
@@ -31,6 +31,30 @@ def printable(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
         else:
             shown.append(char)
     return "'" + "".join(shown) + "'"
+
+
+def one_line(message: object, limit: int | None = None) -> str:
+    """``str(message)`` on one line: line breaks and runs of white space become single spaces (library
+    messages often span lines); cut to ``limit`` characters, ending in ``...``, if given."""
+    text = " ".join(str(message).split())
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The first :class:`MedsegError` in the chain of causes of ``exc`` (``exc`` included), else the
+    innermost exception of the chain: what a wrapper (MONAI's ``Compose``, its config parser) hides.
+
+    The chain is followed as Python prints it: ``__cause__``, else ``__context__`` unless it was
+    suppressed (``raise ... from None``).
+    """
+    seen: set[int] = set()
+    while id(exc) not in seen and not isinstance(exc, MedsegError):
+        seen.add(id(exc))
+        inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        if inner is None:
+            break
+        exc = inner
+    return exc
 
 
 class MedsegError(Exception):

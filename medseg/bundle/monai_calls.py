@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, root_cause
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +22,6 @@ _QUIET_LOGGERS = ("monai.bundle.scripts", "monai.bundle", "torch.onnx", "onnxscr
 def first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}" if text else type(exc).__name__
-
-
-def root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception (MONAI wraps instantiation errors), or the first medseg error on the way."""
-    seen: set[int] = set()
-    while id(exc) not in seen and not isinstance(exc, MedsegError):
-        seen.add(id(exc))
-        inner = exc.__cause__ or exc.__context__
-        if inner is None:
-            break
-        exc = inner
-    return exc
 
 
 def describe(exc: BaseException) -> str:

@@ -24,8 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg.bundle.monai_calls import root_cause
-from medseg.errors import BundleError, InputError, MedsegError
+from medseg.errors import BundleError, InputError, MedsegError, root_cause
 
 log = logging.getLogger(__name__)
 

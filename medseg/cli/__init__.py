@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Sequence
 
 from medseg.cli.parser import build_parser
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, one_line
 from medseg.logs import setup_logging
 
 __all__ = ["build_parser", "main"]
@@ -38,9 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
         if args.debug:
             traceback.print_exc()
-        text = " ".join(str(exc).split())  # one line, whatever the library put in its message
-        print(f"medseg: error: internal error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"medseg: error: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
         return 1
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.bundle.codes import is_lesion_name
-from medseg.errors import BundleError, InputError, MedsegError
+from medseg.errors import BundleError, InputError, MedsegError, one_line, root_cause
 from medseg.inference.fit import fit_problems
 from medseg.io.image import (
     Geometry,
@@ -174,13 +174,11 @@ class Predictor:
         except MedsegError:
             raise
         except Exception as exc:  # noqa: BLE001 - MONAI wraps reader errors in RuntimeError chains
-            cause: BaseException = exc  # the first medseg error in the chain, else the innermost cause
-            while not isinstance(cause, MedsegError) and cause.__cause__ is not None:
-                cause = cause.__cause__
+            cause = root_cause(exc)
             if isinstance(cause, MedsegError):
                 raise cause from exc
-            text = " ".join(str(cause).split())  # one line
-            raise InputError(image_path, f"cannot read or preprocess this image ({type(cause).__name__}: {text})") from exc
+            raise InputError(image_path, f"cannot read or preprocess this image ({type(cause).__name__}: "
+                                         f"{one_line(cause)})") from exc
         return LoadedImage(Path(image_path), data, pre, geometry)
 
     def infer(self, loaded: LoadedImage) -> np.ndarray:

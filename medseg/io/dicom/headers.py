@@ -20,6 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from medseg import errors
+
 log = logging.getLogger("medseg.io.dicom")
 
 PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
@@ -57,8 +59,7 @@ def quiet_pydicom() -> Iterator[None]:
 def one_line(exc: BaseException, limit: int | None = None) -> str:
     """The whole message of ``exc`` on one line (pydicom's "raised by all available plugins:" lists the
     plugins' reasons on the lines after it); cut at ``limit`` characters if given."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+    return errors.one_line(exc, limit) or type(exc).__name__
 
 
 def short(exc: BaseException) -> str:
