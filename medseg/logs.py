@@ -38,89 +38,38 @@ OWN_LOGGERS = ("medseg", "py.warnings")
 QUIET_LOGGERS = {"monai.data.nvimgcodec_pydicom_plugin": logging.ERROR}
 
 
+#: Levels of the loggers a bundle's ``configs/logging.conf`` configures: MONAI's ``get_logger`` gives
+#: its loggers a stdout handler of their own and turns their propagation off; naming them in the file
+#: removes that handler and routes them through the root's. Library INFO chatter stays out.
+BUNDLE_LOGGER_LEVELS: dict[str, str] = {
+    "medseg": "INFO", "ignite": "INFO", "monai": "WARNING", "monai.bundle.scripts": "INFO",
+    "monai.bundle.workflows": "INFO", "monai.apps": "WARNING", "monai.transforms.compose": "WARNING",
+    "monai.networks.utils": "WARNING", **{name: logging.getLevelName(level) for name, level in QUIET_LOGGERS.items()},
+}
+
+
+def _bundle_logging_conf() -> str:
+    """The text of :data:`BUNDLE_LOGGING_CONF` (a ``logging.config.fileConfig`` file)."""
+    keys = {name: name.replace(".", "_") for name in BUNDLE_LOGGER_LEVELS}
+    sections = [
+        "# Logging of `python -m monai.bundle run` for this bundle: the format of the medseg command",
+        "# (medseg.logs.LOG_FORMAT), on stderr; MONAI's and Ignite's loggers routed through the root's handler,",
+        "# library INFO chatter left out (generated from medseg.logs.BUNDLE_LOGGER_LEVELS).",
+        "[loggers]", "keys=root," + ",".join(keys.values()), "",
+        "[handlers]", "keys=stderr", "",
+        "[formatters]", "keys=medseg", "",
+        "[logger_root]", "level=WARNING", "handlers=stderr", "",
+    ]
+    for name, level in BUNDLE_LOGGER_LEVELS.items():
+        sections += [f"[logger_{keys[name]}]", f"level={level}", "handlers=", f"qualname={name}", "propagate=1", ""]
+    sections += ["[handler_stderr]", "class=StreamHandler", "level=NOTSET", "formatter=medseg", "args=(sys.stderr,)",
+                 "", "[formatter_medseg]", f"format={LOG_FORMAT}", f"datefmt={DATE_FORMAT}"]
+    return "\n".join(sections) + "\n"
+
+
 #: A bundle's ``configs/logging.conf`` (what ``python -m monai.bundle run`` applies): the CLI's format
 #: on stderr, MONAI's self-handled loggers routed through the root, library INFO chatter left out.
-BUNDLE_LOGGING_CONF = """# Logging of `python -m monai.bundle run` for this bundle: the format of the medseg command
-# (medseg.logs.LOG_FORMAT), on stderr. MONAI's get_logger gives the loggers named below a stdout
-# handler of its own and turns their propagation off; configuring them here removes that handler
-# and routes them through the root's. Library INFO chatter stays out (WARNING), medseg logs at INFO.
-[loggers]
-keys=root,medseg,ignite,monai,monai_bundle_scripts,monai_bundle_workflows,monai_apps,monai_transforms_compose,monai_networks_utils,nvimgcodec
-
-[handlers]
-keys=stderr
-
-[formatters]
-keys=medseg
-
-[logger_root]
-level=WARNING
-handlers=stderr
-
-[logger_medseg]
-level=INFO
-handlers=
-qualname=medseg
-propagate=1
-
-[logger_ignite]
-level=INFO
-handlers=
-qualname=ignite
-propagate=1
-
-[logger_monai]
-level=WARNING
-handlers=
-qualname=monai
-propagate=1
-
-[logger_monai_bundle_scripts]
-level=INFO
-handlers=
-qualname=monai.bundle.scripts
-propagate=1
-
-[logger_monai_bundle_workflows]
-level=INFO
-handlers=
-qualname=monai.bundle.workflows
-propagate=1
-
-[logger_monai_apps]
-level=WARNING
-handlers=
-qualname=monai.apps
-propagate=1
-
-[logger_monai_transforms_compose]
-level=WARNING
-handlers=
-qualname=monai.transforms.compose
-propagate=1
-
-[logger_monai_networks_utils]
-level=WARNING
-handlers=
-qualname=monai.networks.utils
-propagate=1
-
-[logger_nvimgcodec]
-level=ERROR
-handlers=
-qualname=monai.data.nvimgcodec_pydicom_plugin
-propagate=1
-
-[handler_stderr]
-class=StreamHandler
-level=NOTSET
-formatter=medseg
-args=(sys.stderr,)
-
-[formatter_medseg]
-format={format}
-datefmt={datefmt}
-""".format(format=LOG_FORMAT, datefmt=DATE_FORMAT)
+BUNDLE_LOGGING_CONF = _bundle_logging_conf()
 
 def _is_console(handler: logging.Handler) -> bool:
     """A plain StreamHandler on stdout or stderr (not a file handler, not the root's own)."""
