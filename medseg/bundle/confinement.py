@@ -164,22 +164,25 @@ class Confinement:
                 continue
             self._add(_join(key, str(argument)), f"{argument!r} is not a reviewed argument of {entry.name}")
 
-    def _check_fixed(self, key: str, value: Any, allowed: tuple[Any, ...], entry: Vetted) -> None:
+    def _literals(self, key: str, value: Any, containers: bool, why: str) -> list[Any] | None:
+        """What ``value`` stands for (:meth:`_leaves`), or None after reporting, with ``why`` appended,
+        that it cannot be followed to literals."""
         try:
-            leaves = list(self._leaves(value, key, containers=False))
+            return list(self._leaves(value, key, containers))
         except _Opaque as exc:
-            self._add(key, f"{exc}; {entry.name} accepts only {_choices(allowed)} here")
+            self._add(key, f"{exc}{why}")
+            return None
+
+    def _check_fixed(self, key: str, value: Any, allowed: tuple[Any, ...], entry: Vetted) -> None:
+        leaves = self._literals(key, value, False, f"; {entry.name} accepts only {_choices(allowed)} here")
+        if leaves is None:
             return
         if len(leaves) != 1 or isinstance(leaves[0], _Component) or leaves[0] not in allowed:
             self._add(key, f"{entry.name} accepts only {_choices(allowed)} here")
 
     def _check_names(self, key: str, value: Any, entry: Vetted) -> None:
-        try:
-            leaves = list(self._leaves(value, key, containers=False))
-        except _Opaque as exc:
-            self._add(key, f"{exc} (part of a file name of {entry.name})")
-            return
-        for leaf in leaves:
+        leaves = self._literals(key, value, False, f" (part of a file name of {entry.name})")
+        for leaf in leaves or ():
             if leaf is None or isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
                 continue
             if not isinstance(leaf, str) or not is_single_component(leaf):
@@ -187,12 +190,8 @@ class Confinement:
                                "no '/', '\\', '..' or NUL)")
 
     def _check_paths(self, key: str, value: Any, entry: Vetted, data: bool) -> None:
-        try:
-            leaves = list(self._leaves(value, key, containers=data))
-        except _Opaque as exc:
-            self._add(key, f"{exc}; a file or folder of {entry.name} must be a literal path")
-            return
-        for leaf in leaves:
+        leaves = self._literals(key, value, data, f"; a file or folder of {entry.name} must be a literal path")
+        for leaf in leaves or ():
             if isinstance(leaf, _Component):
                 if not data:  # a dataset or loader in a data argument is vetted where it stands
                     self._check_path_factory(key, leaf, entry)
