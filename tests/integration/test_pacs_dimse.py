@@ -15,7 +15,6 @@ import pytest
 from medseg.pacs.journal import Journal
 from tests.tools import HANG_GUARD
 from tests.integration.dimse import (
-    LISTENER_AET,
     MODALITY_AET,
     SECRETS,
     ListenerProcess,
@@ -26,17 +25,9 @@ from tests.integration.dimse import (
     wait_for_seg,
     wait_for_state,
 )
-from tests.integration.orthanc import Orthanc, require_tools, small_series, start_orthanc
+from tests.integration.orthanc import Orthanc, require_tools, small_series
 
 pytestmark = [pytest.mark.pacs, require_tools("orthanc", "dicomweb", "storescu")]
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory):
-    server = start_orthanc(tmp_path_factory.mktemp("orthanc"), always_allow_store=False,
-                           modalities={"medseg": (LISTENER_AET, "127.0.0.1", 104)})
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -33,19 +33,11 @@ from tests.integration.dimse import (
     wait_for_seg,
     wait_for_state,
 )
-from tests.integration.orthanc import Orthanc, free_port, require_tools, small_series, start_orthanc
+from tests.integration.orthanc import Orthanc, free_port, require_tools, small_series
 
 pytestmark = [pytest.mark.pacs, require_tools("orthanc", "dicomweb")]
 IDLE = 1.0
 PAUSE = 2.5 * IDLE  # a sender's pause between instances, its association open: well past the quiet time
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory):
-    server = start_orthanc(tmp_path_factory.mktemp("orthanc"), always_allow_store=False,
-                           modalities={"medseg": (LISTENER_AET, "127.0.0.1", 104)})
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
