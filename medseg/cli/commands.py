@@ -118,7 +118,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from medseg.errors import DicomError
 
-    if os.path.isfile(args.path):  # NIfTI / NRRD / MetaImage: its grid (medseg.io.image imports MONAI)
+    if os.path.isfile(args.path):  # NIfTI / NRRD / MetaImage: its grid (medseg.io.image: no torch or MONAI)
         from medseg.io.image import image_suffix, read_geometry
 
         if image_suffix(args.path):

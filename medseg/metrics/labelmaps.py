@@ -2,9 +2,9 @@
 
 A label map holds non-negative integer labels. Float pixel types are accepted when every value is
 integral (some tools write label maps as float32); NaN, infinite, fractional and negative values
-are refused, naming the file. SimpleITK's NIfTI reader turns NaN and infinite voxels into 0, which
-would make such a prediction look like background (and score Dice 1.0 where the reference is
-empty); :func:`read_label_map` therefore checks float NIfTI files on their stored values.
+are refused, naming the file. (NaN and infinite voxels of a file are refused when it is read,
+:func:`medseg.io.image.read_image`, which checks a float NIfTI on its stored values: SimpleITK
+would read them as 0, a background that could score Dice 1.0.)
 """
 
 from __future__ import annotations
