@@ -23,6 +23,7 @@ from medseg.data.datalist import Case, Datalist
 from medseg.errors import BundleError, printable
 from medseg.io.atomic import atomic_write_text
 from medseg.io.image import Geometry, read_image
+from medseg.layout import PLAN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,20 @@ class Plan:
             return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BundleError(f"{printable(path)}: not a valid medseg plan: {exc}") from None
+
+
+def load_plan(bundle_root: str | os.PathLike[str]) -> Plan:
+    """The plan of a bundle or run folder, ``bundle_root/configs/plan.json``.
+
+    Raises
+    ------
+    BundleError
+        Missing folder or plan, or an invalid plan.
+    """
+    root = Path(bundle_root)
+    if not root.is_dir():
+        raise BundleError(f"{printable(root)}: no such bundle or run folder (expected the --out folder of medseg train)")
+    return Plan.load(root / PLAN_FILE)
 
 
 _MISSING = object()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,12 @@ import torch
 from ignite.engine import Engine
 from monai.transforms import Compose, MapTransform
 
-from medseg.errors import BundleError, InputError
+from medseg.errors import InputError
 from medseg.inference.inferer import InvertPredictiond, SlabInferer
 from medseg.io.image import case_name, image_suffix, list_images, write_label_map
 from medseg.layout import META_FILE, PLAN_FILE, WEIGHTS_FILE  # noqa: F401 - re-exported for the bundle layer
-from medseg.plan import Plan
+from medseg.networks import load_weights, read_state_dict, torch_load_weights_only  # noqa: F401 - config factories
+from medseg.plan import Plan, load_plan
 
 log = logging.getLogger(__name__)
 
@@ -31,67 +31,6 @@ log = logging.getLogger(__name__)
 def bundle_path(bundle_root: str | os.PathLike[str], parts: Sequence[str]) -> str:
     """``bundle_root/parts[0]/parts[1]/...`` as a string (configs cannot concatenate without ``$``)."""
     return str(Path(bundle_root).joinpath(*parts))
-
-
-def load_plan(bundle_root: str | os.PathLike[str]) -> Plan:
-    """The plan of a bundle, ``bundle_root/configs/plan.json``.
-
-    Raises
-    ------
-    BundleError
-        If the bundle has no valid plan.
-    """
-    return Plan.load(Path(bundle_root) / PLAN_FILE)
-
-
-def torch_load_weights_only(path: str | os.PathLike[str]) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` without torch's warning about TorchScript
-    archives (which it then refuses with a RuntimeError: they carry code).
-
-    Raises
-    ------
-    Exception
-        Whatever ``torch.load`` raises for a missing, corrupt, pickled or TorchScript file.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*TorchScript archive", category=UserWarning)
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_state_dict(path: str | os.PathLike[str]) -> Mapping[str, Any]:
-    """A network state dict from a weights file or a training checkpoint (its ``"network"`` entry),
-    read with ``torch.load(weights_only=True)``: pickled code is refused.
-
-    Raises
-    ------
-    Exception
-        Whatever ``torch.load`` raises for a missing, corrupt or pickled file; callers name the file.
-    """
-    state = torch_load_weights_only(path)
-    if isinstance(state, Mapping) and isinstance(state.get("network"), Mapping):
-        state = state["network"]  # checkpoints/last.pt
-    return state
-
-
-def load_weights(network: torch.nn.Module, path: str | os.PathLike[str], device: str | torch.device = "cpu",
-                 strict: bool = True) -> torch.nn.Module:
-    """Load a state dict with ``torch.load(weights_only=True)`` into ``network``, move it to ``device``
-    and put it in eval mode.
-
-    Raises
-    ------
-    BundleError
-        Missing file, a file that is not a plain state dict (pickled code is refused), or tensors
-        that do not fit the network.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise BundleError(f"{path}: no such weights file; has the model been trained?")
-    try:
-        network.load_state_dict(read_state_dict(path), strict=strict)
-    except Exception as exc:  # noqa: BLE001 - any failure means unusable weights
-        raise BundleError(f"{path}: cannot load these weights ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
-    return network.to(device).eval()
 
 
 def image_list(dataset_dir: str | os.PathLike[str], subdir: str = "imagesTs") -> list[dict[str, str]]:

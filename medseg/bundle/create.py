@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 import medseg
-from medseg.bundle.codes import segment_code
 from medseg.errors import BundleError, InputError
 from medseg.io.atomic import atomic_write_text
+from medseg.labels import segment_code
 from medseg.logs import BUNDLE_LOGGING_CONF
 from medseg.plan import NetworkSpec, Plan
 

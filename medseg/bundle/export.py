@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from medseg.bundle.components import META_FILE, PLAN_FILE, WEIGHTS_FILE, load_plan, load_weights
 from medseg.bundle.monai_calls import INFERENCE_FILE, NET_ID, describe, quiet_monai
 from medseg.bundle.runner import weights_only_loads
 from medseg.errors import BundleError
 from medseg.io.atomic import atomic_path
-from medseg.networks import build_network
-from medseg.plan import Plan
+from medseg.layout import META_FILE, PLAN_FILE, WEIGHTS_FILE
+from medseg.networks import build_network, load_weights
+from medseg.plan import Plan, load_plan
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from medseg.bundle.components import META_FILE, WEIGHTS_FILE, load_plan, load_weights
 from medseg.bundle.create import NOT_TRAINED, README_FILE, local_paths
 from medseg.bundle.monai_calls import INFERENCE_FILE, NET_ID, describe, first_line, quiet_monai
 from medseg.bundle.runner import weights_only_loads
 from medseg.errors import BundleError
-from medseg.networks import build_network
-from medseg.plan import Plan
+from medseg.layout import META_FILE, WEIGHTS_FILE
+from medseg.networks import build_network, load_weights
+from medseg.plan import Plan, load_plan
 
 log = logging.getLogger(__name__)
 

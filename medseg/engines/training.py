@@ -35,21 +35,44 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from medseg.bundle.components import load_plan
-from medseg.bundle.create import describe_data_source, plan_bundle, record_training, write_bundle
+from medseg.bundle.create import (
+    describe_data_source,
+    plan_bundle,
+    record_training,
+    write_bundle,
+)
 from medseg.data.datalist import Case, Datalist, load_datalist, validate_datalist
 from medseg.devices import resolve_device
-from medseg.engines.budget import FinalValidation, IterationLimit, TimeBudget, probe_validation
-from medseg.engines.progress import Clock, Pace, ProgressLog, Schedule, duration, log_validation
+from medseg.engines.budget import (
+    FinalValidation,
+    IterationLimit,
+    TimeBudget,
+    probe_validation,
+)
+from medseg.engines.progress import (
+    Clock,
+    Pace,
+    ProgressLog,
+    Schedule,
+    duration,
+    log_validation,
+)
 from medseg.engines.records import RunCheckpoints, completed_epochs, per_label_dice
 from medseg.engines.rundir import RunFolderGuard
 from medseg.engines.weights import load_matching_weights, read_init_weights
-from medseg.engines.workflow import METRIC, PreparedRun, build_evaluator, build_trainer, iteration_loss, prepare_run
+from medseg.engines.workflow import (
+    METRIC,
+    PreparedRun,
+    build_evaluator,
+    build_trainer,
+    iteration_loss,
+    prepare_run,
+)
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.image import case_name, list_images
 from medseg.logs import held_info
-from medseg.plan import NetworkSpec, Plan
+from medseg.plan import NetworkSpec, Plan, load_plan
 
 __all__ = ["TrainOptions", "load_matching_weights", "resolve_device", "train", "train_bundle", "training_datalist"]
 

@@ -8,17 +8,17 @@ leaves nothing behind.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medseg.bundle.components import read_state_dict, torch_load_weights_only
 from medseg.errors import BundleError, InputError
+from medseg.networks import read_state_dict, torch_load_weights_only
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import SimpleITK as sitk
 
-from medseg.bundle.codes import is_lesion_name
 from medseg.errors import BundleError, InputError, MedsegError, one_line, root_cause
 from medseg.inference.fit import fit_problems
 from medseg.io.image import (
@@ -39,9 +38,10 @@ from medseg.io.image import (
     read_image,
     write_label_map,
 )
-from medseg.layout import META_FILE, PLAN_FILE, WEIGHTS_FILE
+from medseg.labels import is_lesion_name
+from medseg.layout import META_FILE, WEIGHTS_FILE
 from medseg.logs import held_info
-from medseg.plan import Plan
+from medseg.plan import Plan, load_plan
 
 if TYPE_CHECKING:
     import torch
@@ -54,20 +54,6 @@ def output_name(image: Path, kind: str = "seg") -> str:
     return f"{case_name(image)}_{kind}{image_suffix(image)}"
 
 
-def read_plan(run_dir: str | os.PathLike[str]) -> Plan:
-    """A bundle's (or run folder's) plan, ``configs/plan.json``, read without importing torch.
-
-    Raises
-    ------
-    BundleError
-        Missing folder or plan, or an invalid plan.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise BundleError(f"{run_dir}: no such bundle or run folder (expected the --out folder of medseg train)")
-    return Plan.load(run_dir / PLAN_FILE)
-
-
 def load_model(run_dir: str | os.PathLike[str], device: torch.device) -> tuple[Plan, torch.nn.Module]:
     """Load a bundle's (or run folder's) plan and weights, ``configs/plan.json`` and ``models/model.pt``,
     through the same factories its ``inference.json`` names.
@@ -77,10 +63,9 @@ def load_model(run_dir: str | os.PathLike[str], device: torch.device) -> tuple[P
     BundleError
         Missing folder, plan or weights, or weights that do not fit the plan's network.
     """
-    from medseg.bundle.components import load_weights
-    from medseg.networks import build_network
+    from medseg.networks import build_network, load_weights
 
-    plan = read_plan(run_dir)
+    plan = load_plan(run_dir)
     network = load_weights(build_network(plan), Path(run_dir) / WEIGHTS_FILE, device)
     return plan, network
 
@@ -191,7 +176,10 @@ class Predictor:
         """
         import torch
 
-        from medseg.bundle.components import inference_postprocessing, sliding_window_inferer
+        from medseg.bundle.components import (
+            inference_postprocessing,
+            sliding_window_inferer,
+        )
 
         data, image_path = loaded.data, loaded.path
         image = data["image"]
@@ -294,7 +282,7 @@ def predict(run_dir: str | os.PathLike[str], input_path: str | os.PathLike[str],
     """
     _check_options(overlap, sw_batch_size)
     inputs = collect_inputs(input_path)
-    plan = read_plan(run_dir)
+    plan = load_plan(run_dir)
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(output_dir, "exists and is not a folder")
@@ -447,7 +435,7 @@ def predict_dicom(run_dir: str | os.PathLike[str], input_path: str | os.PathLike
         series = dicom.select_series(scan, series_uid=series_uid, modality=modality, min_slices=min_slices,
                                      description=description)
         _check_options(overlap, sw_batch_size)
-        plan = read_plan(run_dir)
+        plan = load_plan(run_dir)
         if plan.dims != 3:
             raise InputError(Path(run_dir), f"is a {plan.dims}D model; DICOM series need a 3D model")
         meta = bundle_metadata(run_dir)

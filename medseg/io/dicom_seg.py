@@ -32,8 +32,9 @@ from pydicom.sr.coding import Code
 
 from medseg.errors import BundleError, DicomError
 from medseg.io.atomic import atomic_path
+from medseg.labels import label_colour_255, segment_code
 
-__all__ = ["SourcePlane", "segment_descriptions", "source_planes", "segment_colour", "write_dicom_seg"]
+__all__ = ["SourcePlane", "segment_descriptions", "source_planes", "write_dicom_seg"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def segment_descriptions(metadata: Mapping[str, Any], labels: Mapping[int, str],
     foreground label, from the bundle's ``metadata.json`` ``"segments"``.
 
     A label missing from ``"segments"`` (bundles made before segment metadata existed) gets the
-    code medseg knows for its name (:func:`medseg.bundle.codes.segment_code`), with a warning.
+    code medseg knows for its name (:func:`medseg.labels.segment_code`), with a warning.
 
     Parameters
     ----------
@@ -75,8 +76,6 @@ def segment_descriptions(metadata: Mapping[str, Any], labels: Mapping[int, str],
         A foreground label without a code (when ``require_codes``), or a ``"segments"`` entry
         whose name differs from the model's label name.
     """
-    from medseg.bundle.codes import segment_code
-
     where = os.fspath(source) if source is not None else "metadata.json"
     entries = metadata.get("segments") if isinstance(metadata.get("segments"), Mapping) else {}
     result: dict[int, dict[str, Any]] = {}
@@ -100,13 +99,6 @@ def segment_descriptions(metadata: Mapping[str, Any], labels: Mapping[int, str],
     if not result:
         raise BundleError(f"{where}: the model has no foreground label to describe")
     return result
-
-
-def segment_colour(value: int) -> tuple[int, int, int]:
-    """The 0-255 RGB display colour of a label: the colour of medseg's report figures."""
-    from medseg.reports.figures import label_colour
-
-    return tuple(int(round(255 * c)) for c in label_colour(value))  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +279,7 @@ def write_dicom_seg(label_map: np.ndarray, sources: Sequence[pydicom.Dataset], s
             segmented_property_type=Code(snomed["code"], snomed["scheme"], snomed["meaning"]),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            display_color=hd.color.CIELabColor.from_rgb(*segment_colour(value)),
+            display_color=hd.color.CIELabColor.from_rgb(*label_colour_255(value)),
         ))
     if not pixels.any():
         log.warning("series %s: the prediction is empty; the SEG describes %d segment(s) with empty frames only",

@@ -23,11 +23,17 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
+    RTStructureSetStorage,
+    generate_uid,
+)
 from pydicom.valuerep import format_number_as_ds
 
 from medseg.io.atomic import atomic_path
-from medseg.io.dicom_seg import SourcePlane, _check_label_map, _coded, segment_colour, source_planes
+from medseg.io.dicom_seg import SourcePlane, _check_label_map, _coded, source_planes
+from medseg.labels import label_colour_255
 
 __all__ = ["write_rtstruct", "mask_contours"]
 
@@ -187,7 +193,7 @@ def write_rtstruct(label_map: np.ndarray, sources: Sequence[pydicom.Dataset], se
         rois.append(roi)
 
         contour_item = Dataset()
-        contour_item.ROIDisplayColor = list(segment_colour(value))
+        contour_item.ROIDisplayColor = list(label_colour_255(value))
         contours = []
         for k, plane in enumerate(planes):
             mask = label_map[k] == value

@@ -42,6 +42,7 @@ from scipy import ndimage
 
 from medseg.io.atomic import atomic_path
 from medseg.io.image import Geometry
+from medseg.labels.colours import PALETTE, label_colour
 
 __all__ = ["LABEL_ALPHA", "label_colour", "render_overlay", "overlay_png", "dice_boxplot_png", "training_curves_png"]
 
@@ -49,12 +50,6 @@ log = logging.getLogger(__name__)
 
 #: Opacity of the filled label overlay.
 LABEL_ALPHA = 0.45
-#: tab10, with its grey (invisible over a grey image) replaced by teal. Label n gets entry (n - 1) % 10.
-_PALETTE: tuple[tuple[float, float, float], ...] = (
-    (0.1216, 0.4667, 0.7059), (1.0, 0.498, 0.0549), (0.1725, 0.6275, 0.1725), (0.8392, 0.1529, 0.1569),
-    (0.5804, 0.4039, 0.7412), (0.549, 0.3373, 0.2941), (0.8902, 0.4667, 0.7608), (0.0, 0.55, 0.55),
-    (0.7373, 0.7412, 0.1333), (0.0902, 0.7451, 0.8118),
-)
 _DPI = 100
 _PANEL_IN = 2.4  # width of one overlay panel cell, inches
 _HEADER_IN = 0.75  # title + legend band
@@ -62,11 +57,6 @@ _LETTER = {"color": "yellow", "fontsize": 7, "fontweight": "bold"}
 _MAX_PERCENTILE_SAMPLES = 1 << 20
 #: 128 grey levels (about 3 HU each in a 400 HU window, below the noise): 10 % smaller PNGs than 256
 _GREY = colormaps["gray"].resampled(128)
-
-
-def label_colour(label: int) -> tuple[float, float, float]:
-    """The fixed RGB colour (0-1) of a label value: tab10-like, the same in every figure."""
-    return _PALETTE[(int(label) - 1) % len(_PALETTE)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,7 +381,7 @@ def dice_boxplot_png(dice_by_label: Mapping[str, Sequence[float]], out: str | Pa
         rng = np.random.default_rng(0)
         for i in with_data:
             jitter = rng.uniform(-0.12, 0.12, values[i].size)
-            ax.scatter(i + 1 + jitter, values[i], s=12, color=_PALETTE[i % len(_PALETTE)], alpha=0.8, zorder=3)
+            ax.scatter(i + 1 + jitter, values[i], s=12, color=PALETTE[i % len(PALETTE)], alpha=0.8, zorder=3)
     for i, v in enumerate(values):
         if not v.size:
             ax.text(i + 1, 0.5, "n/a", ha="center", va="center", fontsize=8, color="grey")
@@ -425,7 +415,7 @@ def training_curves_png(epochs: Sequence[int], losses: Sequence[float], val_epoc
     figure = _new_figure(8.0, 3.2)
     loss_ax, dice_ax = figure.subplots(1, 2)
     if len(epochs):
-        loss_ax.plot(list(epochs), [float(v) for v in losses], marker="o", markersize=3, color=_PALETTE[0])
+        loss_ax.plot(list(epochs), [float(v) for v in losses], marker="o", markersize=3, color=PALETTE[0])
     else:
         loss_ax.text(0.5, 0.5, "no epochs", ha="center", va="center", transform=loss_ax.transAxes, color="grey")
     loss_ax.set_xlabel("epoch")
@@ -434,7 +424,7 @@ def training_curves_png(epochs: Sequence[int], losses: Sequence[float], val_epoc
     loss_ax.grid(alpha=0.3)
     dice = np.asarray([float(v) for v in val_dice], dtype=np.float64)
     if dice.size:
-        dice_ax.plot(list(val_epochs), dice, marker="o", markersize=3, color=_PALETTE[2])
+        dice_ax.plot(list(val_epochs), dice, marker="o", markersize=3, color=PALETTE[2])
         finite = np.flatnonzero(np.isfinite(dice))
         if finite.size:
             best = int(finite[np.argmax(dice[finite])])

@@ -11,13 +11,12 @@ import pytest
 import SimpleITK as sitk
 from skimage.draw import polygon
 
-from medseg.bundle.codes import segment_code
 from medseg.data.synthetic_dicom import write_dicom_series
 from medseg.errors import BundleError
 from medseg.io.dicom_seg import segment_descriptions, source_planes, write_dicom_seg
 from medseg.io.rtstruct import mask_contours, write_rtstruct
+from medseg.labels import segment_code
 from tests.tools import dciodvfy_errors, needs_dciodvfy
-
 
 LABELS = {0: "background", 1: "liver", 2: "spleen", 3: "lesion"}
 SEGMENTS = {v: segment_code(n) for v, n in LABELS.items() if v}

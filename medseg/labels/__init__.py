@@ -1,0 +1,17 @@
+"""Labels: names (what each label-map value means), SNOMED CT codes and display colours.
+
+The bottom layer of medseg with :mod:`medseg.errors`: every other layer takes label names, codes
+and colours from here, never from a list of its own.
+"""
+
+from medseg.labels.codes import is_lesion_name, segment_code
+from medseg.labels.colours import label_colour, label_colour_255
+from medseg.labels.names import (
+           MAX_LABEL,
+           parse_label_mapping,
+           parse_labels,
+           read_label_names,
+)
+
+__all__ = ["MAX_LABEL", "is_lesion_name", "label_colour", "label_colour_255", "parse_label_mapping", "parse_labels",
+           "read_label_names", "segment_code"]
