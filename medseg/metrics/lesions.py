@@ -356,7 +356,35 @@ def lesion_wise(
     ref_volumes = np.bincount(ref_lab.reshape(-1), minlength=n_ref + 1) * voxel_ml
     pred_volumes = np.bincount(pred_lab.reshape(-1), minlength=n_pred + 1) * voxel_ml
 
-    # predicted components matched to each reference lesion (scored or not)
+    matched = _matched_components(ref_lab, ref_boxes, pred_lab, element)
+    absorbed = np.zeros(n_pred + 1, dtype=bool)
+    for ids in matched:
+        absorbed[ids] = True
+
+    rows: list[LesionMatch] = []
+    for ref_id, (box, ids) in enumerate(zip(ref_boxes, matched, strict=True), start=1):
+        ref_ml = float(ref_volumes[ref_id])
+        if not _keep(ref_ml, min_volume_ml):
+            continue
+        if ids.size == 0:  # FN
+            rows.append(LesionMatch(ref_id, (), ref_ml, 0.0, 0.0, penalty))
+            continue
+        union = _union_box([box, *(pred_boxes[i - 1] for i in ids)])
+        p = np.isin(pred_lab[union], ids).astype(np.uint8)
+        r = (ref_lab[union] == ref_id).astype(np.uint8)
+        metrics = label_metrics(p, r, 1, spacing_t)
+        pred_ml = float(pred_volumes[ids].sum())
+        rows.append(LesionMatch(ref_id, tuple(int(i) for i in ids), ref_ml, pred_ml, metrics.dice, metrics.hd95_mm))
+    for pred_id in range(1, n_pred + 1):  # FP: predicted lesions no scored or unscored reference lesion absorbed
+        pred_ml = float(pred_volumes[pred_id])
+        if not absorbed[pred_id] and _keep(pred_ml, min_volume_ml):
+            rows.append(LesionMatch(None, (pred_id,), 0.0, pred_ml, 0.0, penalty))
+    return _summary(rows, penalty)
+
+
+def _matched_components(ref_lab: np.ndarray, ref_boxes: Sequence[tuple[slice, ...] | None], pred_lab: np.ndarray,
+                        element: np.ndarray | None) -> list[np.ndarray]:
+    """The predicted component ids that touch each reference lesion (or its dilation), scored or not."""
     matched: list[np.ndarray] = []
     for ref_id, box in enumerate(ref_boxes, start=1):
         if element is None:
@@ -366,36 +394,14 @@ def lesion_wise(
             zone = ndimage.binary_dilation(ref_lab[box] == ref_id, structure=element)
         ids = np.unique(pred_lab[box][zone])
         matched.append(ids[ids > 0])
-    absorbed = np.zeros(n_pred + 1, dtype=bool)
-    for ids in matched:
-        absorbed[ids] = True
+    return matched
 
-    rows: list[LesionMatch] = []
-    tp = fn = 0
-    for ref_id, (box, ids) in enumerate(zip(ref_boxes, matched, strict=True), start=1):
-        ref_ml = float(ref_volumes[ref_id])
-        if not _keep(ref_ml, min_volume_ml):
-            continue
-        if ids.size == 0:
-            fn += 1
-            rows.append(LesionMatch(ref_id, (), ref_ml, 0.0, 0.0, penalty))
-            continue
-        tp += 1
-        union = _union_box([box, *(pred_boxes[i - 1] for i in ids)])
-        p = np.isin(pred_lab[union], ids).astype(np.uint8)
-        r = (ref_lab[union] == ref_id).astype(np.uint8)
-        metrics = label_metrics(p, r, 1, spacing_t)
-        pred_ml = float(pred_volumes[ids].sum())
-        rows.append(LesionMatch(ref_id, tuple(int(i) for i in ids), ref_ml, pred_ml, metrics.dice, metrics.hd95_mm))
 
-    fp = 0
-    for pred_id in range(1, n_pred + 1):
-        pred_ml = float(pred_volumes[pred_id])
-        if absorbed[pred_id] or not _keep(pred_ml, min_volume_ml):
-            continue
-        fp += 1
-        rows.append(LesionMatch(None, (pred_id,), 0.0, pred_ml, 0.0, penalty))
-
+def _summary(rows: list[LesionMatch], penalty: float) -> LesionSummary:
+    """TP/FP/FN counts and the lesion-wise scores of the matches (FN and FP lesions score Dice 0, HD95 ``penalty``)."""
+    tp = sum(1 for m in rows if m.ref_id is not None and m.pred_ids)
+    fn = sum(1 for m in rows if m.ref_id is not None and not m.pred_ids)
+    fp = sum(1 for m in rows if m.ref_id is None)
     n = tp + fn + fp
     if n == 0:
         return LesionSummary(0, 0, 0, 1.0, 1.0, 1.0, 1.0, 0.0, ())

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,62 @@ def build_report(pred_dir: str | os.PathLike[str], images_dir: str | os.PathLike
     ValueError
         ``modality`` is not CT or MR, or ``labels`` has a negative key.
     """
+    fixed_modality, declared = _checked_options(modality, labels)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(out_dir, "exists and is not a folder")
+    pairs = pair_predictions(pred_dir, images_dir)
+    geometries = _checked_grids(pairs)
+    log.info("report on %d case(s) from %s over %s", len(pairs), pred_dir, images_dir)
+    cases = _measure_cases(pairs, geometries, declared, fixed_modality)
+
+    names = declared if declared is not None else {v: f"label_{v}" for v in sorted(cases.seen)}
+    foreground = sorted(names)
+    if not foreground:
+        log.warning("no structure in any prediction: structures.csv has no rows")
+    rows: list[dict[str, Any]] = []
+    for info in cases.info:  # one row per case and label, absent labels included
+        case = info["case"]
+        by_label = {row["label"]: row for row in cases.rows[case]}
+        for label in foreground:
+            rows.append(by_label.get(label) or empty_statistics(label, names[label], info["unit"], case))
+    modalities = sorted({info["modality"] for info in cases.info})
+    label_summary = _label_summary(rows, names, foreground, len(cases.info))
+
+    out_dir = out_dir.resolve()
+    paths = {
+        "csv": out_dir / "structures.csv",
+        "json": out_dir / "structures.json",
+        "html": out_dir / "report.html",
+        "png": [out_dir / f"{info['case']}.png" for info in cases.info],
+    }
+    summary: dict[str, Any] = {
+        "cases": len(cases.info),
+        "case_names": [info["case"] for info in cases.info],
+        "modality": modalities[0] if len(modalities) == 1 else "mixed",
+        "labels": label_summary,
+        "out_dir": str(out_dir),
+        "files": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in paths.items()},
+    }
+    _write_report(Path(pred_dir).name, paths, cases, rows, label_summary, summary["modality"])
+    return summary
+
+
+@dataclass
+class _Cases:
+    """What :func:`_measure_cases` measured and drew, nothing written yet."""
+
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    pngs: dict[str, bytes] = field(default_factory=dict)
+    info: list[dict[str, Any]] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+
+
+def _checked_options(modality: str | None,
+                     labels: Mapping[int, str] | None) -> tuple[str | None, dict[int, str] | None]:
+    """The modality (CT / MR or None: guessed per case) and the declared foreground labels.
+
+    Raises ValueError for an unsupported modality or a negative label value."""
     fixed_modality: str | None = None
     if modality is not None:
         fixed_modality = _MODALITIES.get(str(modality).strip().upper())
@@ -181,24 +238,29 @@ def build_report(pred_dir: str | os.PathLike[str], images_dir: str | os.PathLike
         declared = {int(k): str(v) for k, v in labels.items() if int(k) != 0}
         if any(k < 0 for k in declared):
             raise ValueError(f"label values must be >= 0, got {sorted(declared)}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(out_dir, "exists and is not a folder")
+    return fixed_modality, declared
 
-    pairs = pair_predictions(pred_dir, images_dir)
+
+def _checked_grids(pairs: list[tuple[str, Path, Path]]) -> dict[str, Geometry]:
+    """Header-only check of every (case, prediction, image) pair before any pixel is read.
+
+    Raises InputError for a prediction whose grid differs from its image's."""
     geometries: dict[str, Geometry] = {}
-    for case, pred, image in pairs:  # header-only check of every pair before any pixel is read
+    for case, pred, image in pairs:
         geometry = read_geometry(image)
         difference = geometry.mismatch(read_geometry(pred))
         if difference is not None:
             raise InputError(pred, f"grid does not match its image {image.name}: {difference}")
         geometries[case] = geometry
-    log.info("report on %d case(s) from %s over %s", len(pairs), pred_dir, images_dir)
+    return geometries
 
-    rows_by_case: dict[str, list[dict[str, Any]]] = {}
-    pngs: dict[str, bytes] = {}
-    case_info: list[dict[str, Any]] = []
-    seen: set[int] = set()
+
+def _measure_cases(pairs: list[tuple[str, Path, Path]], geometries: Mapping[str, Geometry],
+                   declared: dict[int, str] | None, fixed_modality: str | None) -> _Cases:
+    """Statistics and the overlay PNG of every case (in memory).
+
+    Raises InputError for an unreadable image or a prediction that is not a valid label map."""
+    cases = _Cases()
     progress = tqdm(pairs, desc="report", unit="case", disable=not sys.stderr.isatty())
     for case, pred, image_path in progress:
         image = to_array(read_image(image_path))
@@ -207,72 +269,46 @@ def build_report(pred_dir: str | os.PathLike[str], images_dir: str | os.PathLike
         unit = unit_for_modality(case_modality)
         geometry = geometries[case]
         present = {int(v) for v in np.unique(label_map) if v != 0}
-        seen |= present
+        cases.seen |= present
         names = declared if declared is not None else {v: f"label_{v}" for v in present}
-        rows_by_case[case] = structure_statistics(label_map, image, geometry.spacing, names, unit, case=case)
+        cases.rows[case] = structure_statistics(label_map, image, geometry.spacing, names, unit, case=case)
         window = CT_WINDOW if case_modality == "CT" else None
-        pngs[case], _ = render_overlay(image, label_map, geometry.spacing, names,
-                                        f"{case} ({case_modality})", window, geometry)
-        case_info.append({"case": case, "image": str(image_path), "prediction": str(pred),
-                          "modality": case_modality, "unit": unit, "size": list(geometry.size),
-                          "spacing_mm": list(geometry.spacing)})
+        cases.pngs[case], _ = render_overlay(image, label_map, geometry.spacing, names,
+                                              f"{case} ({case_modality})", window, geometry)
+        cases.info.append({"case": case, "image": str(image_path), "prediction": str(pred),
+                           "modality": case_modality, "unit": unit, "size": list(geometry.size),
+                           "spacing_mm": list(geometry.spacing)})
         log.debug("%s: %s, labels %s", case, case_modality, sorted(present))
+    return cases
 
-    names = declared if declared is not None else {v: f"label_{v}" for v in sorted(seen)}
-    foreground = sorted(names)
-    if not foreground:
-        log.warning("no structure in any prediction: structures.csv has no rows")
-    rows: list[dict[str, Any]] = []
-    for info in case_info:  # one row per case and label, absent labels included
-        case = info["case"]
-        by_label = {row["label"]: row for row in rows_by_case[case]}
-        for label in foreground:
-            rows.append(by_label.get(label) or empty_statistics(label, names[label], info["unit"], case))
-    modalities = sorted({info["modality"] for info in case_info})
-    label_summary = _label_summary(rows, names, foreground, len(case_info))
 
-    out_dir = out_dir.resolve()
-    paths = {
-        "csv": out_dir / "structures.csv",
-        "json": out_dir / "structures.json",
-        "html": out_dir / "report.html",
-        "png": [out_dir / f"{info['case']}.png" for info in case_info],
-    }
-    summary: dict[str, Any] = {
-        "cases": len(case_info),
-        "case_names": [info["case"] for info in case_info],
-        "modality": modalities[0] if len(modalities) == 1 else "mixed",
-        "labels": label_summary,
-        "out_dir": str(out_dir),
-        "files": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in paths.items()},
-    }
+def _write_report(title: str, paths: Mapping[str, Any], cases: _Cases, rows: list[dict[str, Any]],
+                  label_summary: dict[str, Any], modality: str) -> None:
+    """Write the PNGs, ``structures.csv``, ``structures.json`` and ``report.html`` (each atomically)."""
     document = {
         "columns": list(STAT_COLUMNS),
         "rows": [{k: _json_value(row[k]) for k in STAT_COLUMNS} for row in rows],
-        "cases": case_info,
+        "cases": cases.info,
         "labels": label_summary,
-        "modality": summary["modality"],
+        "modality": modality,
     }
     json_text = json.dumps(document, indent=2, allow_nan=False) + "\n"
-
-    # everything is checked, measured and drawn: write
-    for info, png_path in zip(case_info, paths["png"]):
+    for info, png_path in zip(cases.info, paths["png"], strict=True):
         with atomic_path(png_path) as tmp:
-            tmp.write_bytes(pngs[info["case"]])
+            tmp.write_bytes(cases.pngs[info["case"]])
     atomic_write_text(paths["csv"], _csv_text(rows))
     atomic_write_text(paths["json"], json_text)
-    write_report_html(paths["html"], f"Segmentation report: {Path(pred_dir).name}",
-                      _summary_table(label_summary, len(case_info)),
-                      [{"case": info["case"], "png": pngs[info["case"]],
+    write_report_html(paths["html"], f"Segmentation report: {title}",
+                      _summary_table(label_summary, len(cases.info)),
+                      [{"case": info["case"], "png": cases.pngs[info["case"]],
                         "note": f"{info['modality']}, grid {' x '.join(map(str, info['size']))}, spacing "
                                 f"{' x '.join(f'{s:.3g}' for s in info['spacing_mm'])} mm; "
                                 f"prediction {Path(info['prediction']).name}",
                         "rows": [{k: v for k, v in row.items() if k != "case"} for row in rows
                                  if row["case"] == info["case"]]}
-                       for info in case_info],
+                       for info in cases.info],
                       intro=_INTRO)
-    log.info("wrote the report of %d case(s) to %s", len(case_info), paths["html"])
-    return summary
+    log.info("wrote the report of %d case(s) to %s", len(cases.info), paths["html"])
 
 
 _INTRO = ("Volumes in mL (voxel count x voxel volume); intensity statistics inside each structure "
