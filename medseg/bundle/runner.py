@@ -180,8 +180,12 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
             if quiet:
                 for name in ("monai.bundle.scripts", "monai.bundle.workflows"):  # own handlers, level INFO
                     logging.getLogger(name).setLevel(logging.WARNING)
-            if trust:
-                run(**kwargs, **values)
+            if trust:  # the bundle's own code may be imported while it runs, not by whatever runs next
+                saved_path = list(sys.path)
+                try:
+                    run(**kwargs, **values)
+                finally:
+                    sys.path[:] = saved_path
             else:
                 with _isolated(bundle, config_file, tmp) as copy, warnings.catch_warnings():
                     # MONAI warns that _target_ runs with no allow list: in safe mode it was checked against one
