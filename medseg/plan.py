@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 from nibabel.orientations import io_orientation
 
+from medseg.architectures import ARCHITECTURES, FIELDS, NORMS, NetworkSpec
 from medseg.data.datalist import Case, Datalist
 from medseg.errors import BundleError, printable
 from medseg.io.atomic import atomic_write_text
@@ -40,18 +41,6 @@ class Intensity:
     a_max: float | None = None
     mean: float | None = None
     std: float | None = None
-
-
-@dataclass
-class NetworkSpec:
-    """Arguments of the network factory (:func:`medseg.networks.build_network`)."""
-
-    name: str = "unet"
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    strides: tuple[int, ...] = (2, 2, 2)
-    num_res_units: int = 1
-    norm: str = "instance"
-    dropout: float = 0.0
 
 
 @dataclass
@@ -80,6 +69,7 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"] = {str(k): v for k, v in self.labels.items()}
+        data["network"] = self.network.to_json()
         return data
 
     @classmethod
@@ -91,7 +81,8 @@ class Plan:
         ValueError
             Naming the first bad field: not a JSON object, an unknown format, a missing or unknown
             field, or a value of the wrong type or range (e.g. ``target_spacing: "abc"``, a patch size
-            given as strings, labels that are not a mapping of integers to names).
+            given as strings, labels that are not a mapping of integers to names), a network field of
+            another architecture, a patch the network cannot take (see :func:`checked_network`).
         """
         fields = _Fields(data, "plan")
         plan_format = fields.get("format", str)
@@ -106,11 +97,12 @@ class Plan:
                                           "positive numbers"),
             patch_size=fields.numbers("patch_size", dims, int, lambda v: v >= 1, "positive integers"),
             intensity=_intensity(_Fields(fields.get("intensity", dict), "intensity")),
-            network=_network(_Fields(fields.get("network", dict, default={}), "network")),
+            network=_network(_Fields(fields.get("network", dict, default={}), "network"), dims),
             overlap=fields.get("overlap", float, lambda v: 0 <= v < 1, "a number in [0, 1)", default=0.5),
             sw_batch_size=fields.get("sw_batch_size", int, lambda v: v >= 1, "an integer >= 1", default=2),
         )
         fields.done()
+        plan.network = checked_network(plan.network, plan.patch_size, plan.target_spacing)
         return plan
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -253,26 +245,87 @@ def _intensity(fields: _Fields) -> Intensity:
     return Intensity(preset, **values)
 
 
-def _network(fields: _Fields) -> NetworkSpec:
-    default = NetworkSpec()
+def _network(fields: _Fields, dims: int) -> NetworkSpec:
+    """The ``network`` object: ``name`` (absent: ``"unet"``, so plans written before DynUNet and SegResNet
+    load as they did) and that architecture's fields, each defaulting to :class:`NetworkSpec`'s; the
+    fields of another architecture are refused by name."""
+    name = fields.get("name", str, lambda v: v in ARCHITECTURES, " or ".join(f'"{a}"' for a in ARCHITECTURES),
+                      default="unet")
+    foreign = sorted(set(fields.data) & (set().union(*FIELDS.values()) - set(FIELDS[name])))
+    if foreign:
+        raise ValueError(f"field 'network.{foreign[0]}' is not a setting of the {name} network (its settings: "
+                         f"{', '.join(FIELDS[name])})")
+    default = NetworkSpec(name)
+    norms = (lambda v: bool(v), "a normalisation name") if name == "unet" else \
+        (lambda v: v in NORMS, " or ".join(f'"{n}"' for n in NORMS))
+    values = {"norm": fields.get("norm", str, *norms, default=default.norm),
+              "dropout": fields.get("dropout", float, lambda v: 0 <= v < 1, "a number in [0, 1)",
+                                    default=default.dropout)}
+    values.update({"unet": _unet, "dynunet": _dynunet, "segresnet": _segresnet}[name](fields, default, dims))
+    fields.done()
+    return NetworkSpec(name, **values)
+
+
+def _unet(fields: _Fields, default: NetworkSpec, dims: int) -> dict[str, Any]:
     channels = fields.numbers("channels", None, int, lambda v: v >= 1, "positive integers") \
         if "channels" in fields.data else default.channels
     strides = fields.numbers("strides", len(channels) - 1, int, lambda v: v >= 1, "positive integers (one fewer "
                              "than channels)") if "strides" in fields.data else default.strides
-    if len(strides) != len(channels) - 1:
-        raise ValueError(f"field 'network.strides' must have one value fewer than 'network.channels' "
-                         f"({len(channels)})")
-    spec = NetworkSpec(
-        name=fields.get("name", str, bool, "a network name", default=default.name),
-        channels=tuple(channels),
-        strides=tuple(strides),
-        num_res_units=fields.get("num_res_units", int, lambda v: v >= 0, "an integer >= 0",
-                                 default=default.num_res_units),
-        norm=fields.get("norm", str, bool, "a normalisation name", default=default.norm),
-        dropout=fields.get("dropout", float, lambda v: 0 <= v < 1, "a number in [0, 1)", default=default.dropout),
-    )
     fields.read.update({"channels", "strides"})
-    fields.done()
+    return {"channels": tuple(channels), "strides": tuple(strides),
+            "num_res_units": fields.get("num_res_units", int, lambda v: v >= 0, "an integer >= 0",
+                                        default=default.num_res_units)}
+
+
+def _dynunet(fields: _Fields, default: NetworkSpec, dims: int) -> dict[str, Any]:
+    """DynUNet fields; ``filters``, ``kernel_sizes`` and ``level_strides`` absent or empty: planned later
+    from the patch (see :meth:`NetworkSpec.planned`)."""
+    filters = fields.numbers("filters", None, int, lambda v: v >= 1, "positive integers (one per level)") \
+        if fields.data.get("filters") not in (None, [], ()) else default.filters
+    fields.read.add("filters")
+    return {"filters": tuple(filters),
+            "kernel_sizes": _levels(fields, "kernel_sizes", dims, (1, 3, 5, 7), "1, 3, 5 or 7"),
+            "level_strides": _levels(fields, "level_strides", dims, (1, 2), "1 or 2"),
+            "res_block": fields.get("res_block", object, lambda v: isinstance(v, bool), "true or false",
+                                    default=default.res_block)}
+
+
+def _levels(fields: _Fields, key: str, dims: int, allowed: tuple[int, ...], expected: str) -> tuple:
+    """``network.<key>``: a list of levels, each a list of ``dims`` values from ``allowed``; absent or empty: ()."""
+    fields.read.add(key)
+    if fields.data.get(key) in (None, [], ()):
+        return ()
+    value = fields.data[key]
+    levels = tuple(tuple(_as(v, int) for v in level) if isinstance(level, (list, tuple)) else None
+                   for level in value) if isinstance(value, (list, tuple)) else None
+    if not levels or any(level is None or len(level) != dims or any(v not in allowed for v in level)
+                         for level in levels):
+        raise ValueError(f"field 'network.{key}' must be a list of levels, each a list of {dims} values "
+                         f"{expected}, got {_shown(value)}")
+    return levels
+
+
+def _segresnet(fields: _Fields, default: NetworkSpec, dims: int) -> dict[str, Any]:
+    blocks = {key: tuple(fields.numbers(key, None, int, lambda v: v >= 1, "positive integers"))
+              if key in fields.data else getattr(default, key) for key in ("blocks_down", "blocks_up")}
+    fields.read.update(blocks)
+    return {"init_filters": fields.get("init_filters", int, lambda v: v >= 1, "an integer >= 1",
+                                       default=default.init_filters), **blocks}
+
+
+def checked_network(spec: NetworkSpec, patch_size: Sequence[int], spacing: Sequence[float]) -> NetworkSpec:
+    """``spec`` planned for the patch (a DynUNet's missing topology, see :meth:`NetworkSpec.planned`) and
+    checked, with the patch, against the architecture's rules.
+
+    Raises
+    ------
+    ValueError
+        Naming the field: fields that do not fit together, a patch too small for a DynUNet, or a patch
+        that is not a multiple of what the network needs along each axis (:meth:`NetworkSpec.patch_divisors`).
+    """
+    spec = spec.planned(patch_size, spacing)
+    spec.check(len(patch_size))
+    spec.check_patch(patch_size)
     return spec
 
 
@@ -347,12 +400,14 @@ def make_plan(
 
     ``target_spacing`` defaults to the median RAS spacing of the training images; ``patch_size``
     to the median resampled size rounded to multiples of 16, capped at 64x64x32 (3D) or 256x256 (2D);
-    CT intensities clip to ``ct_window`` (HU) if given, else to foreground percentiles.
+    CT intensities clip to ``ct_window`` (HU) if given, else to foreground percentiles. The network
+    (default: a U-Net) is planned for the patch and checked with it (see :func:`checked_network`).
 
     Raises
     ------
     ValueError
-        A target spacing or CT window of the wrong length.
+        A target spacing, patch size or CT window of the wrong length; a network that does not fit
+        the patch (naming the field).
     """
     dims = geometries[0].dims
     spacings = np.stack([ras_spacing(g) for g in geometries])
@@ -363,12 +418,14 @@ def make_plan(
     median_shape = np.median(extents, axis=0) / spacing
     cap = (64, 64, 32) if dims == 3 else (256, 256)
     patch = tuple(int(p) for p in patch_size) if patch_size is not None else default_patch_size(dims, median_shape, cap)
+    if len(patch) != dims:
+        raise ValueError(f"patch size needs {dims} values, got {list(patch)}")
+    spec = checked_network(network or NetworkSpec(), patch, tuple(float(s) for s in spacing))
     if datalist.preset == "ct":
         intensity = ct_intensity_statistics(datalist.training, ct_window)
     else:
         intensity = Intensity("mr")
-    spec = network or NetworkSpec()
     plan = Plan(dims, datalist.modality, dict(datalist.labels), tuple(float(s) for s in spacing), patch, intensity, spec)
-    log.info("plan: %dD %s, target spacing %s mm, patch %s, %d classes", dims, plan.modality,
-             [round(s, 3) for s in plan.target_spacing], list(patch), plan.num_classes)
+    log.info("plan: %dD %s, target spacing %s mm, patch %s, %d classes, %s", dims, plan.modality,
+             [round(s, 3) for s in plan.target_spacing], list(patch), plan.num_classes, plan.network.title)
     return plan

@@ -131,15 +131,16 @@ def evaluate_config() -> dict[str, Any]:
     }
 
 
-def _divisor(plan: Plan) -> int:
-    return int(np.prod(plan.network.strides)) if plan.network.strides else 1
+def _spatial_shape(plan: Plan) -> list[str]:
+    """MONAI's ``spatial_shape`` of a patch: ``"<divisor>*n"`` per axis (:meth:`NetworkSpec.patch_divisors`)."""
+    network = plan.network.planned(plan.patch_size, plan.target_spacing)
+    return [f"{d}*n" for d in network.patch_divisors(plan.dims)]
 
 
 def metadata(plan: Plan, name: str, description: str, data_source: str, authors: str = "medseg developers",
              version: str = "0.1.0", eval_metrics: dict[str, float] | None = None) -> dict[str, Any]:
     """Model-zoo ``metadata.json`` for ``plan`` (fields of the zoo's meta schema plus ``segments``)."""
     fg = {k: v for k, v in plan.labels.items() if k != 0}
-    n = _divisor(plan)
     modality = "CT" if plan.intensity.preset == "ct" else "MR"
     value_range = [plan.intensity.a_min, plan.intensity.a_max] if plan.intensity.preset == "ct" else [0, 1]
     packages = {"medseg": medseg.__version__, "nibabel": _version("nibabel"), "SimpleITK": _version("SimpleITK"),
@@ -171,11 +172,11 @@ def metadata(plan: Plan, name: str, description: str, data_source: str, authors:
         "network_data_format": {
             "inputs": {"image": {
                 "type": "image", "format": "hounsfield" if modality == "CT" else "magnitude", "modality": modality,
-                "num_channels": 1, "spatial_shape": [f"{n}*n"] * plan.dims, "dtype": "float32",
+                "num_channels": 1, "spatial_shape": _spatial_shape(plan), "dtype": "float32",
                 "value_range": value_range, "is_patch_data": True, "channel_def": {"0": "image"}}},
             "outputs": {"pred": {
                 "type": "image", "format": "segmentation", "num_channels": plan.num_classes,
-                "spatial_shape": [f"{n}*n"] * plan.dims, "dtype": "float32", "value_range": [0, 1],
+                "spatial_shape": _spatial_shape(plan), "dtype": "float32", "value_range": [0, 1],
                 "is_patch_data": True, "channel_def": {str(k): v for k, v in plan.labels.items()}}},
         },
     }
@@ -298,7 +299,7 @@ def write_bundle(bundle_dir: str | os.PathLike[str], plan: Plan, name: str | Non
     if bundle.exists() and any(bundle.iterdir()) and not overwrite:
         raise InputError(bundle, "exists and is not empty; choose a new folder")
     name = name or bundle.name
-    description = description or f"{plan.dims}D U-Net segmentation bundle created by medseg"
+    description = description or f"{plan.dims}D {plan.network.title} segmentation bundle created by medseg"
     configs = bundle / "configs"
     plan.save(configs / "plan.json")
     for file, content in (("inference.json", inference_config()), ("train.json", train_config()),

@@ -19,13 +19,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _train_options(args: argparse.Namespace):
+    from medseg.architectures import NetworkSpec
     from medseg.engines.training import TrainOptions
+    from medseg.errors import InputError
 
     opts = TrainOptions(epochs=args.epochs, max_minutes=args.max_minutes, device=args.device, fold=args.fold,
                         resume=args.resume, val_interval=args.val_interval, seed=args.seed,
                         target_spacing=args.spacing, patch_size=args.patch_size, ct_window=args.ct_window,
                         init_weights=args.init_weights, max_iterations=args.max_iterations,
                         log_every=args.log_every)
+    if args.network is not None:
+        if args.bundle or args.resume:
+            raise InputError(args.bundle or args.out, "--network chooses the network of a new plan; this run's "
+                             "configs/plan.json already names its network")
+        opts.network = NetworkSpec(args.network)
     if args.batch_size is not None:  # 0 or less is refused by the option checks, never ignored
         opts.batch_size = args.batch_size
     return opts
@@ -148,10 +155,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle_init(args: argparse.Namespace) -> int:
+    from medseg.architectures import NetworkSpec
     from medseg.bundle.create import init_bundle
 
     bundle, _, _ = init_bundle(args.data, args.out, args.spacing, args.patch_size, ct_window=args.ct_window,
-                               name=args.name, description=args.description, data_source=args.data_source)
+                               network=NetworkSpec(args.network) if args.network else None, name=args.name,
+                               description=args.description, data_source=args.data_source)
     print(bundle)
     return 0
 

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from medseg import __version__
+from medseg.architectures import ARCHITECTURES
 from medseg.cli.commands import (
     cmd_bundle_export,
     cmd_bundle_init,
@@ -88,6 +89,12 @@ def _device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
+def _network(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--network", choices=ARCHITECTURES, default=None,
+                   help="architecture of a new plan: MONAI UNet, DynUNet (nnU-Net-style topology from the patch and "
+                        "spacing) or SegResNet (default: unet)")
+
+
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "synth", "write a synthetic CT or MR dataset (MSD layout)")
     p.add_argument("--out", required=True, help="new folder for dataset.json, imagesTr/, labelsTr/, imagesTs/, labelsTs/")
@@ -100,7 +107,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = _command(sub, "train", "train a U-Net on an MSD dataset.json (the run folder is a MONAI bundle)")
+    p = _command(sub, "train", "train a U-Net (or --network) on an MSD dataset.json (the run folder is a MONAI bundle)")
     p.add_argument("--data", required=True, help="dataset.json (MSD layout)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="new run folder (a bundle is written there), or an existing one with --resume")
@@ -128,6 +135,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-size", type=_ints, default=None,
                    help="training patch in voxels, e.g. 96,96,48 (default: from the median image size)")
     p.add_argument("--batch-size", type=int, default=None, help="patches per iteration (default: the plan's)")
+    _network(p)
     p.add_argument("--ct-window", type=_hu_window, default=None, metavar="LOW,HIGH",
                    help="clip CT to this HU window, e.g. -160,240 (default: the foreground's 0.5-99.5 percentiles)")
     p.set_defaults(func=cmd_train)
@@ -215,12 +223,14 @@ def _add_bundle(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", required=True, help="new bundle folder")
     b.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
     b.add_argument("--description", default=None,
-                   help="one-sentence description (default: \"<dims>D U-Net segmentation bundle created by medseg\")")
+                   help="one-sentence description (default: \"<dims>D <U-Net|DynUNet|SegResNet> segmentation bundle "
+                        "created by medseg\")")
     b.add_argument("--data-source", default=None,
                    help="what the bundle is trained on, metadata data_source (default: the dataset's name, path and "
                         "number of training cases)")
     b.add_argument("--spacing", type=_floats, default=None, help="target spacing in mm (default: median)")
     b.add_argument("--patch-size", type=_ints, default=None, help="training patch in voxels (default: from the data)")
+    _network(b)
     b.add_argument("--ct-window", type=_hu_window, default=None, metavar="LOW,HIGH",
                    help="clip CT to this HU window (default: the foreground percentiles)")
     b.set_defaults(func=cmd_bundle_init)

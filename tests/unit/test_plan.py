@@ -107,6 +107,20 @@ def test_make_plan_overrides(ct_plan: tuple) -> None:
         make_plan(datalist, geometries, target_spacing=(1.0, 1.0))
 
 
+def test_make_plan_plans_the_chosen_network(ct_plan: tuple) -> None:
+    """A DynUNet gets its topology from the patch and spacing; a patch the network cannot take is refused."""
+    datalist, _ = ct_plan
+    geometries = validate_datalist(datalist)
+    plan = make_plan(datalist, geometries, target_spacing=(1.0, 1.0, 3.0), patch_size=(48, 48, 16),
+                     network=NetworkSpec("dynunet"))
+    assert plan.network.level_strides[:2] == ((1, 1, 1), (2, 2, 1))  # thick slices: in-plane pooling first
+    assert all(p % d == 0 for p, d in zip(plan.patch_size, plan.network.patch_divisors(3)))
+    with pytest.raises(ValueError, match=r"'patch_size' \(\[48, 48, 20\]\) must be a multiple of \[8, 8, 8\]"):
+        make_plan(datalist, geometries, patch_size=(48, 48, 20), network=NetworkSpec("segresnet"))
+    with pytest.raises(ValueError, match="patch size needs 3 values"):
+        make_plan(datalist, geometries, patch_size=(48, 48))
+
+
 def test_make_plan_ct_window(ct_plan: tuple) -> None:
     """A fixed HU window replaces the percentiles; mean/std come from the clipped foreground."""
     datalist, _ = ct_plan
@@ -208,6 +222,30 @@ def test_load_plan_with_labels_as_list(tmp_path: Path) -> None:
     ("overlap", 1.0, "'overlap' must be a number in [0, 1)"),
     ("sw_batch_size", True, "'sw_batch_size' must be an integer >= 1"),
     ("network", {"channels": [8, "16"], "strides": [2]}, "'network.channels' must be a list of positive integers"),
+    ("network", {"name": "vnet"}, "'network.name' must be \"unet\" or \"dynunet\" or \"segresnet\""),
+    ("network", {"name": "unet", "filters": [8, 16]}, "'network.filters' is not a setting of the unet network"),
+    ("network", {"name": "segresnet", "channels": [8, 16]}, "'network.channels' is not a setting of the segresnet"),
+    ("network", {"channels": [8, 16, 32]}, "'network.strides' must have one value fewer than 'network.channels'"),
+    ("network", {"name": "dynunet", "kernel_sizes": [[3, 3]] * 3, "level_strides": [[1, 1]] * 3},
+     "'network.kernel_sizes' must be a list of levels, each a list of 3 values 1, 3, 5 or 7"),
+    ("network", {"name": "dynunet", "kernel_sizes": [[3, 3, 3]] * 3, "level_strides": [[2, 2, 2]] * 3},
+     "'network.level_strides' must start with a level of strides 1"),
+    ("network", {"name": "dynunet", "kernel_sizes": [[3, 3, 3]] * 3}, "'network.level_strides' is missing"),
+    ("network", {"name": "dynunet", "kernel_sizes": [[3, 3, 3]] * 3, "level_strides": [[1, 1, 1]] * 4},
+     "'network.kernel_sizes' must have one entry per level"),
+    ("network", {"name": "dynunet", "filters": [8, 16]}, "'network.filters' must have one entry per level"),
+    ("network", {"name": "dynunet", "kernel_sizes": [[3, 3, 3]] * 2, "level_strides": [[1, 1, 1], [2, 2, 2]],
+                 "filters": [8, 16]}, "'network.level_strides' must have at least 3 levels"),
+    ("network", {"name": "dynunet", "res_block": "yes"}, "'network.res_block' must be true or false"),
+    ("network", {"name": "dynunet", "norm": "group"}, "'network.norm' must be \"instance\" or \"batch\""),
+    ("network", {"name": "segresnet", "blocks_down": [1, 2], "blocks_up": [1, 1]},
+     "'network.blocks_up' must have one value fewer than 'network.blocks_down'"),
+    ("network", {"name": "segresnet", "init_filters": 0}, "'network.init_filters' must be an integer >= 1"),
+    ("network", {"channels": [4, 8, 16, 32, 64, 128, 256], "strides": [2] * 6},
+     "'patch_size' ([64, 64, 32]) must be a multiple of [64, 64, 64] per axis for the unet network"),
+    ("network", {"name": "dynunet", "kernel_sizes": [[3, 3, 3]] * 3, "level_strides": [[1, 1, 1], [2, 2, 2], [1, 1, 3]]},
+     "'network.level_strides' must be a list of levels, each a list of 3 values 1 or 2"),
+    ("patch_size", [64, 64, 30], "'patch_size' ([64, 64, 30]) must be a multiple of [4, 4, 4] per axis for the unet"),
     ("spacing", "abc", "unknown field 'spacing'"),
 ], ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None)
 def test_load_plan_names_the_file_and_the_bad_field(tmp_path: Path, field: str, value: object, fragment: str) -> None:
