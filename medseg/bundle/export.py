@@ -205,7 +205,7 @@ def export_bundle(bundle_dir: str | os.PathLike[str], fmt: str, output: str | os
             diff = _check_export(key, tmp, network, plan)
         except BundleError as exc:
             raise BundleError(f"{bundle}: {key} export failed: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - any failure of the exporters is a failed export
+        except Exception as exc:  # any failure of the exporters is a failed export
             raise BundleError(f"{bundle}: {key} export failed: {describe(exc)}") from exc
     log.info("exported %s as %s (%s) to %s; max abs difference to the PyTorch network %.3g",
              bundle, key, how, target, diff)

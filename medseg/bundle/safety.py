@@ -45,7 +45,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -418,7 +418,10 @@ def _argument_findings(scanner: _Scanner, config: Path, overrides: Mapping[str, 
     except Exception as exc:  # noqa: BLE001 - MONAI's parser failing is a reason to refuse, not a crash
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         return [Finding(name, "", f"cannot be merged with its overrides and metadata as MONAI would: {first}")]
-    resolve: Callable[[Any], tuple[Any, Vetted] | None] = lambda value: resolve_target(value, scanner.locator)[0]
+
+    def resolve(value: Any) -> tuple[Any, Vetted] | None:
+        return resolve_target(value, scanner.locator)[0]
+
     confinement = Confinement(merged, scanner.root, user_paths(overrides, scanner.root), resolve)
     return [Finding(name, problem.key, problem.problem) for problem in confinement.check()]
 

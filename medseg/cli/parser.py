@@ -79,9 +79,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def _command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+def _command(sub: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
     """A subcommand whose ``--help`` shows defaults (:class:`HelpFormatter`)."""
-    return sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".", formatter_class=HelpFormatter)
+    return sub.add_parser(name, help=summary, description=summary[:1].upper() + summary[1:] + ".",
+                          formatter_class=HelpFormatter)
 
 
 def _device(p: argparse.ArgumentParser) -> None:

@@ -79,7 +79,7 @@ def _parse_modality(data: dict[str, Any], json_path: Path) -> str:
     lowered = name.lower()
     if lowered in CT_NAMES:
         return "CT"
-    if lowered in MR_NAMES or "mr" in lowered or lowered.startswith("t1") or lowered.startswith("t2"):
+    if lowered in MR_NAMES or "mr" in lowered or lowered.startswith(("t1", "t2")):
         return "MR"
     log.warning("%s: unknown modality %r, using MR-style (z-score) normalisation", json_path, name)
     return name

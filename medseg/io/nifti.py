@@ -24,7 +24,7 @@ from medseg.errors import InputError
 from medseg.io.geometry import grid_problem, split_affine
 from medseg.io.layout import MAX_DEFLATE_RATIO
 
-__all__ = ["NiftiInfo", "check_nifti_header", "check_nifti_data"]
+__all__ = ["NiftiInfo", "check_nifti_data", "check_nifti_header"]
 
 
 class NiftiInfo:

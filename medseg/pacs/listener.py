@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -192,10 +192,9 @@ class Listener:
         self._close_server()
         if wait and self._worker is not None:
             self._worker.join(timeout)
-        if self._worker is None or not self._worker.is_alive():
-            if self.journal is not None:
-                self.journal.close()
-                self.journal = None
+        if (self._worker is None or not self._worker.is_alive()) and self.journal is not None:
+            self.journal.close()
+            self.journal = None
 
     def serve_forever(self) -> None:
         """:meth:`start`, then serve until SIGTERM / SIGINT. The first signal stops accepting and lets a
@@ -323,7 +322,7 @@ class Listener:
         return STATUS_SUCCESS
 
     def _quarantine(self, event: Any, calling: str, bad: BadInstance) -> None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         name = f"{stamp}-{uuid.uuid4().hex[:8]}"
         request = event.request
         try:
@@ -373,7 +372,7 @@ class Listener:
             self.current = record.series_uid
             try:
                 self.process(record)
-            except Exception as exc:  # noqa: BLE001 - the worker must survive anything
+            except Exception as exc:  # the worker must survive anything
                 log.error("series %s: internal error: %s: %s", record.series_uid, type(exc).__name__, exc)
                 log.debug("traceback", exc_info=True)
                 try:
@@ -431,7 +430,7 @@ class Listener:
             self.journal.mark_failed(uid, str(exc))
             log.error("series %s: job failed: %s (instances kept in %s)", uid, exc, folder)
             return None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.journal.mark_failed(uid, f"internal error: {type(exc).__name__}: {exc}")
             log.error("series %s: job failed: internal error: %s: %s (instances kept in %s)", uid,
                       type(exc).__name__, exc, folder)

@@ -44,7 +44,7 @@ from medseg.io.atomic import atomic_path
 from medseg.io.image import Geometry
 from medseg.labels.colours import PALETTE, label_colour
 
-__all__ = ["LABEL_ALPHA", "label_colour", "render_overlay", "overlay_png", "dice_boxplot_png", "training_curves_png"]
+__all__ = ["LABEL_ALPHA", "dice_boxplot_png", "label_colour", "overlay_png", "render_overlay", "training_curves_png"]
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from medseg.reports.stats import (
     unit_for_modality,
 )
 
-__all__ = ["build_report", "pair_predictions", "guess_modality", "CT_WINDOW", "CT_MIN_HU"]
+__all__ = ["CT_MIN_HU", "CT_WINDOW", "build_report", "guess_modality", "pair_predictions"]
 
 log = logging.getLogger(__name__)
 

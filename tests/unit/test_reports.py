@@ -189,7 +189,7 @@ def test_overlay_orientation_liver_on_image_left_for_lps_ras_and_coronal_grids()
     # the RAS copy is the LPS image flipped: same patient, same voxel centres
     assert np.array_equal(_phantom_on(ras, anatomy)[1], _phantom_on(lps, anatomy)[1][::-1, ::-1, :])
 
-    views = [rgb for rgb in (_rgb(data) for data, _ in rendered)]
+    views = [_rgb(data) for data, _ in rendered]
     for rgb, (_, panels) in zip(views, rendered):
         assert [p["view"] for p in panels] == ["axial", "coronal", "sagittal"]
         for panel in panels[:2]:  # axial and coronal: the liver (patient's right) on the image left
