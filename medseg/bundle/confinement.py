@@ -28,6 +28,14 @@ from typing import Any
 
 from medseg.bundle.allowlist import Vetted
 
+__all__ = [
+    "Confinement",
+    "Problem",
+    "is_single_component",
+    "merged_config",
+    "signature_parameters",
+]
+
 _REF, _MACRO, _EXPR = "@", "%", "$"
 _NON_ARGS = frozenset({"_target_", "_disabled_", "_requires_", "_desc_", "_mode_", "_debug_"})
 _MAX_DEPTH = 64

@@ -57,6 +57,19 @@ from medseg.bundle.confinement import Confinement, merged_config
 from medseg.errors import BundleError
 from medseg.layout import META_FILE
 
+__all__ = [
+    "ALLOWED_MODES",
+    "RESOLVABLE_PACKAGES",
+    "RUN_PARAMETERS",
+    "Finding",
+    "check_bundle",
+    "resolve_target",
+    "scan_bundle",
+    "scan_config",
+    "scan_overrides",
+    "user_paths",
+]
+
 RESOLVABLE_PACKAGES: tuple[str, ...] = ("monai", "torch", "medseg", "ignite", "numpy")
 """Top-level packages whose modules may be imported to resolve a ``_target_`` name (trusted library code,
 never bundle code); what may actually be called is decided by the allow list."""

@@ -16,6 +16,17 @@ from medseg.errors import InputError
 from medseg.io.image import Geometry, case_name, read_geometry, read_image
 from medseg.labels import parse_labels
 
+__all__ = [
+    "CT_NAMES",
+    "MR_NAMES",
+    "Case",
+    "Datalist",
+    "load_datalist",
+    "split_cases",
+    "validate_case",
+    "validate_datalist",
+]
+
 log = logging.getLogger(__name__)
 
 CT_NAMES = {"ct", "cta", "pet-ct"}

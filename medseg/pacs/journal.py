@@ -35,6 +35,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+__all__ = [
+    "STATES",
+    "Journal",
+    "SeriesRecord",
+]
+
 STATES = ("received", "running", "sending", "done", "failed")
 
 _SCHEMA = """

@@ -156,7 +156,8 @@ def _slice_through(mask: np.ndarray, axis: int) -> int:
 
 
 def _overlay_rgba(labels2d: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    return lut[np.clip(labels2d, 0, lut.shape[0] - 1)]
+    rgba: np.ndarray = lut[np.clip(labels2d, 0, lut.shape[0] - 1)]
+    return rgba
 
 
 def _colour_lut(values: Sequence[int]) -> np.ndarray:
@@ -260,9 +261,9 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, spacing: Sequence[floa
     elif not present:
         plan.append((None, {v: image.shape[_VIEWS[v][0]] // 2 for v in views}))
     else:
-        for value in present:
-            mask = labels == value
-            plan.append((value, {v: _slice_through(mask, _VIEWS[v][0]) for v in views}))
+        for label in present:
+            mask = labels == label
+            plan.append((label, {v: _slice_through(mask, _VIEWS[v][0]) for v in views}))
 
     n_rows, n_cols = len(plan), len(views)
     extent = np.asarray(image.shape, dtype=np.float64) * np.asarray(spacing)  # mm along R, A(, S)
