@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps demo test clean
+.PHONY: install system-deps demo lint test clean
 
 install: $(STAMP)
 
@@ -22,8 +22,14 @@ demo: install
 system-deps:
 	bash scripts/install_system_deps.sh
 
-test: install system-deps
+# static checks (config in pyproject.toml): ruff's rule set, mypy strict on the package, the import layers
+lint: install
+	$(BIN)/ruff check medseg tests scripts
+	$(BIN)/mypy medseg
+	$(BIN)/lint-imports
+
+test: install system-deps lint
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) demo-run .pytest_cache
+	rm -rf $(VENV) demo-run .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

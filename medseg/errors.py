@@ -9,6 +9,17 @@ from __future__ import annotations
 
 import os
 
+__all__ = [
+    "BundleError",
+    "DicomError",
+    "InputError",
+    "MedsegError",
+    "PacsError",
+    "one_line",
+    "printable",
+    "root_cause",
+]
+
 
 def printable(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
     """``path`` as it may be shown on one line of a message.

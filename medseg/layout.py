@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+__all__ = [
+    "META_FILE",
+    "PLAN_FILE",
+    "WEIGHTS_FILE",
+]
+
 PLAN_FILE = Path("configs") / "plan.json"
 WEIGHTS_FILE = Path("models") / "model.pt"
 META_FILE = Path("configs") / "metadata.json"

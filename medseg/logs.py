@@ -81,7 +81,7 @@ class RoutedLogger(logging.Logger):
     """A logger whose records always reach the root handler: console handlers a library attaches
     to it are not added, and turning propagation off has no effect. File handlers are kept."""
 
-    @property  # type: ignore[override]
+    @property
     def propagate(self) -> bool:
         return True
 
@@ -133,7 +133,7 @@ def setup_logging(debug: bool = False, quiet: bool = False) -> None:
         logging.getLogger(name).setLevel(quieter)
     logging.captureWarnings(False)  # again: a previous call's capture may have been undone (catch_warnings)
     logging.captureWarnings(True)
-    warnings.formatwarning = _format_warning  # type: ignore[assignment]
+    warnings.formatwarning = _format_warning
     if not sys.warnoptions:
         warnings.resetwarnings()
         warnings.filterwarnings("ignore")  # libraries' warnings: not the user's business

@@ -36,6 +36,17 @@ from monai.transforms import (
 from medseg.io.reader import ImageFileReader, LoadImageFiled
 from medseg.plan import Plan
 
+__all__ = [
+    "BodyMask",
+    "augmentation",
+    "crop_transforms",
+    "intensity_transforms",
+    "load_transforms",
+    "preprocessing",
+    "readers",
+    "spatial_transforms",
+]
+
 
 class BodyMask:
     """Foreground (body) selector for ``CropForegroundd``: voxels above ``threshold``.
@@ -57,7 +68,7 @@ class BodyMask:
         return image > 0.05 * float(top)
 
 
-def readers() -> list:
+def readers() -> list[ImageFileReader]:
     """The MONAI reader of medseg's image files: one, choosing nibabel (NIfTI) or SimpleITK by file ending."""
     return [ImageFileReader()]
 

@@ -110,8 +110,6 @@ def agreement(bundle: str, precision: str, cases: int = 4) -> dict[str, Any]:
     import tempfile
     from pathlib import Path
 
-    import numpy as np
-
     from medseg.data.synthetic import write_dataset
     from medseg.inference.predictor import Predictor
 
@@ -136,8 +134,8 @@ def agreement(bundle: str, precision: str, cases: int = 4) -> dict[str, Any]:
 def run_one(impl: str, classes: int, args: argparse.Namespace) -> dict[str, Any]:
     shape = (SIZE_XY, SIZE_XY, args.depth)
     base = {"impl": impl, "network": args.network, "classes": classes, "shape": list(shape), "device": "cpu",
-            "precision": args.precision if impl == "medseg" else "float32", "seconds": None, "mvox_per_s": None, "peak_rss_gb": None,
-            "baseline_rss_gb": None}
+            "precision": args.precision if impl == "medseg" else "float32", "seconds": None, "mvox_per_s": None,
+            "peak_rss_gb": None, "baseline_rss_gb": None}
     if impl == "monai":
         # MONAI allocates its buffers during the run: not started where they cannot fit (medseg refuses
         # by itself, up front, when its slab buffer cannot)
@@ -185,7 +183,7 @@ def main() -> int:
     for r in records:
         extra = r["peak_rss_gb"] - r["baseline_rss_gb"] if r.get("peak_rss_gb") is not None else None
         print(f"{r['classes']:>7} {r['impl']:>7} {r.get('seconds') or '-':>8} {r.get('mvox_per_s') or '-':>7} "
-              f"{'-' if extra is None else f'{extra:.2f}':>17} {str(r['fits']):>5}"
+              f"{'-' if extra is None else f'{extra:.2f}':>17} {r['fits']!s:>5}"
               + ("" if r["fits"] else f"  (needs {r.get('needed_gb')} GB)"))
     by = {(r["impl"], r["classes"]): r for r in records}
     for classes in sorted({r["classes"] for r in records}):

@@ -70,7 +70,7 @@ def build(name: str, spec: dict, work: Path) -> dict:
     summary = json.loads((evaluation / "summary.json").read_text())
     train_summary = json.loads((bundle / "train_summary.json").read_text())
     metrics = {"mean_dice_test": round(summary["mean_dice_foreground"], 4)}
-    for number, entry in summary["labels"].items():
+    for _number, entry in summary["labels"].items():
         metrics[f"dice_{entry['name']}"] = round(entry["dice"]["mean"], 4)
         if entry["hd95_mm"]["mean"] is not None:
             metrics[f"hd95_mm_{entry['name']}"] = round(entry["hd95_mm"]["mean"], 2)
@@ -85,11 +85,18 @@ def build(name: str, spec: dict, work: Path) -> dict:
 def write_readme(bundle: Path, name: str, spec: dict, synth: list[str], meta: dict, summary: dict,
                  train_summary: dict, train_s: float) -> None:
     plan = json.loads((bundle / "configs" / "plan.json").read_text())
-    rows = "\n".join(
-        f"| {k} | {v['name']} | {v['snomed']['code'] if v['snomed'] else '-'} ({v['snomed']['meaning'] if v['snomed'] else ''}) "
-        f"| {summary['labels'][k]['dice']['mean']:.3f} | "
-        f"{summary['labels'][k]['hd95_mm']['mean'] if summary['labels'][k]['hd95_mm']['mean'] is None else round(summary['labels'][k]['hd95_mm']['mean'], 2)} |"
-        for k, v in meta["segments"].items())
+    def row(k: str, v: dict) -> str:
+        code, meaning = (v["snomed"]["code"], v["snomed"]["meaning"]) if v["snomed"] else ("-", "")
+        hd95 = summary["labels"][k]["hd95_mm"]["mean"]
+        return (f"| {k} | {v['name']} | {code} ({meaning}) | {summary['labels'][k]['dice']['mean']:.3f} | "
+                f"{hd95 if hd95 is None else round(hd95, 2)} |")
+
+    rows = "\n".join(row(k, v) for k, v in meta["segments"].items())
+    classes = plan["num_classes"] if "num_classes" in plan else len(plan["labels"])
+    intensity = plan["intensity"]
+    clip = (f" (clip {round(intensity['a_min'], 1)} to {round(intensity['a_max'], 1)} HU, z-score)"
+            if intensity["preset"] == "ct" else " (z-score on non-zero voxels)")
+    rel = bundle.relative_to(ROOT)
     text = f"""# {name}
 
 {spec['description']}
@@ -114,15 +121,15 @@ Mean Dice over foreground labels: **{summary['mean_dice_foreground']:.3f}**. Bes
 
 ## Model
 MONAI `UNet` ({plan['dims']}D, channels {plan['network']['channels']}, strides {plan['network']['strides']},
-{plan['network']['num_res_units']} residual unit(s), instance norm), {plan['num_classes'] if 'num_classes' in plan else len(plan['labels'])} output channels.
+{plan['network']['num_res_units']} residual unit(s), instance norm), {classes} output channels.
 Preprocessing (`configs/plan.json`): orientation RAS, spacing {[round(s, 3) for s in plan['target_spacing']]} mm,
-body crop, intensity preset `{plan['intensity']['preset']}`{' (clip ' + str(round(plan['intensity']['a_min'], 1)) + ' to ' + str(round(plan['intensity']['a_max'], 1)) + ' HU, z-score)' if plan['intensity']['preset'] == 'ct' else ' (z-score on non-zero voxels)'}.
+body crop, intensity preset `{intensity['preset']}`{clip}.
 Sliding-window inference, patch {plan['patch_size']}, Gaussian blending; predictions are written in the input's grid.
 
 ## Training
 ```sh
-medseg bundle init --data DATA/dataset.json --out {bundle.relative_to(ROOT)}
-medseg train --bundle {bundle.relative_to(ROOT)} --data DATA/dataset.json --epochs {spec['epochs']} --max-minutes {spec['minutes']} --val-interval 5
+medseg bundle init --data DATA/dataset.json --out {rel}
+medseg train --bundle {rel} --data DATA/dataset.json --epochs {spec['epochs']} --max-minutes {spec['minutes']} --val-interval 5
 ```
 or `python -m monai.bundle run --config_file configs/train.json --bundle_root . --dataset_dir DATA`.
 Trained on the CPU (2 cores) in {train_s / 60:.1f} min: {train_summary['epochs_completed']} epochs, DiceCE loss, AdamW

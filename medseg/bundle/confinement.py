@@ -28,6 +28,14 @@ from typing import Any
 
 from medseg.bundle.allowlist import Vetted
 
+__all__ = [
+    "Confinement",
+    "Problem",
+    "is_single_component",
+    "merged_config",
+    "signature_parameters",
+]
+
 _REF, _MACRO, _EXPR = "@", "%", "$"
 _NON_ARGS = frozenset({"_target_", "_disabled_", "_requires_", "_desc_", "_mode_", "_debug_"})
 _MAX_DEPTH = 64
@@ -183,7 +191,7 @@ class Confinement:
     def _check_names(self, key: str, value: Any, entry: Vetted) -> None:
         leaves = self._literals(key, value, False, f" (part of a file name of {entry.name})")
         for leaf in leaves or ():
-            if leaf is None or isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+            if leaf is None or (isinstance(leaf, (int, float)) and not isinstance(leaf, bool)):
                 continue
             if not isinstance(leaf, str) or not is_single_component(leaf):
                 self._add(key, f"{_short(leaf)} is not a plain file-name part ({entry.name} joins it into a path: "

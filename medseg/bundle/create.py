@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 import medseg
+from medseg.architectures import NetworkSpec
 from medseg.errors import BundleError, InputError
 from medseg.io.atomic import atomic_write_text
 from medseg.labels import segment_code
 from medseg.logs import BUNDLE_LOGGING_CONF
-from medseg.plan import NetworkSpec, Plan
+from medseg.plan import Plan
 
 if TYPE_CHECKING:
     from medseg.data.datalist import Datalist

@@ -31,6 +31,14 @@ from medseg.layout import META_FILE, PLAN_FILE, WEIGHTS_FILE
 from medseg.networks import build_network, load_weights
 from medseg.plan import Plan, load_plan
 
+__all__ = [
+    "EXPORT_ATOL",
+    "EXPORT_FORMATS",
+    "EXPORT_RTOL",
+    "ONNX_PACKAGES",
+    "export_bundle",
+]
+
 log = logging.getLogger(__name__)
 
 #: Export format -> default file name in ``models/``.
@@ -103,7 +111,8 @@ def _run_export(fmt: str, filepath: Path, x: torch.Tensor) -> torch.Tensor:
     if fmt == "torchscript":
         module = torch.jit.load(str(filepath), map_location="cpu").eval()
         with torch.no_grad():
-            return module(x)
+            out: torch.Tensor = module(x)
+            return out
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(filepath), providers=["CPUExecutionProvider"])
@@ -183,7 +192,7 @@ def export_bundle(bundle_dir: str | os.PathLike[str], fmt: str, output: str | os
     if not target.suffix:
         target = target.with_suffix(Path(EXPORT_FORMATS[key]).suffix)
 
-    common = {"net_id": NET_ID, "ckpt_file": str(weights), "meta_file": str(bundle / META_FILE),
+    common: dict[str, Any] = {"net_id": NET_ID, "ckpt_file": str(weights), "meta_file": str(bundle / META_FILE),
               "config_file": str(bundle / INFERENCE_FILE), "key_in_ckpt": _key_in_ckpt(weights),
               "bundle_root": str(bundle.absolute())}
     with atomic_path(target) as tmp:
@@ -205,7 +214,7 @@ def export_bundle(bundle_dir: str | os.PathLike[str], fmt: str, output: str | os
             diff = _check_export(key, tmp, network, plan)
         except BundleError as exc:
             raise BundleError(f"{bundle}: {key} export failed: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - any failure of the exporters is a failed export
+        except Exception as exc:  # any failure of the exporters is a failed export
             raise BundleError(f"{bundle}: {key} export failed: {describe(exc)}") from exc
     log.info("exported %s as %s (%s) to %s; max abs difference to the PyTorch network %.3g",
              bundle, key, how, target, diff)

@@ -11,6 +11,14 @@ from pathlib import Path
 
 from medseg.errors import MedsegError, root_cause
 
+__all__ = [
+    "INFERENCE_FILE",
+    "NET_ID",
+    "describe",
+    "first_line",
+    "quiet_monai",
+]
+
 log = logging.getLogger(__name__)
 
 INFERENCE_FILE = Path("configs") / "inference.json"

@@ -193,7 +193,7 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
                     run(**{**kwargs, "config_file": str(copy)}, **values)
     except MedsegError:
         raise
-    except Exception as exc:  # noqa: BLE001 - report what the bundle did wrong, not MONAI's wrappers
+    except Exception as exc:  # report what the bundle did wrong, not MONAI's wrappers
         cause = root_cause(exc)
         if isinstance(cause, MedsegError):
             raise cause from exc

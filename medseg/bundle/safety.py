@@ -45,7 +45,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,19 @@ from medseg.bundle.allowlist import Vetted, allowed_objects, vetted
 from medseg.bundle.confinement import Confinement, merged_config
 from medseg.errors import BundleError
 from medseg.layout import META_FILE
+
+__all__ = [
+    "ALLOWED_MODES",
+    "RESOLVABLE_PACKAGES",
+    "RUN_PARAMETERS",
+    "Finding",
+    "check_bundle",
+    "resolve_target",
+    "scan_bundle",
+    "scan_config",
+    "scan_overrides",
+    "user_paths",
+]
 
 RESOLVABLE_PACKAGES: tuple[str, ...] = ("monai", "torch", "medseg", "ignite", "numpy")
 """Top-level packages whose modules may be imported to resolve a ``_target_`` name (trusted library code,
@@ -418,7 +431,10 @@ def _argument_findings(scanner: _Scanner, config: Path, overrides: Mapping[str, 
     except Exception as exc:  # noqa: BLE001 - MONAI's parser failing is a reason to refuse, not a crash
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         return [Finding(name, "", f"cannot be merged with its overrides and metadata as MONAI would: {first}")]
-    resolve: Callable[[Any], tuple[Any, Vetted] | None] = lambda value: resolve_target(value, scanner.locator)[0]
+
+    def resolve(value: Any) -> tuple[Any, Vetted] | None:
+        return resolve_target(value, scanner.locator)[0]
+
     confinement = Confinement(merged, scanner.root, user_paths(overrides, scanner.root), resolve)
     return [Finding(name, problem.key, problem.problem) for problem in confinement.check()]
 

@@ -26,6 +26,13 @@ from medseg.layout import META_FILE, WEIGHTS_FILE
 from medseg.networks import build_network, load_weights
 from medseg.plan import Plan, load_plan
 
+__all__ = [
+    "METADATA_ALIASES",
+    "REQUIRED_METADATA",
+    "VERIFY_N",
+    "verify_bundle",
+]
+
 log = logging.getLogger(__name__)
 
 #: Fields of the MONAI model-zoo metadata schema every bundle must have.

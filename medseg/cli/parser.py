@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import TypeAlias
 
 from medseg import __version__
 from medseg.architectures import ARCHITECTURES
@@ -23,12 +24,23 @@ from medseg.cli.commands import (
     cmd_train,
 )
 
+__all__ = [
+    "SUBCOMMANDS",
+    "HelpFormatter",
+    "Subparsers",
+    "build_parser",
+]
 
-def _positive_list(kind: type) -> Callable[[str], tuple]:
+
+#: What ``parser.add_subparsers()`` returns: each subcommand adds its parser to it.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # noqa: SLF001 - no public name
+
+
+def _positive_list(kind: type[int] | type[float]) -> Callable[[str], tuple[float, ...]]:
     """argparse type for "1.5,1.5,3" (or "1.5x1.5x3"): a tuple of positive ``kind`` values."""
     noun = "integers" if kind is int else "numbers"
 
-    def parse(text: str) -> tuple:
+    def parse(text: str) -> tuple[float, ...]:
         try:
             values = tuple(kind(v) for v in text.replace("x", ",").split(",") if v.strip())
         except ValueError:
@@ -80,9 +92,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def _command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+def _command(sub: Subparsers, name: str, summary: str) -> argparse.ArgumentParser:
     """A subcommand whose ``--help`` shows defaults (:class:`HelpFormatter`)."""
-    return sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".", formatter_class=HelpFormatter)
+    return sub.add_parser(name, help=summary, description=summary[:1].upper() + summary[1:] + ".",
+                          formatter_class=HelpFormatter)
 
 
 def _device(p: argparse.ArgumentParser) -> None:
@@ -95,7 +108,7 @@ def _network(p: argparse.ArgumentParser) -> None:
                         "spacing) or SegResNet (default: unet)")
 
 
-def _add_synth(sub: argparse._SubParsersAction) -> None:
+def _add_synth(sub: Subparsers) -> None:
     p = _command(sub, "synth", "write a synthetic CT or MR dataset (MSD layout)")
     p.add_argument("--out", required=True, help="new folder for dataset.json, imagesTr/, labelsTr/, imagesTs/, labelsTs/")
     p.add_argument("--modality", choices=["ct", "mr"], default="ct", type=str.lower, help="imaging modality")
@@ -106,7 +119,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_synth)
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
+def _add_train(sub: Subparsers) -> None:
     p = _command(sub, "train", "train a U-Net (or --network) on an MSD dataset.json (the run folder is a MONAI bundle)")
     p.add_argument("--data", required=True, help="dataset.json (MSD layout)")
     where = p.add_mutually_exclusive_group(required=True)
@@ -141,7 +154,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def _add_predict(sub: argparse._SubParsersAction) -> None:
+def _add_predict(sub: Subparsers) -> None:
     p = _command(sub, "predict", "segment images; label maps in the input's own geometry and format")
     p.add_argument("--model", required=True, help="run folder written by medseg train, or a bundle")
     p.add_argument("--input", required=True,
@@ -181,7 +194,7 @@ _LABELS_HELP = ("label names: a bundle or run folder, its configs/plan.json, a d
                 "\"labels\"; MSD {\"1\": \"liver\"} or nnU-Net {\"liver\": 1}) or a bundle's metadata.json")
 
 
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+def _add_evaluate(sub: Subparsers) -> None:
     p = _command(sub, "evaluate", "Dice, HD95 and more per case and label")
     p.add_argument("--pred", required=True, help="folder of predicted label maps (<case>_seg.<ext> or <case>.<ext>)")
     p.add_argument("--ref", required=True, help="folder of reference label maps (<case>.<ext>)")
@@ -197,7 +210,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def _add_report(sub: argparse._SubParsersAction) -> None:
+def _add_report(sub: Subparsers) -> None:
     p = _command(sub, "report", "volumes, intensity statistics, overlays and an HTML report of predictions")
     p.add_argument("--pred", required=True, help="folder of predicted label maps (<case>_seg.<ext>)")
     p.add_argument("--images", required=True, help="folder of the images (<case>.<ext>)")
@@ -208,14 +221,14 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def _add_inspect(sub: argparse._SubParsersAction) -> None:
+def _add_inspect(sub: Subparsers) -> None:
     p = _command(sub, "inspect", "list the DICOM series in a folder / DICOMDIR / file: UIDs, geometry, problems")
     p.add_argument("path", help="a folder tree of DICOM files, a DICOMDIR, a DICOM file, or a NIfTI/NRRD/MHA image")
     p.add_argument("--decode", action="store_true", help="also decode every frame and report files that fail")
     p.set_defaults(func=cmd_inspect)
 
 
-def _add_bundle(sub: argparse._SubParsersAction) -> None:
+def _add_bundle(sub: Subparsers) -> None:
     p = _command(sub, "bundle", "MONAI bundles: init, run, verify, export")
     bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
     b = _command(bsub, "init", "create a bundle for a dataset (modality, labels, spacing from the data)")
@@ -252,7 +265,7 @@ def _add_bundle(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=cmd_bundle_export)
 
 
-def _add_pacs(sub: argparse._SubParsersAction) -> None:
+def _add_pacs(sub: Subparsers) -> None:
     p = _command(sub, "pacs", "PACS: segment a study over DICOMweb, or listen for DICOM C-STORE")
     psub = p.add_subparsers(dest="pacs_command", metavar="ACTION", required=True)
     b = _command(psub, "run", "DICOMweb: fetch a study's series (QIDO/WADO-RS), segment, store the SEG (STOW-RS)")
@@ -290,7 +303,7 @@ def _add_pacs(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=cmd_pacs_listen)
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
+def _add_demo(sub: Subparsers) -> None:
     p = _command(sub, "demo", "synthetic CT -> train -> predict -> evaluate, ending with 'mean Dice: ...'")
     p.add_argument("--out", default="medseg-demo", help="demo folder (replaced if it holds an earlier demo)")
     p.add_argument("--epochs", type=int, default=30, help="training epochs of 20 iterations")
@@ -303,7 +316,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 #: One function per subcommand adds its parser, in the order ``medseg --help`` lists them.
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_synth, _add_train, _add_predict, _add_evaluate, _add_report, _add_inspect, _add_bundle, _add_pacs, _add_demo)
 
 

@@ -16,6 +16,17 @@ from medseg.errors import InputError
 from medseg.io.image import Geometry, case_name, read_geometry, read_image
 from medseg.labels import parse_labels
 
+__all__ = [
+    "CT_NAMES",
+    "MR_NAMES",
+    "Case",
+    "Datalist",
+    "load_datalist",
+    "split_cases",
+    "validate_case",
+    "validate_datalist",
+]
+
 log = logging.getLogger(__name__)
 
 CT_NAMES = {"ct", "cta", "pet-ct"}
@@ -79,7 +90,7 @@ def _parse_modality(data: dict[str, Any], json_path: Path) -> str:
     lowered = name.lower()
     if lowered in CT_NAMES:
         return "CT"
-    if lowered in MR_NAMES or "mr" in lowered or lowered.startswith("t1") or lowered.startswith("t2"):
+    if lowered in MR_NAMES or "mr" in lowered or lowered.startswith(("t1", "t2")):
         return "MR"
     log.warning("%s: unknown modality %r, using MR-style (z-score) normalisation", json_path, name)
     return name

@@ -48,7 +48,7 @@ from medseg.data.synthetic import Grid, make_phantom, random_grid
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
 
-__all__ = ["PATIENT_NAME", "PATIENT_ID", "TRANSFER_SYNTAXES", "write_dicom_series", "phantom_series"]
+__all__ = ["PATIENT_ID", "PATIENT_NAME", "TRANSFER_SYNTAXES", "phantom_series", "write_dicom_series"]
 
 log = logging.getLogger(__name__)
 

@@ -59,7 +59,7 @@ class Schedule:
         """Iterations, epoch ends and validations (the final one included) left after ``iteration``."""
         target = self.target_iteration
         left = max(0, target - iteration)
-        ends = [i for i in range((iteration // self.epoch_length + 1) * self.epoch_length, target + 1, self.epoch_length)]
+        ends = list(range((iteration // self.epoch_length + 1) * self.epoch_length, target + 1, self.epoch_length))
         validations = sum(self.validates_after(i) for i in ends)
         if left and not self.validates_after(target):
             validations += 1  # the final validation after the last iteration

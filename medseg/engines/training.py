@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from medseg.architectures import NetworkSpec
 from medseg.bundle.create import (
     describe_data_source,
     plan_bundle,
@@ -72,7 +73,7 @@ from medseg.errors import InputError
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.image import case_name, list_images
 from medseg.logs import held_info
-from medseg.plan import NetworkSpec, Plan, load_plan
+from medseg.plan import Plan, load_plan
 
 __all__ = ["TrainOptions", "load_matching_weights", "resolve_device", "train", "train_bundle", "training_datalist"]
 

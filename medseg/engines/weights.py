@@ -40,7 +40,7 @@ def read_init_weights(source: str | os.PathLike[str]) -> tuple[Path, Mapping[str
         raise InputError(path, "no such weights file for --init-weights")
     try:
         state = read_state_dict(path)
-    except Exception as exc:  # noqa: BLE001 - pickled code, TorchScript or a corrupt file: refuse either way
+    except Exception as exc:  # pickled code, TorchScript or a corrupt file: refuse either way
         raise InputError(path, f"not a loadable state dict ({type(exc).__name__})") from exc
     if not isinstance(state, Mapping):
         raise InputError(path, f"not a state dict (holds a {type(state).__name__})")
@@ -114,7 +114,7 @@ def load_resume_checkpoint(path: Path, network: torch.nn.Module, optimizer: torc
         point = ResumePoint(int(trainer["epoch"]), int(trainer["iteration"]),
                             int(trainer["epoch_length"]) if trainer.get("epoch_length") else None,
                             float(best["metric"]), int(best["epoch"]), int(best.get("iteration", 0)), per_label)
-    except Exception as exc:  # noqa: BLE001 - any failure means the checkpoint is unusable
+    except Exception as exc:  # any failure means the checkpoint is unusable
         raise BundleError(f"{path}: cannot resume from this checkpoint ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
     if point.epoch < 0 or point.iteration < 0:

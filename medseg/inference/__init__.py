@@ -1,0 +1,10 @@
+"""Inference: load a trained model, check that an image fits it, and predict label maps in the input's
+own geometry (sliding-window over slabs, so that large volumes fit in memory).
+
+The names are in ``__init__.pyi``; each is imported from its module on first use, so that importing
+one module of this package does not load the others (nor torch or MONAI with them).
+"""
+
+import lazy_loader
+
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

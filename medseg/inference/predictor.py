@@ -158,7 +158,7 @@ class Predictor:
             data = pre({"image": str(image_path)})
         except MedsegError:
             raise
-        except Exception as exc:  # noqa: BLE001 - MONAI wraps reader errors in RuntimeError chains
+        except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
             cause = root_cause(exc)
             if isinstance(cause, MedsegError):
                 raise cause from exc

@@ -604,8 +604,8 @@ def _plan(padded: Sequence[int], window: Sequence[int], scan: Sequence[int], cha
     per_column = len(starts) // len(xs)
 
     def plan(edges: list[int]) -> _Plan:
-        widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-        columns = sum(sum(1 for x in xs if x < b and x + window[0] > a) for a, b in zip(edges[:-1], edges[1:]))
+        widths = [b - a for a, b in itertools.pairwise(edges)]
+        columns = sum(sum(1 for x in xs if x < b and x + window[0] > a) for a, b in itertools.pairwise(edges))
         return _Plan(padded, window, starts, edges, column.arena_voxels * max(widths),
                      column.largest_block_voxels * max(widths), columns * per_column)
 

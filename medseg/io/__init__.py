@@ -1,0 +1,10 @@
+"""Image input and output: medical image files (NIfTI, NRRD, MetaImage) with their geometry, label maps,
+DICOM SEG and RT Structure Set writers, and atomic file writes. DICOM series input is :mod:`medseg.io.dicom`.
+
+The names are in ``__init__.pyi``; each is imported from its module on first use, so that importing
+one module of this package does not load the others (nor torch or MONAI with them).
+"""
+
+import lazy_loader
+
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -28,7 +28,8 @@ def _fmt(values: Sequence[float] | np.ndarray) -> str:
     return "(" + ", ".join(f"{float(v):.4g}" for v in np.asarray(values, dtype=np.float64).ravel()) + ")"
 
 
-def grid_problem(spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float]) -> str | None:
+def grid_problem(spacing: Sequence[float] | np.ndarray, origin: Sequence[float] | np.ndarray,
+                 direction: Sequence[float] | np.ndarray) -> str | None:
     """What is wrong with a grid, or None when it is usable.
 
     Parameters
@@ -65,8 +66,8 @@ def grid_problem(spacing: Sequence[float], origin: Sequence[float], direction: S
     return None
 
 
-def check_grid(path: str | os.PathLike[str] | None, spacing: Sequence[float], origin: Sequence[float],
-               direction: Sequence[float]) -> None:
+def check_grid(path: str | os.PathLike[str] | None, spacing: Sequence[float] | np.ndarray,
+               origin: Sequence[float] | np.ndarray, direction: Sequence[float] | np.ndarray) -> None:
     """Raise InputError (naming ``path``) if the grid is not usable (see :func:`grid_problem`).
 
     Raises

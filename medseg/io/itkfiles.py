@@ -19,7 +19,7 @@ from pathlib import Path
 from medseg.errors import InputError
 from medseg.io.layout import pixel_layout, rename_data_file
 
-__all__ = ["itk_safe", "itk_readable", "itk_writable"]
+__all__ = ["itk_readable", "itk_safe", "itk_writable"]
 
 
 def itk_safe(path: str | os.PathLike[str]) -> bool:

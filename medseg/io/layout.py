@@ -27,8 +27,14 @@ from typing import Any
 
 from medseg.errors import InputError, printable
 
-__all__ = ["PixelLayout", "pixel_layout", "check_pixel_bytes", "check_geometry_fields", "compressed_data_length",
-           "MAX_DEFLATE_RATIO"]
+__all__ = [
+    "MAX_DEFLATE_RATIO",
+    "PixelLayout",
+    "check_geometry_fields",
+    "check_pixel_bytes",
+    "compressed_data_length",
+    "pixel_layout",
+]
 
 #: The largest expansion of deflate (zlib, gzip) data: 258 bytes from a 2-bit code, about 1032:1.
 MAX_DEFLATE_RATIO = 1032
@@ -94,7 +100,7 @@ def _metaimage(path: Path, head: bytes) -> PixelLayout:
     written: list[tuple[str, str]] = []  # as written, in order
     position = 0
     lines = head.split(b"\n")
-    for index, raw in enumerate(lines):
+    for index, raw in enumerate(lines):  # noqa: B007 - index is read after the loop
         position += len(raw) + 1
         key, sep, value = raw.decode("utf-8", "surrogateescape").partition("=")
         if not sep:
@@ -297,10 +303,9 @@ def check_pixel_bytes(path: str | os.PathLike[str], layout: PixelLayout, values:
         if total < 2 * needed:
             raise InputError(path, f"pixel data is truncated: the header declares {declared}, "
                                    f"{where} holds {total} hex digits")
-    elif layout.encoding == "text":  # at least a digit and a separator per value
-        if values > 0 and total < 2 * values - 1:
-            raise InputError(path, f"pixel data is truncated: the header declares {declared}, "
-                                   f"{where} holds {total} characters")
+    elif layout.encoding == "text" and values > 0 and total < 2 * values - 1:  # a digit and a separator per value
+        raise InputError(path, f"pixel data is truncated: the header declares {declared}, "
+                               f"{where} holds {total} characters")
 
 
 def compressed_data_length(layout: PixelLayout, limit: int) -> int | None:

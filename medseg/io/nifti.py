@@ -14,6 +14,7 @@ import gzip
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -24,7 +25,7 @@ from medseg.errors import InputError
 from medseg.io.geometry import grid_problem, split_affine
 from medseg.io.layout import MAX_DEFLATE_RATIO
 
-__all__ = ["NiftiInfo", "check_nifti_header", "check_nifti_data"]
+__all__ = ["NiftiInfo", "check_nifti_data", "check_nifti_header"]
 
 
 class NiftiInfo:
@@ -48,7 +49,7 @@ def _raw_header(path: Path) -> nib.Nifti1Header:
     for endian in "<>":
         if len(head) >= 4:
             size = struct.unpack(endian + "i", head[:4])[0]
-            klass = {348: nib.Nifti1Header, 540: nib.Nifti2Header}.get(size)
+            klass: type[nib.Nifti1Header] | None = {348: nib.Nifti1Header, 540: nib.Nifti2Header}.get(size)
             if klass is not None and len(head) >= size:
                 try:
                     return klass(head[:size], endianness=endian, check=False)
@@ -57,7 +58,7 @@ def _raw_header(path: Path) -> nib.Nifti1Header:
     raise InputError(path, "not a readable image (not a NIfTI-1 or NIfTI-2 header)")
 
 
-def _fmt(values) -> str:
+def _fmt(values: Sequence[float] | np.ndarray) -> str:
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
@@ -88,9 +89,9 @@ def check_nifti_header(path: str | os.PathLike[str]) -> NiftiInfo:
         raise InputError(path, f"NIfTI pixdim (voxel spacing) {_fmt(pixdim)} is not positive")
     if int(header["qform_code"]) > 0:
         quaternion = np.asarray([header["quatern_b"], header["quatern_c"], header["quatern_d"]], dtype=np.float64)
-        offset = np.asarray([header["qoffset_x"], header["qoffset_y"], header["qoffset_z"]], dtype=np.float64)
-        if not (np.all(np.isfinite(quaternion)) and np.all(np.isfinite(offset))):
-            raise InputError(path, f"NIfTI qform (quatern_b/c/d {_fmt(quaternion)}, qoffset {_fmt(offset)}) is not finite")
+        qoffset = np.asarray([header["qoffset_x"], header["qoffset_y"], header["qoffset_z"]], dtype=np.float64)
+        if not (np.all(np.isfinite(quaternion)) and np.all(np.isfinite(qoffset))):
+            raise InputError(path, f"NIfTI qform (quatern_b/c/d {_fmt(quaternion)}, qoffset {_fmt(qoffset)}) is not finite")
         if float(quaternion @ quaternion) > 1.0 + 1e-3:
             raise InputError(path, f"NIfTI qform quaternion {_fmt(quaternion)} is not a rotation (b^2 + c^2 + d^2 > 1)")
     if int(header["sform_code"]) > 0:

@@ -35,7 +35,7 @@ from medseg.io.atomic import atomic_path
 from medseg.io.dicom_seg import SourcePlane, _check_label_map, _coded, source_planes
 from medseg.labels import label_colour_255
 
-__all__ = ["write_rtstruct", "mask_contours"]
+__all__ = ["mask_contours", "write_rtstruct"]
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = [
+    "ANATOMICAL_STRUCTURE",
+    "BODY_SUBSTANCE",
+    "LESION_WORDS",
+    "MORPHOLOGICALLY_ABNORMAL",
+    "TISSUE",
+    "is_lesion_name",
+    "segment_code",
+]
+
 #: Category codes (CID 7150).
 ANATOMICAL_STRUCTURE = {"code": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"}
 MORPHOLOGICALLY_ABNORMAL = {"code": "49755003", "scheme": "SCT", "meaning": "Morphologically Abnormal Structure"}

@@ -18,6 +18,14 @@ import numpy as np
 from medseg.errors import InputError
 from medseg.io.image import read_image, to_array
 
+__all__ = [
+    "as_label_map",
+    "describe_values",
+    "label_values",
+    "map_labels",
+    "read_label_map",
+]
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 24
@@ -91,7 +99,8 @@ def map_labels(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
     lut = np.arange(top + 1, dtype=np.int64)
     for source, target in mapping.items():
         lut[source] = target
-    return lut[labels]
+    mapped: np.ndarray = lut[labels]
+    return mapped
 
 
 def read_label_map(path: Path, declared: Mapping[int, str] | None = None,

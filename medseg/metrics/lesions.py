@@ -87,6 +87,18 @@ from scipy import ndimage
 from medseg.io.atomic import atomic_path
 from medseg.metrics.overlap import checked_non_negative, checked_spacing, label_metrics
 
+__all__ = [
+    "BRATS_HD95_PENALTY_MM",
+    "LESION_COLUMNS",
+    "LesionMatch",
+    "LesionSummary",
+    "connected_lesions",
+    "instance_map",
+    "lesion_rows",
+    "lesion_wise",
+    "write_lesions_csv",
+]
+
 #: Columns of ``lesions.csv``, in order.
 LESION_COLUMNS: tuple[str, ...] = (
     "case",
@@ -160,6 +172,11 @@ def _keep(volume_ml: np.ndarray | float, min_volume_ml: float) -> np.ndarray | b
     return volume_ml >= min_volume_ml * (1.0 - _REL_TOL)
 
 
+def _keep_all(volume_ml: np.ndarray, min_volume_ml: float) -> np.ndarray:
+    """:func:`_keep` of an array of volumes: a boolean array."""
+    return np.asarray(_keep(volume_ml, min_volume_ml), dtype=bool)
+
+
 def connected_lesions(
     mask: np.ndarray,
     spacing: Sequence[float],
@@ -201,7 +218,7 @@ def connected_lesions(
     if n == 0 or min_volume_ml == 0:
         return labels, n
     volumes = np.bincount(labels.reshape(-1), minlength=n + 1) * _voxel_ml(spacing_t)
-    keep = _keep(volumes, min_volume_ml)
+    keep = _keep_all(volumes, min_volume_ml)
     keep[0] = False
     kept = int(np.count_nonzero(keep))
     if kept == n:
@@ -259,7 +276,8 @@ def _dilation_element(spacing: tuple[float, ...], radius_mm: float) -> np.ndarra
     axes = [np.arange(-h, h + 1) * s for h, s in zip(half, spacing, strict=True)]
     offsets = np.abs(np.stack(np.meshgrid(*axes, indexing="ij")))
     tol = radius_mm * _REL_TOL
-    return (offsets.max(axis=0) <= radius_mm + tol) & (offsets.sum(axis=0) <= 2 * radius_mm + tol)
+    element: np.ndarray = (offsets.max(axis=0) <= radius_mm + tol) & (offsets.sum(axis=0) <= 2 * radius_mm + tol)
+    return element
 
 
 def _grow(box: tuple[slice, ...], margin: Sequence[int], shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -387,6 +405,7 @@ def _matched_components(ref_lab: np.ndarray, ref_boxes: Sequence[tuple[slice, ..
     """The predicted component ids that touch each reference lesion (or its dilation), scored or not."""
     matched: list[np.ndarray] = []
     for ref_id, box in enumerate(ref_boxes, start=1):
+        assert box is not None, "connected-component labels are consecutive"
         if element is None:
             zone = ref_lab[box] == ref_id
         else:

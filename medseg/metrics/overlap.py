@@ -42,6 +42,16 @@ from monai.metrics import (
     compute_surface_dice,
 )
 
+__all__ = [
+    "EMPTY_CONVENTION",
+    "METRIC_FIELDS",
+    "LabelMetrics",
+    "both_empty_metrics",
+    "checked_non_negative",
+    "checked_spacing",
+    "label_metrics",
+]
+
 #: One sentence for reports (e.g. ``summary.json``) stating the empty-mask convention.
 EMPTY_CONVENTION = (
     "If a label is absent from both prediction and reference: dice=1, iou=1, hd95=0, assd=0, nsd=1; "

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 from monai.networks.nets import DynUNet, SegResNet, UNet
 
-from medseg.architectures import ARCHITECTURES
+from medseg.architectures import ARCHITECTURES, NetworkSpec
 from medseg.errors import BundleError
-from medseg.plan import NetworkSpec, Plan
+from medseg.plan import Plan
 
 __all__ = ["build_network"]
 
@@ -32,7 +32,7 @@ def build_network(plan: Plan, spec: NetworkSpec | None = None) -> torch.nn.Modul
     return build(spec.planned(plan.patch_size, plan.target_spacing), plan.dims, plan.num_classes)
 
 
-def _norm(name: str) -> str | tuple[str, dict]:
+def _norm(name: str) -> str | tuple[str, dict[str, bool]]:
     """MONAI's norm argument: instance normalisation with learnt affine parameters (as nnU-Net)."""
     return ("instance", {"affine": True}) if name == "instance" else name
 

@@ -60,6 +60,6 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike[str], device:
         raise BundleError(f"{path}: no such weights file; has the model been trained?")
     try:
         network.load_state_dict(read_state_dict(path), strict=strict)
-    except Exception as exc:  # noqa: BLE001 - any failure means unusable weights
+    except Exception as exc:  # any failure means unusable weights
         raise BundleError(f"{path}: cannot load these weights ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
     return network.to(device).eval()

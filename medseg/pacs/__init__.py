@@ -9,4 +9,11 @@
   :class:`medseg.pacs.journal.Journal` makes restarts (also after SIGKILL) finish pending series exactly
   once.
 * :func:`medseg.pacs.job.segment_series_folder`: the job both run (a folder of one series -> SEG).
+
+The names are in ``__init__.pyi``; each is imported from its module on first use, so that importing
+one module of this package does not load the others (nor torch or MONAI with them).
 """
+
+import lazy_loader
+
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

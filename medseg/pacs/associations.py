@@ -13,6 +13,10 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
+__all__ = [
+    "OpenAssociations",
+]
+
 
 class _Association(Protocol):
     def is_alive(self) -> bool: ...

@@ -33,6 +33,18 @@ from medseg.errors import InputError, PacsError
 from medseg.io.atomic import atomic_path
 from medseg.pacs.job import check_model, keep_values_out_of_logs, segment_series_folder
 
+__all__ = [
+    "NON_IMAGE_MODALITIES",
+    "RunResult",
+    "SeriesInfo",
+    "choose_series",
+    "list_series",
+    "make_session",
+    "retrieve_series",
+    "run_study",
+    "store_seg",
+]
+
 log = logging.getLogger(__name__)
 
 #: Series of these modalities are results or documents, never candidates for segmentation.

@@ -6,6 +6,12 @@ import os
 import uuid
 from pathlib import Path
 
+__all__ = [
+    "durable_move",
+    "durable_write",
+    "make_dirs_durable",
+]
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))

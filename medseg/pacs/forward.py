@@ -14,6 +14,12 @@ from pynetdicom import AE
 from medseg.errors import InputError, PacsError
 from medseg.pacs.instances import STATUS_SUCCESS
 
+__all__ = [
+    "Destination",
+    "check_ae_title",
+    "send_file",
+]
+
 log = logging.getLogger(__name__)
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash

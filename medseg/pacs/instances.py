@@ -8,6 +8,15 @@ import pydicom
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
+__all__ = [
+    "STATUS_CANNOT_UNDERSTAND",
+    "STATUS_DOES_NOT_MATCH_SOP_CLASS",
+    "STATUS_OUT_OF_RESOURCES",
+    "STATUS_SUCCESS",
+    "BadInstance",
+    "check_instance",
+]
+
 #: C-STORE statuses (PS3.4 B.2.3).
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -52,13 +61,13 @@ def check_instance(ds: pydicom.Dataset, sop_class_uid: str | None = None,
         raise BadInstance(STATUS_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from the C-STORE request's")
     if sop_class_uid is not None and uids["SOPClassUID"] != str(sop_class_uid).strip():
         raise BadInstance(STATUS_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the C-STORE request's")
-    keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
-    if keyword is None:
+    pixel_keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
+    if pixel_keyword is None:
         raise BadInstance(STATUS_DOES_NOT_MATCH_SOP_CLASS, "no pixel data (not an image instance)")
     if "Rows" not in ds or "Columns" not in ds:
         raise BadInstance(STATUS_DOES_NOT_MATCH_SOP_CLASS, "pixel data without Rows / Columns")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if keyword == "PixelData" and syntax is not None and not UID(syntax).is_compressed:
+    if pixel_keyword == "PixelData" and syntax is not None and not UID(syntax).is_compressed:
         try:
             expected = get_expected_length(ds, unit="bytes")
         except Exception:  # noqa: BLE001 - missing BitsAllocated, SamplesPerPixel, ...

@@ -35,6 +35,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+__all__ = [
+    "STATES",
+    "Journal",
+    "SeriesRecord",
+]
+
 STATES = ("received", "running", "sending", "done", "failed")
 
 _SCHEMA = """
@@ -165,7 +171,7 @@ class Journal:
         """Number of series per state."""
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) AS n FROM series GROUP BY state").fetchall()
-        return {state: 0 for state in STATES} | {row["state"]: row["n"] for row in rows}
+        return dict.fromkeys(STATES, 0) | {row["state"]: row["n"] for row in rows}
 
     def has_instance(self, sop_uid: str) -> bool:
         """Whether an instance with this SOPInstanceUID was recorded."""
@@ -330,5 +336,5 @@ class Journal:
                 sends: bool) -> None:
         # instances that arrived while the job ran or the SEG was sent reopen the series once it ends
         db.execute("UPDATE series SET state = CASE WHEN reopen THEN 'received' ELSE ? END, reopen = 0, error = ?, "
-                   f"sends = sends + {1 if sends else 0}, updated = ? WHERE series_uid = ?",
-                   (state, error, now, series_uid))
+                   "sends = sends + ?, updated = ? WHERE series_uid = ?",
+                   (state, error, 1 if sends else 0, now, series_uid))

@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,8 @@ import pydicom
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # its UIDs are made at import time
 
 from medseg.errors import InputError, MedsegError, PacsError
 from medseg.pacs.associations import OpenAssociations
@@ -62,6 +63,13 @@ from medseg.pacs.instances import (
 )
 from medseg.pacs.job import check_model, keep_values_out_of_logs, referenced_instances, segment_series_folder
 from medseg.pacs.journal import Journal, SeriesRecord
+
+__all__ = [
+    "Destination",
+    "Listener",
+    "ListenerConfig",
+    "supported_transfer_syntaxes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +171,8 @@ class Listener:
         ae = AE(ae_title=self.ae_title)
         syntaxes = supported_transfer_syntaxes()
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, syntaxes)
+            if context.abstract_syntax is not None:  # set in every context of pynetdicom's list
+                ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
         ae.require_called_aet = True
         ae.network_timeout = self.config.network_timeout
@@ -171,9 +180,10 @@ class Listener:
             ae.require_calling_aet = list(self.allow)
         else:
             log.warning("no --allow list: any calling AE title may store instances")
-        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_RELEASED, self._on_closed),
-                    (evt.EVT_ABORTED, self._on_closed), (evt.EVT_CONN_CLOSE, self._on_connection_closed)]
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed), (evt.EVT_CONN_CLOSE, self._on_connection_closed)]
         try:
             self._server = ae.start_server((self.config.bind, self.config.port), block=False, evt_handlers=handlers)
         except OSError as exc:
@@ -192,10 +202,9 @@ class Listener:
         self._close_server()
         if wait and self._worker is not None:
             self._worker.join(timeout)
-        if self._worker is None or not self._worker.is_alive():
-            if self.journal is not None:
-                self.journal.close()
-                self.journal = None
+        if (self._worker is None or not self._worker.is_alive()) and self.journal is not None:
+            self.journal.close()
+            self.journal = None
 
     def serve_forever(self) -> None:
         """:meth:`start`, then serve until SIGTERM / SIGINT. The first signal stops accepting and lets a
@@ -323,7 +332,7 @@ class Listener:
         return STATUS_SUCCESS
 
     def _quarantine(self, event: Any, calling: str, bad: BadInstance) -> None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         name = f"{stamp}-{uuid.uuid4().hex[:8]}"
         request = event.request
         try:
@@ -373,7 +382,7 @@ class Listener:
             self.current = record.series_uid
             try:
                 self.process(record)
-            except Exception as exc:  # noqa: BLE001 - the worker must survive anything
+            except Exception as exc:  # the worker must survive anything
                 log.error("series %s: internal error: %s: %s", record.series_uid, type(exc).__name__, exc)
                 log.debug("traceback", exc_info=True)
                 try:
@@ -402,10 +411,9 @@ class Listener:
 
     def process(self, record: SeriesRecord) -> None:
         """Run one claimed series: the job (state running), then the send (state sending)."""
-        if record.state == "running":
-            record = self._run_job(record)
-        if record is not None and record.state == "sending" and record.seg_path:
-            self._send_seg(record)
+        current = self._run_job(record) if record.state == "running" else record
+        if current is not None and current.state == "sending" and current.seg_path:
+            self._send_seg(current)
 
     def _run_job(self, record: SeriesRecord) -> SeriesRecord | None:
         """Segment a running series into SEG revision ``record.revision + 1``; returns the series in
@@ -431,7 +439,7 @@ class Listener:
             self.journal.mark_failed(uid, str(exc))
             log.error("series %s: job failed: %s (instances kept in %s)", uid, exc, folder)
             return None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.journal.mark_failed(uid, f"internal error: {type(exc).__name__}: {exc}")
             log.error("series %s: job failed: internal error: %s: %s (instances kept in %s)", uid,
                       type(exc).__name__, exc, folder)

@@ -44,7 +44,7 @@ from medseg.io.atomic import atomic_path
 from medseg.io.image import Geometry
 from medseg.labels.colours import PALETTE, label_colour
 
-__all__ = ["LABEL_ALPHA", "label_colour", "render_overlay", "overlay_png", "dice_boxplot_png", "training_curves_png"]
+__all__ = ["LABEL_ALPHA", "dice_boxplot_png", "label_colour", "overlay_png", "render_overlay", "training_curves_png"]
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ def _slice_through(mask: np.ndarray, axis: int) -> int:
 
 
 def _overlay_rgba(labels2d: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    return lut[np.clip(labels2d, 0, lut.shape[0] - 1)]
+    rgba: np.ndarray = lut[np.clip(labels2d, 0, lut.shape[0] - 1)]
+    return rgba
 
 
 def _colour_lut(values: Sequence[int]) -> np.ndarray:
@@ -260,9 +261,9 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, spacing: Sequence[floa
     elif not present:
         plan.append((None, {v: image.shape[_VIEWS[v][0]] // 2 for v in views}))
     else:
-        for value in present:
-            mask = labels == value
-            plan.append((value, {v: _slice_through(mask, _VIEWS[v][0]) for v in views}))
+        for label in present:
+            mask = labels == label
+            plan.append((label, {v: _slice_through(mask, _VIEWS[v][0]) for v in views}))
 
     n_rows, n_cols = len(plan), len(views)
     extent = np.asarray(image.shape, dtype=np.float64) * np.asarray(spacing)  # mm along R, A(, S)

@@ -23,7 +23,7 @@ from typing import Any
 
 from medseg.io.atomic import atomic_write_text
 
-__all__ = ["write_report_html", "render_report_html"]
+__all__ = ["render_report_html", "write_report_html"]
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;

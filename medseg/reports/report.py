@@ -23,7 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from tqdm import tqdm
@@ -49,7 +49,17 @@ from medseg.reports.stats import (
     unit_for_modality,
 )
 
-__all__ = ["build_report", "pair_predictions", "guess_modality", "CT_WINDOW", "CT_MIN_HU"]
+__all__ = [
+    "CT_MIN_HU",
+    "CT_WINDOW",
+    "LabelSummary",
+    "ReportFiles",
+    "ReportSummary",
+    "Statistics",
+    "build_report",
+    "guess_modality",
+    "pair_predictions",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,55 @@ CT_WINDOW: tuple[float, float] = (-160.0, 240.0)
 #: An image whose minimum is below this is taken as CT in HU (air is -1000 HU; MR signal is >= 0).
 CT_MIN_HU = -500.0
 _MODALITIES = {"CT": "CT", "MR": "MR", "MRI": "MR"}
+
+
+class Statistics(TypedDict):
+    """Mean, population std, median, min and max of the finite values; all None when there is none."""
+
+    mean: float | None
+    std: float | None
+    median: float | None
+    min: float | None
+    max: float | None
+
+
+class LabelSummary(TypedDict):
+    """One label over the report's cases: an entry of ``labels`` in ``structures.json``.
+
+    ``volume_ml`` and ``mean_intensity`` are over the cases where the structure is present; the
+    intensity only if those cases share one ``unit`` (else ``"mixed"`` and no statistics).
+    """
+
+    name: str
+    cases_present: int
+    cases: int
+    volume_ml: Statistics
+    mean_intensity: Statistics
+    unit: str
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """The files :func:`build_report` wrote (absolute paths)."""
+
+    csv: Path
+    json: Path
+    html: Path
+    png: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    """What :func:`build_report` measured and wrote."""
+
+    cases: int
+    case_names: tuple[str, ...]
+    #: ``"CT"``, ``"MR"`` or ``"mixed"`` over the cases
+    modality: str
+    #: ``{str(label value): summary}``, as in ``structures.json``
+    labels: dict[str, LabelSummary]
+    out_dir: Path
+    files: ReportFiles
 
 
 def guess_modality(image: np.ndarray) -> str:
@@ -96,22 +155,22 @@ def pair_predictions(pred_dir: str | os.PathLike[str], images_dir: str | os.Path
     matched: dict[str, Path] = {}
     for pred in preds:
         name = case_name(pred)
-        case = name if name in images else None
-        if case is None and name.endswith(PRED_SUFFIX) and name[: -len(PRED_SUFFIX)] in images:
-            case = name[: -len(PRED_SUFFIX)]
-        if case is None:
+        found = name if name in images else None
+        if found is None and name.endswith(PRED_SUFFIX) and name[: -len(PRED_SUFFIX)] in images:
+            found = name[: -len(PRED_SUFFIX)]
+        if found is None:
             base = name[: -len(PRED_SUFFIX)] if name.endswith(PRED_SUFFIX) else name
             raise InputError(pred, f"no image for this prediction in {images_dir} (expected {base}.<ext>)")
-        if case in matched:
-            raise InputError(pred, f"a second prediction for case '{case}' (also {matched[case].name}); keep one")
-        matched[case] = pred
+        if found in matched:
+            raise InputError(pred, f"a second prediction for case '{found}' (also {matched[found].name}); keep one")
+        matched[found] = pred
     unused = len(images) - len(matched)
     if unused:
         log.info("%d image(s) in %s have no prediction and are not in the report", unused, images_dir)
     return [(case, matched[case], images[case]) for case in sorted(matched)]
 
 
-def _stats(values: list[float]) -> dict[str, float | None]:
+def _stats(values: list[float]) -> Statistics:
     data = np.asarray(values, dtype=np.float64)
     data = data[np.isfinite(data)]
     if data.size == 0:
@@ -134,7 +193,7 @@ def _csv_value(value: Any) -> str:
 
 def build_report(pred_dir: str | os.PathLike[str], images_dir: str | os.PathLike[str],
                  out_dir: str | os.PathLike[str], labels: Mapping[int, str] | None = None,
-                 modality: str | None = None) -> dict[str, Any]:
+                 modality: str | None = None) -> ReportSummary:
     """Measure and draw every predicted structure; write a CSV, a JSON, overlays and an HTML report.
 
     Parameters
@@ -159,8 +218,8 @@ def build_report(pred_dir: str | os.PathLike[str], images_dir: str | os.PathLike
 
     Returns
     -------
-    dict
-        The summary: cases, modality, per-label summary and the paths written.
+    ReportSummary
+        The cases, their modality, the per-label summary and the files written.
 
     Raises
     ------
@@ -192,24 +251,17 @@ def build_report(pred_dir: str | os.PathLike[str], images_dir: str | os.PathLike
         for label in foreground:
             rows.append(by_label.get(label) or empty_statistics(label, names[label], info["unit"], case))
     modalities = sorted({info["modality"] for info in cases.info})
-    label_summary = _label_summary(rows, names, foreground, len(cases.info))
-
     out_dir = out_dir.resolve()
-    paths = {
-        "csv": out_dir / "structures.csv",
-        "json": out_dir / "structures.json",
-        "html": out_dir / "report.html",
-        "png": [out_dir / f"{info['case']}.png" for info in cases.info],
-    }
-    summary: dict[str, Any] = {
-        "cases": len(cases.info),
-        "case_names": [info["case"] for info in cases.info],
-        "modality": modalities[0] if len(modalities) == 1 else "mixed",
-        "labels": label_summary,
-        "out_dir": str(out_dir),
-        "files": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in paths.items()},
-    }
-    _write_report(Path(pred_dir).name, paths, cases, rows, label_summary, summary["modality"])
+    summary = ReportSummary(
+        cases=len(cases.info),
+        case_names=tuple(info["case"] for info in cases.info),
+        modality=modalities[0] if len(modalities) == 1 else "mixed",
+        labels=_label_summary(rows, names, foreground, len(cases.info)),
+        out_dir=out_dir,
+        files=ReportFiles(out_dir / "structures.csv", out_dir / "structures.json", out_dir / "report.html",
+                          tuple(out_dir / f"{info['case']}.png" for info in cases.info)),
+    )
+    _write_report(Path(pred_dir).name, summary, cases, rows)
     return summary
 
 
@@ -246,11 +298,11 @@ def _checked_grids(pairs: list[tuple[str, Path, Path]]) -> dict[str, Geometry]:
 
     Raises InputError for a prediction whose grid differs from its image's."""
     geometries: dict[str, Geometry] = {}
-    for case, pred, image in pairs:
-        geometry = read_geometry(image)
+    for case, pred, image_file in pairs:
+        geometry = read_geometry(image_file)
         difference = geometry.mismatch(read_geometry(pred))
         if difference is not None:
-            raise InputError(pred, f"grid does not match its image {image.name}: {difference}")
+            raise InputError(pred, f"grid does not match its image {image_file.name}: {difference}")
         geometries[case] = geometry
     return geometries
 
@@ -282,24 +334,24 @@ def _measure_cases(pairs: list[tuple[str, Path, Path]], geometries: Mapping[str,
     return cases
 
 
-def _write_report(title: str, paths: Mapping[str, Any], cases: _Cases, rows: list[dict[str, Any]],
-                  label_summary: dict[str, Any], modality: str) -> None:
+def _write_report(title: str, summary: ReportSummary, cases: _Cases, rows: list[dict[str, Any]]) -> None:
     """Write the PNGs, ``structures.csv``, ``structures.json`` and ``report.html`` (each atomically)."""
+    paths = summary.files
     document = {
         "columns": list(STAT_COLUMNS),
         "rows": [{k: _json_value(row[k]) for k in STAT_COLUMNS} for row in rows],
         "cases": cases.info,
-        "labels": label_summary,
-        "modality": modality,
+        "labels": summary.labels,
+        "modality": summary.modality,
     }
     json_text = json.dumps(document, indent=2, allow_nan=False) + "\n"
-    for info, png_path in zip(cases.info, paths["png"], strict=True):
+    for info, png_path in zip(cases.info, paths.png, strict=True):
         with atomic_path(png_path) as tmp:
             tmp.write_bytes(cases.pngs[info["case"]])
-    atomic_write_text(paths["csv"], _csv_text(rows))
-    atomic_write_text(paths["json"], json_text)
-    write_report_html(paths["html"], f"Segmentation report: {title}",
-                      _summary_table(label_summary, len(cases.info)),
+    atomic_write_text(paths.csv, _csv_text(rows))
+    atomic_write_text(paths.json, json_text)
+    write_report_html(paths.html, f"Segmentation report: {title}",
+                      _summary_table(summary.labels, len(cases.info)),
                       [{"case": info["case"], "png": cases.pngs[info["case"]],
                         "note": f"{info['modality']}, grid {' x '.join(map(str, info['size']))}, spacing "
                                 f"{' x '.join(f'{s:.3g}' for s in info['spacing_mm'])} mm; "
@@ -308,7 +360,7 @@ def _write_report(title: str, paths: Mapping[str, Any], cases: _Cases, rows: lis
                                  if row["case"] == info["case"]]}
                        for info in cases.info],
                       intro=_INTRO)
-    log.info("wrote the report of %d case(s) to %s", len(cases.info), paths["html"])
+    log.info("wrote the report of %d case(s) to %s", len(cases.info), paths.html)
 
 
 _INTRO = ("Volumes in mL (voxel count x voxel volume); intensity statistics inside each structure "
@@ -319,8 +371,8 @@ _INTRO = ("Volumes in mL (voxel count x voxel volume); intensity statistics insi
 
 
 def _label_summary(rows: list[dict[str, Any]], names: Mapping[int, str], foreground: list[int],
-                   n_cases: int) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
+                   n_cases: int) -> dict[str, LabelSummary]:
+    summary: dict[str, LabelSummary] = {}
     for label in foreground:
         mine = [r for r in rows if r["label"] == label]
         units = sorted({r["unit"] for r in mine})
@@ -338,7 +390,7 @@ def _label_summary(rows: list[dict[str, Any]], names: Mapping[int, str], foregro
     return summary
 
 
-def _summary_table(label_summary: Mapping[str, Any], n_cases: int) -> list[dict[str, Any]]:
+def _summary_table(label_summary: Mapping[str, LabelSummary], n_cases: int) -> list[dict[str, Any]]:
     table = []
     for label, entry in label_summary.items():
         volume, intensity = entry["volume_ml"], entry["mean_intensity"]

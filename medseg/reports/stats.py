@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["STAT_COLUMNS", "structure_statistics", "empty_statistics", "unit_for_modality"]
+__all__ = ["STAT_COLUMNS", "empty_statistics", "structure_statistics", "unit_for_modality"]
 
 #: Columns of a statistics row (and of ``structures.csv``), in order.
 STAT_COLUMNS: tuple[str, ...] = ("case", "label", "label_name", "volume_ml", "voxels", "mean", "std", "min", "max", "unit")

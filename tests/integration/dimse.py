@@ -17,8 +17,8 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from tests.tools import HANG_GUARD
 from tests.integration.orthanc import STORESCU, Orthanc, free_port
+from tests.tools import HANG_GUARD
 
 LISTENER_AET, MODALITY_AET = "MEDSEG", "CT_MODALITY"
 SECRETS = ("Phantom", "PHANTOM001", "Synthetic")  # the synthetic patient's name and ID must never be logged

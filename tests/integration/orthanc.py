@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from tests.tools import needs
 
 ORTHANC = shutil.which("Orthanc") or next(iter(glob.glob("/usr/sbin/Orthanc")), None)
@@ -181,7 +182,7 @@ def start_orthanc(workdir: Path, *, modalities: dict[str, tuple[str, str, int]] 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_ProxyServer"
+    server: _ProxyServer
 
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -230,7 +231,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
 class _ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
-    proxy: "BearerProxy"
+    proxy: BearerProxy
 
 
 class BearerProxy:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg.bundle.verify import verify_bundle
 from medseg.bundle.safety import scan_bundle
+from medseg.bundle.verify import verify_bundle
 from medseg.cli import main
 from medseg.data.synthetic import write_dataset
 from medseg.io.image import read_geometry, to_array

@@ -13,7 +13,6 @@ import pydicom
 import pytest
 
 from medseg.pacs.journal import Journal
-from tests.tools import HANG_GUARD
 from tests.integration.dimse import (
     MODALITY_AET,
     SECRETS,
@@ -26,6 +25,7 @@ from tests.integration.dimse import (
     wait_for_state,
 )
 from tests.integration.orthanc import Orthanc, require_tools, small_series
+from tests.tools import HANG_GUARD
 
 pytestmark = [pytest.mark.pacs, require_tools("orthanc", "dicomweb", "storescu")]
 
@@ -59,7 +59,7 @@ def test_series_is_stored_segmented_and_forwarded(listener: ListenerProcess, ort
 
 def test_unknown_calling_ae_is_rejected(listener: ListenerProcess, tmp_path: Path) -> None:
     files = small_series(tmp_path / "ct", "ct", seed=4)[:2]
-    study_uid, series_uid, _ = uids(files[0])
+    study_uid, _series_uid, _ = uids(files[0])
     result = storescu(listener.port, files, aet="INTRUDER")
     assert result.returncode != 0
     assert "Association Rejected" in result.stdout + result.stderr

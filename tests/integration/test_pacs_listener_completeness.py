@@ -18,7 +18,6 @@ from pynetdicom import AE
 
 from medseg.pacs.forward import Destination
 from medseg.pacs.listener import Listener, ListenerConfig
-from tests.tools import HANG_GUARD
 from tests.integration.dimse import (
     LISTENER_AET,
     MODALITY_AET,
@@ -34,6 +33,7 @@ from tests.integration.dimse import (
     wait_for_state,
 )
 from tests.integration.orthanc import Orthanc, free_port, require_tools, small_series
+from tests.tools import HANG_GUARD
 
 pytestmark = [pytest.mark.pacs, require_tools("orthanc", "dicomweb")]
 IDLE = 1.0
@@ -66,7 +66,7 @@ def test_concurrent_slow_senders_get_one_complete_seg_per_series(listener: Liste
                 for end, files in series.items()]
         for future in sent:
             future.result(timeout=HANG_GUARD)
-    for end, files in series.items():
+    for files in series.values():
         study_uid, series_uid, _ = uids(files[0])
         wait_for_seg(orthanc, study_uid, listener)
         wait_for_state(listener.storage, series_uid, "done", listener)

@@ -135,8 +135,8 @@ def test_paths_the_user_named_are_allowed_and_everything_else_stays_confined(tmp
     })
     findings = {(f.key, f.problem.split(" (")[0]) for f in scan_bundle(chain)}
     assert findings == {("bad_weights#parts", "'..' is not a plain file-name part"),
-                        ("literal#data", "'/etc/shadow' resolves to /etc/shadow, outside the bundle and the paths "
-                                         "given on the command line")}
+                        ("literal#data", ("'/etc/shadow' resolves to /etc/shadow, outside the bundle and the paths "
+                                         "given on the command line"))}
 
 
 def test_the_bundles_logging_conf_is_not_applied_in_safe_mode(tmp_path: Path) -> None:
@@ -160,7 +160,7 @@ def test_the_bundle_folder_is_not_on_sys_path_while_it_runs(tmp_path: Path, monk
     seen: list[list[str]] = []
     original = ConfigWorkflow._run_expr
 
-    def record(self: Any, id: str, **kwargs: Any) -> Any:
+    def record(self: Any, id: str, **kwargs: Any) -> Any:  # noqa: A002 - MONAI calls _run_expr(id=...)
         seen.append(list(sys.path))
         return original(self, id, **kwargs)
 

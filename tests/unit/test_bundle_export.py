@@ -1,4 +1,5 @@
-"""medseg.bundle.verify and medseg.bundle.export: verify_bundle collects every problem; TorchScript and ONNX exports reproduce the network."""
+"""medseg.bundle.verify and medseg.bundle.export: verify_bundle collects every problem; TorchScript and ONNX exports
+reproduce the network."""
 
 from __future__ import annotations
 

@@ -70,7 +70,8 @@ def test_loads_msd_dataset_json(dataset: Path) -> None:
     # test cases get their reference label map from labelsTs/
     assert [c.name for c in datalist.test] == ["ct_003"]
     assert datalist.test[0].image == (dataset / "imagesTs" / "ct_003.nii.gz").resolve()
-    assert datalist.test[0].label is not None and datalist.test[0].label.resolve() == (dataset / "labelsTs" / "ct_003.nii.gz").resolve()
+    assert datalist.test[0].label is not None
+    assert datalist.test[0].label.resolve() == (dataset / "labelsTs" / "ct_003.nii.gz").resolve()
     assert datalist.extra["numTraining"] == 3 and "training" not in datalist.extra
 
 

@@ -48,7 +48,6 @@ from medseg.io.dicom import (
 from tests.tools import dciodvfy_errors, needs, needs_dciodvfy
 
 
-
 def _rotation(axis: tuple[float, float, float], degrees: float) -> np.ndarray:
     x, y, z = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
     k = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
@@ -183,7 +182,7 @@ def test_files_without_preamble_are_recognised(ct_copy) -> None:
 
 
 def test_source_datasets_follow_read_order(clean_ct) -> None:
-    folder, files, image = clean_ct
+    folder, files, _image = clean_ct
     series = select_series(scan_dicom(folder))
     datasets = source_datasets(series)
     assert [ds.SOPInstanceUID for ds in datasets] == [pydicom.dcmread(f).SOPInstanceUID for f in files]
@@ -196,7 +195,7 @@ def test_source_datasets_follow_read_order(clean_ct) -> None:
 
 
 def test_source_headers_still_refuse_a_file_truncated_after_the_scan(ct_copy) -> None:
-    folder, files, _ = ct_copy
+    folder, _files, _ = ct_copy
     series = select_series(scan_dicom(folder))
     path = series.files[2]
     data = path.read_bytes()
@@ -250,7 +249,7 @@ def two_studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
     root = tmp_path_factory.mktemp("tree") / "export"
     study_a, study_b = generate_uid(), generate_uid()
     uids = {name: generate_uid() for name in ("venous", "t1", "thorax")}
-    _, ct, _ = phantom_series(root / "a" / "1", "ct", seed=5, grid=_grid(size=(32, 32, 30), degrees=0),
+    _, _ct, _ = phantom_series(root / "a" / "1", "ct", seed=5, grid=_grid(size=(32, 32, 30), degrees=0),
                               study_uid=study_a, series_uid=uids["venous"], series_number=2,
                               series_description="Abdomen PORTAL VENOUS 3mm", file_names="im")
     phantom_series(root / "a" / "2", "mr", seed=6, grid=_grid("sagittal", size=(32, 32, 22)), study_uid=study_a,
@@ -287,7 +286,7 @@ def test_ambiguous_selection_lists_the_candidates(two_studies) -> None:
     with pytest.raises(DicomError) as info:
         select_series(scan)
     assert len(str(info.value).splitlines()) == 4
-    with pytest.raises(DicomError, match="no DICOM series matches .modality PT.") as info:
+    with pytest.raises(DicomError, match=r"no DICOM series matches .modality PT.") as info:
         select_series(scan, modality="PT")
     assert all(uid in str(info.value) for uid in uids.values())
 
@@ -627,7 +626,7 @@ def test_writer_refuses_values_that_do_not_fit(tmp_path: Path) -> None:
 
 
 def test_inspect_lists_series_without_patient_data(two_studies, capsys: pytest.CaptureFixture[str]) -> None:
-    root, uids = two_studies
+    root, _uids = two_studies
     (root / "b" / "DS_STORE").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
     assert main(["inspect", str(root), "--decode"]) == 0
     out = capsys.readouterr().out

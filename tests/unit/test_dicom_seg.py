@@ -135,7 +135,7 @@ def test_rtstruct_contours_rasterise_back_to_the_mask(tmp_path: Path, sources) -
     np.testing.assert_array_equal(masks["liver"], labels == 1)  # the hole stays a hole
     np.testing.assert_array_equal(masks["spleen"], labels == 2)
     assert not masks["lesion"].any()
-    assert [tuple(i.ROIDisplayColor) for i in ds.ROIContourSequence][0] != (0, 0, 0)
+    assert next(tuple(i.ROIDisplayColor) for i in ds.ROIContourSequence) != (0, 0, 0)
 
 
 @pytest.mark.pacs

@@ -172,7 +172,7 @@ def test_non_integer_label_map(folders: tuple[Path, Path, dict[str, float]], tmp
     pred[1, 1, 1] = 0.5
     bad = _write(pred_dir / "b.nrrd", pred)
     out = tmp_path / "out"
-    with pytest.raises(InputError, match="non-integer value 0.5") as info:
+    with pytest.raises(InputError, match=r"non-integer value 0\.5") as info:
         evaluate_folders(pred_dir, ref_dir, out)
     assert str(info.value).startswith(str(bad))
     _assert_nothing_written(out)  # case a was evaluated before b failed: still nothing written

@@ -119,7 +119,7 @@ def test_networks_with_a_pointwise_head_blend_features_when_there_are_more_class
     inferer = SlabInferer((16, 16, 16), 12, output="labels")
     x = torch.randn(1, 1, 30, 30, 30)
     labels = inferer(x, net)
-    _, head, features = inferer._prepare(net, x.device)  # noqa: SLF001 - which path was taken
+    _, head, features = inferer._prepare(net, x.device)  # which path was taken
     assert head is not None and features == 4
     with torch.inference_mode():
         ref = sliding_window_inference(x, (16, 16, 16), 2, net, 0.5, mode="gaussian")

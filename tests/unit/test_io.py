@@ -17,6 +17,7 @@ from monai.transforms import LoadImage
 
 from medseg.errors import InputError, printable
 from medseg.io.atomic import atomic_path
+from medseg.io.geometry import grid_problem
 from medseg.io.image import (
     Geometry,
     case_name,
@@ -28,7 +29,6 @@ from medseg.io.image import (
     to_array,
     write_label_map,
 )
-from medseg.io.geometry import grid_problem
 from medseg.io.reader import ImageFileReader, LoadImageFiled
 
 FORMATS = (".nii.gz", ".nrrd", ".mha", ".mhd")
@@ -227,21 +227,19 @@ def test_atomic_path_moves_the_file_into_place(tmp_path: Path) -> None:
 
 def test_atomic_path_failure_leaves_nothing(tmp_path: Path) -> None:
     target = tmp_path / "result.mhd"
-    with pytest.raises(RuntimeError, match="writer crashed"):
-        with atomic_path(target) as tmp:
-            tmp.write_text("partial header")
-            tmp.with_suffix(".raw").write_bytes(b"\0" * 10)
-            raise RuntimeError("writer crashed")
+    with pytest.raises(RuntimeError, match="writer crashed"), atomic_path(target) as tmp:
+        tmp.write_text("partial header")
+        tmp.with_suffix(".raw").write_bytes(b"\0" * 10)
+        raise RuntimeError("writer crashed")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_atomic_path_failure_keeps_an_existing_target(tmp_path: Path) -> None:
     target = tmp_path / "result.txt"
     target.write_text("previous result")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half-written new res")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_text("half-written new res")
+        raise KeyboardInterrupt
     assert target.read_text() == "previous result"
     assert [p.name for p in tmp_path.iterdir()] == ["result.txt"]
 
@@ -465,7 +463,7 @@ def test_truncated_compressed_nrrd_and_metaimage_say_how_far_they_decompress(tmp
 def test_compressed_data_too_small_for_its_header(tmp_path: Path) -> None:
     path = _written(tmp_path, "scan.mha", compress=True)
     _replace_header_line(path, b"DimSize", b"DimSize = 4000 4000 4000")
-    with pytest.raises(InputError, match="more than the .* of compressed data in the file can hold"):
+    with pytest.raises(InputError, match=r"more than the .* of compressed data in the file can hold"):
         read_geometry(path)
 
 

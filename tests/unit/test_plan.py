@@ -266,7 +266,7 @@ def test_load_plan_ct_intensity_must_be_usable(tmp_path: Path) -> None:
     data["intensity"] = dict(data["intensity"], std=0.0)
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(BundleError, match="'intensity.std' must be positive"):
+    with pytest.raises(BundleError, match=r"'intensity\.std' must be positive"):
         Plan.load(path)
 
 

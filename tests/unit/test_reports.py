@@ -189,7 +189,7 @@ def test_overlay_orientation_liver_on_image_left_for_lps_ras_and_coronal_grids()
     # the RAS copy is the LPS image flipped: same patient, same voxel centres
     assert np.array_equal(_phantom_on(ras, anatomy)[1], _phantom_on(lps, anatomy)[1][::-1, ::-1, :])
 
-    views = [rgb for rgb in (_rgb(data) for data, _ in rendered)]
+    views = [_rgb(data) for data, _ in rendered]
     for rgb, (_, panels) in zip(views, rendered):
         assert [p["view"] for p in panels] == ["axial", "coronal", "sagittal"]
         for panel in panels[:2]:  # axial and coronal: the liver (patient's right) on the image left
@@ -286,7 +286,7 @@ def test_build_report_writes_everything(ct_set: tuple[Path, Path], tmp_path: Pat
     out = tmp_path / "out"
     summary = build_report(preds, images, out, labels=NAMES)
     cases = ["ct_000", "ct_001", "ct_002"]
-    assert summary["cases"] == 3 and summary["case_names"] == cases and summary["modality"] == "CT"
+    assert summary.cases == 3 and summary.case_names == tuple(cases) and summary.modality == "CT"
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["structures.csv", "structures.json", "report.html", *(f"{c}.png" for c in cases)])
     for case in cases:
@@ -304,7 +304,9 @@ def test_build_report_writes_everything(ct_set: tuple[Path, Path], tmp_path: Pat
     document = json.loads((out / "structures.json").read_text(encoding="utf-8"))
     assert document["columns"] == list(STAT_COLUMNS) and len(document["rows"]) == 15
     assert document["labels"]["1"]["name"] == "liver" and document["labels"]["1"]["cases_present"] == 3
-    assert summary["labels"] == document["labels"]
+    assert summary.labels == document["labels"]
+    assert summary.files.html == out.resolve() / "report.html" and summary.out_dir == out.resolve()
+    assert [p.name for p in summary.files.png] == [f"{c}.png" for c in cases]
 
     text = (out / "report.html").read_text(encoding="utf-8")
     sources = _assert_self_contained(text)
@@ -319,9 +321,9 @@ def test_build_report_default_labels_and_modality(ct_set: tuple[Path, Path], tmp
     one.mkdir()
     shutil.copy(preds / "ct_001_seg.nii.gz", one / "ct_001.nii.gz")  # plain <case>.<ext> also pairs
     summary = build_report(one, images, tmp_path / "out", modality="MR")
-    assert summary["case_names"] == ["ct_001"] and summary["modality"] == "MR"
-    assert [e["name"] for e in summary["labels"].values()] == [f"label_{k}" for k in range(1, 6)]
-    assert all(e["unit"] == "a.u." for e in summary["labels"].values())
+    assert summary.case_names == ("ct_001",) and summary.modality == "MR"
+    assert [e["name"] for e in summary.labels.values()] == [f"label_{k}" for k in range(1, 6)]
+    assert all(e["unit"] == "a.u." for e in summary.labels.values())
     with pytest.raises(ValueError, match="modality"):
         build_report(one, images, tmp_path / "out2", modality="PET")
 

@@ -39,14 +39,14 @@ from medseg.io.dicom.select import select_series
 from medseg.io.dicom.series import DicomSeries
 
 __all__ = [
-    "DicomSeries",
     "DicomScan",
-    "is_dicom_input",
-    "scan_dicom",
-    "select_series",
-    "read_series",
-    "source_datasets",
+    "DicomSeries",
     "decode_series",
     "describe_orientation",
     "inspect_lines",
+    "is_dicom_input",
+    "read_series",
+    "scan_dicom",
+    "select_series",
+    "source_datasets",
 ]

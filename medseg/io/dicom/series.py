@@ -143,8 +143,8 @@ def _majority(frames: list[Frame], key, what: str, describe, rel) -> tuple[list[
         return frames, [], []
     major, minor = groups[0], [f for g in groups[1:] for f in g]
     if len(minor) <= _LOCALIZER_MAX and len(major) >= 2 * len(minor):
-        return major, [f"dropped {len(minor)} image(s) with a different {what} (localizer?): "
-                       f"{', '.join(sorted(rel(f.path) for f in minor))}"], []
+        return major, [(f"dropped {len(minor)} image(s) with a different {what} (localizer?): "
+                       f"{', '.join(sorted(rel(f.path) for f in minor))}")], []
     counts = ", ".join(f"{len(g)} image(s) {describe(g[0])}" for g in groups)
     return frames, [], [f"mixed {what}s: {counts}"]
 

@@ -1,0 +1,17 @@
+"""Public API of :mod:`medseg.inference` (loaded lazily by ``__init__.py``)."""
+
+from .fit import fit_problems
+from .inferer import SlabInferer
+from .predictor import Predictor, collect_inputs, load_model, predict, predict_dicom
+from .sliding import slab_sliding_window
+
+__all__ = [
+    "Predictor",
+    "SlabInferer",
+    "collect_inputs",
+    "fit_problems",
+    "load_model",
+    "predict",
+    "predict_dicom",
+    "slab_sliding_window",
+]
