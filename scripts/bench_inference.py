@@ -110,8 +110,6 @@ def agreement(bundle: str, precision: str, cases: int = 4) -> dict[str, Any]:
     import tempfile
     from pathlib import Path
 
-    import numpy as np
-
     from medseg.data.synthetic import write_dataset
     from medseg.inference.predictor import Predictor
 
