@@ -12,7 +12,8 @@ from monai.networks.nets import UNet
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from medseg.errors import InputError
-from medseg.inference.sliding import SlabResult, estimate_slab_bytes, label_dtype, slab_sliding_window
+from medseg.inference.memory import estimate_slab_bytes, label_dtype
+from medseg.inference.sliding import SlabResult, slab_sliding_window
 
 
 def unet(classes: int, dims: int = 3, seed: int = 0) -> torch.nn.Module:
