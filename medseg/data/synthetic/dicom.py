@@ -44,11 +44,12 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
-from medseg.data.synthetic import Grid, make_phantom, random_grid
+from medseg.data.synthetic.grid import Grid, random_grid
+from medseg.data.synthetic.phantom import make_phantom
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
 
-__all__ = ["PATIENT_NAME", "PATIENT_ID", "TRANSFER_SYNTAXES", "write_dicom_series", "phantom_series"]
+__all__ = ["PATIENT_ID", "PATIENT_NAME", "TRANSFER_SYNTAXES", "phantom_series", "write_dicom_series"]
 
 log = logging.getLogger(__name__)
 
