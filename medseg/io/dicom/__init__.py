@@ -34,11 +34,12 @@ Typical use::
 
 from medseg.io.dicom.inspect import describe_orientation, inspect_lines
 from medseg.io.dicom.pixels import decode_series, read_series, source_datasets
-from medseg.io.dicom.scan import DicomScan, is_dicom_input, scan_dicom
+from medseg.io.dicom.scan import NON_IMAGE_MODALITIES, DicomScan, is_dicom_input, scan_dicom
 from medseg.io.dicom.select import select_series
 from medseg.io.dicom.series import DicomSeries
 
 __all__ = [
+    "NON_IMAGE_MODALITIES",
     "DicomSeries",
     "DicomScan",
     "is_dicom_input",
