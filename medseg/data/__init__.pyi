@@ -2,7 +2,7 @@
 
 from .datalist import Case, Datalist, load_datalist, split_cases, validate_datalist
 from .synthetic import Grid, make_phantom, write_dataset
-from .synthetic_dicom import phantom_series, write_dicom_series
+from .synthetic.dicom import phantom_series, write_dicom_series
 
 __all__ = [
     "Case",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,10 @@ from pydicom.sr.coding import Code
 
 from medseg.errors import BundleError, DicomError
 from medseg.io.atomic import atomic_path
+from medseg.io.dicom.planes import check_label_map, source_planes
 from medseg.labels import label_colour_255, segment_code
 
-__all__ = ["SourcePlane", "segment_descriptions", "source_planes", "write_dicom_seg"]
+__all__ = ["complete_code", "segment_descriptions", "write_dicom_seg"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # Segment descriptions from the bundle metadata
 # --------------------------------------------------------------------------------------------
 
-def _coded(entry: Any) -> dict[str, str] | None:
+def complete_code(entry: Any) -> dict[str, str] | None:
     """A ``{"code", "scheme", "meaning"}`` dict with all three set, or None."""
     if not isinstance(entry, Mapping):
         return None
@@ -90,7 +90,7 @@ def segment_descriptions(metadata: Mapping[str, Any], labels: Mapping[int, str],
         if entry.get("name") not in (None, name):
             raise BundleError(f"{where}: segments.{value}.name is {entry.get('name')!r}, "
                               f"but the model calls label {value} {name!r}")
-        snomed, category = _coded(entry.get("snomed")), _coded(entry.get("category"))
+        snomed, category = complete_code(entry.get("snomed")), complete_code(entry.get("category"))
         if require_codes and (snomed is None or category is None):
             key, what = ("snomed", "property type") if snomed is None else ("category", "category")
             raise BundleError(f"{where}: segment {value} ({name!r}) has no SNOMED CT {what} code, which DICOM SEG "
@@ -99,113 +99,6 @@ def segment_descriptions(metadata: Mapping[str, Any], labels: Mapping[int, str],
     if not result:
         raise BundleError(f"{where}: the model has no foreground label to describe")
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# Source geometry
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SourcePlane:
-    """One source slice (an instance, or one frame of a multi-frame instance) and its geometry."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    frame_number: int | None  # 1-based frame of a multi-frame instance, None for single-frame
-    position: np.ndarray  # ImagePositionPatient (LPS mm) of the first pixel
-    row_direction: np.ndarray  # direction of increasing column index (first half of IOP)
-    column_direction: np.ndarray  # direction of increasing row index (second half of IOP)
-    pixel_spacing: tuple[float, float]  # (between rows, between columns) in mm
-    rows: int
-    columns: int
-
-    @property
-    def normal(self) -> np.ndarray:
-        return np.cross(self.row_direction, self.column_direction)
-
-    def to_patient(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
-        """LPS points (n, 3) of continuous pixel indices (row, column) in this plane."""
-        return (self.position[None, :]
-                + np.asarray(columns, dtype=np.float64)[:, None] * self.pixel_spacing[1] * self.row_direction[None, :]
-                + np.asarray(rows, dtype=np.float64)[:, None] * self.pixel_spacing[0] * self.column_direction[None, :])
-
-
-def _functional_group(ds: pydicom.Dataset, index: int, name: str) -> pydicom.Dataset | None:
-    """Item of functional group ``name`` of frame ``index`` (per-frame first, then shared)."""
-    for groups, i in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
-        seq = ds.get(groups)
-        if seq is not None and len(seq) > i and name in seq[i] and len(seq[i][name].value):
-            return seq[i][name].value[0]
-    return None
-
-
-def source_planes(sources: Sequence[pydicom.Dataset]) -> list[SourcePlane]:
-    """The slices of the source instances in the order a label map's slices follow.
-
-    Single-frame sources: one plane per dataset, in the given order (slice k = ``sources[k]``).
-    One multi-frame source: one plane per frame, sorted along the slice normal (row direction x
-    column direction), ascending, as :func:`medseg.io.dicom.read_series` orders them.
-
-    Raises
-    ------
-    DicomError
-        No sources, several multi-frame sources, or a source without plane geometry.
-    """
-    if not sources:
-        raise DicomError(None, "no source instances given")
-    multiframe = [ds for ds in sources if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds]
-    planes: list[SourcePlane] = []
-    if multiframe:
-        if len(sources) != 1:
-            raise DicomError(None, f"{len(sources)} source instances with a multi-frame one among them; "
-                                   "expected one multi-frame instance or single-frame instances only")
-        ds = sources[0]
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        for i in range(frames):
-            position = _functional_group(ds, i, "PlanePositionSequence")
-            orientation = _functional_group(ds, i, "PlaneOrientationSequence")
-            measures = _functional_group(ds, i, "PixelMeasuresSequence")
-            if position is None or orientation is None or measures is None:
-                raise DicomError(None, f"instance {ds.SOPInstanceUID}: frame {i + 1} has no plane position, "
-                                       "orientation or pixel spacing")
-            planes.append(_plane(ds, position.ImagePositionPatient, orientation.ImageOrientationPatient,
-                                 measures.PixelSpacing, i + 1))
-        order = np.argsort([float(p.position @ p.normal) for p in planes], kind="stable")
-        return [planes[i] for i in order]
-    for ds in sources:
-        if not all(k in ds for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")):
-            raise DicomError(None, f"instance {ds.get('SOPInstanceUID', '?')}: no ImagePositionPatient, "
-                                   "ImageOrientationPatient or PixelSpacing")
-        planes.append(_plane(ds, ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing, None))
-    return planes
-
-
-def _plane(ds: pydicom.Dataset, ipp: Sequence[Any], iop: Sequence[Any], spacing: Sequence[Any],
-           frame: int | None) -> SourcePlane:
-    cosines = np.asarray([float(v) for v in iop], dtype=np.float64)
-    return SourcePlane(str(ds.SOPClassUID), str(ds.SOPInstanceUID), frame,
-                       np.asarray([float(v) for v in ipp], dtype=np.float64), cosines[:3], cosines[3:],
-                       (float(spacing[0]), float(spacing[1])), int(ds.Rows), int(ds.Columns))
-
-
-def _check_label_map(label_map: np.ndarray, planes: Sequence[SourcePlane], segments: Mapping[int, Any]) -> np.ndarray:
-    """Validate a (slices, rows, columns) label map against the source planes and the segments.
-
-    Raises
-    ------
-    ValueError
-        Wrong shape, or label values that no segment describes.
-    """
-    label_map = np.asarray(label_map)
-    expected = (len(planes), planes[0].rows, planes[0].columns)
-    if label_map.ndim != 3 or tuple(label_map.shape) != expected:
-        raise ValueError(f"label map has shape {label_map.shape}; the source slices need {expected} "
-                         "(slices, rows, columns)")
-    present = {int(v) for v in np.unique(label_map)} - {0}
-    unknown = sorted(present - {int(k) for k in segments})
-    if unknown:
-        raise ValueError(f"label map holds values {unknown} that no segment describes")
-    return label_map
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,7 +115,7 @@ def write_dicom_seg(label_map: np.ndarray, sources: Sequence[pydicom.Dataset], s
     label_map
         Integer array ``(slices, rows, columns)``: slice k is ``sources[k]`` for single-frame
         sources (for one multi-frame source, its k-th frame along the slice normal, see
-        :func:`source_planes`); 0 is background, value v is segment ``segments[v]``.
+        :func:`medseg.io.dicom.planes.source_planes`); 0 is background, value v is segment ``segments[v]``.
     sources
         The source instances (``medseg.io.dicom.source_datasets``); pixel data is not needed.
     segments
@@ -252,7 +145,7 @@ def write_dicom_seg(label_map: np.ndarray, sources: Sequence[pydicom.Dataset], s
 
     out_path = Path(out_path)
     planes = source_planes(sources)
-    label_map = _check_label_map(label_map, planes, segments)
+    label_map = check_label_map(label_map, planes, segments)
     values = sorted(int(v) for v in segments)
     # segment numbers 1..N in label order (highdicom's label-map style needs them consecutive)
     lut = np.zeros(max(values) + 1, dtype=np.uint8 if len(values) < 256 else np.uint16)
@@ -269,7 +162,7 @@ def write_dicom_seg(label_map: np.ndarray, sources: Sequence[pydicom.Dataset], s
     descriptions = []
     for number, value in enumerate(values, 1):
         entry = segments[value]
-        snomed, category = _coded(entry.get("snomed")), _coded(entry.get("category"))
+        snomed, category = complete_code(entry.get("snomed")), complete_code(entry.get("category"))
         if snomed is None or category is None:
             raise ValueError(f"segment {value} ({entry.get('name')!r}) needs a SNOMED CT type and category code")
         descriptions.append(hd.seg.SegmentDescription(

@@ -31,8 +31,11 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
+from medseg import __version__
+from medseg.errors import DicomError
 from medseg.io.atomic import atomic_path
-from medseg.io.dicom_seg import SourcePlane, _check_label_map, _coded, source_planes
+from medseg.io.dicom.planes import SourcePlane, check_label_map, source_planes
+from medseg.io.dicom_seg import complete_code
 from medseg.labels import label_colour_255
 
 __all__ = ["mask_contours", "write_rtstruct"]
@@ -99,7 +102,7 @@ def write_rtstruct(label_map: np.ndarray, sources: Sequence[pydicom.Dataset], se
     ----------
     label_map
         Integer array ``(slices, rows, columns)``, slice k = ``sources[k]`` (for one multi-frame
-        source, its k-th frame along the slice normal; see :func:`medseg.io.dicom_seg.source_planes`).
+        source, its k-th frame along the slice normal; see :func:`medseg.io.dicom.planes.source_planes`).
     sources
         The source instances (``medseg.io.dicom.source_datasets``).
     segments
@@ -122,20 +125,51 @@ def write_rtstruct(label_map: np.ndarray, sources: Sequence[pydicom.Dataset], se
     ValueError
         A label map that does not fit the sources or holds values no segment describes.
     """
-    from medseg import __version__
-    from medseg.errors import DicomError
-
     out_path = Path(out_path)
     planes = source_planes(sources)
-    label_map = _check_label_map(label_map, planes, segments)
+    label_map = check_label_map(label_map, planes, segments)
     first = sources[0]
     frame_of_reference = first.get("FrameOfReferenceUID")
     if not frame_of_reference:
         raise DicomError(None, f"series {first.get('SeriesInstanceUID', '?')}: no FrameOfReferenceUID; "
                                "contours need a patient coordinate system")
+    ds = _structure_set(first, frame_of_reference, algorithm_name, algorithm_version, series_number,
+                        series_description)
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([_referenced_frame_of_reference(first, frame_of_reference,
+                                                                                          planes)])
+    rois, roi_contours, observations = [], [], []
+    total = 0
+    for value in sorted(int(v) for v in segments):
+        entry = segments[value]
+        rois.append(_structure_set_roi(value, entry, frame_of_reference, algorithm_name, algorithm_version))
+        contour_item = _roi_contour(value, label_map, planes)
+        roi_contours.append(contour_item)
+        total += len(contour_item.get("ContourSequence", []))
+        observations.append(_roi_observation(value, entry))
+    ds.StructureSetROISequence = DicomSequence(rois)
+    ds.ROIContourSequence = DicomSequence(roi_contours)
+    ds.RTROIObservationsSequence = DicomSequence(observations)
+    if total == 0:
+        log.warning("series %s: the prediction is empty; the RT structure set lists %d ROI(s) without contours",
+                    first.SeriesInstanceUID, len(rois))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    with atomic_path(out_path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
+    log.info("RTSTRUCT %s: series %s, %d ROI(s), %d contour(s), source series %s",
+             out_path.name, ds.SeriesInstanceUID, len(rois), total, first.SeriesInstanceUID)
+    return out_path
+
+
+def _structure_set(first: pydicom.Dataset, frame_of_reference: str, algorithm_name: str, algorithm_version: str,
+                   series_number: int, series_description: str) -> Dataset:
+    """The data set's header: SOP common, patient and study (copied from the source), frame of reference,
+    RT series, equipment and structure set modules, dated now."""
     now = datetime.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-
     ds = Dataset()
     if "SpecificCharacterSet" in first:
         ds.SpecificCharacterSet = first.SpecificCharacterSet
@@ -167,7 +201,12 @@ def write_rtstruct(label_map: np.ndarray, sources: Sequence[pydicom.Dataset], se
     ds.StructureSetDescription = f"{algorithm_name} {algorithm_version}: automatic segmentation"
     ds.InstanceNumber = 1
     ds.StructureSetDate, ds.StructureSetTime = date, time
+    return ds
 
+
+def _referenced_frame_of_reference(first: pydicom.Dataset, frame_of_reference: str,
+                                   planes: Sequence[SourcePlane]) -> Dataset:
+    """The ReferencedFrameOfReferenceSequence item: frame of reference -> study -> series -> every slice."""
     series_ref = Dataset()
     series_ref.SeriesInstanceUID = first.SeriesInstanceUID
     series_ref.ContourImageSequence = DicomSequence([_image_ref(p) for p in planes])
@@ -178,66 +217,55 @@ def write_rtstruct(label_map: np.ndarray, sources: Sequence[pydicom.Dataset], se
     frame_ref = Dataset()
     frame_ref.FrameOfReferenceUID = frame_of_reference
     frame_ref.RTReferencedStudySequence = DicomSequence([study_ref])
-    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_ref])
+    return frame_ref
 
-    rois, roi_contours, observations = [], [], []
-    total = 0
-    for value in sorted(int(v) for v in segments):
-        entry = segments[value]
-        roi = Dataset()
-        roi.ROINumber = value
-        roi.ReferencedFrameOfReferenceUID = frame_of_reference
-        roi.ROIName = str(entry["name"])[:64]
-        roi.ROIGenerationAlgorithm = "AUTOMATIC"
-        roi.ROIGenerationDescription = f"{algorithm_name} {algorithm_version}"[:64]
-        rois.append(roi)
 
-        contour_item = Dataset()
-        contour_item.ROIDisplayColor = list(label_colour_255(value))
-        contours = []
-        for k, plane in enumerate(planes):
-            mask = label_map[k] == value
-            if not mask.any():
-                continue
-            for outline in mask_contours(mask):
-                points = plane.to_patient(outline[:, 0], outline[:, 1])
-                contour = Dataset()
-                contour.ContourImageSequence = DicomSequence([_image_ref(plane)])
-                contour.ContourGeometricType = "CLOSED_PLANAR"
-                contour.NumberOfContourPoints = len(points)
-                contour.ContourNumber = len(contours) + 1
-                contour.ContourData = _ds_list(points)
-                contours.append(contour)
-        if contours:
-            contour_item.ContourSequence = DicomSequence(contours)
-        contour_item.ReferencedROINumber = value
-        roi_contours.append(contour_item)
-        total += len(contours)
+def _structure_set_roi(value: int, entry: Mapping[str, Any], frame_of_reference: str, algorithm_name: str,
+                       algorithm_version: str) -> Dataset:
+    """The StructureSetROISequence item of label ``value``."""
+    roi = Dataset()
+    roi.ROINumber = value
+    roi.ReferencedFrameOfReferenceUID = frame_of_reference
+    roi.ROIName = str(entry["name"])[:64]
+    roi.ROIGenerationAlgorithm = "AUTOMATIC"
+    roi.ROIGenerationDescription = f"{algorithm_name} {algorithm_version}"[:64]
+    return roi
 
-        observation = Dataset()
-        observation.ObservationNumber = value
-        observation.ReferencedROINumber = value
-        snomed, category = _coded(entry.get("snomed")), _coded(entry.get("category"))
-        if snomed is not None:
-            observation.RTROIIdentificationCodeSequence = DicomSequence([_code_item(snomed)])
-        anatomical = category is not None and category["code"] == _ANATOMICAL_STRUCTURE
-        observation.RTROIInterpretedType = "ORGAN" if anatomical else ""
-        observation.ROIInterpreter = ""
-        observations.append(observation)
-    ds.StructureSetROISequence = DicomSequence(rois)
-    ds.ROIContourSequence = DicomSequence(roi_contours)
-    ds.RTROIObservationsSequence = DicomSequence(observations)
-    if total == 0:
-        log.warning("series %s: the prediction is empty; the RT structure set lists %d ROI(s) without contours",
-                    first.SeriesInstanceUID, len(rois))
 
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    with atomic_path(out_path) as tmp:
-        ds.save_as(tmp, enforce_file_format=True)
-    log.info("RTSTRUCT %s: series %s, %d ROI(s), %d contour(s), source series %s",
-             out_path.name, ds.SeriesInstanceUID, len(rois), total, first.SeriesInstanceUID)
-    return out_path
+def _roi_contour(value: int, label_map: np.ndarray, planes: Sequence[SourcePlane]) -> Dataset:
+    """The ROIContourSequence item of label ``value``: its colour and a CLOSED_PLANAR contour for every
+    outline of its mask on every slice (none when the label map does not hold ``value``)."""
+    contour_item = Dataset()
+    contour_item.ROIDisplayColor = list(label_colour_255(value))
+    contours = []
+    for k, plane in enumerate(planes):
+        mask = label_map[k] == value
+        if not mask.any():
+            continue
+        for outline in mask_contours(mask):
+            points = plane.to_patient(outline[:, 0], outline[:, 1])
+            contour = Dataset()
+            contour.ContourImageSequence = DicomSequence([_image_ref(plane)])
+            contour.ContourGeometricType = "CLOSED_PLANAR"
+            contour.NumberOfContourPoints = len(points)
+            contour.ContourNumber = len(contours) + 1
+            contour.ContourData = _ds_list(points)
+            contours.append(contour)
+    if contours:
+        contour_item.ContourSequence = DicomSequence(contours)
+    contour_item.ReferencedROINumber = value
+    return contour_item
+
+
+def _roi_observation(value: int, entry: Mapping[str, Any]) -> Dataset:
+    """The RTROIObservationsSequence item of label ``value``: its SNOMED CT code, ORGAN for anatomy."""
+    observation = Dataset()
+    observation.ObservationNumber = value
+    observation.ReferencedROINumber = value
+    snomed, category = complete_code(entry.get("snomed")), complete_code(entry.get("category"))
+    if snomed is not None:
+        observation.RTROIIdentificationCodeSequence = DicomSequence([_code_item(snomed)])
+    anatomical = category is not None and category["code"] == _ANATOMICAL_STRUCTURE
+    observation.RTROIInterpretedType = "ORGAN" if anatomical else ""
+    observation.ROIInterpreter = ""
+    return observation

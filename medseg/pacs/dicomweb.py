@@ -31,6 +31,7 @@ from pydicom.errors import InvalidDicomError
 
 from medseg.errors import InputError, PacsError
 from medseg.io.atomic import atomic_path
+from medseg.io.dicom import NON_IMAGE_MODALITIES
 from medseg.pacs.job import check_model, keep_values_out_of_logs, segment_series_folder
 
 __all__ = [
@@ -47,9 +48,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Series of these modalities are results or documents, never candidates for segmentation.
-NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG",
-                                  "DOC", "PLAN", "AU", "ECG", "FID", "RWV", "HC"})
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _QIDO_FIELDS = ["SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
                 "NumberOfSeriesRelatedInstances"]

@@ -274,9 +274,9 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
 
 def small_series(out_dir: Path, modality: str = "ct", seed: int = 0, **kwargs) -> list[Path]:
     """A 32 x 32 x 12 phantom (4 x 4 x 8 mm voxels) written as a DICOM series: quick to send and
-    to segment. ``kwargs`` go to :func:`medseg.data.synthetic_dicom.write_dicom_series`."""
+    to segment. ``kwargs`` go to :func:`medseg.data.synthetic.dicom.write_dicom_series`."""
     from medseg.data.synthetic import Grid
-    from medseg.data.synthetic_dicom import phantom_series
+    from medseg.data.synthetic.dicom import phantom_series
 
     grid = Grid.centred((32, 32, 12), (4.0, 4.0, 8.0), (0.0, 0.0, 0.0))
     files, _, _ = phantom_series(out_dir, modality, seed=seed, grid=grid, **kwargs)

@@ -432,7 +432,7 @@ def test_console_reads_and_writes_file_names_that_are_not_utf8(tmp_path: Path, c
 
 
 def _dicom_series(folder: Path) -> list[Path]:
-    from medseg.data.synthetic_dicom import phantom_series
+    from medseg.data.synthetic.dicom import phantom_series
 
     files, _, _ = phantom_series(folder, "ct", seed=2, size=32, file_names="im")
     return files
@@ -495,7 +495,7 @@ def test_console_inspect_decode_gives_the_whole_reason_on_one_line(tmp_path: Pat
     import pydicom
     from pydicom.uid import JPEG2000Lossless
 
-    from medseg.data.synthetic_dicom import phantom_series
+    from medseg.data.synthetic.dicom import phantom_series
 
     files, _, _ = phantom_series(tmp_path / "s", "ct", seed=1, size=32, transfer_syntax=JPEG2000Lossless)
 

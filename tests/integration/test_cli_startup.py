@@ -46,7 +46,7 @@ def _imported(*args: str) -> tuple[int, list[str], str]:
 
 
 def test_help_and_inspect_of_a_dicom_folder_do_not_import_torch_or_monai(tmp_path: Path) -> None:
-    from medseg.data.synthetic_dicom import phantom_series
+    from medseg.data.synthetic.dicom import phantom_series
 
     phantom_series(tmp_path / "dicom", "ct", seed=1, size=32)
     code, heavy, _ = _imported("--help")

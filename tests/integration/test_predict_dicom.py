@@ -19,7 +19,7 @@ from skimage.draw import polygon
 
 from medseg.cli import main
 from medseg.data.synthetic import Grid
-from medseg.data.synthetic_dicom import PATIENT_ID, PATIENT_NAME, phantom_series
+from medseg.data.synthetic.dicom import PATIENT_ID, PATIENT_NAME, phantom_series
 from medseg.io.dicom import read_series, scan_dicom, select_series
 from medseg.io.image import Geometry, to_array
 from tests.tools import dciodvfy_errors, needs_dciodvfy

@@ -82,7 +82,7 @@ def test_mr_model_on_a_3mm_ct_warns_twice_and_strict_refuses(ct_3mm: Path, tmp_p
 
 
 def test_ct_model_on_an_mr_dicom_series_names_the_modality(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from medseg.data.synthetic_dicom import phantom_series
+    from medseg.data.synthetic.dicom import phantom_series
 
     phantom_series(tmp_path / "mr_series", "mr", seed=2, size=48)
     out = tmp_path / "out"

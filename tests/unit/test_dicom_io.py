@@ -1,6 +1,6 @@
 """DICOM series input (medseg.io.dicom), the synthetic series writer and `medseg inspect`.
 
-Every series here is a medseg phantom written by medseg.data.synthetic_dicom; the "broken" series
+Every series here is a medseg phantom written by medseg.data.synthetic.dicom; the "broken" series
 are clean ones edited the way real exports go wrong (a deleted file, a truncated file, a tilted
 gantry, a scout image in the series, ...).
 """
@@ -30,7 +30,7 @@ from pydicom.uid import (
 
 from medseg.cli import main
 from medseg.data.synthetic import Grid
-from medseg.data.synthetic_dicom import (
+from medseg.data.synthetic.dicom import (
     PATIENT_ID,
     PATIENT_NAME,
     phantom_series,

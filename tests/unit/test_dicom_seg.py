@@ -11,9 +11,10 @@ import pytest
 import SimpleITK as sitk
 from skimage.draw import polygon
 
-from medseg.data.synthetic_dicom import write_dicom_series
+from medseg.data.synthetic.dicom import write_dicom_series
 from medseg.errors import BundleError
-from medseg.io.dicom_seg import segment_descriptions, source_planes, write_dicom_seg
+from medseg.io.dicom.planes import source_planes
+from medseg.io.dicom_seg import segment_descriptions, write_dicom_seg
 from medseg.io.rtstruct import mask_contours, write_rtstruct
 from medseg.labels import segment_code
 from tests.tools import dciodvfy_errors, needs_dciodvfy

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg.data import synthetic
 from medseg.data.synthetic import (
     CT_LABELS,
     MR_LABELS,
@@ -21,6 +20,8 @@ from medseg.data.synthetic import (
     sample_anatomy,
     write_dataset,
 )
+from medseg.data.synthetic import dataset as synthetic_dataset
+from medseg.data.synthetic.grid import rotation
 from medseg.errors import InputError
 
 RAS = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -139,8 +140,8 @@ def test_same_anatomy_on_oblique_and_ras_grids_is_the_same_patient() -> None:
     centre = (12.0, -25.0, 40.0)
     anatomy = sample_anatomy(np.random.default_rng(3), 125.0, centre, "ct")
     axis = np.array([1.0, 2.0, 0.5]) / np.linalg.norm([1.0, 2.0, 0.5])
-    rotation = synthetic._rotation(axis, math.radians(15.0))
-    oblique_rpi = rotation @ np.diag([-1.0, 1.0, -1.0])
+    rotation_15 = rotation(axis, math.radians(15.0))
+    oblique_rpi = rotation_15 @ np.diag([-1.0, 1.0, -1.0])
     oblique = Grid.centred((110, 100, 48), (1.1, 1.3, 2.6), centre, oblique_rpi.ravel())
     ras = Grid.centred((130, 130, 100), (1.0, 1.0, 1.2), centre, RAS)
 
@@ -225,7 +226,7 @@ def test_failure_leaves_no_partial_dataset(tmp_path: Path, monkeypatch: pytest.M
             raise RuntimeError("disk full")
         return make_phantom(*args, **kwargs)
 
-    monkeypatch.setattr(synthetic, "make_phantom", failing)
+    monkeypatch.setattr(synthetic_dataset, "make_phantom", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         write_dataset(tmp_path / "out", cases=3, size=32)
     assert list(tmp_path.iterdir()) == []

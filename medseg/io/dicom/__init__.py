@@ -11,10 +11,12 @@ What PACS and CD/USB exports look like, and what this package does with it:
   (``dot(ImagePositionPatient, row x column)``), never by InstanceNumber -- :mod:`.series`;
 * each series checked for missing slices, uneven spacing, gantry tilt, mixed orientations, sizes
   or pixel spacings, conflicting duplicate instances (:mod:`.duplicates`), localizers, missing or
-  truncated pixel data, geometry tags that are present but unusable (:mod:`.frames`: a PixelSpacing
-  of 0, a NaN position, ...), the grid itself and transfer syntaxes no installed pydicom plugin
+  truncated pixel data, geometry tags that are present but unusable (:mod:`.planes`, :mod:`.frames`: a
+  PixelSpacing of 0, a NaN position, ...), the grid itself and transfer syntaxes no installed pydicom plugin
   decodes (blocking ones in :attr:`DicomSeries.problems`, harmless ones in :attr:`DicomSeries.notes`);
 * enhanced (multi-frame) CT / MR read frame by frame from the functional groups -- :mod:`.pixels`;
+* plane geometry (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, the slice normal, pixel ->
+  patient) in one module that the SEG / RTSTRUCT writers use too -- :mod:`.planes`;
 * the ``medseg inspect`` report -- :mod:`.inspect`.
 
 Scanning reads headers only (pixel data is skipped; its presence and length are checked from the
@@ -34,11 +36,12 @@ Typical use::
 
 from medseg.io.dicom.inspect import describe_orientation, inspect_lines
 from medseg.io.dicom.pixels import decode_series, read_series, source_datasets
-from medseg.io.dicom.scan import DicomScan, is_dicom_input, scan_dicom
+from medseg.io.dicom.scan import NON_IMAGE_MODALITIES, DicomScan, is_dicom_input, scan_dicom
 from medseg.io.dicom.select import select_series
 from medseg.io.dicom.series import DicomSeries
 
 __all__ = [
+    "NON_IMAGE_MODALITIES",
     "DicomScan",
     "DicomSeries",
     "decode_series",

@@ -12,8 +12,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medseg.errors import DicomError
-from medseg.io.dicom.frames import number_of_frames
 from medseg.io.dicom.headers import PIXEL_TAGS, decodable, one_line, quiet_pydicom, read_header, short
+from medseg.io.dicom.planes import first_item, number_of_frames
 from medseg.io.dicom.series import DicomSeries, refuse_problems
 
 log = logging.getLogger("medseg.io.dicom")
@@ -67,13 +67,6 @@ def _pixels(ds: Dataset, path: Path, series: DicomSeries) -> np.ndarray:
     return array
 
 
-def _group(item: Dataset | None, sequence: str) -> Dataset | None:
-    if item is None:
-        return None
-    seq = item.get(sequence)
-    return seq[0] if seq else None
-
-
 def _rescale(ds: Dataset, frame: int, path: Path, series: DicomSeries) -> tuple[float, float]:
     """(slope, intercept) of a frame: per-frame, shared or top-level Pixel Value Transformation.
 
@@ -84,9 +77,9 @@ def _rescale(ds: Dataset, frame: int, path: Path, series: DicomSeries) -> tuple[
     """
     items = []
     if ds.get("PerFrameFunctionalGroupsSequence"):
-        items.append(_group(ds.PerFrameFunctionalGroupsSequence[frame], "PixelValueTransformationSequence"))
+        items.append(first_item(ds.PerFrameFunctionalGroupsSequence[frame], "PixelValueTransformationSequence"))
     if ds.get("SharedFunctionalGroupsSequence"):
-        items.append(_group(ds.SharedFunctionalGroupsSequence[0], "PixelValueTransformationSequence"))
+        items.append(first_item(ds.SharedFunctionalGroupsSequence[0], "PixelValueTransformationSequence"))
     items.append(ds)
     for item in items:
         if item is not None and "RescaleSlope" in item and "RescaleIntercept" in item:

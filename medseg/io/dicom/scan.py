@@ -31,7 +31,18 @@ _NOT_IMAGES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.66.4": "a DICOM SEG (segmentation)",
     "1.2.840.10008.5.1.4.1.1.481.3": "a DICOM RT Structure Set",
 }
-_NOT_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "SR", "PR", "KO", "DOC", "REG", "RTPLAN", "RTDOSE", "RWV", "FID"}
+#: Modality values (DICOM PS3.3 C.7.3.1.1.1 defined terms) of series that are results, documents,
+#: waveforms or measurements, never image series to segment. RTDOSE has pixel data, but a dose grid.
+NON_IMAGE_MODALITIES: frozenset[str] = frozenset({
+    # segmentations, registrations, maps and radiotherapy objects
+    "SEG", "REG", "FID", "RWV", "PLAN", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "RTINTENT", "RTSEGANN", "RTRAD",
+    # documents, key objects, presentation states, hard copy
+    "SR", "DOC", "KO", "PR", "HC",
+    # waveforms
+    "AU", "ECG", "EPS", "HD", "RESP",
+    # measurements, surfaces and models
+    "AR", "ASMT", "IOL", "KER", "LEN", "OAM", "OPV", "POS", "SMR", "SRF", "VA", "M3D", "OSS",
+})
 
 
 @dataclass
@@ -164,7 +175,7 @@ def _scan(root: Path) -> DicomScan:
         sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
         modality = str(ds.get("Modality", "")).upper()
         sop_name = UID(sop_class).name if sop_class else "no SOP class"
-        if sop_class in _NOT_IMAGES or modality in _NOT_IMAGE_MODALITIES:
+        if sop_class in _NOT_IMAGES or modality in NON_IMAGE_MODALITIES:
             kind_name = _NOT_IMAGES.get(sop_class) or f"a DICOM {modality} object ({sop_name})"
             skipped.append((file, f"{kind_name}, not an image series"))
             continue

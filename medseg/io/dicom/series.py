@@ -24,8 +24,9 @@ from pydicom.uid import UID
 
 from medseg.errors import DicomError, printable
 from medseg.io.dicom.duplicates import deduplicate
-from medseg.io.dicom.frames import Frame, file_frames, number_of_frames
+from medseg.io.dicom.frames import Frame, file_frames
 from medseg.io.dicom.headers import Header, decodable
+from medseg.io.dicom.planes import is_multiframe, slice_normal
 from medseg.io.geometry import grid_problem
 
 _ORIENTATION_TOL = 1e-3  # direction cosines
@@ -151,7 +152,7 @@ def _majority(frames: list[Frame], key, what: str, describe, rel) -> tuple[list[
 
 def _header_checks(headers: list[Header], rel) -> list[str]:
     problems = []
-    multi = [h for h in headers if number_of_frames(h.ds) > 1 or "PerFrameFunctionalGroupsSequence" in h.ds]
+    multi = [h for h in headers if is_multiframe(h.ds)]
     if multi and len(headers) > 1:
         problems.append(f"{len(multi)} multi-frame and {len(headers) - len(multi)} other instance(s) in one series; "
                         "medseg reads a series as one multi-frame instance or as single-frame slices")
@@ -241,8 +242,7 @@ def _geometry(uid: str, headers: list[Header], first, frames: list[Frame], locat
     slice_spacing: float | None = None
     if same:
         row_dir, col_dir = same[0].orientation[:3], same[0].orientation[3:]  # type: ignore[index]
-        normal = np.cross(row_dir, col_dir)
-        normal = normal / np.linalg.norm(normal)
+        normal = slice_normal(same[0].orientation)  # type: ignore[arg-type]
         same.sort(key=lambda f: (float(f.position @ normal), f.path.name, f.frame or 0))  # type: ignore[operator]
         others = [f for f in frames if not any(f is s for s in same)]
         ordered = same + others
@@ -266,8 +266,7 @@ def _geometry(uid: str, headers: list[Header], first, frames: list[Frame], locat
         problem = grid_problem(spacing, origin, direction)  # type: ignore[arg-type]
         if problem is not None:
             problems.append(f"the series' grid: {problem}")
-    multiframe = len(headers) == 1 and (number_of_frames(headers[0].ds) > 1
-                                        or "PerFrameFunctionalGroupsSequence" in headers[0].ds)
+    multiframe = len(headers) == 1 and is_multiframe(headers[0].ds)
     if multiframe:
         files, frame_order = (headers[0].path,), tuple(int(f.frame or 0) for f in ordered)
     else:

@@ -44,9 +44,11 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
-from medseg.data.synthetic import Grid, make_phantom, random_grid
+from medseg.data.synthetic.grid import Grid, random_grid
+from medseg.data.synthetic.phantom import make_phantom
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
+from medseg.io.dicom.planes import grid_planes
 
 __all__ = ["PATIENT_ID", "PATIENT_NAME", "TRANSFER_SYNTAXES", "phantom_series", "write_dicom_series"]
 
@@ -168,31 +170,27 @@ def _slice_datasets(image: sitk.Image, modality: str, study_uid: str, series_uid
                     description: str, out_dir: Path) -> list[Dataset]:
     """One uncompressed (explicit VR little endian) CT / MR Image dataset per z slice, in z-index order."""
     pixels, _ = _pixels(image, modality, out_dir)
-    matrix = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
-    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
-    row, column, step = matrix[:, 0], matrix[:, 1], matrix[:, 2]
-    normal = np.cross(row, column)
+    planes = grid_planes(image.GetOrigin(), image.GetSpacing(), image.GetDirection(), image.GetSize())
+    slice_spacing = image.GetSpacing()[2]
     base = _base_dataset(modality, study_uid, series_uid, generate_uid(), series_number, description)
-    base.ImageOrientationPatient = [_ds(v) for v in (*row, *column)]
-    base.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]
-    base.SliceThickness = _ds(spacing[2])
+    base.ImageOrientationPatient = [_ds(v) for v in planes[0].orientation]
+    base.PixelSpacing = [_ds(v) for v in planes[0].pixel_spacing]
+    base.SliceThickness = _ds(slice_spacing)
     if modality == "MR":
-        base.SpacingBetweenSlices = _ds(spacing[2])
-    base.Rows, base.Columns = int(pixels.shape[1]), int(pixels.shape[2])
+        base.SpacingBetweenSlices = _ds(slice_spacing)
+    base.Rows, base.Columns = planes[0].rows, planes[0].columns
     if modality == "MR":  # a display window for viewers (CT has a soft-tissue window)
         low, high = float(pixels.min()), float(pixels.max())
         base.WindowCenter = _ds((low + high) / 2.0)
         base.WindowWidth = _ds(max(1.0, high - low))
     datasets = []
-    for k in range(pixels.shape[0]):
+    for k, plane in enumerate(planes):
         ds = Dataset()
         ds.update(base)
         ds.SOPInstanceUID = generate_uid()
         ds.InstanceNumber = k + 1
-        position = origin + k * spacing[2] * step
-        ds.ImagePositionPatient = [_ds(v) for v in position]
-        ds.SliceLocation = _ds(float(position @ normal))
+        ds.ImagePositionPatient = [_ds(v) for v in plane.position]
+        ds.SliceLocation = _ds(plane.distance)
         ds.PixelData = np.ascontiguousarray(pixels[k]).tobytes()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
