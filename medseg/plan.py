@@ -152,7 +152,8 @@ class _Fields:
     def __init__(self, data: Any, where: str) -> None:
         if not isinstance(data, dict):
             raise ValueError(f"{where} must be a JSON object, got {_shown(data)}")
-        self.data, self.where, self.read = data, where, set()
+        self.data, self.where = data, where
+        self.read: set[str] = set()
 
     def _name(self, key: str) -> str:
         return key if self.where == "plan" else f"{self.where}.{key}"
@@ -176,12 +177,12 @@ class _Fields:
         value = self.data.get(key)
         if value is None:
             return None
-        number = _as(value, float)
+        number: float | None = _as(value, float)
         if number is None or not math.isfinite(number):
             raise ValueError(f"field {self._name(key)!r} must be a finite number or null, got {_shown(value)}")
         return number
 
-    def numbers(self, key: str, count: int | None, kind: type, check: Any, expected: str) -> tuple:
+    def numbers(self, key: str, count: int | None, kind: type, check: Any, expected: str) -> tuple[Any, ...]:
         """``data[key]``: a list of ``count`` (any number if None, at least one) values of ``kind``."""
         values = self.get(key, object)
         items = tuple(_as(v, kind) for v in values) if isinstance(values, (list, tuple)) else ()
@@ -212,7 +213,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _labels(data: dict) -> dict[int, str]:
+def _labels(data: dict[str, Any]) -> dict[int, str]:
     labels: dict[int, str] = {}
     for key, name in data.items():
         try:
@@ -237,11 +238,12 @@ def _intensity(fields: _Fields) -> Intensity:
         missing = [key for key, value in values.items() if value is None]
         if missing:
             raise ValueError(f"field 'intensity.{missing[0]}' must be a number for the CT preset")
-        if values["a_min"] >= values["a_max"]:  # type: ignore[operator]
-            raise ValueError(f"field 'intensity.a_min' ({values['a_min']}) must be below 'intensity.a_max' "
-                             f"({values['a_max']})")
-        if values["std"] <= 0:  # type: ignore[operator]
-            raise ValueError(f"field 'intensity.std' must be positive, got {values['std']}")
+        a_min, a_max, std = values["a_min"], values["a_max"], values["std"]
+        assert a_min is not None and a_max is not None and std is not None, "missing values are refused above"
+        if a_min >= a_max:
+            raise ValueError(f"field 'intensity.a_min' ({a_min}) must be below 'intensity.a_max' ({a_max})")
+        if std <= 0:
+            raise ValueError(f"field 'intensity.std' must be positive, got {std}")
     return Intensity(preset, **values)
 
 
@@ -290,7 +292,8 @@ def _dynunet(fields: _Fields, default: NetworkSpec, dims: int) -> dict[str, Any]
                                     default=default.res_block)}
 
 
-def _levels(fields: _Fields, key: str, dims: int, allowed: tuple[int, ...], expected: str) -> tuple:
+def _levels(fields: _Fields, key: str, dims: int, allowed: tuple[int, ...], expected: str
+            ) -> tuple[tuple[int, ...], ...]:
     """``network.<key>``: a list of levels, each a list of ``dims`` values from ``allowed``; absent or empty: ()."""
     fields.read.add(key)
     if fields.data.get(key) in (None, [], ()):
@@ -302,7 +305,7 @@ def _levels(fields: _Fields, key: str, dims: int, allowed: tuple[int, ...], expe
                          for level in levels):
         raise ValueError(f"field 'network.{key}' must be a list of levels, each a list of {dims} values "
                          f"{expected}, got {_shown(value)}")
-    return levels
+    return tuple(level for level in levels if level is not None)  # (none is None: checked above)
 
 
 def _segresnet(fields: _Fields, default: NetworkSpec, dims: int) -> dict[str, Any]:

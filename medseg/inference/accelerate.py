@@ -33,14 +33,17 @@ import ctypes.util
 import os
 import threading
 from collections.abc import Iterator
+from typing import TypeGuard, TypeVar
 
 import torch
 from torch import nn
 
 __all__ = ["ChannelsLast", "OneDNNConv3d", "inference_network", "retained_heap"]
 
+_Conv = TypeVar("_Conv", bound=nn.Module)
 
-def _detached_copy(conv: nn.Module, channels_last: bool) -> nn.Module:
+
+def _detached_copy(conv: _Conv, channels_last: bool) -> _Conv:
     """A shallow copy of ``conv`` with detached parameters of its own: the 5-D ones copied in channels-last
     layout when ``channels_last``, else sharing the original's storage."""
     new = copy.copy(conv)
@@ -64,7 +67,8 @@ class ChannelsLast(nn.Module):
         self.conv = _detached_copy(conv, channels_last=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.contiguous(memory_format=torch.channels_last_3d)).contiguous()
+        out: torch.Tensor = self.conv(x.contiguous(memory_format=torch.channels_last_3d))
+        return out.contiguous()
 
 
 class OneDNNConv3d(nn.Module):
@@ -72,10 +76,18 @@ class OneDNNConv3d(nn.Module):
     ``channels_last``; input and output in the default (contiguous) format. Inputs that are not float32
     CPU tensors, and any call under autocast (oneDNN's entry point is not autocast-aware), go through the
     convolution module as usual. In channels-last the weights are copied when wrapping (for inference:
-    wrap again after training); otherwise they share the original's storage (detached)."""
+    wrap again after training); otherwise they share the original's storage (detached).
+
+    Raises
+    ------
+    ValueError
+        ``conv`` has its padding given by name (``"same"``, ``"valid"``).
+    """
 
     def __init__(self, conv: nn.Conv3d, channels_last: bool) -> None:
         super().__init__()
+        if isinstance(conv.padding, str):
+            raise ValueError(f"OneDNNConv3d needs the padding as numbers, got {conv.padding!r}")
         self.channels_last = channels_last
         self.conv = _detached_copy(conv, channels_last)
         self.args = (tuple(conv.padding), tuple(conv.stride), tuple(conv.dilation), conv.groups)
@@ -84,26 +96,28 @@ class OneDNNConv3d(nn.Module):
         conv = self.conv
         if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             if self.channels_last:
-                return conv(x.contiguous(memory_format=torch.channels_last_3d)).contiguous()
-            return conv(x)
+                out: torch.Tensor = conv(x.contiguous(memory_format=torch.channels_last_3d))
+                return out.contiguous()
+            plain: torch.Tensor = conv(x)
+            return plain
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         out = torch.mkldnn_convolution(x, conv.weight, conv.bias, *self.args)
         return out.contiguous() if self.channels_last else out
 
 
-def _thin(module: nn.Module, thin_channels: int) -> bool:
+def _thin(module: nn.Conv3d, thin_channels: int) -> bool:
     return min(module.in_channels, module.out_channels) <= thin_channels
 
 
-def _onednn_ready(module: nn.Module) -> bool:
+def _onednn_ready(module: nn.Module) -> TypeGuard[nn.Conv3d]:
     return (
         type(module) is nn.Conv3d
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
         and module.weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
+        and bool(torch.backends.mkldnn.enabled)  # (a ContextProp to the type checker, a bool when read)
     )
 
 

@@ -43,7 +43,7 @@ _SAMPLES = 1_000_000
 _MODALITY_NAMES = {"CT": "CT", "MR": "MR", "MRI": "MR"}
 
 
-def _mm(values: Sequence[float]) -> str:
+def _mm(values: Sequence[float] | np.ndarray) -> str:
     return " x ".join(f"{v:.3g}" for v in values) + " mm"
 
 

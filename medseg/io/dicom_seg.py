@@ -77,7 +77,8 @@ def segment_descriptions(metadata: Mapping[str, Any], labels: Mapping[int, str],
         whose name differs from the model's label name.
     """
     where = os.fspath(source) if source is not None else "metadata.json"
-    entries = metadata.get("segments") if isinstance(metadata.get("segments"), Mapping) else {}
+    segments = metadata.get("segments")
+    entries: Mapping[str, Any] = segments if isinstance(segments, Mapping) else {}
     result: dict[int, dict[str, Any]] = {}
     for value, name in sorted(labels.items()):
         value = int(value)

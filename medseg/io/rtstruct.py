@@ -237,7 +237,7 @@ def _roi_contour(value: int, label_map: np.ndarray, planes: Sequence[SourcePlane
     outline of its mask on every slice (none when the label map does not hold ``value``)."""
     contour_item = Dataset()
     contour_item.ROIDisplayColor = list(label_colour_255(value))
-    contours = []
+    contours: list[Dataset] = []
     for k, plane in enumerate(planes):
         mask = label_map[k] == value
         if not mask.any():

@@ -29,9 +29,10 @@ def torch_load_weights_only(path: str | os.PathLike[str]) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> Mapping[str, Any]:
+def read_state_dict(path: str | os.PathLike[str]) -> Any:
     """A network state dict from a weights file or a training checkpoint (its ``"network"`` entry),
-    read with ``torch.load(weights_only=True)``: pickled code is refused.
+    read with ``torch.load(weights_only=True)``: pickled code is refused. A file holding something other
+    than a mapping (a list, a tensor) is returned as it is: callers refuse it when they load it.
 
     Raises
     ------

@@ -17,10 +17,10 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pydicom
@@ -33,6 +33,9 @@ from medseg.errors import InputError, PacsError
 from medseg.io.atomic import atomic_path
 from medseg.io.dicom import NON_IMAGE_MODALITIES
 from medseg.pacs.job import check_model, keep_values_out_of_logs, segment_series_folder
+
+if TYPE_CHECKING:
+    from requests.sessions import _Settings  # types-requests' TypedDict of the merged settings (stubs only)
 
 __all__ = [
     "NON_IMAGE_MODALITIES",
@@ -97,7 +100,9 @@ class _Session(requests.Session):
     CURL_CA_BUNDLE: plain requests lets those variables override ``Session.verify`` (psf/requests#3829),
     which would silently ignore ``--ca-bundle`` and ``--no-verify``."""
 
-    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+    def merge_environment_settings(self, url: str | bytes | None, proxies: MutableMapping[str, str] | None,
+                                   stream: bool | None, verify: bool | str | None,
+                                   cert: str | tuple[str, str] | None) -> _Settings:
         settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
         if verify is None and self.verify is not True:
             settings["verify"] = self.verify

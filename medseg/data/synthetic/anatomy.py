@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +57,7 @@ _LAYOUT_LIVER = ((-0.13, -0.07, 0.05), (0.17, 0.13, 0.23))
 _LAYOUT_SPLEEN = ((0.25, -0.01, 0.04), (0.065, 0.11, 0.13))
 _LAYOUT_KIDNEYS = (((-0.15, 0.155, 0.00), (0.058, 0.068, 0.11)), ((0.15, 0.155, 0.02), (0.058, 0.068, 0.11)))
 _LAYOUT_VERTEBRA = ((0.0, 0.185), (0.062, 0.052))
+_Layout = tuple[tuple[float, float, float], tuple[float, float, float]]  # (centre, semi-axes) in units of F
 _POSITION_JITTER = 0.025  # of F
 _SIZE_JITTER = 0.15  # relative
 _ROTATION_JITTER_DEG = 12.0
@@ -78,12 +79,14 @@ class Ellipsoid:
     def weights(self, margin: float = 0.0) -> np.ndarray:
         """(3, 3) matrix W such that the shape is ``|W (p - centre)| <= 1``, semi-axes grown by ``margin``."""
         rotation = np.asarray(self.rotation).reshape(3, 3)
-        return (rotation / (np.asarray(self.semi_axes) + margin)).T
+        weights: np.ndarray = (rotation / (np.asarray(self.semi_axes) + margin)).T
+        return weights
 
     def contains(self, points: np.ndarray, scale: float = 1.0) -> np.ndarray:
         """Whether world points ``(..., 3)`` lie inside (the ellipsoid scaled by ``scale``)."""
         q = (np.asarray(points) - np.asarray(self.centre)) @ self.weights().T
-        return np.sum(q * q, axis=-1) <= scale * scale
+        inside: np.ndarray = np.sum(q * q, axis=-1) <= scale * scale
+        return inside
 
 
 @dataclass(frozen=True)
@@ -139,17 +142,29 @@ class Anatomy:
     axial_level_mm: float
 
 
-def _jitter_organ(rng: np.random.Generator, centre: np.ndarray, layout: tuple, fov: float) -> Ellipsoid:
+def _xy(values: Iterable[float]) -> tuple[float, float]:
+    """Two numbers (an x-y point or a pair of semi-axes) as floats."""
+    x, y = (float(v) for v in values)
+    return x, y
+
+
+def _xyz(values: Iterable[float]) -> tuple[float, float, float]:
+    """Three numbers (a world point or three semi-axes) as floats."""
+    x, y, z = (float(v) for v in values)
+    return x, y, z
+
+
+def _jitter_organ(rng: np.random.Generator, centre: np.ndarray, layout: _Layout, fov: float) -> Ellipsoid:
     (offset, semi) = layout
     position = centre + fov * (np.asarray(offset) + rng.uniform(-_POSITION_JITTER, _POSITION_JITTER, 3))
     semi_axes = fov * np.asarray(semi) * rng.uniform(1.0 - _SIZE_JITTER, 1.0 + _SIZE_JITTER, 3)
     rotation = random_rotation(rng, 0.0, _ROTATION_JITTER_DEG)
-    return Ellipsoid(tuple(map(float, position)), tuple(map(float, semi_axes)), tuple(map(float, rotation.ravel())))
+    return Ellipsoid(_xyz(position), _xyz(semi_axes), tuple(map(float, rotation.ravel())))
 
 
-def _nominal_organ(centre: np.ndarray, layout: tuple, fov: float) -> Ellipsoid:
+def _nominal_organ(centre: np.ndarray, layout: _Layout, fov: float) -> Ellipsoid:
     offset, semi = layout
-    return Ellipsoid(tuple(map(float, centre + fov * np.asarray(offset))), tuple(float(fov * s) for s in semi))
+    return Ellipsoid(_xyz(centre + fov * np.asarray(offset)), _xyz(fov * s for s in semi))
 
 
 def _layout_ok(body: Cylinder, fat: float, organs: Sequence[Ellipsoid], vertebra: Cylinder, fov: float) -> bool:
@@ -202,14 +217,14 @@ def _place_lesions(rng: np.random.Generator, liver: Ellipsoid, level: float | No
                 continue
             if any(np.linalg.norm(point - np.asarray(o.centre)) < radius + o.semi_axes[0] + 3.0 for o in lesions):
                 continue
-            lesions.append(Ellipsoid(tuple(map(float, point)), (float(radius),) * 3))
+            lesions.append(Ellipsoid(_xyz(point), (float(radius),) * 3))
             break
         else:
             if number == 0:  # always one lesion: at the centre of the liver (in the plane for 2D)
                 point = centre.copy()
                 if level is not None:
                     point[2] = level
-                lesions.append(Ellipsoid(tuple(map(float, point)), (6.0,) * 3))
+                lesions.append(Ellipsoid(_xyz(point), (6.0,) * 3))
             # a second lesion that does not fit is left out
     return tuple(lesions)
 
@@ -221,7 +236,7 @@ def _sample_intensities(rng: np.random.Generator, modality: str) -> dict[str, fl
     return values
 
 
-def sample_anatomy(rng: np.random.Generator, fov_mm: float, centre_lps: Sequence[float], modality: str = "ct",
+def sample_anatomy(rng: np.random.Generator, fov_mm: float, centre_lps: Sequence[float] | np.ndarray, modality: str = "ct",
                    dims: int = 3) -> Anatomy:
     """Sample one patient: organ positions, sizes, rotations and tissue intensities.
 
@@ -258,8 +273,8 @@ def sample_anatomy(rng: np.random.Generator, fov_mm: float, centre_lps: Sequence
                     (float(_BODY_SEMI[0] * fov * scale[0]), float(_BODY_SEMI[1] * fov * scale[1])))
     fat = float(rng.uniform(0.10, 0.14))
     vertebra_offset = np.asarray(_LAYOUT_VERTEBRA[0]) + rng.uniform(-0.01, 0.01, 2)
-    vertebra = Cylinder(tuple(map(float, centre[:2] + fov * vertebra_offset)),
-                        tuple(float(fov * s * rng.uniform(0.9, 1.1)) for s in _LAYOUT_VERTEBRA[1]))
+    vertebra = Cylinder(_xy(centre[:2] + fov * vertebra_offset),
+                        _xy(fov * s * rng.uniform(0.9, 1.1) for s in _LAYOUT_VERTEBRA[1]))
     for _attempt in range(100):
         liver = _jitter_organ(rng, centre, _LAYOUT_LIVER, fov)
         spleen = _jitter_organ(rng, centre, _LAYOUT_SPLEEN, fov)

@@ -13,6 +13,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,7 +28,7 @@ __all__ = ["write_dataset"]
 log = logging.getLogger(__name__)
 
 
-def _dataset_json(modality: str, dims: int, seed: int, training: list[str], test: list[str]) -> dict:
+def _dataset_json(modality: str, dims: int, seed: int, training: list[str], test: list[str]) -> dict[str, Any]:
     channel = "CT" if modality == "ct" else "MRI"
     labels = CT_LABELS if modality == "ct" else MR_LABELS
     return {

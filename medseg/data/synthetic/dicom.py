@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -80,6 +81,7 @@ def _pixels(image: sitk.Image, modality: str, path: Path) -> tuple[np.ndarray, f
     if not np.all(np.isfinite(values)):
         raise InputError(path, "the image holds NaN or infinite values; DICOM needs integers")
     values = np.rint(values)
+    dtype: type[np.integer[Any]]
     if modality == "CT":
         stored = values - CT_RESCALE_INTERCEPT
         low, high, dtype = -32768, 32767, np.int16
@@ -359,7 +361,7 @@ def _write_fileset(datasets: list[Dataset], out: Path) -> list[Path]:
 
 
 def phantom_series(out_dir: str | os.PathLike[str], modality: str = "ct", seed: int = 0, size: int = 48, *,
-                   grid: Grid | None = None, **kwargs) -> tuple[list[Path], sitk.Image, sitk.Image]:
+                   grid: Grid | None = None, **kwargs: Any) -> tuple[list[Path], sitk.Image, sitk.Image]:
     """A medseg synthetic phantom written with :func:`write_dicom_series`.
 
     Parameters

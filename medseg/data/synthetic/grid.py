@@ -106,11 +106,12 @@ class Grid:
     def index_to_physical(self, index: Sequence[float] | np.ndarray) -> np.ndarray:
         """Physical point(s) of continuous index(es) ``(..., dims)``: origin + direction @ (spacing * index)."""
         index = np.asarray(index, dtype=np.float64)
-        return np.asarray(self.origin) + (index * np.asarray(self.spacing)) @ self.matrix.T
+        points: np.ndarray = np.asarray(self.origin) + (index * np.asarray(self.spacing)) @ self.matrix.T
+        return points
 
     @classmethod
-    def centred(cls, size: Sequence[int], spacing: Sequence[float], centre: Sequence[float],
-                direction: Sequence[float] | None = None) -> Grid:
+    def centred(cls, size: Sequence[int], spacing: Sequence[float], centre: Sequence[float] | np.ndarray,
+                direction: Sequence[float] | np.ndarray | None = None) -> Grid:
         """Grid of the given size, spacing and direction (identity if omitted) whose centre is ``centre``.
 
         Raises
@@ -170,7 +171,8 @@ def rotation(axis: np.ndarray, angle: float) -> np.ndarray:
     """Rotation matrix (Rodrigues) about unit ``axis`` by ``angle`` radians."""
     x, y, z = axis / np.linalg.norm(axis)
     k = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
-    return np.eye(3) + math.sin(angle) * k + (1.0 - math.cos(angle)) * (k @ k)
+    matrix: np.ndarray = np.eye(3) + math.sin(angle) * k + (1.0 - math.cos(angle)) * (k @ k)
+    return matrix
 
 
 def random_rotation(rng: np.random.Generator, min_deg: float, max_deg: float) -> np.ndarray:
@@ -260,7 +262,7 @@ def _affine_field(grid: Grid, coefficients: np.ndarray, offset: float) -> np.nda
     return total
 
 
-def quadric(grid: Grid, weights: np.ndarray, centre: Sequence[float], level_z: float = 0.0) -> np.ndarray:
+def quadric(grid: Grid, weights: np.ndarray, centre: Sequence[float] | np.ndarray, level_z: float = 0.0) -> np.ndarray:
     """``|W (p - centre)|^2`` at every voxel centre p of ``grid`` (numpy (z, y, x) order)."""
     linear, translation = _world_affine(grid, level_z)
     rows = weights @ linear

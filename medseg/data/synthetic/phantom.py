@@ -94,6 +94,7 @@ def render(anatomy: Anatomy, grid: Grid, rng: np.random.Generator,
     tissue = tissue_map(anatomy, grid)
     lut = np.array([anatomy.intensities[name] for name in TISSUES], dtype=np.float32)
     values = ndimage.gaussian_filter(lut[tissue], _BLUR_SIGMA_VOXELS, mode="nearest", truncate=3.0)
+    sigma: float | np.float32
     if modality == "ct":
         sigma = rng.uniform(8.0, 15.0)
         values = values + sigma * rng.standard_normal(values.shape, dtype=np.float32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import filecmp
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -78,7 +79,7 @@ def conflict(a: Header, b: Header) -> str | None:
     return None if decoded[0].shape == decoded[1].shape and np.array_equal(decoded[0], decoded[1]) else "pixel data"
 
 
-def deduplicate(headers: list[Header], rel: Callable) -> tuple[list[Header], list[str], list[str]]:
+def deduplicate(headers: list[Header], rel: Callable[[Path], str]) -> tuple[list[Header], list[str], list[str]]:
     """(the headers with one copy per instance, problems, notes).
 
     Copies of an instance that hold the same image are dropped with a note; copies that differ are a

@@ -14,6 +14,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -109,7 +110,7 @@ class Header:
     pixel_problem: str | None
 
 
-def _pixel_problem(fp, ds: Dataset, size: int, implicit: bool, little: bool) -> str | None:
+def _pixel_problem(fp: BinaryIO, ds: Dataset, size: int, implicit: bool, little: bool) -> str | None:
     """After a header-only read (``fp`` at the pixel data element, or at the end): the problem with
     the pixel data, or None. Detects a missing element and truncation without reading the pixels."""
     start = fp.tell()

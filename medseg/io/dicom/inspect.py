@@ -27,7 +27,7 @@ def describe_orientation(direction: Sequence[float]) -> str:
     return f"oblique {plane} ({off:.1f} degrees off)" if off > 1.0 else plane
 
 
-def _vector(values: Sequence[float]) -> str:
+def _vector(values: Sequence[float] | np.ndarray) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 

@@ -143,7 +143,7 @@ def read_series(series: DicomSeries) -> sitk.Image:
     with quiet_pydicom():
         image = _volume(series)
     log.info("read series %s: %s %dx%dx%d, spacing %s mm", series.series_uid, series.modality, *series.size,
-             "(" + ", ".join(f"{v:.4g}" for v in series.spacing) + ")")  # type: ignore[union-attr]
+             "(" + ", ".join(f"{v:.4g}" for v in series.spacing) + ")")
     return image
 
 
@@ -164,9 +164,9 @@ def _volume(series: DicomSeries) -> sitk.Image:
             slope, intercept = _rescale(ds, 0, path, series)
             volume[k] = stored.astype(np.float64) * slope + intercept
     image = sitk.GetImageFromArray(volume)
-    image.SetSpacing(series.spacing)  # type: ignore[arg-type]
+    image.SetSpacing(series.spacing)
     image.SetOrigin(series.origin)
-    image.SetDirection(series.direction)  # type: ignore[arg-type]
+    image.SetDirection(series.direction)
     return image
 
 

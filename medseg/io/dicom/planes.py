@@ -21,7 +21,7 @@ spacing, slice step) -- :func:`grid_planes` is the inverse: the slices of such a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,8 +92,10 @@ def functional_group(ds: Dataset, index: int, sequence: str) -> Dataset | None:
 # --------------------------------------------------------------------------------------------
 
 def _fmt(values: object) -> str:
+    if not isinstance(values, Iterable):
+        return repr(values)
     try:
-        return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"  # type: ignore[union-attr]
+        return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
     except (TypeError, ValueError):
         return repr(values)
 
@@ -173,8 +175,10 @@ class PlaneTags:
 
 def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
     """Unit normal ``row x column`` of an ImageOrientationPatient (the direction slices are sorted along)."""
-    normal = get_normal_vector(np.asarray(orientation, dtype=np.float64), index_convention="RD")
-    return normal / np.linalg.norm(normal)  # ImageOrientationPatient is unit only to its decimal digits
+    # highdicom.spatial annotates its vectors Sequence[float] but takes (and checks for) NumPy arrays too
+    normal = get_normal_vector(np.asarray(orientation, dtype=np.float64), index_convention="RD")  # type: ignore[arg-type]
+    unit: np.ndarray = normal / np.linalg.norm(normal)  # ImageOrientationPatient is unit only to its decimal digits
+    return unit
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,7 @@ class Plane:
     def normal(self) -> np.ndarray:
         """Slice normal, row direction x column direction (highdicom.spatial; unit length for an orientation
         of two orthonormal vectors, :func:`slice_normal` normalises it)."""
-        return get_normal_vector(self.orientation, index_convention="RD")
+        return get_normal_vector(self.orientation, index_convention="RD")  # type: ignore[arg-type]  # see slice_normal
 
     @property
     def distance(self) -> float:
@@ -211,13 +215,15 @@ class Plane:
     @property
     def affine(self) -> np.ndarray:
         """4 x 4 affine from pixel index (column, row, 0, 1) to LPS (x, y, z, 1) (highdicom.spatial)."""
-        return create_affine_matrix_from_attributes(self.position, self.orientation, self.pixel_spacing)
+        return create_affine_matrix_from_attributes(self.position, self.orientation,  # type: ignore[arg-type]
+                                                    self.pixel_spacing)  # (arrays: see slice_normal)
 
     def to_patient(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
         """LPS points (n, 3) of continuous pixel indices (row, column) in this plane (index 0: a pixel centre)."""
         affine = self.affine
         indices = np.stack([np.asarray(columns, dtype=np.float64), np.asarray(rows, dtype=np.float64)], axis=-1)
-        return indices @ affine[:3, :2].T + affine[:3, 3]
+        points: np.ndarray = indices @ affine[:3, :2].T + affine[:3, 3]
+        return points
 
 
 @dataclass(frozen=True)

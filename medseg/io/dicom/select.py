@@ -10,8 +10,8 @@ from medseg.io.dicom.scan import DicomScan
 from medseg.io.dicom.series import DicomSeries, refuse_problems
 
 
-def _rule_text(series_uid, modality, min_slices, description) -> str:
-    parts = []
+def _rule_text(series_uid: str | None, modality: str | None, min_slices: int, description: str | None) -> str:
+    parts: list[str] = []
     if series_uid:
         parts.append(f"series UID {series_uid}")
     if modality:

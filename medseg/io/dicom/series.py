@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from medseg.errors import DicomError, printable
@@ -119,7 +120,7 @@ def _same_orientation(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.max(np.abs(a - b)) <= _ORIENTATION_TOL)
 
 
-def _fmt(values: Sequence[float], digits: int = 4) -> str:
+def _fmt(values: Sequence[float] | np.ndarray, digits: int = 4) -> str:
     return "(" + ", ".join(f"{v:.{digits}g}" for v in values) + ")"
 
 
@@ -136,7 +137,8 @@ def _groups(frames: list[Frame], key: Callable[[Frame, Frame], bool]) -> list[li
     return sorted(groups, key=len, reverse=True)
 
 
-def _majority(frames: list[Frame], key, what: str, describe, rel) -> tuple[list[Frame], list[str], list[str]]:
+def _majority(frames: list[Frame], key: Callable[[Frame, Frame], bool], what: str, describe: Callable[[Frame], str],
+              rel: Callable[[Path], str]) -> tuple[list[Frame], list[str], list[str]]:
     """Keep the largest group of ``frames`` by ``key``; a small minority (at most 3 images, the
     majority at least twice as large) is dropped as a localizer with a note, anything else is a problem."""
     groups = _groups(frames, key)
@@ -150,8 +152,8 @@ def _majority(frames: list[Frame], key, what: str, describe, rel) -> tuple[list[
     return frames, [], [f"mixed {what}s: {counts}"]
 
 
-def _header_checks(headers: list[Header], rel) -> list[str]:
-    problems = []
+def _header_checks(headers: list[Header], rel: Callable[[Path], str]) -> list[str]:
+    problems: list[str] = []
     multi = [h for h in headers if is_multiframe(h.ds)]
     if multi and len(headers) > 1:
         problems.append(f"{len(multi)} multi-frame and {len(headers) - len(multi)} other instance(s) in one series; "
@@ -169,7 +171,8 @@ def _header_checks(headers: list[Header], rel) -> list[str]:
     return problems
 
 
-def _drop_localizers(frames: list[Frame], rel, problems: list[str], notes: list[str]) -> tuple[list[Frame], bool]:
+def _drop_localizers(frames: list[Frame], rel: Callable[[Path], str], problems: list[str], notes: list[str]
+                     ) -> tuple[list[Frame], bool]:
     """Localizers (scouts) by ImageType: dropped with a note, or the whole series is one."""
     if frames and all(f.localizer for f in frames):
         problems.append("a localizer (scout) series, not a volume")
@@ -182,6 +185,18 @@ def _drop_localizers(frames: list[Frame], rel, problems: list[str], notes: list[
 
 def _located(frame: Frame) -> bool:
     return frame.position is not None and frame.orientation is not None
+
+
+def _position(frame: Frame) -> np.ndarray:
+    """ImagePositionPatient of a frame :func:`_located` keeps."""
+    assert frame.position is not None, "only located frames are sorted and measured"
+    return frame.position
+
+
+def _orientation(frame: Frame) -> np.ndarray:
+    """ImageOrientationPatient of a frame :func:`_located` keeps."""
+    assert frame.orientation is not None, "only located frames are grouped by orientation"
+    return frame.orientation
 
 
 def analyse(uid: str, headers: list[Header], root: Path) -> DicomSeries:
@@ -210,11 +225,11 @@ def analyse(uid: str, headers: list[Header], root: Path) -> DicomSeries:
     located = [f for f in frames if _located(f)]
     orientation_groups: list[list[Frame]] = []
     if located:
-        located, dropped, mixed = _majority(located, lambda a, b: _same_orientation(a.orientation, b.orientation),
-                                            "orientation", lambda f: "oriented " + _fmt(f.orientation, 3), rel)
+        located, dropped, mixed = _majority(located, lambda a, b: _same_orientation(_orientation(a), _orientation(b)),
+                                            "orientation", lambda f: "oriented " + _fmt(_orientation(f), 3), rel)
         notes.extend(dropped)
         problems.extend(mixed)
-        orientation_groups = _groups(located, lambda a, b: _same_orientation(a.orientation, b.orientation))
+        orientation_groups = _groups(located, lambda a, b: _same_orientation(_orientation(a), _orientation(b)))
         located, dropped, mixed = _majority(located, lambda a, b: (a.rows, a.columns) == (b.rows, b.columns), "size",
                                             lambda f: f"of {f.columns}x{f.rows}", rel)
         notes.extend(dropped)
@@ -222,34 +237,37 @@ def analyse(uid: str, headers: list[Header], root: Path) -> DicomSeries:
         kept = {id(f) for f in located}
         frames = [f for f in frames if id(f) in kept or not _located(f)]
     spacings = {f.pixel_spacing for f in frames}
+    known = {s for s in spacings if s is not None}  # all of them unless None is in spacings
     if None in spacings and not any("PixelSpacing" in p for p in problems):
         problems.append("no PixelSpacing")
-    elif None not in spacings and len({tuple(np.round(s, 4)) for s in spacings}) > 1:  # type: ignore[arg-type]
-        problems.append(f"mixed pixel spacings: {', '.join(_fmt(s) for s in sorted(spacings))}")  # type: ignore[arg-type]
+    elif None not in spacings and len({tuple(np.round(s, 4)) for s in known}) > 1:
+        problems.append(f"mixed pixel spacings: {', '.join(_fmt(s) for s in sorted(known))}")
     return _geometry(uid, headers, first, frames, located, orientation_groups, problems, notes, localizer_series, rel)
 
 
-def _geometry(uid: str, headers: list[Header], first, frames: list[Frame], located: list[Frame],
+def _geometry(uid: str, headers: list[Header], first: Dataset, frames: list[Frame], located: list[Frame],
               orientation_groups: list[list[Frame]], problems: list[str], notes: list[str], localizer_series: bool,
-              rel) -> DicomSeries:
+              rel: Callable[[Path], str]) -> DicomSeries:
     """Sort the slices along the normal of the (largest group's) orientation and measure the grid."""
     # slices sharing one orientation (the largest group): only they have a common normal to sort and step along
     same = [f for f in located if not orientation_groups or any(f is g for g in orientation_groups[0])]
     reference = same[0] if same else (frames[0] if frames else None)
     rows = reference.rows if reference else int(first.get("Rows", 0) or 0)
     columns = reference.columns if reference else int(first.get("Columns", 0) or 0)
-    direction = origin = None
+    direction: tuple[float, ...] | None = None
+    origin: tuple[float, float, float] | None = None
     slice_spacing: float | None = None
     if same:
-        row_dir, col_dir = same[0].orientation[:3], same[0].orientation[3:]  # type: ignore[index]
-        normal = slice_normal(same[0].orientation)  # type: ignore[arg-type]
-        same.sort(key=lambda f: (float(f.position @ normal), f.path.name, f.frame or 0))  # type: ignore[operator]
+        row_dir, col_dir = _orientation(same[0])[:3], _orientation(same[0])[3:]
+        normal = slice_normal(_orientation(same[0]))
+        same.sort(key=lambda f: (float(_position(f) @ normal), f.path.name, f.frame or 0))
         others = [f for f in frames if not any(f is s for s in same)]
         ordered = same + others
-        positions = np.array([float(f.position @ normal) for f in same])  # type: ignore[operator]
+        positions = np.array([float(_position(f) @ normal) for f in same])
         slice_spacing = _slice_checks(same, positions, normal, problems, rel)
         direction = tuple(float(v) for v in np.column_stack([row_dir, col_dir, normal]).ravel())
-        origin = tuple(float(v) for v in same[0].position)  # type: ignore[union-attr]
+        x, y, z = (float(v) for v in _position(same[0]))  # ImagePositionPatient: 3 numbers (PlaneTags.floats)
+        origin = (x, y, z)
         if len(frames) == 1:  # no step to measure: what the header says, and where it comes from
             one = frames[0]
             slice_spacing = one.spacing_between or one.thickness
@@ -262,11 +280,13 @@ def _geometry(uid: str, headers: list[Header], first, frames: list[Frame], locat
         ordered = sorted(frames, key=lambda f: (f.path.name, f.frame or 0))
     pixel_spacing = reference.pixel_spacing if reference is not None else None
     spacing = (pixel_spacing[1] if pixel_spacing else None, pixel_spacing[0] if pixel_spacing else None, slice_spacing)
-    if direction is not None and origin is not None and None not in spacing and len(orientation_groups) <= 1:
-        problem = grid_problem(spacing, origin, direction)  # type: ignore[arg-type]
+    known_spacing = [s for s in spacing if s is not None]
+    if direction is not None and origin is not None and len(known_spacing) == 3 and len(orientation_groups) <= 1:
+        problem = grid_problem(known_spacing, origin, direction)
         if problem is not None:
             problems.append(f"the series' grid: {problem}")
     multiframe = len(headers) == 1 and is_multiframe(headers[0].ds)
+    files: tuple[Path, ...]
     if multiframe:
         files, frame_order = (headers[0].path,), tuple(int(f.frame or 0) for f in ordered)
     else:
@@ -284,7 +304,7 @@ def _geometry(uid: str, headers: list[Header], first, frames: list[Frame], locat
         files=files,
         size=(int(columns), int(rows), len(ordered)),
         spacing=spacing,
-        origin=origin,  # type: ignore[arg-type]
+        origin=origin,
         direction=direction,
         transfer_syntaxes=tuple(sorted({h.transfer_syntax for h in headers})),
         multiframe=multiframe,
@@ -298,7 +318,7 @@ def _geometry(uid: str, headers: list[Header], first, frames: list[Frame], locat
 
 
 def _slice_checks(frames: list[Frame], positions: np.ndarray, normal: np.ndarray, problems: list[str],
-                  rel) -> float | None:
+                  rel: Callable[[Path], str]) -> float | None:
     """Same-position instances, gaps, uneven steps and tilt of slices sharing one orientation; returns
     the slice spacing (None if < 2 slices)."""
     if len(frames) < 2:
