@@ -28,7 +28,8 @@ from medseg.io.atomic import atomic_write_text
 from medseg.io.image import case_name, list_images, read_geometry
 from medseg.labels import is_lesion_name
 from medseg.metrics.labelmaps import describe_values, label_values, read_label_map
-from medseg.metrics.lesions import lesion_rows, lesion_wise, write_lesions_csv
+from medseg.metrics.lesion_table import lesion_rows, write_lesions_csv
+from medseg.metrics.lesions import lesion_wise
 from medseg.metrics.overlap import (
     EMPTY_CONVENTION,
     METRIC_FIELDS,

@@ -13,14 +13,12 @@ from monai.metrics import compute_dice
 from scipy import ndimage
 
 from medseg.metrics import lesions as lesions_module
+from medseg.metrics.lesion_table import LESION_COLUMNS, lesion_rows, write_lesions_csv
 from medseg.metrics.lesions import (
-    LESION_COLUMNS,
     LesionMatch,
     connected_lesions,
     instance_map,
-    lesion_rows,
     lesion_wise,
-    write_lesions_csv,
 )
 from medseg.metrics.overlap import label_metrics
 
