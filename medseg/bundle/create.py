@@ -246,17 +246,23 @@ def plan_bundle(data: str | os.PathLike[str], bundle_dir: str | os.PathLike[str]
 
 
 def describe_data_source(datalist: Datalist, bundle_dir: str | os.PathLike[str]) -> str:
-    """``data_source`` for a bundle trained on ``datalist``: the dataset's name and size, and its path
-    only relative to the bundle (a local absolute path means nothing to whoever receives the bundle)."""
+    """``data_source`` for a bundle trained on ``datalist`` (see :func:`describe_dataset`)."""
+    return describe_dataset(datalist.name, datalist.path, len(datalist.training), bundle_dir)
+
+
+def describe_dataset(name: str, path: str | os.PathLike[str], cases: int, bundle_dir: str | os.PathLike[str]) -> str:
+    """``data_source`` for a bundle trained on the dataset ``name`` (its ``dataset.json`` at ``path``,
+    ``cases`` training cases): its name and size, and its path only relative to the bundle (a local
+    absolute path means nothing to whoever receives the bundle)."""
     try:
-        relative: Path | None = Path(os.path.relpath(Path(datalist.path).absolute(), Path(bundle_dir).absolute()))
+        relative: Path | None = Path(os.path.relpath(Path(path).absolute(), Path(bundle_dir).absolute()))
     except ValueError:  # another drive (Windows)
         relative = None
     if relative is not None and relative.parts and relative.parts[0] != "..":
         where = f"{relative.as_posix()} in the bundle"
     else:
-        where = f"{Path(datalist.path).name} of a folder named {Path(datalist.path).parent.name!r}"
-    return f"MSD dataset {datalist.name!r}: {len(datalist.training)} training cases ({where})"
+        where = f"{Path(path).name} of a folder named {Path(path).parent.name!r}"
+    return f"MSD dataset {name!r}: {cases} training cases ({where})"
 
 
 def init_bundle(data: str | os.PathLike[str], bundle_dir: str | os.PathLike[str],
