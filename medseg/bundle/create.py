@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import medseg
+from medseg.bundle.train_config import train_parts
 from medseg.errors import BundleError, InputError
 from medseg.io.atomic import atomic_write_text
 from medseg.labels import segment_code
@@ -91,31 +92,9 @@ def inference_config() -> dict[str, Any]:
 
 
 def train_config() -> dict[str, Any]:
-    """Training: hyper-parameters as top-level keys (``--epochs 5`` overrides), network and loss as parts."""
-    return {
-        **_common("."),
-        "epochs": 100,
-        "val_interval": 5,
-        "max_minutes": None,
-        "max_iterations": None,
-        "log_every": 10,
-        "fold": 0,
-        "learning_rate": 0.002,
-        "batch_size": 2,
-        "samples_per_case": 2,
-        "seed": 0,
-        "resume": False,
-        "init_weights": None,
-        "loss": {"_target_": "monai.losses.DiceCELoss", "to_onehot_y": True, "softmax": True},
-        "options": {"_target_": "medseg.engines.training.TrainOptions", "epochs": "@epochs",
-                    "max_minutes": "@max_minutes", "max_iterations": "@max_iterations", "log_every": "@log_every",
-                    "device": "@device", "fold": "@fold", "resume": "@resume",
-                    "val_interval": "@val_interval", "learning_rate": "@learning_rate", "batch_size": "@batch_size",
-                    "samples_per_case": "@samples_per_case", "seed": "@seed", "init_weights": "@init_weights"},
-        "initialize": [],
-        "run": [{"_target_": "medseg.engines.training.train_bundle", "bundle_root": "@bundle_root",
-                 "dataset_dir": "@dataset_dir", "options": "@options", "network": "@network_def", "loss": "@loss"}],
-    }
+    """Model-zoo style training: the options as top-level keys (``--epochs 5`` overrides), the pipeline as
+    named, overridable parts (see :mod:`medseg.bundle.train_config`)."""
+    return {**_common("."), **train_parts()}
 
 
 def evaluate_config() -> dict[str, Any]:
