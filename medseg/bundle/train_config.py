@@ -16,7 +16,8 @@ input checked, before it writes), ``finalize`` records the result in the metadat
 No ``$`` expressions: every computed value comes from a factory on the safe-mode allow list, so the
 config runs in safe mode (``medseg train``, ``medseg bundle run``) and with ``python -m monai.bundle run``
 alike. The ids and references are those of MONAI's train-workflow properties
-(``monai.bundle.properties.TrainProperties``).
+(``monai.bundle.properties.TrainProperties``); references to nested parts use MONAI's separator ``::``
+(``@train::handlers``), which its property check compares literally (overrides may use ``#``).
 """
 
 from __future__ import annotations
@@ -32,17 +33,17 @@ def _train_parts() -> dict[str, Any]:
     """``train#...``: the training data, inferer, handlers and MONAI's ``SupervisedTrainer``."""
     handlers = [
         {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False},
-        {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "interval": "@val_interval",
+        {"_target_": "ValidationHandler", "validator": "@validate::evaluator", "interval": "@val_interval",
          "epoch_level": True},
         {"_target_": f"{E}.tensorboard.TensorBoardLog", "log_dir": "@log_dir", "tag_name": "train_loss",
          "output_transform": {"_target_": "monai.handlers.from_engine", "keys": ["loss"], "first": True}},
         {"_target_": f"{E}.records.RunRecorder", "bundle_root": "@bundle_root", "network": "@network",
-         "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "evaluator": "@validate#evaluator",
+         "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "evaluator": "@validate::evaluator",
          "plan": "@plan", "resume": "@resume_point"},
-        {"_target_": f"{E}.progress.ProgressLogger", "pace": "@pace", "evaluator": "@validate#evaluator",
+        {"_target_": f"{E}.progress.ProgressLogger", "pace": "@pace", "evaluator": "@validate::evaluator",
          "plan": "@plan", "every": "@log_every", "val_interval": "@val_interval",
          "max_iterations": "@max_iterations", "max_minutes": "@max_minutes", "optimizer": "@optimizer"},
-        {"_target_": f"{E}.budget.RunBudget", "pace": "@pace", "evaluator": "@validate#evaluator",
+        {"_target_": f"{E}.budget.RunBudget", "pace": "@pace", "evaluator": "@validate::evaluator",
          "val_interval": "@val_interval", "max_iterations": "@max_iterations", "max_minutes": "@max_minutes"},
     ]
     return {
@@ -50,19 +51,19 @@ def _train_parts() -> dict[str, Any]:
                           "samples_per_case": "@samples_per_case"},
         "dataset": {"_target_": "CacheDataset", "data": {"_target_": f"{E}.data.case_items", "split": "@split",
                                                          "part": "training"},
-                    "transform": "@train#preprocessing", "cache_rate": 1.0, "num_workers": 2, "progress": False},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": "@batch_size",
+                    "transform": "@train::preprocessing", "cache_rate": 1.0, "num_workers": 2, "progress": False},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@train::dataset", "batch_size": "@batch_size",
                        "shuffle": True, "num_workers": "@num_workers",
-                       "drop_last": {"_target_": f"{E}.data.drop_last", "dataset": "@train#dataset",
+                       "drop_last": {"_target_": f"{E}.data.drop_last", "dataset": "@train::dataset",
                                      "batch_size": "@batch_size"}},
-        "epoch_length": {"_target_": f"{E}.data.epoch_length", "dataloader": "@train#dataloader",
+        "epoch_length": {"_target_": f"{E}.data.epoch_length", "dataloader": "@train::dataloader",
                          "minimum": "@min_iterations_per_epoch", "resume": "@resume_point"},
         "inferer": {"_target_": "SimpleInferer"},
         "handlers": handlers,
         "trainer": {"_target_": "SupervisedTrainer", "device": "@device", "max_epochs": "@epochs",
-                    "epoch_length": "@train#epoch_length", "train_data_loader": "@train#dataloader",
+                    "epoch_length": "@train::epoch_length", "train_data_loader": "@train::dataloader",
                     "network": "@network", "optimizer": "@optimizer", "loss_function": "@loss",
-                    "inferer": "@train#inferer", "train_handlers": "@train#handlers", "amp": False},
+                    "inferer": "@train::inferer", "train_handlers": "@train::handlers", "amp": False},
     }
 
 
@@ -73,8 +74,8 @@ def _validate_parts() -> dict[str, Any]:
         "preprocessing": {"_target_": "medseg.transforms.preprocessing", "plan": "@plan", "keys": ["image", "label"]},
         "dataset": {"_target_": "CacheDataset", "data": {"_target_": f"{E}.data.case_items", "split": "@split",
                                                          "part": "validation"},
-                    "transform": "@validate#preprocessing", "cache_rate": 1.0, "num_workers": 2, "progress": False},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@validate#dataset", "batch_size": 1, "shuffle": False,
+                    "transform": "@validate::preprocessing", "cache_rate": 1.0, "num_workers": 2, "progress": False},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@validate::dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
         "inferer": {"_target_": "SlidingWindowInferer",
                     "roi_size": {"_target_": plan_value, "plan": "@plan", "field": "patch_size"},
@@ -88,9 +89,9 @@ def _validate_parts() -> dict[str, Any]:
                                                               "keys": ["pred", "label"]},
                                          "save_details": True}},
         "handlers": [{"_target_": f"{E}.tensorboard.TensorBoardLog", "log_dir": "@log_dir", "iteration_log": False}],
-        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",
-                      "network": "@network", "inferer": "@validate#inferer", "postprocessing": "@validate#postprocessing",
-                      "key_val_metric": "@validate#key_metric", "val_handlers": "@validate#handlers", "amp": False},
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate::dataloader",
+                      "network": "@network", "inferer": "@validate::inferer", "postprocessing": "@validate::postprocessing",
+                      "key_val_metric": "@validate::key_metric", "val_handlers": "@validate::handlers", "amp": False},
     }
 
 
@@ -141,8 +142,8 @@ def train_parts() -> dict[str, Any]:
             {"_target_": "monai.utils.set_determinism", "seed": "@seed"},
             "@pace",
         ],
-        "run": [{"_target_": f"{E}.training.run_training", "trainer": "@train#trainer",
-                 "evaluator": "@validate#evaluator", "split": "@split", "bundle_root": "@bundle_root",
+        "run": [{"_target_": f"{E}.training.run_training", "trainer": "@train::trainer",
+                 "evaluator": "@validate::evaluator", "split": "@split", "bundle_root": "@bundle_root",
                  "pace": "@pace", "options": "@options", "initial_weights": "@initial_weights",
                  "datalist": "@datalist"}],
         "finalize": [{"_target_": "medseg.bundle.training.record_training_run", "bundle_root": "@bundle_root"}],

@@ -117,7 +117,7 @@ def _finish(run_dir: Path, trainer: Engine, split: Split, pace: Pace, first_iter
         "stopped_by": stopped_by,
         "stopped_by_time_budget": stopped_by == "time budget",
         "init_weights": None if initial_weights is None else initial_weights.summary(),
-        "device": str(trainer.state.device),
+        "device": str(getattr(trainer.state, "device", None) or "cpu"),
         "dataset": None if datalist is None else {"name": datalist.name, "path": str(datalist.path),
                                                   "training_cases": len(datalist.training)},
         "options": {} if options is None else {k: v for k, v in asdict(options).items() if k != "network"},
