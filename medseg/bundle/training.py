@@ -129,9 +129,10 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
         plan, data_source = _check_inputs(data, run_dir, opts, bundle)
     guard = RunFolderGuard(run_dir)
     try:
-        if data_source is not None:
-            write_bundle(run_dir, plan, name=run_dir.name, data_source=data_source)
-        _run_train_config(run_dir, train_overrides(data, opts))
+        with held_info():  # until the config has built its parts (run_training releases it): an error is one line
+            if data_source is not None:
+                write_bundle(run_dir, plan, name=run_dir.name, data_source=data_source)
+            _run_train_config(run_dir, train_overrides(data, opts))
     except BaseException:
         trained = any((run_dir / p).exists() for p in ("checkpoints/last.pt", "models/model.pt"))
         if data_source is not None and not trained:  # the new bundle goes too (the run removed its own files)

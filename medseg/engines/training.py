@@ -37,6 +37,7 @@ from medseg.engines.records import BestValidation, completed_epochs
 from medseg.engines.rundir import RunFolderGuard
 from medseg.engines.weights import InitialWeights
 from medseg.io.atomic import atomic_path, atomic_write_text
+from medseg.logs import release_held
 
 __all__ = ["SUMMARY_FILE", "run_training"]
 
@@ -64,6 +65,7 @@ def run_training(trainer: Engine, evaluator: Engine, split: Split, bundle_root: 
         everything this call created in ``bundle_root`` is removed first
         (:class:`~medseg.engines.rundir.RunFolderGuard`); after it, the run folder is kept for ``--resume``.
     """
+    release_held()  # every part is built, every input checked: what the checks noted may be shown now
     run_dir = Path(bundle_root)
     pace = pace if pace is not None else Pace()
     pace.attach(trainer, evaluator)  # no-ops when the handlers attached the timers already
