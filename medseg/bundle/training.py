@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,8 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     the data), then run its ``configs/train.json``. With ``bundle=True`` (or ``options.resume``),
     ``run_dir`` is an existing bundle whose plan is used as it is. Nothing is written before every
     input has been checked; a run that fails before its first checkpoint leaves ``run_dir`` as it
-    found it.
+    found it. The run's clock (``pace#started``) starts with this call, so that a ``max_minutes``
+    budget counts the checks and the planning too.
 
     Returns the training summary (also written to ``train_summary.json``).
 
@@ -123,6 +125,7 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
         ``--resume`` with a missing or unreadable checkpoint, ``bundle=True`` without a plan, with
         unreadable metadata or with a config refused by safe mode.
     """
+    started = time.monotonic()  # a time budget counts the checks and the planning too
     opts = options or TrainOptions()
     run_dir = Path(run_dir)
     with held_info():  # notes on the plan and data are printed once every input has passed its checks
@@ -132,7 +135,7 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
         with held_info():  # until the config has built its parts (run_training releases it): an error is one line
             if data_source is not None:
                 write_bundle(run_dir, plan, name=run_dir.name, data_source=data_source)
-            _run_train_config(run_dir, train_overrides(data, opts))
+            _run_train_config(run_dir, {**train_overrides(data, opts), "pace#started": started})
     except BaseException:
         trained = any((run_dir / p).exists() for p in ("checkpoints/last.pt", "models/model.pt"))
         if data_source is not None and not trained:  # the new bundle goes too (the run removed its own files)
