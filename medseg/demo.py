@@ -40,9 +40,10 @@ def run_demo(out: str | os.PathLike[str] = "medseg-demo", minutes: float | None 
     InputError
         If ``out`` exists and is not an earlier demo folder, or a count is out of range.
     """
+    from medseg.bundle.training import train
     from medseg.data.datalist import load_datalist
     from medseg.data.synthetic import write_dataset
-    from medseg.engines.training import TrainOptions, check_options, train
+    from medseg.engines.options import TrainOptions, check_options
     from medseg.inference.predictor import predict
     from medseg.metrics.evaluate import evaluate_folders
 

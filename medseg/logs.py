@@ -20,12 +20,13 @@ The bundles' ``configs/logging.conf`` (``python -m monai.bundle run``) uses the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-__all__ = ["BUNDLE_LOGGING_CONF", "DATE_FORMAT", "LOG_FORMAT", "RoutedLogger", "held_info", "setup_logging"]
+__all__ = ["BUNDLE_LOGGING_CONF", "DATE_FORMAT", "LOG_FORMAT", "RoutedLogger", "held_info", "release_held", "setup_logging"]
 
 #: The format of every log line the CLI prints (the bundles' logging.conf uses the same).
 LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
@@ -155,21 +156,47 @@ class _Hold(logging.Filter):
         return True
 
 
+#: The release functions of the held_info() blocks in progress (see release_held).
+_HOLDS: list[Callable[[], None]] = []
+
+
 @contextlib.contextmanager
 def held_info() -> Iterator[None]:
     """Hold informational records back while input is read and checked: emitted in order when the block
-    ends normally, dropped when it raises, so that an error about the input is the only line printed.
-    Warnings and errors pass at once."""
+    ends normally (or :func:`release_held` is called inside it), dropped when it raises, so that an error
+    about the input is the only line printed. Warnings and errors pass at once."""
     handlers = list(logging.getLogger().handlers)
     hold = _Hold()
     for handler in handlers:
         handler.addFilter(hold)
-    try:
-        yield
-    finally:
+    ended = False
+
+    def end(emit: bool) -> None:
+        nonlocal ended
+        if ended:
+            return
+        ended = True
         for handler in handlers:
             handler.removeFilter(hold)
-    for record in hold.held:  # reached only when the block did not raise
-        for handler in handlers:
-            if record.levelno >= handler.level:
-                handler.handle(record)
+        for record in hold.held if emit else ():
+            for handler in handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+
+    release = functools.partial(end, True)
+    _HOLDS.append(release)
+    try:
+        yield
+    except BaseException:
+        end(False)
+        raise
+    finally:
+        _HOLDS.remove(release)
+    end(True)
+
+
+def release_held() -> None:
+    """Every input has been checked (a training run starts writing): end the holds of the
+    :func:`held_info` blocks in progress, emitting what they held; later records pass at once."""
+    for release in _HOLDS:
+        release()

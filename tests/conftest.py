@@ -39,7 +39,7 @@ def untrained_run(tmp_path_factory: pytest.TempPathFactory, ct_dataset: Path) ->
 def trained_run(tmp_path_factory: pytest.TempPathFactory, ct_dataset: Path) -> Path:
     """A 3D U-Net trained for 12 epochs of 20 iterations (about 1 min on 2 free cores) on the CT phantoms:
     a real, if brief, run."""
-    from medseg.engines.training import TrainOptions, train
+    from medseg.bundle.training import TrainOptions, train
 
     run = tmp_path_factory.mktemp("runs") / "trained"
     # bounded by epochs only, never by a time budget: a loaded machine makes it slower, not worse

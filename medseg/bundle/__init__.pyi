@@ -4,6 +4,7 @@ from .create import init_bundle
 from .export import export_bundle
 from .runner import run_bundle
 from .safety import check_bundle, scan_bundle
+from .training import train
 from .verify import verify_bundle
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "init_bundle",
     "run_bundle",
     "scan_bundle",
+    "train",
     "verify_bundle",
 ]

@@ -117,13 +117,68 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
                                               "when built"),
     Vetted("medseg.plan.NetworkSpec", "dataclass of numeric network hyper-parameters; no file access; name picks "
                                       "one of medseg's fixed architectures", reviewed=("name",)),
-    Vetted("medseg.engines.training.TrainOptions", "dataclass of training options; holds init_weights as a "
-                                                   "path that train_bundle reads with weights_only=True",
-           reads=("init_weights",)),
-    Vetted("medseg.engines.training.train_bundle", "trains the bundle's network on dataset_dir (datalist checked "
-                                                   "first) and writes models/, checkpoints/, logs/ and summaries "
-                                                   "under bundle_root only; checkpoints read with weights_only",
-           writes=("bundle_root",), data=("dataset_dir",)),
+    # --- medseg's training (configs/train.json) ---------------------------------------------------
+    Vetted("medseg.engines.options.TrainOptions", "dataclass of training options (numbers, flags, the device name); "
+                                                  "holds init_weights as a path that InitialWeights reads; no "
+                                                  "file access", reads=("init_weights",)),
+    Vetted("medseg.engines.options.check_options", "checks the option values and that the device exists; no file "
+                                                   "access, nothing imported"),
+    Vetted("medseg.bundle.training.check_trainable", "reads configs/metadata.json under bundle_root with json.loads "
+                                                     "and checks its version and changelog; no writes",
+           reads=("bundle_root",)),
+    Vetted("medseg.bundle.training.record_training_run",
+           "reads train_summary.json, configs/plan.json and configs/metadata.json under bundle_root (json.loads) "
+           "and rewrites configs/metadata.json and docs/README.md there (atomically); nothing else",
+           writes=("bundle_root",)),
+    Vetted("medseg.engines.progress.Pace", "a clock timing the run in memory (clock: a callable returning seconds, "
+                                           "which a config can only fill with a vetted item); no file access"),
+    Vetted("medseg.engines.data.training_datalist", "reads dataset_dir's dataset.json (or imagesTr/ + labelsTr/) and "
+                                                    "the headers of the images it names, to check them; no writes",
+           data=("dataset_dir",)),
+    Vetted("medseg.engines.data.training_split", "splits the checked cases into training and validation; with "
+                                                 "resume reads split.json under bundle_root (json.loads); no writes",
+           reads=("bundle_root",)),
+    Vetted("medseg.engines.data.case_items", "lists the image and label file names of the split's cases (from the "
+                                             "dataset training_datalist checked) as a data list; reads nothing",
+           fixed={"part": ("training", "validation")}),
+    Vetted("medseg.engines.data.training_transforms", "MONAI transform chain (medseg's preprocessing and "
+                                                      "augmentation presets) from the plan; no file access when built"),
+    Vetted("medseg.engines.data.drop_last", "compares the dataset's length with the batch size; nothing else"),
+    Vetted("medseg.engines.data.epoch_length", "the loader's length, a minimum and the resumed run's epoch length; "
+                                               "no file access"),
+    Vetted("medseg.engines.weights.InitialWeights", "reads one state dict with torch.load(weights_only=True) "
+                                                    "(pickled code and TorchScript refused); no writes",
+           reads=("path",)),
+    Vetted("medseg.engines.weights.initial_network", "moves the network to the device and copies matching tensors "
+                                                     "of already read InitialWeights into it; no file access"),
+    Vetted("medseg.engines.weights.resume_point", "with resume, reads checkpoints/last.pt under bundle_root with "
+                                                  "torch.load(weights_only=True) into network, optimiser and "
+                                                  "schedule; no writes", reads=("bundle_root",)),
+    Vetted("medseg.engines.parts.parameters", "returns the network's parameters as a list; nothing else"),
+    Vetted("medseg.engines.parts.poly_lr_schedule", _OPTIMIZER),
+    Vetted("medseg.engines.parts.plan_value", "returns one attribute of the plan, pinned to numeric ones (a free "
+                                              "name could return a method such as Plan.save)",
+           fixed={"field": ("patch_size", "sw_batch_size", "num_classes")}),
+    Vetted("medseg.engines.records.RunRecorder",
+           "Ignite handler writing checkpoints/last.pt, models/model.pt (torch.save of state dicts), history.json "
+           "and curves.png under bundle_root, each atomically; with resume reads history.json there",
+           writes=("bundle_root",)),
+    Vetted("medseg.engines.progress.ProgressLogger", "Ignite handler logging progress and validations through the "
+                                                     "standard logging module (and a tqdm bar on a terminal); no "
+                                                     "file access"),
+    Vetted("medseg.engines.budget.RunBudget", "Ignite handler stopping the trainer at an iteration count or a time "
+                                              "budget (probing one validation case in memory); no file access"),
+    Vetted("medseg.engines.tensorboard.TensorBoardLog",
+           "makes MONAI's TensorBoardStatsHandler writing TensorBoard event files (fixed names) into log_dir when "
+           "the engine starts; output_transform is a callable, which can only be a vetted config item",
+           writes=("log_dir",), reviewed=("tag_name",)),
+    Vetted("medseg.engines.training.run_training",
+           "runs the vetted trainer and evaluator, writes split.json, train_summary.json and (without a validated "
+           "model) models/model.pt under bundle_root atomically; on an early failure removes only what it created "
+           "there", writes=("bundle_root",)),
+    Vetted("monai.utils.set_determinism", "seeds the random generators of Python, NumPy, torch and MONAI; "
+                                          "additional_settings (functions called with the seed) pinned to null",
+           fixed={"additional_settings": (None,)}),
     # --- networks ------------------------------------------------------------------------------
     *(Vetted(f"monai.networks.nets.{n}", _PURE_NETWORK) for n in (
         "UNet", "BasicUNet", "BasicUNetPlusPlus", "SegResNetDS", "AttentionUnet", "VNet", "HighResNet")),

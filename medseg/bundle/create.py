@@ -32,6 +32,7 @@ import torch
 
 import medseg
 from medseg.architectures import NetworkSpec
+from medseg.bundle.train_config import train_parts
 from medseg.errors import BundleError, InputError
 from medseg.io.atomic import atomic_write_text
 from medseg.labels import segment_code
@@ -92,31 +93,9 @@ def inference_config() -> dict[str, Any]:
 
 
 def train_config() -> dict[str, Any]:
-    """Training: hyper-parameters as top-level keys (``--epochs 5`` overrides), network and loss as parts."""
-    return {
-        **_common("."),
-        "epochs": 100,
-        "val_interval": 5,
-        "max_minutes": None,
-        "max_iterations": None,
-        "log_every": 10,
-        "fold": 0,
-        "learning_rate": 0.002,
-        "batch_size": 2,
-        "samples_per_case": 2,
-        "seed": 0,
-        "resume": False,
-        "init_weights": None,
-        "loss": {"_target_": "monai.losses.DiceCELoss", "to_onehot_y": True, "softmax": True},
-        "options": {"_target_": "medseg.engines.training.TrainOptions", "epochs": "@epochs",
-                    "max_minutes": "@max_minutes", "max_iterations": "@max_iterations", "log_every": "@log_every",
-                    "device": "@device", "fold": "@fold", "resume": "@resume",
-                    "val_interval": "@val_interval", "learning_rate": "@learning_rate", "batch_size": "@batch_size",
-                    "samples_per_case": "@samples_per_case", "seed": "@seed", "init_weights": "@init_weights"},
-        "initialize": [],
-        "run": [{"_target_": "medseg.engines.training.train_bundle", "bundle_root": "@bundle_root",
-                 "dataset_dir": "@dataset_dir", "options": "@options", "network": "@network_def", "loss": "@loss"}],
-    }
+    """Model-zoo style training: the options as top-level keys (``--epochs 5`` overrides), the pipeline as
+    named, overridable parts (see :mod:`medseg.bundle.train_config`)."""
+    return {**_common("."), **train_parts()}
 
 
 def evaluate_config() -> dict[str, Any]:
@@ -248,17 +227,23 @@ def plan_bundle(data: str | os.PathLike[str], bundle_dir: str | os.PathLike[str]
 
 
 def describe_data_source(datalist: Datalist, bundle_dir: str | os.PathLike[str]) -> str:
-    """``data_source`` for a bundle trained on ``datalist``: the dataset's name and size, and its path
-    only relative to the bundle (a local absolute path means nothing to whoever receives the bundle)."""
+    """``data_source`` for a bundle trained on ``datalist`` (see :func:`describe_dataset`)."""
+    return describe_dataset(datalist.name, datalist.path, len(datalist.training), bundle_dir)
+
+
+def describe_dataset(name: str, path: str | os.PathLike[str], cases: int, bundle_dir: str | os.PathLike[str]) -> str:
+    """``data_source`` for a bundle trained on the dataset ``name`` (its ``dataset.json`` at ``path``,
+    ``cases`` training cases): its name and size, and its path only relative to the bundle (a local
+    absolute path means nothing to whoever receives the bundle)."""
     try:
-        relative: Path | None = Path(os.path.relpath(Path(datalist.path).absolute(), Path(bundle_dir).absolute()))
+        relative: Path | None = Path(os.path.relpath(Path(path).absolute(), Path(bundle_dir).absolute()))
     except ValueError:  # another drive (Windows)
         relative = None
     if relative is not None and relative.parts and relative.parts[0] != "..":
         where = f"{relative.as_posix()} in the bundle"
     else:
-        where = f"{Path(datalist.path).name} of a folder named {Path(datalist.path).parent.name!r}"
-    return f"MSD dataset {datalist.name!r}: {len(datalist.training)} training cases ({where})"
+        where = f"{Path(path).name} of a folder named {Path(path).parent.name!r}"
+    return f"MSD dataset {name!r}: {cases} training cases ({where})"
 
 
 def init_bundle(data: str | os.PathLike[str], bundle_dir: str | os.PathLike[str],

@@ -20,7 +20,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def _train_options(args: argparse.Namespace):
     from medseg.architectures import NetworkSpec
-    from medseg.engines.training import TrainOptions
+    from medseg.engines.options import TrainOptions
     from medseg.errors import InputError
 
     opts = TrainOptions(epochs=args.epochs, max_minutes=args.max_minutes, device=args.device, fold=args.fold,
@@ -39,7 +39,7 @@ def _train_options(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from medseg.engines.training import train
+    from medseg.bundle.training import train  # writes the bundle, then runs its configs/train.json
 
     target = args.bundle or args.out
     summary = train(args.data, target, _train_options(args), bundle=bool(args.bundle))

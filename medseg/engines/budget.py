@@ -6,6 +6,11 @@ validation still fit in the budget, using the slowest recent durations :class:`~
 measured (a validation is estimated by :func:`probe_validation` until one has been timed). If not,
 it stops the trainer, and :class:`FinalValidation` validates the weights reached. A sudden slow-down
 after the last check (another process taking the CPU) can still make a run overrun by a little.
+:class:`RunBudget` attaches them to MONAI's trainer (the handler ``configs/train.json`` names).
+
+Why not Ignite's ``Terminate``/``TimeLimit`` or MONAI's ``EarlyStopHandler``: a time limit there
+stops when the time is up, without keeping back the final validation, and none stops mid-epoch at a
+total iteration count that is kept across ``--resume``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
@@ -114,6 +120,66 @@ class FinalValidation:
     def __call__(self, trainer: Engine) -> None:
         if trainer.state.iteration > 0 and self.pace.validated_at != trainer.state.iteration:
             self.evaluator.run(trainer.state.epoch)
+
+
+class RunBudget:
+    """When MONAI's trainer stops: an Ignite handler (attach it to the trainer after every other trainer
+    handler) combining :class:`IterationLimit` (``max_iterations``) and :class:`TimeBudget`
+    (``max_minutes``, keeping back time for the final validation of ``evaluator``, estimated at the
+    start by :func:`probe_validation` on the first validation case). The final validation itself is
+    run by :func:`medseg.engines.training.run_training` (:class:`FinalValidation`).
+
+    Sets ``trainer.state.stopped_by`` (``"epochs"``, ``"max_iterations"`` or ``"time budget"``) when
+    the trainer completes.
+
+    Raises
+    ------
+    ValueError
+        A ``max_minutes`` or ``max_iterations`` that is not positive.
+    """
+
+    def __init__(self, pace: Pace, evaluator: Engine, val_interval: int = 1, max_iterations: int | None = None,
+                 max_minutes: float | None = None) -> None:
+        if max_minutes is not None and not max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive, got {max_minutes}")
+        if max_iterations is not None and max_iterations < 1:
+            raise ValueError(f"max_iterations must be at least 1, got {max_iterations}")
+        self.pace, self.evaluator, self.val_interval = pace, evaluator, val_interval
+        self.max_iterations, self.max_minutes = max_iterations, max_minutes
+        self.limit: IterationLimit | None = None
+        self.budget: TimeBudget | None = None
+
+    @property
+    def stopped_by(self) -> str:
+        if self.budget is not None and self.budget.stopped:
+            return "time budget"
+        return "max_iterations" if self.limit is not None and self.limit.stopped else "epochs"
+
+    def attach(self, trainer: Engine) -> None:
+        schedule = Schedule(trainer.state.epoch_length, trainer.state.max_epochs, self.val_interval,
+                            self.max_iterations)
+        self.pace.attach(trainer, self.evaluator)  # no-ops when ProgressLogger attached the timers already
+        if self.max_iterations is not None:
+            self.limit = IterationLimit(self.max_iterations)
+            self.limit.attach(trainer)
+        self.pace.attach_last(trainer, self.evaluator)
+        if self.max_minutes is not None:
+            self.budget = TimeBudget(self.max_minutes * 60, self.pace, schedule)
+            trainer.add_event_handler(Events.STARTED, self._probe)
+            self.budget.attach(trainer)
+        trainer.add_event_handler(Events.COMPLETED, self._record)
+
+    def _probe(self, _: Engine) -> None:
+        evaluator: Any = self.evaluator
+        dataset = evaluator.data_loader.dataset
+        self.pace.validation_estimate = probe_validation(evaluator.network, evaluator.inferer, dataset[0]["image"],
+                                                         len(dataset), evaluator.state.device, self.pace.clock)
+        assert self.budget is not None
+        log.info("time budget %s for the whole run, final validation included (one validation: about %s, "
+                 "estimated from one case)", duration(self.budget.seconds), duration(self.pace.validation_estimate))
+
+    def _record(self, trainer: Engine) -> None:
+        trainer.state.stopped_by = self.stopped_by  # type: ignore[attr-defined]  # Ignite's State takes custom attributes
 
 
 def probe_validation(network: torch.nn.Module, inferer: Callable[..., torch.Tensor], image: torch.Tensor,

@@ -4,20 +4,30 @@
 with their checkpoint saves, validations with their handlers); :class:`ProgressLog` logs every N
 iterations and at each epoch end the epoch and iteration counts, the loss, the elapsed time and an
 ETA by iterations (and by the time budget when one is set); :func:`log_validation` logs each
-validation's Dice per label and duration. :mod:`medseg.engines.budget` decides on the same
-measurements when to stop.
+validation's Dice per label and duration; :class:`ProgressLogger` attaches them to MONAI's
+trainer and evaluator (the handler ``configs/train.json`` names). :mod:`medseg.engines.budget`
+decides on the same measurements when to stop.
+
+Why not MONAI's ``StatsHandler``: it logs the loss of single iterations without the counts, ETA or
+time budget a user of a long run needs; ``train#handlers`` may add it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from ignite.engine import Engine, Events
+
+from medseg.engines.records import per_label_dice
+from medseg.plan import Plan
 
 log = logging.getLogger("medseg.engines.training")
 
@@ -80,9 +90,9 @@ class Pace:
     iterations are than the iterations around that measurement.
     """
 
-    def __init__(self, started: float, clock: Clock = time.monotonic, window: int = 20) -> None:
+    def __init__(self, started: float | None = None, clock: Clock = time.monotonic, window: int = 20) -> None:
         self.clock = clock
-        self.started = started
+        self.started = clock() if started is None else started
         self.iteration_s: deque[float] = deque(maxlen=window)
         self.epoch_end_s: deque[float] = deque(maxlen=window)
         self.validation_s: list[float] = []
@@ -93,18 +103,33 @@ class Pace:
         self._mark: float | None = None
         self._validation_started: float | None = None
         self._validation_in_epoch_end = 0.0
+        self._attached: set[tuple[str, int]] = set()
 
     def elapsed(self) -> float:
         return self.clock() - self.started
 
+    def _once(self, phase: str, engine: Engine) -> bool:
+        """True the first time ``phase`` is attached to ``engine`` (several handlers share one Pace)."""
+        key = (phase, id(engine))
+        if key in self._attached:
+            return False
+        self._attached.add(key)
+        return True
+
     def attach(self, trainer: Engine, evaluator: Engine) -> None:
-        """Attach the timers that must run first (attach :meth:`attach_last` after every other handler)."""
+        """Attach the timers that must run first (attach :meth:`attach_last` after every other handler);
+        a second call for the same engines does nothing."""
+        if not self._once("first", trainer):
+            return
         trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         evaluator.add_event_handler(Events.STARTED, lambda _: self._evaluation_started(trainer))
 
     def attach_last(self, trainer: Engine, evaluator: Engine) -> None:
-        """Attach the timers that close an epoch end and a validation, after their other handlers."""
+        """Attach the timers that close an epoch end and a validation, after their other handlers
+        (once: a second call for the same engines does nothing)."""
+        if not self._once("last", trainer):
+            return
         evaluator.add_event_handler(Events.COMPLETED, self._evaluation_completed)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
 
@@ -244,3 +269,58 @@ def log_validation(trainer: Engine, mean: float, per_label: dict[str, float | No
     labels = ", ".join(f"{name} {'n/a' if value is None else f'{value:.3f}'}" for name, value in per_label.items())
     log.info("validation at epoch %d (iteration %d): mean Dice %.4f%s%s", trainer.state.epoch, trainer.state.iteration,
              mean, f" ({labels})" if labels else "", "" if seconds is None else f" in {duration(seconds)}")
+
+
+def iteration_loss(engine: Any) -> float:
+    """The loss of the iteration just completed (MONAI decollates the output into a list of dicts)."""
+    return float(engine.state.output[0]["loss"])
+
+
+class ProgressLogger:
+    """Progress of MONAI's trainer and its evaluator through ``logging`` (an Ignite handler: attach it
+    to the trainer): a line every ``every`` iterations and at each epoch end (:class:`ProgressLog`),
+    one per validation (:func:`log_validation`), a progress bar on a terminal.
+
+    ``pace`` (shared with :class:`medseg.engines.budget.RunBudget`) times the run; the schedule
+    (epochs, iterations per epoch) is read from the trainer when attached, ``val_interval``,
+    ``max_iterations`` and ``max_minutes`` are the run's options (for the ETA). Attach it after the
+    handlers whose time belongs to an epoch end or a validation (checkpoints, history).
+
+    Raises
+    ------
+    ValueError
+        If ``every`` is below 1.
+    """
+
+    def __init__(self, pace: Pace, evaluator: Engine, plan: Plan, every: int = 10, val_interval: int = 1,
+                 max_iterations: int | None = None, max_minutes: float | None = None,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
+        self.pace, self.evaluator, self.labels = pace, evaluator, dict(plan.labels)
+        self.every, self.val_interval, self.max_iterations = every, val_interval, max_iterations
+        self.budget_s = None if max_minutes is None else max_minutes * 60
+        self.optimizer = optimizer
+
+    def _learning_rate(self) -> float:
+        assert self.optimizer is not None
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def attach(self, trainer: Engine) -> None:
+        schedule = Schedule(trainer.state.epoch_length, trainer.state.max_epochs, self.val_interval,
+                            self.max_iterations)
+        self.pace.attach(trainer, self.evaluator)
+        ProgressLog(self.pace, schedule, self.every, self.budget_s,
+                    self._learning_rate if self.optimizer is not None else None).attach(trainer, iteration_loss)
+        if sys.stderr.isatty():
+            from ignite.handlers import ProgressBar
+
+            ProgressBar(persist=False).attach(trainer, output_transform=iteration_loss)
+        self.pace.attach_last(trainer, self.evaluator)
+        self.evaluator.add_event_handler(Events.COMPLETED, lambda engine: self._log_validation(trainer, engine))
+
+    def _log_validation(self, trainer: Engine, evaluator: Engine) -> None:
+        name = getattr(evaluator.state, "key_metric_name", None) or "val_mean_dice"
+        log_validation(trainer, float(evaluator.state.metrics.get(name, float("nan"))),
+                       per_label_dice(evaluator, name, self.labels),
+                       self.pace.validation_s[-1] if self.pace.validation_s else None)

@@ -2,7 +2,8 @@
 
 Both are read with ``torch.load(weights_only=True)`` (pickled code and TorchScript archives are
 refused) and checked against the network *before* the run folder is touched, so that a bad file
-leaves nothing behind.
+leaves nothing behind. :class:`InitialWeights`, :func:`initial_network` and :func:`resume_point` are
+the factories ``configs/train.json`` names for them.
 """
 
 from __future__ import annotations
@@ -119,4 +120,78 @@ def load_resume_checkpoint(path: Path, network: torch.nn.Module, optimizer: torc
                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
     if point.epoch < 0 or point.iteration < 0:
         raise BundleError(f"{path}: cannot resume from this checkpoint (negative epoch or iteration)")
+    return point
+
+
+class InitialWeights:
+    """The ``--init-weights`` state dict (read when made, see :func:`read_init_weights`; ``path=None``:
+    random initialisation) and, once applied, what was loaded (:attr:`report`).
+
+    Raises
+    ------
+    InputError
+        As :func:`read_init_weights`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.source = None if path is None else str(path)
+        self._read = None if path is None else read_init_weights(path)
+        #: ``{"loaded": [...], "skipped": [...]}`` once applied
+        self.report: dict[str, list[str]] | None = None
+
+    def apply(self, network: torch.nn.Module) -> dict[str, list[str]] | None:
+        """Copy the matching tensors into ``network`` (:func:`apply_matching_weights`); None without weights.
+
+        Raises
+        ------
+        InputError
+            If no tensor fits.
+        """
+        if self._read is not None:
+            self.report = apply_matching_weights(network, *self._read)
+        return self.report
+
+    def summary(self) -> dict[str, Any] | None:
+        """``{"source", "loaded", "skipped"}`` for the training summary (None without weights)."""
+        if self.report is None:
+            return None
+        return {"source": self.source, "loaded": len(self.report["loaded"]), "skipped": self.report["skipped"]}
+
+
+def initial_network(network: torch.nn.Module, device: str | torch.device = "cpu",
+                    weights: InitialWeights | None = None) -> torch.nn.Module:
+    """``network`` on ``device`` with the ``--init-weights`` applied (the network the trainer trains).
+
+    Raises
+    ------
+    InputError
+        If ``weights`` hold no tensor that fits the network.
+    """
+    network = network.to(device)
+    if weights is not None:
+        weights.apply(network)
+    return network
+
+
+def resume_point(bundle_root: str | os.PathLike[str], network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 lr_scheduler: torch.optim.lr_scheduler.LRScheduler, resume: bool = False, epochs: int = 100,
+                 max_iterations: int | None = None) -> ResumePoint | None:
+    """With ``resume``: ``bundle_root/checkpoints/last.pt`` loaded into network, optimiser and LR
+    schedule (:func:`load_resume_checkpoint`), and where the run continues; None otherwise.
+
+    Raises
+    ------
+    BundleError
+        A missing or unusable checkpoint.
+    InputError
+        A run already at ``epochs`` or ``max_iterations``.
+    """
+    if not resume:
+        return None
+    last = Path(bundle_root) / "checkpoints" / "last.pt"
+    point = load_resume_checkpoint(last, network, optimizer, lr_scheduler)
+    if point.epoch >= epochs:
+        raise InputError(last, f"already trained {point.epoch} epochs; pass a larger --epochs to continue")
+    if max_iterations is not None and point.iteration >= max_iterations:
+        raise InputError(last, f"already trained {point.iteration} iterations; pass a larger --max-iterations")
     return point

@@ -254,7 +254,7 @@ def test_pickled_checkpoint_never_executes(tmp_path: Path, ct_dataset: Path, sma
 
 
 def test_init_weights_transfers_matching_tensors(tmp_path: Path, small_bundle: Path, ct_dataset: Path) -> None:
-    from medseg.engines.training import load_matching_weights
+    from medseg.engines.weights import load_matching_weights
     from medseg.networks import build_network
     from medseg.plan import Plan
 

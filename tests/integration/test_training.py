@@ -21,10 +21,10 @@ import SimpleITK as sitk
 import torch
 
 from medseg.bundle.create import local_paths
+from medseg.bundle.training import TrainOptions, train
 from medseg.bundle.verify import verify_bundle
 from medseg.cli import main
 from medseg.data.synthetic import write_dataset
-from medseg.engines.training import TrainOptions, train
 from medseg.io.image import read_geometry, to_array
 
 pytestmark = pytest.mark.slow
@@ -245,14 +245,14 @@ def test_resume_from_a_pickled_checkpoint_exits_2_and_changes_nothing(tmp_path: 
 
 def test_a_failure_before_the_first_checkpoint_removes_what_the_run_wrote(
         tmp_path: Path, small_ct: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """The run folder (configs, split.json) is written, then building the trainer fails: the folder goes."""
-    from medseg.engines import training
+    """The run folder (configs, split.json) is written, then the trainer fails: the folder goes."""
+    from monai.engines import SupervisedTrainer
 
     def broken(*args: object, **kwargs: object) -> None:
         assert (tmp_path / "RUN" / "configs" / "plan.json").exists() and (tmp_path / "RUN" / "split.json").exists()
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(training, "build_trainer", broken)
+    monkeypatch.setattr(SupervisedTrainer, "run", broken)
     dataset = sorted(p.relative_to(small_ct.parent) for p in small_ct.parent.rglob("*"))
     assert main(["--quiet", "train", "--data", str(small_ct), "--out", str(tmp_path / "RUN"), "--epochs", "1"]) == 1
     assert "simulated failure" in capsys.readouterr().err

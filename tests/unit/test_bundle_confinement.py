@@ -83,8 +83,9 @@ def _hostile(site: Path) -> dict[str, tuple[dict[str, Any], str, str]]:
         "medseg_postprocessing": ({"_target_": "medseg.bundle.components.inference_postprocessing",
                                    "plan": None, "preprocessing": None, "output_dir": "@where"}, "output_dir",
                                   "outside the bundle"),
-        "medseg_train_bundle": ({"_target_": "medseg.engines.training.train_bundle", "bundle_root": str(site),
-                                 "dataset_dir": "."}, "bundle_root", "outside the bundle"),
+        "medseg_run_training": ({"_target_": "medseg.engines.training.run_training", "trainer": None,
+                                 "evaluator": None, "split": None, "bundle_root": str(site)}, "bundle_root",
+                                "outside the bundle"),
         "computed_path": ({"_target_": "TensorBoardStatsHandler", "log_dir": {
             "_target_": "medseg.bundle.components.run_engine", "engine": None}}, "log_dir", "cannot be checked"),
         "home_folder": ({"_target_": "TensorBoardStatsHandler", "log_dir": "~/.config/autostart"}, "log_dir",

@@ -1,0 +1,150 @@
+"""``configs/train.json``: training as the model zoo writes it, with named, overridable parts.
+
+Top-level options (``epochs``, ``val_interval``, ``max_minutes``, ``max_iterations``, ``log_every``,
+``fold``, ``learning_rate``, ``batch_size``, ``samples_per_case``, ``min_iterations_per_epoch``,
+``num_workers``, ``seed``, ``resume``, ``init_weights``) are what ``medseg train`` sets and
+``--epochs 5`` / ``--set epochs=5`` override; the parts are ``network_def``, ``network`` (on the
+device, ``--init-weights`` applied), ``loss``, ``optimizer``, ``lr_scheduler``, ``train#preprocessing``,
+``train#dataset``, ``train#dataloader``, ``train#inferer``, ``train#handlers``, ``train#trainer``,
+``validate#preprocessing``, ``validate#dataset``, ``validate#dataloader``, ``validate#inferer``,
+``validate#postprocessing``, ``validate#key_metric``, ``validate#handlers``, ``validate#evaluator``;
+``initialize`` checks the options and the metadata and seeds every generator (before anything is
+built), ``run`` trains (:func:`medseg.engines.training.run_training`: every part is built, so every
+input checked, before it writes), ``finalize`` records the result in the metadata and docs
+(:func:`medseg.bundle.training.record_training_run`).
+
+No ``$`` expressions: every computed value comes from a factory on the safe-mode allow list, so the
+config runs in safe mode (``medseg train``, ``medseg bundle run``) and with ``python -m monai.bundle run``
+alike. The ids and references are those of MONAI's train-workflow properties
+(``monai.bundle.properties.TrainProperties``); references to nested parts use MONAI's separator ``::``
+(``@train::handlers``), which its property check compares literally (overrides may use ``#``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+C = "medseg.bundle.components"
+
+E = "medseg.engines"
+
+
+def _train_parts() -> dict[str, Any]:
+    """``train#...``: the training data, inferer, handlers and MONAI's ``SupervisedTrainer``."""
+    handlers = [
+        {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False},
+        {"_target_": "ValidationHandler", "validator": "@validate::evaluator", "interval": "@val_interval",
+         "epoch_level": True},
+        {"_target_": f"{E}.tensorboard.TensorBoardLog", "log_dir": "@log_dir", "tag_name": "train_loss",
+         "output_transform": {"_target_": "monai.handlers.from_engine", "keys": ["loss"], "first": True}},
+        {"_target_": f"{E}.records.RunRecorder", "bundle_root": "@bundle_root", "network": "@network",
+         "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "evaluator": "@validate::evaluator",
+         "plan": "@plan", "resume": "@resume_point"},
+        {"_target_": f"{E}.progress.ProgressLogger", "pace": "@pace", "evaluator": "@validate::evaluator",
+         "plan": "@plan", "every": "@log_every", "val_interval": "@val_interval",
+         "max_iterations": "@max_iterations", "max_minutes": "@max_minutes", "optimizer": "@optimizer"},
+        {"_target_": f"{E}.budget.RunBudget", "pace": "@pace", "evaluator": "@validate::evaluator",
+         "val_interval": "@val_interval", "max_iterations": "@max_iterations", "max_minutes": "@max_minutes"},
+    ]
+    return {
+        "preprocessing": {"_target_": f"{E}.data.training_transforms", "plan": "@plan",
+                          "samples_per_case": "@samples_per_case"},
+        "dataset": {"_target_": "CacheDataset", "data": {"_target_": f"{E}.data.case_items", "split": "@split",
+                                                         "part": "training"},
+                    "transform": "@train::preprocessing", "cache_rate": 1.0, "num_workers": 2, "progress": False},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@train::dataset", "batch_size": "@batch_size",
+                       "shuffle": True, "num_workers": "@num_workers",
+                       "drop_last": {"_target_": f"{E}.data.drop_last", "dataset": "@train::dataset",
+                                     "batch_size": "@batch_size"}},
+        "epoch_length": {"_target_": f"{E}.data.epoch_length", "dataloader": "@train::dataloader",
+                         "minimum": "@min_iterations_per_epoch", "resume": "@resume_point"},
+        "inferer": {"_target_": "SimpleInferer"},
+        "handlers": handlers,
+        "trainer": {"_target_": "SupervisedTrainer", "device": "@device", "max_epochs": "@epochs",
+                    "epoch_length": "@train::epoch_length", "train_data_loader": "@train::dataloader",
+                    "network": "@network", "optimizer": "@optimizer", "loss_function": "@loss",
+                    "inferer": "@train::inferer", "train_handlers": "@train::handlers", "amp": False},
+    }
+
+
+def _validate_parts() -> dict[str, Any]:
+    """``validate#...``: sliding-window validation scored by MONAI's ``MeanDice`` (per-case details kept)."""
+    plan_value = f"{E}.parts.plan_value"
+    return {
+        "preprocessing": {"_target_": "medseg.transforms.preprocessing", "plan": "@plan", "keys": ["image", "label"]},
+        "dataset": {"_target_": "CacheDataset", "data": {"_target_": f"{E}.data.case_items", "split": "@split",
+                                                         "part": "validation"},
+                    "transform": "@validate::preprocessing", "cache_rate": 1.0, "num_workers": 2, "progress": False},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@validate::dataset", "batch_size": 1, "shuffle": False,
+                       "num_workers": 0},
+        "inferer": {"_target_": "SlidingWindowInferer",
+                    "roi_size": {"_target_": plan_value, "plan": "@plan", "field": "patch_size"},
+                    "sw_batch_size": {"_target_": plan_value, "plan": "@plan", "field": "sw_batch_size"},
+                    "overlap": 0.25, "mode": "gaussian"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False],
+             "to_onehot": {"_target_": plan_value, "plan": "@plan", "field": "num_classes"}}]},
+        "key_metric": {"val_mean_dice": {"_target_": "MeanDice", "include_background": False,
+                                         "output_transform": {"_target_": "monai.handlers.from_engine",
+                                                              "keys": ["pred", "label"]},
+                                         "save_details": True}},
+        "handlers": [{"_target_": f"{E}.tensorboard.TensorBoardLog", "log_dir": "@log_dir", "iteration_log": False}],
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate::dataloader",
+                      "network": "@network", "inferer": "@validate::inferer", "postprocessing": "@validate::postprocessing",
+                      "key_val_metric": "@validate::key_metric", "val_handlers": "@validate::handlers", "amp": False},
+    }
+
+
+def train_parts() -> dict[str, Any]:
+    """``configs/train.json`` without the keys every config shares (``bundle_root``, ``dataset_dir``,
+    ``device``, ``plan``, ``network_def``: :func:`medseg.bundle.create.train_config` adds them)."""
+    options = ("epochs", "val_interval", "max_minutes", "max_iterations", "log_every", "device", "fold", "resume",
+               "learning_rate", "batch_size", "samples_per_case", "min_iterations_per_epoch", "num_workers", "seed",
+               "init_weights")
+    return {
+        "epochs": 100,
+        "val_interval": 5,
+        "max_minutes": None,
+        "max_iterations": None,
+        "log_every": 10,
+        "fold": 0,
+        "learning_rate": 0.002,
+        "batch_size": 2,
+        "samples_per_case": 2,
+        "min_iterations_per_epoch": 20,
+        "num_workers": 0,
+        "seed": 0,
+        "resume": False,
+        "init_weights": None,
+        "options": {"_target_": f"{E}.options.TrainOptions", **{key: f"@{key}" for key in options}},
+        "pace": {"_target_": f"{E}.progress.Pace"},
+        "log_dir": {"_target_": f"{C}.bundle_path", "bundle_root": "@bundle_root", "parts": ["logs"]},
+        "datalist": {"_target_": f"{E}.data.training_datalist", "dataset_dir": "@dataset_dir", "plan": "@plan"},
+        "split": {"_target_": f"{E}.data.training_split", "datalist": "@datalist", "bundle_root": "@bundle_root",
+                  "fold": "@fold", "resume": "@resume"},
+        "initial_weights": {"_target_": f"{E}.weights.InitialWeights", "path": "@init_weights"},
+        "network": {"_target_": f"{E}.weights.initial_network", "network": "@network_def", "device": "@device",
+                    "weights": "@initial_weights"},
+        "loss": {"_target_": "monai.losses.DiceCELoss", "to_onehot_y": True, "softmax": True},
+        "optimizer": {"_target_": "torch.optim.AdamW",
+                      "params": {"_target_": f"{E}.parts.parameters", "network": "@network"},
+                      "lr": "@learning_rate", "weight_decay": 1e-5},
+        "lr_scheduler": {"_target_": f"{E}.parts.poly_lr_schedule", "optimizer": "@optimizer", "epochs": "@epochs",
+                         "power": 0.9},
+        "resume_point": {"_target_": f"{E}.weights.resume_point", "bundle_root": "@bundle_root", "network": "@network",
+                         "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "resume": "@resume",
+                         "epochs": "@epochs", "max_iterations": "@max_iterations"},
+        "train": _train_parts(),
+        "validate": _validate_parts(),
+        "initialize": [
+            {"_target_": f"{E}.options.check_options", "options": "@options"},
+            {"_target_": "medseg.bundle.training.check_trainable", "bundle_root": "@bundle_root"},
+            {"_target_": "monai.utils.set_determinism", "seed": "@seed"},
+            "@pace",
+        ],
+        "run": [{"_target_": f"{E}.training.run_training", "trainer": "@train::trainer",
+                 "evaluator": "@validate::evaluator", "split": "@split", "bundle_root": "@bundle_root",
+                 "pace": "@pace", "options": "@options", "initial_weights": "@initial_weights",
+                 "datalist": "@datalist"}],
+        "finalize": [{"_target_": "medseg.bundle.training.record_training_run", "bundle_root": "@bundle_root"}],
+    }

@@ -1,0 +1,203 @@
+"""Training a bundle: ``medseg train`` (:func:`train`) and the bundle-level steps of ``configs/train.json``.
+
+``medseg train --data D --out RUN`` plans a bundle from the data and writes it into ``RUN``
+(:func:`medseg.bundle.create.plan_bundle`, :func:`~medseg.bundle.create.write_bundle`); ``--bundle B``
+uses an existing one, ``--resume`` continues one. Either way the bundle's ``configs/train.json`` then
+runs through the same machinery as ``medseg bundle run B --config train`` (safe mode included), with
+the options as overrides: one pipeline, whether started by ``medseg train``, ``medseg bundle run``
+or ``python -m monai.bundle run``.
+
+The config's ``initialize`` checks that the bundle's metadata can record the result
+(:func:`check_trainable`); its ``finalize`` records it (:func:`record_training_run`: version, changelog,
+``eval_metrics``, ``docs/README.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from medseg.bundle.create import (
+    describe_data_source,
+    describe_dataset,
+    plan_bundle,
+    read_trainable_metadata,
+    record_training,
+    write_bundle,
+)
+from medseg.bundle.runner import run_bundle
+from medseg.engines.data import training_datalist
+from medseg.engines.options import TrainOptions, check_options
+from medseg.engines.rundir import RunFolderGuard
+from medseg.engines.training import SUMMARY_FILE
+from medseg.engines.weights import InitialWeights
+from medseg.errors import BundleError, InputError, MedsegError, root_cause
+from medseg.logs import held_info
+from medseg.networks import build_network
+from medseg.plan import Plan, load_plan
+
+__all__ = ["TrainOptions", "check_trainable", "record_training_run", "train", "train_overrides"]
+
+TRAIN_CONFIG = Path("configs") / "train.json"
+
+#: TrainOptions fields that are scalar keys of configs/train.json (the rest shape a new bundle's plan).
+CONFIG_OPTIONS = ("epochs", "val_interval", "max_minutes", "max_iterations", "log_every", "device", "fold",
+                  "resume", "learning_rate", "batch_size", "samples_per_case", "min_iterations_per_epoch",
+                  "num_workers", "seed", "init_weights")
+
+
+def train_overrides(data: str | os.PathLike[str], options: TrainOptions) -> dict[str, Any]:
+    """The overrides of ``configs/train.json`` for ``medseg train``: ``dataset_dir`` and every option
+    of :data:`CONFIG_OPTIONS` (paths made absolute: the config runs from inside the bundle)."""
+    values: dict[str, Any] = {"dataset_dir": os.path.abspath(data)}
+    for key in CONFIG_OPTIONS:
+        values[key] = getattr(options, key)
+    if options.init_weights is not None:
+        values["init_weights"] = os.path.abspath(options.init_weights)
+    return values
+
+
+def _check_inputs(data: str | os.PathLike[str], run_dir: Path, opts: TrainOptions,
+                  bundle: bool) -> tuple[Plan, str | None]:
+    """Every input of :func:`train` checked without writing; returns the plan and, for a new bundle,
+    its ``data_source``."""
+    check_options(opts)
+    weights = InitialWeights(opts.init_weights) if opts.init_weights else None  # before any data is read
+    if bundle or opts.resume:
+        plan = load_plan(run_dir)  # raises BundleError if this is not a bundle
+        if not opts.resume and (run_dir / "models" / "model.pt").exists():
+            raise InputError(run_dir / "models" / "model.pt", "this bundle is already trained; pass --resume "
+                             "to continue, or train a copy (its weights would be replaced)")
+        _check_train_config(run_dir)
+        training_datalist(data, plan)
+        read_trainable_metadata(run_dir)
+        source = None
+    else:
+        try:
+            datalist, plan = plan_bundle(data, run_dir, opts.target_spacing, opts.patch_size, opts.network,
+                                         opts.ct_window)
+        except InputError as exc:
+            if exc.path == str(run_dir):  # say how to continue a run instead
+                raise InputError(run_dir, "exists and is not empty; choose a new --out folder or pass "
+                                          "--resume") from exc
+            raise
+        source = describe_data_source(datalist, run_dir)
+    if weights is not None:
+        weights.apply(build_network(plan))  # the weights fit the plan's network (the config applies them again)
+    return plan, source
+
+
+def _check_train_config(run_dir: Path) -> None:
+    """Refuse a ``configs/train.json`` of a medseg before the config named its parts (one call to
+    ``train_bundle``), with what to do instead of safe mode's list of unknown targets."""
+    path = run_dir / TRAIN_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # missing or unreadable: the runner says so
+    if isinstance(config, dict) and "train" not in config and "train_bundle" in json.dumps(config.get("run")):
+        raise BundleError(f"{path}: written by an older medseg (training was one call to train_bundle); replace "
+                          "it with the train.json of a bundle made by this version (medseg bundle init)")
+
+
+def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options: TrainOptions | None = None,
+          bundle: bool = False) -> dict[str, Any]:
+    """``medseg train``: write a bundle for the MSD dataset ``data`` into ``run_dir`` (plan derived from
+    the data), then run its ``configs/train.json``. With ``bundle=True`` (or ``options.resume``),
+    ``run_dir`` is an existing bundle whose plan is used as it is. Nothing is written before every
+    input has been checked; a run that fails before its first checkpoint leaves ``run_dir`` as it
+    found it. The run's clock (``pace#started``) starts with this call, so that a ``max_minutes``
+    budget counts the checks and the planning too.
+
+    Returns the training summary (also written to ``train_summary.json``).
+
+    Raises
+    ------
+    InputError
+        Invalid dataset (see :func:`medseg.data.datalist.validate_datalist`) or options (see
+        :func:`medseg.engines.options.check_options`), a non-empty run folder without ``--resume``,
+        a trained bundle without ``--resume``, ``--init-weights`` that are not a loadable state dict
+        or do not fit the network.
+    BundleError
+        ``--resume`` with a missing or unreadable checkpoint, ``bundle=True`` without a plan, with
+        unreadable metadata or with a config refused by safe mode.
+    """
+    started = time.monotonic()  # a time budget counts the checks and the planning too
+    opts = options or TrainOptions()
+    run_dir = Path(run_dir)
+    with held_info():  # notes on the plan and data are printed once every input has passed its checks
+        plan, data_source = _check_inputs(data, run_dir, opts, bundle)
+    guard = RunFolderGuard(run_dir)
+    try:
+        with held_info():  # until the config has built its parts (run_training releases it): an error is one line
+            if data_source is not None:
+                write_bundle(run_dir, plan, name=run_dir.name, data_source=data_source)
+            _run_train_config(run_dir, {**train_overrides(data, opts), "pace#started": started})
+    except BaseException:
+        trained = any((run_dir / p).exists() for p in ("checkpoints/last.pt", "models/model.pt"))
+        if data_source is not None and not trained:  # the new bundle goes too (the run removed its own files)
+            guard.rollback()
+        raise
+    summary: dict[str, Any] = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    return summary
+
+
+def _run_train_config(run_dir: Path, overrides: dict[str, Any]) -> None:
+    """``configs/train.json`` through :func:`medseg.bundle.runner.run_bundle` (safe mode). A failure
+    inside training that is not bad input stays an internal error (the runner reports it as the
+    bundle's): its root cause is raised."""
+    try:
+        run_bundle(run_dir, "train", overrides)
+    except BundleError as exc:
+        cause = root_cause(exc.__cause__) if exc.__cause__ is not None else None
+        if cause is not None and not isinstance(cause, MedsegError):
+            raise cause from None
+        raise
+
+
+def check_trainable(bundle_root: str | os.PathLike[str]) -> None:
+    """Check, before training, that the bundle's metadata can record the result
+    (:func:`medseg.bundle.create.read_trainable_metadata`); ``initialize`` of ``configs/train.json``.
+
+    Raises
+    ------
+    BundleError
+        Missing or unreadable metadata, a version that is not MAJOR.MINOR.PATCH, a bad changelog.
+    """
+    read_trainable_metadata(bundle_root)
+
+
+def record_training_run(bundle_root: str | os.PathLike[str]) -> str:
+    """Record the training that ``train_summary.json`` describes in the bundle's metadata and docs
+    (:func:`medseg.bundle.create.record_training`); ``finalize`` of ``configs/train.json``. Returns
+    the new version.
+
+    Raises
+    ------
+    BundleError
+        No readable summary, plan or metadata.
+    """
+    root = Path(bundle_root)
+    path = root / SUMMARY_FILE
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        epochs, iterations = int(summary["epochs_completed"]), int(summary["iterations"])
+        epoch_length, best = int(summary["epoch_length"]), summary["best_val_mean_dice"]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+        raise BundleError(f"{path}: no training summary to record ({type(exc).__name__})") from exc
+    plan = load_plan(root)
+    dataset = summary.get("dataset") or {}
+    data_source = (describe_dataset(dataset["name"], dataset["path"], dataset["training_cases"], root)
+                   if dataset else "unspecified")
+    note = (f"{'continued (--resume) to' if summary.get('resumed') else 'trained'} {epochs} epoch{'s' * (epochs != 1)} "
+            f"({iterations} iterations of {epoch_length} per epoch"
+            f"{'' if iterations % epoch_length == 0 else ', the last epoch partly'}) on {data_source}"
+            f"{'' if summary.get('init_weights') is None else ', starting from --init-weights'}; stopped by "
+            f"{summary.get('stopped_by', 'epochs')}; best validation mean Dice {'n/a' if best is None else f'{best:.4f}'} "
+            f"at epoch {summary.get('best_epoch', 0)} on {summary.get('validation_cases', 0)} validation cases "
+            f"(fold {summary.get('fold', 0)})")
+    return record_training(root, plan, mean_dice=best, per_label=summary.get("best_val_dice_per_label") or {},
+                           note=note, data_source=data_source)

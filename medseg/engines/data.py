@@ -1,0 +1,162 @@
+"""The data of a training run, as factories ``configs/train.json`` names: the dataset's training cases,
+their split into training and validation, the items and transforms of the MONAI datasets, the epoch length.
+
+Each reads (and checks) what it needs and writes nothing; ``split.json`` is written when the run starts
+(:func:`medseg.engines.training.run_training`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sized
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from monai.transforms import Compose
+
+from medseg.data.datalist import Case, Datalist, load_datalist, split_cases, validate_datalist
+from medseg.engines.weights import ResumePoint
+from medseg.errors import BundleError, InputError
+from medseg.io.image import case_name, list_images
+from medseg.plan import Plan
+from medseg.transforms import augmentation, preprocessing
+
+__all__ = ["Split", "case_items", "drop_last", "epoch_length", "training_datalist", "training_split",
+           "training_transforms"]
+
+log = logging.getLogger("medseg.engines.training")
+
+SPLIT_FILE = "split.json"
+
+
+def find_training_cases(dataset_dir: str | os.PathLike[str], plan: Plan) -> Datalist:
+    """The training cases of ``dataset_dir``: a ``dataset.json`` file, a folder holding one, or a
+    folder with ``imagesTr/`` and ``labelsTr/`` (paired by file name; labels from the plan).
+
+    Raises
+    ------
+    InputError
+        No dataset found, or dataset labels that differ from the plan's.
+    """
+    root = Path(dataset_dir)
+    if root.is_file() or (root / "dataset.json").exists():
+        datalist = load_datalist(root)
+        if datalist.labels != plan.labels:
+            raise InputError(datalist.path, f"labels {datalist.labels} differ from the bundle's {plan.labels}")
+        return datalist
+    images, labels = root / "imagesTr", root / "labelsTr"
+    if not images.is_dir() or not labels.is_dir():
+        raise InputError(root, "no dataset.json and no imagesTr/ + labelsTr/ folders")
+    cases = []
+    for image in list_images(images):
+        label = labels / image.name
+        if not label.exists():
+            raise InputError(image, f"no label map {label.name} in {labels}")
+        cases.append(Case(case_name(image), image, label))
+    return Datalist(root / "dataset.json", root.name, plan.modality, dict(plan.labels), cases, [])
+
+
+def training_datalist(dataset_dir: str | os.PathLike[str], plan: Plan) -> Datalist:
+    """:func:`find_training_cases`, each case checked (:func:`medseg.data.datalist.validate_datalist`:
+    readable images, label maps on the image grid with the plan's labels only).
+
+    Raises
+    ------
+    InputError
+        No dataset, labels that differ from the plan's, an unreadable or inconsistent case.
+    """
+    datalist = find_training_cases(dataset_dir, plan)
+    validate_datalist(datalist)
+    return datalist
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training and validation cases of a run (``split.json``)."""
+
+    fold: int
+    training: list[Case]
+    validation: list[Case]
+    #: read from the run being resumed (its ``split.json`` is kept as it is)
+    resumed: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({"fold": self.fold, "training": [c.name for c in self.training],
+                           "validation": [c.name for c in self.validation]}, indent=2) + "\n"
+
+
+def _resumed_split(bundle_root: Path, datalist: Datalist, fold: int) -> Split:
+    split_file = bundle_root / SPLIT_FILE
+    if not split_file.exists():
+        raise BundleError(f"{split_file}: no training to resume in this bundle")
+    try:
+        split = json.loads(split_file.read_text(encoding="utf-8"))
+        names = [str(n) for n in split["training"]], [str(n) for n in split["validation"]]
+        fold = int(split.get("fold", fold))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise BundleError(f"{split_file}: not a training split ({type(exc).__name__})") from exc
+    by_name = {c.name: c for c in datalist.training}
+    missing = [n for n in names[0] + names[1] if n not in by_name]
+    if missing:
+        raise InputError(datalist.path, f"cases of the run being resumed are missing: {', '.join(missing)}")
+    return Split(fold, [by_name[n] for n in names[0]], [by_name[n] for n in names[1]], resumed=True)
+
+
+def training_split(datalist: Datalist, bundle_root: str | os.PathLike[str], fold: int = 0,
+                   resume: bool = False) -> Split:
+    """The cases of fold ``fold`` (:func:`medseg.data.datalist.split_cases`), or with ``resume`` the
+    split of the run being resumed (``bundle_root/split.json``).
+
+    Raises
+    ------
+    InputError
+        ``fold`` outside 0-4, too few cases, cases of the resumed run missing from the dataset.
+    BundleError
+        ``resume`` without a readable ``split.json``.
+    """
+    if resume:
+        split = _resumed_split(Path(bundle_root), datalist, fold)
+    else:
+        split = Split(fold, *split_cases(datalist.training, fold))
+    log.info("loading %d training and %d validation cases", len(split.training), len(split.validation))
+    return split
+
+
+def case_items(split: Split, part: Literal["training", "validation"] = "training") -> list[dict[str, str]]:
+    """``[{"image": path, "label": path}, ...]`` of the ``training`` or ``validation`` cases of ``split``.
+
+    Raises
+    ------
+    ValueError
+        For another ``part``.
+    """
+    if part not in ("training", "validation"):
+        raise ValueError(f"part must be 'training' or 'validation', got {part!r}")
+    return [{"image": str(c.image), "label": str(c.label)} for c in getattr(split, part)]
+
+
+def training_transforms(plan: Plan, samples_per_case: int = 2) -> Compose:
+    """The training chain: the plan's preprocessing of image and label, then patch sampling and
+    augmentation (one flat ``Compose``, so that ``CacheDataset`` caches everything before the first
+    random transform)."""
+    pre = preprocessing(plan, ("image", "label"))
+    return Compose(list(pre.transforms) + list(augmentation(plan, samples_per_case).transforms))
+
+
+def drop_last(dataset: Sized, batch_size: int) -> bool:
+    """Whether the training loader drops an incomplete last batch: only when there is more than one batch."""
+    return len(dataset) > batch_size
+
+
+def epoch_length(dataloader: Sized, minimum: int = 20, resume: ResumePoint | None = None) -> int:
+    """Iterations per epoch: the loader's batches, at least ``minimum`` (small datasets train as long
+    as big ones); a resumed run keeps the epoch length it was started with."""
+    length = max(len(dataloader), minimum)
+    if resume is not None and resume.epoch_length and resume.epoch_length != length:
+        log.info("keeping the resumed run's %d iterations per epoch (this dataset and batch size give %d)",
+                 resume.epoch_length, length)
+        return resume.epoch_length
+    return length
