@@ -13,7 +13,7 @@ import torch
 import medseg.inference.inferer as inferer_module
 from medseg.cli import main
 from medseg.data.synthetic import write_dataset
-from medseg.inference.sliding import estimate_slab_bytes
+from medseg.inference.memory import estimate_slab_bytes
 from medseg.io.image import read_geometry
 from medseg.networks import build_network, split_pointwise_head
 from medseg.plan import load_plan
