@@ -24,7 +24,7 @@ from medseg.errors import InputError
 from medseg.io.geometry import grid_problem, split_affine
 from medseg.io.layout import MAX_DEFLATE_RATIO
 
-__all__ = ["NiftiInfo", "check_nifti_header", "check_nifti_data"]
+__all__ = ["NiftiInfo", "check_nifti_data", "check_nifti_header", "read_nifti_bytes"]
 
 
 class NiftiInfo:
@@ -140,15 +140,43 @@ def check_nifti_data(path: str | os.PathLike[str], info: NiftiInfo) -> None:
         If the stream ends early, fails its checksum, or is shorter than the header declares.
     """
     path = Path(path)
-    if not path.name.lower().endswith(".gz"):
-        return
+    if path.name.lower().endswith(".gz"):
+        _decompress(path, info, keep=False)
+
+
+def read_nifti_bytes(path: str | os.PathLike[str], info: NiftiInfo) -> bytes:
+    """The whole file as bytes, a ``.nii.gz`` decompressed in one pass that checks the stream as
+    :func:`check_nifti_data` does (header, extensions and pixel data; whatever follows the pixel
+    data is read to the end of the stream and dropped).
+
+    Raises
+    ------
+    InputError
+        As :func:`check_nifti_data`; an unreadable file.
+    """
+    path = Path(path)
+    if path.name.lower().endswith(".gz"):
+        return _decompress(path, info, keep=True)
+    try:
+        return path.read_bytes()  # its size was checked against the header
+    except OSError as exc:
+        raise InputError(path, f"not a readable image ({exc})") from None
+
+
+def _decompress(path: Path, info: NiftiInfo, keep: bool) -> bytes:
+    """Decompress ``path`` to the end; the header and pixel data (``keep``) or nothing."""
+    need = info.offset + info.data_bytes
+    kept = b""
     count = 0
     try:
         with gzip.open(path, "rb") as stream:
+            if keep:
+                kept = stream.read(need)  # at most what the header declares (checked against the file size)
+                count = len(kept)
             while chunk := stream.read(1 << 22):
                 count += len(chunk)
     except (EOFError, OSError, zlib.error) as exc:
         raise InputError(path, f"compressed data is truncated or corrupt ({exc})") from None
-    if count < info.offset + info.data_bytes:
-        raise InputError(path, f"file is truncated: it decompresses to {count} bytes, the header needs "
-                               f"{info.offset + info.data_bytes}")
+    if count < need:
+        raise InputError(path, f"file is truncated: it decompresses to {count} bytes, the header needs {need}")
+    return kept
