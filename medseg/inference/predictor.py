@@ -376,6 +376,7 @@ def predict_files(plan: Plan, load_predictor: Callable[[], Predictor], input_pat
             source = sources[index - 1] or read_source(image, plan.dims)
             sources[index - 1] = None
             loaded = predictor.load(source)
+            source.drop_pixels()  # preprocessed: the label maps need only its grid and header
             log.info("[%d/%d] %s -> %s", index, len(planned), image.name, target)
             labels = predictor.infer(loaded)
             del loaded

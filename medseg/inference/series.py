@@ -134,7 +134,10 @@ def predict_series(plan: Plan, load_predictor: Callable[[], Predictor], run_dir:
     created_dir = not output_dir.exists()
     try:
         try:
-            labels = predictor.predict_image(source)
+            loaded = predictor.load(source)
+            source.drop_pixels()  # preprocessed: the label map needs only its grid
+            labels = predictor.infer(loaded)
+            del loaded
         except InputError as exc:  # names the series' case name; the user knows the folder and the series
             raise DicomError(Path(input_path), f"{what}: {exc.problem}") from exc
         if fmt == "nifti":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import SimpleITK as sitk
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
-from medseg.io.geometry import check_grid
+from medseg.io.geometry import Geometry, check_grid, lps_to_ras  # noqa: F401 - Geometry, lps_to_ras: here too
 from medseg.io.itkfiles import itk_readable, itk_reason, itk_writable, quiet_native_stderr
 from medseg.io.layout import (
     PixelLayout,
@@ -100,67 +99,6 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     if not images:
         raise InputError(folder, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     return images
-
-
-def lps_to_ras(affine: np.ndarray) -> np.ndarray:
-    """Flip the first two world axes of a ``(d+1) x (d+1)`` affine (LPS <-> RAS; its own inverse),
-    as :func:`monai.data.utils.orientation_ras_lps` does."""
-    d = max(affine.shape[0] - 1, 1)
-    flip = [[-1.0, 1.0], [-1.0, -1.0, 1.0], [-1.0, -1.0, 1.0, 1.0]][min(d - 1, 2)] + [1.0] * (d - 3)
-    return np.diag(flip) @ affine
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Voxel grid of an image in ITK (LPS) terms, sizes in index order ``(x, y, z)``."""
-
-    size: tuple[int, ...]
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-
-    @property
-    def dims(self) -> int:
-        return len(self.size)
-
-    @classmethod
-    def of(cls, image: sitk.Image | sitk.ImageFileReader) -> Geometry:
-        """Geometry of a SimpleITK image (or of a reader after ``ReadImageInformation``)."""
-        size = image.GetSize()
-        return cls(
-            tuple(int(s) for s in size),
-            tuple(float(s) for s in image.GetSpacing()),
-            tuple(float(o) for o in image.GetOrigin()),
-            tuple(float(d) for d in image.GetDirection()),
-        )
-
-    def affine_lps(self) -> np.ndarray:
-        """The (d+1)x(d+1) index-to-LPS-world matrix."""
-        d = self.dims
-        affine = np.eye(d + 1)
-        affine[:d, :d] = np.asarray(self.direction).reshape(d, d) @ np.diag(self.spacing)
-        affine[:d, d] = self.origin
-        return affine
-
-    def affine_ras(self) -> np.ndarray:
-        """The (d+1)x(d+1) index-to-RAS-world matrix (MONAI's and nibabel's convention)."""
-        return lps_to_ras(self.affine_lps())
-
-    def mismatch(self, other: Geometry, tol_mm: float = 1e-3, tol_dir: float = 1e-4) -> str | None:
-        """Describe how ``other`` differs from this grid, or return None if they match."""
-        if self.size != other.size:
-            return f"size {other.size} differs from {self.size}"
-        if not np.allclose(self.spacing, other.spacing, atol=tol_mm, rtol=0):
-            return f"spacing {_fmt(other.spacing)} differs from {_fmt(self.spacing)}"
-        if not np.allclose(self.origin, other.origin, atol=max(tol_mm, 1e-3 * max(self.spacing)), rtol=0):
-            return f"origin {_fmt(other.origin)} differs from {_fmt(self.origin)}"
-        if not np.allclose(self.direction, other.direction, atol=tol_dir, rtol=0):
-            return "direction (orientation) differs"
-        return None
-
-
-def _fmt(values: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 def _check_path(path: Path) -> None:
@@ -300,22 +238,26 @@ class SourceImage:
     geometry
         Its grid, as SimpleITK reads it (LPS).
     pixels
-        For a NIfTI file the nibabel image over the decompressed file, which MONAI's ``NibabelReader``
-        decodes exactly as it decodes the file and whose header label maps copy; else a SimpleITK image.
+        For a NIfTI file a nibabel image of the decoded voxels, built as ``nibabel.load`` builds it (so
+        MONAI's ``NibabelReader`` takes it exactly as from the file); else a SimpleITK image. None once
+        :meth:`drop_pixels` freed them.
     name, suffix
         Its case name (:func:`case_name` of the file, or given) and the file ending of its outputs (the
         file's own, ``.nii.gz`` for an image made in memory): see :func:`output_name`.
     nbytes, finite_checked
         Bytes of pixel data held; whether its voxels were found finite when it was read.
+    header
+        A NIfTI file's header as read (label maps copy it); None otherwise.
     """
 
     path: Path | None
     geometry: Geometry
-    pixels: sitk.Image | nib.Nifti1Image
+    pixels: sitk.Image | nib.Nifti1Image | None
     name: str
     suffix: str
     nbytes: int
     finite_checked: bool = False
+    header: nib.Nifti1Header | None = None
 
     @classmethod
     def from_image(cls, image: sitk.Image, name: str, suffix: str = ".nii.gz") -> SourceImage:
@@ -325,17 +267,44 @@ class SourceImage:
 
     @property
     def is_nifti(self) -> bool:
-        return isinstance(self.pixels, nib.Nifti1Image)  # NIfTI-2 images are a subclass
+        return self.header is not None
 
     def voxels(self) -> np.ndarray:
-        """Voxel values in modality units, index order ``(x, y, z)``: a view of a SimpleITK image (valid while
-        this object lives), or decoded from the NIfTI data (a copy, scaled as nibabel scales it)."""
-        if self.is_nifti:
-            return np.asanyarray(self.pixels.dataobj)
-        return sitk.GetArrayViewFromImage(self.pixels).T
+        """Voxel values in modality units, index order ``(x, y, z)``: a view, valid while this object holds
+        its pixels (a NIfTI file's scaled as nibabel scales them).
+
+        Raises
+        ------
+        ValueError
+            After :meth:`drop_pixels`.
+        """
+        if self.pixels is None:
+            raise ValueError(f"{self}: the pixels were dropped")
+        if isinstance(self.pixels, sitk.Image):
+            return sitk.GetArrayViewFromImage(self.pixels).T
+        return np.asanyarray(self.pixels.dataobj)
+
+    def drop_pixels(self) -> None:
+        """Free the pixel data once it has been taken (by the preprocessing); the grid and a NIfTI file's
+        header stay, for its label maps."""
+        self.pixels = None
 
     def __str__(self) -> str:
         return os.fspath(self.path) if self.path is not None else self.name
+
+
+def _nifti_image(path: Path, raw: bytes) -> nib.Nifti1Image:
+    """The image ``nibabel.load`` makes of a NIfTI file's bytes, its voxels decoded (scaled) once."""
+    two = 540 in (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big"))
+    klass = nib.Nifti2Image if two else nib.Nifti1Image
+    try:
+        loaded = klass.from_bytes(raw)
+        voxels = np.asanyarray(loaded.dataobj)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a bad file
+        raise InputError(path, f"cannot read the pixel data ({type(exc).__name__}: {exc})") from None
+    image = klass(voxels, None, loaded.header)  # as nibabel's from_file_map: the header passes unmodified
+    image._affine = loaded.affine  # ... and the affine is the header's best one, as it sets it
+    return image
 
 
 def read_source(path: str | os.PathLike[str], dims: int | None = None, *, finite: bool = True) -> SourceImage:
@@ -350,22 +319,21 @@ def read_source(path: str | os.PathLike[str], dims: int | None = None, *, finite
     """
     path = Path(path)
     header = _read_header(path, dims)
+    nifti_header = None
     if header.nifti is not None:
         raw = read_nifti_bytes(path, header.nifti)  # one decompression, the stream checked to its end
-        two = 540 in (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big"))
-        try:
-            pixels: sitk.Image | nib.Nifti1Image = (nib.Nifti2Image if two else nib.Nifti1Image).from_bytes(raw)
-        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a bad file
-            raise InputError(path, f"cannot read the pixel data ({type(exc).__name__}: {exc})") from None
         if finite:
             info = header.nifti
             check_finite_voxels(path, np.ndarray(info.shape, info.dtype, raw, info.offset, order="F"))
+        pixels: sitk.Image | nib.Nifti1Image = _nifti_image(path, raw)
+        nifti_header, nbytes = pixels.header.copy(), int(pixels.dataobj.nbytes)
+        del raw
     else:
-        pixels = _itk_read(path, header)
+        pixels, nbytes = _itk_read(path, header), header.data_bytes
         if finite:
             check_finite_voxels(path, sitk.GetArrayViewFromImage(pixels).T)
-    return SourceImage(path, header.geometry, pixels, case_name(path), image_suffix(path) or "", header.data_bytes,
-                       finite_checked=finite)
+    return SourceImage(path, header.geometry, pixels, case_name(path), image_suffix(path) or "", nbytes,
+                       finite_checked=finite, header=nifti_header)
 
 
 def _read_failure(header: _Header, exc: RuntimeError) -> str:
@@ -468,25 +436,25 @@ def write_label_map(labels: np.ndarray, reference: str | os.PathLike[str] | Sour
         If ``labels`` does not have the reference's shape; a reference file as :func:`read_geometry`.
     """
     output = Path(output)
-    nifti: nib.Nifti1Image | None = None
+    nifti: nib.Nifti1Header | None = None
     if isinstance(reference, SourceImage):
-        geometry = reference.geometry
-        nifti = reference.pixels if reference.is_nifti else None
+        geometry, nifti = reference.geometry, reference.header
     elif isinstance(reference, sitk.Image):
         geometry = Geometry.of(reference)
     else:
         geometry = read_geometry(reference)
-        nifti = nib.load(str(reference)) if is_nifti(reference) else None  # the header only
+        nifti = nib.load(str(reference)).header if is_nifti(reference) else None  # the header only
     labels = np.asarray(labels)
     if tuple(labels.shape) != geometry.size:
         raise InputError(output, f"label map shape {labels.shape} differs from the input's {geometry.size}")
     labels = labels.astype(label_dtype(labels), copy=False)
     with atomic_path(output) as tmp:
         if image_suffix(output) in NIFTI_SUFFIXES and nifti is not None:
-            header = nifti.header.copy()
+            header = nifti.copy()
             header.set_data_dtype(labels.dtype)
             header.set_slope_inter(1.0, 0.0)
-            out = type(nifti)(labels.reshape(nifti.shape[: labels.ndim]), None, header=header)
+            image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+            out = image_class(labels.reshape(nifti.get_data_shape()[: labels.ndim]), None, header=header)
             nib.save(out, str(tmp))
         else:
             image = sitk.GetImageFromArray(np.ascontiguousarray(labels.T))

@@ -5,6 +5,9 @@ its bytes as surrogate escapes, ``scan_\\udcff.nii.gz``) makes ``SetFileName`` t
 exception nobody catches, and the process aborts (SIGABRT). Such names are given to ITK through a
 temporary folder of symbolic links with plain names (reading) or written there and moved into place
 (writing). A two-file format's data file keeps its name relative to its header.
+
+What ITK prints and raises is made medseg's one line: :func:`quiet_native_stderr` silences its C++
+readers' own output on file descriptor 2, :func:`itk_reason` keeps the useful line of its exceptions.
 """
 
 from __future__ import annotations

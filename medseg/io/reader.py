@@ -48,6 +48,8 @@ class _Read:
     whether its voxels are known to be finite."""
 
     def __init__(self, source: SourceImage) -> None:
+        if source.pixels is None:
+            raise ValueError(f"{source}: its pixels were dropped; read it again")
         self.path = source.path if source.path is not None else source.name
         self.finite = source.finite_checked
         # as MONAI's NibabelReader.read (the source keeps its header as read: label maps copy that one)
