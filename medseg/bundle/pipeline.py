@@ -147,9 +147,8 @@ def inference_pipeline(bundle_dir: str | os.PathLike[str], options: InferenceOpt
     source = _inference_file(bundle)
     torch_device = resolve_device(options.device)
     top = _top_level(source)
-    values = {"overlap": options.overlap, "sw_batch_size": options.sw_batch_size, "tta": options.tta,
-              "precision": options.precision,
-              "progress": sys.stderr.isatty() if options.progress is None else options.progress}
+    values = {key: getattr(options, key) for key in INFERER_OPTIONS}
+    values["progress"] = sys.stderr.isatty() if options.progress is None else options.progress
     overrides: dict[str, Any] = {"bundle_root": str(bundle), "device": str(torch_device)}
     overrides.update({(key if key in top else f"inferer#{key}"): value for key, value in values.items()})
     if isinstance(top.get("postprocessing"), Mapping):
