@@ -40,12 +40,12 @@ def run_demo(out: str | os.PathLike[str] = "medseg-demo", minutes: float | None 
     InputError
         If ``out`` exists and is not an earlier demo folder, or a count is out of range.
     """
+    from medseg.bundle.pipeline import InferenceOptions, predict
     from medseg.bundle.training import train
     from medseg.data.datalist import load_datalist
     from medseg.data.synthetic import write_dataset
     from medseg.engines.options import TrainOptions, check_options
-    from medseg.inference.predictor import predict
-    from medseg.metrics.evaluate import evaluate_folders
+    from medseg.reports.evaluation import evaluate_folders
 
     if minutes is not None and not minutes >= 0:
         raise InputError(None, f"--minutes must be 0 (no time budget) or positive, got {minutes}")
@@ -62,7 +62,7 @@ def run_demo(out: str | os.PathLike[str] = "medseg-demo", minutes: float | None 
     t_train = time.monotonic()
     summary = train(dataset_json, out / "run", options)
     t_predict = time.monotonic()
-    predict(out / "run", out / "data" / "imagesTs", out / "predictions", device=device)
+    predict(out / "run", out / "data" / "imagesTs", out / "predictions", InferenceOptions(device=device))
     t_eval = time.monotonic()
     result = evaluate_folders(out / "predictions", out / "data" / "labelsTs", out / "evaluation", labels=datalist.labels)
     finished = time.monotonic()

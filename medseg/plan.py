@@ -23,7 +23,8 @@ from medseg.architectures import ARCHITECTURES, FIELDS, NORMS, NetworkSpec
 from medseg.data.datalist import Case, Datalist
 from medseg.errors import BundleError, printable
 from medseg.io.atomic import atomic_write_text
-from medseg.io.image import Geometry, read_image
+from medseg.io.geometry import Geometry
+from medseg.io.image import read_image
 from medseg.layout import PLAN_FILE
 
 log = logging.getLogger(__name__)

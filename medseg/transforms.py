@@ -33,6 +33,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from medseg.io.image import label_map_dtype
 from medseg.io.reader import ImageFileReader, LoadImageFiled
 from medseg.plan import Plan
 
@@ -124,7 +125,7 @@ def preprocessing(plan: Plan, keys: Sequence[str] = ("image",), crop: bool = Tru
     if crop:
         chain += crop_transforms(plan, keys)
     chain += intensity_transforms(plan)
-    label_type = torch.uint8 if plan.num_classes <= 256 else torch.int32
+    label_type = getattr(torch, label_map_dtype(plan.num_classes - 1, torch_compatible=True).name)
     chain.append(EnsureTyped(keys=keys, dtype=[torch.float32 if k == "image" else label_type for k in keys]))
     return Compose(chain)
 

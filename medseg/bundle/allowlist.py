@@ -89,6 +89,7 @@ _READER_KWARGS = ("channel_dim", "as_closest_canonical", "squeeze_non_spatial_di
                   "reverse_indexing", "series_meta", "affine_lps_to_ras", "mmap", "to_gpu", "npz_keys")
 
 _C = "medseg.bundle.components"
+_I = "medseg.inference.compose"
 
 ALLOWED_TARGETS: tuple[Vetted, ...] = (
     # --- medseg's own factories (what medseg bundles name) ----------------------------------------
@@ -100,15 +101,23 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
                                  "into the given network; no writes", reads=("path",)),
     Vetted(f"{_C}.image_list", "lists image files (by ending) in dataset_dir/subdir; reads no file contents, "
                                "writes nothing", data=("dataset_dir",), names=("subdir",), path_result=True),
-    Vetted(f"{_C}.sliding_window_inferer", "builds medseg's SlabInferer from numeric options; no file access "
+    Vetted(f"{_C}.labels_folder", "joins dataset_dir and subdir and checks that the folder exists; reads no "
+                                  "file contents, writes nothing", data=("dataset_dir",), names=("subdir",),
+           path_result=True),
+    Vetted(f"{_I}.sliding_window_inferer", "builds medseg's SlabInferer from numeric options; no file access "
                                            "(large probability maps go to an unlinked temporary file)"),
-    Vetted(f"{_C}.inference_postprocessing", "inverts the preprocessing in memory and writes one label map "
+    Vetted(f"{_I}.inference_postprocessing", "inverts the preprocessing in memory and writes one label map "
                                              "per input as <case>_seg.<ending> (name from the input file's stem) "
-                                             "into output_dir", writes=("output_dir",)),
+                                             "into output_dir, refusing an existing file unless overwrite is "
+                                             "true", writes=("output_dir",)),
     Vetted(f"{_C}.run_engine", "calls engine.run() on an already vetted engine; nothing else"),
-    Vetted(f"{_C}.evaluate_bundle", "predicts dataset_dir's test images with the bundle's own plan and weights "
-                                    "(weights_only) and writes predictions, metrics.csv and summary.json into "
-                                    "output_dir", reads=("bundle_root",), data=("dataset_dir",),
+    Vetted(f"{_C}.score_predictions", "reads the label maps in predictions_dir and labels_dir (paired by case "
+                                      "name) and writes metrics.csv, summary.json, lesions.csv and "
+                                      "dice_boxplot.png into output_dir; nothing imported or run by name",
+           data=("predictions_dir", "labels_dir"), writes=("output_dir",)),
+    Vetted(f"{_C}.evaluate_bundle", "predicts dataset_dir's test images with the bundle's own inference.json "
+                                    "(checked in safe mode; weights_only) and writes predictions, metrics.csv and "
+                                    "summary.json into output_dir", reads=("bundle_root",), data=("dataset_dir",),
            writes=("output_dir",)),
     Vetted("medseg.networks.build_network", "MONAI network from the plan's numeric network spec; no file access",
            reviewed=()),

@@ -1,31 +1,37 @@
-"""Factories that bundle configs name with ``_target_`` (and that the ``medseg`` CLI calls directly).
+"""Bundle-level factories that bundle configs name with ``_target_``: paths inside a bundle or dataset,
+data lists, running an engine, scoring a folder of predictions.
 
-medseg's own bundle configs contain no ``$`` expressions: every computed value comes from one of
-these functions, so the configs pass safe mode and the CLI and ``python -m monai.bundle run``
-build exactly the same pipeline ("one pipeline, two doors").
+medseg's own bundle configs contain no ``$`` expressions: every computed value comes from a factory,
+so the configs pass safe mode and the CLI and ``python -m monai.bundle run`` build exactly the same
+pipeline ("one pipeline, two doors"). The inference parts (inferer, inversion, label-map writer) are
+made in the inference layer, :mod:`medseg.inference.compose`; the names configs written before that
+used for them here are kept (the allow list compares objects, so either spelling is accepted).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from ignite.engine import Engine
-from monai.transforms import Compose, MapTransform
 
+from medseg.bundle.pipeline import InferenceOptions, predict
 from medseg.errors import InputError
-from medseg.inference.inferer import InvertPredictiond, SlabInferer
-from medseg.io.image import case_name, image_suffix, list_images, write_label_map
+from medseg.inference.compose import (  # noqa: F401 - the names older configs give these parts
+    SaveLabelMapd,
+    inference_postprocessing,
+    sliding_window_inferer,
+)
+from medseg.io.image import image_suffix, list_images
 from medseg.layout import META_FILE, PLAN_FILE, WEIGHTS_FILE  # noqa: F401 - re-exported for the bundle layer
 from medseg.networks import load_weights, read_state_dict, torch_load_weights_only  # noqa: F401 - config factories
 from medseg.plan import Plan, load_plan
+from medseg.reports.evaluation import evaluate_folders
 
 log = logging.getLogger(__name__)
-
 
 
 def bundle_path(bundle_root: str | os.PathLike[str], parts: Sequence[str]) -> str:
@@ -51,57 +57,18 @@ def image_list(dataset_dir: str | os.PathLike[str], subdir: str = "imagesTs") ->
     return [{"image": str(p)} for p in list_images(folder)]
 
 
-def sliding_window_inferer(plan: Plan, overlap: float = 0.5, sw_batch_size: int | None = None,
-                           progress: bool = False, tta: bool = False, output: str = "auto",
-                           precision: str = "float32") -> SlabInferer:
-    """medseg's bounded-memory Gaussian sliding-window inferer over the plan's patch size
-    (:class:`medseg.inference.inferer.SlabInferer`); ``tta`` mirrors the windows along every spatial axis,
-    ``precision="bfloat16"`` runs the network under bfloat16 autocast.
+def labels_folder(dataset_dir: str | os.PathLike[str], subdir: str = "labelsTs") -> str:
+    """``dataset_dir/subdir``, the reference label maps an evaluation scores against.
 
     Raises
     ------
     InputError
-        If ``overlap`` is not in [0, 1), ``sw_batch_size`` is below 1, or ``output`` or ``precision``
-        is unknown.
+        If there is no such folder.
     """
-    overlap, batch = float(overlap), int(sw_batch_size or plan.sw_batch_size)
-    try:  # SlabInferer checks overlap, window batch, output and precision; here they are the user's input
-        return SlabInferer(plan.patch_size, plan.num_classes, overlap=overlap, sw_batch_size=batch,
-                           mirror_axes=tuple(range(plan.dims)) if tta else (), output=output, progress=progress,
-                           precision=precision)
-    except ValueError as exc:
-        raise InputError(None, str(exc)) from exc
-
-
-class SaveLabelMapd(MapTransform):
-    """Write ``pred`` (a 1-channel label map already in the input grid) as ``<case>_seg.<input ending>``
-    with exactly the input file's geometry and header (see :func:`medseg.io.image.write_label_map`)."""
-
-    def __init__(self, keys: str | Sequence[str], output_dir: str | os.PathLike[str], source_key: str = "image") -> None:
-        super().__init__(keys)
-        self.output_dir = Path(output_dir)
-        self.source_key = source_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        source = Path(str(d[self.source_key].meta["filename_or_obj"]))
-        for key in self.key_iterator(d):
-            labels = torch.as_tensor(d[key])[0].cpu().numpy()
-            target = self.output_dir / f"{case_name(source)}_seg{image_suffix(source)}"
-            write_label_map(labels.astype("uint8" if labels.max() <= 255 else "uint16"), source, target)
-            log.info("wrote %s", target)
-        return d
-
-
-def inference_postprocessing(plan: Plan, preprocessing: Compose, output_dir: str | os.PathLike[str] | None = None) -> Compose:
-    """Undo the preprocessing on the :class:`~medseg.inference.inferer.SlabInferer` output (``Invertd``:
-    probabilities resampled linearly then argmax, one class at a time when they wait on disk in float16,
-    or a label map resampled with nearest neighbour; undoing crop, spacing and orientation) -> optionally
-    write the label map into ``output_dir``."""
-    steps: list[Any] = [InvertPredictiond(keys="pred", transform=preprocessing, orig_keys="image")]
-    if output_dir is not None:
-        steps.append(SaveLabelMapd(keys="pred", output_dir=output_dir))
-    return Compose(steps)
+    folder = Path(dataset_dir) / subdir
+    if not folder.is_dir():
+        raise InputError(folder, f"no reference label maps ({subdir}/) to evaluate against")
+    return str(folder)
 
 
 def run_engine(engine: Engine) -> None:
@@ -109,30 +76,40 @@ def run_engine(engine: Engine) -> None:
     engine.run()
 
 
-def evaluate_bundle(bundle_root: str | os.PathLike[str], dataset_dir: str | os.PathLike[str],
-                    output_dir: str | os.PathLike[str], device: str = "cpu", overlap: float = 0.5,
-                    nsd_tolerance_mm: float = 1.0) -> dict[str, Any]:
-    """Predict ``dataset_dir/imagesTs`` into ``output_dir/predictions`` and score them against
-    ``dataset_dir/labelsTs`` (``metrics.csv`` and ``summary.json`` in ``output_dir``); the entry
-    point of ``configs/evaluate.json``.
+def score_predictions(plan: Plan, predictions_dir: str | os.PathLike[str], labels_dir: str | os.PathLike[str],
+                      output_dir: str | os.PathLike[str], nsd_tolerance_mm: float = 1.0) -> dict[str, Any]:
+    """Score the label maps in ``predictions_dir`` against ``labels_dir`` with the plan's label names and
+    write ``metrics.csv``, ``summary.json`` (and ``lesions.csv``, ``dice_boxplot.png``) into ``output_dir``
+    (:func:`medseg.reports.evaluation.evaluate_folders`); the last step of ``configs/evaluate.json``.
 
     Raises
     ------
     InputError
-        Missing images or references, bad predictions (see :func:`medseg.metrics.evaluate.evaluate_folders`).
-    BundleError
-        A bundle without plan or weights.
+        Missing or unpaired predictions or references, bad label maps (see ``evaluate_folders``).
     """
-    from medseg.inference.predictor import predict
-    from medseg.metrics.evaluate import evaluate_folders
+    summary = evaluate_folders(predictions_dir, labels_dir, output_dir, labels=plan.labels,
+                               nsd_tolerance_mm=nsd_tolerance_mm)
+    mean = summary["mean_dice_foreground"]
+    log.info("mean Dice over foreground labels: %s", "n/a" if mean is None else f"{mean:.4f}")
+    return summary
 
+
+def evaluate_bundle(bundle_root: str | os.PathLike[str], dataset_dir: str | os.PathLike[str],
+                    output_dir: str | os.PathLike[str], device: str = "cpu", overlap: float = 0.5,
+                    nsd_tolerance_mm: float = 1.0) -> dict[str, Any]:
+    """What ``configs/evaluate.json`` ran before it became an override of ``inference.json`` (kept for such
+    bundles): ``medseg predict`` of ``dataset_dir/imagesTs`` into ``output_dir/predictions`` with the bundle's
+    ``inference.json``, then :func:`score_predictions` against ``dataset_dir/labelsTs``.
+
+    Raises
+    ------
+    InputError
+        Missing images or references, bad predictions.
+    BundleError
+        A bundle without plan or weights, or refused by safe mode.
+    """
+    references = labels_folder(dataset_dir)
     root, out = Path(dataset_dir), Path(output_dir)
     images = root / "imagesTs" if (root / "imagesTs").is_dir() else root
-    references = root / "labelsTs"
-    if not references.is_dir():
-        raise InputError(references, "no reference label maps (labelsTs/) to evaluate against")
-    predict(bundle_root, images, out / "predictions", device=device, overlap=overlap, overwrite=True)
-    summary = evaluate_folders(out / "predictions", references, out, labels=load_plan(bundle_root).labels,
-                               nsd_tolerance_mm=nsd_tolerance_mm)
-    log.info("mean Dice over foreground labels: %.4f", summary["mean_dice_foreground"])
-    return summary
+    predict(bundle_root, images, out / "predictions", InferenceOptions(device=device, overlap=overlap), overwrite=True)
+    return score_predictions(load_plan(bundle_root), out / "predictions", references, out, nsd_tolerance_mm)

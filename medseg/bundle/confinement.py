@@ -263,9 +263,11 @@ def _verb(entry: Vetted, key: str) -> str:
     return "writes" if argument in entry.writes else "reads"
 
 
-def merged_config(config_file: Path, meta_file: Path | None, overrides: Mapping[str, Any], root: Path) -> Any:
+def merged_config(config_file: Path | Sequence[Path], meta_file: Path | None, overrides: Mapping[str, Any],
+                  root: Path) -> Any:
     """The config as ``monai.bundle.run`` builds it before instantiating anything (MONAI's own parser:
-    the file, ``_meta_``, the overrides, then macros and relative ids, resolved from inside the bundle).
+    the file, or the files merged in order, ``_meta_``, the overrides, then macros and relative ids,
+    resolved from inside the bundle).
 
     Raises
     ------
@@ -274,9 +276,10 @@ def merged_config(config_file: Path, meta_file: Path | None, overrides: Mapping[
     """
     from monai.bundle import ConfigParser
 
+    files = [config_file] if isinstance(config_file, (str, os.PathLike)) else list(config_file)
     with contextlib.chdir(root):
         parser = ConfigParser()
-        parser.read_config(str(config_file))
+        parser.read_config([str(f) for f in files])
         if meta_file is not None and meta_file.is_file():
             parser.read_meta(str(meta_file))
         parser.update(dict(overrides))

@@ -6,7 +6,7 @@ Layout::
     BUNDLE/configs/plan.json        spacing, intensity, patch, network, labels (read by the factories)
     BUNDLE/configs/train.json       training   (python -m monai.bundle run --config_file configs/train.json ...)
     BUNDLE/configs/inference.json   inference  (reads dataset_dir/imagesTs, writes output_dir)
-    BUNDLE/configs/evaluate.json    inference + metrics on dataset_dir/imagesTs vs labelsTs
+    BUNDLE/configs/evaluate.json    layered on inference.json: its predictions scored against labelsTs
     BUNDLE/configs/logging.conf
     BUNDLE/docs/README.md
     BUNDLE/models/model.pt          weights (state dict), written by training
@@ -36,6 +36,7 @@ from medseg.bundle.train_config import train_parts
 from medseg.errors import BundleError, InputError
 from medseg.io.atomic import atomic_write_text
 from medseg.labels import segment_code
+from medseg.layout import WEIGHTS_FILE
 from medseg.logs import BUNDLE_LOGGING_CONF
 from medseg.plan import Plan
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 C = "medseg.bundle.components"
+INFERENCE = "medseg.inference.compose"
 
 #: The docs/README.md metrics section of a bundle without trained weights (verify refuses it beside weights).
 NOT_TRAINED = "Not trained yet."
@@ -66,23 +68,28 @@ def _common(output_dir: str) -> dict[str, Any]:
 
 
 def inference_config() -> dict[str, Any]:
-    """Model-zoo style inference: named, overridable parts; ``run`` runs the evaluator."""
+    """Model-zoo style inference: named, overridable parts; ``run`` runs the evaluator, whose postprocessing
+    writes ``<case>_seg.<ending>`` into ``predictions_dir`` (``output_dir`` unless overridden; an existing
+    file only with ``overwrite``)."""
     return {
         **_common("predictions"),
+        "predictions_dir": "@output_dir",
         "overlap": 0.5,
         "sw_batch_size": None,
         "tta": False,
-        "weights": {"_target_": f"{C}.bundle_path", "bundle_root": "@bundle_root", "parts": ["models", "model.pt"]},
+        "precision": "float32",
+        "overwrite": False,
+        "weights": {"_target_": f"{C}.bundle_path", "bundle_root": "@bundle_root", "parts": list(WEIGHTS_FILE.parts)},
         "network": {"_target_": f"{C}.load_weights", "network": "@network_def", "path": "@weights", "device": "@device"},
         "preprocessing": {"_target_": "medseg.transforms.preprocessing", "plan": "@plan"},
         "datalist": {"_target_": f"{C}.image_list", "dataset_dir": "@dataset_dir", "subdir": "imagesTs"},
         "dataset": {"_target_": "monai.data.Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "monai.data.DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
-        "inferer": {"_target_": f"{C}.sliding_window_inferer", "plan": "@plan", "overlap": "@overlap",
-                    "sw_batch_size": "@sw_batch_size", "tta": "@tta"},
-        "postprocessing": {"_target_": f"{C}.inference_postprocessing", "plan": "@plan",
-                           "preprocessing": "@preprocessing", "output_dir": "@output_dir"},
+        "inferer": {"_target_": f"{INFERENCE}.sliding_window_inferer", "plan": "@plan", "overlap": "@overlap",
+                    "sw_batch_size": "@sw_batch_size", "tta": "@tta", "precision": "@precision"},
+        "postprocessing": {"_target_": f"{INFERENCE}.inference_postprocessing", "plan": "@plan",
+                           "preprocessing": "@preprocessing", "output_dir": "@predictions_dir", "overwrite": "@overwrite"},
         "handlers": [{"_target_": "StatsHandler", "iteration_log": False}],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
@@ -99,15 +106,21 @@ def train_config() -> dict[str, Any]:
 
 
 def evaluate_config() -> dict[str, Any]:
-    """Predict ``dataset_dir/imagesTs`` and score against ``dataset_dir/labelsTs``."""
+    """An override of :func:`inference_config` (run as ``--config_file "['configs/inference.json',
+    'configs/evaluate.json']"``, as model-zoo bundles layer theirs): predict ``dataset_dir/imagesTs`` into
+    ``output_dir/predictions`` with the inference pipeline, then score them against ``dataset_dir/labelsTs``
+    into ``output_dir``. It overrides top-level ids only, so it also parses on its own (safe mode scans it so)."""
     return {
-        **_common("evaluation"),
-        "overlap": 0.5,
+        "dataset_dir": ".",
+        "output_dir": "evaluation",
+        "overwrite": True,
         "nsd_tolerance_mm": 1.0,
-        "initialize": [],
-        "run": [{"_target_": f"{C}.evaluate_bundle", "bundle_root": "@bundle_root", "dataset_dir": "@dataset_dir",
-                 "output_dir": "@output_dir", "device": "@device", "overlap": "@overlap",
-                 "nsd_tolerance_mm": "@nsd_tolerance_mm"}],
+        "predictions_dir": {"_target_": f"{C}.bundle_path", "bundle_root": "@output_dir", "parts": ["predictions"]},
+        "labels_dir": {"_target_": f"{C}.labels_folder", "dataset_dir": "@dataset_dir", "subdir": "labelsTs"},
+        "initialize": ["@labels_dir"],
+        "run": [{"_target_": f"{C}.run_engine", "engine": "@evaluator"},
+                {"_target_": f"{C}.score_predictions", "plan": "@plan", "predictions_dir": "@predictions_dir",
+                 "labels_dir": "@labels_dir", "output_dir": "@output_dir", "nsd_tolerance_mm": "@nsd_tolerance_mm"}],
     }
 
 

@@ -24,6 +24,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from medseg.errors import BundleError, InputError, MedsegError, root_cause
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,71 @@ def find_config(bundle: Path, name: str) -> Path:
     raise BundleError(f"{configs}: no config named {name!r}" + (f"; available: {', '.join(available)}" if available else ""))
 
 
+#: Configs an override config (one that uses ids it does not define, like model-zoo ``evaluate.json``) is
+#: layered on, tried in order: medseg's ``evaluate.json`` overrides ``inference.json``, the zoo's ``train.json``.
+BASE_CONFIGS = ("inference", "train")
+
+
+def read_config_data(path: Path) -> Any:
+    """A config file as plain JSON / YAML data (``json.loads`` / ``yaml.safe_load``: nothing is evaluated);
+    None if it does not parse (safe mode names the problem)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
+        return None
+
+
+def _ids(content: Any) -> tuple[set[str], set[str]]:
+    """(ids a config defines at its top level, ids it uses: references ``@id...`` and nested keys ``id#...``)."""
+    if not isinstance(content, Mapping):
+        return set(), set()
+    defined = {str(k).lstrip("+") for k in content if "#" not in str(k) and "::" not in str(k)}
+    used: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str) and value.startswith("@") and not value.startswith(("@#", "@::")):
+            used.add(value[1:].replace("::", "#").split("#")[0])
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    for key, value in content.items():
+        head = str(key).lstrip("+").replace("::", "#")
+        if "#" in head:
+            used.add(head.split("#")[0])
+        walk(value)
+    return defined, used
+
+
+def config_layers(bundle: Path, name: str) -> list[Path]:
+    """The config files that ``--config name`` runs, in MONAI's merge order: ``[base, config]`` when the
+    config uses ids it does not define and one of :data:`BASE_CONFIGS` defines them all (as
+    ``--config_file "['configs/inference.json','configs/evaluate.json']"``), else ``[config]``.
+
+    Raises
+    ------
+    BundleError
+        As :func:`find_config`.
+    """
+    config = find_config(bundle, name)
+    defined, used = _ids(read_config_data(config))
+    missing = used - defined - {"_meta_"}
+    if missing and name not in BASE_CONFIGS:
+        for base_name in BASE_CONFIGS:
+            try:
+                base = find_config(bundle, base_name)
+            except BundleError:
+                continue
+            base_defined, _ = _ids(read_config_data(base))
+            if missing <= base_defined | defined:
+                return [base, config]
+    return [config]
+
+
 @contextlib.contextmanager
 def weights_only_loads() -> Iterator[None]:
     """Force ``torch.load(..., weights_only=True)`` for everything run inside."""
@@ -97,14 +164,15 @@ class _DropMessage(logging.Filter):
 
 
 @contextlib.contextmanager
-def _isolated(bundle: Path, config_file: Path, folder: str) -> Iterator[Path]:
-    """A copy of ``config_file`` in ``folder/configs`` (MONAI adds ``folder`` to ``sys.path``, not the
+def _isolated(bundle: Path, config_files: Sequence[Path], folder: str) -> Iterator[list[Path]]:
+    """Copies of ``config_files`` in ``folder/configs`` (MONAI adds ``folder`` to ``sys.path``, not the
     bundle), with every ``sys.path`` entry that is the working folder or inside the bundle (but not
     inside the running Python's environment, should the bundle folder hold it) removed for the
     duration (restored afterwards)."""
-    copy = Path(folder) / "configs" / config_file.name
-    copy.parent.mkdir()
-    shutil.copyfile(config_file, copy)
+    copies = [Path(folder) / "configs" / config_file.name for config_file in config_files]
+    copies[0].parent.mkdir()
+    for config_file, copy in zip(config_files, copies):
+        shutil.copyfile(config_file, copy)
     saved = list(sys.path)
     environment = [Path(p).resolve() for p in {sys.prefix, sys.base_prefix}]
 
@@ -114,7 +182,7 @@ def _isolated(bundle: Path, config_file: Path, folder: str) -> Iterator[Path]:
 
     sys.path[:] = [entry for entry in saved if entry not in ("", ".") and not bundle_code(entry)]
     try:
-        yield copy
+        yield copies
     finally:
         sys.path[:] = saved
 
@@ -134,7 +202,8 @@ def _no_notice() -> Iterator[None]:
 def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", overrides: Mapping[str, Any] | None = None,
                trust: bool = False) -> None:
     """Run ``configs/<config>`` of a bundle with MONAI's ``monai.bundle.run`` (ids ``initialize``,
-    ``run``, ``finalize``), ``bundle_root`` set to the bundle and ``overrides`` applied.
+    ``run``, ``finalize``), ``bundle_root`` set to the bundle and ``overrides`` applied; an override config
+    (medseg's ``evaluate.json``) layered on the config it overrides (:func:`config_layers`).
 
     Raises
     ------
@@ -150,7 +219,8 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
     from medseg.bundle.safety import check_bundle
 
     bundle = Path(bundle_dir).resolve()
-    config_file = find_config(bundle, config)
+    config_files = config_layers(bundle, config)
+    config_file = config_files[-1]
     values = dict(overrides or {})
     for key in PATH_KEYS:  # relative to the caller's folder, before we move into the bundle
         value = values.get(key)
@@ -158,12 +228,12 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
             values[key] = os.path.abspath(value)
     values.setdefault("bundle_root", str(bundle))  # checked as it will run
     if not trust:
-        check_bundle(bundle, values, config=config_file)  # before MONAI parses anything
+        check_bundle(bundle, values, config=config_files)  # before MONAI parses anything
     else:
         log.warning("running %s with --trust: its configs may execute arbitrary code", bundle)
     meta = bundle / META_FILE
     logging_conf = bundle / "configs" / "logging.conf"
-    kwargs: dict[str, Any] = {"config_file": str(config_file)}
+    kwargs: dict[str, Any] = {"config_file": [str(f) for f in config_files]}
     if meta.is_file():
         kwargs["meta_file"] = str(meta)
     else:
@@ -172,7 +242,7 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
     # a trusted bundle's own logging, unless medseg runs --quiet; otherwise medseg's logging stays as it is
     # (safe mode never applies the bundle's file: fileConfig builds handlers, e.g. files, from it)
     kwargs["logging_file"] = str(logging_conf) if trust and logging_conf.is_file() and not quiet else False
-    log.info("running %s (%s)", config_file, ", ".join(f"{k}={v}" for k, v in values.items()))
+    log.info("running %s (%s)", " + ".join(map(str, config_files)), ", ".join(f"{k}={v}" for k, v in values.items()))
     try:
         # MONAI resolves relative `%file` macros against the working folder; safe mode checked them
         # against the bundle, so run from inside the bundle
@@ -187,10 +257,10 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
                 finally:
                     sys.path[:] = saved_path
             else:
-                with _isolated(bundle, config_file, tmp) as copy, warnings.catch_warnings():
+                with _isolated(bundle, config_files, tmp) as copies, warnings.catch_warnings():
                     # MONAI warns that _target_ runs with no allow list: in safe mode it was checked against one
                     warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
-                    run(**{**kwargs, "config_file": str(copy)}, **values)
+                    run(**{**kwargs, "config_file": [str(c) for c in copies]}, **values)
     except MedsegError:
         raise
     except Exception as exc:  # report what the bundle did wrong, not MONAI's wrappers

@@ -85,6 +85,7 @@ RUN_PARAMETERS: tuple[str, ...] = ("workflow_name", "args_file", "config_file", 
 
 _EXPR, _MACRO, _OVERRIDES = "$", "%", "--set"
 _SUFFIXES = (".json", ".yaml", ".yml")
+_Configs = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 _MAX_NODES = 200_000
 
 
@@ -361,7 +362,7 @@ def _config_files(root: Path) -> Iterator[Path]:
 
 
 def _scan(bundle_dir: str | os.PathLike[str], extra_files: Sequence[str | os.PathLike[str]],
-          overrides: Mapping[str, Any] | None, config: str | os.PathLike[str] | None = None) -> list[Finding]:
+          overrides: Mapping[str, Any] | None, config: _Configs | None = None) -> list[Finding]:
     root = Path(bundle_dir).resolve()
     if not root.is_dir():
         raise BundleError(f"{bundle_dir}: no such bundle folder")
@@ -396,10 +397,11 @@ def _scan(bundle_dir: str | os.PathLike[str], extra_files: Sequence[str | os.Pat
         scanner.references.clear()
     if not scanner.findings:  # rule 8 needs configs that MONAI can merge without running anything
         if config is not None:  # the config about to run, with the overrides it runs with
-            scanner.findings.extend(_argument_findings(scanner, root / Path(config), overrides or {}))
+            files = [config] if isinstance(config, (str, os.PathLike)) else list(config)
+            scanner.findings.extend(_argument_findings(scanner, [root / Path(f) for f in files], overrides or {}))
         else:
             for path in [*_config_files(root), *((root / Path(extra)).absolute() for extra in extra_files)]:
-                scanner.findings.extend(_argument_findings(scanner, path, {}))
+                scanner.findings.extend(_argument_findings(scanner, [path], {}))
     return sorted(set(scanner.findings))
 
 
@@ -423,11 +425,12 @@ def user_paths(overrides: Mapping[str, Any], root: Path) -> list[Path]:
     return paths
 
 
-def _argument_findings(scanner: _Scanner, config: Path, overrides: Mapping[str, Any]) -> list[Finding]:
-    """Rule 8 for one config file: its components' arguments, merged with ``_meta_`` and the overrides."""
-    name = _display(config, scanner.root)
+def _argument_findings(scanner: _Scanner, configs: Sequence[Path], overrides: Mapping[str, Any]) -> list[Finding]:
+    """Rule 8 for one config (or several layered in MONAI's merge order): its components' arguments, merged
+    with ``_meta_`` and the overrides."""
+    name = " + ".join(_display(config, scanner.root) for config in configs)
     try:
-        merged = merged_config(config, scanner.root / META_FILE, overrides, scanner.root)
+        merged = merged_config(configs, scanner.root / META_FILE, overrides, scanner.root)
     except Exception as exc:  # noqa: BLE001 - MONAI's parser failing is a reason to refuse, not a crash
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         return [Finding(name, "", f"cannot be merged with its overrides and metadata as MONAI would: {first}")]
@@ -466,7 +469,7 @@ def scan_bundle(bundle_dir: str | os.PathLike[str],
 
 def check_bundle(bundle_dir: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None,
                  extra_files: Sequence[str | os.PathLike[str]] = (),
-                 config: str | os.PathLike[str] | None = None) -> None:
+                 config: _Configs | None = None) -> None:
     """Refuse an untrusted bundle (safe mode); call before anything reaches MONAI's parser.
 
     Parameters
@@ -478,8 +481,9 @@ def check_bundle(bundle_dir: str | os.PathLike[str], overrides: Mapping[str, Any
     extra_files
         More config files that will be parsed (see :func:`scan_bundle`).
     config
-        The config file that will run (bundle-relative or absolute): rule 8 checks it merged with
-        ``overrides``. None: every config, without overrides.
+        The config file that will run (bundle-relative or absolute), or the files that will run layered
+        (MONAI's merge order): rule 8 checks it merged with ``overrides``. None: every config, without
+        overrides.
 
     Raises
     ------

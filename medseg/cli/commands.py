@@ -50,33 +50,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from medseg.bundle.pipeline import InferenceOptions, predict, predict_dicom
     from medseg.errors import InputError
-    from medseg.inference.predictor import predict, predict_dicom
     from medseg.io.dicom import is_dicom_input
 
+    options = InferenceOptions(device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                               tta=args.tta, precision=args.precision)
     selection = {"--series-uid": args.series_uid, "--modality": args.modality,
                  "--series-description": args.series_description,
                  "--min-slices": args.min_slices if args.min_slices != 1 else None}
     if is_dicom_input(args.input):
         if args.instances or args.instance_labels is not None:
             raise InputError(args.input, "--instances is not supported for DICOM input")
-        outputs = predict_dicom(args.model, args.input, args.output, fmt=args.format, series_uid=args.series_uid,
-                                modality=args.modality, min_slices=args.min_slices,
-                                description=args.series_description, device=args.device, overlap=args.overlap,
-                                overwrite=args.overwrite, tta=args.tta, precision=args.precision,
-                                sw_batch_size=args.sw_batch_size, strict=args.strict)
-        for path in outputs:
-            print(path)
-        return 0
-    given = [flag for flag, value in selection.items() if value is not None]
-    if args.format != "nifti" or given:
-        what = f"--format {args.format}" if args.format != "nifti" else ", ".join(given)
-        raise InputError(args.input, f"{what} needs a DICOM folder or file as --input")
-    outputs = predict(args.model, args.input, args.output, device=args.device, overlap=args.overlap,
-                      overwrite=args.overwrite, sw_batch_size=args.sw_batch_size,
-                      instances=args.instances or args.instance_labels is not None,
-                      instance_labels=args.instance_labels, tta=args.tta,
-                      precision=args.precision, strict=args.strict)
+        outputs = predict_dicom(args.model, args.input, args.output, options, fmt=args.format,
+                                series_uid=args.series_uid, modality=args.modality, min_slices=args.min_slices,
+                                description=args.series_description, overwrite=args.overwrite, strict=args.strict)
+    else:
+        given = [flag for flag, value in selection.items() if value is not None]
+        if args.format != "nifti" or given:
+            what = f"--format {args.format}" if args.format != "nifti" else ", ".join(given)
+            raise InputError(args.input, f"{what} needs a DICOM folder or file as --input")
+        outputs = predict(args.model, args.input, args.output, options, overwrite=args.overwrite,
+                          instances=args.instances or args.instance_labels is not None,
+                          instance_labels=args.instance_labels, strict=args.strict)
     for path in outputs:
         print(path)
     return 0
@@ -93,7 +89,7 @@ def _labels_from(path: str | None) -> dict[int, str] | None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medseg.errors import InputError
-    from medseg.metrics.evaluate import evaluate_folders
+    from medseg.reports.evaluation import evaluate_folders
 
     if not 0 <= args.nsd_tolerance_mm < float("inf"):
         raise InputError(None, f"--nsd-tolerance-mm must be a finite value >= 0, got {args.nsd_tolerance_mm}")

@@ -13,7 +13,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import InputError
-from medseg.io.image import Geometry, case_name, read_geometry, read_image
+from medseg.io.geometry import Geometry
+from medseg.io.image import case_name, read_geometry, read_image
 from medseg.labels import parse_labels
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 from .fit import fit_problems
 from .inferer import SlabInferer
-from .predictor import Predictor, collect_inputs, load_model, predict, predict_dicom
+from .predictor import Predictor, collect_inputs, load_model, predict_files
+from .series import predict_series
 from .sliding import slab_sliding_window
 
 __all__ = [
@@ -11,7 +12,7 @@ __all__ = [
     "collect_inputs",
     "fit_problems",
     "load_model",
-    "predict",
-    "predict_dicom",
+    "predict_files",
+    "predict_series",
     "slab_sliding_window",
 ]

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medseg.io.image import Geometry
+from medseg.io.geometry import Geometry
 from medseg.plan import Plan, ras_spacing
 
 __all__ = ["AIR_FRACTION_CT", "AIR_FRACTION_OTHER", "AIR_HU", "MAX_SPACING_RATIO", "fit_problems",

@@ -2,8 +2,8 @@
 
 from .atomic import atomic_path, atomic_write_text
 from .dicom_seg import write_dicom_seg
-from .geometry import check_grid, grid_problem
-from .image import Geometry, case_name, list_images, read_geometry, read_image, to_array, write_label_map
+from .geometry import Geometry, check_grid, grid_problem
+from .image import case_name, list_images, read_geometry, read_image, to_array, write_label_map
 from .reader import ImageFileReader, LoadImageFiled
 from .rtstruct import write_rtstruct
 

@@ -14,12 +14,8 @@ imports neither MONAI nor torch.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
-import threading
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +25,8 @@ import SimpleITK as sitk
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
-from medseg.io.geometry import check_grid
-from medseg.io.itkfiles import itk_readable, itk_writable
+from medseg.io.geometry import Geometry, check_grid, lps_to_ras  # noqa: F401 - Geometry, lps_to_ras: here too
+from medseg.io.itkfiles import itk_readable, itk_reason, itk_writable, quiet_native_stderr
 from medseg.io.layout import (
     PixelLayout,
     check_geometry_fields,
@@ -38,7 +34,7 @@ from medseg.io.layout import (
     compressed_data_length,
     pixel_layout,
 )
-from medseg.io.nifti import NiftiInfo, check_nifti_data, check_nifti_header
+from medseg.io.nifti import NiftiInfo, check_nifti_data, check_nifti_header, read_nifti_bytes
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +68,20 @@ def case_name(path: str | os.PathLike[str]) -> str:
     return path.name[: -len(suffix)] if suffix else path.stem
 
 
+def label_map_name(case: str, suffix: str, kind: str = "seg") -> str:
+    """The one naming rule of medseg's outputs: ``<case>_<kind><suffix>`` (``kind``: ``seg``, ``instances``, ...)."""
+    return f"{case}_{kind}{suffix}"
+
+
+def output_name(source: str | os.PathLike[str] | SourceImage, kind: str = "seg") -> str:
+    """The file name of the ``kind`` output of an input image: :func:`label_map_name` of its case name and
+    its own file ending (``scan.nrrd`` -> ``scan_seg.nrrd``); an image made in memory gets its
+    :attr:`SourceImage.name` and :attr:`SourceImage.suffix`."""
+    if isinstance(source, SourceImage):
+        return label_map_name(source.name, source.suffix, kind)
+    return label_map_name(case_name(source), image_suffix(source) or "", kind)
+
+
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     """List the image files directly inside ``folder`` (sorted; hidden files skipped).
 
@@ -89,67 +99,6 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     if not images:
         raise InputError(folder, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     return images
-
-
-def lps_to_ras(affine: np.ndarray) -> np.ndarray:
-    """Flip the first two world axes of a ``(d+1) x (d+1)`` affine (LPS <-> RAS; its own inverse),
-    as :func:`monai.data.utils.orientation_ras_lps` does."""
-    d = max(affine.shape[0] - 1, 1)
-    flip = [[-1.0, 1.0], [-1.0, -1.0, 1.0], [-1.0, -1.0, 1.0, 1.0]][min(d - 1, 2)] + [1.0] * (d - 3)
-    return np.diag(flip) @ affine
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Voxel grid of an image in ITK (LPS) terms, sizes in index order ``(x, y, z)``."""
-
-    size: tuple[int, ...]
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-
-    @property
-    def dims(self) -> int:
-        return len(self.size)
-
-    @classmethod
-    def of(cls, image: sitk.Image | sitk.ImageFileReader) -> Geometry:
-        """Geometry of a SimpleITK image (or of a reader after ``ReadImageInformation``)."""
-        size = image.GetSize()
-        return cls(
-            tuple(int(s) for s in size),
-            tuple(float(s) for s in image.GetSpacing()),
-            tuple(float(o) for o in image.GetOrigin()),
-            tuple(float(d) for d in image.GetDirection()),
-        )
-
-    def affine_lps(self) -> np.ndarray:
-        """The (d+1)x(d+1) index-to-LPS-world matrix."""
-        d = self.dims
-        affine = np.eye(d + 1)
-        affine[:d, :d] = np.asarray(self.direction).reshape(d, d) @ np.diag(self.spacing)
-        affine[:d, d] = self.origin
-        return affine
-
-    def affine_ras(self) -> np.ndarray:
-        """The (d+1)x(d+1) index-to-RAS-world matrix (MONAI's and nibabel's convention)."""
-        return lps_to_ras(self.affine_lps())
-
-    def mismatch(self, other: Geometry, tol_mm: float = 1e-3, tol_dir: float = 1e-4) -> str | None:
-        """Describe how ``other`` differs from this grid, or return None if they match."""
-        if self.size != other.size:
-            return f"size {other.size} differs from {self.size}"
-        if not np.allclose(self.spacing, other.spacing, atol=tol_mm, rtol=0):
-            return f"spacing {_fmt(other.spacing)} differs from {_fmt(self.spacing)}"
-        if not np.allclose(self.origin, other.origin, atol=max(tol_mm, 1e-3 * max(self.spacing)), rtol=0):
-            return f"origin {_fmt(other.origin)} differs from {_fmt(self.origin)}"
-        if not np.allclose(self.direction, other.direction, atol=tol_dir, rtol=0):
-            return "direction (orientation) differs"
-        return None
-
-
-def _fmt(values: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 def _check_path(path: Path) -> None:
@@ -177,10 +126,10 @@ def _read_header(path: Path, dims: int | None) -> _Header:
     with itk_readable(path) as name:
         reader.SetFileName(name)
         try:
-            with _quiet_native_stderr():
+            with quiet_native_stderr():
                 reader.ReadImageInformation()
         except RuntimeError as exc:
-            raise InputError(path, f"not a readable image ({_itk_reason(exc)})") from None
+            raise InputError(path, f"not a readable image ({itk_reason(exc)})") from None
     geometry = Geometry.of(reader)
     if reader.GetNumberOfComponents() != 1:
         raise InputError(path, f"has {reader.GetNumberOfComponents()} components per voxel; expected a scalar image")
@@ -243,57 +192,6 @@ def read_geometry(path: str | os.PathLike[str], dims: int | None = None) -> Geom
     return _read_header(Path(path), dims).geometry
 
 
-@contextlib.contextmanager
-def _quiet_native_stderr() -> Iterator[None]:
-    """Silence what ITK's C++ readers print straight to file descriptor 2 (MetaIO, NIfTI warnings):
-    medseg reports read failures itself, as one line.
-
-    File descriptor 2 belongs to the process: readers in several threads (a caching dataset's pool)
-    share one redirection, made by the first to enter and undone by the last to leave, so that a
-    thread never saves the silenced descriptor as the one to restore.
-    """
-    global _quiet_depth, _quiet_saved
-    with _quiet_lock:
-        if _quiet_depth == 0:
-            sys.stderr.flush()
-            try:
-                saved = os.dup(2)
-            except OSError:  # no usable stderr: nothing to silence
-                saved = -1
-            if saved >= 0:
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                try:
-                    os.dup2(devnull, 2)
-                finally:
-                    os.close(devnull)
-            _quiet_saved = saved
-        _quiet_depth += 1
-    try:
-        yield
-    finally:
-        with _quiet_lock:
-            _quiet_depth -= 1
-            if _quiet_depth == 0 and _quiet_saved >= 0:
-                os.dup2(_quiet_saved, 2)
-                os.close(_quiet_saved)
-                _quiet_saved = -1
-
-
-_quiet_lock = threading.Lock()
-_quiet_depth = 0
-_quiet_saved = -1
-
-
-def _itk_reason(exc: BaseException) -> str:
-    """The useful last line of an ITK exception (they carry file/line noise)."""
-    text = str(exc).strip().splitlines()
-    for line in reversed(text):
-        line = line.strip()
-        if line and not line.startswith(("Exception thrown in", "File ", "Line ")):
-            return line.split("ERROR:")[-1].strip()[:200]
-    return type(exc).__name__
-
-
 def read_image(path: str | os.PathLike[str], dims: int | None = None, *, finite: bool = True) -> sitk.Image:
     """Read a whole image with SimpleITK, pixel data included.
 
@@ -306,11 +204,7 @@ def read_image(path: str | os.PathLike[str], dims: int | None = None, *, finite:
     """
     path = Path(path)
     header = _checked_file(path, dims)
-    try:
-        with itk_readable(path) as name, _quiet_native_stderr():
-            image = sitk.ReadImage(name)
-    except RuntimeError as exc:
-        raise InputError(path, _read_failure(header, exc)) from None
+    image = _itk_read(path, header)
     if not finite:
         return image
     if header.nifti is not None and np.dtype(header.nifti.dtype).kind in "fc":  # ITK reads a NIfTI's NaN/Inf as 0
@@ -324,9 +218,127 @@ def read_image(path: str | os.PathLike[str], dims: int | None = None, *, finite:
     return image
 
 
+def _itk_read(path: Path, header: _Header) -> sitk.Image:
+    try:
+        with itk_readable(path) as name, quiet_native_stderr():
+            return sitk.ReadImage(name)
+    except RuntimeError as exc:
+        raise InputError(path, _read_failure(header, exc)) from None
+
+
+@dataclass(eq=False)
+class SourceImage:
+    """An input image read once and held in memory: what a prediction starts from (the first step of
+    the preprocessing takes it instead of a file name) and what its label maps copy their grid from.
+
+    Attributes
+    ----------
+    path
+        The file it was read from; None for an image made in memory (a DICOM series).
+    geometry
+        Its grid, as SimpleITK reads it (LPS).
+    pixels
+        For a NIfTI file a nibabel image of the decoded voxels, built as ``nibabel.load`` builds it (so
+        MONAI's ``NibabelReader`` takes it exactly as from the file); else a SimpleITK image. None once
+        :meth:`drop_pixels` freed them.
+    name, suffix
+        Its case name (:func:`case_name` of the file, or given) and the file ending of its outputs (the
+        file's own, ``.nii.gz`` for an image made in memory): see :func:`output_name`.
+    nbytes, finite_checked
+        Bytes of pixel data held; whether its voxels were found finite when it was read.
+    header
+        A NIfTI file's header as read (label maps copy it); None otherwise.
+    """
+
+    path: Path | None
+    geometry: Geometry
+    pixels: sitk.Image | nib.Nifti1Image | None
+    name: str
+    suffix: str
+    nbytes: int
+    finite_checked: bool = False
+    header: nib.Nifti1Header | None = None
+
+    @classmethod
+    def from_image(cls, image: sitk.Image, name: str, suffix: str = ".nii.gz") -> SourceImage:
+        """An image made in memory (e.g. a DICOM series read by :func:`medseg.io.dicom.read_series`)."""
+        nbytes = int(np.prod(image.GetSize(), dtype=np.int64)) * image.GetSizeOfPixelComponent()
+        return cls(None, Geometry.of(image), image, name, suffix, nbytes * image.GetNumberOfComponentsPerPixel())
+
+    @property
+    def is_nifti(self) -> bool:
+        return self.header is not None
+
+    def voxels(self) -> np.ndarray:
+        """Voxel values in modality units, index order ``(x, y, z)``: a view, valid while this object holds
+        its pixels (a NIfTI file's scaled as nibabel scales them).
+
+        Raises
+        ------
+        ValueError
+            After :meth:`drop_pixels`.
+        """
+        if self.pixels is None:
+            raise ValueError(f"{self}: the pixels were dropped")
+        if isinstance(self.pixels, sitk.Image):
+            return sitk.GetArrayViewFromImage(self.pixels).T
+        return np.asanyarray(self.pixels.dataobj)
+
+    def drop_pixels(self) -> None:
+        """Free the pixel data once it has been taken (by the preprocessing); the grid and a NIfTI file's
+        header stay, for its label maps."""
+        self.pixels = None
+
+    def __str__(self) -> str:
+        return os.fspath(self.path) if self.path is not None else self.name
+
+
+def _nifti_image(path: Path, raw: bytes) -> nib.Nifti1Image:
+    """The image ``nibabel.load`` makes of a NIfTI file's bytes, its voxels decoded (scaled) once."""
+    two = 540 in (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big"))
+    klass = nib.Nifti2Image if two else nib.Nifti1Image
+    try:
+        loaded = klass.from_bytes(raw)
+        voxels = np.asanyarray(loaded.dataobj)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a bad file
+        raise InputError(path, f"cannot read the pixel data ({type(exc).__name__}: {exc})") from None
+    image = klass(voxels, None, loaded.header)  # as nibabel's from_file_map: the header passes unmodified
+    image._affine = loaded.affine  # noqa: SLF001 - the affine is the header's best one, as nibabel sets it
+    return image
+
+
+def read_source(path: str | os.PathLike[str], dims: int | None = None, *, finite: bool = True) -> SourceImage:
+    """Read an image file once into memory: the header checked as :func:`read_geometry` checks it, the
+    pixel data read (a ``.nii.gz`` decompressed) exactly once, and (unless ``finite=False``) its voxels
+    checked to be finite (a NIfTI file's on the stored values).
+
+    Raises
+    ------
+    InputError
+        As :func:`read_image`.
+    """
+    path = Path(path)
+    header = _read_header(path, dims)
+    nifti_header = None
+    if header.nifti is not None:
+        raw = read_nifti_bytes(path, header.nifti)  # one decompression, the stream checked to its end
+        if finite:
+            info = header.nifti
+            check_finite_voxels(path, np.ndarray(info.shape, info.dtype, raw, info.offset, order="F"))
+        pixels: sitk.Image | nib.Nifti1Image = _nifti_image(path, raw)
+        nifti_header, nbytes = pixels.header.copy(), int(pixels.dataobj.nbytes)
+        del raw
+    else:
+        pixels, nbytes = _itk_read(path, header), header.data_bytes
+        if finite:
+            check_finite_voxels(path, sitk.GetArrayViewFromImage(pixels).T)
+    return SourceImage(path, header.geometry, pixels, case_name(path), image_suffix(path) or "", nbytes,
+                       finite_checked=finite, header=nifti_header)
+
+
 def _read_failure(header: _Header, exc: RuntimeError) -> str:
     """Why ITK could not read the pixel data the header declares, as precisely as can be told."""
-    reason = _itk_reason(exc)
+    reason = itk_reason(exc)
     if header.layout is not None:
         decompressed = compressed_data_length(header.layout, header.data_bytes)
         if decompressed is not None and decompressed < header.data_bytes:
@@ -377,48 +389,72 @@ def check_finite_voxels(path: str | os.PathLike[str] | None, array: np.ndarray) 
                                f"{first}); medseg needs finite intensities")
 
 
+def label_map_dtype(max_label: int, *, torch_compatible: bool = False) -> np.dtype:
+    """The one dtype rule of label maps: uint8 when the largest label is at most 255, uint16 up to 65535,
+    uint32 beyond (instance maps). ``torch_compatible``: torch computes little on unsigned integers wider
+    than a byte, so int32 takes the place of uint16 (and int64 of uint32).
+
+    Raises
+    ------
+    ValueError
+        For a negative ``max_label``.
+    """
+    if max_label < 0:
+        raise ValueError("label maps cannot hold negative labels")
+    if max_label <= 255:
+        return np.dtype(np.uint8)
+    if torch_compatible:
+        return np.dtype(np.int32) if max_label <= np.iinfo(np.int32).max else np.dtype(np.int64)
+    return np.dtype(np.uint16) if max_label <= 65535 else np.dtype(np.uint32)
+
+
 def label_dtype(labels: np.ndarray) -> np.dtype:
-    """uint8 for label maps up to 255, uint16 up to 65535, uint32 beyond (instance maps).
+    """:func:`label_map_dtype` of the largest value in ``labels``.
 
     Raises
     ------
     ValueError
         For negative labels.
     """
-    top = int(labels.max()) if labels.size else 0
     if labels.size and int(labels.min()) < 0:
         raise ValueError("label maps cannot hold negative labels")
-    if top <= 255:
-        return np.dtype(np.uint8)
-    return np.dtype(np.uint16) if top <= 65535 else np.dtype(np.uint32)
+    return label_map_dtype(int(labels.max()) if labels.size else 0)
 
 
-def write_label_map(labels: np.ndarray, reference: str | os.PathLike[str], output: str | os.PathLike[str]) -> Path:
-    """Write a label map in exactly the grid of ``reference`` (its shape, spacing, origin, direction).
+def write_label_map(labels: np.ndarray, reference: str | os.PathLike[str] | SourceImage | sitk.Image,
+                    output: str | os.PathLike[str]) -> Path:
+    """Write a label map in exactly the grid of ``reference`` (its shape, spacing, origin, direction):
+    an image file, a :class:`SourceImage` (nothing is read again) or a SimpleITK image.
 
-    ``labels`` is in index order ``(x, y, z)`` of the reference. NIfTI outputs copy the reference
-    header (qform and sform included); other formats copy the reference's SimpleITK geometry.
-    The file appears atomically.
+    ``labels`` is in index order ``(x, y, z)`` of the reference, stored as :func:`label_dtype` says.
+    NIfTI outputs of a NIfTI reference copy its header (qform and sform included); other outputs copy
+    the reference's SimpleITK geometry. The file appears atomically.
 
     Raises
     ------
     InputError
-        If ``labels`` does not have the reference's shape.
+        If ``labels`` does not have the reference's shape; a reference file as :func:`read_geometry`.
     """
-    reference, output = Path(reference), Path(output)
-    geometry = read_geometry(reference)
+    output = Path(output)
+    nifti: nib.Nifti1Header | None = None
+    if isinstance(reference, SourceImage):
+        geometry, nifti = reference.geometry, reference.header
+    elif isinstance(reference, sitk.Image):
+        geometry = Geometry.of(reference)
+    else:
+        geometry = read_geometry(reference)
+        nifti = nib.load(str(reference)).header if is_nifti(reference) else None  # the header only
     labels = np.asarray(labels)
     if tuple(labels.shape) != geometry.size:
         raise InputError(output, f"label map shape {labels.shape} differs from the input's {geometry.size}")
     labels = labels.astype(label_dtype(labels), copy=False)
-    suffix = image_suffix(output)
     with atomic_path(output) as tmp:
-        if suffix in NIFTI_SUFFIXES and image_suffix(reference) in NIFTI_SUFFIXES:
-            ref = nib.load(str(reference))
-            header = ref.header.copy()
+        if image_suffix(output) in NIFTI_SUFFIXES and nifti is not None:
+            header = nifti.copy()
             header.set_data_dtype(labels.dtype)
             header.set_slope_inter(1.0, 0.0)
-            out = type(ref)(labels.reshape(ref.shape[: labels.ndim]), None, header=header)
+            image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+            out = image_class(labels.reshape(nifti.get_data_shape()[: labels.ndim]), None, header=header)
             nib.save(out, str(tmp))
         else:
             image = sitk.GetImageFromArray(np.ascontiguousarray(labels.T))

@@ -14,7 +14,6 @@ import gzip
 import os
 import struct
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -25,7 +24,7 @@ from medseg.errors import InputError
 from medseg.io.geometry import grid_problem, split_affine
 from medseg.io.layout import MAX_DEFLATE_RATIO
 
-__all__ = ["NiftiInfo", "check_nifti_data", "check_nifti_header"]
+__all__ = ["NiftiInfo", "check_nifti_data", "check_nifti_header", "read_nifti_bytes"]
 
 
 class NiftiInfo:
@@ -49,7 +48,7 @@ def _raw_header(path: Path) -> nib.Nifti1Header:
     for endian in "<>":
         if len(head) >= 4:
             size = struct.unpack(endian + "i", head[:4])[0]
-            klass: type[nib.Nifti1Header] | None = {348: nib.Nifti1Header, 540: nib.Nifti2Header}.get(size)
+            klass = {348: nib.Nifti1Header, 540: nib.Nifti2Header}.get(size)
             if klass is not None and len(head) >= size:
                 try:
                     return klass(head[:size], endianness=endian, check=False)
@@ -58,7 +57,7 @@ def _raw_header(path: Path) -> nib.Nifti1Header:
     raise InputError(path, "not a readable image (not a NIfTI-1 or NIfTI-2 header)")
 
 
-def _fmt(values: Sequence[float] | np.ndarray) -> str:
+def _fmt(values) -> str:
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
@@ -89,9 +88,9 @@ def check_nifti_header(path: str | os.PathLike[str]) -> NiftiInfo:
         raise InputError(path, f"NIfTI pixdim (voxel spacing) {_fmt(pixdim)} is not positive")
     if int(header["qform_code"]) > 0:
         quaternion = np.asarray([header["quatern_b"], header["quatern_c"], header["quatern_d"]], dtype=np.float64)
-        qoffset = np.asarray([header["qoffset_x"], header["qoffset_y"], header["qoffset_z"]], dtype=np.float64)
-        if not (np.all(np.isfinite(quaternion)) and np.all(np.isfinite(qoffset))):
-            raise InputError(path, f"NIfTI qform (quatern_b/c/d {_fmt(quaternion)}, qoffset {_fmt(qoffset)}) is not finite")
+        offset = np.asarray([header["qoffset_x"], header["qoffset_y"], header["qoffset_z"]], dtype=np.float64)
+        if not (np.all(np.isfinite(quaternion)) and np.all(np.isfinite(offset))):
+            raise InputError(path, f"NIfTI qform (quatern_b/c/d {_fmt(quaternion)}, qoffset {_fmt(offset)}) is not finite")
         if float(quaternion @ quaternion) > 1.0 + 1e-3:
             raise InputError(path, f"NIfTI qform quaternion {_fmt(quaternion)} is not a rotation (b^2 + c^2 + d^2 > 1)")
     if int(header["sform_code"]) > 0:
@@ -141,15 +140,43 @@ def check_nifti_data(path: str | os.PathLike[str], info: NiftiInfo) -> None:
         If the stream ends early, fails its checksum, or is shorter than the header declares.
     """
     path = Path(path)
-    if not path.name.lower().endswith(".gz"):
-        return
+    if path.name.lower().endswith(".gz"):
+        _decompress(path, info, keep=False)
+
+
+def read_nifti_bytes(path: str | os.PathLike[str], info: NiftiInfo) -> bytes:
+    """The whole file as bytes, a ``.nii.gz`` decompressed in one pass that checks the stream as
+    :func:`check_nifti_data` does (header, extensions and pixel data; whatever follows the pixel
+    data is read to the end of the stream and dropped).
+
+    Raises
+    ------
+    InputError
+        As :func:`check_nifti_data`; an unreadable file.
+    """
+    path = Path(path)
+    if path.name.lower().endswith(".gz"):
+        return _decompress(path, info, keep=True)
+    try:
+        return path.read_bytes()  # its size was checked against the header
+    except OSError as exc:
+        raise InputError(path, f"not a readable image ({exc})") from None
+
+
+def _decompress(path: Path, info: NiftiInfo, keep: bool) -> bytes:
+    """Decompress ``path`` to the end; the header and pixel data (``keep``) or nothing."""
+    need = info.offset + info.data_bytes
+    kept = b""
     count = 0
     try:
         with gzip.open(path, "rb") as stream:
+            if keep:
+                kept = stream.read(need)  # at most what the header declares (checked against the file size)
+                count = len(kept)
             while chunk := stream.read(1 << 22):
                 count += len(chunk)
     except (EOFError, OSError, zlib.error) as exc:
         raise InputError(path, f"compressed data is truncated or corrupt ({exc})") from None
-    if count < info.offset + info.data_bytes:
-        raise InputError(path, f"file is truncated: it decompresses to {count} bytes, the header needs "
-                               f"{info.offset + info.data_bytes}")
+    if count < need:
+        raise InputError(path, f"file is truncated: it decompresses to {count} bytes, the header needs {need}")
+    return kept

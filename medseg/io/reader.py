@@ -6,6 +6,8 @@ raises one ``RuntimeError`` holding all their tracebacks (about 110 lines for a 
 ``NibabelReader``, for NIfTI; SimpleITK for NRRD and MetaImage), after the checks of
 :mod:`medseg.io.image`, and :class:`LoadImageFiled` hands it to ``LoadImage`` as the run-time reader,
 which MONAI calls directly: an :class:`~medseg.errors.InputError` reaches the caller unchanged.
+Both also take an image already in memory (a :class:`~medseg.io.image.SourceImage`, or a SimpleITK image
+such as a DICOM series), so that one preprocessing chain serves files and in-memory images alike.
 
 Voxel values are checked here too: a NaN or infinite voxel is refused when the file is read, before
 preprocessing could clip or crop it away.
@@ -23,29 +25,28 @@ import numpy as np
 import SimpleITK as sitk
 from monai.data import ImageReader, NibabelReader
 from monai.data.image_reader import _copy_compatible_dict, _stack_images
+from monai.data.utils import correct_nifti_header_if_necessary
 from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-from medseg.io.image import (
-    IMAGE_SUFFIXES,
-    Geometry,
-    check_finite_voxels,
-    check_image_file,
-    image_suffix,
-    is_nifti,
-    read_image,
-    to_array,
-)
+from medseg.errors import InputError
+from medseg.io.geometry import Geometry
+from medseg.io.image import IMAGE_SUFFIXES, SourceImage, check_finite_voxels, image_suffix, read_source, to_array
 
 __all__ = ["ImageFileReader", "LoadImageFiled"]
 
 
 class _Read:
-    """One file as read: its path and the nibabel or SimpleITK image."""
+    """One image as read: its source (path or name, for messages), the nibabel or SimpleITK image, and
+    whether its voxels are known to be finite."""
 
-    def __init__(self, path: Path, image: Any) -> None:
-        self.path = path
-        self.image = image
+    def __init__(self, source: SourceImage) -> None:
+        if source.pixels is None:
+            raise ValueError(f"{source}: its pixels were dropped; read it again")
+        self.path = source.path if source.path is not None else source.name
+        self.finite = source.finite_checked
+        # as MONAI's NibabelReader.read (the source keeps its header as read: label maps copy that one)
+        self.image = correct_nifti_header_if_necessary(source.pixels) if source.is_nifti else source.pixels
 
 
 class ImageFileReader(ImageReader):
@@ -54,8 +55,9 @@ class ImageFileReader(ImageReader):
     NIfTI is read by MONAI's :class:`~monai.data.NibabelReader` (so arrays and affines are exactly
     MONAI's), NRRD and MetaImage by SimpleITK; both return arrays in index order ``(x, y, z)`` with a
     RAS ``affine`` in the metadata, so MONAI's spatial transforms and ``Invertd`` see the true geometry.
-    Every file is first checked as :func:`medseg.io.image.read_image` checks it (header, grid, size on
-    disk); its voxels must be finite.
+    Every file is read once by :func:`medseg.io.image.read_source` (header, grid and size on disk checked
+    first; a ``.nii.gz`` decompressed once); its voxels must be finite. An image already in memory (a
+    :class:`~medseg.io.image.SourceImage` or SimpleITK image) is taken as it is.
 
     Parameters
     ----------
@@ -79,15 +81,18 @@ class ImageFileReader(ImageReader):
     def verify_suffix(self, filename: Sequence[os.PathLike[str] | str] | os.PathLike[str] | str) -> bool:
         return all(image_suffix(f) is not None for f in ensure_tuple(filename))
 
-    def read(self, data: Sequence[os.PathLike[str] | str] | os.PathLike[str] | str, **kwargs: Any) -> Any:
+    def read(self, data: Any, **kwargs: Any) -> Any:
         reads = []
-        for name in ensure_tuple(data):
-            path = Path(name)
-            if is_nifti(path):
-                check_image_file(path, self.dims)
-                reads.append(_Read(path, self._nibabel.read(path)))
+        for item in ensure_tuple(data):
+            if isinstance(item, sitk.Image):
+                item = SourceImage.from_image(item, "image")
+            if isinstance(item, SourceImage):
+                if self.dims is not None and item.geometry.dims != self.dims:
+                    raise InputError(item.path or item.name,
+                                     f"is a {item.geometry.dims}D image, expected {self.dims}D")
             else:
-                reads.append(_Read(path, read_image(path, self.dims, finite=False)))  # checked in get_data
+                item = read_source(Path(item).expanduser(), self.dims, finite=False)  # checked in get_data
+            reads.append(_Read(item))
         return reads if len(reads) > 1 else reads[0]
 
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
@@ -97,8 +102,10 @@ class ImageFileReader(ImageReader):
             if isinstance(item.image, sitk.Image):
                 array, header = _sitk_data(item.image)
             else:
+                self._nibabel.filenames = (str(item.path),)  # what NibabelReader.read would have recorded
                 array, header = self._nibabel.get_data(item.image)
-            check_finite_voxels(item.path, array)
+            if not item.finite:
+                check_finite_voxels(item.path, array)
             arrays.append(array)
             _copy_compatible_dict(header, meta)
         return _stack_images(arrays, meta), meta
@@ -123,14 +130,24 @@ class LoadImageFiled(LoadImaged):
     MONAI's ``LoadImaged(reader=...)`` wraps whatever its reader raises into a ``RuntimeError`` with
     the reader's traceback as text; given at run time, the reader is called without that wrapper, so
     the :class:`~medseg.errors.InputError` of a bad file is what the caller sees (inside ``Compose``,
-    as the ``__cause__`` of its "applying transform" error).
+    as the ``__cause__`` of its "applying transform" error). A key may hold a file name or an image in
+    memory (:class:`~medseg.io.image.SourceImage`, SimpleITK image); ``filename_or_obj`` in the metadata
+    is then its file name, or its name.
     """
 
     def __init__(self, keys: Any, dims: int | None = None, **kwargs: Any) -> None:
         self.file_reader = ImageFileReader(dims)
+        kwargs.setdefault("expanduser", False)  # done here: MONAI would turn an image in memory into a string
         with warnings.catch_warnings():  # LoadImage also builds MONAI's default readers: the CUDA-only
             warnings.filterwarnings("ignore", message=".*nvImageCodec", category=UserWarning)  # DICOM plugin warns
             super().__init__(keys, reader=self.file_reader, **kwargs)
 
     def __call__(self, data: Any, reader: ImageReader | None = None) -> Any:
-        return super().__call__(data, reader or self.file_reader)
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d[key]
+            if isinstance(value, sitk.Image):  # iterable: MONAI would read it pixel by pixel as file names
+                d[key] = SourceImage.from_image(value, "image")
+            elif isinstance(value, (str, os.PathLike)):
+                d[key] = str(Path(value).expanduser())
+        return super().__call__(d, reader or self.file_reader)

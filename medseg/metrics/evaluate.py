@@ -1,22 +1,21 @@
-"""Evaluate a folder of predicted label maps against a folder of reference label maps.
+"""Score a folder of predicted label maps against a folder of reference label maps.
 
 Cases are paired by name (see :func:`pair_cases`); every pair must share one voxel grid. All
-pairs are validated before any metric is computed, and the outputs (``metrics.csv`` and
-``summary.json``) are written atomically only once every case has been evaluated, so an error
-leaves no output behind. Metric definitions and the empty-mask convention are those of
-:mod:`medseg.metrics.overlap`.
+pairs are validated before any metric is computed. :func:`score_folders` computes; the files
+(``metrics.csv``, ``summary.json``, ...) are written by :func:`medseg.reports.evaluation.evaluate_folders`.
+Metric definitions and the empty-mask convention are those of :mod:`medseg.metrics.overlap`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,10 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.errors import InputError
-from medseg.io.atomic import atomic_write_text
 from medseg.io.image import case_name, list_images, read_geometry
 from medseg.labels import is_lesion_name
 from medseg.metrics.labelmaps import describe_values, label_values, read_label_map
-from medseg.metrics.lesion_table import lesion_rows, write_lesions_csv
+from medseg.metrics.lesion_table import lesion_rows
 from medseg.metrics.lesions import lesion_wise
 from medseg.metrics.overlap import (
     EMPTY_CONVENTION,
@@ -114,7 +112,7 @@ def pair_cases(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike[str]
 
 def _expected_ref(pred: Path) -> str:
     name = case_name(pred)
-    base = name[: -len(PRED_SUFFIX)] if name.endswith(PRED_SUFFIX) else name
+    base = name.removesuffix(PRED_SUFFIX)
     return f"{base}.<ext>"
 
 
@@ -126,27 +124,63 @@ def _and_more(paths: list[Path], shown: int = 5) -> str:
     return f"; same for {names}{extra}"
 
 
-def evaluate_folders(
+@dataclass
+class FolderEvaluation:
+    """What :func:`score_folders` measured: per-case, per-label metrics and lesion-wise scores.
+
+    Attributes
+    ----------
+    cases
+        Number of case pairs.
+    rows
+        ``(case, label, metrics)`` for every case and foreground label (both empty: :func:`both_empty_metrics`).
+    names
+        ``{label: name}`` of the labels reported.
+    foreground
+        The foreground labels reported, sorted.
+    lesion_rows
+        Rows of ``lesions.csv`` (:func:`medseg.metrics.lesions.lesion_rows`) of the reported lesion labels.
+    nsd_tolerance_mm
+        Tolerance of the normalised surface Dice.
+    """
+
+    cases: int
+    rows: list[tuple[str, int, LabelMetrics]]
+    names: dict[int, str]
+    foreground: list[int]
+    lesion_rows: list[dict[str, Any]]
+    nsd_tolerance_mm: float
+
+    def summary(self) -> dict[str, Any]:
+        """The summary (``summary.json``): cases, per-label mean/std/median of :data:`SUMMARY_METRICS`, the
+        foreground mean Dice, the empty-mask convention and, for lesion labels, lesion-wise totals."""
+        summary = _summary(self.rows, self.names, self.foreground, self.cases, self.nsd_tolerance_mm)
+        if self.lesion_rows:
+            summary["lesions"] = _lesion_summary(self.lesion_rows, self.names)
+        return summary
+
+    def dice_by_label(self) -> dict[str, list[float]]:
+        """``{label name: [Dice of each case]}`` over the foreground labels."""
+        return {self.names[label]: [m.dice for _, lab, m in self.rows if lab == label] for label in self.foreground}
+
+
+def score_folders(
     pred_dir: str | os.PathLike[str],
     ref_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
     labels: Mapping[int, str] | None = None,
     nsd_tolerance_mm: float = 1.0,
     lesion_labels: Sequence[int] | None = None,
     lesion_min_volume_ml: float = 0.0,
-    plots: bool = True,
     label_map: Mapping[int, int] | None = None,
-) -> dict[str, Any]:
-    """Compute per-case, per-label metrics and write ``metrics.csv``, ``summary.json``, for lesion
-    labels ``lesions.csv`` (lesion-wise TP/FP/FN, F1, lesion-wise Dice; see
-    :mod:`medseg.metrics.lesions`), and ``dice_boxplot.png`` (Dice per label over cases).
+) -> FolderEvaluation:
+    """Compute per-case, per-label metrics of a folder of predictions against a folder of references,
+    and lesion-wise scores (TP/FP/FN, F1, lesion-wise Dice; see :mod:`medseg.metrics.lesions`) of the
+    lesion labels; nothing is written (:func:`medseg.reports.evaluation.evaluate_folders` writes them).
 
     Parameters
     ----------
     pred_dir, ref_dir
         Folders of predicted and reference label maps, paired by :func:`pair_cases`.
-    out_dir
-        Output folder (created if needed).
     labels
         ``{value: name}`` of the labels to evaluate (0, the background, is always allowed and
         never reported). Without it: the sorted union of the non-zero values of all cases, named
@@ -158,17 +192,10 @@ def evaluate_folders(
         neoplasm, mass or metastasis.
     lesion_min_volume_ml
         Connected components smaller than this are ignored in the lesion-wise evaluation.
-    plots
-        Write ``dice_boxplot.png``.
     label_map
         ``{prediction value: reference value}`` applied to every prediction before it is checked
         and compared (e.g. ``{6: 5, 7: 5}`` when the model splits a reference label in two).
         A warning names the labels that occur only in the predictions or only in the references.
-
-    Returns
-    -------
-    dict
-        The summary written to ``summary.json``.
 
     Raises
     ------
@@ -176,7 +203,7 @@ def evaluate_folders(
         Any error of :func:`pair_cases`; an unreadable image; a pair whose grids differ; a label
         map with non-integral, NaN, infinite or negative values (see
         :func:`medseg.metrics.labelmaps.read_label_map`); with ``labels``, a value (of a prediction
-        after ``label_map``) not declared in it. Nothing is written when an error is raised.
+        after ``label_map``) not declared in it.
     ValueError
         If ``nsd_tolerance_mm`` is negative or not finite, or ``labels`` or ``label_map`` has a
         negative value.
@@ -190,16 +217,9 @@ def evaluate_folders(
     mapping = {int(k): int(v) for k, v in (label_map or {}).items()}
     if any(k < 0 or v < 0 for k, v in mapping.items()):
         raise ValueError(f"a label mapping needs values >= 0, got {mapping}")
-    out_dir = Path(out_dir)
 
     pairs = pair_cases(pred_dir, ref_dir)
-    spacings: dict[str, tuple[float, ...]] = {}
-    for case, pred, ref in pairs:  # cheap header-only check of every pair before any pixel is read
-        ref_geometry = read_geometry(ref)
-        difference = ref_geometry.mismatch(read_geometry(pred))
-        if difference is not None:
-            raise InputError(pred, f"grid does not match its reference {ref.name}: {difference}")
-        spacings[case] = ref_geometry.spacing
+    spacings = _pair_spacings(pairs)
     log.info("evaluating %d case(s) from %s against %s", len(pairs), pred_dir, ref_dir)
 
     # per case: metrics of the labels present in the prediction or the reference, and lesion-wise
@@ -235,30 +255,29 @@ def evaluate_folders(
     foreground = sorted(label for label in names if label != 0)
     if not foreground:
         log.warning("no foreground label in any prediction or reference: metrics.csv has no rows")
-
     rows: list[tuple[str, int, LabelMetrics]] = [
         (case, label, results[case].get(label, both_empty_metrics())) for case in results for label in foreground
     ]
-    summary = _summary(rows, names, foreground, len(pairs), nsd_tolerance_mm)
     lesion_rows_ = [row for row in lesion_rows_ if int(row["label"]) in foreground]  # as metrics.csv
-    if lesion_rows_:
-        summary["lesions"] = _lesion_summary(lesion_rows_, names)
+    return FolderEvaluation(len(pairs), rows, dict(names), foreground, lesion_rows_, float(nsd_tolerance_mm))
 
-    csv_text = _csv_text(rows, names)
-    json_text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
-    atomic_write_text(out_dir / "metrics.csv", csv_text)
-    atomic_write_text(out_dir / "summary.json", json_text)
-    written = [out_dir / "metrics.csv", out_dir / "summary.json"]
-    if lesion_rows_:
-        written.append(write_lesions_csv(lesion_rows_, out_dir / "lesions.csv"))
-    if plots and rows:
-        from medseg.reports.figures import dice_boxplot_png
 
-        by_label = {names[label]: [m.dice for _, lab, m in rows if lab == label] for label in foreground}
-        written.append(dice_boxplot_png(by_label, out_dir / "dice_boxplot.png",
-                                        title=f"Dice per label ({len(pairs)} case{'s' if len(pairs) != 1 else ''})"))
-    log.info("wrote %s", ", ".join(str(p) for p in written))
-    return summary
+def _pair_spacings(pairs: list[tuple[str, Path, Path]]) -> dict[str, tuple[float, ...]]:
+    """The spacing of every case, once a cheap header-only check found each pair on one grid.
+
+    Raises
+    ------
+    InputError
+        A pair whose grids differ; an unreadable header.
+    """
+    spacings: dict[str, tuple[float, ...]] = {}
+    for case, pred, ref in pairs:
+        ref_geometry = read_geometry(ref)
+        difference = ref_geometry.mismatch(read_geometry(pred))
+        if difference is not None:
+            raise InputError(pred, f"grid does not match its reference {ref.name}: {difference}")
+        spacings[case] = ref_geometry.spacing
+    return spacings
 
 
 def _warn_label_sets(in_preds: set[int], in_refs: set[int]) -> None:
@@ -326,7 +345,8 @@ def _fmt(value: float) -> str:
     return "nan" if math.isnan(value) else f"{value:.6g}"
 
 
-def _csv_text(rows: list[tuple[str, int, LabelMetrics]], names: Mapping[int, str]) -> str:
+def metrics_csv(rows: list[tuple[str, int, LabelMetrics]], names: Mapping[int, str]) -> str:
+    """The text of ``metrics.csv``: :data:`CSV_COLUMNS`, one line per case and label."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)

@@ -39,19 +39,18 @@ def keep_values_out_of_logs() -> None:
 
 
 def check_model(model: str | os.PathLike[str]) -> None:
-    """Load the run folder's plan and weights once, so that a bad ``--model`` fails before any DICOM
-    traffic.
+    """Build the bundle's inference pipeline once (safe mode, plan, weights: what every job builds), so
+    that a bad ``--model`` fails before any DICOM traffic.
 
     Raises
     ------
     BundleError
-        Missing folder, plan or weights, or weights that do not fit the plan's network.
+        Missing folder, plan or weights, weights that do not fit the plan's network, a config refused by
+        safe mode.
     """
-    import torch
+    from medseg.bundle.pipeline import inference_pipeline
 
-    from medseg.inference.predictor import load_model
-
-    load_model(model, torch.device("cpu"))
+    inference_pipeline(model).predictor()
 
 
 def segment_series_folder(model: str | os.PathLike[str], series_dir: str | os.PathLike[str],
@@ -59,7 +58,7 @@ def segment_series_folder(model: str | os.PathLike[str], series_dir: str | os.Pa
                           device: str = "cpu", revision: int = 1) -> Path:
     """Segment the DICOM series in ``series_dir`` with ``model`` and write a DICOM SEG into ``out_dir``.
 
-    Calls :func:`medseg.inference.predictor.predict_dicom` with ``fmt="dicom-seg"``.
+    Calls :func:`medseg.bundle.pipeline.predict_dicom` with ``fmt="dicom-seg"``.
 
     Parameters
     ----------
@@ -93,17 +92,16 @@ def segment_series_folder(model: str | os.PathLike[str], series_dir: str | os.Pa
     MedsegError
         The prediction wrote no DICOM SEG file.
     """
-    from medseg.inference.predictor import predict_dicom
+    from medseg.bundle.pipeline import InferenceOptions, predict_dicom
 
-    outputs = predict_dicom(model, series_dir, out_dir, fmt="dicom-seg", series_uid=series_uid, device=device)
+    def described(default: str, instances: int) -> str:
+        return revision_description(default or "segmentation", revision, instances)
+
+    outputs = predict_dicom(model, series_dir, out_dir, InferenceOptions(device=device), fmt="dicom-seg",
+                            series_uid=series_uid, seg_description=described if revision > 1 else None)
     segs = [Path(p) for p in outputs if Path(p).is_file()]
     if len(segs) != 1:
         raise MedsegError(f"{out_dir}: expected one DICOM SEG file from the prediction, got {len(segs)}")
-    if revision > 1:
-        ds = pydicom.dcmread(segs[0])
-        ds.SeriesDescription = revision_description(str(ds.get("SeriesDescription", "") or "segmentation"), revision,
-                                                    referenced_instances(ds))
-        ds.save_as(segs[0])
     log.info("SEG written: %s", segs[0].name)
     return segs[0]
 

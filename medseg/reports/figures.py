@@ -41,7 +41,7 @@ from nibabel import orientations
 from scipy import ndimage
 
 from medseg.io.atomic import atomic_path
-from medseg.io.image import Geometry
+from medseg.io.geometry import Geometry
 from medseg.labels.colours import PALETTE, label_colour
 
 __all__ = ["LABEL_ALPHA", "dice_boxplot_png", "label_colour", "overlay_png", "render_overlay", "training_curves_png"]

@@ -30,14 +30,8 @@ from tqdm import tqdm
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path, atomic_write_text
-from medseg.io.image import (
-    Geometry,
-    case_name,
-    list_images,
-    read_geometry,
-    read_image,
-    to_array,
-)
+from medseg.io.geometry import Geometry
+from medseg.io.image import case_name, list_images, read_geometry, read_image, to_array
 from medseg.metrics.evaluate import PRED_SUFFIX
 from medseg.metrics.labelmaps import read_label_map
 from medseg.reports.figures import render_overlay

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -107,6 +108,46 @@ def test_two_doors_give_identical_predictions(tmp_path: Path, small_bundle: Path
         a, b = via_cli / name, via_monai / name
         assert read_geometry(a).mismatch(read_geometry(b)) is None
         np.testing.assert_array_equal(to_array(sitk.ReadImage(str(a))), to_array(sitk.ReadImage(str(b))))
+        header_a, header_b = nib.load(str(a)).header, nib.load(str(b)).header  # the whole header, affines included
+        assert header_a.binaryblock == header_b.binaryblock
+        np.testing.assert_array_equal(nib.load(str(a)).affine, nib.load(str(b)).affine)
+
+
+def test_the_config_door_refuses_to_overwrite_a_label_map(tmp_path: Path, small_bundle: Path, ct_dataset: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """inference.json, like `medseg predict`, replaces an existing output only when told to (overwrite)."""
+    image = min((ct_dataset.parent / "imagesTs").iterdir())
+    out = tmp_path / "out"
+    out.mkdir()
+    existing = out / image.name.replace(".nii.gz", "_seg.nii.gz")
+    existing.write_bytes(b"precious")
+    run = ["bundle", "run", str(small_bundle), "--set", f"dataset_dir={image}", "--set", f"output_dir={out}"]
+    capsys.readouterr()
+    assert main(run) == 2
+    assert "already exists; set overwrite" in capsys.readouterr().err
+    assert existing.read_bytes() == b"precious"
+    assert main([*run, "--set", "overwrite=true"]) == 0
+    assert read_geometry(existing).mismatch(read_geometry(image)) is None
+
+
+def test_evaluate_layered_on_inference_two_doors_give_the_same_metrics(tmp_path: Path, small_bundle: Path,
+                                                                      ct_dataset: Path) -> None:
+    """`medseg bundle run --config evaluate` and MONAI's runner given inference.json then evaluate.json (as
+    model-zoo bundles are run) score the same predictions into the same metrics.csv."""
+    data = ct_dataset.parent
+    configs = small_bundle / "configs"
+    via_medseg, via_monai = tmp_path / "medseg", tmp_path / "monai"
+    assert main(["bundle", "run", str(small_bundle), "--config", "evaluate", "--set", f"dataset_dir={data}",
+                 "--set", f"output_dir={via_medseg}"]) == 0
+    files = f"['{configs / 'inference.json'}','{configs / 'evaluate.json'}']"
+    result = monai_bundle_run("--config_file", files, "--meta_file", str(configs / "metadata.json"),
+                              "--bundle_root", str(small_bundle), "--dataset_dir", str(data),
+                              "--output_dir", str(via_monai))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (via_medseg / "metrics.csv").read_text() == (via_monai / "metrics.csv").read_text()
+    assert len((via_medseg / "metrics.csv").read_text().splitlines()) == 1 + 3 * 5  # 3 cases x 5 labels
+    assert sorted(p.name for p in (via_medseg / "predictions").iterdir()) == sorted(
+        p.name.replace(".nii.gz", "_seg.nii.gz") for p in (data / "imagesTs").iterdir())
 
 
 def test_monai_bundle_run_train_config(tmp_path: Path, small_bundle: Path, ct_dataset: Path) -> None:

@@ -301,6 +301,42 @@ def test_a_failure_while_writing_leaves_no_partial_seg(tmp_path: Path, small_ser
     assert not out.exists()
 
 
+def test_a_series_is_predicted_from_memory_without_a_temporary_file(tmp_path: Path, small_series, untrained_run: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The series goes from its DICOM files to the model in memory: no temporary folder or file is made and
+    SimpleITK writes nothing but the NIfTI output (each output appears atomically beside itself)."""
+    import tempfile
+
+    folder, _ = small_series
+    out = tmp_path / "out"
+    made: list[Path] = []
+
+    def recording(function, where):
+        def wrapper(*args, **kwargs):
+            result = function(*args, **kwargs)
+            made.append(Path(where(result)))
+            return result
+        return wrapper
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording(tempfile.mkdtemp, lambda r: r))
+    monkeypatch.setattr(tempfile, "mkstemp", recording(tempfile.mkstemp, lambda r: r[1]))
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", recording(tempfile.NamedTemporaryFile, lambda r: r.name))
+    written: list[Path] = []
+    write_image = sitk.WriteImage
+
+    def write(image: sitk.Image, name: str, *args, **kwargs) -> None:
+        written.append(Path(name))
+        write_image(image, name, *args, **kwargs)
+
+    monkeypatch.setattr(sitk, "WriteImage", write)
+    for fmt in ("nifti", "dicom-seg"):
+        assert _predict(untrained_run, folder, out / fmt, "--format", fmt) == 0
+    assert sorted(p.name for p in (out / "nifti").iterdir()) == ["small_seg.nii.gz"]
+    assert sorted(p.name for p in (out / "dicom-seg").iterdir()) == ["small_seg.dcm"]
+    assert all(p.resolve().is_relative_to(out.resolve()) for p in made), made  # atomic writes beside the output
+    assert [p.name for p in written] == ["small_seg.nii.gz"], written
+
+
 def test_seg_needs_snomed_codes_and_other_options_need_dicom(tmp_path: Path, small_series, untrained_run: Path,
                                                              ct_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder, _ = small_series

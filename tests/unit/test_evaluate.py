@@ -1,4 +1,5 @@
-"""Tests of medseg.metrics.evaluate on small generated NIfTI / NRRD label maps."""
+"""Tests of medseg.metrics.evaluate (scoring) and medseg.reports.evaluation (its files) on small generated
+NIfTI / NRRD label maps."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.errors import InputError
-from medseg.metrics.evaluate import evaluate_folders, pair_cases
+from medseg.metrics.evaluate import pair_cases
 from medseg.metrics.overlap import EMPTY_CONVENTION
+from medseg.reports.evaluation import evaluate_folders
 
 SPACING = (0.5, 1.0, 3.0)
 DIRECTION = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # 90 degrees about z
