@@ -11,7 +11,7 @@ import pytest
 from medseg.errors import InputError
 from medseg.labels import parse_label_mapping, read_label_names
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "ct_abdomen_phantom"
+BUNDLE = Path(__file__).resolve().parents[3] / "bundles" / "ct_abdomen_phantom"
 CT_NAMES = {0: "background", 1: "liver", 2: "spleen", 3: "kidney", 4: "bone", 5: "lesion"}
 
 

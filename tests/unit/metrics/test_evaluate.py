@@ -303,7 +303,7 @@ def test_differing_label_sets_warn_and_a_label_map_renames_prediction_values(
         evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "out3", labels=names)
 
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "ct_abdomen_phantom"
+BUNDLE = Path(__file__).resolve().parents[3] / "bundles" / "ct_abdomen_phantom"
 
 
 @pytest.mark.parametrize("source", ["bundle", "plan", "labels_only_msd", "labels_only_v2", "dataset"])

@@ -393,7 +393,7 @@ def test_cli_report_takes_labels_from_any_source(ct_set: tuple[Path, Path], tmp_
     labels_only = tmp_path / "labels.json"
     labels_only.write_text(json.dumps({"labels": {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "bone": 4,
                                                   "lesion": 5}}))
-    path = {"labels_only": labels_only, "bundle": Path(__file__).resolve().parents[2] / "bundles" / "ct_abdomen_phantom",
+    path = {"labels_only": labels_only, "bundle": Path(__file__).resolve().parents[3] / "bundles" / "ct_abdomen_phantom",
             "dataset": images.parent / "dataset.json"}[source]
     out = tmp_path / "out"
     assert main(["--quiet", "report", "--pred", str(preds), "--images", str(images), "--out", str(out),

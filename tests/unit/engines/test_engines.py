@@ -29,7 +29,7 @@ from medseg.engines.weights import ResumePoint
 from medseg.errors import InputError
 from medseg.plan import Plan
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SHIPPED = ROOT / "bundles" / "ct_abdomen_phantom"
 
 

@@ -11,7 +11,7 @@ from medseg.inference.fit import fit_problems, intensity_problem, modality_probl
 from medseg.io.image import Geometry
 from medseg.plan import Plan
 
-BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
+BUNDLES = Path(__file__).resolve().parents[3] / "bundles"
 CT_PLAN = Plan.load(BUNDLES / "ct_abdomen_phantom" / "configs" / "plan.json")  # 1.28 x 1.28 x 2.57 mm, HU
 MR_PLAN = Plan.load(BUNDLES / "mr_abdomen_phantom" / "configs" / "plan.json")  # 1.38 x 1.44 x 1.41 mm
 

@@ -29,7 +29,7 @@ def _suspicious(argument: str) -> bool:
     return any(token in SUSPICIOUS for token in argument.lower().split("_"))
 
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "safe_mode.md"
+DOC = Path(__file__).resolve().parents[3] / "docs" / "safe_mode.md"
 
 
 def _parameters(entry: Vetted) -> dict[str, inspect.Parameter]:
