@@ -15,6 +15,7 @@ import torch
 
 from medseg.errors import InputError
 from medseg.inference.windows import SweepPlan, plan_sweep, window_geometry
+from medseg.io.image import label_map_dtype
 
 __all__ = [
     "DEFAULT_BUFFER_BYTES",
@@ -37,12 +38,10 @@ _CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def label_dtype(num_classes: int) -> torch.dtype:
-    """The smallest integer dtype that holds labels ``0 .. num_classes - 1``."""
-    if num_classes <= 256:
-        return torch.uint8
-    if num_classes <= 2**15:
-        return torch.int16
-    return torch.int32
+    """The torch dtype of a label map of labels ``0 .. num_classes - 1``: medseg's one rule
+    (:func:`medseg.io.image.label_map_dtype`, torch-compatible)."""
+    dtype: torch.dtype = getattr(torch, label_map_dtype(num_classes - 1, torch_compatible=True).name)
+    return dtype
 
 
 def chunk_voxels(num_classes: int, buffer_channels: int) -> int:

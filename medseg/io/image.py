@@ -392,7 +392,7 @@ def check_finite_voxels(path: str | os.PathLike[str] | None, array: np.ndarray) 
 def label_map_dtype(max_label: int, *, torch_compatible: bool = False) -> np.dtype:
     """The one dtype rule of label maps: uint8 when the largest label is at most 255, uint16 up to 65535,
     uint32 beyond (instance maps). ``torch_compatible``: torch computes little on unsigned integers wider
-    than a byte, so int32 takes the place of uint16 (and int64 of uint32).
+    than a byte, so signed types take their place past 255: int16 up to 32767, int32, then int64.
 
     Raises
     ------
@@ -404,7 +404,10 @@ def label_map_dtype(max_label: int, *, torch_compatible: bool = False) -> np.dty
     if max_label <= 255:
         return np.dtype(np.uint8)
     if torch_compatible:
-        return np.dtype(np.int32) if max_label <= np.iinfo(np.int32).max else np.dtype(np.int64)
+        for signed in (np.int16, np.int32):
+            if max_label <= np.iinfo(signed).max:
+                return np.dtype(signed)
+        return np.dtype(np.int64)
     return np.dtype(np.uint16) if max_label <= 65535 else np.dtype(np.uint32)
 
 
