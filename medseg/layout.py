@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "LAST_CHECKPOINT",
     "META_FILE",
     "PLAN_FILE",
     "WEIGHTS_FILE",
@@ -17,4 +18,6 @@ __all__ = [
 
 PLAN_FILE = Path("configs") / "plan.json"
 WEIGHTS_FILE = Path("models") / "model.pt"
+#: The state of a training run for --resume (network, optimiser, LR schedule, trainer).
+LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 META_FILE = Path("configs") / "metadata.json"

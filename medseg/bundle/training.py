@@ -35,6 +35,7 @@ from medseg.engines.rundir import RunFolderGuard
 from medseg.engines.training import SUMMARY_FILE
 from medseg.engines.weights import InitialWeights
 from medseg.errors import BundleError, InputError, MedsegError, root_cause
+from medseg.layout import LAST_CHECKPOINT, WEIGHTS_FILE
 from medseg.logs import held_info
 from medseg.networks import build_network
 from medseg.plan import Plan, load_plan
@@ -68,8 +69,8 @@ def _check_inputs(data: str | os.PathLike[str], run_dir: Path, opts: TrainOption
     weights = InitialWeights(opts.init_weights) if opts.init_weights else None  # before any data is read
     if bundle or opts.resume:
         plan = load_plan(run_dir)  # raises BundleError if this is not a bundle
-        if not opts.resume and (run_dir / "models" / "model.pt").exists():
-            raise InputError(run_dir / "models" / "model.pt", "this bundle is already trained; pass --resume "
+        if not opts.resume and (run_dir / WEIGHTS_FILE).exists():
+            raise InputError(run_dir / WEIGHTS_FILE, "this bundle is already trained; pass --resume "
                              "to continue, or train a copy (its weights would be replaced)")
         _check_train_config(run_dir)
         training_datalist(data, plan)
@@ -137,7 +138,7 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
                 write_bundle(run_dir, plan, name=run_dir.name, data_source=data_source)
             _run_train_config(run_dir, {**train_overrides(data, opts), "pace#started": started})
     except BaseException:
-        trained = any((run_dir / p).exists() for p in ("checkpoints/last.pt", "models/model.pt"))
+        trained = any((run_dir / p).exists() for p in (LAST_CHECKPOINT, WEIGHTS_FILE))
         if data_source is not None and not trained:  # the new bundle goes too (the run removed its own files)
             guard.rollback()
         raise

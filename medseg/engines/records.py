@@ -25,6 +25,7 @@ from ignite.engine import Engine, Events
 from medseg.engines.weights import ResumePoint
 from medseg.errors import BundleError
 from medseg.io.atomic import atomic_path, atomic_write_text
+from medseg.layout import LAST_CHECKPOINT, WEIGHTS_FILE
 from medseg.plan import Plan
 from medseg.reports.figures import training_curves_png
 
@@ -103,11 +104,11 @@ class RunRecorder:
 
     @property
     def last_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.pt"
+        return self.run_dir / LAST_CHECKPOINT
 
     @property
     def model_path(self) -> Path:
-        return self.run_dir / "models" / "model.pt"
+        return self.run_dir / WEIGHTS_FILE
 
     def attach(self, trainer: Engine) -> None:
         self.trainer = trainer

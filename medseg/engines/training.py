@@ -37,6 +37,7 @@ from medseg.engines.records import BestValidation, completed_epochs
 from medseg.engines.rundir import RunFolderGuard
 from medseg.engines.weights import InitialWeights
 from medseg.io.atomic import atomic_path, atomic_write_text
+from medseg.layout import WEIGHTS_FILE
 from medseg.logs import release_held
 
 __all__ = ["SUMMARY_FILE", "run_training"]
@@ -93,7 +94,7 @@ def _finish(run_dir: Path, trainer: Engine, split: Split, pace: Pace, first_iter
             options: TrainOptions | None, initial_weights: InitialWeights | None,
             datalist: Datalist | None) -> dict[str, Any]:
     """Write the final model (if no validation produced one) and the summary."""
-    model_path = run_dir / "models" / "model.pt"
+    model_path = run_dir / WEIGHTS_FILE
     network = getattr(trainer, "network", None)
     if not model_path.exists() and isinstance(network, torch.nn.Module):  # no validation gave a Dice (NaN)
         with atomic_path(model_path) as tmp:

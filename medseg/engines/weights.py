@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from medseg.errors import BundleError, InputError
+from medseg.layout import LAST_CHECKPOINT, WEIGHTS_FILE
 from medseg.networks import read_state_dict, torch_load_weights_only
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def read_init_weights(source: str | os.PathLike[str]) -> tuple[Path, Mapping[str
     """
     path = Path(source)
     if path.is_dir():
-        path = path / "models" / "model.pt"
+        path = path / WEIGHTS_FILE
     if not path.is_file():
         raise InputError(path, "no such weights file for --init-weights")
     try:
@@ -188,7 +189,7 @@ def resume_point(bundle_root: str | os.PathLike[str], network: torch.nn.Module, 
     """
     if not resume:
         return None
-    last = Path(bundle_root) / "checkpoints" / "last.pt"
+    last = Path(bundle_root) / LAST_CHECKPOINT
     point = load_resume_checkpoint(last, network, optimizer, lr_scheduler)
     if point.epoch >= epochs:
         raise InputError(last, f"already trained {point.epoch} epochs; pass a larger --epochs to continue")
