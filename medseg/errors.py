@@ -7,7 +7,9 @@ Every error a user can cause is a :class:`MedsegError`; the CLI prints its messa
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 
 __all__ = [
     "BundleError",
@@ -18,6 +20,7 @@ __all__ = [
     "one_line",
     "printable",
     "root_cause",
+    "unwrapped",
 ]
 
 
@@ -66,6 +69,22 @@ def root_cause(exc: BaseException) -> BaseException:
             break
         exc = inner
     return exc
+
+
+@contextlib.contextmanager
+def unwrapped(wrap: Callable[[BaseException], MedsegError]) -> Iterator[None]:
+    """Run the block; a :class:`MedsegError` raised in it, or hidden in the cause chain of a wrapper's
+    exception (MONAI's ``Compose``, its config parser and runner), is raised as it is, any other
+    exception becomes ``wrap(<its root cause>)`` (chained to the original)."""
+    try:
+        yield
+    except MedsegError:
+        raise
+    except Exception as exc:
+        cause = root_cause(exc)
+        if isinstance(cause, MedsegError):
+            raise cause from exc
+        raise wrap(cause) from exc
 
 
 class MedsegError(Exception):

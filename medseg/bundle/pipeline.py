@@ -25,7 +25,7 @@ from medseg.bundle.create import inference_config as template_inference_config
 from medseg.bundle.runner import CONFIG_SUFFIXES, read_config_data, weights_only_loads
 from medseg.bundle.safety import check_bundle
 from medseg.devices import resolve_device
-from medseg.errors import BundleError, MedsegError, one_line, root_cause
+from medseg.errors import BundleError, one_line, unwrapped
 from medseg.inference.predictor import Predictor, predict_files
 from medseg.inference.series import predict_series
 from medseg.layout import META_FILE, PLAN_FILE
@@ -59,16 +59,9 @@ class InferencePipeline:
         if name not in self.parser:
             raise BundleError(f"{where}: no {name!r} part; medseg predict needs a medseg bundle "
                               f"(configs/plan.json and an inference.json naming its parts)")
-        try:
-            with weights_only_loads():
-                return self.parser.get_parsed_content(name)
-        except MedsegError:
-            raise
-        except Exception as exc:
-            cause = root_cause(exc)
-            if isinstance(cause, MedsegError):
-                raise cause from exc
-            raise BundleError(f"{where}: cannot build {name!r}: {type(cause).__name__}: {one_line(cause, 300)}") from exc
+        with unwrapped(lambda cause: BundleError(f"{where}: cannot build {name!r}: {type(cause).__name__}: "
+                                                 f"{one_line(cause, 300)}")), weights_only_loads():
+            return self.parser.get_parsed_content(name)
 
     @property
     def plan(self) -> Plan:

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from medseg.errors import BundleError, InputError, MedsegError, root_cause
+from medseg.errors import BundleError, InputError, unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -243,29 +243,27 @@ def run_bundle(bundle_dir: str | os.PathLike[str], config: str = "inference", ov
     # (safe mode never applies the bundle's file: fileConfig builds handlers, e.g. files, from it)
     kwargs["logging_file"] = str(logging_conf) if trust and logging_conf.is_file() and not quiet else False
     log.info("running %s (%s)", " + ".join(map(str, config_files)), ", ".join(f"{k}={v}" for k, v in values.items()))
-    try:
-        # MONAI resolves relative `%file` macros against the working folder; safe mode checked them
-        # against the bundle, so run from inside the bundle
-        with weights_only_loads(), contextlib.chdir(bundle), tempfile.TemporaryDirectory() as tmp, _no_notice():
-            if quiet:
-                for name in ("monai.bundle.scripts", "monai.bundle.workflows"):  # own handlers, level INFO
-                    logging.getLogger(name).setLevel(logging.WARNING)
-            if trust:  # the bundle's own code may be imported while it runs, not by whatever runs next
-                saved_path = list(sys.path)
-                try:
-                    run(**kwargs, **values)
-                finally:
-                    sys.path[:] = saved_path
-            else:
-                with _isolated(bundle, config_files, tmp) as copies, warnings.catch_warnings():
-                    # MONAI warns that _target_ runs with no allow list: in safe mode it was checked against one
-                    warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
-                    run(**{**kwargs, "config_file": [str(c) for c in copies]}, **values)
-    except MedsegError:
-        raise
-    except Exception as exc:  # report what the bundle did wrong, not MONAI's wrappers
-        cause = root_cause(exc)
-        if isinstance(cause, MedsegError):
-            raise cause from exc
+
+    def failed(cause: BaseException) -> BundleError:  # what the bundle did wrong, not MONAI's wrappers
         first = str(cause).strip().splitlines()[0][:400] if str(cause).strip() else ""
-        raise BundleError(f"{config_file}: the bundle failed: {type(cause).__name__}: {first}") from exc
+        return BundleError(f"{config_file}: the bundle failed: {type(cause).__name__}: {first}")
+
+    # MONAI resolves relative `%file` macros against the working folder; safe mode checked them
+    # against the bundle, so run from inside the bundle
+    with unwrapped(failed), weights_only_loads(), contextlib.chdir(bundle), tempfile.TemporaryDirectory() as tmp, \
+            _no_notice():
+        if quiet:
+            for name in ("monai.bundle.scripts", "monai.bundle.workflows"):  # own handlers, level INFO
+                logging.getLogger(name).setLevel(logging.WARNING)
+        if trust:  # the bundle's own code may be imported while it runs, not by whatever runs next
+            saved_path = list(sys.path)
+            try:
+                run(**kwargs, **values)
+            finally:
+                sys.path[:] = saved_path
+        else:
+            with _isolated(bundle, config_files, tmp) as copies, warnings.catch_warnings():
+                # MONAI warns that _target_ runs with no allow list: in safe mode it was checked against one
+                warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
+                run(**{**kwargs, "config_file": [str(c) for c in copies]}, **values)
+

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import SimpleITK as sitk
 
-from medseg.errors import InputError, MedsegError, one_line, root_cause
+from medseg.errors import InputError, MedsegError, one_line, unwrapped
 from medseg.inference.fit import fit_problems
 from medseg.io.geometry import Geometry
 from medseg.io.image import (
@@ -193,16 +193,9 @@ class Predictor:
             source = image
         else:
             source = read_source(image, self.plan.dims)
-        try:
+        with unwrapped(lambda cause: InputError(source.path or source.name, "cannot read or preprocess this image "
+                                                f"({type(cause).__name__}: {one_line(cause)})")):
             data = self.preprocessing({"image": source})
-        except MedsegError:
-            raise
-        except Exception as exc:
-            cause = root_cause(exc)
-            if isinstance(cause, MedsegError):
-                raise cause from exc
-            raise InputError(source.path or source.name, f"cannot read or preprocess this image "
-                                                         f"({type(cause).__name__}: {one_line(cause)})") from exc
         return LoadedImage(source, data)
 
     def infer(self, loaded: LoadedImage) -> np.ndarray:
