@@ -7,7 +7,6 @@ never written to a temporary file.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -156,16 +155,15 @@ def _write_dicom(fmt: str, labels: np.ndarray, sources: list[Any], segments: dic
                  meta: dict[str, Any],
                  run_dir: str | os.PathLike[str], seg_description: Callable[[str, int], str] | None) -> Path:
     """The DICOM SEG or RTSTRUCT of ``labels`` (index order ``(x, y, z)`` of the series)."""
-    from medseg.io.dicom_seg import write_dicom_seg
-    from medseg.io.rtstruct import write_rtstruct
+    from medseg.io.dicom_seg import SEG_SERIES_DESCRIPTION, write_dicom_seg
+    from medseg.io.rtstruct import RTSTRUCT_SERIES_DESCRIPTION, write_rtstruct
 
-    writer = write_dicom_seg if fmt == "dicom-seg" else write_rtstruct
-    bundle_name = str(meta.get("name") or Path(run_dir).resolve().name)
-    options: dict[str, Any] = {}
+    writer, description = ((write_dicom_seg, SEG_SERIES_DESCRIPTION) if fmt == "dicom-seg"
+                           else (write_rtstruct, RTSTRUCT_SERIES_DESCRIPTION))
     if seg_description is not None:
-        default = inspect.signature(writer).parameters["series_description"].default
-        options["series_description"] = seg_description(default, len(sources))
+        description = seg_description(description, len(sources))
+    bundle_name = str(meta.get("name") or Path(run_dir).resolve().name)
     # (x, y, z) index order -> (slices, rows, columns) of the source instances
     return writer(np.ascontiguousarray(labels.transpose(2, 1, 0)), sources, segments, target,
                   algorithm_name=f"medseg {bundle_name}", algorithm_version=str(meta.get("version") or "unknown"),
-                  **options)
+                  series_description=description)

@@ -34,9 +34,12 @@ from medseg.io.atomic import atomic_path
 from medseg.io.dicom.planes import check_label_map, source_planes
 from medseg.labels import label_colour_255, segment_code
 
-__all__ = ["complete_code", "segment_descriptions", "write_dicom_seg"]
+__all__ = ["SEG_SERIES_DESCRIPTION", "complete_code", "segment_descriptions", "write_dicom_seg"]
 
 log = logging.getLogger(__name__)
+
+#: SeriesDescription of a DICOM SEG unless the caller gives one.
+SEG_SERIES_DESCRIPTION = "medseg segmentation"
 
 # --------------------------------------------------------------------------------------------
 # Segment descriptions from the bundle metadata
@@ -108,7 +111,7 @@ def segment_descriptions(metadata: Mapping[str, Any], labels: Mapping[int, str],
 
 def write_dicom_seg(label_map: np.ndarray, sources: Sequence[pydicom.Dataset], segments: Mapping[int, Mapping[str, Any]],
                     out_path: str | os.PathLike[str], *, algorithm_name: str, algorithm_version: str,
-                    series_number: int = 900, series_description: str = "medseg segmentation") -> Path:
+                    series_number: int = 900, series_description: str = SEG_SERIES_DESCRIPTION) -> Path:
     """Write ``label_map`` as one BINARY DICOM Segmentation instance of the source series' study.
 
     Parameters

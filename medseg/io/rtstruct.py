@@ -38,9 +38,12 @@ from medseg.io.dicom.planes import SourcePlane, check_label_map, source_planes
 from medseg.io.dicom_seg import complete_code
 from medseg.labels import label_colour_255
 
-__all__ = ["mask_contours", "write_rtstruct"]
+__all__ = ["RTSTRUCT_SERIES_DESCRIPTION", "mask_contours", "write_rtstruct"]
 
 log = logging.getLogger(__name__)
+
+#: SeriesDescription of an RT structure set unless the caller gives one.
+RTSTRUCT_SERIES_DESCRIPTION = "medseg structures"
 
 #: Detached Study Management SOP Class: what RTReferencedStudySequence conventionally references.
 _STUDY_COMPONENT_CLASS = "1.2.840.10008.3.1.2.3.1"
@@ -95,7 +98,7 @@ def _code_item(entry: Mapping[str, str]) -> Dataset:
 
 def write_rtstruct(label_map: np.ndarray, sources: Sequence[pydicom.Dataset], segments: Mapping[int, Mapping[str, Any]],
                    out_path: str | os.PathLike[str], *, algorithm_name: str, algorithm_version: str,
-                   series_number: int = 901, series_description: str = "medseg structures") -> Path:
+                   series_number: int = 901, series_description: str = RTSTRUCT_SERIES_DESCRIPTION) -> Path:
     """Write ``label_map`` as one RT Structure Set of the source series' study (new series).
 
     Parameters
