@@ -102,10 +102,16 @@ def _device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
-def _network(p: argparse.ArgumentParser) -> None:
+def _plan_options(p: argparse.ArgumentParser) -> None:
+    """The options that shape a new plan (``medseg train`` and ``medseg bundle init``)."""
+    p.add_argument("--spacing", type=_floats, default=None, help="target spacing in mm, e.g. 1.5,1.5,3 (default: median)")
+    p.add_argument("--patch-size", type=_ints, default=None,
+                   help="training patch in voxels, e.g. 96,96,48 (default: from the median image size)")
     p.add_argument("--network", choices=ARCHITECTURES, default=None,
                    help="architecture of a new plan: MONAI UNet, DynUNet (nnU-Net-style topology from the patch and "
                         "spacing) or SegResNet (default: unet)")
+    p.add_argument("--ct-window", type=_hu_window, default=None, metavar="LOW,HIGH",
+                   help="clip CT to this HU window, e.g. -160,240 (default: the foreground's 0.5-99.5 percentiles)")
 
 
 def _add_synth(sub: Subparsers) -> None:
@@ -144,13 +150,8 @@ def _add_train(sub: Subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
     p.add_argument("--val-interval", type=int, default=5, help="validate every N epochs")
     p.add_argument("--seed", type=int, default=0, help="random seed of the split, sampling and initialisation")
-    p.add_argument("--spacing", type=_floats, default=None, help="target spacing in mm, e.g. 1.5,1.5,3 (default: median)")
-    p.add_argument("--patch-size", type=_ints, default=None,
-                   help="training patch in voxels, e.g. 96,96,48 (default: from the median image size)")
     p.add_argument("--batch-size", type=int, default=None, help="patches per iteration (default: the plan's)")
-    _network(p)
-    p.add_argument("--ct-window", type=_hu_window, default=None, metavar="LOW,HIGH",
-                   help="clip CT to this HU window, e.g. -160,240 (default: the foreground's 0.5-99.5 percentiles)")
+    _plan_options(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -241,11 +242,7 @@ def _add_bundle(sub: Subparsers) -> None:
     b.add_argument("--data-source", default=None,
                    help="what the bundle is trained on, metadata data_source (default: the dataset's name, path and "
                         "number of training cases)")
-    b.add_argument("--spacing", type=_floats, default=None, help="target spacing in mm (default: median)")
-    b.add_argument("--patch-size", type=_ints, default=None, help="training patch in voxels (default: from the data)")
-    _network(b)
-    b.add_argument("--ct-window", type=_hu_window, default=None, metavar="LOW,HIGH",
-                   help="clip CT to this HU window (default: the foreground percentiles)")
+    _plan_options(b)
     b.set_defaults(func=cmd_bundle_init)
     b = _command(bsub, "run", "run a bundle config (model-zoo layout), safe mode unless --trust")
     b.add_argument("bundle", help="bundle folder")
