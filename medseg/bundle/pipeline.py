@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.bundle.create import inference_config as template_inference_config
-from medseg.bundle.runner import CONFIG_SUFFIXES, read_config_data, weights_only_loads
+from medseg.bundle.runner import find_config, read_config_data, weights_only_loads
 from medseg.bundle.safety import check_bundle
 from medseg.devices import resolve_device
 from medseg.errors import BundleError, one_line, unwrapped
@@ -112,11 +112,11 @@ class InferenceOptions:
 
 
 def _inference_file(bundle: Path) -> Path | None:
-    for suffix in CONFIG_SUFFIXES:
-        candidate = bundle / "configs" / f"inference{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
+    """The bundle's ``configs/inference.json|yaml|yml`` (:func:`~medseg.bundle.runner.find_config`), None if it has none."""
+    try:
+        return find_config(bundle, "inference")
+    except BundleError:
+        return None
 
 
 def inference_pipeline(bundle_dir: str | os.PathLike[str], options: InferenceOptions = InferenceOptions()
