@@ -20,7 +20,7 @@ ARCHITECTURES = ("unet", "dynunet", "segresnet")
 #: The fields of :class:`NetworkSpec` each architecture uses besides ``name``: ``plan.json`` holds only these.
 FIELDS: dict[str, tuple[str, ...]] = {
     "unet": ("channels", "strides", "num_res_units", "norm", "dropout"),
-    "dynunet": ("filters", "kernel_sizes", "level_strides", "res_block", "norm", "dropout"),
+    "dynunet": ("filters", "kernel_sizes", "level_strides", "res_block", "deep_supervision", "norm", "dropout"),
     "segresnet": ("init_filters", "blocks_down", "blocks_up", "norm", "dropout"),
 }
 TITLES = {"unet": "U-Net", "dynunet": "DynUNet", "segresnet": "SegResNet"}
@@ -43,7 +43,8 @@ class NetworkSpec:
     * ``unet`` (MONAI ``UNet``): ``channels`` per level, ``strides`` between levels, ``num_res_units``.
     * ``dynunet`` (MONAI ``DynUNet``, no deep supervision): ``filters``, ``kernel_sizes`` and
       ``level_strides`` per level (the first level's strides are all 1), ``res_block``; empty: planned
-      from the patch size and target spacing by :meth:`planned`.
+      from the patch size and target spacing by :meth:`planned`; ``deep_supervision``: extra outputs of
+      the lower decoder levels while training (inference uses the main output only).
     * ``segresnet`` (MONAI ``SegResNet``): ``init_filters``, residual ``blocks_down`` per level and
       ``blocks_up`` (one fewer).
 
@@ -60,6 +61,7 @@ class NetworkSpec:
     kernel_sizes: tuple[tuple[int, ...], ...] = ()
     level_strides: tuple[tuple[int, ...], ...] = ()
     res_block: bool = False
+    deep_supervision: bool = False
     init_filters: int = 16
     blocks_down: tuple[int, ...] = (1, 2, 2, 4)
     blocks_up: tuple[int, ...] = (1, 1, 1)

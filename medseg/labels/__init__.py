@@ -12,6 +12,16 @@ from medseg.labels.names import (
            parse_labels,
            read_label_names,
 )
+from medseg.labels.regions import Region
 
-__all__ = ["MAX_LABEL", "is_lesion_name", "label_colour", "label_colour_255", "parse_label_mapping", "parse_labels",
-           "read_label_names", "segment_code"]
+__all__ = [
+           "MAX_LABEL",
+           "Region",
+           "is_lesion_name",
+           "label_colour",
+           "label_colour_255",
+           "parse_label_mapping",
+           "parse_labels",
+           "read_label_names",
+           "segment_code",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,10 @@ from medseg.data.datalist import load_datalist, validate_datalist
 from medseg.data.synthetic import CT_LABELS, write_dataset
 from medseg.errors import BundleError
 from medseg.io.image import Geometry
+from medseg.labels import Region
 from medseg.plan import (
     PLAN_FORMAT,
+    Channel,
     Intensity,
     NetworkSpec,
     Plan,
@@ -281,3 +284,45 @@ def test_from_json_accepts_the_in_memory_form_of_to_json() -> None:
     """to_json() keeps tuples (dataclasses.asdict); from_json takes them as JSON lists."""
     plan = _plan()
     assert Plan.from_json(plan.to_json()) == plan
+
+
+def _multichannel_region_plan() -> Plan:
+    t1, flair = Intensity("mr"), Intensity("mr")
+    return Plan(dims=3, modality="MR", labels={0: "background", 1: "whole tumour", 2: "tumour core", 3: "enhancing"},
+                target_spacing=(1.0, 1.0, 1.0), patch_size=(32, 32, 32), intensity=t1,
+                channels=(Channel("T1", t1), Channel("FLAIR", flair)),
+                regions=(Region("whole tumour", (1, 2, 3), 1), Region("tumour core", (2, 3), 2),
+                         Region("enhancing", (3,), 3)),
+                ignore_label=4, configuration="3d_fullres", batch_size=2, planning={"device": "cpu"})
+
+
+def test_multichannel_region_plan_round_trip(tmp_path: Path) -> None:
+    plan = _multichannel_region_plan()
+    loaded = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert loaded == plan
+    assert loaded.num_channels == 2 and [c.name for c in loaded.input_channels] == ["T1", "FLAIR"]
+    assert loaded.num_outputs == 3 and loaded.num_classes == 4
+    assert loaded.regions[1].labels == (2, 3) and loaded.ignore_label == 4
+
+
+def test_one_channel_plan_has_one_input_channel() -> None:
+    plan = _plan()
+    assert plan.num_channels == 1 and plan.input_channels[0].name == "CT"
+    assert plan.num_outputs == plan.num_classes
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"regions": [{"name": "wt", "labels": [1, 2, 3], "value": 1}]}, "'regions' must paint each non-zero value"),
+    ({"regions": [{"name": "wt", "labels": ["a"], "value": 1}]}, "'regions[0].labels'"),
+    ({"ignore_label": 2}, "'ignore_label' (2) must not be a value of 'labels'"),
+    ({"ignore_label": "x"}, "'ignore_label' must be null or a label value"),
+    ({"channels": [{"name": "T1", "intensity": {"preset": "ct"}}]}, "'channels[0].intensity.a_min'"),
+    ({"configuration": "4d"}, "'configuration' must be"),
+])
+def test_region_and_channel_fields_are_checked(tmp_path: Path, change: dict, fragment: str) -> None:
+    data = _multichannel_region_plan().to_json()
+    data.update(change)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=re.escape(fragment)):
+        Plan.load(path)
