@@ -15,10 +15,10 @@ __all__ = ["build_network"]
 
 
 def build_network(plan: Plan, spec: NetworkSpec | None = None) -> torch.nn.Module:
-    """Build the segmentation network of ``plan`` (``spatial_dims`` = plan.dims, one input channel,
-    one output channel per label including background): ``spec`` or ``plan.network``, a U-Net, a
-    DynUNet (its topology planned from the plan's patch and spacing when the spec has none) or a
-    SegResNet. Each maps a patch of ``plan.patch_size`` to class logits of the same size.
+    """Build the segmentation network of ``plan`` (``spatial_dims`` = plan.dims, one input channel
+    per image channel of the plan, one output channel per label including background, or per region):
+    ``spec`` or ``plan.network``, a U-Net, a DynUNet (its topology planned from the plan's patch and
+    spacing when the spec has none) or a SegResNet. Each maps a patch of ``plan.patch_size`` to class logits of the same size.
 
     Raises
     ------
@@ -29,7 +29,7 @@ def build_network(plan: Plan, spec: NetworkSpec | None = None) -> torch.nn.Modul
     build = _BUILDERS.get(spec.name)
     if build is None:
         raise BundleError(f"unknown network architecture {spec.name!r}; available: {', '.join(ARCHITECTURES)}")
-    return build(spec.planned(plan.patch_size, plan.target_spacing), plan.dims, plan.num_classes)
+    return build(spec.planned(plan.patch_size, plan.target_spacing), plan.dims, plan.num_channels, plan.num_outputs)
 
 
 def _norm(name: str) -> str | tuple[str, dict[str, bool]]:
@@ -37,24 +37,24 @@ def _norm(name: str) -> str | tuple[str, dict[str, bool]]:
     return ("instance", {"affine": True}) if name == "instance" else name
 
 
-def _unet(spec: NetworkSpec, dims: int, classes: int) -> torch.nn.Module:
-    return UNet(spatial_dims=dims, in_channels=1, out_channels=classes, channels=spec.channels, strides=spec.strides,
+def _unet(spec: NetworkSpec, dims: int, channels: int, classes: int) -> torch.nn.Module:
+    return UNet(spatial_dims=dims, in_channels=channels, out_channels=classes, channels=spec.channels, strides=spec.strides,
                 num_res_units=spec.num_res_units, norm=spec.norm, dropout=spec.dropout)
 
 
-def _dynunet(spec: NetworkSpec, dims: int, classes: int) -> torch.nn.Module:
+def _dynunet(spec: NetworkSpec, dims: int, channels: int, classes: int) -> torch.nn.Module:
     strides = [list(level) for level in spec.level_strides]
-    return DynUNet(spatial_dims=dims, in_channels=1, out_channels=classes,
+    return DynUNet(spatial_dims=dims, in_channels=channels, out_channels=classes,
                    kernel_size=[list(level) for level in spec.kernel_sizes], strides=strides,
                    upsample_kernel_size=strides[1:], filters=list(spec.filters), dropout=spec.dropout or None,
                    norm_name=_norm(spec.norm), deep_supervision=False, res_block=spec.res_block)
 
 
-def _segresnet(spec: NetworkSpec, dims: int, classes: int) -> torch.nn.Module:
-    return SegResNet(spatial_dims=dims, in_channels=1, out_channels=classes, init_filters=spec.init_filters,
+def _segresnet(spec: NetworkSpec, dims: int, channels: int, classes: int) -> torch.nn.Module:
+    return SegResNet(spatial_dims=dims, in_channels=channels, out_channels=classes, init_filters=spec.init_filters,
                      dropout_prob=spec.dropout or None, norm=_norm(spec.norm), blocks_down=spec.blocks_down,
                      blocks_up=spec.blocks_up)
 
 
-_BUILDERS: dict[str, Callable[[NetworkSpec, int, int], torch.nn.Module]] = {
+_BUILDERS: dict[str, Callable[[NetworkSpec, int, int, int], torch.nn.Module]] = {
     "unet": _unet, "dynunet": _dynunet, "segresnet": _segresnet}

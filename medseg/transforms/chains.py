@@ -1,11 +1,11 @@
-"""CT and MR preprocessing and augmentation chains, built from MONAI transforms only.
+"""CT and MR preprocessing chains, built from MONAI transforms only.
 
 Deterministic part (cached during training, inverted after inference)::
 
     LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd(target) -> CropForegroundd(body)
     -> intensity (CT: clip + z-score with dataset statistics; MR: per-image z-score on non-zero voxels)
 
-Training adds foreground/background-balanced patch sampling and augmentation.
+Training adds patch sampling and augmentation (:mod:`medseg.transforms.augment`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,8 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
-    RandAffined,
-    RandCropByLabelClassesd,
-    RandFlipd,
-    RandGaussianNoised,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
     ScaleIntensityRanged,
     Spacingd,
-    SpatialPadd,
 )
 
 from medseg.io.image import label_map_dtype
@@ -39,7 +32,6 @@ from medseg.plan import Plan
 
 __all__ = [
     "BodyMask",
-    "augmentation",
     "crop_transforms",
     "intensity_transforms",
     "load_transforms",
@@ -128,37 +120,3 @@ def preprocessing(plan: Plan, keys: Sequence[str] = ("image",), crop: bool = Tru
     label_type = getattr(torch, label_map_dtype(plan.num_classes - 1, torch_compatible=True).name)
     chain.append(EnsureTyped(keys=keys, dtype=[torch.float32 if k == "image" else label_type for k in keys]))
     return Compose(chain)
-
-
-def augmentation(plan: Plan, num_samples: int = 2) -> Compose:
-    """Random patch sampling balanced over classes (background included) plus augmentation:
-    flips, small rotations and scaling, intensity scale/shift and Gaussian noise."""
-    keys = ["image", "label"]
-    dims = plan.dims
-    rotate = (np.deg2rad(15),) * (3 if dims == 3 else 1)
-    return Compose(
-        [
-            SpatialPadd(keys=keys, spatial_size=plan.patch_size),
-            RandCropByLabelClassesd(
-                keys=keys,
-                label_key="label",
-                spatial_size=plan.patch_size,
-                num_classes=plan.num_classes,
-                num_samples=num_samples,
-                warn=False,
-            ),
-            RandAffined(
-                keys=keys,
-                prob=0.2,
-                rotate_range=rotate,
-                scale_range=(0.1,) * dims,
-                mode=("bilinear", "nearest"),
-                padding_mode="border",
-            ),
-            *[RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(dims)],
-            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-            RandGaussianNoised(keys="image", prob=0.15, std=0.05),
-            EnsureTyped(keys=keys, dtype=[torch.float32, torch.int64], track_meta=False),
-        ]
-    )
