@@ -3,8 +3,9 @@ pass, a backward pass and an SGD step with MONAI's DiceCE loss on random data at
 batch, as :func:`medseg.networks.build_network` builds the network.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (under autocast, as CUDA training runs); on the
-CPU the growth of the peak resident memory (``resource.getrusage``) of a fresh process, measured from
-before the network is built (:func:`probe_in_fresh_process`), so nothing earlier counts.
+CPU the growth of the peak resident memory (Linux ``VmHWM``, reset first) of a fresh process, measured
+from before the network is built (:func:`probe_in_fresh_process`), so that neither memory this process
+freed earlier (and its allocator kept) nor anything before counts.
 """
 
 from __future__ import annotations
@@ -63,7 +64,22 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def _reset_peak_rss() -> None:
+    """Start the peak resident memory afresh (Linux: ``VmHWM``). ``ru_maxrss`` cannot be reset, and a
+    spawned process inherits its parent's (the kernel keeps it across fork and exec)."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+        clear.write("5")
+
+
 def _peak_rss_bytes() -> int | None:
+    """The peak resident memory since :func:`_reset_peak_rss` (Linux), else the process' ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # not on Windows
@@ -84,6 +100,8 @@ def probe(request: ProbeRequest, steps: int = 2, warmup: int = 1, min_seconds: f
     """
     device = torch.device(request.device)
     cuda = device.type == "cuda"
+    if not cuda:
+        _reset_peak_rss()
     rss_before = None if cuda else _rss_bytes()
     if cuda:
         torch.cuda.synchronize(device)
