@@ -125,8 +125,10 @@ def training_split(datalist: Datalist, bundle_root: str | os.PathLike[str], fold
     return split
 
 
-def case_items(split: Split, part: Literal["training", "validation"] = "training") -> list[dict[str, str]]:
-    """``[{"image": path, "label": path}, ...]`` of the ``training`` or ``validation`` cases of ``split``.
+def case_items(split: Split, part: Literal["training", "validation"] = "training") -> list[dict[str, str | list[str]]]:
+    """``[{"image": path, "label": path}, ...]`` of the ``training`` or ``validation`` cases of ``split``;
+    a case of several channels has ``"image": [path of each channel, in order]`` (stacked by the
+    preprocessing into one image of several channels).
 
     Raises
     ------
@@ -135,7 +137,11 @@ def case_items(split: Split, part: Literal["training", "validation"] = "training
     """
     if part not in ("training", "validation"):
         raise ValueError(f"part must be 'training' or 'validation', got {part!r}")
-    return [{"image": str(c.image), "label": str(c.label)} for c in getattr(split, part)]
+    items: list[dict[str, str | list[str]]] = []
+    for case in getattr(split, part):
+        images = [str(p) for p in getattr(case, "images", (case.image,))]
+        items.append({"image": images if len(images) > 1 else images[0], "label": str(case.label)})
+    return items
 
 
 def training_transforms(plan: Plan, samples_per_case: int = 2) -> Compose:
