@@ -147,7 +147,7 @@ def case_items(split: Split, part: Literal["training", "validation"] = "training
         raise ValueError(f"part must be 'training' or 'validation', got {part!r}")
     items: list[dict[str, str | list[str]]] = []
     for case in getattr(split, part):
-        images = [str(p) for p in getattr(case, "images", (case.image,))]
+        images = [str(p) for p in case.images]
         items.append({"image": images if len(images) > 1 else images[0], "label": str(case.label)})
     return items
 
