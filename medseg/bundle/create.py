@@ -82,7 +82,7 @@ def inference_config() -> dict[str, Any]:
         "weights": {"_target_": f"{C}.bundle_path", "bundle_root": "@bundle_root", "parts": list(WEIGHTS_FILE.parts)},
         "network": {"_target_": f"{C}.load_weights", "network": "@network_def", "path": "@weights", "device": "@device"},
         "preprocessing": {"_target_": "medseg.transforms.preprocessing", "plan": "@plan"},
-        "datalist": {"_target_": f"{C}.image_list", "dataset_dir": "@dataset_dir", "subdir": "imagesTs"},
+        "datalist": {"_target_": f"{C}.image_list", "dataset_dir": "@dataset_dir", "subdir": "imagesTs", "plan": "@plan"},
         "dataset": {"_target_": "monai.data.Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "monai.data.DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
