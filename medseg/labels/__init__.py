@@ -10,9 +10,9 @@ from medseg.labels.names import (
            MAX_LABEL,
            parse_label_mapping,
            parse_labels,
-           read_label_names,
 )
 from medseg.labels.regions import IGNORE_NAME, DatasetLabels, Region, parse_dataset_labels
+from medseg.labels.sources import read_label_names
 
 __all__ = [
            "IGNORE_NAME",
