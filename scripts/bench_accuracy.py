@@ -308,7 +308,7 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
           flush=True)
     peer = Peer(args.nnunet_venv.resolve(), work, args.threads, work / "logs")
     peer.ensure()
-    print(f"nnU-Net v2 in {peer.venv} (nnunetv2, torch: {peer.version})", flush=True)
+    print(f"nnU-Net v2 in {peer.venv} (nnunetv2 and torch: {peer.version})", flush=True)
     records: list[dict] = []
     data = Path(datalist.path)
     if args.compare_plans:
@@ -316,6 +316,10 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
     if args.minutes is not None:
         done = next((r["plan_and_preprocess_seconds"] for r in records if r["system"] == "nnunet"), None)
         records += side_by_side(data, datalist.name, raw, peer, work, args.minutes, args.threads, args.tta, done)
+    nnunetv2, _, torch = peer.version.partition(" ")
+    for record in records:
+        if record["system"] == "nnunet":
+            record["versions"] = {"nnunetv2": nnunetv2, "torch": torch}
     return records
 
 
