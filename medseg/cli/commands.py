@@ -13,7 +13,8 @@ import os
 def cmd_synth(args: argparse.Namespace) -> int:
     from medseg.data.synthetic import write_dataset
 
-    path = write_dataset(args.out, modality=args.modality, cases=args.cases, seed=args.seed, size=args.size, dims=args.dims)
+    path = write_dataset(args.out, modality=args.modality, cases=args.cases, seed=args.seed, size=args.size, dims=args.dims,
+                         channels=args.channels, regions=args.regions, layout=args.layout)
     print(path)
     return 0
 

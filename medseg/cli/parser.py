@@ -151,13 +151,21 @@ def _add_plan(sub: Subparsers) -> None:
 
 
 def _add_synth(sub: Subparsers) -> None:
-    p = _command(sub, "synth", "write a synthetic CT or MR dataset (MSD layout)")
+    p = _command(sub, "synth", "write a synthetic CT or MR dataset (MSD or nnU-Net v2 raw layout)")
     p.add_argument("--out", required=True, help="new folder for dataset.json, imagesTr/, labelsTr/, imagesTs/, labelsTs/")
     p.add_argument("--modality", choices=["ct", "mr"], default="ct", type=str.lower, help="imaging modality")
     p.add_argument("--cases", type=int, default=10, help="number of cases (a quarter become test cases)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
     p.add_argument("--size", type=int, default=96, help="in-plane matrix size in voxels")
     p.add_argument("--dims", type=int, choices=[2, 3], default=3, help="2D slices or 3D volumes")
+    p.add_argument("--channels", type=int, default=1,
+                   help="input channels per case: the modality, then further MR contrasts of the same patient "
+                        "(T1, T2, FLAIR, PD) on the same grid (at most 4)")
+    p.add_argument("--regions", action="store_true",
+                   help="nested regions organs > liver > lesion (nnU-Net region-based labels, regions_class_order)")
+    p.add_argument("--layout", choices=["msd", "nnunet"], default=None, type=str.lower,
+                   help="msd: dataset.json lists the cases; nnunet: nnU-Net v2 raw layout, CASE_0000.nii.gz per channel "
+                        "(default: msd for one channel without regions, else nnunet, which those need)")
     p.set_defaults(func=cmd_synth)
 
 
