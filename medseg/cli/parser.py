@@ -142,7 +142,7 @@ def _planner_options(p: argparse.ArgumentParser, train: bool) -> None:
 def _add_plan(sub: Subparsers) -> None:
     p = _command(sub, "plan", "plan a bundle for a dataset, nnU-Net style: fingerprint, configurations, network, "
                               "patch and batch for the memory and time you have")
-    p.add_argument("--data", required=True, help="dataset.json (MSD layout)")
+    p.add_argument("--data", required=True, help="dataset.json (MSD or nnU-Net v2 raw layout), or its folder")
     p.add_argument("--out", required=True, help="new bundle folder (configs/plan.json, fingerprint.json, plans.json, ...)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: the device planned for (a CUDA plan can be "
                                                    "made on a machine without one; its memory is then not measured)")

@@ -1,12 +1,14 @@
 """The dataset fingerprint the planner starts from (``configs/fingerprint.json``), as nnU-Net extracts it:
-per training case the voxel spacing, the image shape before and after cropping to its non-zero voxels,
-the intensities of its foreground (labelled) voxels and the voxels of each label value; for the
-dataset, intensity statistics per channel of foreground voxels sampled evenly from all cases.
+per training case the voxel spacing, the image shape before and after cropping to the voxels that are
+non-zero in any channel, the intensities of its foreground voxels per channel (labelled, the ignore
+label left out) and the voxels of each label-map value; for the dataset, intensity statistics per
+channel of foreground voxels sampled evenly from all cases, and what the planner needs of the dataset
+besides (channel names, labels, regions, the ignore label).
 
 Spacings and shapes are in R, A, S axis order (the order after ``Orientation("RAS")``, as plans are).
 Each case is read once, in worker processes (:func:`extract_fingerprint`), and checked on the way
-as :func:`medseg.data.datalist.validate_case` would: label map on the image's grid, integer values
-declared in the dataset's labels, one dimensionality for all cases.
+as :func:`medseg.data.validation.validate_case` does: every channel and the label map on the first
+channel's grid, integer label values the dataset allows, one dimensionality for all cases.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import numpy as np
 from nibabel.orientations import io_orientation
 from tqdm import tqdm
 
-from medseg.data.datalist import Case, Datalist
+from medseg.data.cases import Case, Datalist
 from medseg.errors import InputError, MedsegError, printable
 from medseg.io.atomic import atomic_write_text
 from medseg.io.geometry import Geometry
 from medseg.io.image import read_image, to_array
+from medseg.labels import Region
 
 __all__ = ["FINGERPRINT_FORMAT", "CaseFingerprint", "Fingerprint", "IntensityStats", "extract_fingerprint",
            "intensity_stats"]
@@ -86,8 +89,15 @@ class Fingerprint:
     labels: dict[int, str]
     cases: list[CaseFingerprint]
     intensity: tuple[IntensityStats, ...]
+    regions: tuple[Region, ...] = ()
+    ignore_label: int | None = None
     format: str = FINGERPRINT_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs of a network for this dataset: one per region, else one per label value 0..max."""
+        return len(self.regions) if self.regions else max(self.labels) + 1
 
     @property
     def spacings(self) -> np.ndarray:
@@ -107,6 +117,8 @@ class Fingerprint:
         cases = [{**asdict(c), "class_voxels": {str(k): v for k, v in c.class_voxels.items()}} for c in self.cases]
         return {"format": self.format, "dataset": self.dataset, "dims": self.dims, "channels": list(self.channels),
                 "labels": {str(k): v for k, v in self.labels.items()},
+                "regions": [{"name": r.name, "labels": list(r.labels), "value": r.value} for r in self.regions],
+                "ignore_label": self.ignore_label,
                 "intensity": [asdict(s) for s in self.intensity],
                 "median_relative_size_after_cropping": round(self.median_relative_size_after_cropping, 4),
                 "cases": cases, **self.extra}
@@ -132,17 +144,15 @@ class Fingerprint:
             cases = [CaseFingerprint(c["name"], tuple(c["spacing"]), tuple(c["shape"]), tuple(c["shape_after_crop"]),
                                      tuple(IntensityStats(**s) for s in c["intensity"]),
                                      {int(k): int(v) for k, v in c["class_voxels"].items()}) for c in data["cases"]]
+            regions = tuple(Region(str(r["name"]), tuple(int(v) for v in r["labels"]), int(r["value"]))
+                            for r in data.get("regions", []))
+            ignore = data.get("ignore_label")
             return cls(data["dataset"], int(data["dims"]), tuple(data["channels"]),
                        {int(k): str(v) for k, v in data["labels"].items()}, cases,
-                       tuple(IntensityStats(**s) for s in data["intensity"]))
+                       tuple(IntensityStats(**s) for s in data["intensity"]), regions,
+                       None if ignore is None else int(ignore))
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InputError(path, f"not a readable medseg fingerprint ({type(exc).__name__}: {exc})") from None
-
-
-def case_channels(case: Case) -> tuple[Path, ...]:
-    """The image files of a case, one per channel in order: the one place that knows how a case names
-    its channels (one channel, ``case.image``, until :class:`~medseg.data.datalist.Case` lists several)."""
-    return (case.image,)
 
 
 def _ras_order(geometry: Geometry, per_axis: Sequence[float]) -> tuple[float, ...]:
@@ -168,7 +178,7 @@ def _nonzero_shape(channels: Sequence[np.ndarray]) -> tuple[int, ...]:
 
 
 def _label_array(case: Case, geometry: Geometry, labels: Sequence[int]) -> np.ndarray:
-    """The label map of ``case`` as integers, checked against the image grid and the declared labels."""
+    """The label map of ``case`` as integers, checked against the image grid and the allowed values."""
     assert case.label is not None, "training cases have label maps"
     image = read_image(case.label, geometry.dims)
     problem = geometry.mismatch(Geometry.of(image))
@@ -185,9 +195,11 @@ def _label_array(case: Case, geometry: Geometry, labels: Sequence[int]) -> np.nd
     return array.astype(np.int64, copy=False)
 
 
-def analyze_case(case: Case, labels: Sequence[int], samples: int, seed: int) -> tuple[CaseFingerprint, list[np.ndarray], int]:
+def analyze_case(case: Case, labels: Sequence[int], samples: int, seed: int, ignore_label: int | None = None
+                 ) -> tuple[CaseFingerprint, list[np.ndarray], int]:
     """The fingerprint of one case, its sampled foreground intensities per channel (``samples`` each,
-    with replacement) and its dimensionality. Every file is read once.
+    with replacement; the foreground: label values above 0 but ``ignore_label``) and its
+    dimensionality. ``labels``: the values its label map may hold. Every file is read once.
 
     Raises
     ------
@@ -195,18 +207,19 @@ def analyze_case(case: Case, labels: Sequence[int], samples: int, seed: int) -> 
         An unreadable image or label map, a label map off the image's grid, undeclared or non-integer
         label values, channels on different grids.
     """
-    files = case_channels(case)
+    files = case.images
     first = read_image(files[0])
     geometry = Geometry.of(first)
     arrays = [to_array(first)]
-    for file in files[1:]:
+    for number, file in enumerate(files[1:], start=1):
         image = read_image(file, geometry.dims)
         problem = geometry.mismatch(Geometry.of(image))
         if problem:
-            raise InputError(file, f"channel does not match the first channel {files[0].name}: {problem}")
+            raise InputError(file, f"channel {number} of case {case.name} is not on the grid of channel 0 "
+                             f"({files[0].name}): {problem}")
         arrays.append(to_array(image))
     label = _label_array(case, geometry, labels)
-    foreground = label > 0
+    foreground = (label > 0) if ignore_label is None else (label > 0) & (label != ignore_label)
     rng = np.random.default_rng(seed)
     stats, sampled = [], []
     for array in arrays:
@@ -230,29 +243,30 @@ class _Failure(NamedTuple):
     problem: str
 
 
-def _analyze(case: Case, labels: tuple[int, ...], samples: int, seed: int) -> Any:
+def _analyze(case: Case, labels: tuple[int, ...], samples: int, seed: int, ignore_label: int | None) -> Any:
     """:func:`analyze_case` in a worker, a medseg error returned as a :class:`_Failure`."""
     try:
-        return analyze_case(case, labels, samples, seed)
+        return analyze_case(case, labels, samples, seed, ignore_label)
     except InputError as exc:
         return _Failure(exc.path, exc.problem)
     except MedsegError as exc:
         return _Failure(None, str(exc))
 
 
-def _results(cases: Sequence[Case], labels: tuple[int, ...], samples: int, workers: int,
+def _results(cases: Sequence[Case], labels: tuple[int, ...], ignore_label: int | None, samples: int, workers: int,
              progress: bool) -> Iterator[tuple[int, Any]]:
     """(case index, result of :func:`_analyze`) as the cases are done."""
     bar = tqdm(total=len(cases), desc="fingerprint", unit="case", disable=not (progress and sys.stderr.isatty()))
     with bar:
         if workers <= 1 or len(cases) == 1:
             for index, case in enumerate(cases):
-                yield index, _analyze(case, labels, samples, index)
+                yield index, _analyze(case, labels, samples, index, ignore_label)
                 bar.update()
             return
         context = multiprocessing.get_context("spawn")  # no fork of a process whose threads hold locks
         with concurrent.futures.ProcessPoolExecutor(min(workers, len(cases)), mp_context=context) as pool:
-            futures = {pool.submit(_analyze, case, labels, samples, index): index for index, case in enumerate(cases)}
+            futures = {pool.submit(_analyze, case, labels, samples, index, ignore_label): index
+                       for index, case in enumerate(cases)}
             for future in concurrent.futures.as_completed(futures):
                 yield futures[future], future.result()
                 bar.update()
@@ -273,9 +287,9 @@ def extract_fingerprint(datalist: Datalist, workers: int = 1, samples: int = FOR
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise InputError(None, f"--workers must be an integer of at least 1, got {workers!r}")
     cases = datalist.training
-    labels = tuple(sorted(datalist.labels))
+    labels = tuple(datalist.allowed_label_values)
     per_case = max(1, samples // max(1, len(cases)))
-    results: dict[int, Any] = dict(_results(cases, labels, per_case, workers, progress))
+    results: dict[int, Any] = dict(_results(cases, labels, datalist.ignore_label, per_case, workers, progress))
     found: list[CaseFingerprint] = []
     pooled: list[list[np.ndarray]] = []
     dims: int | None = None
@@ -293,5 +307,6 @@ def extract_fingerprint(datalist: Datalist, workers: int = 1, samples: int = FOR
     assert dims is not None, "a datalist has training cases"
     channels = len(pooled[0])
     intensity = tuple(intensity_stats(np.concatenate([case[c] for case in pooled])) for c in range(channels))
-    names = tuple(datalist.modality for _ in range(channels))
-    return Fingerprint(datalist.name, dims, names, dict(datalist.labels), found, intensity)
+    names = datalist.channel_names or (datalist.modality,)
+    return Fingerprint(datalist.name, dims, tuple(names), dict(datalist.labels), found, intensity,
+                       tuple(datalist.regions), datalist.ignore_label)

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from medseg.architectures import NetworkSpec
+from medseg.data.channels import channel_modality, channel_preset
 from medseg.data.fingerprint import Fingerprint, IntensityStats
 from medseg.errors import InputError
-from medseg.plan import Intensity, Plan, checked_network
+from medseg.plan import Channel, Intensity, Plan, checked_network
 from medseg.planning.budget import TRAINING_SHARE, BudgetChoice, Candidate, budget_candidates, choose_for_budget
 from medseg.planning.configurations import (
     Configuration,
@@ -109,7 +110,7 @@ def plan_dataset(fingerprint: Fingerprint, options: PlannerOptions, timer: Timer
                else target_spacing(spacings, shapes))
     median = resampled_median_shape(spacings, shapes, spacing)
     preset = PRESETS[options.preset]
-    network = Network(len(fingerprint.channels), max(fingerprint.labels) + 1, res_block=preset.res_block)
+    network = Network(len(fingerprint.channels), fingerprint.num_outputs, res_block=preset.res_block)
     model = memory_model(options.device)
     target = options.memory_target_gb() * GB
     try:
@@ -271,12 +272,16 @@ def _intensity(stats: IntensityStats, preset: str, window: tuple[float, float] |
 
 def _plan(fingerprint: Fingerprint, options: PlannerOptions, configuration: Configuration, chosen: Candidate,
           record: dict[str, Any]) -> Plan:
-    modality = fingerprint.channels[0]
-    preset = "ct" if modality == "CT" else "mr"
+    """The plan: one :class:`Channel` per input channel when there are several (each normalised by its
+    own preset and statistics), the dataset's labels, regions and ignore label."""
+    channels = tuple(Channel(name, _intensity(stats, channel_preset(name), options.ct_window))
+                     for name, stats in zip(fingerprint.channels, fingerprint.intensity, strict=True))
     spec = checked_network(_spec(chosen.network, chosen), chosen.patch_size, configuration.spacing)
-    return Plan(fingerprint.dims, modality, dict(fingerprint.labels), tuple(float(s) for s in configuration.spacing),
-                chosen.patch_size, _intensity(fingerprint.intensity[0], preset, options.ct_window), spec,
-                configuration=configuration.name, batch_size=chosen.batch_size, planning=record)
+    return Plan(fingerprint.dims, channel_modality(fingerprint.channels[0]), dict(fingerprint.labels),
+                tuple(float(s) for s in configuration.spacing), chosen.patch_size, channels[0].intensity, spec,
+                channels=channels if len(channels) > 1 else (), regions=fingerprint.regions,
+                ignore_label=fingerprint.ignore_label, configuration=configuration.name,
+                batch_size=chosen.batch_size, planning=record)
 
 
 def _plans_json(result: PlanningResult, options: PlannerOptions, spacings: np.ndarray, shapes: np.ndarray,

@@ -62,6 +62,22 @@ def test_fingerprint_of_a_known_image(known_dataset: Path) -> None:
     assert fingerprint.median_relative_size_after_cropping == pytest.approx(24 / 480)
 
 
+def test_the_ignore_label_is_counted_but_not_foreground(known_dataset: Path) -> None:
+    """Voxels of the ignore label are counted, and their intensities left out of the foreground's."""
+    description = json.loads(known_dataset.read_text(encoding="utf-8"))
+    description["labels"] = {"background": 0, "liver": 1, "lesion": 2, "spleen": 3, "ignore": 5}
+    known_dataset.write_text(json.dumps(description), encoding="utf-8")
+    label = known_dataset.parent / "labelsTr" / "case_0.nii.gz"
+    array = np.zeros((6, 8, 10), np.uint8)
+    array[2:4, 1:4, 3:7] = 1
+    array[3, 1:4, 3:7] = 5  # the upper half of the box: values 112..123
+    _write(label, array, (0.5, 1.0, 2.0))
+    fingerprint = extract_fingerprint(load_datalist(known_dataset), samples=1000, progress=False)
+    case = fingerprint.cases[0]
+    assert fingerprint.ignore_label == 5 and case.class_voxels[5] == 12 and case.class_voxels[1] == 12
+    assert (case.intensity[0].min, case.intensity[0].max) == (100.0, 111.0)
+
+
 def test_worker_processes_give_the_same_fingerprint(known_dataset: Path) -> None:
     datalist = load_datalist(known_dataset)
     alone = extract_fingerprint(datalist, workers=1, samples=1000, progress=False)

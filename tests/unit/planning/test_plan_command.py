@@ -43,6 +43,22 @@ def test_plan_writes_a_bundle_that_loads_builds_and_maps_its_patch(tiny: Path, t
     assert output.shape == (plan.batch_size, plan.num_classes, *plan.patch_size)
 
 
+def test_a_two_channel_region_dataset_is_planned_per_channel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """nnU-Net raw layout, channels CT and T1, nested regions: one normalisation per channel, one sigmoid
+    output per region."""
+    data = write_dataset(tmp_path / "regions", cases=3, size=32, channels=2, regions=True)
+    out = tmp_path / "planned"
+    assert main(["plan", "--data", str(data), "--out", str(out), "--workers", "1", "--device", "cuda"]) == 0
+    plan = Plan.load(out / "configs" / "plan.json")
+    assert [c.name for c in plan.input_channels] == ["CT", "T1"] and plan.modality == "CT"
+    assert [c.intensity.preset for c in plan.input_channels] == ["ct", "mr"]
+    assert [r.name for r in plan.regions] == ["organs", "liver", "lesion"] and plan.num_outputs == 3
+    network = build_network(plan).eval()
+    with torch.no_grad():
+        assert network(torch.zeros(1, 2, *plan.patch_size)).shape == (1, 3, *plan.patch_size)
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--data", "{missing}"], "dataset.json: no such file"),
     (["--memory-gb", "0"], "--memory-gb must be a positive number, got 0.0"),
@@ -60,6 +76,15 @@ def test_bad_plan_input_is_one_message_and_exit_2(tiny: Path, tmp_path: Path, ca
     err = capsys.readouterr().err
     assert err.startswith("medseg: error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_a_cuda_time_budget_needs_the_gpu(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A CUDA plan can be made without a GPU, but timing iterations for a budget cannot."""
+    argv = ["plan", "--data", str(tiny), "--out", str(tmp_path / "b"), "--workers", "1", "--device", "cuda"]
+    assert main([*argv, "--time-budget", "1"]) == 2
+    assert "CUDA is not available on this machine" in capsys.readouterr().err
+    assert main(argv) == 0 and Plan.load(tmp_path / "b" / "configs" / "plan.json").planning["memory_measured_gb"] is None
 
 
 def test_plan_refuses_a_folder_that_is_not_empty(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
