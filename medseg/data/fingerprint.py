@@ -264,12 +264,16 @@ def _results(cases: Sequence[Case], labels: tuple[int, ...], ignore_label: int |
                 bar.update()
             return
         context = multiprocessing.get_context("spawn")  # no fork of a process whose threads hold locks
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(cases)), mp_context=context) as pool:
-            futures = {pool.submit(_analyze, case, labels, samples, index, ignore_label): index
-                       for index, case in enumerate(cases)}
-            for future in concurrent.futures.as_completed(futures):
-                yield futures[future], future.result()
-                bar.update()
+        try:
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(cases)), mp_context=context) as pool:
+                futures = {pool.submit(_analyze, case, labels, samples, index, ignore_label): index
+                           for index, case in enumerate(cases)}
+                for future in concurrent.futures.as_completed(futures):
+                    yield futures[future], future.result()
+                    bar.update()
+        except concurrent.futures.process.BrokenProcessPool as exc:
+            raise MedsegError("a fingerprint worker process ended abruptly (out of memory? or a script that starts "
+                              "processes without an `if __name__ == \"__main__\":` guard); try --workers 1") from exc
 
 
 def extract_fingerprint(datalist: Datalist, workers: int = 1, samples: int = FOREGROUND_SAMPLES,

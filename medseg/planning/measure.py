@@ -118,7 +118,7 @@ def probe(request: ProbeRequest, steps: int = 2, warmup: int = 1, min_seconds: f
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
     times: list[float] = []
     step = 0
-    while step < warmup + steps or (sum(times) < min_seconds and len(times) < max_steps):
+    while step < warmup + max(1, steps) or (sum(times) < min_seconds and len(times) < max_steps):
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
@@ -132,6 +132,8 @@ def probe(request: ProbeRequest, steps: int = 2, warmup: int = 1, min_seconds: f
         step += 1
     if cuda:
         peak: int | None = int(torch.cuda.max_memory_allocated(device) - allocated_before)
+        del network, optimizer, image, label, loss
+        torch.cuda.empty_cache()  # the caching allocator keeps nothing of the probe for training
     else:
         peak_rss = _peak_rss_bytes()
         peak = None if rss_before is None or peak_rss is None else max(0, peak_rss - rss_before)

@@ -14,7 +14,7 @@ def fake_fingerprint(spacings: Sequence[Sequence[float]], shapes: Sequence[Seque
                      labels: int = 3) -> Fingerprint:
     """A fingerprint of cases with these spacings and shapes (nothing cropped), ``labels`` label values."""
     cases = [CaseFingerprint(f"case_{i:03d}", tuple(float(s) for s in spacing), tuple(shape), tuple(shape),
-                             (CT_STATS,), {v: 1000 for v in range(labels)})
+                             (CT_STATS,), dict.fromkeys(range(labels), 1000))
              for i, (spacing, shape) in enumerate(zip(spacings, shapes, strict=True))]
     return Fingerprint("fake", len(spacings[0]), (modality,), {v: f"label_{v}" if v else "background"
                                                                for v in range(labels)}, cases, (CT_STATS,))

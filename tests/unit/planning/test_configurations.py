@@ -73,7 +73,7 @@ def test_presets_mr_and_2d_data() -> None:
 def test_a_given_spacing_and_a_memory_target_that_fits_nothing() -> None:
     plan = plan_dataset(SMALL, PlannerOptions(device="cuda", measure=False, target_spacing=(2.0, 2.0, 2.0))).plan
     assert plan.target_spacing == (2.0, 2.0, 2.0)
-    with pytest.raises(InputError, match="--memory-gb 0.001: .*too little memory"):
+    with pytest.raises(InputError, match=r"--memory-gb 0\.001: .*too little memory"):
         plan_dataset(SMALL, PlannerOptions(device="cuda", memory_gb=0.001, measure=False))
     with pytest.raises(InputError, match="--memory-gb must be a positive number, got 0"):
         plan_dataset(SMALL, PlannerOptions(memory_gb=0))
