@@ -151,6 +151,13 @@ def _add_train(sub: Subparsers) -> None:
     p.add_argument("--val-interval", type=int, default=5, help="validate every N epochs")
     p.add_argument("--seed", type=int, default=0, help="random seed of the split, sampling and initialisation")
     p.add_argument("--batch-size", type=int, default=None, help="patches per iteration (default: the plan's)")
+    p.add_argument("--iterations-per-epoch", type=int, default=None, metavar="N",
+                   help="fixed epoch length (default: the bundle's train.json: 250 for planned plans, else the "
+                        "loader's batches, at least 20)")
+    p.add_argument("--mlflow", default=None, metavar="URI",
+                   help="track the run in MLflow: a tracking server (http://, https://) or a local folder (path or "
+                        "file:// URI; the run goes into FOLDER/mlruns.db); needs pip install 'medseg[mlflow]' "
+                        "(default: no tracking)")
     _plan_options(p)
     p.set_defaults(func=cmd_train)
 
