@@ -162,7 +162,8 @@ class ForegroundOversampled(Randomizable, MapTransform):
     the border of a large image is never at the centre of a random patch.
 
     The class voxels come from ``indices_key`` (``ClassesToIndicesd``, flat indices of the label's
-    spatial shape); the key is not passed on.
+    spatial shape). A patch holds ``keys`` only: what else the case carries (the crop's foreground
+    box, numpy arrays on a first load and tensors when read from the cache) would not batch.
     """
 
     def __init__(self, keys: KeysCollection, label_key: str, spatial_size: Sequence[int], num_classes: int,
@@ -210,10 +211,7 @@ class ForegroundOversampled(Randomizable, MapTransform):
         patches = []
         for _ in range(self.num_samples):
             start = self._start(shape, indices)
-            patch = dict(d)
-            for key in self.key_iterator(d):
-                patch[key] = self._crop(d[key], start)
-            patches.append(patch)
+            patches.append({key: self._crop(d[key], start) for key in self.key_iterator(d)})
         return patches
 
 
@@ -230,12 +228,14 @@ class _SynchronisedScaling(RandAffineGrid):
 
 class SpatialAugmentation(RandAffined):
     """Rotation and isotropic scaling in one resampling (MONAI's ``RandAffined`` with one scaling
-    factor for all scaled axes), cutting the centred patch of ``spatial_size`` out of a larger crop."""
+    factor for all scaled axes), cutting the centred patch of ``spatial_size`` out of a larger crop;
+    ``label`` by nearest neighbour, any other key linearly."""
 
     def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], prob: float,
                  rotate_range: Sequence[float], scale_range: Sequence[tuple[float, float] | float]) -> None:
+        modes = ["nearest" if key == "label" else "bilinear" for key in ([keys] if isinstance(keys, str) else keys)]
         super().__init__(keys, spatial_size=spatial_size, prob=prob, rotate_range=rotate_range,
-                         scale_range=scale_range, mode=("bilinear", "nearest"), padding_mode="zeros")
+                         scale_range=scale_range, mode=modes, padding_mode="zeros")
         grid = self.rand_affine.rand_affine_grid
         self.rand_affine.rand_affine_grid = _SynchronisedScaling(rotate_range=rotate_range, scale_range=scale_range,
                                                                  device=grid.device)
