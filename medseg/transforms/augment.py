@@ -37,7 +37,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 from monai.transforms.utils import create_rotate
-from monai.utils import convert_to_tensor
+from monai.utils import convert_to_tensor, ensure_tuple
 
 from medseg.plan import Plan
 
@@ -233,7 +233,7 @@ class SpatialAugmentation(RandAffined):
 
     def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], prob: float,
                  rotate_range: Sequence[float], scale_range: Sequence[tuple[float, float] | float]) -> None:
-        modes = ["nearest" if key == "label" else "bilinear" for key in ([keys] if isinstance(keys, str) else keys)]
+        modes = ["nearest" if key == "label" else "bilinear" for key in ensure_tuple(keys)]
         super().__init__(keys, spatial_size=spatial_size, prob=prob, rotate_range=rotate_range,
                          scale_range=scale_range, mode=modes, padding_mode="zeros")
         grid = self.rand_affine.rand_affine_grid

@@ -6,6 +6,7 @@ preprocessed cases."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -22,8 +23,14 @@ from monai.losses import DiceCELoss
 from medseg.architectures import NetworkSpec
 from medseg.bundle.create import train_config, write_bundle
 from medseg.bundle.safety import check_bundle, scan_bundle
-from medseg.engines.data import epoch_length, has_workers, plan_key, preprocessed_dataset, training_transforms, \
-    worker_count
+from medseg.engines.data import (
+    epoch_length,
+    has_workers,
+    plan_key,
+    preprocessed_dataset,
+    training_transforms,
+    worker_count,
+)
 from medseg.engines.loss import deep_supervision_weights, segmentation_loss
 from medseg.engines.parts import GradientClipping, mixed_precision, plan_value, poly_lr_schedule
 from medseg.engines.progress import Pace
@@ -101,7 +108,7 @@ def test_planned_decay_is_stepped_per_iteration_over_the_whole_run() -> None:
         schedule.step()
     assert rates[0] == pytest.approx(0.01)
     assert rates[10] == pytest.approx(0.01 * 0.5**0.9)  # half-way through, not a step at the epoch end
-    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert all(a > b for a, b in itertools.pairwise(rates))
     assert rates[-1] == pytest.approx(0.01 * (1 / 20) ** 0.9)
     limited = poly_lr_schedule(_optimizer(), epochs=100, epoch_length=250, max_iterations=100)
     assert limited.lr_lambdas[0](50) == pytest.approx(0.5**0.9)  # --max-iterations is the horizon
