@@ -165,6 +165,9 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
     Vetted("medseg.engines.data.has_workers", "compares a worker count with 0; nothing else"),
     Vetted("medseg.engines.loss.segmentation_loss", _PURE_LOSS + " (Dice + cross-entropy of the plan's outputs, "
                                                                  "deep supervision, ignore label)"),
+    Vetted("medseg.engines.parts.validation_postprocessing", "MONAI transform chain turning a validation case's "
+                                                             "prediction and label into one-hot label maps of the "
+                                                             "plan's classes in memory; no file access"),
     Vetted("medseg.engines.parts.mixed_precision", "tells whether a device name is a CUDA device; nothing else"),
     Vetted("medseg.engines.parts.GradientClipping", "Ignite handler clipping the gradient norm of the trainer's "
                                                     "optimiser after each backward pass in memory; no file access"),

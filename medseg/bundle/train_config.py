@@ -120,9 +120,7 @@ def _validate_parts(planned: bool) -> dict[str, Any]:
                     "roi_size": {"_target_": plan_value, "plan": "@plan", "field": "patch_size"},
                     "sw_batch_size": {"_target_": plan_value, "plan": "@plan", "field": "sw_batch_size"},
                     "overlap": 0.25, "mode": "gaussian"},
-        "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False],
-             "to_onehot": {"_target_": plan_value, "plan": "@plan", "field": "num_classes"}}]},
+        "postprocessing": {"_target_": f"{E}.parts.validation_postprocessing", "plan": "@plan"},
         "key_metric": {"val_mean_dice": {"_target_": "MeanDice", "include_background": False,
                                          "output_transform": {"_target_": "monai.handlers.from_engine",
                                                               "keys": ["pred", "label"]},

@@ -4,17 +4,22 @@ decay, a value of the plan, mixed precision on CUDA, nnU-Net's gradient clipping
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
 from typing import Any, Literal
 
 import torch
 from ignite.engine import Engine
 from monai.engines import IterationEvents
+from monai.networks.utils import one_hot
+from monai.transforms import AsDiscreted, Compose, MapTransform
 
 from medseg.engines.budget import FINISH_SECONDS, VALIDATION_MARGIN
 from medseg.engines.progress import Pace
 from medseg.plan import Plan
+from medseg.transforms.regions import regions_to_label_map
 
-__all__ = ["GradientClipping", "mixed_precision", "parameters", "plan_value", "poly_lr_schedule"]
+__all__ = ["GradientClipping", "ValidationLabelMaps", "mixed_precision", "parameters", "plan_value", "poly_lr_schedule",
+           "validation_postprocessing"]
 
 #: The plan values a config may ask for (:func:`plan_value`).
 PLAN_VALUES = ("patch_size", "sw_batch_size", "num_classes", "batch_size")
@@ -118,3 +123,37 @@ def plan_value(plan: Plan, field: Literal["patch_size", "sw_batch_size", "num_cl
         raise ValueError(f"field must be one of {', '.join(PLAN_VALUES)}, got {field!r}")
     value = getattr(plan, field)
     return list(value) if isinstance(value, tuple) else value
+
+
+class ValidationLabelMaps(MapTransform):
+    """One validation case's prediction and label as one-hot label maps of the plan's classes, for
+    MONAI's ``MeanDice``: the prediction's classes by argmax, or for a region plan its regions painted
+    into a label map (:func:`~medseg.transforms.regions.regions_to_label_map`: the Dice is then per
+    label value, as ``medseg evaluate`` scores the label maps); the ``ignore_label``'s voxels set to the
+    background in both (they count for no label)."""
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__(["pred", "label"])
+        self.regions, self.ignore_label, self.num_classes = plan.regions, plan.ignore_label, plan.num_classes
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        pred, label = torch.as_tensor(d["pred"]), torch.as_tensor(d["label"]).round().long()
+        if self.regions:
+            painted = regions_to_label_map(torch.sigmoid(pred.float()), self.regions, dtype=torch.long)
+        else:
+            painted = pred.argmax(dim=0, keepdim=True)
+        if self.ignore_label is not None:
+            ignored = label == self.ignore_label
+            painted, label = painted.masked_fill(ignored, 0), label.masked_fill(ignored, 0)
+        d["pred"] = one_hot(painted, self.num_classes, dim=0)
+        d["label"] = one_hot(label.clamp(0, self.num_classes - 1), self.num_classes, dim=0)
+        return d
+
+
+def validation_postprocessing(plan: Plan) -> Compose:
+    """``validate#postprocessing``: MONAI's ``AsDiscreted`` (argmax, one-hot) for a plan of classes
+    without an ignore label, else :class:`ValidationLabelMaps` (regions, ignore label)."""
+    if not plan.regions and plan.ignore_label is None:
+        return Compose([AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=plan.num_classes)])
+    return Compose([ValidationLabelMaps(plan)])

@@ -31,7 +31,7 @@ def _ball(spacing: tuple[float, float, float] = (1.0, 1.0, 1.5)) -> tuple[sitk.I
 
 
 def test_the_oblique_grid_has_the_spacing_and_the_turned_axes_and_covers_the_image() -> None:
-    image, label = _ball()
+    image, _ = _ball()
     oblique = check_oblique.regrid_oblique(image, 12.0)
     assert oblique.GetSpacing() == pytest.approx((0.9, 1.1, 2.0))
     direction = np.array(oblique.GetDirection()).reshape(3, 3)

@@ -32,7 +32,13 @@ from medseg.engines.data import (
     worker_count,
 )
 from medseg.engines.loss import deep_supervision_weights, segmentation_loss
-from medseg.engines.parts import GradientClipping, mixed_precision, plan_value, poly_lr_schedule
+from medseg.engines.parts import (
+    GradientClipping,
+    mixed_precision,
+    plan_value,
+    poly_lr_schedule,
+    validation_postprocessing,
+)
 from medseg.engines.progress import Pace
 from medseg.labels import Region
 from medseg.networks import build_network
@@ -189,6 +195,27 @@ def test_region_plans_use_sigmoid_dice_and_binary_cross_entropy_of_each_region()
     dice = 1 - ((2 * inter + 1e-5) / (total + 1e-5)).mean()
     expected = dice + F.binary_cross_entropy_with_logits(logits, targets)
     assert float(segmentation_loss(plan)(logits, label)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_validation_scores_painted_regions_per_label_and_leaves_ignored_voxels_out() -> None:
+    from monai.metrics import DiceMetric
+
+    regions = (Region("whole", (1, 2), 1), Region("core", (2,), 2))
+    plan = _plan(regions=regions, ignore_label=7, network=NetworkSpec("unet"))
+    label = torch.zeros(1, 6, 6, 6, dtype=torch.long)
+    label[0, 1:5, 1:5, 1:5] = 1
+    label[0, 2:4, 2:4, 2:4] = 2
+    label[0, 0] = 7  # ignored slice
+    logits = torch.full((2, 6, 6, 6), -10.0)
+    logits[0][label[0] >= 1] = 10.0  # "whole" right
+    logits[1][label[0] == 2] = 10.0  # "core" right
+    logits[:, 0] = 10.0  # nonsense on the ignored slice
+    out = validation_postprocessing(plan)({"pred": logits, "label": label})
+    assert out["pred"].shape == (3, 6, 6, 6)  # one-hot of the plan's classes
+    dice = DiceMetric(include_background=False)(out["pred"][None], out["label"][None])
+    assert dice.tolist() == [[1.0, 1.0]]
+    plain = _plan(network=NetworkSpec("unet"))
+    assert [type(t).__name__ for t in validation_postprocessing(plain).transforms] == ["AsDiscreted"]  # as before
 
 
 # ------------------------------------------------------------------------------ small parts
