@@ -154,8 +154,31 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
     Vetted("medseg.engines.data.training_transforms", "MONAI transform chain (medseg's preprocessing and "
                                                       "augmentation presets) from the plan; no file access when built"),
     Vetted("medseg.engines.data.drop_last", "compares the dataset's length with the batch size; nothing else"),
-    Vetted("medseg.engines.data.epoch_length", "the loader's length, a minimum and the resumed run's epoch length; "
-                                               "no file access"),
+    Vetted("medseg.engines.data.epoch_length", "the loader's length, a minimum, a fixed length and the resumed "
+                                               "run's epoch length; no file access"),
+    Vetted("medseg.engines.data.preprocessed_dataset",
+           "MONAI PersistentDataset over the data list with vetted transforms: writes each case's deterministic "
+           "transform result as <hash>.pt (torch.save, via a temporary folder) under cache_dir/<plan key>/<part>/ "
+           "and reads such files back with torch.load(weights_only=True) (pickled code refused); the data list's "
+           "files are read by the vetted transforms", writes=("cache_dir",), data=("data",),
+           fixed={"part": ("training", "validation")}),
+    Vetted("medseg.engines.data.worker_count", "counts the CPU cores this process may use; nothing else"),
+    Vetted("medseg.engines.data.has_workers", "compares a worker count with 0; nothing else"),
+    Vetted("medseg.engines.loss.segmentation_loss", _PURE_LOSS + " (Dice + cross-entropy of the plan's outputs, "
+                                                                 "deep supervision, ignore label)"),
+    Vetted("medseg.engines.parts.validation_postprocessing", "MONAI transform chain turning a validation case's "
+                                                             "prediction and label into one-hot label maps of the "
+                                                             "plan's classes in memory; no file access"),
+    Vetted("medseg.engines.parts.mixed_precision", "tells whether a device name is a CUDA device; nothing else"),
+    Vetted("medseg.engines.parts.GradientClipping", "Ignite handler clipping the gradient norm of the trainer's "
+                                                    "optimiser after each backward pass in memory; no file access"),
+    Vetted("medseg.engines.tracking.MLflowTracking",
+           "Ignite handler, inactive when tracking_uri is null; else MONAI's MLFlowHandler logging the plan's "
+           "parameters, the epoch losses and the validation Dice: for a local folder into tracking_uri/mlruns.db "
+           "(SQLite) and tracking_uri/mlruns/ (confined like any written folder), for an http(s) URI to that "
+           "tracking server over the network (numbers and plan fields only: no images, no file contents); other "
+           "URI schemes refused; bundle_root only names the run; experiment_name is an MLflow name, no path",
+           writes=("tracking_uri",), reviewed=("bundle_root", "experiment_name")),
     Vetted("medseg.engines.weights.InitialWeights", "reads one state dict with torch.load(weights_only=True) "
                                                     "(pickled code and TorchScript refused); no writes",
            reads=("path",)),
@@ -168,7 +191,7 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
     Vetted("medseg.engines.parts.poly_lr_schedule", _OPTIMIZER),
     Vetted("medseg.engines.parts.plan_value", "returns one attribute of the plan, pinned to numeric ones (a free "
                                               "name could return a method such as Plan.save)",
-           fixed={"field": ("patch_size", "sw_batch_size", "num_classes")}),
+           fixed={"field": ("patch_size", "sw_batch_size", "num_classes", "batch_size")}),
     Vetted("medseg.engines.records.RunRecorder",
            "Ignite handler writing checkpoints/last.pt, models/model.pt (torch.save of state dicts), history.json "
            "and curves.png under bundle_root, each atomically; with resume reads history.json there",

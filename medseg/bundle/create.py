@@ -99,10 +99,11 @@ def inference_config() -> dict[str, Any]:
     }
 
 
-def train_config() -> dict[str, Any]:
+def train_config(plan: Plan | None = None) -> dict[str, Any]:
     """Model-zoo style training: the options as top-level keys (``--epochs 5`` overrides), the pipeline as
-    named, overridable parts (see :mod:`medseg.bundle.train_config`)."""
-    return {**_common("."), **train_parts()}
+    named, overridable parts (see :mod:`medseg.bundle.train_config`; the recipe follows ``plan``'s
+    configuration: planned or ``"custom"``, the default)."""
+    return {**_common("."), **train_parts(plan)}
 
 
 def evaluate_config() -> dict[str, Any]:
@@ -331,7 +332,7 @@ def write_bundle(bundle_dir: str | os.PathLike[str], plan: Plan, name: str | Non
     description = description or f"{plan.dims}D {plan.network.title} segmentation bundle created by medseg"
     configs = bundle / "configs"
     plan.save(configs / "plan.json")
-    for file, content in (("inference.json", inference_config()), ("train.json", train_config()),
+    for file, content in (("inference.json", inference_config()), ("train.json", train_config(plan)),
                           ("evaluate.json", evaluate_config()),
                           ("metadata.json", metadata(plan, name, description, data_source))):
         atomic_write_text(configs / file, json.dumps(content, indent=2) + "\n")

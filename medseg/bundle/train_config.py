@@ -2,7 +2,8 @@
 
 Top-level options (``epochs``, ``val_interval``, ``max_minutes``, ``max_iterations``, ``log_every``,
 ``fold``, ``learning_rate``, ``batch_size``, ``samples_per_case``, ``min_iterations_per_epoch``,
-``num_workers``, ``seed``, ``resume``, ``init_weights``) are what ``medseg train`` sets and
+``iterations_per_epoch``, ``num_workers``, ``mlflow_uri``, ``seed``, ``resume``, ``init_weights``;
+the planned recipe adds ``cache_dir``) are what ``medseg train`` sets and
 ``--epochs 5`` / ``--set epochs=5`` override; the parts are ``network_def``, ``network`` (on the
 device, ``--init-weights`` applied), ``loss``, ``optimizer``, ``lr_scheduler``, ``train#preprocessing``,
 ``train#dataset``, ``train#dataloader``, ``train#inferer``, ``train#handlers``, ``train#trainer``,
@@ -15,7 +16,17 @@ input checked, before it writes), ``finalize`` records the result in the metadat
 
 No ``$`` expressions: every computed value comes from a factory on the safe-mode allow list, so the
 config runs in safe mode (``medseg train``, ``medseg bundle run``) and with ``python -m monai.bundle run``
-alike. The ids and references are those of MONAI's train-workflow properties
+alike.
+
+Two recipes (:func:`train_parts`): plans made by the planner (``configuration`` other than ``"custom"``)
+train with nnU-Net v2's defaults -- SGD with Nesterov momentum 0.99, learning rate 1e-2, weight decay
+3e-5, polynomial decay stepped per iteration, 250 iterations per epoch, the plan's batch of one patch
+per case, batch Dice + cross-entropy with deep supervision, gradients clipped to norm 12, mixed precision
+on CUDA, nnU-Net's augmentation, the preprocessed cases cached on disk (``cache_dir``) and loaded in
+worker processes; ``"custom"`` plans (the default plan, bundles made before the planner) keep the
+recipe they were made with (AdamW 2e-3, per-epoch decay, cases cached in memory).
+
+The ids and references are those of MONAI's train-workflow properties
 (``monai.bundle.properties.TrainProperties``); references to nested parts use MONAI's separator ``::``
 (``@train::handlers``), which its property check compares literally (overrides may use ``#``).
 """
@@ -24,17 +35,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from medseg.plan import Plan
+
 C = "medseg.bundle.components"
 
 E = "medseg.engines"
+#: MLflow tracking handler (does nothing unless ``mlflow_uri`` is set).
+_MLFLOW = {"_target_": f"{E}.tracking.MLflowTracking", "tracking_uri": "@mlflow_uri", "plan": "@plan",
+           "evaluator": "@validate::evaluator", "bundle_root": "@bundle_root", "options": "@options"}
 
 
-def _train_parts() -> dict[str, Any]:
+def _train_parts(planned: bool) -> dict[str, Any]:
     """``train#...``: the training data, inferer, handlers and MONAI's ``SupervisedTrainer``."""
+    schedule = {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False}
     handlers = [
-        {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False},
+        {**schedule, "epoch_level": False} if planned else schedule,
         {"_target_": "ValidationHandler", "validator": "@validate::evaluator", "interval": "@val_interval",
          "epoch_level": True},
+        *([{"_target_": f"{E}.parts.GradientClipping", "max_norm": 12.0}] if planned else []),
         {"_target_": f"{E}.tensorboard.TensorBoardLog", "log_dir": "@log_dir", "tag_name": "train_loss",
          "output_transform": {"_target_": "monai.handlers.from_engine", "keys": ["loss"], "first": True}},
         {"_target_": f"{E}.records.RunRecorder", "bundle_root": "@bundle_root", "network": "@network",
@@ -43,47 +61,66 @@ def _train_parts() -> dict[str, Any]:
         {"_target_": f"{E}.progress.ProgressLogger", "pace": "@pace", "evaluator": "@validate::evaluator",
          "plan": "@plan", "every": "@log_every", "val_interval": "@val_interval",
          "max_iterations": "@max_iterations", "max_minutes": "@max_minutes", "optimizer": "@optimizer"},
+        _MLFLOW,
         {"_target_": f"{E}.budget.RunBudget", "pace": "@pace", "evaluator": "@validate::evaluator",
          "val_interval": "@val_interval", "max_iterations": "@max_iterations", "max_minutes": "@max_minutes"},
     ]
+    items: dict[str, Any] = {"_target_": f"{E}.data.case_items", "split": "@split", "part": "training"}
+    loader: dict[str, Any] = {"_target_": "DataLoader", "dataset": "@train::dataset", "batch_size": "@batch_size",
+                              "shuffle": True, "num_workers": "@num_workers",
+                              "drop_last": {"_target_": f"{E}.data.drop_last", "dataset": "@train::dataset",
+                                            "batch_size": "@batch_size"}}
+    dataset: dict[str, Any]
+    if planned:
+        dataset = {"_target_": f"{E}.data.preprocessed_dataset", "data": items, "transform": "@train::preprocessing",
+                   "plan": "@plan", "cache_dir": "@cache_dir", "part": "training"}
+        loader["persistent_workers"] = {"_target_": f"{E}.data.has_workers", "num_workers": "@num_workers"}
+    else:
+        dataset = {"_target_": "CacheDataset", "data": items, "transform": "@train::preprocessing", "cache_rate": 1.0,
+                   "num_workers": 2, "progress": False}
     return {
         "preprocessing": {"_target_": f"{E}.data.training_transforms", "plan": "@plan",
                           "samples_per_case": "@samples_per_case"},
-        "dataset": {"_target_": "CacheDataset", "data": {"_target_": f"{E}.data.case_items", "split": "@split",
-                                                         "part": "training"},
-                    "transform": "@train::preprocessing", "cache_rate": 1.0, "num_workers": 2, "progress": False},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@train::dataset", "batch_size": "@batch_size",
-                       "shuffle": True, "num_workers": "@num_workers",
-                       "drop_last": {"_target_": f"{E}.data.drop_last", "dataset": "@train::dataset",
-                                     "batch_size": "@batch_size"}},
+        "dataset": dataset,
+        "dataloader": loader,
         "epoch_length": {"_target_": f"{E}.data.epoch_length", "dataloader": "@train::dataloader",
-                         "minimum": "@min_iterations_per_epoch", "resume": "@resume_point"},
+                         "minimum": "@min_iterations_per_epoch", "resume": "@resume_point",
+                         "iterations": "@iterations_per_epoch"},
         "inferer": {"_target_": "SimpleInferer"},
         "handlers": handlers,
         "trainer": {"_target_": "SupervisedTrainer", "device": "@device", "max_epochs": "@epochs",
                     "epoch_length": "@train::epoch_length", "train_data_loader": "@train::dataloader",
                     "network": "@network", "optimizer": "@optimizer", "loss_function": "@loss",
-                    "inferer": "@train::inferer", "train_handlers": "@train::handlers", "amp": False},
+                    "inferer": "@train::inferer", "train_handlers": "@train::handlers", "amp": _amp(planned)},
     }
 
 
-def _validate_parts() -> dict[str, Any]:
+def _amp(planned: bool) -> Any:
+    """MONAI's ``amp``: on CUDA for the planned recipe (:func:`medseg.engines.parts.mixed_precision`), off otherwise."""
+    return {"_target_": f"{E}.parts.mixed_precision", "device": "@device"} if planned else False
+
+
+def _validate_parts(planned: bool) -> dict[str, Any]:
     """``validate#...``: sliding-window validation scored by MONAI's ``MeanDice`` (per-case details kept)."""
     plan_value = f"{E}.parts.plan_value"
+    items: dict[str, Any] = {"_target_": f"{E}.data.case_items", "split": "@split", "part": "validation"}
+    dataset: dict[str, Any]
+    if planned:
+        dataset = {"_target_": f"{E}.data.preprocessed_dataset", "data": items, "transform": "@validate::preprocessing",
+                   "plan": "@plan", "cache_dir": "@cache_dir", "part": "validation"}
+    else:
+        dataset = {"_target_": "CacheDataset", "data": items, "transform": "@validate::preprocessing",
+                   "cache_rate": 1.0, "num_workers": 2, "progress": False}
     return {
         "preprocessing": {"_target_": "medseg.transforms.preprocessing", "plan": "@plan", "keys": ["image", "label"]},
-        "dataset": {"_target_": "CacheDataset", "data": {"_target_": f"{E}.data.case_items", "split": "@split",
-                                                         "part": "validation"},
-                    "transform": "@validate::preprocessing", "cache_rate": 1.0, "num_workers": 2, "progress": False},
+        "dataset": dataset,
         "dataloader": {"_target_": "DataLoader", "dataset": "@validate::dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
         "inferer": {"_target_": "SlidingWindowInferer",
                     "roi_size": {"_target_": plan_value, "plan": "@plan", "field": "patch_size"},
                     "sw_batch_size": {"_target_": plan_value, "plan": "@plan", "field": "sw_batch_size"},
                     "overlap": 0.25, "mode": "gaussian"},
-        "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False],
-             "to_onehot": {"_target_": plan_value, "plan": "@plan", "field": "num_classes"}}]},
+        "postprocessing": {"_target_": f"{E}.parts.validation_postprocessing", "plan": "@plan"},
         "key_metric": {"val_mean_dice": {"_target_": "MeanDice", "include_background": False,
                                          "output_transform": {"_target_": "monai.handlers.from_engine",
                                                               "keys": ["pred", "label"]},
@@ -91,16 +128,48 @@ def _validate_parts() -> dict[str, Any]:
         "handlers": [{"_target_": f"{E}.tensorboard.TensorBoardLog", "log_dir": "@log_dir", "iteration_log": False}],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate::dataloader",
                       "network": "@network", "inferer": "@validate::inferer", "postprocessing": "@validate::postprocessing",
-                      "key_val_metric": "@validate::key_metric", "val_handlers": "@validate::handlers", "amp": False},
+                      "key_val_metric": "@validate::key_metric", "val_handlers": "@validate::handlers",
+                      "amp": _amp(planned)},
     }
 
 
-def train_parts() -> dict[str, Any]:
+def _recipe(planned: bool) -> dict[str, Any]:
+    """The recipe's options, loss, optimiser and learning-rate schedule (see the module docstring)."""
+    params = {"_target_": f"{E}.parts.parameters", "network": "@network"}
+    schedule = {"_target_": f"{E}.parts.poly_lr_schedule", "optimizer": "@optimizer", "epochs": "@epochs", "power": 0.9}
+    if not planned:
+        return {
+            "learning_rate": 0.002, "batch_size": 2, "samples_per_case": 2, "iterations_per_epoch": None,
+            "num_workers": 0,
+            "loss": {"_target_": f"{E}.loss.segmentation_loss", "plan": "@plan", "batch_dice": False,
+                     "include_background": True},
+            "optimizer": {"_target_": "torch.optim.AdamW", "params": params, "lr": "@learning_rate",
+                          "weight_decay": 1e-5},
+            "lr_scheduler": schedule,
+        }
+    return {
+        "learning_rate": 0.01,
+        "batch_size": {"_target_": f"{E}.parts.plan_value", "plan": "@plan", "field": "batch_size"},
+        "samples_per_case": 1, "iterations_per_epoch": 250,
+        "num_workers": {"_target_": f"{E}.data.worker_count"},
+        "cache_dir": {"_target_": f"{C}.bundle_path", "bundle_root": "@bundle_root", "parts": ["preprocessed"]},
+        "loss": {"_target_": f"{E}.loss.segmentation_loss", "plan": "@plan", "batch_dice": True},
+        "optimizer": {"_target_": "torch.optim.SGD", "params": params, "lr": "@learning_rate", "momentum": 0.99,
+                      "nesterov": True, "weight_decay": 3e-5},
+        "lr_scheduler": {**schedule, "epoch_length": "@iterations_per_epoch", "max_iterations": "@max_iterations",
+                         "pace": "@pace", "max_minutes": "@max_minutes"},
+    }
+
+
+def train_parts(plan: Plan | None = None) -> dict[str, Any]:
     """``configs/train.json`` without the keys every config shares (``bundle_root``, ``dataset_dir``,
-    ``device``, ``plan``, ``network_def``: :func:`medseg.bundle.create.train_config` adds them)."""
+    ``device``, ``plan``, ``network_def``: :func:`medseg.bundle.create.train_config` adds them), with
+    the planned recipe for a ``plan`` made by the planner, else the recipe of ``"custom"`` plans."""
+    planned = plan is not None and plan.configuration != "custom"
     options = ("epochs", "val_interval", "max_minutes", "max_iterations", "log_every", "device", "fold", "resume",
-               "learning_rate", "batch_size", "samples_per_case", "min_iterations_per_epoch", "num_workers", "seed",
-               "init_weights")
+               "learning_rate", "batch_size", "samples_per_case", "min_iterations_per_epoch", "iterations_per_epoch",
+               "num_workers", "mlflow_uri", "seed", "init_weights")
+    recipe = _recipe(planned)
     return {
         "epochs": 100,
         "val_interval": 5,
@@ -108,14 +177,14 @@ def train_parts() -> dict[str, Any]:
         "max_iterations": None,
         "log_every": 10,
         "fold": 0,
-        "learning_rate": 0.002,
-        "batch_size": 2,
-        "samples_per_case": 2,
+        **{key: recipe.pop(key) for key in ("learning_rate", "batch_size", "samples_per_case")},
         "min_iterations_per_epoch": 20,
-        "num_workers": 0,
+        **{key: recipe.pop(key) for key in ("iterations_per_epoch", "num_workers")},
+        "mlflow_uri": None,
         "seed": 0,
         "resume": False,
         "init_weights": None,
+        **({"cache_dir": recipe.pop("cache_dir")} if planned else {}),
         "options": {"_target_": f"{E}.options.TrainOptions", **{key: f"@{key}" for key in options}},
         "pace": {"_target_": f"{E}.progress.Pace"},
         "log_dir": {"_target_": f"{C}.bundle_path", "bundle_root": "@bundle_root", "parts": ["logs"]},
@@ -125,17 +194,12 @@ def train_parts() -> dict[str, Any]:
         "initial_weights": {"_target_": f"{E}.weights.InitialWeights", "path": "@init_weights"},
         "network": {"_target_": f"{E}.weights.initial_network", "network": "@network_def", "device": "@device",
                     "weights": "@initial_weights"},
-        "loss": {"_target_": "monai.losses.DiceCELoss", "to_onehot_y": True, "softmax": True},
-        "optimizer": {"_target_": "torch.optim.AdamW",
-                      "params": {"_target_": f"{E}.parts.parameters", "network": "@network"},
-                      "lr": "@learning_rate", "weight_decay": 1e-5},
-        "lr_scheduler": {"_target_": f"{E}.parts.poly_lr_schedule", "optimizer": "@optimizer", "epochs": "@epochs",
-                         "power": 0.9},
+        **recipe,  # loss, optimizer, lr_scheduler
         "resume_point": {"_target_": f"{E}.weights.resume_point", "bundle_root": "@bundle_root", "network": "@network",
                          "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "resume": "@resume",
                          "epochs": "@epochs", "max_iterations": "@max_iterations"},
-        "train": _train_parts(),
-        "validate": _validate_parts(),
+        "train": _train_parts(planned),
+        "validate": _validate_parts(planned),
         "initialize": [
             {"_target_": f"{E}.options.check_options", "options": "@options"},
             {"_target_": "medseg.bundle.training.check_trainable", "bundle_root": "@bundle_root"},

@@ -35,6 +35,7 @@ from medseg.bundle.runner import run_bundle
 from medseg.engines.data import training_datalist
 from medseg.engines.options import TrainOptions, check_options
 from medseg.engines.rundir import RunFolderGuard
+from medseg.engines.tracking import tracking_location
 from medseg.engines.training import SUMMARY_FILE
 from medseg.engines.weights import InitialWeights
 from medseg.errors import BundleError, InputError, MedsegError, root_cause
@@ -51,17 +52,26 @@ TRAIN_CONFIG = Path("configs") / "train.json"
 #: TrainOptions fields that are scalar keys of configs/train.json (the rest shape a new bundle's plan).
 CONFIG_OPTIONS = ("epochs", "val_interval", "max_minutes", "max_iterations", "log_every", "device", "fold",
                   "resume", "learning_rate", "batch_size", "samples_per_case", "min_iterations_per_epoch",
-                  "num_workers", "seed", "init_weights")
+                  "iterations_per_epoch", "num_workers", "mlflow_uri", "seed", "init_weights")
+#: Options whose None keeps the config's value (no override).
+CONFIG_DEFAULTED = ("learning_rate", "batch_size", "samples_per_case", "num_workers", "iterations_per_epoch",
+                    "mlflow_uri")
+#: Options a configs/train.json written before them does not read (refused rather than ignored).
+NEWER_OPTIONS = {"iterations_per_epoch": "--iterations-per-epoch", "mlflow_uri": "--mlflow"}
 
 
 def train_overrides(data: str | os.PathLike[str], options: TrainOptions) -> dict[str, Any]:
     """The overrides of ``configs/train.json`` for ``medseg train``: ``dataset_dir`` and every option
-    of :data:`CONFIG_OPTIONS` (paths made absolute: the config runs from inside the bundle)."""
+    of :data:`CONFIG_OPTIONS`, except those of :data:`CONFIG_DEFAULTED` left at None (paths made
+    absolute: the config runs from inside the bundle; a local ``--mlflow`` folder as a plain path)."""
     values: dict[str, Any] = {"dataset_dir": os.path.abspath(data)}
     for key in CONFIG_OPTIONS:
-        values[key] = getattr(options, key)
+        if getattr(options, key) is not None or key not in CONFIG_DEFAULTED:
+            values[key] = getattr(options, key)
     if options.init_weights is not None:
         values["init_weights"] = os.path.abspath(options.init_weights)
+    if options.mlflow_uri is not None:
+        values["mlflow_uri"] = tracking_location(options.mlflow_uri)
     return values
 
 
@@ -79,7 +89,7 @@ def _check_inputs(data: str | os.PathLike[str], run_dir: Path, opts: TrainOption
         if not opts.resume and (run_dir / WEIGHTS_FILE).exists():
             raise InputError(run_dir / WEIGHTS_FILE, "this bundle is already trained; pass --resume "
                              "to continue, or train a copy (its weights would be replaced)")
-        _check_train_config(run_dir)
+        _check_train_config(run_dir, opts)
         training_datalist(data, plan)
         read_trainable_metadata(run_dir)
         source = None
@@ -122,9 +132,10 @@ def _planner_options(planner: PlannerOptions, opts: TrainOptions) -> PlannerOpti
                    ct_window=planner.ct_window or opts.ct_window)
 
 
-def _check_train_config(run_dir: Path) -> None:
+def _check_train_config(run_dir: Path, opts: TrainOptions) -> None:
     """Refuse a ``configs/train.json`` of a medseg before the config named its parts (one call to
-    ``train_bundle``), with what to do instead of safe mode's list of unknown targets."""
+    ``train_bundle``), with what to do instead of safe mode's list of unknown targets; refuse an option
+    such a config would ignore (:data:`NEWER_OPTIONS`)."""
     path = run_dir / TRAIN_CONFIG
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -133,16 +144,19 @@ def _check_train_config(run_dir: Path) -> None:
     if isinstance(config, dict) and "train" not in config and "train_bundle" in json.dumps(config.get("run")):
         raise BundleError(f"{path}: written by an older medseg (training was one call to train_bundle); replace "
                           "it with the train.json of a bundle made by this version (medseg bundle init)")
+    for key, flag in NEWER_OPTIONS.items():
+        if getattr(opts, key) is not None and isinstance(config, dict) and key not in config:
+            raise InputError(path, f"written by an older medseg, it does not read {flag} ({key}); add the "
+                             f"'{key}' key or train a bundle made by this version")
 
 
 def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options: TrainOptions | None = None,
-          bundle: bool = False, planner: PlannerOptions | None = None, batch_from_plan: bool = False) -> dict[str, Any]:
+          bundle: bool = False, planner: PlannerOptions | None = None) -> dict[str, Any]:
     """``medseg train``: write a bundle for the MSD dataset ``data`` into ``run_dir`` (plan derived from
     the data: the default plan, or with ``planner`` the planner's, see :func:`_planner_options`), then
-    run its ``configs/train.json``. With ``batch_from_plan``, a planned run takes the plan's batch:
-    ``plan.batch_size`` patches per iteration (``batch_size`` cases of ``samples_per_case`` patches).
-    With ``bundle=True`` (or ``options.resume``), ``run_dir`` is an existing bundle whose plan is used
-    as it is. Nothing is written before every
+    run its ``configs/train.json`` (a planned plan's config takes ``plan.batch_size`` patches per
+    iteration unless ``options.batch_size`` is given). With ``bundle=True`` (or ``options.resume``),
+    ``run_dir`` is an existing bundle whose plan is used as it is. Nothing is written before every
     input has been checked; a run that fails before its first checkpoint leaves ``run_dir`` as it
     found it. The run's clock (``pace#started``) starts with this call, so that a ``max_minutes``
     budget counts the checks and the planning too.
@@ -166,8 +180,6 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     run_dir = Path(run_dir)
     with held_info():  # notes on the plan and data are printed once every input has passed its checks
         plan, data_source, planned = _check_inputs(data, run_dir, opts, bundle, planner)
-    if planned is not None and batch_from_plan:
-        opts = replace(opts, batch_size=max(1, plan.batch_size // opts.samples_per_case))
     guard = RunFolderGuard(run_dir)
     try:
         with held_info():  # until the config has built its parts (run_training releases it): an error is one line

@@ -28,7 +28,8 @@ def _train_options(args: argparse.Namespace):
                         resume=args.resume, val_interval=args.val_interval, seed=args.seed,
                         target_spacing=args.spacing, patch_size=args.patch_size, ct_window=args.ct_window,
                         init_weights=args.init_weights, max_iterations=args.max_iterations,
-                        log_every=args.log_every)
+                        log_every=args.log_every, iterations_per_epoch=args.iterations_per_epoch,
+                        mlflow_uri=args.mlflow)
     if args.network is not None:
         if args.bundle or args.resume:
             raise InputError(args.bundle or args.out, "--network chooses the network of a new plan; this run's "
@@ -81,8 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     target = args.bundle or args.out
     planner = _train_planner(args)
-    summary = train(args.data, target, _train_options(args), bundle=bool(args.bundle), planner=planner,
-                    batch_from_plan=planner is not None and args.batch_size is None)
+    summary = train(args.data, target, _train_options(args), bundle=bool(args.bundle), planner=planner)
     best = summary["best_val_mean_dice"]
     print(f"model: {os.path.join(target, 'models', 'model.pt')}  best validation mean Dice: "
           f"{'n/a' if best is None else f'{best:.3f}'}")

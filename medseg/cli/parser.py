@@ -198,6 +198,13 @@ def _add_train(sub: Subparsers) -> None:
     p.add_argument("--plan", choices=["default", "auto"], default="default",
                    help="plan of a new run: default (a U-Net, or --network, with a patch of at most 64 x 64 x 32) or "
                         "auto (the planner of medseg plan, for --device and the --max-minutes budget)")
+    p.add_argument("--iterations-per-epoch", type=int, default=None, metavar="N",
+                   help="fixed epoch length (default: the bundle's train.json: 250 for planned plans, else the "
+                        "loader's batches, at least 20)")
+    p.add_argument("--mlflow", default=None, metavar="URI",
+                   help="track the run in MLflow: a tracking server (http://, https://) or a local folder (path or "
+                        "file:// URI; the run goes into FOLDER/mlruns.db); needs pip install 'medseg[mlflow]' "
+                        "(default: no tracking)")
     _plan_options(p)
     _planner_options(p, train=True)
     p.set_defaults(func=cmd_train)

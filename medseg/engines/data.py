@@ -1,31 +1,42 @@
 """The data of a training run, as factories ``configs/train.json`` names: the dataset's training cases,
-their split into training and validation, the items and transforms of the MONAI datasets, the epoch length.
+their split into training and validation, the items and transforms of the MONAI datasets, the
+datasets of planned plans (preprocessed once, cached on disk), the data-loading workers, the epoch length.
 
-Each reads (and checks) what it needs and writes nothing; ``split.json`` is written when the run starts
-(:func:`medseg.engines.training.run_training`).
+Each reads (and checks) what it needs and writes nothing, except :func:`preprocessed_dataset`, whose
+cache is written by MONAI's ``PersistentDataset`` as cases are first loaded; ``split.json`` is written
+when the run starts (:func:`medseg.engines.training.run_training`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-from collections.abc import Sized
+import pickle
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import monai
+from monai.data import PersistentDataset
 from monai.transforms import Compose
 
+import medseg
 from medseg.data.datalist import Case, Datalist, load_datalist, split_cases, validate_datalist
 from medseg.engines.weights import ResumePoint
 from medseg.errors import BundleError, InputError
 from medseg.io.image import case_name, list_images
 from medseg.plan import Plan
 from medseg.transforms import augmentation, preprocessing
+from medseg.transforms.augment import planned_augmentation, sampling_preparation
 
-__all__ = ["Split", "case_items", "drop_last", "epoch_length", "training_datalist", "training_split",
-           "training_transforms"]
+__all__ = ["PREPROCESSED", "Split", "case_items", "drop_last", "epoch_length", "has_workers", "preprocessed_dataset",
+           "training_datalist", "training_split", "training_transforms", "worker_count"]
+
+#: Default cache folder of the preprocessed cases, under the run folder (:func:`preprocessed_dataset`).
+PREPROCESSED = "preprocessed"
 
 log = logging.getLogger("medseg.engines.training")
 
@@ -152,12 +163,79 @@ def case_items(split: Split, part: Literal["training", "validation"] = "training
     return items
 
 
+def planned(plan: Plan) -> bool:
+    """Whether ``plan`` trains with the planned recipe (made by the planner: ``configuration`` not ``"custom"``)."""
+    return plan.configuration != "custom"
+
+
 def training_transforms(plan: Plan, samples_per_case: int = 2) -> Compose:
     """The training chain: the plan's preprocessing of image and label, then patch sampling and
-    augmentation (one flat ``Compose``, so that ``CacheDataset`` caches everything before the first
-    random transform)."""
-    pre = preprocessing(plan, ("image", "label"))
-    return Compose(list(pre.transforms) + list(augmentation(plan, samples_per_case).transforms))
+    augmentation (one flat ``Compose``, so that ``CacheDataset`` / ``PersistentDataset`` cache
+    everything before the first random transform). Planned plans: the deterministic part ends with the
+    class voxels for foreground sampling (:func:`medseg.transforms.augment.sampling_preparation`) and
+    the augmentation is :func:`~medseg.transforms.augment.planned_augmentation`; ``"custom"`` plans
+    keep :func:`~medseg.transforms.augment.augmentation`."""
+    pre = list(preprocessing(plan, ("image", "label")).transforms)
+    if planned(plan):
+        return Compose(pre + sampling_preparation(plan) + list(planned_augmentation(plan, samples_per_case).transforms))
+    return Compose(pre + list(augmentation(plan, samples_per_case).transforms))
+
+
+def _case_hash(item: Any) -> bytes:
+    """Cache key of one data item: its content (file names) and, for each existing file it names,
+    the size and modification time (a rewritten image is preprocessed again)."""
+    stamps = []
+    for value in (item.values() if isinstance(item, dict) else [item]):
+        for name in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(name, (str, os.PathLike)) and os.path.isfile(name):
+                stat = os.stat(name)
+                stamps.append((str(name), stat.st_size, stat.st_mtime_ns))
+    return hashlib.md5(pickle.dumps((item, stamps), protocol=4), usedforsecurity=False).hexdigest().encode()
+
+
+def plan_key(plan: Plan) -> str:
+    """A short hash of everything the preprocessed cases depend on: the plan, medseg's and MONAI's versions."""
+    text = json.dumps([plan.to_json(), medseg.__version__, monai.__version__], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def preprocessed_dataset(data: Sequence[dict[str, Any]], transform: Compose, plan: Plan,
+                         cache_dir: str | os.PathLike[str], part: Literal["training", "validation"]) -> PersistentDataset:
+    """MONAI's ``PersistentDataset``: each case's deterministic transforms (reading, resampling,
+    normalisation, the class voxels) run once and are saved under ``cache_dir/<plan key>/<part>/`` as
+    ``.pt`` files (read back with ``torch.load(weights_only=True)``); every later load starts from
+    them, so iterations never resample again (nnU-Net's preprocessing, done on first use).
+
+    ``PersistentDataset`` keys its files by the data item only (not by the transforms), so the folder
+    is keyed by :func:`plan_key` (another plan, medseg or MONAI version: another folder) and ``part``
+    (the training and validation chains differ); an item's key includes its files' sizes and
+    modification times (a rewritten image is preprocessed again).
+
+    Raises
+    ------
+    ValueError
+        For another ``part``.
+    """
+    if part not in ("training", "validation"):
+        raise ValueError(f"part must be 'training' or 'validation', got {part!r}")
+    folder = Path(cache_dir) / plan_key(plan) / part
+    log.info("preprocessed %s cases cached in %s", part, folder)
+    return PersistentDataset(list(data), transform, cache_dir=folder, hash_func=_case_hash)
+
+
+def worker_count(limit: int = 4) -> int:
+    """Data-loading worker processes: one fewer than the CPU cores this process may use, at most
+    ``limit`` (0 on a single core: loading in the main process)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(limit, cores - 1))
+
+
+def has_workers(num_workers: int) -> bool:
+    """Whether a loader has worker processes (``persistent_workers`` needs some)."""
+    return num_workers > 0
 
 
 def drop_last(dataset: Sized, batch_size: int) -> bool:
@@ -165,10 +243,12 @@ def drop_last(dataset: Sized, batch_size: int) -> bool:
     return len(dataset) > batch_size
 
 
-def epoch_length(dataloader: Sized, minimum: int = 20, resume: ResumePoint | None = None) -> int:
-    """Iterations per epoch: the loader's batches, at least ``minimum`` (small datasets train as long
-    as big ones); a resumed run keeps the epoch length it was started with."""
-    length = max(len(dataloader), minimum)
+def epoch_length(dataloader: Sized, minimum: int = 20, resume: ResumePoint | None = None,
+                 iterations: int | None = None) -> int:
+    """Iterations per epoch: ``iterations`` when given (the planned recipe: 250, as nnU-Net), else the
+    loader's batches, at least ``minimum`` (small datasets train as long as big ones); a resumed run
+    keeps the epoch length it was started with."""
+    length = iterations if iterations is not None else max(len(dataloader), minimum)
     if resume is not None and resume.epoch_length and resume.epoch_length != length:
         log.info("keeping the resumed run's %d iterations per epoch (this dataset and batch size give %d)",
                  resume.epoch_length, length)

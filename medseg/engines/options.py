@@ -10,6 +10,7 @@ import torch
 
 from medseg.architectures import NetworkSpec
 from medseg.devices import resolve_device
+from medseg.engines.tracking import check_tracking
 from medseg.errors import InputError
 
 __all__ = ["TrainOptions", "check_options"]
@@ -20,8 +21,9 @@ class TrainOptions:
     """Options of a training run (the ``medseg train`` flags).
 
     The training fields are the scalar keys of ``configs/train.json`` (``medseg train`` passes them
-    as overrides); ``target_spacing``, ``patch_size``, ``ct_window`` and ``network`` shape the plan
-    of a new bundle only.
+    as overrides; ``None`` for ``learning_rate``, ``batch_size``, ``samples_per_case``, ``num_workers``,
+    ``iterations_per_epoch`` and ``mlflow_uri`` keeps the config's value); ``target_spacing``,
+    ``patch_size``, ``ct_window`` and ``network`` shape the plan of a new bundle only.
     """
 
     epochs: int = 100
@@ -35,12 +37,20 @@ class TrainOptions:
     fold: int = 0
     resume: bool = False
     val_interval: int = 5
-    learning_rate: float = 2e-3
-    batch_size: int = 2
-    samples_per_case: int = 2
+    #: the config's when None (custom plans 2e-3 with AdamW, planned plans 1e-2 with SGD)
+    learning_rate: float | None = None
+    #: patches per iteration: the config's when None (custom plans 2 cases x 2 patches, planned plans the plan's)
+    batch_size: int | None = None
+    #: patches cut from each loaded case: the config's when None (custom plans 2, planned plans 1)
+    samples_per_case: int | None = None
     #: an epoch is at least this many iterations (small datasets would otherwise give tiny epochs)
     min_iterations_per_epoch: int = 20
-    num_workers: int = 0
+    #: a fixed epoch length (the planned recipe: 250); None: the loader's batches, at least min_iterations_per_epoch
+    iterations_per_epoch: int | None = None
+    #: data-loading worker processes: the config's when None (custom plans 0, planned plans one per spare core)
+    num_workers: int | None = None
+    #: MLflow tracking server URI or local folder (medseg.engines.tracking); None: no tracking
+    mlflow_uri: str | None = None
     seed: int = 0
     target_spacing: tuple[float, ...] | None = None
     patch_size: tuple[int, ...] | None = None
@@ -56,13 +66,15 @@ def check_options(options: TrainOptions) -> torch.device:
     ------
     InputError
         A count below its minimum, a non-positive or non-finite learning rate or time budget,
-        ``--fold`` outside 0-4, ``--init-weights`` with ``--resume``, an unavailable device.
+        ``--fold`` outside 0-4, ``--init-weights`` with ``--resume``, an unavailable device, an
+        ``--mlflow`` location that is neither a folder nor a tracking server, or MLflow not installed.
     """
     opts = options
     for flag, value, least in (("--epochs", opts.epochs, 1), ("--val-interval", opts.val_interval, 1),
                                ("--batch-size", opts.batch_size, 1), ("--log-every", opts.log_every, 1),
                                ("samples_per_case", opts.samples_per_case, 1), ("num_workers", opts.num_workers, 0),
                                ("min_iterations_per_epoch", opts.min_iterations_per_epoch, 1),
+                               ("--iterations-per-epoch", opts.iterations_per_epoch, 1),
                                ("--max-iterations", opts.max_iterations, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise InputError(None, f"{flag} must be an integer of at least {least}, got {value!r}")
@@ -81,4 +93,5 @@ def check_options(options: TrainOptions) -> torch.device:
                          "checkpoint: use one of the two")
     if not isinstance(opts.device, str):
         raise InputError(None, f"--device must be cpu or cuda, got {opts.device!r}")
+    check_tracking(opts.mlflow_uri)
     return resolve_device(opts.device)

@@ -11,7 +11,7 @@ from medseg.architectures import ARCHITECTURES, NetworkSpec
 from medseg.errors import BundleError
 from medseg.plan import Plan
 
-__all__ = ["build_network"]
+__all__ = ["build_network", "deep_supervision_heads"]
 
 
 def build_network(plan: Plan, spec: NetworkSpec | None = None) -> torch.nn.Module:
@@ -19,6 +19,11 @@ def build_network(plan: Plan, spec: NetworkSpec | None = None) -> torch.nn.Modul
     per image channel of the plan, one output channel per label including background, or per region):
     ``spec`` or ``plan.network``, a U-Net, a DynUNet (its topology planned from the plan's patch and
     spacing when the spec has none) or a SegResNet. Each maps a patch of ``plan.patch_size`` to class logits of the same size.
+
+    A DynUNet with ``deep_supervision`` gets its :func:`deep_supervision_heads`: in training mode it
+    returns the main output and the heads' outputs (upsampled to the patch) stacked on dimension 1
+    (``(B, 1 + heads, C, *patch)``), in eval mode the main output only; the same network is built for
+    training and inference, so weights trained with the heads load strictly.
 
     Raises
     ------
@@ -42,12 +47,24 @@ def _unet(spec: NetworkSpec, dims: int, channels: int, classes: int) -> torch.nn
                 num_res_units=spec.num_res_units, norm=spec.norm, dropout=spec.dropout)
 
 
+def deep_supervision_heads(spec: NetworkSpec) -> int:
+    """Extra training outputs of a planned DynUNet ``spec`` with ``deep_supervision`` (0 without): one per
+    decoder level below the full resolution, except the lowest one, which nnU-Net weights 0 in the loss
+    (so its head would never learn: it is not built). A DynUNet of ``n`` levels has ``n - 1`` decoder
+    levels: ``n - 3`` heads (none for 3 levels)."""
+    if spec.name != "dynunet" or not spec.deep_supervision:
+        return 0
+    return max(0, len(spec.level_strides) - 3)
+
+
 def _dynunet(spec: NetworkSpec, dims: int, channels: int, classes: int) -> torch.nn.Module:
     strides = [list(level) for level in spec.level_strides]
+    heads = deep_supervision_heads(spec)
     return DynUNet(spatial_dims=dims, in_channels=channels, out_channels=classes,
                    kernel_size=[list(level) for level in spec.kernel_sizes], strides=strides,
                    upsample_kernel_size=strides[1:], filters=list(spec.filters), dropout=spec.dropout or None,
-                   norm_name=_norm(spec.norm), deep_supervision=False, res_block=spec.res_block)
+                   norm_name=_norm(spec.norm), deep_supervision=heads > 0, deep_supr_num=max(heads, 1),
+                   res_block=spec.res_block)
 
 
 def _segresnet(spec: NetworkSpec, dims: int, channels: int, classes: int) -> torch.nn.Module:

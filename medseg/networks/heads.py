@@ -22,13 +22,15 @@ def split_pointwise_head(network: torch.nn.Module) -> tuple[torch.nn.Module, tor
     class logits (:func:`medseg.inference.sliding.slab_sliding_window`), so that its memory does not
     grow with the number of classes.
 
-    Known: MONAI's DynUNet (without deep supervision), BasicUNet and SegResNet
-    (whose last block is norm -> activation -> 1 x 1 x 1 convolution: the body keeps norm and
-    activation). ``None`` for anything else, e.g. MONAI's ``UNet``, whose last layer is a
-    3 x 3 x 3 convolution. The original network is not modified (the body is a shallow copy).
+    Known: MONAI's DynUNet, BasicUNet and SegResNet (whose last block is norm -> activation ->
+    1 x 1 x 1 convolution: the body keeps norm and activation). ``None`` for anything else, e.g.
+    MONAI's ``UNet``, whose last layer is a 3 x 3 x 3 convolution. The original network is not
+    modified (the body is a shallow copy). A DynUNet with deep-supervision heads splits too: the split
+    is the main output's (the inference output); its body never stacks the heads' outputs, even in
+    training mode.
     """
     attr = _POINTWISE_HEADS.get(type(network).__name__)
-    if attr is None or getattr(network, "deep_supervision", False):
+    if attr is None:
         return None
     last = getattr(network, attr, None)
     if not isinstance(last, torch.nn.Module):
@@ -46,4 +48,6 @@ def split_pointwise_head(network: torch.nn.Module) -> tuple[torch.nn.Module, tor
         return None
     body = copy.copy(network)
     body._modules = {**network._modules, attr: keep}  # noqa: SLF001 - a new dict: the original keeps its own
+    if getattr(network, "deep_supervision", False):
+        setattr(body, "deep_supervision", False)  # noqa: B010 - the copy's own attribute: the main output's features only
     return body, last, int(conv.in_channels)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -158,3 +159,40 @@ def test_network_is_refused_where_the_plan_exists(where: list[str]) -> None:
     args = build_parser().parse_args(["train", "--data", "d.json", *where, "--network", "dynunet"])
     with pytest.raises(InputError, match="--network chooses the network of a new plan"):
         _train_options(args)
+
+
+# ------------------------------------------------------------------------------ deep supervision
+
+
+def test_a_deep_supervision_dynunet_trains_with_heads_and_infers_with_its_main_output(tmp_path: Path) -> None:
+    """Training mode stacks the main output and the heads' (one per decoder level below the full
+    resolution except the lowest: n - 3 for n levels); eval mode gives the main output only, so the
+    same network serves inference: its trained weights load strictly, and the bounded-memory inferer's
+    body/head split reproduces the main output."""
+    from medseg.networks import load_weights
+    from medseg.networks.factory import deep_supervision_heads
+
+    plan = _plan("dynunet", 3, deep_supervision=True)
+    plan = dataclasses.replace(plan, patch_size=(64, 64, 32), target_spacing=(1.0, 1.0, 1.0))
+    spec = plan.network.planned(plan.patch_size, plan.target_spacing)
+    assert len(spec.level_strides) == 5 and deep_supervision_heads(spec) == 2
+    torch.manual_seed(0)
+    network = build_network(plan)
+    x = torch.rand(1, 1, *plan.patch_size)
+    with torch.no_grad():
+        stacked = network.train()(x)
+        main = network.eval()(x)
+    assert stacked.shape == (1, 3, plan.num_classes, *plan.patch_size) and main.shape == (1, plan.num_classes, *plan.patch_size)
+    assert any(key.startswith("deep_supervision_heads.") for key in network.state_dict())
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    inference = load_weights(build_network(plan), tmp_path / "model.pt")  # strict: heads included
+    split = split_pointwise_head(inference)
+    assert split is not None
+    body, head, _ = split
+    with torch.no_grad():
+        torch.testing.assert_close(inference(x), main)
+        torch.testing.assert_close(head(body.train()(x)), main)  # the body never stacks heads, even in training mode
+    assert inference.deep_supervision  # the split left the network as it was
+    few = dataclasses.replace(plan, patch_size=(16, 16, 16))  # 3 levels: no head below the lowest-but-one
+    assert deep_supervision_heads(few.network.planned(few.patch_size, few.target_spacing)) == 0
+    assert not build_network(few).deep_supervision
