@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["ARCHITECTURES", "FIELDS", "NetworkSpec", "default_filters", "dynunet_topology"]
+__all__ = ["ARCHITECTURES", "FIELDS", "NetworkSpec", "Topology", "default_filters", "dynunet_topology", "plan_topology",
+           "planned_filters"]
 
 #: The architectures :func:`medseg.networks.build_network` builds (``--network``), the first the default.
 ARCHITECTURES = ("unet", "dynunet", "segresnet")
@@ -33,6 +34,11 @@ MIN_EDGE = 4
 ANISOTROPY = 2.0
 #: DynUNet feature channels: ``BASE_FILTERS`` doubled at every level, at most ``MAX_FILTERS``.
 BASE_FILTERS, MAX_FILTERS = 16, 320
+#: The planner's networks (nnU-Net's): 32 features at full resolution, at most 320 (3D) or 512 (2D) per stage.
+PLANNED_BASE_FILTERS = 32
+PLANNED_MAX_FILTERS = {2: 512, 3: 320}
+#: The planner's stage limit (nnU-Net's plain U-Net is configured for at most this many stages).
+MAX_STAGES = 14
 
 
 @dataclass
@@ -217,3 +223,85 @@ def dynunet_topology(patch_size: Sequence[int], spacing: Sequence[float]) -> tup
 def default_filters(levels: int) -> tuple[int, ...]:
     """DynUNet feature channels per level: :data:`BASE_FILTERS` doubled at each level, at most :data:`MAX_FILTERS`."""
     return tuple(min(BASE_FILTERS * 2**level, MAX_FILTERS) for level in range(levels))
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A U-Net topology planned by :func:`plan_topology`: per stage the convolution kernel and the stride
+    that leads into it (the first stride is all 1), the patch padded to what the strides need along each
+    axis (``divisors``)."""
+
+    kernel_sizes: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]
+    patch_size: tuple[int, ...]
+    divisors: tuple[int, ...]
+
+    @property
+    def stages(self) -> int:
+        return len(self.strides)
+
+    def sizes(self) -> list[tuple[int, ...]]:
+        """The feature-map size of each stage for one patch (the bottleneck last)."""
+        sizes, current = [], list(self.patch_size)
+        for stride in self.strides:
+            current = [n // s for n, s in zip(current, stride, strict=True)]
+            sizes.append(tuple(current))
+        return sizes
+
+
+def plan_topology(spacing: Sequence[float], patch_size: Sequence[int], min_edge: int = MIN_EDGE,
+                  max_stages: int = MAX_STAGES) -> Topology:
+    """The U-Net topology for a patch at a voxel spacing, by nnU-Net's published rules (the planner's;
+    :func:`dynunet_topology` stays as it was for plans saved without a topology).
+
+    Each pooling halves every axis that still has at least ``2 * min_edge`` voxels and whose spacing is
+    less than twice the finest spacing among those axes (thick slices wait until the in-plane spacing
+    has caught up); a pooling of a single axis needs ``3 * min_edge`` voxels along it. Pooling stops
+    when no axis qualifies or at ``max_stages`` stages, so each bottleneck axis keeps at least
+    ``min_edge`` voxels. A stage convolves with 3 voxels along an axis once that axis' spacing is less
+    than twice the finest spacing (1 before; once 3, always 3); the bottleneck with 3 along every
+    axis. The patch is padded up to a multiple of ``2 ** poolings`` per axis.
+
+    Raises
+    ------
+    ValueError
+        Spacing and patch of different lengths, a spacing that is not positive, a patch size below 1.
+    """
+    dims = len(spacing)
+    if dims not in (2, 3) or len(patch_size) != dims:
+        raise ValueError(f"a spacing {list(spacing)} and a patch size {list(patch_size)} of the same length (2 or 3) needed")
+    if min(spacing) <= 0 or min(patch_size) < 1:
+        raise ValueError(f"spacing {list(spacing)} must be positive and patch size {list(patch_size)} at least 1")
+    current = [float(s) for s in spacing]
+    sizes = [float(n) for n in patch_size]
+    poolings = [0] * dims
+    wide = [False] * dims
+    kernels: list[tuple[int, ...]] = []
+    strides: list[tuple[int, ...]] = [(1,) * dims]
+    while len(strides) < max_stages:
+        valid = [a for a in range(dims) if sizes[a] >= 2 * min_edge]
+        if not valid:
+            break
+        finest = min(current[a] for a in valid)
+        valid = [a for a in valid if current[a] / finest < 2]
+        if len(valid) == 1 and sizes[valid[0]] < 3 * min_edge:
+            break
+        wide = [w or sp / min(current) < 2 for w, sp in zip(wide, current, strict=True)]
+        kernels.append(tuple(3 if w else 1 for w in wide))
+        strides.append(tuple(2 if a in valid else 1 for a in range(dims)))
+        for a in valid:
+            poolings[a] += 1
+            current[a] *= 2
+            sizes[a] = math.ceil(sizes[a] / 2)
+    kernels.append((3,) * dims)
+    divisors = tuple(2**p for p in poolings)
+    padded = tuple(int(math.ceil(int(n) / d) * d) for n, d in zip(patch_size, divisors, strict=True))
+    return Topology(tuple(kernels), tuple(strides), padded, divisors)
+
+
+def planned_filters(stages: int, dims: int, base: int = PLANNED_BASE_FILTERS) -> tuple[int, ...]:
+    """Feature channels per stage of a planned network: ``base`` doubled at each stage, at most
+    :data:`PLANNED_MAX_FILTERS` scaled by ``base / 32`` (a narrower network is nnU-Net's, thinned
+    evenly)."""
+    cap = max(base, PLANNED_MAX_FILTERS[dims] * base // PLANNED_BASE_FILTERS)
+    return tuple(min(base * 2**stage, cap) for stage in range(stages))

@@ -99,7 +99,8 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
            reads=("bundle_root",), names=("parts",), path_result=True),
     Vetted(f"{_C}.load_weights", "reads a state dict with torch.load(weights_only=True) (pickled code refused) "
                                  "into the given network; no writes", reads=("path",)),
-    Vetted(f"{_C}.image_list", "lists image files (by ending) in dataset_dir/subdir; reads no file contents, "
+    Vetted(f"{_C}.image_list", "lists image files (by ending) in dataset_dir/subdir, grouped into cases by "
+                               "their channel suffix for a plan of several channels; reads no file contents, "
                                "writes nothing", data=("dataset_dir",), names=("subdir",), path_result=True),
     Vetted(f"{_C}.labels_folder", "joins dataset_dir and subdir and checks that the folder exists; reads no "
                                   "file contents, writes nothing", data=("dataset_dir",), names=("subdir",),

@@ -20,6 +20,7 @@ from ignite.engine import Engine
 
 from medseg.bundle.pipeline import InferenceOptions, predict
 from medseg.errors import InputError
+from medseg.inference.cases import collect_cases
 from medseg.inference.compose import (  # noqa: F401 - the names older configs give these parts
     SaveLabelMapd,
     inference_postprocessing,
@@ -39,21 +40,27 @@ def bundle_path(bundle_root: str | os.PathLike[str], parts: Sequence[str]) -> st
     return str(Path(bundle_root).joinpath(*parts))
 
 
-def image_list(dataset_dir: str | os.PathLike[str], subdir: str = "imagesTs") -> list[dict[str, str]]:
+def image_list(dataset_dir: str | os.PathLike[str], subdir: str = "imagesTs",
+               plan: Plan | None = None) -> list[dict[str, Any]]:
     """``[{"image": path}, ...]`` for the images in ``dataset_dir/subdir`` (or ``dataset_dir`` itself
-    when it has no such sub-folder, or a single image file).
+    when it has no such sub-folder, or a single image file); for a ``plan`` of several input channels,
+    ``[{"image": [channel files]}, ...]``, the nnU-Net channel files (``CASE_0000``, ``CASE_0001``, ...)
+    grouped into cases (:func:`medseg.inference.cases.collect_cases`).
 
     Raises
     ------
     InputError
-        Missing folder or no images.
+        Missing folder or no images; channel files that do not group into complete cases.
     """
     root = Path(dataset_dir)
     if root.is_file():
         if image_suffix(root) is None:
             raise InputError(root, "not a supported image file")
-        return [{"image": str(root)}]
-    folder = root / subdir if (root / subdir).is_dir() else root
+        if plan is None or plan.num_channels == 1:
+            return [{"image": str(root)}]
+    folder = root if root.is_file() else root / subdir if (root / subdir).is_dir() else root
+    if plan is not None and plan.num_channels > 1:
+        return [{"image": [str(f) for f in case.files]} for case in collect_cases(folder, plan)]
     return [{"image": str(p)} for p in list_images(folder)]
 
 

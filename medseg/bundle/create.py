@@ -82,7 +82,7 @@ def inference_config() -> dict[str, Any]:
         "weights": {"_target_": f"{C}.bundle_path", "bundle_root": "@bundle_root", "parts": list(WEIGHTS_FILE.parts)},
         "network": {"_target_": f"{C}.load_weights", "network": "@network_def", "path": "@weights", "device": "@device"},
         "preprocessing": {"_target_": "medseg.transforms.preprocessing", "plan": "@plan"},
-        "datalist": {"_target_": f"{C}.image_list", "dataset_dir": "@dataset_dir", "subdir": "imagesTs"},
+        "datalist": {"_target_": f"{C}.image_list", "dataset_dir": "@dataset_dir", "subdir": "imagesTs", "plan": "@plan"},
         "dataset": {"_target_": "monai.data.Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "monai.data.DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
@@ -131,15 +131,44 @@ def _spatial_shape(plan: Plan) -> list[str]:
     return [f"{d}*n" for d in network.patch_divisors(plan.dims)]
 
 
+def _image_classes(plan: Plan) -> str:
+    """``image_classes``: the input channel(s) and how each is normalised."""
+    def norm(preset: str) -> str:
+        return "HU clipped and z-scored" if preset == "ct" else "z-scored on non-zero voxels"
+
+    if plan.num_channels == 1:
+        modality = "CT" if plan.intensity.preset == "ct" else "MR"
+        return f"single channel {modality} image, {norm(plan.intensity.preset)}"
+    return f"{plan.num_channels} channels on one grid (one file each): " + "; ".join(
+        f"{i} {c.name}, {norm(c.intensity.preset)}" for i, c in enumerate(plan.input_channels))
+
+
+def _outputs(plan: Plan) -> tuple[str, dict[str, str]]:
+    """``pred_classes`` and the output ``channel_def``: one softmax channel per class, or one sigmoid channel
+    per region painted in order."""
+    labels = ", ".join(f"{k} {v}" for k, v in plan.labels.items())
+    if not plan.regions:
+        return (f"{plan.num_classes} channels (softmax), argmax written as a label map: {labels}",
+                {str(k): v for k, v in plan.labels.items()})
+    painted = ", ".join(f"{r.name} (labels {list(r.labels)}) as {r.value}" for r in plan.regions)
+    text = (f"{len(plan.regions)} channels (sigmoid per region), each region painted in this order where its "
+            f"probability exceeds 0.5 into a label map: {painted}; label map values: {labels}")
+    return text, {str(i): r.name for i, r in enumerate(plan.regions)}
+
+
 def metadata(plan: Plan, name: str, description: str, data_source: str, authors: str = "medseg developers",
              version: str = "0.1.0", eval_metrics: dict[str, float] | None = None) -> dict[str, Any]:
-    """Model-zoo ``metadata.json`` for ``plan`` (fields of the zoo's meta schema plus ``segments``)."""
+    """Model-zoo ``metadata.json`` for ``plan`` (fields of the zoo's meta schema plus ``segments``; for a
+    region-based plan also ``labels``, the label map's values, since ``channel_def`` names the regions)."""
     fg = {k: v for k, v in plan.labels.items() if k != 0}
     modality = "CT" if plan.intensity.preset == "ct" else "MR"
     value_range = [plan.intensity.a_min, plan.intensity.a_max] if plan.intensity.preset == "ct" else [0, 1]
     packages = {"medseg": medseg.__version__, "nibabel": _version("nibabel"), "SimpleITK": _version("SimpleITK"),
                 "pytorch-ignite": _version("ignite")}
-    return {
+    pred_classes, output_channels = _outputs(plan)
+    input_channels = ({"0": "image"} if plan.num_channels == 1
+                      else {str(i): c.name for i, c in enumerate(plan.input_channels)})
+    meta: dict[str, Any] = {
         "version": version,
         "changelog": {version: "created by medseg bundle init"},
         "monai_version": monai.__version__,
@@ -153,11 +182,9 @@ def metadata(plan: Plan, name: str, description: str, data_source: str, authors:
         "copyright": "Copyright (c) medseg developers",
         "data_source": data_source,
         "data_type": "nibabel, SimpleITK (NIfTI, NRRD, MetaImage)",
-        "image_classes": f"single channel {modality} image"
-                         + (", HU clipped and z-scored" if modality == "CT" else ", z-scored on non-zero voxels"),
+        "image_classes": _image_classes(plan),
         "label_classes": "single channel label map: " + ", ".join(f"{k} {v}" for k, v in plan.labels.items()),
-        "pred_classes": f"{plan.num_classes} channels (softmax), argmax written as a label map: "
-                        + ", ".join(f"{k} {v}" for k, v in plan.labels.items()),
+        "pred_classes": pred_classes,
         "eval_metrics": eval_metrics or {},
         "intended_use": "Research and demonstration only; not for clinical use.",
         "references": ["Ronneberger et al., U-Net (2015)", "Isensee et al., nnU-Net (2021)",
@@ -166,14 +193,17 @@ def metadata(plan: Plan, name: str, description: str, data_source: str, authors:
         "network_data_format": {
             "inputs": {"image": {
                 "type": "image", "format": "hounsfield" if modality == "CT" else "magnitude", "modality": modality,
-                "num_channels": 1, "spatial_shape": _spatial_shape(plan), "dtype": "float32",
-                "value_range": value_range, "is_patch_data": True, "channel_def": {"0": "image"}}},
+                "num_channels": plan.num_channels, "spatial_shape": _spatial_shape(plan), "dtype": "float32",
+                "value_range": value_range, "is_patch_data": True, "channel_def": input_channels}},
             "outputs": {"pred": {
-                "type": "image", "format": "segmentation", "num_channels": plan.num_classes,
+                "type": "image", "format": "segmentation", "num_channels": plan.num_outputs,
                 "spatial_shape": _spatial_shape(plan), "dtype": "float32", "value_range": [0, 1],
-                "is_patch_data": True, "channel_def": {str(k): v for k, v in plan.labels.items()}}},
+                "is_patch_data": True, "channel_def": output_channels}},
         },
     }
+    if plan.regions:
+        meta["labels"] = {str(k): v for k, v in plan.labels.items()}
+    return meta
 
 
 def _version(module: str) -> str:

@@ -1,8 +1,9 @@
 """Training a bundle: ``medseg train`` (:func:`train`) and the bundle-level steps of ``configs/train.json``.
 
 ``medseg train --data D --out RUN`` plans a bundle from the data and writes it into ``RUN``
-(:func:`medseg.bundle.create.plan_bundle`, :func:`~medseg.bundle.create.write_bundle`); ``--bundle B``
-uses an existing one, ``--resume`` continues one. Either way the bundle's ``configs/train.json`` then
+(:func:`medseg.bundle.create.plan_bundle`, :func:`~medseg.bundle.create.write_bundle`; with
+``--plan auto`` the planner: :func:`medseg.bundle.planned.planned_bundle`); ``--bundle B`` uses an
+existing one, ``--resume`` continues one. Either way the bundle's ``configs/train.json`` then
 runs through the same machinery as ``medseg bundle run B --config train`` (safe mode included), with
 the options as overrides: one pipeline, whether started by ``medseg train``, ``medseg bundle run``
 or ``python -m monai.bundle run``.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from medseg.bundle.create import (
     record_training,
     write_bundle,
 )
+from medseg.bundle.planned import PlannedBundle, planned_bundle, write_planned
 from medseg.bundle.runner import run_bundle
 from medseg.engines.data import training_datalist
 from medseg.engines.options import TrainOptions, check_options
@@ -40,6 +43,7 @@ from medseg.layout import LAST_CHECKPOINT, WEIGHTS_FILE
 from medseg.logs import held_info
 from medseg.networks import build_network
 from medseg.plan import Plan, load_plan
+from medseg.planning import PlannerOptions
 
 __all__ = ["TrainOptions", "check_trainable", "record_training_run", "train", "train_overrides"]
 
@@ -71,13 +75,16 @@ def train_overrides(data: str | os.PathLike[str], options: TrainOptions) -> dict
     return values
 
 
-def _check_inputs(data: str | os.PathLike[str], run_dir: Path, opts: TrainOptions,
-                  bundle: bool) -> tuple[Plan, str | None]:
+def _check_inputs(data: str | os.PathLike[str], run_dir: Path, opts: TrainOptions, bundle: bool,
+                  planner: PlannerOptions | None) -> tuple[Plan, str | None, PlannedBundle | None]:
     """Every input of :func:`train` checked without writing; returns the plan and, for a new bundle,
-    its ``data_source``."""
+    its ``data_source`` (and what the planner made, with ``planner``)."""
     check_options(opts)
     weights = InitialWeights(opts.init_weights) if opts.init_weights else None  # before any data is read
+    planned = None
     if bundle or opts.resume:
+        if planner is not None:
+            raise InputError(run_dir, "--plan auto plans a new run; this bundle already has its configs/plan.json")
         plan = load_plan(run_dir)  # raises BundleError if this is not a bundle
         if not opts.resume and (run_dir / WEIGHTS_FILE).exists():
             raise InputError(run_dir / WEIGHTS_FILE, "this bundle is already trained; pass --resume "
@@ -88,17 +95,41 @@ def _check_inputs(data: str | os.PathLike[str], run_dir: Path, opts: TrainOption
         source = None
     else:
         try:
-            datalist, plan = plan_bundle(data, run_dir, opts.target_spacing, opts.patch_size, opts.network,
-                                         opts.ct_window)
+            if planner is not None:
+                planned = planned_bundle(data, run_dir, _planner_options(planner, opts))
+                plan = planned.result.plan
+                source = describe_data_source(planned.datalist, run_dir)
+            else:
+                datalist, plan = plan_bundle(data, run_dir, opts.target_spacing, opts.patch_size, opts.network,
+                                             opts.ct_window)
+                source = describe_data_source(datalist, run_dir)
         except InputError as exc:
             if exc.path == str(run_dir):  # say how to continue a run instead
                 raise InputError(run_dir, "exists and is not empty; choose a new --out folder or pass "
                                           "--resume") from exc
             raise
-        source = describe_data_source(datalist, run_dir)
     if weights is not None:
         weights.apply(build_network(plan))  # the weights fit the plan's network (the config applies them again)
-    return plan, source
+    return plan, source, planned
+
+
+def _planner_options(planner: PlannerOptions, opts: TrainOptions) -> PlannerOptions:
+    """The planner's options for ``medseg train --plan auto``: the training device, the time budget
+    from ``--max-minutes`` unless one is given, ``--spacing`` and ``--ct-window``.
+
+    Raises
+    ------
+    InputError
+        ``--patch-size`` or a network given with ``--plan auto`` (the planner chooses them).
+    """
+    if opts.patch_size is not None:
+        raise InputError(None, "--patch-size is chosen by the planner with --plan auto; leave it out or use --plan default")
+    budget = planner.time_budget_hours
+    if budget is None and opts.max_minutes is not None:
+        budget = opts.max_minutes / 60
+    return replace(planner, device=opts.device, time_budget_hours=budget,
+                   target_spacing=planner.target_spacing or opts.target_spacing,
+                   ct_window=planner.ct_window or opts.ct_window)
 
 
 def _check_train_config(run_dir: Path, opts: TrainOptions) -> None:
@@ -120,9 +151,11 @@ def _check_train_config(run_dir: Path, opts: TrainOptions) -> None:
 
 
 def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options: TrainOptions | None = None,
-          bundle: bool = False) -> dict[str, Any]:
+          bundle: bool = False, planner: PlannerOptions | None = None) -> dict[str, Any]:
     """``medseg train``: write a bundle for the MSD dataset ``data`` into ``run_dir`` (plan derived from
-    the data), then run its ``configs/train.json``. With ``bundle=True`` (or ``options.resume``),
+    the data: the default plan, or with ``planner`` the planner's, see :func:`_planner_options`), then
+    run its ``configs/train.json`` (a planned plan's config takes ``plan.batch_size`` patches per
+    iteration unless ``options.batch_size`` is given). With ``bundle=True`` (or ``options.resume``),
     ``run_dir`` is an existing bundle whose plan is used as it is. Nothing is written before every
     input has been checked; a run that fails before its first checkpoint leaves ``run_dir`` as it
     found it. The run's clock (``pace#started``) starts with this call, so that a ``max_minutes``
@@ -134,7 +167,8 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     ------
     InputError
         Invalid dataset (see :func:`medseg.data.datalist.validate_datalist`) or options (see
-        :func:`medseg.engines.options.check_options`), a non-empty run folder without ``--resume``,
+        :func:`medseg.engines.options.check_options`, :func:`medseg.planning.check_planner_options`),
+        ``planner`` with ``bundle`` or ``--resume``, a plan the planner cannot make, a non-empty run folder without ``--resume``,
         a trained bundle without ``--resume``, ``--init-weights`` that are not a loadable state dict
         or do not fit the network.
     BundleError
@@ -145,11 +179,13 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     opts = options or TrainOptions()
     run_dir = Path(run_dir)
     with held_info():  # notes on the plan and data are printed once every input has passed its checks
-        plan, data_source = _check_inputs(data, run_dir, opts, bundle)
+        plan, data_source, planned = _check_inputs(data, run_dir, opts, bundle, planner)
     guard = RunFolderGuard(run_dir)
     try:
         with held_info():  # until the config has built its parts (run_training releases it): an error is one line
-            if data_source is not None:
+            if planned is not None:
+                write_planned(run_dir, planned, data_source)
+            elif data_source is not None:
                 write_bundle(run_dir, plan, name=run_dir.name, data_source=data_source)
             _run_train_config(run_dir, {**train_overrides(data, opts), "pace#started": started})
     except BaseException:

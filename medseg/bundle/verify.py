@@ -69,6 +69,9 @@ def _dig(data: Any, *keys: str) -> Any:
 
 
 def _class_names(plan: Plan) -> dict[str, str]:
+    """The output channels' names: the classes, or for a region-based plan the regions in order."""
+    if plan.regions:
+        return {str(i): r.name for i, r in enumerate(plan.regions)}
     return {str(k): v for k, v in sorted(plan.labels.items())}
 
 
@@ -115,11 +118,12 @@ def _check_data_format(meta: dict[str, Any], plan: Plan, lines: list[str], probl
     if not isinstance(pred, Mapping):
         problems.append(f"{prefix}.outputs.pred: missing (the network's output)")
         pred = {}
-    if image and image.get("num_channels") != 1:
-        problems.append(f"{prefix}.inputs.image.num_channels is {image.get('num_channels')!r}; the network takes 1 channel")
-    if pred and pred.get("num_channels") != plan.num_classes:
-        problems.append(f"{prefix}.outputs.pred.num_channels is {pred.get('num_channels')!r}; "
-                        f"the plan has {plan.num_classes} classes")
+    inputs = f"{plan.num_channels} channel{'s' if plan.num_channels > 1 else ''}"
+    outputs = f"{len(plan.regions)} regions (sigmoid)" if plan.regions else f"{plan.num_classes} classes"
+    if image and image.get("num_channels") != plan.num_channels:
+        problems.append(f"{prefix}.inputs.image.num_channels is {image.get('num_channels')!r}; the network takes {inputs}")
+    if pred and pred.get("num_channels") != plan.num_outputs:
+        problems.append(f"{prefix}.outputs.pred.num_channels is {pred.get('num_channels')!r}; the plan has {outputs}")
     for name, part, required in (("inputs.image", image, True), ("outputs.pred", pred, False)):
         if not part or ("spatial_shape" not in part and not required):
             continue
@@ -133,10 +137,12 @@ def _check_data_format(meta: dict[str, Any], plan: Plan, lines: list[str], probl
         actual = {str(k): v for k, v in channel_def.items()} if isinstance(channel_def, Mapping) else channel_def
         if actual != expected:
             problems.append(f"{prefix}.outputs.pred.channel_def is {json.dumps(actual)}; "
-                            f"the plan's classes are {json.dumps(expected)}")
+                            f"the plan's {'regions' if plan.regions else 'classes'} are {json.dumps(expected)}")
     if len(problems) == before:
-        lines.append(f"network_data_format: 1 input channel, {plan.num_classes} output channels "
-                     f"({', '.join(expected.values())}), {plan.dims}D spatial shape {image.get('spatial_shape')}")
+        what = "regions, sigmoid" if plan.regions else ""
+        lines.append(f"network_data_format: {plan.num_channels} input channel{'s' if plan.num_channels > 1 else ''}, "
+                     f"{plan.num_outputs} output channels ({what + ': ' if what else ''}{', '.join(expected.values())}), "
+                     f"{plan.dims}D spatial shape {image.get('spatial_shape')}")
 
 
 def _check_segments(meta: dict[str, Any], plan: Plan, lines: list[str], problems: list[str]) -> None:
@@ -224,8 +230,9 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], device: str = "cpu", *, tr
     """Check a bundle against its plan and MONAI's expectations.
 
     Checks, in order: ``configs/metadata.json`` parses and has every :data:`REQUIRED_METADATA` field;
-    ``network_data_format`` (1 input channel, one output channel per class, ``spatial_shape`` with
-    ``plan.dims`` entries, ``outputs.pred.channel_def`` = the plan's class names); a ``segments``
+    ``network_data_format`` (the plan's input channels, one output channel per class or per region,
+    ``spatial_shape`` with ``plan.dims`` entries, ``outputs.pred.channel_def`` = the plan's class or region
+    names); a ``segments``
     entry for every foreground label (a missing SNOMED CT code is a warning line, not a problem);
     ``data_source`` without a local absolute path, and with ``models/model.pt`` present a non-empty
     ``eval_metrics`` and a ``docs/README.md`` that does not say "Not trained yet"; safe mode

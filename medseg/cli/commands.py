@@ -13,7 +13,8 @@ import os
 def cmd_synth(args: argparse.Namespace) -> int:
     from medseg.data.synthetic import write_dataset
 
-    path = write_dataset(args.out, modality=args.modality, cases=args.cases, seed=args.seed, size=args.size, dims=args.dims)
+    path = write_dataset(args.out, modality=args.modality, cases=args.cases, seed=args.seed, size=args.size, dims=args.dims,
+                         channels=args.channels, regions=args.regions, layout=args.layout)
     print(path)
     return 0
 
@@ -39,11 +40,49 @@ def _train_options(args: argparse.Namespace):
     return opts
 
 
+def _planner_options(args: argparse.Namespace):
+    """The planner's options from ``medseg plan`` or ``medseg train --plan auto``."""
+    from medseg.planning import PlannerOptions, default_workers
+
+    return PlannerOptions(device=args.device, memory_gb=args.memory_gb,
+                          time_budget_hours=getattr(args, "time_budget", None), preset=args.preset or "default",
+                          configuration=args.configuration,
+                          workers=args.workers if args.workers is not None else default_workers())
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from medseg.bundle.planned import plan_bundle_for
+
+    result = plan_bundle_for(args.data, args.out, _planner_options(args))
+    for line in result.summary():
+        print(line)
+    print(args.out)
+    return 0
+
+
+def _train_planner(args: argparse.Namespace):
+    """``--plan auto``: the planner's options; ``--plan default``: None (the planner's options refused)."""
+    from medseg.errors import InputError
+
+    given = [flag for flag, value in (("--memory-gb", args.memory_gb), ("--preset", args.preset),
+                                      ("--configuration", args.configuration), ("--workers", args.workers))
+             if value is not None]
+    if args.plan != "auto":
+        if given:
+            raise InputError(None, f"{given[0]} is an option of the planner: add --plan auto")
+        return None
+    if args.network is not None:
+        raise InputError(None, "--network: with --plan auto the planner chooses the network (a DynUNet); leave it "
+                         "out or use --plan default")
+    return _planner_options(args)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from medseg.bundle.training import train  # writes the bundle, then runs its configs/train.json
 
     target = args.bundle or args.out
-    summary = train(args.data, target, _train_options(args), bundle=bool(args.bundle))
+    planner = _train_planner(args)
+    summary = train(args.data, target, _train_options(args), bundle=bool(args.bundle), planner=planner)
     best = summary["best_val_mean_dice"]
     print(f"model: {os.path.join(target, 'models', 'model.pt')}  best validation mean Dice: "
           f"{'n/a' if best is None else f'{best:.3f}'}")

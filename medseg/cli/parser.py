@@ -18,6 +18,7 @@ from medseg.cli.commands import (
     cmd_inspect,
     cmd_pacs_listen,
     cmd_pacs_run,
+    cmd_plan,
     cmd_predict,
     cmd_report,
     cmd_synth,
@@ -114,14 +115,57 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help="clip CT to this HU window, e.g. -160,240 (default: the foreground's 0.5-99.5 percentiles)")
 
 
+#: The planner's presets and configurations (medseg.planning.options; named here so --help needs no torch).
+PRESETS = ("default", "resenc-m", "resenc-l")
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+
+
+def _planner_options(p: argparse.ArgumentParser, train: bool) -> None:
+    """The planner's options (``medseg plan``; ``medseg train --plan auto``)."""
+    when = " (with --plan auto)" if train else ""
+    p.add_argument("--memory-gb", type=float, default=None, metavar="G",
+                   help=f"memory target of one training iteration in GB{when} (default: the preset's, 8 GB; resenc-l "
+                        "24 GB; on the CPU at most half the machine's memory)")
+    if not train:
+        p.add_argument("--time-budget", type=float, default=None, metavar="HOURS",
+                       help="training time to plan for: the width, patch and batch that train long enough in it, "
+                            "timed on this machine (default: 1 h with --device cpu, none with --device cuda)")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help=f"network preset{when}: plain DynUNet, or residual blocks sized as nnU-Net ResEnc M (8 GB) or "
+                        "L (24 GB) (default: default)")
+    p.add_argument("--configuration", choices=CONFIGURATIONS, default=None,
+                   help=f"configuration to train{when}; 2d only for 2D datasets (default: 3d_fullres, 2d for 2D data)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help=f"processes reading the cases for the fingerprint{when} (default: the CPU count, at most 4)")
+
+
+def _add_plan(sub: Subparsers) -> None:
+    p = _command(sub, "plan", "plan a bundle for a dataset, nnU-Net style: fingerprint, configurations, network, "
+                              "patch and batch for the memory and time you have")
+    p.add_argument("--data", required=True, help="dataset.json (MSD or nnU-Net v2 raw layout), or its folder")
+    p.add_argument("--out", required=True, help="new bundle folder (configs/plan.json, fingerprint.json, plans.json, ...)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: the device planned for (a CUDA plan can be "
+                                                   "made on a machine without one; its memory is then not measured)")
+    _planner_options(p, train=False)
+    p.set_defaults(func=cmd_plan)
+
+
 def _add_synth(sub: Subparsers) -> None:
-    p = _command(sub, "synth", "write a synthetic CT or MR dataset (MSD layout)")
+    p = _command(sub, "synth", "write a synthetic CT or MR dataset (MSD or nnU-Net v2 raw layout)")
     p.add_argument("--out", required=True, help="new folder for dataset.json, imagesTr/, labelsTr/, imagesTs/, labelsTs/")
     p.add_argument("--modality", choices=["ct", "mr"], default="ct", type=str.lower, help="imaging modality")
     p.add_argument("--cases", type=int, default=10, help="number of cases (a quarter become test cases)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
     p.add_argument("--size", type=int, default=96, help="in-plane matrix size in voxels")
     p.add_argument("--dims", type=int, choices=[2, 3], default=3, help="2D slices or 3D volumes")
+    p.add_argument("--channels", type=int, default=1,
+                   help="input channels per case: the modality, then further MR contrasts of the same patient "
+                        "(T1, T2, FLAIR, PD) on the same grid (at most 4)")
+    p.add_argument("--regions", action="store_true",
+                   help="nested regions organs > liver > lesion (nnU-Net region-based labels, regions_class_order)")
+    p.add_argument("--layout", choices=["msd", "nnunet"], default=None, type=str.lower,
+                   help="msd: dataset.json lists the cases; nnunet: nnU-Net v2 raw layout, CASE_0000.nii.gz per channel "
+                        "(default: msd for one channel without regions, else nnunet, which those need)")
     p.set_defaults(func=cmd_synth)
 
 
@@ -151,6 +195,9 @@ def _add_train(sub: Subparsers) -> None:
     p.add_argument("--val-interval", type=int, default=5, help="validate every N epochs")
     p.add_argument("--seed", type=int, default=0, help="random seed of the split, sampling and initialisation")
     p.add_argument("--batch-size", type=int, default=None, help="patches per iteration (default: the plan's)")
+    p.add_argument("--plan", choices=["default", "auto"], default="default",
+                   help="plan of a new run: default (a U-Net, or --network, with a patch of at most 64 x 64 x 32) or "
+                        "auto (the planner of medseg plan, for --device and the --max-minutes budget)")
     p.add_argument("--iterations-per-epoch", type=int, default=None, metavar="N",
                    help="fixed epoch length (default: the bundle's train.json: 250 for planned plans, else the "
                         "loader's batches, at least 20)")
@@ -159,6 +206,7 @@ def _add_train(sub: Subparsers) -> None:
                         "file:// URI; the run goes into FOLDER/mlruns.db); needs pip install 'medseg[mlflow]' "
                         "(default: no tracking)")
     _plan_options(p)
+    _planner_options(p, train=True)
     p.set_defaults(func=cmd_train)
 
 
@@ -321,7 +369,7 @@ def _add_demo(sub: Subparsers) -> None:
 
 #: One function per subcommand adds its parser, in the order ``medseg --help`` lists them.
 SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
-    _add_synth, _add_train, _add_predict, _add_evaluate, _add_report, _add_inspect, _add_bundle, _add_pacs, _add_demo)
+    _add_synth, _add_plan, _add_train, _add_predict, _add_evaluate, _add_report, _add_inspect, _add_bundle, _add_pacs, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

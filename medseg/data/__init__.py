@@ -1,4 +1,5 @@
-"""Datasets: MSD-style ``dataset.json`` datalists, and synthetic CT / MR phantoms (NIfTI or DICOM series).
+"""Datasets: MSD ``dataset.json`` datalists and nnU-Net v2 raw datasets (several channels, regions, an
+ignore label), and synthetic CT / MR phantoms (NIfTI or DICOM series).
 
 The names are in ``__init__.pyi``; each is imported from its module on first use, so that importing
 one module of this package does not load the others (nor torch or MONAI with them).

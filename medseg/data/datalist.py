@@ -1,21 +1,23 @@
-"""MSD ``dataset.json`` (Medical Segmentation Decathlon, also nnU-Net v2 raw) reading and validation."""
+"""Reading a dataset: an MSD ``dataset.json`` (cases listed in ``training``) or an nnU-Net v2 raw dataset
+(cases found in ``imagesTr/`` by their ``_0000`` channel suffix and ``file_ending``, see :mod:`.raw`),
+with one or several input channels, plain or region-based labels and an ignore label."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
+from medseg.data.cases import Case, Datalist
+from medseg.data.channels import CT_NAMES, MR_NAMES, channel_modality, parse_channel_names
+from medseg.data.raw import raw_dataset_cases
+from medseg.data.validation import validate_case, validate_datalist
 from medseg.errors import InputError
-from medseg.io.geometry import Geometry
-from medseg.io.image import case_name, read_geometry, read_image
-from medseg.labels import parse_labels
+from medseg.io.image import case_name
+from medseg.labels import parse_dataset_labels
 
 __all__ = [
     "CT_NAMES",
@@ -28,45 +30,8 @@ __all__ = [
     "validate_datalist",
 ]
 
-log = logging.getLogger(__name__)
-
-CT_NAMES = {"ct", "cta", "pet-ct"}
-MR_NAMES = {"mr", "mri", "t1", "t1w", "t1c", "t1gd", "t2", "t2w", "flair", "adc", "dwi", "pd", "t1ce"}
-
-
-@dataclass
-class Case:
-    """One case of a dataset: an image and (for training, or test with references) its label map."""
-
-    name: str
-    image: Path
-    label: Path | None = None
-
-
-@dataclass
-class Datalist:
-    """A parsed ``dataset.json``: labels, modality and the training / test cases with absolute paths."""
-
-    path: Path
-    name: str
-    modality: str  # "CT", "MR" or the raw channel name
-    labels: dict[int, str]
-    training: list[Case]
-    test: list[Case]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def root(self) -> Path:
-        return self.path.parent
-
-    @property
-    def foreground_labels(self) -> dict[int, str]:
-        return {k: v for k, v in self.labels.items() if k != 0}
-
-    @property
-    def preset(self) -> str:
-        """Intensity preset name: ``"ct"`` for CT, ``"mr"`` for everything else."""
-        return "ct" if self.modality == "CT" else "mr"
+#: dataset.json keys read into a Datalist's fields (the others are kept in ``Datalist.extra``).
+_KNOWN = {"labels", "modality", "channel_names", "training", "test", "name", "regions_class_order", "dataset"}
 
 
 def _resolve(root: Path, entry: Any, key: str, json_path: Path) -> Path:
@@ -76,41 +41,48 @@ def _resolve(root: Path, entry: Any, key: str, json_path: Path) -> Path:
     return path if path.is_absolute() else (root / path).resolve()
 
 
-def _parse_modality(data: dict[str, Any], json_path: Path) -> str:
-    raw = data.get("channel_names") or data.get("modality")
-    if raw is None:
-        raise InputError(json_path, "neither 'modality' nor 'channel_names' is given")
-    if isinstance(raw, str):
-        raw = {"0": raw}
-    if not isinstance(raw, dict) or not raw:
-        raise InputError(json_path, "'modality' must map channel numbers to names, e.g. {\"0\": \"CT\"}")
-    if len(raw) > 1:
-        raise InputError(json_path, f"{len(raw)} input channels ({', '.join(map(str, raw.values()))}); "
-                         "multi-channel datasets are not supported yet")
-    name = str(next(iter(raw.values())))
-    lowered = name.lower()
-    if lowered in CT_NAMES:
-        return "CT"
-    if lowered in MR_NAMES or "mr" in lowered or lowered.startswith(("t1", "t2")):
-        return "MR"
-    log.warning("%s: unknown modality %r, using MR-style (z-score) normalisation", json_path, name)
-    return name
+def _listed_images(root: Path, entry: Any, key: str, channel_names: tuple[str, ...], json_path: Path) -> Case:
+    """A case from an MSD entry's image: one file, or a list of files (one per channel)."""
+    if isinstance(entry, list):
+        if len(entry) != len(channel_names):
+            raise InputError(json_path, f"'{key}' entry lists {len(entry)} image file(s) for {len(channel_names)} "
+                             f"channel(s) ({', '.join(channel_names)})")
+        files = tuple(_resolve(root, e, key, json_path) for e in entry)
+        return Case(case_name(files[0]), files[0], None, files if len(files) > 1 else ())
+    image = _resolve(root, entry, key, json_path)
+    if len(channel_names) > 1:
+        raise InputError(json_path, f"{len(channel_names)} input channels ({', '.join(channel_names)}) but "
+                         f"'{key}' names one image file per case ({image.name}): multi-channel MSD images are 4D "
+                         "files, which medseg does not read; split each case's channels into CASE_0000"
+                         f"{''.join(image.suffixes) or '.nii.gz'}, CASE_0001... in imagesTr/ (the nnU-Net v2 raw "
+                         "layout) or list one file per channel (\"image\": [...])")
+    return Case(case_name(image), image)
 
 
-def load_datalist(path: str | os.PathLike[str]) -> Datalist:
-    """Parse an MSD-style ``dataset.json`` and check that every listed file exists.
+def _msd_cases(root: Path, data: dict[str, Any], channel_names: tuple[str, ...],
+               json_path: Path) -> tuple[list[Case], list[Case]]:
+    training_raw = data.get("training")
+    if not isinstance(training_raw, list) or not training_raw:
+        raise InputError(json_path, "'training' must be a non-empty list of {\"image\": ..., \"label\": ...}")
+    training: list[Case] = []
+    for entry in training_raw:
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise InputError(json_path, f"training entry {entry!r} needs 'image' and 'label'")
+        case = _listed_images(root, entry["image"], "training", channel_names, json_path)
+        case.label = _resolve(root, entry["label"], "training", json_path)
+        training.append(case)
+    test: list[Case] = []
+    for entry in data.get("test") or []:
+        image = entry.get("image") if isinstance(entry, dict) else entry
+        case = _listed_images(root, image, "test", channel_names, json_path)
+        label_path = entry.get("label") if isinstance(entry, dict) else None
+        label = _resolve(root, label_path, "test", json_path) if label_path else root / "labelsTs" / case.image.name
+        case.label = label if label.exists() else None
+        test.append(case)
+    return training, test
 
-    Test cases get a reference label map when ``labelsTs/<same file name>`` exists.
 
-    Raises
-    ------
-    InputError
-        Missing or unreadable file, invalid JSON, missing keys, bad labels, multi-channel data,
-        listed files that do not exist, or duplicated case names.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "dataset.json"
+def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise InputError(path, "no such file")
     try:
@@ -119,90 +91,50 @@ def load_datalist(path: str | os.PathLike[str]) -> Datalist:
         raise InputError(path, f"not a valid JSON file ({exc})") from exc
     if not isinstance(data, dict):
         raise InputError(path, "must hold a JSON object")
+    return data
+
+
+def load_datalist(path: str | os.PathLike[str]) -> Datalist:
+    """Parse a dataset: an MSD ``dataset.json`` (with a ``training`` list), or an nnU-Net v2 raw dataset
+    folder or its ``dataset.json`` (no ``training`` list: cases found in ``imagesTr/``, see :mod:`.raw`).
+
+    Every listed or found file must exist. Test cases get a reference label map from ``labelsTs/``
+    when there is one. Several channels (``channel_names``), region-based labels (lists of label
+    values with ``regions_class_order``) and an ``ignore`` label are read as nnU-Net v2 defines them.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, invalid JSON, missing keys, bad labels, regions or channel names,
+        an MSD list naming one (4D) file for several channels, listed files that do not exist,
+        duplicated case names; for the raw layout: a missing channel file, an extra file, a label map
+        without images, a missing label map, ``numTraining`` that differs from the cases found.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "dataset.json"
+    data = _read_json(path)
     path = path.resolve()
     root = path.parent
-    labels = parse_labels(data.get("labels"), path)
-    modality = _parse_modality(data, path)
-
-    training_raw = data.get("training")
-    if not isinstance(training_raw, list) or not training_raw:
-        raise InputError(path, "'training' must be a non-empty list of {\"image\": ..., \"label\": ...}")
-    training: list[Case] = []
-    for entry in training_raw:
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise InputError(path, f"training entry {entry!r} needs 'image' and 'label'")
-        image = _resolve(root, entry["image"], "training", path)
-        label = _resolve(root, entry["label"], "training", path)
-        training.append(Case(case_name(image), image, label))
-
-    test: list[Case] = []
-    for entry in data.get("test") or []:
-        image = _resolve(root, entry.get("image") if isinstance(entry, dict) else entry, "test", path)
-        label_path = entry.get("label") if isinstance(entry, dict) else None
-        label = _resolve(root, label_path, "test", path) if label_path else root / "labelsTs" / image.name
-        test.append(Case(case_name(image), image, label if label.exists() else None))
-
+    declared = parse_dataset_labels(data.get("labels"), data.get("regions_class_order"), path)
+    channel_names = parse_channel_names(data, path)
+    file_ending: str | None = data.get("file_ending") if isinstance(data.get("file_ending"), str) else None
+    if "training" in data:
+        training, test = _msd_cases(root, data, channel_names, path)
+    else:
+        training, test, file_ending = raw_dataset_cases(root, data, channel_names, path)
     names = [c.name for c in training + test]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InputError(path, f"case names used twice: {', '.join(duplicates)}")
-    for case in training + test:
-        for file in (case.image, case.label):
+    for case in training + test:  # listed files (MSD 'training', nnU-Net 'dataset') need not exist
+        for file in (*case.images, case.label):
             if file is not None and not file.exists():
                 raise InputError(file, f"listed in {path.name} but does not exist")
-    known = {"labels", "modality", "channel_names", "training", "test", "name"}
-    return Datalist(path, str(data.get("name", root.name)), modality, labels, training, test,
-                    {k: v for k, v in data.items() if k not in known})
-
-
-def validate_case(case: Case, labels: dict[int, str], dims: int | None = None) -> Geometry:
-    """Check a case: readable image and label map, same grid, integer labels within ``labels``.
-
-    Returns the image geometry.
-
-    Raises
-    ------
-    InputError
-        Unreadable or truncated files, wrong dimensionality, image/label grid mismatch,
-        non-integer label values or values not declared in ``labels``.
-    """
-    geometry = read_geometry(case.image, dims)
-    if case.label is None:
-        return geometry
-    label_geometry = read_geometry(case.label, geometry.dims)
-    problem = geometry.mismatch(label_geometry)
-    if problem:
-        raise InputError(case.label, f"label map does not match its image {case.image.name}: {problem}")
-    array = sitk.GetArrayFromImage(read_image(case.label))
-    if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
-        raise InputError(case.label, "label map has non-integer values")
-    values = {int(v) for v in np.unique(array)}
-    undeclared = sorted(values - set(labels))
-    if undeclared:
-        declared = ", ".join(str(k) for k in labels)
-        raise InputError(case.label, f"label values {undeclared} are not declared in labels ({declared})")
-    read_image(case.image, geometry.dims)  # full read: catches truncated pixel data
-    return geometry
-
-
-def validate_datalist(datalist: Datalist, include_test: bool = False) -> list[Geometry]:
-    """Validate every training case (and test case if asked) and return their geometries.
-
-    All cases must share the same dimensionality (2D or 3D).
-
-    Raises
-    ------
-    InputError
-        As :func:`validate_case`, or mixed 2D and 3D images.
-    """
-    cases = datalist.training + (datalist.test if include_test else [])
-    geometries: list[Geometry] = []
-    dims: int | None = None
-    for case in cases:
-        geometry = validate_case(case, datalist.labels, dims)
-        dims = geometry.dims
-        geometries.append(geometry)
-    return geometries
+    return Datalist(path, str(data.get("name", root.name)), channel_modality(channel_names[0]), declared.labels,
+                    training, test, {k: v for k, v in data.items() if k not in _KNOWN},
+                    channel_names=channel_names, regions=declared.regions, ignore_label=declared.ignore_label,
+                    file_ending=file_ending)
 
 
 def split_cases(cases: list[Case], fold: int, folds: int = 5, seed: int = 0) -> tuple[list[Case], list[Case]]:

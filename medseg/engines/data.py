@@ -44,19 +44,26 @@ SPLIT_FILE = "split.json"
 
 
 def find_training_cases(dataset_dir: str | os.PathLike[str], plan: Plan) -> Datalist:
-    """The training cases of ``dataset_dir``: a ``dataset.json`` file, a folder holding one, or a
-    folder with ``imagesTr/`` and ``labelsTr/`` (paired by file name; labels from the plan).
+    """The training cases of ``dataset_dir``: a ``dataset.json`` file (MSD or nnU-Net v2 raw), a folder
+    holding one, or a folder with ``imagesTr/`` and ``labelsTr/`` (paired by file name; labels from the plan).
 
     Raises
     ------
     InputError
-        No dataset found, or dataset labels that differ from the plan's.
+        No dataset found, or dataset labels, regions, ignore label or number of channels that differ
+        from the plan's.
     """
     root = Path(dataset_dir)
     if root.is_file() or (root / "dataset.json").exists():
-        datalist = load_datalist(root)
+        datalist = load_datalist(root)  # an MSD dataset.json, or an nnU-Net v2 raw folder or its dataset.json
         if datalist.labels != plan.labels:
             raise InputError(datalist.path, f"labels {datalist.labels} differ from the bundle's {plan.labels}")
+        if datalist.regions != plan.regions or datalist.ignore_label != plan.ignore_label:
+            raise InputError(datalist.path, f"regions {list(datalist.regions)} and ignore label {datalist.ignore_label} "
+                             f"differ from the bundle's {list(plan.regions)} and {plan.ignore_label}")
+        if datalist.num_channels != plan.num_channels:
+            raise InputError(datalist.path, f"{datalist.num_channels} input channel(s) "
+                             f"({', '.join(datalist.channel_names)}); the bundle's network takes {plan.num_channels}")
         return datalist
     images, labels = root / "imagesTr", root / "labelsTr"
     if not images.is_dir() or not labels.is_dir():
@@ -67,7 +74,8 @@ def find_training_cases(dataset_dir: str | os.PathLike[str], plan: Plan) -> Data
         if not label.exists():
             raise InputError(image, f"no label map {label.name} in {labels}")
         cases.append(Case(case_name(image), image, label))
-    return Datalist(root / "dataset.json", root.name, plan.modality, dict(plan.labels), cases, [])
+    return Datalist(root / "dataset.json", root.name, plan.modality, dict(plan.labels), cases, [],
+                    regions=plan.regions, ignore_label=plan.ignore_label)
 
 
 def training_datalist(dataset_dir: str | os.PathLike[str], plan: Plan) -> Datalist:
@@ -136,8 +144,10 @@ def training_split(datalist: Datalist, bundle_root: str | os.PathLike[str], fold
     return split
 
 
-def case_items(split: Split, part: Literal["training", "validation"] = "training") -> list[dict[str, str]]:
-    """``[{"image": path, "label": path}, ...]`` of the ``training`` or ``validation`` cases of ``split``.
+def case_items(split: Split, part: Literal["training", "validation"] = "training") -> list[dict[str, str | list[str]]]:
+    """``[{"image": path, "label": path}, ...]`` of the ``training`` or ``validation`` cases of ``split``;
+    a case of several channels has ``"image": [path of each channel, in order]`` (stacked by the
+    preprocessing into one image of several channels).
 
     Raises
     ------
@@ -146,7 +156,11 @@ def case_items(split: Split, part: Literal["training", "validation"] = "training
     """
     if part not in ("training", "validation"):
         raise ValueError(f"part must be 'training' or 'validation', got {part!r}")
-    return [{"image": str(c.image), "label": str(c.label)} for c in getattr(split, part)]
+    items: list[dict[str, str | list[str]]] = []
+    for case in getattr(split, part):
+        images = [str(p) for p in case.images]
+        items.append({"image": images if len(images) > 1 else images[0], "label": str(case.label)})
+    return items
 
 
 def planned(plan: Plan) -> bool:

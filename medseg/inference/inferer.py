@@ -24,6 +24,13 @@ way but one class at a time with a running maximum, so that memory holds two nat
 instead of ``C`` (the label maps agree: linear resampling treats channels independently); a label map is
 resampled with nearest neighbour (about 1-2 Dice points worse on the phantoms, which is why ``"auto"``
 never picks it).
+
+A region-based model (``regions``: one sigmoid output per region, nnU-Net's region training) is the same
+with sigmoid for softmax and painting for argmax: the probabilities are the sigmoids of the blended
+logits, one channel per region, and the label map paints each region's value where its (resampled)
+probability exceeds 0.5, in the regions' order (:func:`medseg.transforms.regions.regions_to_label_map`).
+Test-time mirroring averages the logits of the mirrored passes, as for softmax models (and as nnU-Net
+does for both); the blending is linear in them, so a pointwise head still runs on blended features.
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ from monai.transforms import AsDiscreted, Compose, Invertd, MapTransform
 from medseg.errors import InputError
 from medseg.inference.accelerate import inference_network, retained_heap
 from medseg.inference.sliding import slab_sliding_window
+from medseg.labels import Region
 from medseg.networks import split_pointwise_head
+from medseg.transforms.regions import RegionsToLabelMapd
 
 __all__ = ["DEFAULT_MAX_PROBABILITY_BYTES", "InvertPredictiond", "SlabInferer"]
 
@@ -62,7 +71,7 @@ class SlabInferer(Inferer):
     roi_size
         Window size (the plan's patch size).
     num_classes
-        Classes the network predicts (background included).
+        Output channels of the network: the classes it predicts (background included), or its regions.
     overlap, sw_batch_size
         As in MONAI's ``SlidingWindowInferer``.
     mirror_axes
@@ -82,17 +91,22 @@ class SlabInferer(Inferer):
     buffer_bytes
         Budget of the blending buffer, above which a 3D volume is swept in x-strips (default: 96 MiB on
         the CPU, none on a GPU); see :func:`medseg.inference.sliding.slab_sliding_window`.
+    regions
+        The regions of a region-based network, one per output channel in painting order (see the module
+        docstring); empty: softmax classes.
 
     Raises
     ------
     ValueError
-        For an overlap outside [0, 1), a batch size below 1, an unknown ``output`` or ``precision``.
+        For an overlap outside [0, 1), a batch size below 1, an unknown ``output`` or ``precision``, or
+        ``regions`` that are not one per output channel.
     """
 
     def __init__(self, roi_size: Sequence[int], num_classes: int, overlap: float = 0.5, sw_batch_size: int = 2,
                  mirror_axes: Sequence[int] = (), output: str = "auto",
                  max_probability_bytes: int = DEFAULT_MAX_PROBABILITY_BYTES, progress: bool = False,
-                 accelerate: bool = True, precision: str = "float32", buffer_bytes: int | None = None) -> None:
+                 accelerate: bool = True, precision: str = "float32", buffer_bytes: int | None = None,
+                 regions: Sequence[Region] = ()) -> None:
         super().__init__()
         if not 0.0 <= float(overlap) < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -113,6 +127,9 @@ class SlabInferer(Inferer):
         self.accelerate = accelerate
         self.precision = precision
         self.buffer_bytes = None if buffer_bytes is None else int(buffer_bytes)
+        self.regions = tuple(regions)
+        if self.regions and len(self.regions) != self.num_classes:
+            raise ValueError(f"{len(self.regions)} regions for {self.num_classes} output channels")
 
     def _prepare(self, network: Callable[..., torch.Tensor], device: torch.device):
         """(body, head, feature channels) for ``network``; made anew on every call (a few shallow copies),
@@ -140,7 +157,8 @@ class SlabInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
                  **kwargs: Any) -> torch.Tensor:
-        """``inputs`` ``(1, C_in, *spatial)`` -> probabilities ``(1, C, *spatial)`` or labels ``(1, 1, *spatial)``
+        """``inputs`` ``(1, C_in, *spatial)`` -> probabilities ``(1, C, *spatial)`` (softmax, or sigmoid per region)
+        or labels ``(1, 1, *spatial)``
         (a MetaTensor with the input's metadata when the input is one).
 
         Raises
@@ -163,7 +181,7 @@ class SlabInferer(Inferer):
 
         common = dict(roi_size=self.roi_size, network=forward, num_classes=self.num_classes, overlap=self.overlap,
                       sw_batch_size=self.sw_batch_size, mirror_axes=self.mirror_axes, progress=self.progress,
-                      head=head, feature_channels=features, buffer_bytes=self.buffer_bytes)
+                      head=head, feature_channels=features, buffer_bytes=self.buffer_bytes, regions=self.regions)
         output = self.resolve_output(inputs)
         with retained_heap() if self.accelerate and inputs.device.type == "cpu" else contextlib.nullcontext():
             out = self._infer(inputs, output, common)
@@ -209,13 +227,16 @@ def _disk_probabilities(inputs: torch.Tensor, common: dict[str, Any]) -> np.ndar
 
 class InvertPredictiond(MapTransform):
     """Undo the preprocessing on a :class:`SlabInferer` prediction (see the module docstring):
-    float32 probabilities are resampled linearly and reduced to labels (argmax), float16 probabilities
-    the same way one class at a time, a one-channel label map with nearest neighbour."""
+    float32 probabilities are resampled linearly and reduced to labels (argmax; with ``regions``, the
+    sigmoid probabilities painted region by region), float16 probabilities the same way one channel at
+    a time, a one-channel label map with nearest neighbour."""
 
-    def __init__(self, keys: str | Sequence[str], transform: Compose, orig_keys: str = "image") -> None:
+    def __init__(self, keys: str | Sequence[str], transform: Compose, orig_keys: str = "image",
+                 regions: Sequence[Region] = ()) -> None:
         super().__init__(keys)
         self.transform = transform
         self.orig_keys = orig_keys
+        self.regions = tuple(regions)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -227,7 +248,9 @@ class InvertPredictiond(MapTransform):
                 continue
             d = dict(self._invert(key, labels)(d))
             if not labels:
-                d = dict(AsDiscreted(keys=key, argmax=True)(d))
+                reduce = (RegionsToLabelMapd(keys=key, regions=self.regions, sigmoid=False) if self.regions
+                          else AsDiscreted(keys=key, argmax=True))
+                d = dict(reduce(d))
         return d
 
     def _invert(self, key: Hashable, nearest: bool) -> Invertd:
@@ -235,13 +258,20 @@ class InvertPredictiond(MapTransform):
                        to_tensor=True)
 
     def _by_class(self, d: dict[Hashable, Any], key: Hashable) -> torch.Tensor:
-        """Linear inversion and argmax one class at a time (first maximum on ties, as argmax)."""
+        """Linear inversion and argmax one class at a time (first maximum on ties, as argmax); with regions,
+        each region painted where its resampled probability exceeds 0.5, in order."""
         pred, invert = d[key], self._invert(key, False)
         meta = pred.meta if isinstance(pred, MetaTensor) else {}
         best = labels = None
         for c in range(pred.shape[0]):
             channel = MetaTensor(torch.as_tensor(pred[c : c + 1]).to(torch.float32), meta=dict(meta))
             native = invert({**d, key: channel})[key]
+            if self.regions:
+                if labels is None:
+                    labels = torch.zeros(native.shape, dtype=torch.float32)
+                    labels = MetaTensor(labels, meta=native.meta) if isinstance(native, MetaTensor) else labels
+                labels[native > 0.5] = float(self.regions[c].value)
+                continue
             if best is None:
                 best, labels = native, torch.zeros(native.shape, dtype=torch.float32)
                 labels = MetaTensor(labels, meta=native.meta) if isinstance(native, MetaTensor) else labels

@@ -6,7 +6,9 @@ order: each window is weighted by MONAI's Gaussian importance map and added into
 accumulation buffer it touches; right after the last window touching a block, the block is divided by
 its sum of importance maps (MONAI's count map) and handed to a :class:`BlockReducer`, which applies the
 pointwise head (when the blocks hold features), takes the argmax into the label map and, when asked,
-writes softmax probabilities (:class:`ProbabilityWriter`). The memory is one arena of blocks
+writes softmax probabilities (:class:`ProbabilityWriter`); for a region-based model (one sigmoid output
+per region) it paints the regions into the label map instead
+(:func:`medseg.transforms.regions.regions_to_label_map`) and writes sigmoid probabilities. The memory is one arena of blocks
 (:class:`~medseg.inference.windows.BlockPlan`) instead of MONAI's ``C x volume`` output and count map.
 """
 
@@ -24,6 +26,8 @@ from monai.inferers import Merger
 
 from medseg.inference.memory import chunk_voxels, label_dtype
 from medseg.inference.windows import Block, Strip, SweepPlan, WindowGeometry
+from medseg.labels import Region
+from medseg.transforms.regions import regions_to_label_map
 
 __all__ = ["BlockReducer", "GaussianBlockMerger", "ProbabilityWriter"]
 
@@ -96,7 +100,8 @@ class BlockReducer:
     spatial_shape
         The output's spatial shape (the unpadded volume).
     num_classes
-        Classes of the logits; the label map is :func:`~medseg.inference.memory.label_dtype` of it.
+        Channels of the logits: classes, or regions; the label map is
+        :func:`~medseg.inference.memory.label_dtype` of the classes (of the largest region value + 1).
     buffer_channels
         Channels of the blocks: ``num_classes``, or the features that ``head`` maps to the classes.
     head
@@ -106,6 +111,10 @@ class BlockReducer:
         Write float16 softmax probabilities ``(num_classes, *spatial)`` into a new ``.npy`` memory map there.
     probabilities_in_memory
         Without ``probabilities_path``: keep float32 softmax probabilities in memory.
+    regions
+        The regions of a region-based model, one per logit channel in painting order: the label map is
+        painted where each region's sigmoid exceeds 0.5 (later regions over earlier ones), and the
+        probabilities are the sigmoids. Empty: softmax and argmax over the classes.
 
     The label map and the probabilities are allocated here, outside inference mode (callers may modify them
     in place afterwards), on the CPU.
@@ -114,16 +123,22 @@ class BlockReducer:
     ------
     OSError
         ``probabilities_path`` cannot be created.
+    ValueError
+        ``regions`` given, but not one per logit channel.
     """
 
     def __init__(self, spatial_shape: Sequence[int], num_classes: int, buffer_channels: int,
                  head: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  probabilities_path: str | os.PathLike[str] | None = None,
-                 probabilities_in_memory: bool = False) -> None:
+                 probabilities_in_memory: bool = False, regions: Sequence[Region] = ()) -> None:
         spatial = tuple(int(s) for s in spatial_shape)
         self.num_classes, self.buffer_channels, self.head = int(num_classes), int(buffer_channels), head
+        self.regions = tuple(regions)
+        if self.regions and len(self.regions) != self.num_classes:
+            raise ValueError(f"{len(self.regions)} regions for {self.num_classes} output channels")
+        values = max(r.value for r in self.regions) + 1 if self.regions else self.num_classes
         with torch.inference_mode(False):
-            self.labels = torch.empty(spatial, dtype=label_dtype(self.num_classes))
+            self.labels = torch.empty(spatial, dtype=label_dtype(values))
         self.probabilities: np.ndarray | None = None
         if probabilities_path is not None:
             self.probabilities = np.lib.format.open_memmap(os.fspath(probabilities_path), mode="w+",
@@ -151,8 +166,14 @@ class BlockReducer:
             logits = values[:, r0:r1]
             if self.head is not None:
                 logits = _head_logits(self.head, logits, self.num_classes)
-            best, idx = logits.max(dim=0)  # first maximum on ties, as argmax
             index = (slice(first + r0, first + r1), *region[1:])
+            if self.regions:
+                probabilities = logits.sigmoid_()
+                self.labels[index].copy_(regions_to_label_map(probabilities, self.regions, dtype=self.labels.dtype)[0])
+                if self._writer is not None:
+                    self._writer.write(probabilities.to(self._probs_dtype).cpu().numpy(), index)
+                continue
+            best, idx = logits.max(dim=0)  # first maximum on ties, as argmax
             self.labels[index].copy_(idx)
             if self._writer is not None:
                 logits.sub_(best).exp_()

@@ -9,16 +9,20 @@ with Gaussian blending (:class:`medseg.inference.inferer.SlabInferer`, optionall
 ``Invertd`` (undo crop, spacing and orientation: softmax probabilities resampled linearly then argmax;
 when classes x voxels do not fit in 1 GB, the probabilities wait on disk in float16 and are resampled
 one class at a time) -> a label map with exactly the input's shape, spacing, origin and direction.
+A model of several input channels takes one image per channel (all on one grid); a region-based model's
+label map is painted from its sigmoid outputs (:mod:`medseg.inference.inferer`).
 
 :func:`predict_files` predicts image files: every input is read once (:func:`medseg.io.image.read_source`)
 and checked (header, pixels, whether the model fits it: :mod:`medseg.inference.fit`) before the model is
 loaded, and kept in memory for the prediction up to :data:`HELD_BYTES` together. This module imports torch
 and MONAI only in the functions that predict, so bad input is answered before that; progress lines
-(``[1/3] scan.nii.gz -> ...``) are logged only once every input has been read.
+(``[1/3] scan.nii.gz -> ...``) are logged only once every input has been read. For a model of several
+input channels the inputs are cases of channel files in nnU-Net's layout (:mod:`medseg.inference.cases`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -31,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import InputError, MedsegError, one_line, unwrapped
+from medseg.inference.cases import InputCase, collect_cases
 from medseg.inference.fit import fit_problems
 from medseg.io.geometry import Geometry
 from medseg.io.image import (
@@ -38,7 +43,6 @@ from medseg.io.image import (
     image_suffix,
     label_map_dtype,
     list_images,
-    output_name,
     read_geometry,
     read_source,
     write_label_map,
@@ -98,13 +102,24 @@ def lesion_labels(plan: Plan) -> list[int]:
     return [k for k, v in plan.labels.items() if k != 0 and is_lesion_name(v)]
 
 
+def channel_plan(plan: Plan, channel: int) -> Plan:
+    """``plan`` as seen by the checks of one input channel (:func:`check_fit`): that channel's name as the
+    modality and its intensity preset."""
+    if plan.num_channels == 1:
+        return plan
+    spec = plan.input_channels[channel]
+    return dataclasses.replace(plan, modality=spec.name, intensity=spec.intensity, channels=())
+
+
 @dataclass
 class LoadedImage:
-    """An input preprocessed by :meth:`Predictor.load`: the image as read and the MONAI data dict
-    (``"image"``, which remembers the transforms to invert)."""
+    """An input preprocessed by :meth:`Predictor.load`: the image as read (the first channel's, whose grid
+    the label map takes), every channel as read, and the MONAI data dict (``"image"``, which remembers the
+    transforms to invert)."""
 
     source: SourceImage
     data: dict[str, Any]
+    channels: tuple[SourceImage, ...] = ()
 
     @property
     def geometry(self) -> Geometry:
@@ -179,24 +194,35 @@ class Predictor:
         network = load_weights(build_network(plan), Path(run_dir) / WEIGHTS_FILE, torch_device)
         return cls(plan, network, torch_device, inferer=inferer)
 
-    def load(self, image: SourceImage | sitk.Image | str | os.PathLike[str], name: str = "image") -> LoadedImage:
-        """Preprocess one image: in memory (a SimpleITK image is called ``name``), or a file, read here.
+    def _source(self, image: SourceImage | sitk.Image | str | os.PathLike[str], name: str) -> SourceImage:
+        if isinstance(image, sitk.Image):
+            return SourceImage.from_image(image, name)
+        if isinstance(image, SourceImage):
+            return image
+        return read_source(image, self.plan.dims)
+
+    def load(self, image: SourceImage | sitk.Image | str | os.PathLike[str]
+             | Sequence[SourceImage | sitk.Image | str | os.PathLike[str]], name: str = "image") -> LoadedImage:
+        """Preprocess one image: in memory (a SimpleITK image is called ``name``), or a file, read here; for a
+        model of several input channels, a sequence of them, one per channel in the plan's order.
 
         Raises
         ------
         InputError
-            Unreadable, truncated or wrong-dimensional image.
+            Unreadable, truncated or wrong-dimensional image; another number of images than the model's
+            input channels; channels on different grids (naming the file).
         """
-        if isinstance(image, sitk.Image):
-            source = SourceImage.from_image(image, name)
-        elif isinstance(image, SourceImage):
-            source = image
-        else:
-            source = read_source(image, self.plan.dims)
+        images: list[Any] = list(image) if isinstance(image, (list, tuple)) else [image]
+        sources = [self._source(item, name) for item in images]
+        source = sources[0]
+        if len(sources) != self.plan.num_channels:
+            names = ", ".join(c.name for c in self.plan.input_channels)
+            raise InputError(source.path or source.name, f"{len(sources)} image(s) given, the model takes "
+                                                         f"{self.plan.num_channels} input channel(s) ({names})")
         with unwrapped(lambda cause: InputError(source.path or source.name, "cannot read or preprocess this image "
                                                 f"({type(cause).__name__}: {one_line(cause)})")):
-            data = self.preprocessing({"image": source})
-        return LoadedImage(source, data)
+            data = self.preprocessing({"image": sources if len(sources) > 1 else source})
+        return LoadedImage(source, data, tuple(sources))
 
     def infer(self, loaded: LoadedImage) -> np.ndarray:
         """Label map (index order of the input) of an input :meth:`load` returned, stored as
@@ -223,8 +249,10 @@ class Predictor:
                               f"input has {loaded.geometry.size}")
         return labels.astype(label_map_dtype(self.plan.num_classes - 1))
 
-    def predict_image(self, image: SourceImage | sitk.Image, name: str = "image") -> np.ndarray:
-        """Label map (index order ``(x, y, z)``) of an image in memory: :meth:`infer` of :meth:`load`.
+    def predict_image(self, image: SourceImage | sitk.Image | Sequence[SourceImage | sitk.Image],
+                      name: str = "image") -> np.ndarray:
+        """Label map (index order ``(x, y, z)``) of an image in memory (one per input channel for a model of
+        several): :meth:`infer` of :meth:`load`.
 
         Raises
         ------
@@ -233,15 +261,18 @@ class Predictor:
         """
         return self.infer(self.load(image, name))
 
-    def predict_array(self, image_path: str | os.PathLike[str]) -> np.ndarray:
-        """Label map (index order of the file) of an image file, read once.
+    def predict_array(self, image_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> np.ndarray:
+        """Label map (index order of the file) of an image file, read once (one file per input channel for a
+        model of several).
 
         Raises
         ------
         InputError
             As :meth:`load` and :meth:`infer`.
         """
-        return self.infer(self.load(Path(image_path)))
+        given: list[Any] = list(image_path) if isinstance(image_path, (list, tuple)) else [image_path]
+        paths = [Path(p) for p in given]
+        return self.infer(self.load(paths))
 
     def lesion_labels(self) -> list[int]:
         """Labels written as instances by ``--instances``: lesion-like names (lesion, tumour, ...)."""
@@ -264,12 +295,15 @@ class Predictor:
             log.info("%s: %d lesion instance(s) of label(s) %s", Path(str(source)).name, int(instances.max()), values)
         return written
 
-    def predict_file(self, image_path: str | os.PathLike[str], output_path: Path, instances_path: Path | None = None,
-                     instance_labels: Sequence[int] | None = None, min_lesion_ml: float = 0.0) -> Path:
-        """Predict one image file (read once) and write its label map (and instance map) with :meth:`write`."""
-        source = read_source(image_path, self.plan.dims)
-        return self.write(self.predict_image(source), source, output_path, instances_path, instance_labels,
-                          min_lesion_ml)
+    def predict_file(self, image_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], output_path: Path,
+                     instances_path: Path | None = None, instance_labels: Sequence[int] | None = None,
+                     min_lesion_ml: float = 0.0) -> Path:
+        """Predict one image file (read once; one file per input channel for a model of several) and write its
+        label map (and instance map) with :meth:`write`, on the (first) file's grid."""
+        paths: list[Any] = list(image_path) if isinstance(image_path, (list, tuple)) else [image_path]
+        sources = [read_source(p, self.plan.dims) for p in paths]
+        return self.write(self.predict_image(sources if len(sources) > 1 else sources[0]), sources[0], output_path,
+                          instances_path, instance_labels, min_lesion_ml)
 
 
 def collect_inputs(input_path: str | os.PathLike[str]) -> list[Path]:
@@ -299,14 +333,14 @@ def _instance_values(plan: Plan, model: Path | None, instance_labels: Sequence[i
     return values
 
 
-def _targets(inputs: list[Path], output_dir: Path, overwrite: bool, instances: bool,
+def _targets(cases: list[InputCase], output_dir: Path, overwrite: bool, instances: bool,
              input_path: str | os.PathLike[str]) -> list[tuple[Path, Path | None]]:
-    """``(label map, instance map or None)`` of every input, checked: no input overwritten, no existing file
-    (unless ``overwrite``), no two inputs onto one output."""
+    """``(label map, instance map or None)`` of every case, checked: no input overwritten, no existing file
+    (unless ``overwrite``), no two cases onto one output."""
     planned: list[tuple[Path, Path | None]] = []
-    input_set = {p.resolve() for p in inputs}
-    for image in inputs:
-        targets = [output_dir / output_name(image)] + ([output_dir / output_name(image, "instances")] if instances else [])
+    input_set = {p.resolve() for case in cases for p in case.files}
+    for case in cases:
+        targets = [output_dir / case.output_name()] + ([output_dir / case.output_name("instances")] if instances else [])
         for target in targets:
             if target.resolve() in input_set:
                 raise InputError(target, "would overwrite an input image; choose another --output folder")
@@ -320,13 +354,38 @@ def _targets(inputs: list[Path], output_dir: Path, overwrite: bool, instances: b
     return planned
 
 
+def _read_case(plan: Plan, case: InputCase, strict: bool) -> list[SourceImage]:
+    """Every channel of ``case`` read once and checked: on the first channel's grid, and (:func:`check_fit`)
+    fitting the model's channel.
+
+    Raises
+    ------
+    InputError
+        As :func:`medseg.io.image.read_source`; a channel on another grid; with ``strict``, a misfit.
+    """
+    sources: list[SourceImage] = []
+    for channel, path in enumerate(case.files):
+        source = read_source(path, plan.dims)
+        if sources:
+            problem = sources[0].geometry.mismatch(source.geometry)
+            if problem is not None:
+                raise InputError(path, f"is not on the grid of the case's first channel {case.first.name}: "
+                                       f"{problem}; the channels of a case must share one grid")
+        check_fit(channel_plan(plan, channel), path, source.geometry, source.voxels().T, strict=strict)
+        sources.append(source)
+    return sources
+
+
 def predict_files(plan: Plan, load_predictor: Callable[[], Predictor], input_path: str | os.PathLike[str],
                   output_dir: str | os.PathLike[str], *, overwrite: bool = False, instances: bool = False,
                   instance_labels: Sequence[int] | None = None, strict: bool = False,
                   model: str | os.PathLike[str] | None = None) -> list[Path]:
     """Predict every input image into ``output_dir`` as ``<case>_seg.<ending>``
     (:func:`medseg.io.image.output_name`) with the :class:`Predictor` that ``load_predictor`` makes for
-    ``plan`` (called once every input has been checked).
+    ``plan`` (called once every input has been checked). For a model of several input channels the inputs
+    are cases of channel files in nnU-Net's layout, ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ...
+    (:func:`medseg.inference.cases.collect_cases`), written as ``CASE_seg.<ending>`` on the first
+    channel's grid.
 
     Every input is read once and checked before the model is loaded: header, pixel data, and whether
     the model fits it (:func:`check_fit`: modality-like intensities and voxel spacing against the plan; a
@@ -339,44 +398,46 @@ def predict_files(plan: Plan, load_predictor: Callable[[], Predictor], input_pat
     Raises
     ------
     InputError
-        Bad inputs (see :func:`collect_inputs`, :func:`medseg.io.image.read_source`), an output that
+        Bad inputs (see :func:`medseg.inference.cases.collect_cases`, :func:`medseg.io.image.read_source`:
+        a case with a missing channel file, channels on different grids), an output that
         would overwrite an input or an existing file (unless ``overwrite``), ``instances`` for a
         model (``model``, named in the message) without lesion labels, unknown ``instance_labels``;
         with ``strict``, an input the model does not fit; from the predictor, bad options.
     BundleError
         From ``load_predictor``: a bad bundle.
     """
-    inputs = collect_inputs(input_path)
+    cases = collect_cases(input_path, plan)
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(output_dir, "exists and is not a folder")
     values = _instance_values(plan, None if model is None else Path(model), instance_labels) if instances else None
-    planned = _targets(inputs, output_dir, overwrite, instances, input_path)
-    sources: list[SourceImage | None] = []
+    planned = _targets(cases, output_dir, overwrite, instances, input_path)
+    held_cases: list[list[SourceImage] | None] = []
     held = 0
-    for image in inputs:  # each read once: header, pixels (truncation, NaN), and does the model fit?
-        source = read_source(image, plan.dims)
-        check_fit(plan, image, source.geometry, source.voxels().T, strict=strict)  # in the file's voxel order
-        held += source.nbytes
-        sources.append(source if held <= HELD_BYTES else None)  # beyond: read again when its turn comes
-        del source
+    for case in cases:  # each read once: header, pixels (truncation, NaN), grids, and does the model fit?
+        sources = _read_case(plan, case, strict)
+        held += sum(s.nbytes for s in sources)
+        held_cases.append(sources if held <= HELD_BYTES else None)  # beyond: read again when its turn comes
+        del sources
 
     predictor = load_predictor()
     created_dir = not output_dir.exists()
     written: list[Path] = []
     try:
-        for index, (image, (target, instance_target)) in enumerate(zip(inputs, planned), 1):
-            source = sources[index - 1] or read_source(image, plan.dims)
-            sources[index - 1] = None
-            loaded = predictor.load(source)
-            source.drop_pixels()  # preprocessed: the label maps need only its grid and header
-            log.info("[%d/%d] %s -> %s", index, len(planned), image.name, target)
+        for index, (case, (target, instance_target)) in enumerate(zip(cases, planned), 1):
+            sources = held_cases[index - 1] or [read_source(p, plan.dims) for p in case.files]
+            held_cases[index - 1] = None
+            loaded = predictor.load(sources)
+            for source in sources:
+                source.drop_pixels()  # preprocessed: the label maps need only the first one's grid and header
+            log.info("[%d/%d] %s -> %s", index, len(planned), case.first.name if len(case.files) == 1
+                     else f"{case.name} ({len(case.files)} channels)", target)
             labels = predictor.infer(loaded)
             del loaded
             fresh = [p for p in (target, instance_target) if p is not None and not p.exists()]
             written.extend(fresh)  # removed again if this case fails half-way
-            predictor.write(labels, source, target, instance_target, values)
-            del source
+            predictor.write(labels, sources[0], target, instance_target, values)
+            del sources
     except BaseException:
         for path in written:
             _remove_image(path)

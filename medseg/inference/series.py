@@ -96,8 +96,9 @@ def predict_series(plan: Plan, load_predictor: Callable[[], Predictor], run_dir:
         No DICOM image, no or an ambiguous series choice (the candidates are listed), a series with
         blocking problems, unreadable or truncated files, missing pixel data, NaN voxels.
     InputError
-        Unknown ``fmt``, an output that exists (unless ``overwrite``), a 2D model; with ``strict``, a
-        series the model does not fit; from the predictor, bad options.
+        Unknown ``fmt``, an output that exists (unless ``overwrite``), a 2D model, a model of several input
+        channels (a series is one); with ``strict``, a series the model does not fit; from the predictor,
+        bad options.
     BundleError
         Bad run folder, or segments without SNOMED CT codes for ``fmt="dicom-seg"``.
     """
@@ -105,6 +106,11 @@ def predict_series(plan: Plan, load_predictor: Callable[[], Predictor], run_dir:
 
     if fmt not in DICOM_OUTPUT_FORMATS:
         raise InputError(None, f"--format must be one of {', '.join(DICOM_OUTPUT_FORMATS)}, got {fmt!r}")
+    if plan.num_channels > 1:
+        names = ", ".join(c.name for c in plan.input_channels)
+        raise InputError(Path(run_dir), f"takes {plan.num_channels} input channels ({names}) and a DICOM series is "
+                                        "one image; predict the channel files instead (--input a folder of "
+                                        "CASE_0000.nii.gz, CASE_0001.nii.gz, ...)")
     with held_info():  # the scan's and reader's notes are printed only once the series has been read
         scan = dicom.scan_dicom(input_path)
         series = dicom.select_series(scan, series_uid=series_uid, modality=modality, min_slices=min_slices,

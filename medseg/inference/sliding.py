@@ -65,6 +65,7 @@ from medseg.inference.memory import (
 )
 from medseg.inference.merger import BlockReducer, GaussianBlockMerger
 from medseg.inference.windows import Strip, WindowGeometry, plan_sweep, window_geometry
+from medseg.labels import Region
 
 __all__ = ["SlabResult", "slab_sliding_window"]
 
@@ -76,12 +77,13 @@ class SlabResult:
     Attributes
     ----------
     labels
-        ``(*spatial)`` label map on the CPU: the argmax over classes of the blended logits;
-        uint8 for up to 256 classes, int16 up to 32768, int32 beyond.
+        ``(*spatial)`` label map on the CPU: the argmax over classes of the blended logits (with ``regions``:
+        the regions painted where their sigmoid exceeds 0.5); uint8 for up to 256 classes, int16 up to
+        32768, int32 beyond.
     probabilities
-        ``(C, *spatial)`` float16 softmax of the blended logits in a ``.npy`` file opened as a memory map
-        (``numpy.load(path, mmap_mode="r")`` reopens it); with ``probabilities_in_memory`` a float32 array
-        in memory; else ``None``.
+        ``(C, *spatial)`` float16 softmax (with ``regions``: sigmoid) of the blended logits in a ``.npy`` file
+        opened as a memory map (``numpy.load(path, mmap_mode="r")`` reopens it); with
+        ``probabilities_in_memory`` a float32 array in memory; else ``None``.
     buffer_channels
         Channels of the accumulation buffer: the feature (or class) channels blended (the weights, MONAI's
         count map, are summed for one block at a time when it is reduced).
@@ -122,6 +124,7 @@ def slab_sliding_window(
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     feature_channels: int | None = None,
     buffer_bytes: int | None = None,
+    regions: Sequence[Region] = (),
 ) -> SlabResult:
     """Gaussian-blended sliding-window inference whose memory does not grow with classes x volume.
 
@@ -169,6 +172,10 @@ def slab_sliding_window(
         Budget of the accumulation buffer (default: :data:`medseg.inference.memory.DEFAULT_BUFFER_BYTES`
         on the CPU, none on other devices). A 3D volume whose buffer would exceed it is swept in 2 or more
         strips along x, cut at window starts (:func:`medseg.inference.windows.plan_sweep`).
+    regions
+        A region-based network: ``num_classes`` logits are one sigmoid per region, in painting order; the label
+        map is painted region by region (:func:`medseg.transforms.regions.regions_to_label_map` of the
+        blended logits' sigmoid) and the probabilities are the sigmoids. Empty: softmax classes.
 
     Raises
     ------
@@ -176,7 +183,7 @@ def slab_sliding_window(
         NaN or infinite voxels; or the estimate of :func:`medseg.inference.memory.estimate_slab_bytes`
         exceeds the memory available (the message names both in GB).
     ValueError
-        Wrong shapes or arguments, or a network output of the wrong shape.
+        Wrong shapes or arguments (``regions`` not one per logit channel), or a network output of the wrong shape.
     """
     inputs, num_classes, sw_batch_size = _checked(inputs, num_classes, sw_batch_size)
     spatial = tuple(int(s) for s in inputs.shape[2:])
@@ -193,7 +200,7 @@ def slab_sliding_window(
     require_memory(need, device, spatial, num_classes, geometry.roi)
     _check_finite(inputs)
     windows = _WindowInputs(inputs, geometry, padding_mode, cval)
-    reducer = BlockReducer(spatial, num_classes, buffer_channels, head, probabilities_path, in_memory)
+    reducer = BlockReducer(spatial, num_classes, buffer_channels, head, probabilities_path, in_memory, regions)
     with torch.inference_mode():
         merger = GaussianBlockMerger(plan, geometry, reducer, sigma_scale, device)
         for group in _batches(merger.strips, step, progress):

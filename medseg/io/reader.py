@@ -10,7 +10,8 @@ Both also take an image already in memory (a :class:`~medseg.io.image.SourceImag
 such as a DICOM series), so that one preprocessing chain serves files and in-memory images alike.
 
 Voxel values are checked here too: a NaN or infinite voxel is refused when the file is read, before
-preprocessing could clip or crop it away.
+preprocessing could clip or crop it away. Several files given for one key (the channels of a case) are
+stacked into the first axis, as MONAI's readers do, once every one is found on the first one's grid.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class _Read:
         if source.pixels is None:
             raise ValueError(f"{source}: its pixels were dropped; read it again")
         self.path = source.path if source.path is not None else source.name
+        self.geometry = source.geometry
         self.finite = source.finite_checked
         # as MONAI's NibabelReader.read (the source keeps its header as read: label maps copy that one)
         self.image = correct_nifti_header_if_necessary(source.pixels) if source.is_nifti else source.pixels
@@ -67,7 +69,8 @@ class ImageFileReader(ImageReader):
     Raises
     ------
     InputError
-        From :meth:`read` for a missing, unreadable, truncated or geometrically broken file, from
+        From :meth:`read` for a missing, unreadable, truncated or geometrically broken file, or (several
+        files for one key: the channels of a case) a file on another grid than the first; from
         :meth:`get_data` for NaN or infinite voxels.
     """
 
@@ -93,6 +96,11 @@ class ImageFileReader(ImageReader):
             else:
                 item = read_source(Path(item).expanduser(), self.dims, finite=False)  # checked in get_data
             reads.append(_Read(item))
+        for read in reads[1:]:
+            problem = reads[0].geometry.mismatch(read.geometry)
+            if problem is not None:
+                raise InputError(read.path, f"is not on the grid of the case's first channel {reads[0].path}: "
+                                            f"{problem}; the channels of a case must share one grid")
         return reads if len(reads) > 1 else reads[0]
 
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
@@ -107,7 +115,8 @@ class ImageFileReader(ImageReader):
             if not item.finite:
                 check_finite_voxels(item.path, array)
             arrays.append(array)
-            _copy_compatible_dict(header, meta)
+            if not meta:  # the channels' grids were checked by read (MONAI's check has no tolerance)
+                _copy_compatible_dict(header, meta)
         return _stack_images(arrays, meta), meta
 
 

@@ -10,16 +10,19 @@ from medseg.labels.names import (
            MAX_LABEL,
            parse_label_mapping,
            parse_labels,
-           read_label_names,
 )
-from medseg.labels.regions import Region
+from medseg.labels.regions import IGNORE_NAME, DatasetLabels, Region, parse_dataset_labels
+from medseg.labels.sources import read_label_names
 
 __all__ = [
+           "IGNORE_NAME",
            "MAX_LABEL",
+           "DatasetLabels",
            "Region",
            "is_lesion_name",
            "label_colour",
            "label_colour_255",
+           "parse_dataset_labels",
            "parse_label_mapping",
            "parse_labels",
            "read_label_names",

@@ -17,23 +17,17 @@ they are compared.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from medseg.errors import InputError
-from medseg.layout import META_FILE, PLAN_FILE
 
-__all__ = ["MAX_LABEL", "parse_label_mapping", "parse_labels", "read_label_names"]
+__all__ = ["MAX_LABEL", "parse_label_mapping", "parse_labels"]
 
 #: The largest label value a label map may hold (uint16).
 MAX_LABEL = 65535
-#: Where a folder's label names are looked for, in order.
-FOLDER_SOURCES: tuple[Path, ...] = (PLAN_FILE, META_FILE, Path("dataset.json"))
-_EXPECTED = ("a bundle or run folder, a plan.json, a dataset.json, a JSON file with \"labels\" "
-             "(e.g. {\"labels\": {\"0\": \"background\", \"1\": \"liver\"}}) or a bundle's metadata.json")
+
 
 
 def parse_labels(raw: Any, source: str | os.PathLike[str] | None) -> dict[int, str]:
@@ -67,53 +61,6 @@ def parse_labels(raw: Any, source: str | os.PathLike[str] | None) -> dict[int, s
     if 0 not in labels:
         raise InputError(source, "'labels' must declare 0 (background)")
     return dict(sorted(labels.items()))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"not a valid JSON file ({exc})") from exc
-
-
-def _labels_in(data: Any, path: Path) -> dict[int, str]:
-    """The label names a parsed JSON document holds: its ``"labels"`` (dataset.json, plan.json) or
-    its ``network_data_format.outputs.pred.channel_def`` (a bundle's metadata.json)."""
-    if not isinstance(data, dict):
-        raise InputError(path, f"must hold a JSON object; expected {_EXPECTED}")
-    if "labels" in data:
-        return parse_labels(data["labels"], path)
-    node: Any = data
-    for key in ("network_data_format", "outputs", "pred", "channel_def"):
-        node = node.get(key) if isinstance(node, dict) else None
-    if node is not None:
-        return parse_labels(node, path)
-    raise InputError(path, f"holds no \"labels\" mapping; expected {_EXPECTED}")
-
-
-def read_label_names(path: str | os.PathLike[str]) -> dict[int, str]:
-    """``{value: name}`` (0, the background, included) from any label source (see the module doc).
-
-    A folder is looked into for :data:`FOLDER_SOURCES` in that order (a bundle's plan first);
-    a file is read as JSON and its ``"labels"`` (or metadata ``channel_def``) taken, whatever else
-    it holds: a ``dataset.json`` need not list training cases or a modality.
-
-    Raises
-    ------
-    InputError
-        Missing path, a folder without any of the sources, unreadable or invalid JSON, no labels
-        in it, or labels that :func:`parse_labels` refuses.
-    """
-    path = Path(path)
-    if path.is_dir():
-        found = next((path / name for name in FOLDER_SOURCES if (path / name).is_file()), None)
-        if found is None:
-            raise InputError(path, "no label names here: expected a bundle or run folder (configs/plan.json) "
-                             "or a dataset folder (dataset.json)")
-        path = found
-    elif not path.exists():
-        raise InputError(path, "no such file or folder")
-    return _labels_in(_read_json(path), path)
 
 
 def parse_label_mapping(text: str) -> dict[int, int]:

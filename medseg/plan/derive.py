@@ -14,7 +14,7 @@ from medseg.architectures import NetworkSpec
 from medseg.data.datalist import Case, Datalist
 from medseg.io.geometry import Geometry
 from medseg.io.image import read_image
-from medseg.plan.model import Intensity, Plan, checked_network
+from medseg.plan.model import Channel, Intensity, Plan, checked_network
 
 __all__ = ["ct_intensity_statistics", "default_patch_size", "make_plan", "ras_extent", "ras_spacing"]
 
@@ -41,9 +41,11 @@ def ras_extent(geometry: Geometry) -> np.ndarray:
 
 
 def ct_intensity_statistics(cases: Sequence[Case], window: Sequence[float] | None = None,
-                            max_samples: int = 200_000, seed: int = 0) -> Intensity:
-    """nnU-Net-style CT statistics of the foreground (labelled) voxels: clip range = the 0.5/99.5
-    percentiles, or the given HU ``window`` (e.g. ``(-160, 240)``); mean and std after clipping.
+                            max_samples: int = 200_000, seed: int = 0, channel: int = 0,
+                            ignore_label: int | None = None) -> Intensity:
+    """nnU-Net-style CT statistics of the foreground (labelled, not ``ignore_label``) voxels of input
+    ``channel``: clip range = the 0.5/99.5 percentiles, or the given HU ``window`` (e.g. ``(-160, 240)``);
+    mean and std after clipping.
 
     Raises
     ------
@@ -56,9 +58,10 @@ def ct_intensity_statistics(cases: Sequence[Case], window: Sequence[float] | Non
     samples: list[np.ndarray] = []
     per_case = max(1, max_samples // max(1, len(cases)))
     for case in cases:
-        image = sitk.GetArrayFromImage(read_image(case.image))
+        image = sitk.GetArrayFromImage(read_image(case.images[channel]))
         label = sitk.GetArrayFromImage(read_image(case.label)) if case.label else None
-        values = image[label > 0] if label is not None else image.ravel()
+        foreground = None if label is None else (label > 0) if ignore_label is None else (label > 0) & (label != ignore_label)
+        values = image[foreground] if foreground is not None else image.ravel()
         if values.size:
             samples.append(rng.choice(values, size=min(per_case, values.size), replace=False).astype(np.float64))
     if not samples:
@@ -80,6 +83,20 @@ def default_patch_size(dims: int, median_shape: np.ndarray, cap: Sequence[int]) 
     return tuple(patch)
 
 
+def _channels(datalist: Datalist, ct_window: Sequence[float] | None) -> tuple[Channel, ...]:
+    """One channel per input channel of the dataset: CT channels with their own foreground statistics,
+    the others with the MR preset."""
+    channels = []
+    for number, (name, preset) in enumerate(zip(datalist.channel_names, datalist.channel_presets, strict=True)):
+        if preset == "ct":
+            intensity = ct_intensity_statistics(datalist.training, ct_window, channel=number,
+                                                ignore_label=datalist.ignore_label)
+        else:
+            intensity = Intensity("mr")
+        channels.append(Channel(name, intensity))
+    return tuple(channels)
+
+
 def make_plan(
     datalist: Datalist,
     geometries: Sequence[Geometry],
@@ -92,7 +109,9 @@ def make_plan(
 
     ``target_spacing`` defaults to the median RAS spacing of the training images; ``patch_size``
     to the median resampled size rounded to multiples of 16, capped at 64x64x32 (3D) or 256x256 (2D);
-    CT intensities clip to ``ct_window`` (HU) if given, else to foreground percentiles. The network
+    CT intensities clip to ``ct_window`` (HU) if given, else to foreground percentiles. A dataset of
+    several channels gets one :class:`Channel` each (CT channels their own statistics, others the MR
+    preset); one channel gives ``channels=()``. Regions and the ignore label come from the dataset. The network
     (default: a U-Net) is planned for the patch and checked with it (see :func:`checked_network`).
 
     Raises
@@ -113,11 +132,15 @@ def make_plan(
     if len(patch) != dims:
         raise ValueError(f"patch size needs {dims} values, got {list(patch)}")
     spec = checked_network(network or NetworkSpec(), patch, tuple(float(s) for s in spacing))
-    if datalist.preset == "ct":
-        intensity = ct_intensity_statistics(datalist.training, ct_window)
+    channels = _channels(datalist, ct_window) if datalist.num_channels > 1 else ()
+    if channels:
+        intensity = channels[0].intensity
+    elif datalist.preset == "ct":
+        intensity = ct_intensity_statistics(datalist.training, ct_window, ignore_label=datalist.ignore_label)
     else:
         intensity = Intensity("mr")
-    plan = Plan(dims, datalist.modality, dict(datalist.labels), tuple(float(s) for s in spacing), patch, intensity, spec)
+    plan = Plan(dims, datalist.modality, dict(datalist.labels), tuple(float(s) for s in spacing), patch, intensity, spec,
+                channels=channels, regions=tuple(datalist.regions), ignore_label=datalist.ignore_label)
     log.info("plan: %dD %s, target spacing %s mm, patch %s, %d classes, %s", dims, plan.modality,
              [round(s, 3) for s in plan.target_spacing], list(patch), plan.num_classes, plan.network.title)
     return plan

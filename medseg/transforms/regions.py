@@ -3,13 +3,16 @@ and region probabilities back to one label map, painted region by region in the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
 
 from medseg.labels import Region
 
-__all__ = ["label_map_to_regions", "regions_to_label_map"]
+__all__ = ["RegionsToLabelMapd", "label_map_to_regions", "regions_to_label_map"]
 
 
 def label_map_to_regions(label: torch.Tensor, regions: Sequence[Region], channel_dim: int = 0) -> torch.Tensor:
@@ -46,3 +49,29 @@ def regions_to_label_map(probabilities: torch.Tensor, regions: Sequence[Region],
     for channel, region in enumerate(regions):
         label[0][probabilities[channel] > threshold] = region.value
     return label
+
+
+class RegionsToLabelMapd(MapTransform):
+    """``keys``: ``(R, *spatial)`` region logits (``sigmoid=True``, a network's output) or sigmoid
+    probabilities -> the ``(1, *spatial)`` label map of :func:`regions_to_label_map` (metadata kept).
+
+    Raises
+    ------
+    ValueError
+        From ``__call__``: a channel count other than the number of regions.
+    """
+
+    def __init__(self, keys: Any, regions: Sequence[Region], sigmoid: bool = True, threshold: float = 0.5,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.regions, self.sigmoid, self.threshold = tuple(regions), bool(sigmoid), float(threshold)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            values = d[key]
+            plain = values.as_tensor() if isinstance(values, MetaTensor) else torch.as_tensor(values)
+            probabilities = torch.sigmoid(plain.float()) if self.sigmoid else plain
+            label = regions_to_label_map(probabilities, self.regions, self.threshold)
+            d[key] = MetaTensor(label, meta=values.meta) if isinstance(values, MetaTensor) else label
+        return d

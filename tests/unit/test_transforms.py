@@ -10,7 +10,8 @@ import SimpleITK as sitk
 import torch
 from monai.transforms import Invertd
 
-from medseg.plan import Intensity, Plan
+from medseg.errors import InputError
+from medseg.plan import Channel, Intensity, Plan
 from medseg.transforms import BodyMask, augmentation, preprocessing
 
 CT = Intensity("ct", a_min=-200.0, a_max=300.0, mean=50.0, std=100.0)
@@ -102,3 +103,86 @@ def test_augmentation_samples_patches_of_the_plan_size_with_both_classes(lps_vol
         assert sample["image"].dtype == torch.float32 and sample["label"].dtype == torch.int64
     # class-balanced sampling: the liver appears in some patch
     assert any(int(s["label"].max()) == 1 for s in samples)
+
+
+MR = Intensity("mr")
+
+
+def _two_channel_plan(first: Intensity = MR, second: Intensity = MR) -> Plan:
+    return Plan(dims=3, modality="MR", labels={0: "background", 1: "tumour"}, target_spacing=(2.0, 2.0, 3.0),
+                patch_size=(16, 16, 8), intensity=first, channels=(Channel("T1", first), Channel("T2", second)))
+
+
+@pytest.fixture()
+def two_channels(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A head (T1 about 400, T2 about 2000 on a different scale) in zero background, LPS, 1.5 x 1.5 x 2.5 mm,
+    stored as case_0000 / case_0001, and its label map."""
+    rng = np.random.default_rng(0)
+    shape = (12, 28, 24)  # (z, y, x)
+    t1, t2 = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    t1[2:10, 4:24, 4:20] = rng.normal(400.0, 40.0, (8, 20, 16))
+    t2[3:11, 6:26, 3:18] = rng.normal(2000.0, 300.0, (8, 20, 15))  # another extent: the crop takes the union
+    label = np.zeros(shape, np.uint8)
+    label[4:8, 10:16, 8:14] = 1
+    lps = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    return (_write(tmp_path / "case_0000.nii.gz", t1, (1.5, 1.5, 2.5), lps),
+            _write(tmp_path / "case_0001.nii.gz", t2, (1.5, 1.5, 2.5), lps),
+            _write(tmp_path / "case.nii.gz", label, (1.5, 1.5, 2.5), lps))
+
+
+def test_two_channels_are_stacked_resampled_together_and_normalised_each_on_its_own(
+        two_channels: tuple[Path, Path, Path]) -> None:
+    t1, t2, label_path = two_channels
+    data = preprocessing(_two_channel_plan(), ("image", "label"))({"image": [str(t1), str(t2)], "label": str(label_path)})
+    image, label = data["image"], data["label"]
+    assert image.shape[0] == 2 and label.shape[0] == 1 and image.shape[1:] == label.shape[1:]
+    np.testing.assert_allclose(image.pixdim.numpy(), (2.0, 2.0, 3.0), rtol=1e-5)
+    for channel in image.numpy():  # each channel z-scored on its own non-zero voxels, whatever its scale
+        inside = channel[channel != 0]
+        assert abs(inside.mean()) < 1e-3 and inside.std() == pytest.approx(1.0, abs=1e-2)
+    # the body crop is the union of both channels' bodies: every non-zero voxel of each channel is kept
+    whole = preprocessing(_two_channel_plan(), ("image",), crop=False)({"image": [str(t1), str(t2)]})["image"]
+    assert [int((c != 0).sum()) for c in image] == [int((c != 0).sum()) for c in whole]
+    assert image.shape[1:] != whole.shape[1:]
+
+
+def test_a_ct_channel_keeps_its_own_window_beside_an_mr_channel(two_channels: tuple[Path, Path, Path]) -> None:
+    t1, t2, _ = two_channels
+    plan = _two_channel_plan(CT, Intensity("mr"))
+    image = preprocessing(plan, ("image",), crop=False)({"image": [str(t1), str(t2)]})["image"].numpy()
+    # channel 0 as CT: 0 and about 400 "HU" clipped to [-200, 300] then (v - 50) / 100
+    assert image[0].min() == pytest.approx(-0.5) and image[0].max() == pytest.approx(2.5)
+    inside = image[1][image[1] != 0]
+    assert abs(inside.mean()) < 1e-3
+
+
+def test_two_channel_preprocessing_inverts_to_the_input_grid(two_channels: tuple[Path, Path, Path]) -> None:
+    t1, t2, _ = two_channels
+    chain = preprocessing(_two_channel_plan(), ("image",))
+    data = chain({"image": [str(t1), str(t2)]})
+    data["pred"] = data["image"][:1].clone()
+    inverted = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)(data)["pred"]
+    assert tuple(inverted.shape) == (1, 24, 28, 12)  # (x, y, z): the files' index order
+
+
+def test_channels_on_different_grids_are_refused_naming_the_file(two_channels: tuple[Path, Path, Path],
+                                                                  tmp_path: Path) -> None:
+    t1, _, _ = two_channels
+    moved = sitk.ReadImage(str(t1))
+    moved.SetOrigin((14.0, -5.0, 3.0))
+    other = tmp_path / "case_0001_moved.nii.gz"
+    sitk.WriteImage(moved, str(other))
+    with pytest.raises(Exception) as caught:
+        preprocessing(_two_channel_plan(), ("image",))({"image": [str(t1), str(other)]})
+    error = caught.value if isinstance(caught.value, InputError) else caught.value.__cause__
+    assert isinstance(error, InputError) and Path(str(error.path)) == other
+    assert "origin" in str(error) and "case_0000.nii.gz" in str(error)
+
+
+def test_a_lone_file_for_a_two_channel_plan_is_refused(two_channels: tuple[Path, Path, Path]) -> None:
+    t1, _, _ = two_channels
+    with pytest.raises(Exception) as caught:
+        preprocessing(_two_channel_plan(), ("image",))({"image": str(t1)})
+    error = caught.value if isinstance(caught.value, InputError) else caught.value.__cause__
+    assert isinstance(error, InputError) and Path(str(error.path)) == t1
+    assert "1 channel(s) read, the model takes 2" in str(error)

@@ -23,7 +23,7 @@ from medseg.data.synthetic.anatomy import TISSUES, Anatomy, sample_anatomy
 from medseg.data.synthetic.grid import Grid, body_fov_mm, check_modality, quadric, world_coordinate
 from medseg.errors import InputError
 
-__all__ = ["CT_LABELS", "MR_LABELS", "make_phantom", "render", "tissue_map"]
+__all__ = ["CT_LABELS", "MR_LABELS", "make_phantom", "render", "sample_patient", "tissue_map"]
 
 CT_LABELS: dict[int, str] = {0: "background", 1: "liver", 2: "spleen", 3: "kidney", 4: "bone", 5: "lesion"}
 MR_LABELS: dict[int, str] = dict(CT_LABELS)
@@ -111,10 +111,34 @@ def render(anatomy: Anatomy, grid: Grid, rng: np.random.Generator,
     return image, label
 
 
+def sample_patient(rng: np.random.Generator, grid: Grid, modality: str = "ct",
+                   center_lps: Sequence[float] | None = None) -> Anatomy:
+    """Sample a patient for ``grid`` (the patient :func:`make_phantom` renders).
+
+    ``center_lps``: body centre (mm, LPS); default: the grid centre plus a random offset of up to
+    3 % of the field of view in x and y.
+
+    Raises
+    ------
+    InputError
+        Unknown ``modality``.
+    """
+    modality = check_modality(modality)
+    fov = body_fov_mm(grid)
+    if center_lps is None:
+        centre = np.zeros(3)
+        centre[: grid.dims] = grid.centre
+        centre[:2] += rng.uniform(-0.03, 0.03, 2) * fov
+    else:
+        centre = np.asarray(center_lps, dtype=np.float64)
+    return sample_anatomy(rng, fov, centre, modality, grid.dims)
+
+
 def make_phantom(rng: np.random.Generator, grid: Grid, modality: str = "ct",
                  center_lps: Sequence[float] | None = None, *,
                  anatomy: Anatomy | None = None) -> tuple[sitk.Image, sitk.Image]:
-    """Sample a patient for ``grid`` and render it: (image, label map), both with geometry ``grid``.
+    """Sample a patient for ``grid`` (:func:`sample_patient`) and render it: (image, label map), both
+    with geometry ``grid``.
 
     Image: CT int16 HU, MR float32. Label map: uint8 with the values of :data:`CT_LABELS`.
 
@@ -133,12 +157,5 @@ def make_phantom(rng: np.random.Generator, grid: Grid, modality: str = "ct",
     """
     modality = check_modality(modality)
     if anatomy is None:
-        fov = body_fov_mm(grid)
-        if center_lps is None:
-            centre = np.zeros(3)
-            centre[: grid.dims] = grid.centre
-            centre[:2] += rng.uniform(-0.03, 0.03, 2) * fov
-        else:
-            centre = np.asarray(center_lps, dtype=np.float64)
-        anatomy = sample_anatomy(rng, fov, centre, modality, grid.dims)
+        anatomy = sample_patient(rng, grid, modality, center_lps)
     return render(anatomy, grid, rng, modality)

@@ -43,10 +43,17 @@ def test_full_and_labels_only_dataset_json_in_both_label_forms(tmp_path: Path) -
     assert read_label_names(v2) == {0: "background", 1: "liver", 2: "tumour"}
 
 
+def test_region_based_dataset_labels_name_the_painted_values(tmp_path: Path) -> None:
+    brats = _write(tmp_path / "dataset.json", {"labels": {"background": 0, "whole tumour": [1, 2, 3],
+                                                          "tumour core": [2, 3], "enhancing tumour": 3},
+                                               "regions_class_order": [1, 2, 3]})
+    assert read_label_names(brats) == {0: "background", 1: "whole tumour", 2: "tumour core", 3: "enhancing tumour"}
+
+
 @pytest.mark.parametrize(("content", "fragment"), [
     ({"name": "no labels"}, "holds no \"labels\""),
     ({"labels": {"1": "liver"}}, "must declare 0 (background)"),
-    ({"labels": {"background": 0, "tumour": [1, 2]}}, "region-based labels are not"),
+    ({"labels": {"background": 0, "tumour": [1, 2]}}, "need 'regions_class_order'"),
     ({"labels": {"0": "background", "70000": "x"}}, "outside 0..65535"),
     ([1, 2], "must hold a JSON object"),
 ])

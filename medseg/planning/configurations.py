@@ -1,0 +1,183 @@
+"""nnU-Net's configurations for a dataset: ``3d_fullres``, ``3d_lowres`` (and the cascade after it) when
+the full-resolution patch covers less than a quarter of the median image, and ``2d``, each with a
+topology, a patch and a batch fitted to a memory target."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medseg.architectures import Topology, plan_topology, planned_filters
+from medseg.planning.memory import GB, MemoryModel, multiply_accumulates, training_bytes
+from medseg.planning.rules import (
+    LOWRES_COVERAGE,
+    MIN_BATCH,
+    batch_limit,
+    initial_patch,
+    needs_lowres,
+    shrink_patch,
+)
+
+__all__ = ["Configuration", "Network", "fit_configuration", "plan_configurations"]
+
+#: 3d_lowres: the spacing grows by this factor per step until the patch covers a quarter of the image.
+LOWRES_STEP = 1.03
+#: 3d_lowres is dropped unless its median image has at least this many times fewer voxels than 3d_fullres'.
+LOWRES_MIN_REDUCTION = 2.0
+#: A DynUNet needs at least this many stages (two poolings).
+MIN_STAGES = 3
+
+
+class MemoryTargetError(ValueError):
+    """Not even the smallest patch of a network with :data:`MIN_STAGES` stages fits the memory target."""
+
+
+@dataclass(frozen=True)
+class Network:
+    """What the planned network is made of besides its topology: input channels, outputs, the width
+    of its first stage, residual blocks, deep supervision."""
+
+    in_channels: int
+    out_channels: int
+    base_features: int = 32
+    res_block: bool = False
+    deep_supervision: bool = True
+
+    def filters(self, topology: Topology) -> tuple[int, ...]:
+        return planned_filters(topology.stages, len(topology.patch_size), self.base_features)
+
+    def memory(self, topology: Topology, batch: int, model: MemoryModel) -> int:
+        return training_bytes(topology, self.filters(topology), self.in_channels, self.out_channels, batch, model,
+                              self.res_block, self.deep_supervision)
+
+    def macs(self, topology: Topology, batch: int) -> int:
+        return multiply_accumulates(topology, self.filters(topology), self.in_channels, self.out_channels, batch,
+                                    self.res_block)
+
+
+@dataclass
+class Configuration:
+    """One configuration: spacing, median image at that spacing, topology (the patch included), batch
+    and the memory estimate of one training iteration."""
+
+    name: str
+    spacing: tuple[float, ...]
+    median_shape: tuple[float, ...]
+    topology: Topology
+    network: Network
+    batch_size: int
+    memory_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return self.topology.patch_size
+
+    @property
+    def filters(self) -> tuple[int, ...]:
+        return self.network.filters(self.topology)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spacing": [round(s, 6) for s in self.spacing], "median_shape": [round(m, 1) for m in self.median_shape],
+                "patch_size": list(self.patch_size), "batch_size": self.batch_size, "n_stages": self.topology.stages,
+                "kernel_sizes": [list(k) for k in self.topology.kernel_sizes],
+                "strides": [list(s) for s in self.topology.strides], "filters": list(self.filters),
+                "res_block": self.network.res_block, "deep_supervision": self.network.deep_supervision,
+                "memory_estimate_gb": round(self.memory_bytes / GB, 3), **self.extra}
+
+
+def fit_configuration(name: str, spacing: Sequence[float], median_shape: Sequence[float], network: Network,
+                      dataset_voxels: float, target_bytes: float, model: MemoryModel,
+                      patch: Sequence[int] | None = None, batch: int = MIN_BATCH) -> Configuration:
+    """A configuration whose iteration fits ``target_bytes``: from the first patch (or ``patch``)
+    shrink the axis largest relative to the median image until the estimate at ``batch`` (nnU-Net's
+    minimum, 2) fits; then grow the batch while it fits and covers at most 5 % of the dataset's voxels.
+
+    Raises
+    ------
+    MemoryTargetError
+        Not even a patch just large enough for three stages fits the target.
+    """
+    spacing = tuple(float(s) for s in spacing)
+    topology = plan_topology(spacing, patch if patch is not None else initial_patch(spacing, median_shape))
+    while network.memory(topology, batch, model) > target_bytes:
+        smaller = shrink_patch(spacing, topology.patch_size, median_shape)
+        if smaller == topology.patch_size or plan_topology(spacing, smaller).stages < MIN_STAGES:
+            raise MemoryTargetError(f"{target_bytes / GB:.3g} GB is too little memory for the {name} configuration: "
+                                    f"a patch of {list(topology.patch_size)} voxels at batch {batch} needs about "
+                                    f"{network.memory(topology, batch, model) / GB:.2f} GB")
+        topology = plan_topology(spacing, smaller)
+    if topology.stages < MIN_STAGES:
+        topology = _at_least_three_stages(spacing, topology)
+    limit = batch_limit(topology.patch_size, dataset_voxels)
+    while batch < limit and network.memory(topology, batch + 1, model) <= target_bytes:
+        batch += 1
+    return Configuration(name, spacing, tuple(float(m) for m in median_shape), topology, network, batch,
+                         network.memory(topology, batch, model))
+
+
+def _at_least_three_stages(spacing: tuple[float, ...], topology: Topology) -> Topology:
+    """A patch grown along its finest axes until the network has three stages (images smaller than
+    16 voxels along them: the patch is larger than the image, which training pads)."""
+    patch = list(topology.patch_size)
+    while plan_topology(spacing, patch).stages < MIN_STAGES:
+        finest = min(spacing)
+        patch = [p * 2 if s / finest < 2 else p for p, s in zip(patch, spacing, strict=True)]
+    return plan_topology(spacing, patch)
+
+
+def plan_configurations(spacing: Sequence[float], median_shape: Sequence[float], cases: int, network: Network,
+                        target_bytes: float, model: MemoryModel) -> dict[str, Configuration]:
+    """The configurations nnU-Net plans (see module docstring). 3D data: ``3d_fullres``, ``2d`` on the
+    two finer axes (in-plane spacing), ``3d_lowres`` when needed; 2D data: ``2d``.
+
+    Raises
+    ------
+    MemoryTargetError
+        As :func:`fit_configuration`.
+    """
+    dims = len(spacing)
+    voxels = float(np.prod(median_shape)) * cases
+    if dims == 2:
+        return {"2d": fit_configuration("2d", spacing, median_shape, network, voxels, target_bytes, model)}
+    fullres = fit_configuration("3d_fullres", spacing, median_shape, network, voxels, target_bytes, model)
+    coarse = int(np.argmax(spacing))
+    plane = [a for a in range(dims) if a != coarse]
+    in_plane = fit_configuration("2d", [spacing[a] for a in plane], [median_shape[a] for a in plane], network,
+                                 voxels, target_bytes, model)
+    in_plane.extra["axes"] = plane
+    found = {"3d_fullres": fullres, "2d": in_plane}
+    lowres = _lowres(fullres, cases, network, target_bytes, model)
+    if lowres is not None:
+        lowres.extra["next_stage"] = "3d_cascade_fullres"
+        found["3d_lowres"] = lowres
+    return found
+
+
+def _lowres(fullres: Configuration, cases: int, network: Network, target_bytes: float,
+            model: MemoryModel) -> Configuration | None:
+    """nnU-Net's 3d_lowres: the spacing coarsened by 3 % per step (the finer axes first while they are
+    more than twice finer than the coarsest) until the patch covers :data:`LOWRES_COVERAGE` of the median
+    image; None when not needed, or when the median image shrinks less than :data:`LOWRES_MIN_REDUCTION`."""
+    if not needs_lowres(fullres.patch_size, fullres.median_shape):
+        return None
+    base = np.asarray(fullres.spacing)
+    spacing = base.copy()
+    shape = np.asarray(fullres.median_shape)
+    lowres: Configuration | None = None
+    coverage = 0.0
+    while coverage < LOWRES_COVERAGE:
+        finer = spacing.max() / spacing > 2
+        spacing = np.where(finer, spacing * LOWRES_STEP, spacing) if finer.any() else spacing * LOWRES_STEP
+        shape = base / spacing * np.asarray(fullres.median_shape)
+        voxels = float(np.prod(shape)) * cases
+        lowres = fit_configuration("3d_lowres", tuple(float(s) for s in spacing), [round(float(s)) for s in shape],
+                                   network, voxels, target_bytes, model)
+        coverage = math.prod(lowres.patch_size) / float(np.prod(shape))
+    if lowres is None or float(np.prod(fullres.median_shape)) / float(np.prod(shape)) < LOWRES_MIN_REDUCTION:
+        return None
+    return lowres

@@ -1,0 +1,355 @@
+#!/usr/bin/env python
+"""Accuracy side by side: medseg and nnU-Net v2 trained on one dataset, same device, threads and wall-clock budget.
+
+The dataset (MSD ``dataset.json``, as ``medseg synth`` writes) is converted to nnU-Net's raw layout in a work
+folder; nnU-Net v2 runs from its own venv (created here if missing, torch pinned to the project's wheel) with
+``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` in that folder. With ``--minutes M`` both systems train
+on the CPU for M minutes (medseg with ``--max-minutes``; nnU-Net fold 0 with a trainer subclass that stops at the
+budget, see ``scripts/nnunet_peer.py``), predict the labelled test cases (imagesTs/ + labelsTs/) and are scored
+by ``medseg evaluate`` (geometry checked). With ``--compare-plans`` medseg's plan for a CUDA device with 8 GB
+and nnU-Net's 3d_fullres plan are compared (no GPU needed), with planning and preprocessing times.
+
+    .venv/bin/python scripts/bench_accuracy.py --data DIR/dataset.json [--minutes M] [--threads T]
+        [--compare-plans] [--tta] [--nnunet-venv PATH] [--work DIR] [--keep] --json FILE
+
+The JSON is a list of records with ``system`` ("medseg" or "nnunet") and ``dataset``; plan records
+(``kind: plan``) add configuration, spacing, patch_size, batch_size, n_stages and seconds; training records
+(``kind: training``) add minutes, iterations, seconds_per_iteration, mean_dice, dice and hd95 per label name,
+preprocess_seconds and predict_seconds. Spacing and patch are in the image's voxel axis order (x, y, z).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from nnunet_peer import Peer, PeerError, RawDataset, convert_dataset, plan_record
+
+from medseg.data.datalist import load_datalist
+from medseg.errors import MedsegError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_VENV = ROOT / ".venv-nnunet"
+MEDSEG_DEFAULT_BATCH = 2  # medseg train's batch size when the plan does not record one
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed; ``exit_code`` 2 for bad input, 1 for a failing tool."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# -- medseg ----------------------------------------------------------------------------------------------------
+def medseg_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    return env
+
+
+def run_medseg(args: list[str], log: Path, threads: int) -> float:
+    """``python -m medseg ARGS`` (output to ``log``); its wall-clock seconds.
+
+    Raises
+    ------
+    BenchError
+        It exited non-zero (the message ends with its last lines).
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(log, "w", encoding="utf-8") as out:
+        code = subprocess.call([sys.executable, "-m", "medseg", *args], stdout=out, stderr=subprocess.STDOUT,
+                               env=medseg_env(threads))
+    seconds = time.monotonic() - started
+    if code != 0:
+        lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        raise BenchError(f"medseg {' '.join(args[:2])} exited with {code}:\n" + "\n".join(lines[-8:]))
+    return seconds
+
+
+def has_plan_command() -> bool:
+    """Whether this medseg has ``medseg plan`` (the planner); without it plans come from ``bundle init``."""
+    done = subprocess.run([sys.executable, "-m", "medseg", "plan", "--help"], capture_output=True)
+    return done.returncode == 0
+
+
+def medseg_plan_args(data: Path, bundle: Path, device: str, memory_gb: float | None = None,
+                     budget_minutes: float | None = None, planner: bool = True) -> list[str]:
+    """The command that writes a planned bundle: ``medseg plan`` when present, else ``medseg bundle init``."""
+    if not planner:
+        return ["bundle", "init", "--data", str(data), "--out", str(bundle)]
+    args = ["plan", "--data", str(data), "--out", str(bundle), "--device", device]
+    if memory_gb is not None:
+        args += ["--memory-gb", f"{memory_gb:g}"]
+    if budget_minutes is not None:
+        args += ["--time-budget", f"{budget_minutes / 60:.4g}"]
+    return args
+
+
+def medseg_plan_record(plan: dict[str, Any]) -> dict[str, Any]:
+    """The compared fields of a medseg ``configs/plan.json`` (any schema version since medseg-plan/1)."""
+    network = plan.get("network", {})
+    name = network.get("name", "unet")
+    if name == "dynunet":
+        stages = len(network.get("kernel_sizes") or network.get("filters") or [])
+    elif name == "segresnet":
+        stages = len(network.get("blocks_down") or [])
+    else:
+        stages = len(network.get("channels") or [])
+    dims = int(plan.get("dims", len(plan.get("patch_size", [])) or 3))
+    return {
+        "configuration": plan.get("configuration") or ("3d_fullres" if dims == 3 else "2d"),
+        "spacing": [round(float(s), 4) for s in plan["target_spacing"]],
+        "patch_size": [int(p) for p in plan["patch_size"]],
+        "batch_size": int(plan.get("batch_size") or MEDSEG_DEFAULT_BATCH),
+        "n_stages": stages or None,
+        "network": name,
+    }
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BenchError(f"{path}: {what} could not be read ({exc})") from None
+
+
+def evaluate(pred: Path, raw: RawDataset, data: Path, out: Path, threads: int, logs: Path, system: str) -> dict:
+    """``medseg evaluate`` of ``pred`` against the test reference label maps; its ``summary.json``."""
+    run_medseg(["evaluate", "--pred", str(pred), "--ref", str(raw.test_labels), "--labels", str(data),
+                "--out", str(out)], logs / f"{system}-evaluate.log", threads)
+    return read_json(out / "summary.json", "the evaluation summary")
+
+
+# -- records ---------------------------------------------------------------------------------------------------
+def _number(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 4)
+
+
+def training_record(system: str, dataset: str, minutes: float, threads: int, run: dict[str, Any],
+                    evaluation: dict[str, Any]) -> dict[str, Any]:
+    """One training record from a run's figures (``iterations``, ``seconds``: the system's own time of its
+    budgeted run, ``preprocess_seconds``, ``predict_seconds``) and a ``medseg evaluate`` summary."""
+    labels = evaluation.get("labels", {})
+    iterations = int(run["iterations"])
+    return {
+        "system": system,
+        "dataset": dataset,
+        "kind": "training",
+        "minutes": minutes,
+        "threads": threads,
+        "iterations": iterations,
+        "seconds_per_iteration": round(run["seconds"] / iterations, 3) if iterations else None,
+        "mean_dice": _number(evaluation.get("mean_dice_foreground")),
+        "dice": {entry["name"]: _number(entry["dice"]["mean"]) for entry in labels.values()},
+        "hd95": {entry["name"]: _number(entry["hd95_mm"]["mean"]) for entry in labels.values()},
+        "preprocess_seconds": round(run["preprocess_seconds"], 1),
+        "predict_seconds": round(run["predict_seconds"], 1),
+        "train_seconds": round(run["seconds"], 1),
+        "test_cases": evaluation.get("cases"),
+        **{k: v for k, v in run.items() if k not in ("iterations", "seconds", "preprocess_seconds", "predict_seconds")},
+    }
+
+
+def plan_ratios(medseg: dict[str, Any], nnunet: dict[str, Any]) -> dict[str, Any]:
+    """medseg / nnU-Net: spacing per axis, patch volume, plan + preprocessing time."""
+    return {
+        "spacing": [round(a / b, 3) for a, b in zip(medseg["spacing"], nnunet["spacing"])],
+        "patch_volume": round(math.prod(medseg["patch_size"]) / math.prod(nnunet["patch_size"]), 3),
+        "plan_and_preprocess_seconds": round(medseg["plan_and_preprocess_seconds"]
+                                             / nnunet["plan_and_preprocess_seconds"], 3),
+    }
+
+
+# -- the two parts of the benchmark ----------------------------------------------------------------------------
+def compare_plans(data: Path, dataset: str, raw: RawDataset, peer: Peer, work: Path, threads: int) -> list[dict]:
+    planner = has_plan_command()
+    bundle = work / "medseg-plan"
+    args = medseg_plan_args(data, bundle, "cuda", memory_gb=8, planner=planner)
+    print(f"medseg: {' '.join(args[:2])} (device cuda, 8 GB)" if planner else "medseg: bundle init (no medseg plan)",
+          flush=True)
+    seconds = run_medseg(args, work / "logs" / "medseg-plan.log", threads)
+    medseg = {"system": "medseg", "dataset": dataset, "kind": "plan",
+              **medseg_plan_record(read_json(bundle / "configs" / "plan.json", "medseg's plan")),
+              "plan_seconds": round(seconds, 2), "plan_and_preprocess_seconds": round(seconds, 2),
+              "command": "medseg " + " ".join(args[:2]) + (" --device cuda --memory-gb 8" if planner else "")}
+    print("nnU-Net: nnUNetv2_extract_fingerprint + nnUNetv2_plan_experiment", flush=True)
+    fingerprint_s, plan_s = peer.plan_only(raw)
+    nnunet = {"system": "nnunet", "dataset": dataset, "kind": "plan", **plan_record(peer.plans(raw)),
+              "plan_seconds": round(fingerprint_s + plan_s, 2)}
+    print("nnU-Net: nnUNetv2_plan_and_preprocess -c 3d_fullres", flush=True)
+    nnunet["plan_and_preprocess_seconds"] = round(peer.plan_and_preprocess(raw), 2)
+    nnunet["command"] = "nnUNetv2_plan_and_preprocess -c 3d_fullres"
+    ratios = plan_ratios(medseg, nnunet)
+    return [medseg, nnunet, {"system": "medseg/nnunet", "dataset": dataset, "kind": "plan_ratio", **ratios}]
+
+
+def side_by_side(data: Path, dataset: str, raw: RawDataset, peer: Peer, work: Path, minutes: float,
+                 threads: int, tta: bool, preprocessed: float | None) -> list[dict]:
+    logs = work / "logs"
+    # medseg: plan for the CPU and the budget (or today's default plan), train, predict, evaluate
+    planner = has_plan_command()
+    run_dir = work / "medseg-run"
+    plan_args = medseg_plan_args(data, run_dir, "cpu", budget_minutes=minutes, planner=planner)
+    print(f"medseg: {' '.join(plan_args[:2])}, then train for {minutes:g} min", flush=True)
+    plan_s = run_medseg(plan_args, logs / "medseg-plan-cpu.log", threads)
+    run_medseg(["train", "--data", str(data), "--bundle", str(run_dir), "--max-minutes", f"{minutes:g}",
+                "--seed", "0", "--device", "cpu"], logs / "medseg-train.log", threads)
+    summary = read_json(run_dir / "train_summary.json", "medseg's training summary")
+    pred = work / "pred" / "medseg"
+    print("medseg: predict and evaluate the test cases", flush=True)
+    predict_s = run_medseg(["predict", "--model", str(run_dir), "--input", str(raw.test_images), "--output",
+                            str(pred), "--device", "cpu", *(["--tta"] if tta else [])], logs / "medseg-predict.log",
+                           threads)
+    medseg_run = {"iterations": summary["iterations"], "seconds": summary["seconds"], "preprocess_seconds": plan_s,
+                  "predict_seconds": predict_s, "stopped_by": summary.get("stopped_by"),
+                  "validation": f"medseg's own fold 0 ({summary.get('validation_cases')} cases)",
+                  "plan": medseg_plan_record(read_json(run_dir / "configs" / "plan.json", "medseg's plan"))}
+    medseg_eval = evaluate(pred, raw, data, work / "eval" / "medseg", threads, logs, "medseg")
+
+    # nnU-Net: plan and preprocess (once), train fold 0 to the budget, predict, evaluate
+    print(f"nnU-Net: plan_and_preprocess, then train fold 0 for {minutes:g} min", flush=True)
+    pre_s = preprocessed if preprocessed is not None else peer.plan_and_preprocess(raw)
+    _, trainer = peer.train(raw, minutes)
+    pred = work / "pred" / "nnunet"
+    print("nnU-Net: predict and evaluate the test cases", flush=True)
+    predict_s = peer.predict(raw, pred, tta)
+    nnunet_run = {"iterations": trainer["iterations"], "seconds": trainer["seconds"], "preprocess_seconds": pre_s,
+                  "predict_seconds": predict_s, "stopped_by": trainer.get("stopped_by"),
+                  "validation": "nnU-Net's 5-fold split, fold 0", "plan": plan_record(peer.plans(raw))}
+    nnunet_eval = evaluate(pred, raw, data, work / "eval" / "nnunet", threads, logs, "nnunet")
+    return [training_record("medseg", dataset, minutes, threads, medseg_run, medseg_eval),
+            training_record("nnunet", dataset, minutes, threads, nnunet_run, nnunet_eval)]
+
+
+# -- output ----------------------------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    if isinstance(value, list):
+        return " x ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def table(records: list[dict]) -> str:
+    """The records as plain-text tables: plans, their ratios, training runs (Dice per label)."""
+    lines: list[str] = []
+    plans = [r for r in records if r["kind"] == "plan"]
+    if plans:
+        lines.append(f"{'system':8} {'config':11} {'spacing (mm)':22} {'patch':16} {'batch':>5} {'stages':>6} "
+                     f"{'plan s':>8} {'plan+prep s':>11}")
+        lines += [f"{r['system']:8} {r['configuration']:11} {_fmt(r['spacing']):22} {_fmt(r['patch_size']):16} "
+                  f"{r['batch_size']:>5} {_fmt(r['n_stages']):>6} {r['plan_seconds']:>8.1f} "
+                  f"{r['plan_and_preprocess_seconds']:>11.1f}" for r in plans]
+    for r in (r for r in records if r["kind"] == "plan_ratio"):
+        lines.append(f"medseg / nnU-Net: spacing {_fmt(r['spacing'])}, patch volume {r['patch_volume']:.3f}, "
+                     f"plan+preprocess time {r['plan_and_preprocess_seconds']:.3f}")
+    runs = [r for r in records if r["kind"] == "training"]
+    if runs:
+        names = list(runs[0]["dice"])
+        lines.append("")
+        lines.append(f"{'system':8} {'min':>5} {'iters':>6} {'s/iter':>7} {'prep s':>7} {'pred s':>7} {'mean Dice':>9} "
+                     + " ".join(f"{n[:8]:>8}" for n in names) + "  HD95 mm (mean of the labels found)")
+        for r in runs:
+            hd = [v for v in r["hd95"].values() if v is not None]
+            lines.append(f"{r['system']:8} {r['minutes']:>5g} {r['iterations']:>6} {_fmt(r['seconds_per_iteration']):>7} "
+                         f"{r['preprocess_seconds']:>7.1f} {r['predict_seconds']:>7.1f} {_fmt(r['mean_dice']):>9} "
+                         + " ".join(f"{_fmt(r['dice'].get(n)):>8}" for n in names)
+                         + f"  {_fmt(sum(hd) / len(hd) if hd else None)} ({len(hd)}/{len(r['hd95'])})")
+    return "\n".join(lines)
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path, help="the dataset's dataset.json (MSD layout)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="train both for this wall-clock budget on the CPU and score them on the test cases")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for each system (default: 1)")
+    parser.add_argument("--compare-plans", action="store_true",
+                        help="compare medseg's --device cuda --memory-gb 8 plan with nnU-Net's 3d_fullres plan")
+    parser.add_argument("--json", required=True, type=Path, help="write the records here")
+    parser.add_argument("--tta", action="store_true", help="predict with mirroring (both systems; default: neither)")
+    parser.add_argument("--nnunet-venv", type=Path, default=DEFAULT_VENV,
+                        help=f"nnU-Net v2's venv, created when missing (default: {DEFAULT_VENV})")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="work folder (nnUNet_raw, _preprocessed, _results, medseg runs, logs); must not exist "
+                             "(default: a temporary folder beside --json)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (removed by default)")
+    args = parser.parse_args(argv)
+    if args.minutes is None and not args.compare_plans:
+        parser.error("nothing to do: give --minutes M (train side by side) and/or --compare-plans")
+    if args.threads < 1 or (args.minutes is not None and args.minutes <= 0):
+        parser.error("--threads and --minutes must be positive")
+    return args
+
+
+def run(args: argparse.Namespace, work: Path) -> list[dict]:
+    try:
+        datalist = load_datalist(args.data)
+        raw = convert_dataset(datalist, work)
+    except (MedsegError, ValueError) as exc:
+        raise BenchError(str(exc), exit_code=2) from None
+    print(f"{datalist.name}: {len(raw.training)} training and {len(raw.test)} labelled test cases -> {raw.folder}",
+          flush=True)
+    peer = Peer(args.nnunet_venv.resolve(), work, args.threads, work / "logs")
+    peer.ensure()
+    print(f"nnU-Net v2 in {peer.venv} (nnunetv2 and torch: {peer.version})", flush=True)
+    records: list[dict] = []
+    data = Path(datalist.path)
+    if args.compare_plans:
+        records += compare_plans(data, datalist.name, raw, peer, work, args.threads)
+    if args.minutes is not None:
+        done = next((r["plan_and_preprocess_seconds"] for r in records if r["system"] == "nnunet"), None)
+        records += side_by_side(data, datalist.name, raw, peer, work, args.minutes, args.threads, args.tta, done)
+    nnunetv2, _, torch = peer.version.partition(" ")
+    for record in records:
+        if record["system"] == "nnunet":
+            record["versions"] = {"nnunetv2": nnunetv2, "torch": torch}
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.work is not None and args.work.exists() and any(args.work.iterdir()):
+        print(f"bench_accuracy: error: {args.work}: the work folder exists and is not empty", file=sys.stderr)
+        return 2
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-accuracy-", dir=args.json.parent))
+    work = work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        records = run(args, work)
+    except (BenchError, PeerError) as exc:
+        print(f"bench_accuracy: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+    except KeyboardInterrupt:
+        print("bench_accuracy: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep:
+            print(f"work folder kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    args.json.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    print(table(records))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""The configurations planned for a dataset (2d, 3d_fullres, 3d_lowres + cascade) and the plan made."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medseg.errors import InputError
+from medseg.networks import build_network
+from medseg.plan import Plan
+from medseg.planning import PlannerOptions, plan_dataset
+
+from .helpers import fake_fingerprint
+
+LARGE = fake_fingerprint([(0.8, 0.8, 1.0)] * 10, [(512, 512, 400)] * 10)
+SMALL = fake_fingerprint([(1.3, 1.3, 2.6)] * 10, [(96, 96, 45)] * 10)
+GPU = PlannerOptions(device="cuda", memory_gb=8, measure=False)
+
+
+def test_large_images_get_a_lowres_configuration_and_a_cascade() -> None:
+    result = plan_dataset(LARGE, GPU)
+    fullres, lowres = result.configurations["3d_fullres"], result.configurations["3d_lowres"]
+    assert math.prod(fullres.patch_size) / math.prod(fullres.median_shape) < 0.25
+    assert all(low > full for low, full in zip(lowres.spacing, fullres.spacing, strict=True))
+    assert math.prod(lowres.patch_size) / math.prod(lowres.median_shape) >= 0.25
+    assert math.prod(lowres.median_shape) * 2 <= math.prod(fullres.median_shape)
+    assert result.plans["configurations"]["3d_cascade_fullres"]["previous_stage"] == "3d_lowres"
+    assert result.plan.configuration == "3d_fullres" and result.plan.target_spacing == pytest.approx((0.8, 0.8, 1.0))
+    chosen = plan_dataset(LARGE, PlannerOptions(device="cuda", memory_gb=8, measure=False, configuration="3d_lowres"))
+    assert chosen.plan.configuration == "3d_lowres"
+    assert chosen.plan.target_spacing == pytest.approx(lowres.spacing)
+
+
+def test_small_images_get_fullres_and_2d_only() -> None:
+    result = plan_dataset(SMALL, GPU)
+    assert set(result.configurations) == {"2d", "3d_fullres"}
+    assert result.configurations["2d"].spacing == pytest.approx((1.3, 1.3))  # in-plane
+    assert result.plan.patch_size == (96, 96, 48) and result.plan.batch_size == 2  # nnU-Net's plan of these phantoms
+    assert len(result.plan.network.filters) == 5 and result.plan.network.deep_supervision
+    with pytest.raises(InputError, match="--configuration 3d_lowres: not planned for this dataset"):
+        plan_dataset(SMALL, PlannerOptions(device="cuda", measure=False, configuration="3d_lowres"))
+    with pytest.raises(InputError, match="--configuration 2d: medseg trains 2D networks on 2D images only"):
+        plan_dataset(SMALL, PlannerOptions(device="cuda", measure=False, configuration="2d"))
+
+
+def test_the_plan_carries_the_reasoning_and_builds_its_network() -> None:
+    plan = plan_dataset(SMALL, GPU).plan
+    assert Plan.from_json(plan.to_json()) == plan
+    record = plan.planning
+    assert record["device"] == "cuda" and record["memory_target_gb"] == 8
+    assert record["memory_estimate_gb"] <= 8 and record["memory_measured_gb"] is None
+    assert plan.intensity.preset == "ct" and (plan.intensity.a_min, plan.intensity.a_max) == (-50.0, 300.0)
+    assert (plan.intensity.mean, plan.intensity.std) == (100.0, 50.0)
+    network = build_network(plan).eval()
+    small = tuple(2 * d for d in plan.network.patch_divisors(3))  # a small input it maps (the patch: the CLI test)
+    with torch.no_grad():
+        assert network(torch.zeros(1, 1, *small)).shape == (1, 3, *small)
+
+
+def test_presets_mr_and_2d_data() -> None:
+    mr = fake_fingerprint([(1.0, 1.0, 1.0)] * 4, [(160, 192, 160)] * 4, modality="MR")
+    large = plan_dataset(mr, PlannerOptions(device="cuda", preset="resenc-l", measure=False)).plan
+    medium = plan_dataset(mr, PlannerOptions(device="cuda", preset="resenc-m", measure=False)).plan
+    assert large.network.res_block and large.planning["memory_target_gb"] == 24
+    assert math.prod(large.patch_size) > math.prod(medium.patch_size) and large.intensity.preset == "mr"
+    assert "ResEnc" in large.planning["preset_note"]
+    flat = plan_dataset(fake_fingerprint([(0.5, 0.5)] * 4, [(512, 512)] * 4), GPU)
+    assert set(flat.configurations) == {"2d"} and flat.plan.dims == 2 and max(flat.plan.network.filters) == 512
+
+
+def test_a_given_spacing_and_a_memory_target_that_fits_nothing() -> None:
+    plan = plan_dataset(SMALL, PlannerOptions(device="cuda", measure=False, target_spacing=(2.0, 2.0, 2.0))).plan
+    assert plan.target_spacing == (2.0, 2.0, 2.0)
+    with pytest.raises(InputError, match=r"--memory-gb 0\.001: .*too little memory"):
+        plan_dataset(SMALL, PlannerOptions(device="cuda", memory_gb=0.001, measure=False))
+    with pytest.raises(InputError, match="--memory-gb must be a positive number, got 0"):
+        plan_dataset(SMALL, PlannerOptions(memory_gb=0))
