@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 
 from medseg.architectures import NetworkSpec
 from medseg.networks import build_network
@@ -109,7 +109,8 @@ def probe(request: ProbeRequest, steps: int = 2, warmup: int = 1, min_seconds: f
         allocated_before = torch.cuda.memory_allocated(device)
     network = build_network(request.plan()).to(device)
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
-    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    # as in training (medseg.engines.loss): a DynUNet with deep-supervision heads stacks their outputs on dim 1
+    loss_function = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
     generator = torch.Generator().manual_seed(0)
     shape = (request.batch_size, request.in_channels, *request.patch_size)
     image = torch.randn(shape, generator=generator).to(device)
@@ -122,7 +123,9 @@ def probe(request: ProbeRequest, steps: int = 2, warmup: int = 1, min_seconds: f
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = loss_function(network(image), label)
+            output = network(image)
+            outputs = list(torch.unbind(output, dim=1)) if output.dim() == label.dim() + 1 else output
+            loss = loss_function(outputs, label)
         loss.backward()
         optimizer.step()
         if cuda:
@@ -132,7 +135,7 @@ def probe(request: ProbeRequest, steps: int = 2, warmup: int = 1, min_seconds: f
         step += 1
     if cuda:
         peak: int | None = int(torch.cuda.max_memory_allocated(device) - allocated_before)
-        del network, optimizer, image, label, loss
+        del network, optimizer, image, label, loss, output, outputs
         torch.cuda.empty_cache()  # the caching allocator keeps nothing of the probe for training
     else:
         peak_rss = _peak_rss_bytes()

@@ -293,14 +293,27 @@ def test_with_a_head_the_cpu_body_takes_one_window_at_a_time():
 
 
 def test_split_pointwise_head_refuses_networks_without_one():
-    from monai.networks.nets import DynUNet
-
     from medseg.networks import split_pointwise_head
 
     assert split_pointwise_head(unet(4)) is None  # MONAI UNet: last layer is a 3x3x3 convolution
     assert split_pointwise_head(conv_net(4)) is None
-    deep = DynUNet(3, 1, 4, [3, 3, 3], [1, 2, 2], [2, 2], filters=[4, 8, 8], deep_supervision=True)
-    assert split_pointwise_head(deep) is None
+
+
+def test_split_pointwise_head_takes_a_deep_supervision_dynunet_at_its_main_output():
+    """Issue 14: planned networks train with deep-supervision heads and infer with the main output;
+    the split is the main output's, so the bounded-memory inferer blends its features."""
+    from monai.networks.nets import DynUNet
+
+    from medseg.networks import split_pointwise_head
+
+    deep = DynUNet(3, 1, 4, [3, 3, 3, 3], [1, 2, 2, 2], [2, 2, 2], filters=[4, 8, 8, 8], deep_supervision=True).eval()
+    split = split_pointwise_head(deep)
+    assert split is not None
+    body, head, features = split
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(head(body(x)), deep(x))
+    assert features == 4
 
 
 def test_a_head_needs_the_feature_channels():

@@ -72,3 +72,16 @@ def test_a_measured_iteration_above_the_target_shrinks_the_patch() -> None:
     record, planned = result.plan.planning, result.configurations["3d_fullres"]
     assert record["memory_retries"] == 1 and record["memory_measured_gb"] == 1.0 and len(calls) == 2
     assert calls[0] == planned.patch_size and math.prod(result.plan.patch_size) < math.prod(planned.patch_size)
+
+
+def test_a_network_with_deep_supervision_heads_is_probed_with_the_training_loss() -> None:
+    """A DynUNet of 4 stages with deep supervision has a head (medseg.networks.factory): in training it
+    stacks its outputs, which the probe's loss takes as training does."""
+    from medseg.planning.measure import probe
+
+    topology = plan_topology((1.0, 1.0, 1.0), (32, 32, 32))
+    assert len(topology.strides) >= 4
+    spec = NetworkSpec("dynunet", filters=planned_filters(topology.stages, 3, base=4), kernel_sizes=topology.kernel_sizes,
+                       level_strides=topology.strides, deep_supervision=True)
+    measured = probe(ProbeRequest(spec, topology.patch_size, 1, 1, 3), steps=1, warmup=0, min_seconds=0.0, max_steps=1)
+    assert measured.seconds > 0
