@@ -170,8 +170,9 @@ def _add_synth(sub: Subparsers) -> None:
 
 
 def _add_train(sub: Subparsers) -> None:
-    p = _command(sub, "train", "train a U-Net (or --network) on an MSD dataset.json (the run folder is a MONAI bundle)")
-    p.add_argument("--data", required=True, help="dataset.json (MSD layout)")
+    p = _command(sub, "train", "train a U-Net (or --network, or the planner's DynUNet with --plan auto) on a dataset "
+                 "(the run folder is a MONAI bundle)")
+    p.add_argument("--data", required=True, help="dataset.json (MSD or nnU-Net v2 raw layout), or its folder")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="new run folder (a bundle is written there), or an existing one with --resume")
     where.add_argument("--bundle", help="train an existing bundle in place (from medseg bundle init) with its plan")
@@ -288,7 +289,7 @@ def _add_bundle(sub: Subparsers) -> None:
     p = _command(sub, "bundle", "MONAI bundles: init, run, verify, export")
     bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
     b = _command(bsub, "init", "create a bundle for a dataset (modality, labels, spacing from the data)")
-    b.add_argument("--data", required=True, help="dataset.json (MSD layout)")
+    b.add_argument("--data", required=True, help="dataset.json (MSD or nnU-Net v2 raw layout), or its folder")
     b.add_argument("--out", required=True, help="new bundle folder")
     b.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
     b.add_argument("--description", default=None,
