@@ -165,7 +165,7 @@ def train_parts(plan: Plan | None = None) -> dict[str, Any]:
     """``configs/train.json`` without the keys every config shares (``bundle_root``, ``dataset_dir``,
     ``device``, ``plan``, ``network_def``: :func:`medseg.bundle.create.train_config` adds them), with
     the planned recipe for a ``plan`` made by the planner, else the recipe of ``"custom"`` plans."""
-    planned = plan is not None and plan.configuration != "custom"
+    planned = plan is not None and plan.planned
     options = ("epochs", "val_interval", "max_minutes", "max_iterations", "log_every", "device", "fold", "resume",
                "learning_rate", "batch_size", "samples_per_case", "min_iterations_per_epoch", "iterations_per_epoch",
                "num_workers", "mlflow_uri", "seed", "init_weights")

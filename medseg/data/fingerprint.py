@@ -117,7 +117,7 @@ class Fingerprint:
         cases = [{**asdict(c), "class_voxels": {str(k): v for k, v in c.class_voxels.items()}} for c in self.cases]
         return {"format": self.format, "dataset": self.dataset, "dims": self.dims, "channels": list(self.channels),
                 "labels": {str(k): v for k, v in self.labels.items()},
-                "regions": [{"name": r.name, "labels": list(r.labels), "value": r.value} for r in self.regions],
+                "regions": [r.to_json() for r in self.regions],
                 "ignore_label": self.ignore_label,
                 "intensity": [asdict(s) for s in self.intensity],
                 "median_relative_size_after_cropping": round(self.median_relative_size_after_cropping, 4),

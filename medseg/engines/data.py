@@ -163,11 +163,6 @@ def case_items(split: Split, part: Literal["training", "validation"] = "training
     return items
 
 
-def planned(plan: Plan) -> bool:
-    """Whether ``plan`` trains with the planned recipe (made by the planner: ``configuration`` not ``"custom"``)."""
-    return plan.configuration != "custom"
-
-
 def training_transforms(plan: Plan, samples_per_case: int = 2) -> Compose:
     """The training chain: the plan's preprocessing of image and label, then patch sampling and
     augmentation (one flat ``Compose``, so that ``CacheDataset`` / ``PersistentDataset`` cache
@@ -176,7 +171,7 @@ def training_transforms(plan: Plan, samples_per_case: int = 2) -> Compose:
     the augmentation is :func:`~medseg.transforms.augment.planned_augmentation`; ``"custom"`` plans
     keep :func:`~medseg.transforms.augment.augmentation`."""
     pre = list(preprocessing(plan, ("image", "label")).transforms)
-    if planned(plan):
+    if plan.planned:
         return Compose(pre + sampling_preparation(plan) + list(planned_augmentation(plan, samples_per_case).transforms))
     return Compose(pre + list(augmentation(plan, samples_per_case).transforms))
 

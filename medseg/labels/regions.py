@@ -40,6 +40,10 @@ class Region:
     labels: tuple[int, ...]
     value: int
 
+    def to_json(self) -> dict[str, Any]:
+        """``{"name": ..., "labels": [...], "value": ...}``, as ``plan.json`` and ``fingerprint.json`` hold it."""
+        return {"name": self.name, "labels": list(self.labels), "value": self.value}
+
 
 @dataclass(frozen=True)
 class DatasetLabels:

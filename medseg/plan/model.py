@@ -85,6 +85,11 @@ class Plan:
         return max(self.labels) + 1
 
     @property
+    def planned(self) -> bool:
+        """Made by the planner (``configuration`` not ``"custom"``): trained with the planned recipe."""
+        return self.configuration != "custom"
+
+    @property
     def num_outputs(self) -> int:
         """Output channels of the network: one per region, else one per class (background included)."""
         return len(self.regions) if self.regions else self.num_classes
@@ -107,7 +112,7 @@ class Plan:
         data["labels"] = {str(k): v for k, v in self.labels.items()}
         data["network"] = self.network.to_json()
         data["channels"] = [{"name": c.name, "intensity": asdict(c.intensity)} for c in self.channels]
-        data["regions"] = [{"name": r.name, "labels": list(r.labels), "value": r.value} for r in self.regions]
+        data["regions"] = [r.to_json() for r in self.regions]
         return data
 
     @classmethod
