@@ -144,6 +144,12 @@ def training_split(datalist: Datalist, bundle_root: str | os.PathLike[str], fold
     return split
 
 
+def _check_part(part: str) -> None:
+    """Refuse a ``part`` other than ``"training"`` or ``"validation"`` (ValueError)."""
+    if part not in ("training", "validation"):
+        raise ValueError(f"part must be 'training' or 'validation', got {part!r}")
+
+
 def case_items(split: Split, part: Literal["training", "validation"] = "training") -> list[dict[str, str | list[str]]]:
     """``[{"image": path, "label": path}, ...]`` of the ``training`` or ``validation`` cases of ``split``;
     a case of several channels has ``"image": [path of each channel, in order]`` (stacked by the
@@ -154,8 +160,7 @@ def case_items(split: Split, part: Literal["training", "validation"] = "training
     ValueError
         For another ``part``.
     """
-    if part not in ("training", "validation"):
-        raise ValueError(f"part must be 'training' or 'validation', got {part!r}")
+    _check_part(part)
     items: list[dict[str, str | list[str]]] = []
     for case in getattr(split, part):
         images = [str(p) for p in case.images]
@@ -211,8 +216,7 @@ def preprocessed_dataset(data: Sequence[dict[str, Any]], transform: Compose, pla
     ValueError
         For another ``part``.
     """
-    if part not in ("training", "validation"):
-        raise ValueError(f"part must be 'training' or 'validation', got {part!r}")
+    _check_part(part)
     folder = Path(cache_dir) / plan_key(plan) / part
     log.info("preprocessed %s cases cached in %s", part, folder)
     return PersistentDataset(list(data), transform, cache_dir=folder, hash_func=_case_hash)
