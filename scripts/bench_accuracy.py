@@ -10,12 +10,18 @@ by ``medseg evaluate`` (geometry checked). With ``--compare-plans`` medseg's pla
 and nnU-Net's 3d_fullres plan are compared (no GPU needed), with planning and preprocessing times.
 
     .venv/bin/python scripts/bench_accuracy.py --data DIR/dataset.json [--minutes M] [--threads T]
-        [--compare-plans] [--tta] [--nnunet-venv PATH] [--work DIR] [--keep] --json FILE
+        [--systems planned,default,nnunet] [--jobs J] [--compare-plans] [--tta] [--nnunet-venv PATH]
+        [--work DIR] [--keep] --json FILE
+
+``--systems`` names what trains: ``planned`` (medseg's planner, CPU plan for the budget), ``default``
+(``medseg train --plan default``), ``nnunet``; ``--jobs J`` trains J of them at a time, each pinned to its
+own T cores (so ``--jobs 2 --threads 1`` on two cores gives each system one core, its data loading included).
 
 The JSON is a list of records with ``system`` ("medseg" or "nnunet") and ``dataset``; plan records
 (``kind: plan``) add configuration, spacing, patch_size, batch_size, n_stages and seconds; training records
-(``kind: training``) add minutes, iterations, seconds_per_iteration, mean_dice, dice and hd95 per label name,
-preprocess_seconds and predict_seconds. Spacing and patch are in the image's voxel axis order (x, y, z).
+(``kind: training``; medseg's with ``variant`` "planned" or "default") add minutes, optimizer, iterations,
+seconds_per_iteration, mean_dice, dice and hd95 per label name, preprocess_seconds and predict_seconds.
+Spacing and patch are in the image's voxel axis order (x, y, z).
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ import argparse
 import json
 import math
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +68,15 @@ def medseg_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_medseg(args: list[str], log: Path, threads: int) -> float:
-    """``python -m medseg ARGS`` (output to ``log``); its wall-clock seconds.
+def pinned(cores: frozenset[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that keeps a child process (and its data-loading workers) on ``cores``."""
+    if cores is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cores)
+
+
+def run_medseg(args: list[str], log: Path, threads: int, cores: frozenset[int] | None = None) -> float:
+    """``python -m medseg ARGS`` (output to ``log``), on ``cores`` when given; its wall-clock seconds.
 
     Raises
     ------
@@ -71,7 +87,7 @@ def run_medseg(args: list[str], log: Path, threads: int) -> float:
     started = time.monotonic()
     with open(log, "w", encoding="utf-8") as out:
         code = subprocess.call([sys.executable, "-m", "medseg", *args], stdout=out, stderr=subprocess.STDOUT,
-                               env=medseg_env(threads))
+                               env=medseg_env(threads), preexec_fn=pinned(cores))
     seconds = time.monotonic() - started
     if code != 0:
         lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
@@ -126,10 +142,11 @@ def read_json(path: Path, what: str) -> Any:
         raise BenchError(f"{path}: {what} could not be read ({exc})") from None
 
 
-def evaluate(pred: Path, raw: RawDataset, data: Path, out: Path, threads: int, logs: Path, system: str) -> dict:
+def evaluate(pred: Path, raw: RawDataset, data: Path, out: Path, threads: int, logs: Path, system: str,
+             cores: frozenset[int] | None = None) -> dict:
     """``medseg evaluate`` of ``pred`` against the test reference label maps; its ``summary.json``."""
     run_medseg(["evaluate", "--pred", str(pred), "--ref", str(raw.test_labels), "--labels", str(data),
-                "--out", str(out)], logs / f"{system}-evaluate.log", threads)
+                "--out", str(out)], logs / f"{system}-evaluate.log", threads, cores)
     return read_json(out / "summary.json", "the evaluation summary")
 
 
@@ -196,42 +213,100 @@ def compare_plans(data: Path, dataset: str, raw: RawDataset, peer: Peer, work: P
     return [medseg, nnunet, {"system": "medseg/nnunet", "dataset": dataset, "kind": "plan_ratio", **ratios}]
 
 
-def side_by_side(data: Path, dataset: str, raw: RawDataset, peer: Peer, work: Path, minutes: float,
-                 threads: int, tta: bool, preprocessed: float | None) -> list[dict]:
-    logs = work / "logs"
-    # medseg: plan for the CPU and the budget (or today's default plan), train, predict, evaluate
-    planner = has_plan_command()
-    run_dir = work / "medseg-run"
-    plan_args = medseg_plan_args(data, run_dir, "cpu", budget_minutes=minutes, planner=planner)
-    print(f"medseg: {' '.join(plan_args[:2])}, then train for {minutes:g} min", flush=True)
-    plan_s = run_medseg(plan_args, logs / "medseg-plan-cpu.log", threads)
-    run_medseg(["train", "--data", str(data), "--bundle", str(run_dir), "--max-minutes", f"{minutes:g}",
-                "--seed", "0", "--device", "cpu"], logs / "medseg-train.log", threads)
-    summary = read_json(run_dir / "train_summary.json", "medseg's training summary")
-    pred = work / "pred" / "medseg"
-    print("medseg: predict and evaluate the test cases", flush=True)
-    predict_s = run_medseg(["predict", "--model", str(run_dir), "--input", str(raw.test_images), "--output",
-                            str(pred), "--device", "cpu", *(["--tta"] if tta else [])], logs / "medseg-predict.log",
-                           threads)
-    medseg_run = {"iterations": summary["iterations"], "seconds": summary["seconds"], "preprocess_seconds": plan_s,
-                  "predict_seconds": predict_s, "stopped_by": summary.get("stopped_by"),
-                  "validation": f"medseg's own fold 0 ({summary.get('validation_cases')} cases)",
-                  "plan": medseg_plan_record(read_json(run_dir / "configs" / "plan.json", "medseg's plan"))}
-    medseg_eval = evaluate(pred, raw, data, work / "eval" / "medseg", threads, logs, "medseg")
+#: What ``--systems`` may name: medseg with the planner's CPU plan for the budget, medseg with its default plan
+#: (the fixed small U-Net and AdamW recipe of ``medseg train --plan default``), nnU-Net v2's 3d_fullres.
+SYSTEMS = ("planned", "default", "nnunet")
 
-    # nnU-Net: plan and preprocess (once), train fold 0 to the budget, predict, evaluate
-    print(f"nnU-Net: plan_and_preprocess, then train fold 0 for {minutes:g} min", flush=True)
+
+def train_medseg(data: Path, raw: RawDataset, work: Path, minutes: float, threads: int, tta: bool, variant: str,
+                 cores: frozenset[int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """medseg ``variant`` ("planned": ``medseg plan`` for the CPU and the budget, then ``medseg train --bundle``;
+    "default": ``medseg train --plan default``) trained for ``minutes``, predicting and scoring the test cases."""
+    logs, run_dir, name = work / "logs", work / f"medseg-{variant}", f"medseg-{variant}"
+    started = time.monotonic()
+    if variant == "planned":
+        plan_args = medseg_plan_args(data, run_dir, "cpu", budget_minutes=minutes, planner=has_plan_command())
+        print(f"{name}: {' '.join(plan_args[:2])}, then train for {minutes:g} min", flush=True)
+        run_medseg(plan_args, logs / f"{name}-plan.log", threads, cores)
+        train = ["train", "--data", str(data), "--bundle", str(run_dir)]
+    else:
+        print(f"{name}: train --plan default for {minutes:g} min", flush=True)
+        train = ["train", "--data", str(data), "--out", str(run_dir), "--plan", "default"]
+    plan_s = time.monotonic() - started
+    run_medseg([*train, "--max-minutes", f"{minutes:g}", "--seed", "0", "--device", "cpu"],
+               logs / f"{name}-train.log", threads, cores)
+    summary = read_json(run_dir / "train_summary.json", f"{name}'s training summary")
+    pred = work / "pred" / name
+    print(f"{name}: predict and evaluate the test cases", flush=True)
+    predict_s = run_medseg(["predict", "--model", str(run_dir), "--input", str(raw.test_images), "--output",
+                            str(pred), "--device", "cpu", *(["--tta"] if tta else [])], logs / f"{name}-predict.log",
+                           threads, cores)
+    plan = read_json(run_dir / "configs" / "plan.json", f"{name}'s plan")
+    optimizer = (plan.get("planning") or {}).get("optimizer") or {}
+    record = {"iterations": summary["iterations"], "seconds": summary["seconds"], "preprocess_seconds": plan_s,
+              "predict_seconds": predict_s, "stopped_by": summary.get("stopped_by"), "variant": variant,
+              "optimizer": optimizer.get("name", "AdamW" if variant == "default" else "SGD"),
+              "validation": f"medseg's own fold 0 ({summary.get('validation_cases')} cases)",
+              "plan": medseg_plan_record(plan)}
+    return record, evaluate(pred, raw, data, work / "eval" / name, threads, logs, name, cores)
+
+
+def train_nnunet(data: Path, raw: RawDataset, peer: Peer, work: Path, minutes: float, tta: bool, preprocessed: float | None,
+                 cores: frozenset[int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """nnU-Net v2: plan and preprocess (unless done), train fold 0 to the budget, predict, score."""
+    peer.cores = cores
+    print(f"nnunet: plan_and_preprocess, then train fold 0 for {minutes:g} min", flush=True)
     pre_s = preprocessed if preprocessed is not None else peer.plan_and_preprocess(raw)
     _, trainer = peer.train(raw, minutes)
     pred = work / "pred" / "nnunet"
-    print("nnU-Net: predict and evaluate the test cases", flush=True)
+    print("nnunet: predict and evaluate the test cases", flush=True)
     predict_s = peer.predict(raw, pred, tta)
-    nnunet_run = {"iterations": trainer["iterations"], "seconds": trainer["seconds"], "preprocess_seconds": pre_s,
-                  "predict_seconds": predict_s, "stopped_by": trainer.get("stopped_by"),
-                  "validation": "nnU-Net's 5-fold split, fold 0", "plan": plan_record(peer.plans(raw))}
-    nnunet_eval = evaluate(pred, raw, data, work / "eval" / "nnunet", threads, logs, "nnunet")
-    return [training_record("medseg", dataset, minutes, threads, medseg_run, medseg_eval),
-            training_record("nnunet", dataset, minutes, threads, nnunet_run, nnunet_eval)]
+    record = {"iterations": trainer["iterations"], "seconds": trainer["seconds"], "preprocess_seconds": pre_s,
+              "predict_seconds": predict_s, "stopped_by": trainer.get("stopped_by"), "optimizer": "SGD",
+              "validation": "nnU-Net's 5-fold split, fold 0", "plan": plan_record(peer.plans(raw))}
+    return record, evaluate(pred, raw, data, work / "eval" / "nnunet", peer.threads, work / "logs", "nnunet", cores)
+
+
+def core_sets(jobs: int, threads: int) -> list[frozenset[int] | None]:
+    """``jobs`` disjoint sets of ``threads`` cores of this process' affinity (None for one job: not pinned).
+
+    Raises
+    ------
+    BenchError
+        Fewer cores than ``jobs`` x ``threads``.
+    """
+    if jobs == 1:
+        return [None]
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < jobs * threads:
+        raise BenchError(f"--jobs {jobs} x --threads {threads} needs {jobs * threads} cores; this process may use "
+                         f"{len(cores)}", exit_code=2)
+    return [frozenset(cores[i * threads:(i + 1) * threads]) for i in range(jobs)]
+
+
+def side_by_side(data: Path, dataset: str, raw: RawDataset, peer: Peer, work: Path, minutes: float,
+                 threads: int, tta: bool, preprocessed: float | None, systems: Sequence[str] = ("planned", "nnunet"),
+                 jobs: int = 1) -> list[dict]:
+    """Train, predict and score each of ``systems`` for ``minutes``; ``jobs`` of them at a time, each on its
+    own ``threads`` cores (a queue of core sets: a system starts when one is free)."""
+    free: queue.Queue[frozenset[int] | None] = queue.Queue()
+    for cores in core_sets(jobs, threads):
+        free.put(cores)
+
+    def one(system: str) -> dict[str, Any]:
+        cores = free.get()
+        try:
+            if system == "nnunet":
+                run, evaluation = train_nnunet(data, raw, peer, work, minutes, tta, preprocessed, cores)
+                return training_record("nnunet", dataset, minutes, threads, run, evaluation)
+            run, evaluation = train_medseg(data, raw, work, minutes, threads, tta, system, cores)
+            return training_record("medseg", dataset, minutes, threads, run, evaluation)
+        finally:
+            free.put(cores)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(one, system) for system in systems]
+        return [future.result() for future in futures]
 
 
 # -- output ----------------------------------------------------------------------------------------------------
@@ -262,11 +337,12 @@ def table(records: list[dict]) -> str:
     if runs:
         names = list(runs[0]["dice"])
         lines.append("")
-        lines.append(f"{'system':8} {'min':>5} {'iters':>6} {'s/iter':>7} {'prep s':>7} {'pred s':>7} {'mean Dice':>9} "
+        lines.append(f"{'system':15} {'min':>5} {'iters':>6} {'s/iter':>7} {'prep s':>7} {'pred s':>7} {'mean Dice':>9} "
                      + " ".join(f"{n[:8]:>8}" for n in names) + "  HD95 mm (mean of the labels found)")
         for r in runs:
             hd = [v for v in r["hd95"].values() if v is not None]
-            lines.append(f"{r['system']:8} {r['minutes']:>5g} {r['iterations']:>6} {_fmt(r['seconds_per_iteration']):>7} "
+            label = r["system"] + (f"-{r['variant']}" if r.get("variant") else "")
+            lines.append(f"{label:15} {r['minutes']:>5g} {r['iterations']:>6} {_fmt(r['seconds_per_iteration']):>7} "
                          f"{r['preprocess_seconds']:>7.1f} {r['predict_seconds']:>7.1f} {_fmt(r['mean_dice']):>9} "
                          + " ".join(f"{_fmt(r['dice'].get(n)):>8}" for n in names)
                          + f"  {_fmt(sum(hd) / len(hd) if hd else None)} ({len(hd)}/{len(r['hd95'])})")
@@ -274,6 +350,14 @@ def table(records: list[dict]) -> str:
 
 
 # -- command line ----------------------------------------------------------------------------------------------
+def _systems(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in SYSTEMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or 'nothing'}: choose among {', '.join(SYSTEMS)}")
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path, help="the dataset's dataset.json (MSD layout)")
@@ -282,6 +366,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for each system (default: 1)")
     parser.add_argument("--compare-plans", action="store_true",
                         help="compare medseg's --device cuda --memory-gb 8 plan with nnU-Net's 3d_fullres plan")
+    parser.add_argument("--systems", type=_systems, default=("planned", "nnunet"),
+                        help="what trains side by side, comma-separated, of " + ", ".join(SYSTEMS)
+                             + " (default: planned,nnunet; planned: medseg's CPU plan for the budget, default: "
+                               "medseg train --plan default)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="systems trained at a time, each pinned to its own --threads cores (default: 1)")
     parser.add_argument("--json", required=True, type=Path, help="write the records here")
     parser.add_argument("--tta", action="store_true", help="predict with mirroring (both systems; default: neither)")
     parser.add_argument("--nnunet-venv", type=Path, default=DEFAULT_VENV,
@@ -293,8 +383,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.minutes is None and not args.compare_plans:
         parser.error("nothing to do: give --minutes M (train side by side) and/or --compare-plans")
-    if args.threads < 1 or (args.minutes is not None and args.minutes <= 0):
-        parser.error("--threads and --minutes must be positive")
+    if args.threads < 1 or args.jobs < 1 or (args.minutes is not None and args.minutes <= 0):
+        parser.error("--threads, --jobs and --minutes must be positive")
     return args
 
 
@@ -315,7 +405,8 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
         records += compare_plans(data, datalist.name, raw, peer, work, args.threads)
     if args.minutes is not None:
         done = next((r["plan_and_preprocess_seconds"] for r in records if r["system"] == "nnunet"), None)
-        records += side_by_side(data, datalist.name, raw, peer, work, args.minutes, args.threads, args.tta, done)
+        records += side_by_side(data, datalist.name, raw, peer, work, args.minutes, args.threads, args.tta, done,
+                                systems=args.systems, jobs=args.jobs)
     nnunetv2, _, torch = peer.version.partition(" ")
     for record in records:
         if record["system"] == "nnunet":

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,11 +263,16 @@ def trainer_module_path(site_packages_nnunetv2: Path) -> Path:
     return site_packages_nnunetv2 / "training" / "nnUNetTrainer" / f"{TRAINER}.py"
 
 
+def _pin(cores: frozenset[int]) -> Callable[[], None]:
+    return lambda: os.sched_setaffinity(0, cores)
+
+
 class Peer:
     """nnU-Net v2 in the venv ``venv``, with its folders under ``work`` and ``threads`` CPU threads."""
 
     def __init__(self, venv: Path, work: Path, threads: int, logs: Path) -> None:
         self.venv, self.work, self.threads, self.logs = venv, work, threads, logs
+        self.cores: frozenset[int] | None = None  # the cores its processes are kept on (None: any)
         self.python = venv / "bin" / "python"
         self.version = ""
 
@@ -354,7 +360,8 @@ class Peer:
         log_path = self.logs / f"nnunet-{log}.log"
         started = time.monotonic()
         with open(log_path, "w", encoding="utf-8") as out:
-            code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=env or self.env())
+            code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=env or self.env(),
+                                   preexec_fn=None if self.cores is None else _pin(self.cores))
         seconds = time.monotonic() - started
         if code != 0:
             text = log_path.read_text(encoding="utf-8", errors="replace")

@@ -20,7 +20,8 @@ alike.
 
 Two recipes (:func:`train_parts`): plans made by the planner (``configuration`` other than ``"custom"``)
 train with nnU-Net v2's defaults -- SGD with Nesterov momentum 0.99, learning rate 1e-2, weight decay
-3e-5, polynomial decay stepped per iteration, 250 iterations per epoch, the plan's batch of one patch
+3e-5 (AdamW 2e-3 when the plan's time budget allows fewer iterations than SGD needs:
+:mod:`medseg.planning.recipe`), polynomial decay stepped per iteration, 250 iterations per epoch, the plan's batch of one patch
 per case, batch Dice + cross-entropy with deep supervision, gradients clipped to norm 12, mixed precision
 on CUDA, nnU-Net's augmentation, the preprocessed cases cached on disk (``cache_dir``) and loaded in
 worker processes; ``"custom"`` plans (the default plan, bundles made before the planner) keep the
@@ -133,11 +134,23 @@ def _validate_parts(planned: bool) -> dict[str, Any]:
     }
 
 
-def _recipe(planned: bool) -> dict[str, Any]:
-    """The recipe's options, loss, optimiser and learning-rate schedule (see the module docstring)."""
+def _optimizer(plan: Plan | None) -> tuple[float, dict[str, Any]]:
+    """The learning rate and ``optimizer`` part: the plan's choice (``planning["optimizer"]``, see
+    :mod:`medseg.planning.recipe`), nnU-Net's SGD for a planned plan that records none."""
     params = {"_target_": f"{E}.parts.parameters", "network": "@network"}
+    chosen = (plan.planning.get("optimizer") if plan is not None else None) or {"name": "SGD", "learning_rate": 0.01}
+    if chosen["name"] == "AdamW":
+        return float(chosen["learning_rate"]), {"_target_": "torch.optim.AdamW", "params": params,
+                                                "lr": "@learning_rate", "weight_decay": 3e-5}
+    return float(chosen["learning_rate"]), {"_target_": "torch.optim.SGD", "params": params, "lr": "@learning_rate",
+                                            "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}
+
+
+def _recipe(plan: Plan | None) -> dict[str, Any]:
+    """The recipe's options, loss, optimiser and learning-rate schedule (see the module docstring)."""
     schedule = {"_target_": f"{E}.parts.poly_lr_schedule", "optimizer": "@optimizer", "epochs": "@epochs", "power": 0.9}
-    if not planned:
+    if plan is None or not plan.planned:
+        params = {"_target_": f"{E}.parts.parameters", "network": "@network"}
         return {
             "learning_rate": 0.002, "batch_size": 2, "samples_per_case": 2, "iterations_per_epoch": None,
             "num_workers": 0,
@@ -147,15 +160,15 @@ def _recipe(planned: bool) -> dict[str, Any]:
                           "weight_decay": 1e-5},
             "lr_scheduler": schedule,
         }
+    learning_rate, optimizer = _optimizer(plan)
     return {
-        "learning_rate": 0.01,
+        "learning_rate": learning_rate,
         "batch_size": {"_target_": f"{E}.parts.plan_value", "plan": "@plan", "field": "batch_size"},
         "samples_per_case": 1, "iterations_per_epoch": 250,
         "num_workers": {"_target_": f"{E}.data.worker_count"},
         "cache_dir": {"_target_": f"{C}.bundle_path", "bundle_root": "@bundle_root", "parts": ["preprocessed"]},
         "loss": {"_target_": f"{E}.loss.segmentation_loss", "plan": "@plan", "batch_dice": True},
-        "optimizer": {"_target_": "torch.optim.SGD", "params": params, "lr": "@learning_rate", "momentum": 0.99,
-                      "nesterov": True, "weight_decay": 3e-5},
+        "optimizer": optimizer,
         "lr_scheduler": {**schedule, "epoch_length": "@iterations_per_epoch", "max_iterations": "@max_iterations",
                          "pace": "@pace", "max_minutes": "@max_minutes"},
     }
@@ -169,7 +182,7 @@ def train_parts(plan: Plan | None = None) -> dict[str, Any]:
     options = ("epochs", "val_interval", "max_minutes", "max_iterations", "log_every", "device", "fold", "resume",
                "learning_rate", "batch_size", "samples_per_case", "min_iterations_per_epoch", "iterations_per_epoch",
                "num_workers", "mlflow_uri", "seed", "init_weights")
-    recipe = _recipe(planned)
+    recipe = _recipe(plan)
     return {
         "epochs": 100,
         "val_interval": 5,

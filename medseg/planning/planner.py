@@ -36,6 +36,7 @@ from medseg.planning.configurations import (
 from medseg.planning.measure import Probe, ProbeRequest, probe, probe_in_fresh_process
 from medseg.planning.memory import GB, MemoryModel, memory_model
 from medseg.planning.options import PRESETS, PlannerOptions, check_planner_options
+from medseg.planning.recipe import choose_optimizer
 from medseg.planning.rules import resampled_median_shape, target_spacing
 
 __all__ = ["PLANNER", "PLANS_FORMAT", "PlanningResult", "plan_dataset"]
@@ -82,6 +83,10 @@ class PlanningResult:
                          f"{record['seconds_per_iteration']:.3g} s per iteration")
         else:
             lines.append("expected iterations: n/a (no time budget)")
+        optimizer = record.get("optimizer")
+        if optimizer:
+            lines.append(f"optimizer: {optimizer['name']}, learning rate {optimizer['learning_rate']:g} "
+                         f"({optimizer['reason']})")
         return lines
 
 
@@ -255,6 +260,7 @@ def _record(options: PlannerOptions, configuration: Configuration, chosen: Candi
                        "candidates": choice.candidates, "reason": choice.reason})
     elif measured is not None:
         record["seconds_per_iteration"] = round(measured.seconds, 4)
+    record["optimizer"] = choose_optimizer(record["expected_iterations"])
     return record
 
 

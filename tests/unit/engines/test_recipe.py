@@ -84,6 +84,18 @@ def test_planned_plans_get_nnunet_defaults_and_custom_plans_keep_their_recipe() 
         assert "$" not in json.dumps(config) and config["mlflow_uri"] is None
 
 
+def test_a_plan_whose_budget_is_short_trains_with_adamw_and_a_long_or_no_budget_with_sgd() -> None:
+    from medseg.planning.recipe import SGD_MIN_ITERATIONS, choose_optimizer
+
+    short = train_config(_plan(planning={"optimizer": choose_optimizer(700)}))
+    assert (short["optimizer"]["_target_"], short["learning_rate"]) == ("torch.optim.AdamW", 0.002)
+    assert short["iterations_per_epoch"] == 250 and short["lr_scheduler"]["max_minutes"] == "@max_minutes"
+    for iterations in (None, SGD_MIN_ITERATIONS):
+        config = train_config(_plan(planning={"optimizer": choose_optimizer(iterations)}))
+        assert (config["optimizer"]["_target_"], config["learning_rate"]) == ("torch.optim.SGD", 0.01)
+    assert "700 iterations expected" in choose_optimizer(700)["reason"]
+
+
 def test_safe_mode_accepts_a_planned_bundle_and_confines_mlflow_and_the_cache(tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path / "bundle", _plan())
     assert scan_bundle(bundle) == []

@@ -71,6 +71,10 @@ def test_the_planner_records_its_budget_reasoning() -> None:
     assert math.prod(plan.patch_size) <= math.prod(CONFIGURATION.patch_size)
     assert plan.network.filters[0] == record["base_features"] and "reason" in record
     assert any(entry["chosen"] for entry in record["candidates"])
+    # a budget of a few thousand iterations trains with AdamW; no budget (a GPU plan) with nnU-Net's SGD
+    assert record["expected_iterations"] < 10_000 and record["optimizer"]["name"] == "AdamW"
+    gpu = plan_dataset(fingerprint, PlannerOptions(device="cuda", measure=False)).plan.planning
+    assert gpu["expected_iterations"] is None and gpu["optimizer"]["name"] == "SGD"
 
 
 def record_macs(record: dict) -> float:
