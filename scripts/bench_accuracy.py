@@ -101,6 +101,12 @@ def has_plan_command() -> bool:
     return done.returncode == 0
 
 
+def has_preprocess_option() -> bool:
+    """Whether this medseg's ``medseg plan`` has ``--preprocess`` (else training preprocesses on first use)."""
+    done = subprocess.run([sys.executable, "-m", "medseg", "plan", "--help"], capture_output=True, text=True)
+    return "--preprocess" in done.stdout
+
+
 def medseg_plan_args(data: Path, bundle: Path, device: str, memory_gb: float | None = None,
                      budget_minutes: float | None = None, planner: bool = True) -> list[str]:
     """The command that writes a planned bundle: ``medseg plan`` when present, else ``medseg bundle init``."""
@@ -198,10 +204,16 @@ def compare_plans(data: Path, dataset: str, raw: RawDataset, peer: Peer, work: P
     print(f"medseg: {' '.join(args[:2])} (device cuda, 8 GB)" if planner else "medseg: bundle init (no medseg plan)",
           flush=True)
     seconds = run_medseg(args, work / "logs" / "medseg-plan.log", threads)
+    # planning and preprocessing of fold 0's cases (all training cases) in --threads processes, as nnU-Net's
+    # plan_and_preprocess does with nnUNet_def_n_proc = --threads
+    preprocess = ["--preprocess", "--workers", str(threads)] if planner and has_preprocess_option() else []
+    both = run_medseg([*medseg_plan_args(data, work / "medseg-plan-preprocessed", "cuda", memory_gb=8), *preprocess],
+                      work / "logs" / "medseg-plan-preprocess.log", threads) if preprocess else seconds
     medseg = {"system": "medseg", "dataset": dataset, "kind": "plan",
               **medseg_plan_record(read_json(bundle / "configs" / "plan.json", "medseg's plan")),
-              "plan_seconds": round(seconds, 2), "plan_and_preprocess_seconds": round(seconds, 2),
-              "command": "medseg " + " ".join(args[:2]) + (" --device cuda --memory-gb 8" if planner else "")}
+              "plan_seconds": round(seconds, 2), "plan_and_preprocess_seconds": round(both, 2),
+              "command": "medseg " + " ".join(args[:2]) + (" --device cuda --memory-gb 8" if planner else "")
+                         + (f" [{' '.join(preprocess)}]" if preprocess else "")}
     print("nnU-Net: nnUNetv2_extract_fingerprint + nnUNetv2_plan_experiment", flush=True)
     fingerprint_s, plan_s = peer.plan_only(raw)
     nnunet = {"system": "nnunet", "dataset": dataset, "kind": "plan", **plan_record(peer.plans(raw)),

@@ -14,8 +14,10 @@ from pathlib import Path
 from medseg.bundle.create import describe_data_source, write_bundle
 from medseg.data.datalist import Datalist, load_datalist
 from medseg.data.fingerprint import extract_fingerprint
+from medseg.engines.preprocess import preprocess_cases
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_write_text
+from medseg.plan import load_plan
 from medseg.planning import PlannerOptions, PlanningResult, check_planner_options, plan_dataset
 
 __all__ = ["FINGERPRINT_FILE", "PLANS_FILE", "PlannedBundle", "plan_bundle_for", "planned_bundle", "write_planned"]
@@ -69,15 +71,20 @@ def write_planned(bundle_dir: str | os.PathLike[str], planned: PlannedBundle, da
 
 
 def plan_bundle_for(data: str | os.PathLike[str], bundle_dir: str | os.PathLike[str],
-                    options: PlannerOptions | None = None) -> PlanningResult:
+                    options: PlannerOptions | None = None, preprocess: bool = False) -> PlanningResult:
     """``medseg plan``: fingerprint the dataset ``data``, plan it for ``options`` and write a bundle
-    into ``bundle_dir`` (nothing is written before the plan is made).
+    into ``bundle_dir`` (nothing is written before the plan is made); with ``preprocess``, also cache
+    fold 0's cases as training will read them (:func:`medseg.engines.preprocess.preprocess_cases`, in
+    ``options.workers`` processes; the bundle stays if that fails: it is complete without the cache).
 
     Raises
     ------
     InputError
         As :func:`planned_bundle`.
     """
-    planned = planned_bundle(data, bundle_dir, options or PlannerOptions())
+    options = options or PlannerOptions()
+    planned = planned_bundle(data, bundle_dir, options)
     write_planned(bundle_dir, planned)
+    if preprocess:
+        preprocess_cases(load_plan(bundle_dir), data, bundle_dir, fold=0, workers=options.workers)
     return planned.result

@@ -16,6 +16,7 @@ The config's ``initialize`` checks that the bundle's metadata can record the res
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import replace
@@ -48,6 +49,8 @@ from medseg.planning import PlannerOptions
 __all__ = ["TrainOptions", "check_trainable", "record_training_run", "train", "train_overrides"]
 
 TRAIN_CONFIG = Path("configs") / "train.json"
+
+log = logging.getLogger(__name__)
 
 #: TrainOptions fields that are scalar keys of configs/train.json (the rest shape a new bundle's plan).
 CONFIG_OPTIONS = ("epochs", "val_interval", "max_minutes", "max_iterations", "log_every", "device", "fold",
@@ -111,6 +114,17 @@ def _check_inputs(data: str | os.PathLike[str], run_dir: Path, opts: TrainOption
     if weights is not None:
         weights.apply(build_network(plan))  # the weights fit the plan's network (the config applies them again)
     return plan, source, planned
+
+
+def _planned_budget(opts: TrainOptions, plan: Plan | None) -> TrainOptions:
+    """A new run of a plan made for a time budget (``medseg plan --time-budget``, or a CPU plan without one:
+    :data:`medseg.planning.DEFAULT_CPU_BUDGET_HOURS`) trains for that budget when no ``--max-minutes`` is
+    given, not for its epochs."""
+    budget = plan.planning.get("time_budget_hours") if plan is not None else None
+    if budget is None or opts.max_minutes is not None:
+        return opts
+    log.info("training for the plan's time budget: %.0f min (set another with --max-minutes)", budget * 60)
+    return replace(opts, max_minutes=float(budget) * 60)
 
 
 def _planner_options(planner: PlannerOptions, opts: TrainOptions) -> PlannerOptions:
@@ -180,6 +194,7 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     run_dir = Path(run_dir)
     with held_info():  # notes on the plan and data are printed once every input has passed its checks
         plan, data_source, planned = _check_inputs(data, run_dir, opts, bundle, planner)
+        opts = _planned_budget(opts, None if opts.resume else plan)
     guard = RunFolderGuard(run_dir)
     try:
         with held_info():  # until the config has built its parts (run_training releases it): an error is one line

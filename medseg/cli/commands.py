@@ -53,11 +53,20 @@ def _planner_options(args: argparse.Namespace):
 def cmd_plan(args: argparse.Namespace) -> int:
     from medseg.bundle.planned import plan_bundle_for
 
-    result = plan_bundle_for(args.data, args.out, _planner_options(args))
+    result = plan_bundle_for(args.data, args.out, _planner_options(args), preprocess=args.preprocess)
     for line in result.summary():
         print(line)
     print(args.out)
     return 0
+
+
+def train_plan_choice(args: argparse.Namespace) -> str:
+    """``--plan`` of ``medseg train``: as given; else ``default`` for an existing bundle, a resumed run or a
+    network or patch chosen by hand (``--network``, ``--patch-size``), ``auto`` (the planner) otherwise."""
+    if args.plan is not None:
+        return str(args.plan)
+    by_hand = args.network is not None or args.patch_size is not None
+    return "default" if by_hand or args.bundle or args.resume else "auto"
 
 
 def _train_planner(args: argparse.Namespace):
@@ -67,7 +76,7 @@ def _train_planner(args: argparse.Namespace):
     given = [flag for flag, value in (("--memory-gb", args.memory_gb), ("--preset", args.preset),
                                       ("--configuration", args.configuration), ("--workers", args.workers))
              if value is not None]
-    if args.plan != "auto":
+    if train_plan_choice(args) != "auto":
         if given:
             raise InputError(None, f"{given[0]} is an option of the planner: add --plan auto")
         return None
@@ -185,7 +194,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from medseg.demo import run_demo
 
     result = run_demo(args.out, minutes=args.minutes, cases=args.cases, seed=args.seed, device=args.device,
-                      epochs=args.epochs)
+                      epochs=args.epochs, plan=args.plan)
     print(f"mean Dice: {result['mean_dice']:.3f}")
     return 0
 

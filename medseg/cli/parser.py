@@ -147,6 +147,9 @@ def _add_plan(sub: Subparsers) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: the device planned for (a CUDA plan can be "
                                                    "made on a machine without one; its memory is then not measured)")
     _planner_options(p, train=False)
+    p.add_argument("--preprocess", action="store_true",
+                   help="also preprocess fold 0's cases into BUNDLE/preprocessed/ (resampled, normalised, in --workers "
+                        "processes), as nnUNetv2_plan_and_preprocess does; else training does it on first use")
     p.set_defaults(func=cmd_plan)
 
 
@@ -196,9 +199,10 @@ def _add_train(sub: Subparsers) -> None:
     p.add_argument("--val-interval", type=int, default=5, help="validate every N epochs")
     p.add_argument("--seed", type=int, default=0, help="random seed of the split, sampling and initialisation")
     p.add_argument("--batch-size", type=int, default=None, help="patches per iteration (default: the plan's)")
-    p.add_argument("--plan", choices=["default", "auto"], default="default",
-                   help="plan of a new run: default (a U-Net, or --network, with a patch of at most 64 x 64 x 32) or "
-                        "auto (the planner of medseg plan, for --device and the --max-minutes budget)")
+    p.add_argument("--plan", choices=["default", "auto"], default=None,
+                   help="plan of a new run: auto (the planner of medseg plan, for --device and the --max-minutes "
+                        "budget) or default (a U-Net, or --network, with a patch of at most 64 x 64 x 32) (default: "
+                        "auto, or default when --network or --patch-size chooses the network or patch by hand)")
     p.add_argument("--iterations-per-epoch", type=int, default=None, metavar="N",
                    help="fixed epoch length (default: the bundle's train.json: 250 for planned plans, else the "
                         "loader's batches, at least 20)")
@@ -359,9 +363,13 @@ def _add_pacs(sub: Subparsers) -> None:
 def _add_demo(sub: Subparsers) -> None:
     p = _command(sub, "demo", "synthetic CT -> train -> predict -> evaluate, ending with 'mean Dice: ...'")
     p.add_argument("--out", default="medseg-demo", help="demo folder (replaced if it holds an earlier demo)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs of 20 iterations")
+    p.add_argument("--epochs", type=int, default=30,
+                   help="training epochs at most (250 iterations each with a planned plan, 20 with the default plan)")
     p.add_argument("--minutes", type=float, default=5.0,
-                   help="training time budget including the final validation; 0: none")
+                   help="training time budget including the final validation, which the plan is made for; 0: none")
+    p.add_argument("--plan", choices=["auto", "default"], default=None,
+                   help="auto: the planner chooses network, patch and batch for the device and --minutes; default: "
+                        "the fixed small U-Net (default: auto, or default with --minutes 0)")
     p.add_argument("--cases", type=int, default=16, help="number of synthetic cases")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     _device(p)

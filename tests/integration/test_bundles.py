@@ -310,7 +310,8 @@ def test_init_weights_transfers_matching_tensors(tmp_path: Path, small_bundle: P
     assert all(target.state_dict()[k].shape != source[k].shape for k in report["skipped"] if k in source)
 
     run = tmp_path / "finetuned"
-    assert main(["train", "--data", str(ct_dataset), "--out", str(run), "--epochs", "1", "--val-interval", "1",
+    assert main(["train", "--plan", "default",
+                 "--data", str(ct_dataset), "--out", str(run), "--epochs", "1", "--val-interval", "1",
                  "--patch-size", "32,32,16", "--init-weights", str(small_bundle)]) == 0
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["init_weights"]["loaded"] == len(source) and summary["init_weights"]["skipped"] == []

@@ -216,13 +216,14 @@ def test_train_bad_dataset(kind: str, tmp_path: Path, ct_dataset: Path, capsys: 
     dataset_json = _copy_dataset(ct_dataset, tmp_path / "data")
     bad_file, fragment = BAD_DATASETS[kind](dataset_json)
     run = tmp_path / "run"
-    code, err = run_cli(capsys, "train", "--data", str(dataset_json), "--out", str(run), "--epochs", "1")
+    code, err = run_cli(capsys, "train", "--plan", "default", "--data", str(dataset_json), "--out", str(run), "--epochs", "1")
     assert_one_error(code, err, bad_file.name, fragment)
     assert not run.exists(), "no run folder for bad data"
 
 
 def test_train_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, err = run_cli(capsys, "train", "--data", str(tmp_path / "dataset.json"), "--out", str(tmp_path / "run"))
+    code, err = run_cli(capsys, "train", "--plan", "default",
+                        "--data", str(tmp_path / "dataset.json"), "--out", str(tmp_path / "run"))
     assert_one_error(code, err, "dataset.json", "no such file")
 
 
@@ -230,7 +231,7 @@ def test_train_refuses_non_empty_run_folder(tmp_path: Path, ct_dataset: Path, ca
     run = tmp_path / "run"
     run.mkdir()
     (run / "keep.txt").write_text("mine")
-    code, err = run_cli(capsys, "train", "--data", str(ct_dataset), "--out", str(run), "--epochs", "1")
+    code, err = run_cli(capsys, "train", "--plan", "default", "--data", str(ct_dataset), "--out", str(run), "--epochs", "1")
     assert_one_error(code, err, "not empty")
     assert (run / "keep.txt").read_text() == "mine"
 

@@ -110,7 +110,7 @@ def test_a_failure_while_the_config_builds_its_parts_leaves_no_trace(
 
     monkeypatch.setattr(engine_data, "augmentation", broken)
     run = tmp_path / "RUN"
-    assert main(["--quiet", "train", "--data", str(data), "--out", str(run), "--epochs", "1",
+    assert main(["--quiet", "train", "--plan", "default", "--data", str(data), "--out", str(run), "--epochs", "1",
                  "--patch-size", "32,32,16"]) == 1
     assert "simulated failure while building" in capsys.readouterr().err
     assert not run.exists()

@@ -69,7 +69,7 @@ def test_trained_run_folder_is_self_contained_and_segments(tmp_path: Path, train
 def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path: Path, ct_dataset: Path) -> None:
     """Kill a training process hard after its first checkpoint; --resume picks up at that epoch."""
     run = tmp_path / "run"
-    args = ["train", "--data", str(ct_dataset), "--out", str(run), "--epochs", "200", "--val-interval", "2",
+    args = ["train", "--plan", "default", "--data", str(ct_dataset), "--out", str(run), "--epochs", "200", "--val-interval", "2",
             "--patch-size", "32,32,16"]
     process = subprocess.Popen([*_medseg(), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run / "checkpoints" / "last.pt"
@@ -102,7 +102,8 @@ def test_2d_dataset_trains_2d_unet_and_predicts_2d(tmp_path: Path, capsys: pytes
     """Bounded by epochs (100 iterations), never by minutes: a loaded machine takes longer, the model is the same."""
     data = write_dataset(tmp_path / "data2d", modality="ct", cases=8, seed=5, size=96, dims=2)
     run = tmp_path / "run2d"
-    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "5", "--val-interval", "5"]) == 0
+    assert main(["train", "--plan", "default",
+                 "--data", str(data), "--out", str(run), "--epochs", "5", "--val-interval", "5"]) == 0
     plan = json.loads((run / "configs" / "plan.json").read_text())
     assert plan["dims"] == 2 and len(plan["patch_size"]) == 2
     preds = tmp_path / "preds"
@@ -121,7 +122,7 @@ def test_2d_dataset_trains_2d_unet_and_predicts_2d(tmp_path: Path, capsys: pytes
 def test_mr_dataset_trains_with_mr_preset(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "mr", modality="mr", cases=6, seed=2, size=64)
     run = tmp_path / "run_mr"
-    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "2", "--val-interval", "1",
+    assert main(["train", "--plan", "default", "--data", str(data), "--out", str(run), "--epochs", "2", "--val-interval", "1",
                  "--patch-size", "32,32,16"]) == 0
     plan = json.loads((run / "configs" / "plan.json").read_text())
     assert plan["modality"] == "MR" and plan["intensity"]["preset"] == "mr"
@@ -129,6 +130,21 @@ def test_mr_dataset_trains_with_mr_preset(tmp_path: Path) -> None:
     assert main(["predict", "--model", str(run), "--input", str(data.parent / "imagesTs"), "--output", str(preds)]) == 0
     labels = np.unique(to_array(sitk.ReadImage(str(next(preds.iterdir())))))
     assert set(labels.tolist()) <= set(range(6))
+
+
+def test_demo_plans_for_its_time_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``medseg demo`` by default: the planner plans for the --minutes budget (a DynUNet, AdamW for a short
+    budget); bounded here by 4 iterations. ``--plan auto`` without a budget is refused before anything is written."""
+    from medseg.demo import run_demo
+    from medseg.plan import Plan
+
+    result = run_demo(tmp_path / "demo", minutes=2, cases=6, max_iterations=4)
+    plan = Plan.load(tmp_path / "demo" / "run" / "configs" / "plan.json")
+    assert plan.planned and plan.network.name == "dynunet" and plan.planning["optimizer"]["name"] == "AdamW"
+    assert plan.planning["time_budget_hours"] == pytest.approx(2 / 60)
+    assert 0 < result["train"]["iterations"] <= 4 and 0.0 <= result["mean_dice"] <= 1.0
+    assert main(["demo", "--out", str(tmp_path / "none"), "--plan", "auto", "--minutes", "0"]) == 2
+    assert "--plan auto plans for the time budget" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
 def test_demo_end_to_end_prints_mean_dice_last(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -190,7 +206,8 @@ def test_bad_init_weights_exit_2_with_one_line_and_write_nothing(kind: str, tmp_
     marker = tmp_path / "PWNED"
     weights = _bad_weights(kind, tmp_path, marker)
     run = tmp_path / "RUN"
-    code = main(["train", "--data", str(small_ct), "--out", str(run), "--epochs", "1", "--init-weights", str(weights)])
+    code = main(["train", "--plan", "default",
+                 "--data", str(small_ct), "--out", str(run), "--epochs", "1", "--init-weights", str(weights)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith(f"medseg: error: {weights}: "), err
@@ -216,7 +233,7 @@ def test_bad_init_weights_leave_existing_folders_as_they_were(tmp_path: Path, sm
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["--quiet", "train", "--data", str(small_ct), "--out", str(empty), "--epochs", "1",
+    assert main(["--quiet", "train", "--plan", "default", "--data", str(small_ct), "--out", str(empty), "--epochs", "1",
                  "--init-weights", str(_bad_weights("pickle payload", tmp_path, tmp_path / "PWNED"))]) == 2
     assert empty.is_dir() and not any(empty.iterdir())
     assert not (tmp_path / "PWNED").exists()
@@ -254,7 +271,8 @@ def test_a_failure_before_the_first_checkpoint_removes_what_the_run_wrote(
 
     monkeypatch.setattr(SupervisedTrainer, "run", broken)
     dataset = sorted(p.relative_to(small_ct.parent) for p in small_ct.parent.rglob("*"))
-    assert main(["--quiet", "train", "--data", str(small_ct), "--out", str(tmp_path / "RUN"), "--epochs", "1"]) == 1
+    assert main(["--quiet", "train", "--plan", "default",
+                 "--data", str(small_ct), "--out", str(tmp_path / "RUN"), "--epochs", "1"]) == 1
     assert "simulated failure" in capsys.readouterr().err
     assert not (tmp_path / "RUN").exists()
     assert sorted(p.relative_to(small_ct.parent) for p in small_ct.parent.rglob("*")) == dataset
@@ -284,7 +302,8 @@ def test_bad_options_are_refused_before_anything_is_read_or_written(options: dic
 
 
 def test_a_bad_option_is_one_error_line(tmp_path: Path, small_ct: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", "--data", str(small_ct), "--out", str(tmp_path / "RUN"), "--max-minutes", "nan"]) == 2
+    assert main(["train", "--plan", "default",
+                 "--data", str(small_ct), "--out", str(tmp_path / "RUN"), "--max-minutes", "nan"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["medseg: error: --max-minutes must be a positive number, got nan"]
     assert not (tmp_path / "RUN").exists()
 

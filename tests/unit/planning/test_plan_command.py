@@ -95,7 +95,7 @@ def test_plan_refuses_a_folder_that_is_not_empty(tiny: Path, tmp_path: Path, cap
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--preset", "resenc-m"], "--preset is an option of the planner: add --plan auto"),
+    (["--plan", "default", "--preset", "resenc-m"], "--preset is an option of the planner: add --plan auto"),
     (["--plan", "auto", "--network", "unet"], "--network: with --plan auto the planner chooses the network"),
     (["--plan", "auto", "--patch-size", "32,32,16"], "--patch-size is chosen by the planner with --plan auto"),
 ])
@@ -107,15 +107,50 @@ def test_train_planner_options_are_checked(tiny: Path, tmp_path: Path, capsys: p
 
 
 @pytest.mark.slow
-def test_train_plan_auto_trains_the_planned_bundle(tiny: Path, tmp_path: Path) -> None:
-    """``--plan auto``: the planner's bundle (fingerprint and plans beside the plan), trained for 2 iterations,
-    the plan's batch as patches per iteration (cases x samples per case)."""
+def test_train_plans_automatically_and_trains_the_planned_bundle(tiny: Path, tmp_path: Path) -> None:
+    """No ``--plan``: the planner's bundle (fingerprint and plans beside the plan), trained for 2 iterations,
+    the plan's batch as patches per iteration (cases x samples per case), AdamW for the short budget."""
     run = tmp_path / "run"
-    assert main(["train", "--data", str(tiny), "--out", str(run), "--plan", "auto", "--workers", "1",
-                 "--max-minutes", "1", "--max-iterations", "2", "--epochs", "1"]) == 0
+    assert main(["train", "--data", str(tiny), "--out", str(run), "--workers", "1",
+                 "--max-minutes", "5", "--max-iterations", "2", "--epochs", "1"]) == 0  # 2 iterations on a slow machine too
     plan = Plan.load(run / "configs" / "plan.json")
     assert (run / "configs" / "fingerprint.json").is_file() and (run / "configs" / "plans.json").is_file()
-    assert plan.network.name == "dynunet" and plan.planning["time_budget_hours"] == pytest.approx(1 / 60)
+    assert plan.network.name == "dynunet" and plan.planning["time_budget_hours"] == pytest.approx(5 / 60)
     summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
     assert summary["iterations"] == 2 and (run / "models" / "model.pt").is_file()
     assert summary["options"]["batch_size"] * summary["options"]["samples_per_case"] == plan.batch_size
+    config = json.loads((run / "configs" / "train.json").read_text(encoding="utf-8"))
+    assert plan.planning["optimizer"]["name"] == "AdamW" and config["optimizer"]["_target_"] == "torch.optim.AdamW"
+
+
+@pytest.mark.parametrize(("args", "choice"), [
+    ([], "auto"), (["--plan", "default"], "default"), (["--network", "segresnet"], "default"),
+    (["--patch-size", "32,32,16"], "default"), (["--bundle", "B"], "default"), (["--resume"], "default"),
+    (["--plan", "auto", "--max-minutes", "5"], "auto"),
+])
+def test_train_plans_automatically_unless_the_network_or_patch_is_chosen_by_hand(args: list[str], choice: str) -> None:
+    from medseg.cli.commands import train_plan_choice
+    from medseg.cli.parser import build_parser
+
+    assert train_plan_choice(build_parser().parse_args(["train", "--data", "d.json", "--out", "run", *args])) == choice
+
+
+@pytest.mark.slow
+def test_plan_preprocess_caches_what_training_then_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``medseg plan --preprocess``: fold 0's training and validation cases cached in 2 worker processes;
+    ``medseg train`` on the bundle finds every case cached (writes no cache file, rewrites none)."""
+    data = write_dataset(tmp_path / "ct", modality="ct", cases=8, size=32)
+    out = tmp_path / "planned"
+    assert main(["plan", "--data", str(data), "--out", str(out), "--workers", "2", "--device", "cuda",
+                 "--preprocess"]) == 0
+    split_sizes = {"training": 0, "validation": 0}
+    cached = {p: p.stat().st_mtime_ns for p in (out / "preprocessed").rglob("*.pt")}
+    for path in cached:
+        split_sizes[path.parent.name] += 1
+    assert split_sizes == {"training": 4, "validation": 2}  # 6 training cases, 5 folds: fold 0 validates 2
+    capsys.readouterr()
+    assert main(["--quiet", "train", "--data", str(data), "--bundle", str(out), "--device", "cpu",
+                 "--max-iterations", "1", "--epochs", "1", "--iterations-per-epoch", "1"]) == 0
+    after = {p: p.stat().st_mtime_ns for p in (out / "preprocessed").rglob("*.pt")}
+    assert after == cached
+    assert main(["plan", "--data", str(data), "--out", str(tmp_path / "again"), "--preprocess", "--workers", "-1"]) == 2
