@@ -177,8 +177,9 @@ def _nonzero_shape(channels: Sequence[np.ndarray]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _label_array(case: Case, geometry: Geometry, labels: Sequence[int]) -> np.ndarray:
-    """The label map of ``case`` as integers, checked against the image grid and the allowed values."""
+def _label_array(case: Case, geometry: Geometry, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The label map of ``case`` as integers, checked against the image grid and the allowed values,
+    and its voxel count per value (``np.bincount``: one pass, no sort of the whole map)."""
     assert case.label is not None, "training cases have label maps"
     image = read_image(case.label, geometry.dims)
     problem = geometry.mismatch(Geometry.of(image))
@@ -187,12 +188,17 @@ def _label_array(case: Case, geometry: Geometry, labels: Sequence[int]) -> np.nd
     array = to_array(image)
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
         raise InputError(case.label, "label map has non-integer values")
-    values = np.unique(array).astype(np.int64)
-    undeclared = sorted(int(v) for v in values if int(v) not in labels)
+    array = array.astype(np.int64, copy=False)
+    negative = array < 0
+    if negative.any():
+        raise InputError(case.label, f"label values {sorted(int(v) for v in np.unique(array[negative]))} are not "
+                         f"declared in labels ({', '.join(str(k) for k in labels)})")
+    counts = np.bincount(array.ravel(), minlength=max(labels) + 1)
+    undeclared = sorted(int(v) for v in np.flatnonzero(counts) if int(v) not in labels)
     if undeclared:
         raise InputError(case.label, f"label values {undeclared} are not declared in labels "
                          f"({', '.join(str(k) for k in labels)})")
-    return array.astype(np.int64, copy=False)
+    return array, counts
 
 
 def analyze_case(case: Case, labels: Sequence[int], samples: int, seed: int, ignore_label: int | None = None
@@ -218,7 +224,7 @@ def analyze_case(case: Case, labels: Sequence[int], samples: int, seed: int, ign
             raise InputError(file, f"channel {number} of case {case.name} is not on the grid of channel 0 "
                              f"({files[0].name}): {problem}")
         arrays.append(to_array(image))
-    label = _label_array(case, geometry, labels)
+    label, counts = _label_array(case, geometry, labels)
     foreground = (label > 0) if ignore_label is None else (label > 0) & (label != ignore_label)
     rng = np.random.default_rng(seed)
     stats, sampled = [], []
@@ -227,7 +233,6 @@ def analyze_case(case: Case, labels: Sequence[int], samples: int, seed: int, ign
         stats.append(intensity_stats(values))
         sampled.append(rng.choice(values, samples, replace=True).astype(np.float32) if values.size
                        else np.empty(0, np.float32))
-    counts = np.bincount(label.ravel(), minlength=max(labels) + 1)
     fingerprint = CaseFingerprint(
         case.name, _ras_order(geometry, geometry.spacing), tuple(int(n) for n in _ras_order(geometry, geometry.size)),
         tuple(int(n) for n in _ras_order(geometry, _nonzero_shape(arrays))), tuple(stats),
