@@ -99,6 +99,11 @@ def test_bad_cases_are_refused_naming_the_file(known_dataset: Path) -> None:
     _write(label, array, (0.5, 1.0, 2.0))
     with pytest.raises(InputError, match=r"case_1\.nii\.gz: label values \[7\] are not declared"):
         extract_fingerprint(load_datalist(known_dataset), workers=2, samples=100, progress=False)
+    negative = np.zeros((6, 8, 10), np.int16)
+    negative[1, 1, 1] = -3
+    _write(label, negative, (0.5, 1.0, 2.0))
+    with pytest.raises(InputError, match=r"case_1\.nii\.gz: label values \[-3\] are not declared"):
+        extract_fingerprint(load_datalist(known_dataset), samples=100, progress=False)
     _write(label, np.zeros((6, 8, 10), np.uint8), (0.5, 1.0, 3.0))
     with pytest.raises(InputError, match=r"label map does not match its image case_1\.nii\.gz: spacing"):
         extract_fingerprint(load_datalist(known_dataset), samples=100, progress=False)
