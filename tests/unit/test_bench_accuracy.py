@@ -87,6 +87,18 @@ def test_nothing_to_do_is_a_usage_error(tiny_dataset: Path, tmp_path: Path) -> N
     assert exc.value.code == 2
 
 
+def test_systems_and_jobs_are_checked(tiny_dataset: Path, tmp_path: Path) -> None:
+    args = bench.parse_args(["--data", str(tiny_dataset), "--json", str(tmp_path / "b.json"), "--minutes", "1",
+                             "--systems", "default,planned,default", "--jobs", "2"])
+    assert args.systems == ("default", "planned") and args.jobs == 2
+    for bad in (["--systems", "planned,monai"], ["--jobs", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--data", str(tiny_dataset), "--json", str(tmp_path / "b.json"), "--minutes", "1", *bad])
+    assert bench.core_sets(1, 1) == [None]  # one job: not pinned
+    with pytest.raises(bench.BenchError, match="needs 20000 cores"):
+        bench.core_sets(2, 10_000)
+
+
 def _evaluation() -> dict:
     entry = {"dice": {"mean": 0.91}, "hd95_mm": {"mean": 3.5}}
     missed = {"dice": {"mean": 0.0}, "hd95_mm": {"mean": float("nan")}}  # label never predicted
