@@ -24,8 +24,9 @@ train with nnU-Net v2's defaults -- SGD with Nesterov momentum 0.99, learning ra
 :mod:`medseg.planning.recipe`), polynomial decay stepped per iteration, 250 iterations per epoch, the
 plan's batch of one patch per case, batch Dice + cross-entropy with deep supervision, gradients clipped
 to norm 12, mixed precision on CUDA, nnU-Net's augmentation, the preprocessed cases cached on disk
-(``cache_dir``) and loaded in worker processes; ``"custom"`` plans (the default plan, bundles made before the planner) keep the
-recipe they were made with (AdamW 2e-3, per-epoch decay, cases cached in memory).
+(``cache_dir``) and loaded in worker processes; ``"custom"`` plans (the default plan, bundles made
+before the planner) keep the recipe they were made with (AdamW 2e-3, per-epoch decay, cases cached in
+memory).
 
 The ids and references are those of MONAI's train-workflow properties
 (``monai.bundle.properties.TrainProperties``); references to nested parts use MONAI's separator ``::``
