@@ -83,7 +83,7 @@ def preprocess_cases(plan: Plan, dataset_dir: str | os.PathLike[str], bundle_dir
     chains = {"training": training_transforms(plan, samples_per_case=1),
               "validation": preprocessing(plan, ("image", "label"))}
     for part in ("training", "validation"):
-        dataset = preprocessed_dataset(case_items(split, part), chains[part], plan, folder, part)  # type: ignore[arg-type]
+        dataset = preprocessed_dataset(case_items(split, part), chains[part], plan, folder, part)
         loader = DataLoader(_Caching(dataset), batch_size=1, num_workers=workers if workers > 1 else 0,
                             collate_fn=_none)
         for _ in loader:
