@@ -69,8 +69,8 @@ def test_trained_run_folder_is_self_contained_and_segments(tmp_path: Path, train
 def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path: Path, ct_dataset: Path) -> None:
     """Kill a training process hard after its first checkpoint; --resume picks up at that epoch."""
     run = tmp_path / "run"
-    args = ["train", "--plan", "default", "--data", str(ct_dataset), "--out", str(run), "--epochs", "200", "--val-interval", "2",
-            "--patch-size", "32,32,16"]
+    args = ["train", "--data", str(ct_dataset), "--out", str(run), "--epochs", "200", "--val-interval", "2",
+            "--patch-size", "32,32,16"]  # a patch chosen by hand: the default plan
     process = subprocess.Popen([*_medseg(), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 1800  # a hang guard only: a slow machine waits longer, it does not fail
