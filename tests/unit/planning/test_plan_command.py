@@ -132,7 +132,8 @@ def test_train_plans_automatically_unless_the_network_or_patch_is_chosen_by_hand
     from medseg.cli.commands import train_plan_choice
     from medseg.cli.parser import build_parser
 
-    assert train_plan_choice(build_parser().parse_args(["train", "--data", "d.json", "--out", "run", *args])) == choice
+    target = [] if "--bundle" in args else ["--out", "run"]
+    assert train_plan_choice(build_parser().parse_args(["train", "--data", "d.json", *target, *args])) == choice
 
 
 @pytest.mark.slow
