@@ -36,14 +36,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nnunet_peer import Peer, PeerError, RawDataset, convert_dataset, plan_record
+from nnunet_peer import Peer, PeerError, RawDataset, convert_dataset, pinned, plan_record
 
 from medseg.data.datalist import load_datalist
 from medseg.errors import MedsegError
@@ -66,13 +66,6 @@ def medseg_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     return env
-
-
-def pinned(cores: frozenset[int] | None) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that keeps a child process (and its data-loading workers) on ``cores``."""
-    if cores is None:
-        return None
-    return lambda: os.sched_setaffinity(0, cores)
 
 
 def run_medseg(args: list[str], log: Path, threads: int, cores: frozenset[int] | None = None) -> float:

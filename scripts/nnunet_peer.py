@@ -263,7 +263,10 @@ def trainer_module_path(site_packages_nnunetv2: Path) -> Path:
     return site_packages_nnunetv2 / "training" / "nnUNetTrainer" / f"{TRAINER}.py"
 
 
-def _pin(cores: frozenset[int]) -> Callable[[], None]:
+def pinned(cores: frozenset[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that keeps a child process (and its workers) on ``cores`` (None: no pinning)."""
+    if cores is None:
+        return None
     return lambda: os.sched_setaffinity(0, cores)
 
 
@@ -361,7 +364,7 @@ class Peer:
         started = time.monotonic()
         with open(log_path, "w", encoding="utf-8") as out:
             code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=env or self.env(),
-                                   preexec_fn=None if self.cores is None else _pin(self.cores))
+                                   preexec_fn=pinned(self.cores))
         seconds = time.monotonic() - started
         if code != 0:
             text = log_path.read_text(encoding="utf-8", errors="replace")
