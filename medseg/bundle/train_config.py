@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import Any
 
 from medseg.plan import Plan
+from medseg.planning.recipe import OPTIMIZERS, SGD
 
 C = "medseg.bundle.components"
 
@@ -135,23 +136,22 @@ def _validate_parts(planned: bool) -> dict[str, Any]:
     }
 
 
-def _optimizer(plan: Plan | None) -> tuple[float, dict[str, Any]]:
-    """The learning rate and ``optimizer`` part: the plan's choice (``planning["optimizer"]``, see
-    :mod:`medseg.planning.recipe`), nnU-Net's SGD for a planned plan that records none."""
-    params = {"_target_": f"{E}.parts.parameters", "network": "@network"}
-    chosen = (plan.planning.get("optimizer") if plan is not None else None) or {"name": "SGD", "learning_rate": 0.01}
-    if chosen["name"] == "AdamW":
-        return float(chosen["learning_rate"]), {"_target_": "torch.optim.AdamW", "params": params,
-                                                "lr": "@learning_rate", "weight_decay": 3e-5}
-    return float(chosen["learning_rate"]), {"_target_": "torch.optim.SGD", "params": params, "lr": "@learning_rate",
-                                            "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}
+def _optimizer(plan: Plan, params: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """The learning rate and ``optimizer`` part of a planned plan: the optimiser it names
+    (``planning["optimizer"]``, settings from :data:`medseg.planning.recipe.OPTIMIZERS`), nnU-Net's SGD
+    for a plan that records none."""
+    chosen = plan.planning.get("optimizer") or SGD
+    settings = OPTIMIZERS.get(str(chosen.get("name")), SGD)
+    options = {key: value for key, value in settings.items() if key not in ("name", "learning_rate")}
+    return float(settings["learning_rate"]), {"_target_": f"torch.optim.{settings['name']}", "params": params,
+                                              "lr": "@learning_rate", **options}
 
 
 def _recipe(plan: Plan | None) -> dict[str, Any]:
     """The recipe's options, loss, optimiser and learning-rate schedule (see the module docstring)."""
+    params = {"_target_": f"{E}.parts.parameters", "network": "@network"}
     schedule = {"_target_": f"{E}.parts.poly_lr_schedule", "optimizer": "@optimizer", "epochs": "@epochs", "power": 0.9}
     if plan is None or not plan.planned:
-        params = {"_target_": f"{E}.parts.parameters", "network": "@network"}
         return {
             "learning_rate": 0.002, "batch_size": 2, "samples_per_case": 2, "iterations_per_epoch": None,
             "num_workers": 0,
@@ -161,7 +161,7 @@ def _recipe(plan: Plan | None) -> dict[str, Any]:
                           "weight_decay": 1e-5},
             "lr_scheduler": schedule,
         }
-    learning_rate, optimizer = _optimizer(plan)
+    learning_rate, optimizer = _optimizer(plan, params)
     return {
         "learning_rate": learning_rate,
         "batch_size": {"_target_": f"{E}.parts.plan_value", "plan": "@plan", "field": "batch_size"},

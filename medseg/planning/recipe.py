@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ADAMW", "SGD", "SGD_MIN_ITERATIONS", "choose_optimizer"]
+__all__ = ["ADAMW", "OPTIMIZERS", "SGD", "SGD_MIN_ITERATIONS", "choose_optimizer"]
 
 #: Budgets of at least this many iterations train with nnU-Net's SGD.
 SGD_MIN_ITERATIONS = 10_000
 SGD: dict[str, Any] = {"name": "SGD", "learning_rate": 0.01, "momentum": 0.99, "nesterov": True,
                        "weight_decay": 3e-5}
 ADAMW: dict[str, Any] = {"name": "AdamW", "learning_rate": 0.002, "weight_decay": 3e-5}
+#: The optimisers a plan may name (``planning["optimizer"]["name"]``), with their settings.
+OPTIMIZERS: dict[str, dict[str, Any]] = {"SGD": SGD, "AdamW": ADAMW}
 
 
 def choose_optimizer(expected_iterations: int | None) -> dict[str, Any]:
