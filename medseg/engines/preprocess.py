@@ -15,8 +15,13 @@ from typing import Any
 from monai.data import PersistentDataset
 from torch.utils.data import DataLoader, Dataset
 
-from medseg.data.datalist import split_cases
-from medseg.engines.data import Split, case_items, find_training_cases, preprocessed_dataset, training_transforms
+from medseg.engines.data import (
+    case_items,
+    find_training_cases,
+    preprocessed_dataset,
+    training_split,
+    training_transforms,
+)
 from medseg.errors import InputError
 from medseg.plan import Plan
 from medseg.transforms import preprocessing
@@ -78,7 +83,7 @@ def preprocess_cases(plan: Plan, dataset_dir: str | os.PathLike[str], bundle_dir
         raise InputError(None, f"--workers must be 0 or more, got {workers}")
     started = time.monotonic()
     datalist = find_training_cases(os.path.abspath(dataset_dir), plan)  # the paths medseg train will hash
-    split = Split(fold, *split_cases(datalist.training, fold))
+    split = training_split(datalist, bundle_dir, fold)
     folder = Path(bundle_dir) / CACHE_FOLDER
     chains = {"training": training_transforms(plan, samples_per_case=1),
               "validation": preprocessing(plan, ("image", "label"))}
