@@ -27,6 +27,7 @@ Spacing and patch are in the image's voxel axis order (x, y, z).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -88,16 +89,21 @@ def run_medseg(args: list[str], log: Path, threads: int, cores: frozenset[int] |
     return seconds
 
 
+@functools.cache
+def _plan_help() -> str | None:
+    """``medseg plan --help`` of this medseg (asked once), None when it has no ``medseg plan``."""
+    done = subprocess.run([sys.executable, "-m", "medseg", "plan", "--help"], capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else None
+
+
 def has_plan_command() -> bool:
     """Whether this medseg has ``medseg plan`` (the planner); without it plans come from ``bundle init``."""
-    done = subprocess.run([sys.executable, "-m", "medseg", "plan", "--help"], capture_output=True)
-    return done.returncode == 0
+    return _plan_help() is not None
 
 
 def has_preprocess_option() -> bool:
     """Whether this medseg's ``medseg plan`` has ``--preprocess`` (else training preprocesses on first use)."""
-    done = subprocess.run([sys.executable, "-m", "medseg", "plan", "--help"], capture_output=True, text=True)
-    return "--preprocess" in done.stdout
+    return "--preprocess" in (_plan_help() or "")
 
 
 def medseg_plan_args(data: Path, bundle: Path, device: str, memory_gb: float | None = None,
