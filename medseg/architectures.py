@@ -17,14 +17,15 @@ __all__ = ["ARCHITECTURES", "FIELDS", "NetworkSpec", "Topology", "default_filter
            "planned_filters"]
 
 #: The architectures :func:`medseg.networks.build_network` builds (``--network``), the first the default.
-ARCHITECTURES = ("unet", "dynunet", "segresnet")
+ARCHITECTURES = ("unet", "dynunet", "segresnet", "unet_head")
 #: The fields of :class:`NetworkSpec` each architecture uses besides ``name``: ``plan.json`` holds only these.
 FIELDS: dict[str, tuple[str, ...]] = {
     "unet": ("channels", "strides", "num_res_units", "norm", "dropout"),
     "dynunet": ("filters", "kernel_sizes", "level_strides", "res_block", "deep_supervision", "norm", "dropout"),
     "segresnet": ("init_filters", "blocks_down", "blocks_up", "norm", "dropout"),
+    "unet_head": ("channels", "level_strides", "num_res_units", "norm", "dropout"),
 }
-TITLES = {"unet": "U-Net", "dynunet": "DynUNet", "segresnet": "SegResNet"}
+TITLES = {"unet": "U-Net", "dynunet": "DynUNet", "segresnet": "SegResNet", "unet_head": "U-Net (pointwise head)"}
 #: Normalisations of DynUNet and SegResNet (the U-Net takes any name MONAI knows, as before).
 NORMS = ("instance", "batch")
 #: DynUNet topology: at most this many poolings, none that leaves an axis below ``MIN_EDGE`` voxels.
@@ -53,6 +54,9 @@ class NetworkSpec:
       the lower decoder levels while training (inference uses the main output only).
     * ``segresnet`` (MONAI ``SegResNet``): ``init_filters``, residual ``blocks_down`` per level and
       ``blocks_up`` (one fewer).
+    * ``unet_head`` (:class:`medseg.networks.unet_head.PointwiseHeadUNet`: MONAI ``UNet`` and a 1 x 1 x 1
+      head): ``channels`` per level and ``level_strides`` per level as a DynUNet's (per axis, the first
+      level's all 1), ``num_res_units``; the planner's network for short CPU budgets.
 
     ``norm`` and ``dropout`` are shared.
     """
@@ -85,13 +89,18 @@ class NetworkSpec:
 
     def planned(self, patch_size: Sequence[int], spacing: Sequence[float]) -> NetworkSpec:
         """This spec with a DynUNet's missing topology planned by :func:`dynunet_topology` (and
-        :func:`default_filters`); any other spec as it is.
+        :func:`default_filters`), a ``unet_head``'s missing ``level_strides`` likewise (its ``channels``
+        too unless they have one entry per level); any other spec as it is.
 
         Raises
         ------
         ValueError
             A patch too small for a DynUNet (fewer than two poolings).
         """
+        if self.name == "unet_head" and not self.level_strides:
+            strides = dynunet_topology(patch_size, spacing)[1]
+            channels = self.channels if len(self.channels) == len(strides) else default_filters(len(strides))
+            return replace(self, level_strides=strides, channels=channels)
         if self.name != "dynunet":
             return self
         kernels, strides = self.kernel_sizes, self.level_strides
@@ -109,11 +118,14 @@ class NetworkSpec:
         ValueError
             Naming the field: an unknown ``name``; a DynUNet whose ``kernel_sizes``, ``level_strides``
             and ``filters`` differ in length, have fewer than 3 levels, entries of another dimension
-            than ``dims`` or a first level that is strided; a SegResNet whose ``blocks_up`` is not one
+            than ``dims`` or a first level that is strided (likewise a ``unet_head``'s ``level_strides``
+            and ``channels``); a SegResNet whose ``blocks_up`` is not one
             shorter than ``blocks_down``; a U-Net with one stride per channel count.
         """
         if self.name not in ARCHITECTURES:
             raise ValueError(f"field 'network.name' must be one of {', '.join(ARCHITECTURES)}, got {self.name!r}")
+        if self.name == "unet_head":
+            _check_levels(self, dims, "channels")
         if self.name == "unet" and len(self.strides) != len(self.channels) - 1:
             raise ValueError(f"field 'network.strides' must have one value fewer than 'network.channels' "
                              f"({len(self.channels)})")
@@ -137,7 +149,7 @@ class NetworkSpec:
             return (math.prod(self.strides),) * dims
         if self.name == "segresnet":
             return (2 ** (len(self.blocks_down) - 1),) * dims
-        if self.name == "dynunet":
+        if self.name in ("dynunet", "unet_head"):
             if not self.level_strides:
                 raise ValueError("the DynUNet's strides are not planned yet (NetworkSpec.planned)")
             return tuple(math.prod(level[axis] for level in self.level_strides) for axis in range(dims))
@@ -153,8 +165,9 @@ class NetworkSpec:
         """
         divisors = self.patch_divisors(len(patch_size))
         if any(int(p) % d for p, d in zip(patch_size, divisors, strict=True)):
-            source = {"unet": "the product of 'network.strides'", "dynunet": "the products of "
-                      "'network.level_strides' per axis", "segresnet": "2 ** (levels of 'network.blocks_down' - 1)"}
+            per_axis = "the products of 'network.level_strides' per axis"
+            source = {"unet": "the product of 'network.strides'", "dynunet": per_axis, "unet_head": per_axis,
+                      "segresnet": "2 ** (levels of 'network.blocks_down' - 1)"}
             raise ValueError(f"field 'patch_size' ({list(patch_size)}) must be a multiple of {list(divisors)} per axis "
                              f"for the {self.name} network ({source[self.name]})")
 
@@ -164,14 +177,20 @@ def _check_dynunet(spec: NetworkSpec, dims: int) -> None:
         missing = "kernel_sizes" if not spec.kernel_sizes else "level_strides"
         raise ValueError(f"field 'network.{missing}' is missing: give both 'network.kernel_sizes' and "
                          f"'network.level_strides', or neither (then they are planned from the patch and spacing)")
+    _check_levels(spec, dims, "kernel_sizes", "filters")
+
+
+def _check_levels(spec: NetworkSpec, dims: int, *per_level: str) -> None:
+    """``level_strides`` (at least 3 levels of ``dims`` values, the first all 1) and the fields
+    ``per_level`` with one entry per level."""
     levels = len(spec.level_strides)
-    for key in ("kernel_sizes", "filters"):
+    for key in per_level:
         if len(getattr(spec, key)) != levels:
             raise ValueError(f"field 'network.{key}' must have one entry per level, like 'network.level_strides' "
                              f"({levels}), got {len(getattr(spec, key))}")
     if levels < 3:
-        raise ValueError(f"field 'network.level_strides' must have at least 3 levels (MONAI's DynUNet), got {levels}")
-    for key in ("kernel_sizes", "level_strides"):
+        raise ValueError(f"field 'network.level_strides' must have at least 3 levels, got {levels}")
+    for key in ("kernel_sizes", "level_strides") if spec.name == "dynunet" else ("level_strides",):
         if any(len(level) != dims for level in getattr(spec, key)):
             raise ValueError(f"field 'network.{key}' must hold {dims} values per level (the plan is {dims}D)")
     if any(s != 1 for s in spec.level_strides[0]):

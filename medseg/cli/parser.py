@@ -110,7 +110,8 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help="training patch in voxels, e.g. 96,96,48 (default: from the median image size)")
     p.add_argument("--network", choices=ARCHITECTURES, default=None,
                    help="architecture of a new plan: MONAI UNet, DynUNet (nnU-Net-style topology from the patch and "
-                        "spacing) or SegResNet (default: unet)")
+                        "spacing), SegResNet, or unet_head (MONAI UNet with a pointwise head, the planner's lean "
+                        "network) (default: unet)")
     p.add_argument("--ct-window", type=_hu_window, default=None, metavar="LOW,HIGH",
                    help="clip CT to this HU window, e.g. -160,240 (default: the foreground's 0.5-99.5 percentiles)")
 

@@ -1,4 +1,5 @@
-"""Network factory: the plan's architecture (MONAI UNet, DynUNet or SegResNet) for 2D and 3D segmentation."""
+"""Network factory: the plan's architecture (MONAI UNet, DynUNet or SegResNet, or a U-Net with a pointwise
+head) for 2D and 3D segmentation."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from monai.networks.nets import DynUNet, SegResNet, UNet
 
 from medseg.architectures import ARCHITECTURES, NetworkSpec
 from medseg.errors import BundleError
+from medseg.networks.unet_head import PointwiseHeadUNet
 from medseg.plan import Plan
 
 __all__ = ["build_network", "deep_supervision_heads"]
@@ -47,6 +49,11 @@ def _unet(spec: NetworkSpec, dims: int, channels: int, classes: int) -> torch.nn
                 num_res_units=spec.num_res_units, norm=spec.norm, dropout=spec.dropout)
 
 
+def _unet_head(spec: NetworkSpec, dims: int, channels: int, classes: int) -> torch.nn.Module:
+    return PointwiseHeadUNet(dims, channels, classes, spec.channels, [tuple(level) for level in spec.level_strides[1:]],
+                             num_res_units=spec.num_res_units, norm=spec.norm, dropout=spec.dropout)
+
+
 def deep_supervision_heads(spec: NetworkSpec) -> int:
     """Extra training outputs of a planned DynUNet ``spec`` with ``deep_supervision`` (0 without): one per
     decoder level below the full resolution, except the lowest one, which nnU-Net weights 0 in the loss
@@ -74,4 +81,4 @@ def _segresnet(spec: NetworkSpec, dims: int, channels: int, classes: int) -> tor
 
 
 _BUILDERS: dict[str, Callable[[NetworkSpec, int, int, int], torch.nn.Module]] = {
-    "unet": _unet, "dynunet": _dynunet, "segresnet": _segresnet}
+    "unet": _unet, "dynunet": _dynunet, "segresnet": _segresnet, "unet_head": _unet_head}

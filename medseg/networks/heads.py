@@ -12,7 +12,7 @@ __all__ = ["split_pointwise_head"]
 
 # network class -> attribute holding its last layer, a pointwise (1 x 1 x 1) convolution
 _POINTWISE_HEADS = {"DynUNet": "output_block", "BasicUNet": "final_conv",
-                    "SegResNet": "conv_final"}
+                    "SegResNet": "conv_final", "PointwiseHeadUNet": "head"}
 
 
 def split_pointwise_head(network: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, int] | None:
@@ -22,7 +22,8 @@ def split_pointwise_head(network: torch.nn.Module) -> tuple[torch.nn.Module, tor
     class logits (:func:`medseg.inference.sliding.slab_sliding_window`), so that its memory does not
     grow with the number of classes.
 
-    Known: MONAI's DynUNet, BasicUNet and SegResNet (whose last block is norm -> activation ->
+    Known: MONAI's DynUNet, BasicUNet and SegResNet, and medseg's
+    :class:`~medseg.networks.unet_head.PointwiseHeadUNet` (the last two end in norm -> activation ->
     1 x 1 x 1 convolution: the body keeps norm and activation). ``None`` for anything else, e.g.
     MONAI's ``UNet``, whose last layer is a 3 x 3 x 3 convolution. The original network is not
     modified (the body is a shallow copy). A DynUNet with deep-supervision heads splits too: the split
@@ -36,7 +37,7 @@ def split_pointwise_head(network: torch.nn.Module) -> tuple[torch.nn.Module, tor
     if not isinstance(last, torch.nn.Module):
         return None
     keep: torch.nn.Module = torch.nn.Identity()
-    if isinstance(last, torch.nn.Sequential):  # SegResNet: (norm, act, conv)
+    if isinstance(last, torch.nn.Sequential):  # SegResNet, PointwiseHeadUNet: (norm, act, conv)
         keep, last = torch.nn.Sequential(*list(last)[:-1]), list(last)[-1]
     convs = [m for m in last.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]  # noqa: SLF001
     params = [m for m in last.modules() if any(True for _ in m.parameters(recurse=False))]

@@ -26,7 +26,8 @@ def read_network(fields: Fields, dims: int) -> NetworkSpec:
     values = {"norm": fields.get("norm", str, *norms, default=default.norm),
               "dropout": fields.get("dropout", float, lambda v: 0 <= v < 1, "a number in [0, 1)",
                                     default=default.dropout)}
-    values.update({"unet": _unet, "dynunet": _dynunet, "segresnet": _segresnet}[name](fields, default, dims))
+    values.update({"unet": _unet, "dynunet": _dynunet, "segresnet": _segresnet,
+                   "unet_head": _unet_head}[name](fields, default, dims))
     fields.done()
     return NetworkSpec(name, **values)
 
@@ -38,6 +39,17 @@ def _unet(fields: Fields, default: NetworkSpec, dims: int) -> dict[str, Any]:
                              "than channels)") if "strides" in fields.data else default.strides
     fields.read.update({"channels", "strides"})
     return {"channels": tuple(channels), "strides": tuple(strides),
+            "num_res_units": fields.get("num_res_units", int, lambda v: v >= 0, "an integer >= 0",
+                                        default=default.num_res_units)}
+
+
+def _unet_head(fields: Fields, default: NetworkSpec, dims: int) -> dict[str, Any]:
+    """``unet_head`` fields: ``channels`` and ``level_strides`` per level (absent: planned later from
+    the patch, see :meth:`NetworkSpec.planned`), ``num_res_units``."""
+    channels = fields.numbers("channels", None, int, lambda v: v >= 1, "positive integers (one per level)") \
+        if "channels" in fields.data else default.channels
+    fields.read.add("channels")
+    return {"channels": tuple(channels), "level_strides": _levels(fields, "level_strides", dims, (1, 2), "1 or 2"),
             "num_res_units": fields.get("num_res_units", int, lambda v: v >= 0, "an integer >= 0",
                                         default=default.num_res_units)}
 

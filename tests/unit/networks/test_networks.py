@@ -88,6 +88,7 @@ def test_dynunet_topology_stops_an_axis_at_four_voxels_and_at_five_poolings() ->
     (NetworkSpec(channels=(8, 16), strides=(3,)), (3, 3, 3)),
     (NetworkSpec("segresnet", blocks_down=(1, 2, 2), blocks_up=(1, 1)), (4, 4, 4)),
     (NetworkSpec("dynunet").planned((64, 64, 32), (0.8, 0.8, 2.5)), (16, 16, 8)),
+    (NetworkSpec("unet_head").planned((64, 64, 32), (0.8, 0.8, 2.5)), (16, 16, 8)),
 ])
 def test_patch_divisors_per_architecture(spec: NetworkSpec, divisors: tuple[int, ...]) -> None:
     assert spec.patch_divisors(3) == divisors
@@ -103,11 +104,12 @@ def test_bundle_metadata_declares_the_divisors_per_axis() -> None:
     assert unet == ["8*n", "8*n"]
 
 
-@pytest.mark.parametrize("name", ["dynunet", "segresnet"])
+@pytest.mark.parametrize("name", ["dynunet", "segresnet", "unet_head"])
 def test_a_plan_with_the_new_fields_round_trips(tmp_path: Path, name: str) -> None:
     """plan.json holds the architecture's own fields only, and loads back equal."""
     extra = {"dynunet": {"filters": (8, 16, 32, 64), "res_block": True, "dropout": 0.1},
-             "segresnet": {"init_filters": 8, "blocks_down": (1, 2, 2), "blocks_up": (1, 1), "norm": "batch"}}
+             "segresnet": {"init_filters": 8, "blocks_down": (1, 2, 2), "blocks_up": (1, 1), "norm": "batch"},
+             "unet_head": {"channels": (8, 16, 32, 64), "num_res_units": 2}}
     plan = _plan(name, 3, **extra[name])
     plan.network = plan.network.planned(plan.patch_size, plan.target_spacing)
     path = plan.save(tmp_path / "plan.json")
@@ -116,6 +118,22 @@ def test_a_plan_with_the_new_fields_round_trips(tmp_path: Path, name: str) -> No
     loaded = Plan.load(path)
     assert loaded == plan and loaded.network.name == name
     assert Plan.from_json(plan.to_json()) == plan  # the in-memory form (tuples) too
+
+
+def test_a_unet_head_takes_the_dynunet_strides_per_axis_and_refuses_a_strided_first_level() -> None:
+    """The planner's lean network: MONAI's U-Net with per-axis strides (in-plane first on thick slices),
+    then a pointwise head; level_strides as a DynUNet's (first level full resolution)."""
+    plan = _plan("unet_head", 3)
+    plan.network = plan.network.planned(plan.patch_size, plan.target_spacing)
+    assert plan.network.level_strides == dynunet_topology(plan.patch_size, plan.target_spacing)[1]
+    assert plan.network.level_strides[1] == (2, 2, 1) and len(plan.network.channels) == len(plan.network.level_strides)
+    data = plan.to_json()
+    data["network"]["level_strides"] = [[2, 2, 2], *data["network"]["level_strides"][1:]]
+    with pytest.raises(ValueError, match="must start with a level of strides 1"):
+        Plan.from_json(data)
+    data["network"]["level_strides"] = [[1, 1, 1], [2, 2, 2]]
+    with pytest.raises(ValueError, match=r"'network\.channels' must have one entry per level"):
+        Plan.from_json(data)
 
 
 def test_a_dynunet_plan_without_topology_is_planned_on_load(tmp_path: Path) -> None:
