@@ -408,8 +408,10 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
     print(f"{datalist.name}: {len(raw.training)} training and {len(raw.test)} labelled test cases -> {raw.folder}",
           flush=True)
     peer = Peer(args.nnunet_venv.resolve(), work, args.threads, work / "logs")
-    peer.ensure()
-    print(f"nnU-Net v2 in {peer.venv} (nnunetv2 and torch: {peer.version})", flush=True)
+    needs_peer = args.compare_plans or (args.minutes is not None and "nnunet" in args.systems)
+    if needs_peer:  # medseg alone (--systems planned,default) needs no nnU-Net install
+        peer.ensure()
+        print(f"nnU-Net v2 in {peer.venv} (nnunetv2 and torch: {peer.version})", flush=True)
     records: list[dict] = []
     data = Path(datalist.path)
     if args.compare_plans:
@@ -418,10 +420,11 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
         done = next((r["plan_and_preprocess_seconds"] for r in records if r["system"] == "nnunet"), None)
         records += side_by_side(data, datalist.name, raw, peer, work, args.minutes, args.threads, args.tta, done,
                                 systems=args.systems, jobs=args.jobs)
-    nnunetv2, _, torch = peer.version.partition(" ")
-    for record in records:
-        if record["system"] == "nnunet":
-            record["versions"] = {"nnunetv2": nnunetv2, "torch": torch}
+    if needs_peer:
+        nnunetv2, _, torch = peer.version.partition(" ")
+        for record in records:
+            if record["system"] == "nnunet":
+                record["versions"] = {"nnunetv2": nnunetv2, "torch": torch}
     return records
 
 

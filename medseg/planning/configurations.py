@@ -38,14 +38,21 @@ class MemoryTargetError(ValueError):
 
 @dataclass(frozen=True)
 class Network:
-    """What the planned network is made of besides its topology: input channels, outputs, the width
-    of its first stage, residual blocks, deep supervision."""
+    """What the planned network is made of besides its topology: its ``architecture`` (``"dynunet"``,
+    nnU-Net's U-Net; ``"unet_head"``, MONAI's U-Net with a pointwise head, the lean network of short
+    CPU budgets), input channels, outputs, the width of its first stage, residual blocks, deep supervision.
+
+    Memory and multiply-accumulates are the DynUNet's of the same topology and widths; for a
+    ``unet_head``, whose convolutions after the first are all at half resolution or below, they are an
+    upper bound.
+    """
 
     in_channels: int
     out_channels: int
     base_features: int = 32
     res_block: bool = False
     deep_supervision: bool = True
+    architecture: str = "dynunet"
 
     def filters(self, topology: Topology) -> tuple[int, ...]:
         return planned_filters(topology.stages, len(topology.patch_size), self.base_features)

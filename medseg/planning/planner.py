@@ -25,7 +25,7 @@ from medseg.data.channels import channel_modality, channel_preset
 from medseg.data.fingerprint import Fingerprint, IntensityStats
 from medseg.errors import InputError
 from medseg.plan import Channel, Intensity, Plan, checked_network
-from medseg.planning.budget import TRAINING_SHARE, BudgetChoice, Candidate, budget_candidates, choose_for_budget
+from medseg.planning.budget import LEAN, TRAINING_SHARE, BudgetChoice, Candidate, budget_candidates, choose_for_budget
 from medseg.planning.configurations import (
     Configuration,
     MemoryTargetError,
@@ -72,8 +72,7 @@ class PlanningResult:
             f"configuration: {plan.configuration} (of {', '.join(sorted(self.configurations))})",
             f"target spacing: {' x '.join(f'{s:.4g}' for s in plan.target_spacing)} mm",
             f"patch: {' x '.join(map(str, plan.patch_size))}  batch: {plan.batch_size}",
-            (f"network: DynUNet{' (residual blocks)' if plan.network.res_block else ''}, {len(plan.network.filters)} "
-            f"stages, features {'-'.join(map(str, plan.network.filters))}"),
+            _network_line(plan.network),
             (f"memory: estimate {record['memory_estimate_gb']:.2f} GB, measured "
             f"{'n/a' if measured is None else f'{measured:.2f} GB'}, "
             f"target {record['memory_target_gb']:.3g} GB ({record['device']})"),
@@ -88,6 +87,18 @@ class PlanningResult:
             lines.append(f"optimizer: {optimizer['name']}, learning rate {optimizer['learning_rate']:g} "
                          f"({optimizer['reason']})")
         return lines
+
+
+def _features(spec: NetworkSpec) -> tuple[int, ...]:
+    """Feature channels per stage of a planned network (a DynUNet's ``filters``, the lean U-Net's ``channels``)."""
+    return spec.channels if spec.name == LEAN else spec.filters
+
+
+def _network_line(spec: NetworkSpec) -> str:
+    """``network: DynUNet, 5 stages, features 32-64-128-256-320`` (or the lean U-Net's)."""
+    features = _features(spec)
+    blocks = " (residual blocks)" if spec.name == "dynunet" and spec.res_block else ""
+    return f"network: {spec.title}{blocks}, {len(features)} stages, features {'-'.join(map(str, features))}"
 
 
 def plan_dataset(fingerprint: Fingerprint, options: PlannerOptions, timer: Timer | None = None,
@@ -144,7 +155,7 @@ def plan_dataset(fingerprint: Fingerprint, options: PlannerOptions, timer: Timer
     result = PlanningResult(plan, fingerprint, configurations)
     result.plans = _plans_json(result, options, spacings, shapes, name)
     log.info("plan: %s, spacing %s mm, patch %s, batch %d, %d stages", name, [round(s, 3) for s in plan.target_spacing],
-             list(plan.patch_size), plan.batch_size, len(plan.network.filters))
+             list(plan.patch_size), plan.batch_size, len(_features(plan.network)))
     return result
 
 
@@ -170,6 +181,8 @@ def _need_cuda(options: PlannerOptions, measuring: bool, what: str) -> None:
 
 def _spec(network: Network, candidate: Candidate) -> NetworkSpec:
     topology = candidate.topology
+    if network.architecture == LEAN:
+        return NetworkSpec(LEAN, channels=network.filters(topology), level_strides=topology.strides)
     return NetworkSpec("dynunet", filters=network.filters(topology), kernel_sizes=topology.kernel_sizes,
                        level_strides=topology.strides, res_block=network.res_block,
                        deep_supervision=network.deep_supervision)
@@ -306,7 +319,7 @@ def _plans_json(result: PlanningResult, options: PlannerOptions, spacings: np.nd
         "original_median_shape": [int(round(float(s))) for s in np.median(shapes, axis=0)],
         "configurations": configurations,
         "chosen": {"configuration": chosen, "patch_size": list(plan.patch_size), "batch_size": plan.batch_size,
-                   "filters": list(plan.network.filters), "plan": "plan.json"},
+                   "network": plan.network.name, "filters": list(_features(plan.network)), "plan": "plan.json"},
         "channel_names": {str(number): name for number, name in enumerate(result.fingerprint.channels)},
         "foreground_intensity_properties_per_channel": {
             str(number): vars(stats) for number, stats in enumerate(result.fingerprint.intensity)},

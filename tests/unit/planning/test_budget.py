@@ -7,7 +7,7 @@ import math
 import pytest
 
 from medseg.planning import PlannerOptions, plan_dataset
-from medseg.planning.budget import MIN_ITERATIONS, budget_candidates, choose_for_budget
+from medseg.planning.budget import LEAN, MAX_PROBES, MIN_ITERATIONS, Candidate, budget_candidates, choose_for_budget
 from medseg.planning.configurations import Network, fit_configuration
 from medseg.planning.memory import CPU_FLOAT32, GB
 
@@ -18,58 +18,84 @@ CONFIGURATION = fit_configuration("3d_fullres", (1.3, 1.3, 2.6), (96.0, 96.0, 45
 CANDIDATES = budget_candidates(CONFIGURATION, 8 * GB, CPU_FLOAT32)
 
 
-def _seconds(per_gmac: float, overhead: float = 0.0):
+def _seconds(per_gmac: float, overhead: float = 0.0, lean_speedup: float = 4.0):
+    """Fake timings: proportional to the multiply-accumulates (the lean U-Net ``lean_speedup`` times faster
+    than the DynUNet estimate its cost is given as)."""
     calls = []
 
     def timer(candidate) -> float:
         calls.append(candidate)
-        return overhead + per_gmac * candidate.macs / 1e9
+        speedup = lean_speedup if candidate.network.architecture == LEAN else 1.0
+        return overhead + per_gmac * candidate.macs / 1e9 / speedup
     return timer, calls
 
 
-def test_candidates_are_ranked_by_cost_and_include_the_memory_planned_network() -> None:
+def _expected(timer, budget: float) -> Candidate:
+    """The rule, by brute force: the largest patch the lean network trains MIN_ITERATIONS on, then the
+    most capacious network that does on that patch."""
+    limit = budget / MIN_ITERATIONS
+    lean = [c for c in CANDIDATES if c.network.architecture == LEAN]
+    patch = next((c.patch_size for c in lean if timer(c) <= limit), lean[-1].patch_size)
+    return next(c for c in CANDIDATES if c.patch_size == patch and (timer(c) <= limit or c.network.architecture == LEAN))
+
+
+def test_candidates_go_from_the_largest_patch_and_the_memory_planned_network_down() -> None:
     assert CANDIDATES[0].network.base_features == 32 and CANDIDATES[0].patch_size == CONFIGURATION.patch_size
-    costs = [c.macs for c in CANDIDATES]
-    assert costs[0] == max(costs) and costs[-1] == min(costs)
-    assert {c.network.base_features for c in CANDIDATES} == {8, 16, 32}
-    assert len({c.patch_size for c in CANDIDATES}) >= 3
+    assert CANDIDATES[0].batch_size == CONFIGURATION.batch_size
+    volumes = [math.prod(c.patch_size) for c in CANDIDATES]
+    assert volumes == sorted(volumes, reverse=True) and len(set(volumes)) >= 3
+    for patch in {c.patch_size for c in CANDIDATES}:
+        on_patch = [(c.network.architecture, c.network.base_features) for c in CANDIDATES if c.patch_size == patch]
+        assert on_patch == [("dynunet", 32), ("dynunet", 16), (LEAN, 16)]
+    lean = next(c for c in CANDIDATES if c.network.architecture == LEAN)
+    assert not lean.network.deep_supervision and not lean.network.res_block
 
 
-def test_a_fast_machine_gets_the_largest_candidate() -> None:
-    timer, calls = _seconds(per_gmac=0.001)
+def test_a_fast_machine_gets_nnunets_network_on_the_fitted_patch() -> None:
+    timer, calls = _seconds(per_gmac=0.0001)
     choice = choose_for_budget(CANDIDATES, 1800, timer)
     assert choice.candidate is CANDIDATES[0] and choice.expected_iterations >= MIN_ITERATIONS
-    assert len(calls) <= 5
+    assert len(calls) <= MAX_PROBES
 
 
-@pytest.mark.parametrize("per_gmac", [0.01, 0.05, 0.2])
-def test_the_most_costly_candidate_that_trains_long_enough_is_chosen(per_gmac: float) -> None:
-    timer, calls = _seconds(per_gmac, overhead=0.3)
-    budget = 1800.0
+@pytest.mark.parametrize(("per_gmac", "budget"), [(0.002, 1800.0), (0.01, 1800.0), (0.01, 7200.0), (0.05, 1800.0),
+                                                  (0.05, 36000.0)])
+def test_the_largest_patch_then_the_most_capacious_network_that_trains_long_enough(per_gmac: float,
+                                                                                   budget: float) -> None:
+    timer, calls = _seconds(per_gmac, overhead=0.05)
     choice = choose_for_budget(CANDIDATES, budget, timer)
-    fitting = [c for c in CANDIDATES if budget / (0.3 + per_gmac * c.macs / 1e9) >= MIN_ITERATIONS]
-    assert fitting and choice.candidate is fitting[0]
+    timed = len(calls)
+    assert choice.candidate is _expected(timer, budget)
     assert choice.expected_iterations == int(budget // choice.seconds_per_iteration) >= MIN_ITERATIONS
-    assert len(calls) <= 5 and sum(entry["chosen"] for entry in choice.candidates) == 1
+    assert timed <= MAX_PROBES and sum(entry["chosen"] for entry in choice.candidates) == 1
 
 
-def test_a_slow_machine_gets_the_cheapest_candidate_and_is_told() -> None:
+def test_short_budgets_choose_the_lean_network_and_long_ones_nnunets() -> None:
+    timer, _ = _seconds(per_gmac=0.01, overhead=0.05)
+    assert choose_for_budget(CANDIDATES, 1800, timer).candidate.network.architecture == LEAN
+    assert choose_for_budget(CANDIDATES, 1_000_000, timer).candidate is CANDIDATES[0]
+
+
+def test_a_slow_machine_gets_the_lean_network_on_the_smallest_patch_and_is_told() -> None:
     timer, calls = _seconds(per_gmac=10.0, overhead=5.0)
     choice = choose_for_budget(CANDIDATES, 600, timer)
-    assert choice.candidate is CANDIDATES[-1] and choice.expected_iterations < MIN_ITERATIONS
+    assert choice.candidate is CANDIDATES[-1] and choice.candidate.network.architecture == LEAN
+    assert choice.expected_iterations < MIN_ITERATIONS
     assert "no candidate trains" in choice.reason and len(calls) == 1  # nothing else was worth timing
 
 
 def test_the_planner_records_its_budget_reasoning() -> None:
     fingerprint = fake_fingerprint([(1.3, 1.3, 2.6)] * 10, [(96, 96, 45)] * 10)
-    timer, _ = _seconds(per_gmac=0.05, overhead=0.2)
+    timer, _ = _seconds(per_gmac=0.01, overhead=0.05)
     plan = plan_dataset(fingerprint, PlannerOptions(device="cpu", time_budget_hours=0.5, measure=False),
                         timer=timer).plan
     record = plan.planning
     assert record["time_budget_hours"] == 0.5 and record["expected_iterations"] >= MIN_ITERATIONS
-    assert record["seconds_per_iteration"] == pytest.approx(0.2 + 0.05 * record_macs(record) / 1e9, rel=1e-3)
+    assert record["seconds_per_iteration"] == pytest.approx(0.05 + 0.01 * record_macs(record) / 4e9, rel=1e-3)
     assert math.prod(plan.patch_size) <= math.prod(CONFIGURATION.patch_size)
-    assert plan.network.filters[0] == record["base_features"] and "reason" in record
+    # the lean U-Net, built from the plan with the candidate's strides and widths
+    assert plan.network.name == LEAN and plan.network.channels[0] == record["base_features"] and "reason" in record
+    assert plan.network.level_strides and not record["deep_supervision"]
     assert any(entry["chosen"] for entry in record["candidates"])
     # a budget of a few thousand iterations trains with AdamW; no budget (a GPU plan) with nnU-Net's SGD
     assert record["expected_iterations"] < 10_000 and record["optimizer"]["name"] == "AdamW"

@@ -23,7 +23,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_plan_writes_a_bundle_that_loads_builds_and_maps_its_patch(tiny: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "planned"
-    # a budget too short for anything: only the cheapest candidate is timed (the choice is tested in test_budget)
+    # a budget too short for anything: only the lean network on the smallest patch is timed (the choice is
+    # tested in test_budget)
     assert main(["plan", "--data", str(tiny), "--out", str(out), "--workers", "1", "--time-budget", "0.01"]) == 0
     printed = capsys.readouterr().out
     assert "configuration: 3d_fullres" in printed and "expected iterations:" in printed and "patch:" in printed
@@ -33,7 +34,7 @@ def test_plan_writes_a_bundle_that_loads_builds_and_maps_its_patch(tiny: Path, t
     plans = json.loads((configs / "plans.json").read_text(encoding="utf-8"))
     assert len(fingerprint["cases"]) == 2 and fingerprint["cases"][0]["class_voxels"]
     assert set(plans["configurations"]) == {"2d", "3d_fullres"} and plans["chosen"]["configuration"] == "3d_fullres"
-    assert plan.configuration == "3d_fullres" and plan.network.name == "dynunet" and plan.network.deep_supervision
+    assert plan.configuration == "3d_fullres" and plan.network.name == "unet_head" and "U-Net (pointwise head)" in printed
     record = plan.planning
     assert record["device"] == "cpu" and record["time_budget_hours"] == 0.01 and record["seconds_per_iteration"] > 0
     assert record["memory_measured_gb"] is None or record["memory_measured_gb"] <= record["memory_target_gb"]
@@ -115,7 +116,7 @@ def test_train_plans_automatically_and_trains_the_planned_bundle(tiny: Path, tmp
                  "--max-minutes", "5", "--max-iterations", "2", "--epochs", "1"]) == 0  # 2 iterations on a slow machine too
     plan = Plan.load(run / "configs" / "plan.json")
     assert (run / "configs" / "fingerprint.json").is_file() and (run / "configs" / "plans.json").is_file()
-    assert plan.network.name == "dynunet" and plan.planning["time_budget_hours"] == pytest.approx(5 / 60)
+    assert plan.network.name == "unet_head" and plan.planning["time_budget_hours"] == pytest.approx(5 / 60)
     summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
     assert summary["iterations"] == 2 and (run / "models" / "model.pt").is_file()
     assert summary["options"]["batch_size"] * summary["options"]["samples_per_case"] == plan.batch_size
