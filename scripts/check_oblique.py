@@ -10,10 +10,14 @@ planned recipe should hold within 0.05 mean Dice of the axis-aligned cases (issu
 ``--recipe planned`` trains the default plan marked as planned (a DynUNet with deep supervision,
 ``configuration: 3d_fullres``: the planned training recipe of ``configs/train.json``), ``--recipe
 custom`` the default plan as it is (the recipe of bundles made before the planner); ``--recipe both``
-runs one after the other on the same data. Training is bounded by iterations, not time. Usage::
+runs one after the other on the same data. Training is bounded by iterations, not time. ``--model
+BUNDLE --data DIR/dataset.json`` trains nothing: it scores a trained bundle (e.g. the planner's, from
+``scripts/bench_accuracy.py --keep``) on that dataset's test cases (``imagesTs``/``labelsTs``),
+axis-aligned and oblique. Usage::
 
     python scripts/check_oblique.py --work /tmp/oblique [--cases 16] [--size 96] [--iterations 500]
         [--recipe planned|custom|both] [--angle 12] [--json FILE]
+    python scripts/check_oblique.py --work /tmp/oblique --model BUNDLE --data DIR/dataset.json [--json FILE]
 """
 
 from __future__ import annotations
@@ -119,6 +123,19 @@ def _score(run: Path, images: Path, labels: Path, out: Path, names: dict[int, st
             "dice": {entry["name"]: entry["dice"]["mean"] for entry in result["labels"].values()}}
 
 
+def score_model(model: Path, work: Path, dataset_json: Path, oblique: tuple[Path, Path]) -> dict[str, Any]:
+    """A trained bundle's mean Dice on the dataset's axis-aligned and oblique test cases."""
+    from medseg.data.datalist import load_datalist
+
+    names = load_datalist(dataset_json).labels
+    data = dataset_json.parent
+    axis = _score(model, data / "imagesTs", data / "labelsTs", work / "axis-model", names)
+    tilted = _score(model, oblique[0], oblique[1], work / "oblique-model", names)
+    return {"recipe": f"model {model}", "iterations": None, "train_seconds": None, "axis_aligned": axis,
+            "oblique": tilted, "drop": None if axis["mean_dice"] is None or tilted["mean_dice"] is None
+            else axis["mean_dice"] - tilted["mean_dice"]}
+
+
 def check(recipe: str, work: Path, dataset_json: Path, oblique: tuple[Path, Path], iterations: int) -> dict[str, Any]:
     """Train ``recipe`` on the dataset, score the axis-aligned and the oblique test cases."""
     from medseg.data.datalist import load_datalist
@@ -147,11 +164,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recipe", choices=["planned", "custom", "both"], default="both")
     parser.add_argument("--angle", type=float, default=12.0, help="in-plane rotation in degrees (tilt: half of it)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--model", type=Path, default=None, help="score this trained bundle (train nothing)")
+    parser.add_argument("--data", type=Path, default=None, help="with --model: the dataset.json whose test cases "
+                        "(imagesTs, labelsTs) are scored")
     args = parser.parse_args(argv)
+    if (args.model is None) != (args.data is None):
+        parser.error("--model and --data go together")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from medseg.data.synthetic import write_dataset
 
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.model is not None:
+        oblique = oblique_test_set(args.data.parent, args.work / "oblique", args.angle)
+        result = score_model(args.model, args.work, args.data, oblique)
+        print(f"{args.model}: mean Dice axis-aligned {result['axis_aligned']['mean_dice']:.3f}, oblique "
+              f"{result['oblique']['mean_dice']:.3f} (drop {result['drop']:.3f})", flush=True)
+        if args.json is not None:
+            args.json.write_text(json.dumps([result], indent=2) + "\n", encoding="utf-8")
+        return 0
     data = args.work / "data"
     dataset_json = data / "dataset.json"
     if not dataset_json.exists():

@@ -57,3 +57,10 @@ def test_the_label_keeps_its_volume_and_the_image_is_interpolated_linearly() -> 
     assert edge.sum() > 100 and values.min() == pytest.approx(-50.0)
     with pytest.raises(ValueError, match="three positive spacings"):
         check_oblique.regrid_oblique(image, 12.0, spacing=(1.0, 1.0))
+
+
+def test_a_model_is_scored_only_on_a_named_dataset(tmp_path: Path) -> None:
+    """--model scores a trained bundle on a dataset's test cases: without --data there is nothing to score."""
+    with pytest.raises(SystemExit) as exit_info:
+        check_oblique.main(["--work", str(tmp_path / "w"), "--model", str(tmp_path / "bundle")])
+    assert exit_info.value.code == 2 and not (tmp_path / "w").exists()
