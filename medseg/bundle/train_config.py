@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from medseg.errors import BundleError
 from medseg.plan import Plan
 from medseg.planning.recipe import OPTIMIZERS, SGD
 
@@ -139,9 +140,18 @@ def _validate_parts(planned: bool) -> dict[str, Any]:
 def _optimizer(plan: Plan, params: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """The learning rate and ``optimizer`` part of a planned plan: the optimiser it names
     (``planning["optimizer"]``, settings from :data:`medseg.planning.recipe.OPTIMIZERS`), nnU-Net's SGD
-    for a plan that records none."""
+    for a plan that records none.
+
+    Raises
+    ------
+    BundleError
+        ``planning.optimizer.name`` is not one of :data:`~medseg.planning.recipe.OPTIMIZERS`.
+    """
     chosen = plan.planning.get("optimizer") or SGD
-    settings = OPTIMIZERS.get(str(chosen.get("name")), SGD)
+    name = chosen.get("name") if isinstance(chosen, dict) else None
+    settings = OPTIMIZERS.get(str(name))
+    if settings is None:
+        raise BundleError(f"plan.json: 'planning.optimizer.name' must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     options = {key: value for key, value in settings.items() if key not in ("name", "learning_rate")}
     return float(settings["learning_rate"]), {"_target_": f"torch.optim.{settings['name']}", "params": params,
                                               "lr": "@learning_rate", **options}

@@ -133,14 +133,14 @@ def test_mr_dataset_trains_with_mr_preset(tmp_path: Path) -> None:
 
 
 def test_demo_plans_for_its_time_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``medseg demo`` by default: the planner plans for the --minutes budget (a DynUNet, AdamW for a short
-    budget); bounded here by 4 iterations. ``--plan auto`` without a budget is refused before anything is written."""
+    """``medseg demo`` by default: the planner plans for the --minutes budget (the lean U-Net with a
+    pointwise head, AdamW for a short budget); bounded here by 4 iterations. ``--plan auto`` without a budget is refused before anything is written."""
     from medseg.demo import run_demo
     from medseg.plan import Plan
 
     result = run_demo(tmp_path / "demo", minutes=2, cases=6, max_iterations=4)
     plan = Plan.load(tmp_path / "demo" / "run" / "configs" / "plan.json")
-    assert plan.planned and plan.network.name == "dynunet" and plan.planning["optimizer"]["name"] == "AdamW"
+    assert plan.planned and plan.network.name == "unet_head" and plan.planning["optimizer"]["name"] == "AdamW"
     assert plan.planning["time_budget_hours"] == pytest.approx(2 / 60)
     assert 0 < result["train"]["iterations"] <= 4 and 0.0 <= result["mean_dice"] <= 1.0
     assert main(["demo", "--out", str(tmp_path / "none"), "--plan", "auto", "--minutes", "0"]) == 2

@@ -40,6 +40,7 @@ from medseg.engines.parts import (
     validation_postprocessing,
 )
 from medseg.engines.progress import Pace
+from medseg.errors import BundleError
 from medseg.labels import Region
 from medseg.networks import build_network
 from medseg.plan import Intensity, Plan
@@ -94,6 +95,8 @@ def test_a_plan_whose_budget_is_short_trains_with_adamw_and_a_long_or_no_budget_
         config = train_config(_plan(planning={"optimizer": choose_optimizer(iterations)}))
         assert (config["optimizer"]["_target_"], config["learning_rate"]) == ("torch.optim.SGD", 0.01)
     assert "700 iterations expected" in choose_optimizer(700)["reason"]
+    with pytest.raises(BundleError, match=r"'planning\.optimizer\.name' must be one of SGD, AdamW, got 'Adam'"):
+        train_config(_plan(planning={"optimizer": {"name": "Adam"}}))  # a hand-edited plan: refused, not SGD
 
 
 def test_safe_mode_accepts_a_planned_bundle_and_confines_mlflow_and_the_cache(tmp_path: Path) -> None:
