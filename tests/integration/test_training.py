@@ -134,7 +134,8 @@ def test_mr_dataset_trains_with_mr_preset(tmp_path: Path) -> None:
 
 def test_demo_plans_for_its_time_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``medseg demo`` by default: the planner plans for the --minutes budget (the lean U-Net with a
-    pointwise head, AdamW for a short budget); bounded here by 4 iterations. ``--plan auto`` without a budget is refused before anything is written."""
+    pointwise head, AdamW for a short budget); bounded here by 4 iterations. ``--plan auto`` without a
+    budget is refused before anything is written."""
     from medseg.demo import run_demo
     from medseg.plan import Plan
 
