@@ -5,19 +5,21 @@ NaN becomes 1 mm (nibabel logs "setting 0 dims to 1", ITK says nothing), and the
 then disagree about the grid. :func:`check_nifti_header` reads the header as written
 (``check=False``) and refuses what would need such a repair; :func:`check_nifti_data` decompresses a
 ``.nii.gz`` to its end to catch truncation (nibabel and ITK return truncated gzip files without
-complaint).
+complaint). Decompression goes through ISA-L (``isal``, the library behind ``xopen`` and ``pigz``-like
+tools), about twice as fast as Python's ``gzip`` on the same stream and equally strict about its end.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 import struct
 import zlib
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
+from isal import igzip, isal_zlib
 from nibabel.spatialimages import HeaderDataError
 
 from medseg.errors import InputError
@@ -25,6 +27,11 @@ from medseg.io.geometry import grid_problem, split_affine
 from medseg.io.layout import MAX_DEFLATE_RATIO
 
 __all__ = ["NiftiInfo", "check_nifti_data", "check_nifti_header", "read_nifti_bytes"]
+
+#: What a broken gzip stream raises: a bad header (OSError), an early end (EOFError), corrupt deflate data
+#: (ISA-L's error; its stubs declare it as an instance, hence the cast).
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error,
+                                                   cast("type[Exception]", isal_zlib.error))
 
 
 class NiftiInfo:
@@ -39,11 +46,11 @@ class NiftiInfo:
 
 def _raw_header(path: Path) -> nib.Nifti1Header:
     """The header exactly as written (no repairs), NIfTI-1 or NIfTI-2."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    opener = igzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as fp:
             head = fp.read(540)
-    except (OSError, EOFError, zlib.error) as exc:
+    except _STREAM_ERRORS as exc:
         raise InputError(path, f"not a readable image ({exc})") from None
     for endian in "<>":
         if len(head) >= 4:
@@ -169,13 +176,13 @@ def _decompress(path: Path, info: NiftiInfo, keep: bool) -> bytes:
     kept = b""
     count = 0
     try:
-        with gzip.open(path, "rb") as stream:
+        with igzip.open(path, "rb") as stream:
             if keep:
                 kept = stream.read(need)  # at most what the header declares (checked against the file size)
                 count = len(kept)
             while chunk := stream.read(1 << 22):
                 count += len(chunk)
-    except (EOFError, OSError, zlib.error) as exc:
+    except _STREAM_ERRORS as exc:
         raise InputError(path, f"compressed data is truncated or corrupt ({exc})") from None
     if count < need:
         raise InputError(path, f"file is truncated: it decompresses to {count} bytes, the header needs {need}")

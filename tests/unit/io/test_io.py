@@ -26,9 +26,11 @@ from medseg.io.image import (
     list_images,
     read_geometry,
     read_image,
+    read_source,
     to_array,
     write_label_map,
 )
+from medseg.io.nifti import check_nifti_header, read_nifti_bytes
 from medseg.io.reader import ImageFileReader, LoadImageFiled
 
 FORMATS = (".nii.gz", ".nrrd", ".mha", ".mhd")
@@ -307,6 +309,28 @@ def test_read_image_refuses_truncated_file(tmp_path: Path, suffix: str) -> None:
     with pytest.raises(InputError) as excinfo:
         read_image(path)
     assert "truncated" in _assert_path_error(excinfo, path)
+
+
+@pytest.mark.parametrize("damage", ["deflate data", "checksum"])
+def test_corrupt_nifti_gz_stream_is_refused_naming_the_file(tmp_path: Path, damage: str) -> None:
+    """Damage that keeps the file's length (a flipped run of bytes inside the deflate data, or a wrong
+    CRC-32 in the gzip trailer) is caught by the one decompression (:func:`read_nifti_bytes`, ISA-L), as
+    truncation is; the readers built on it refuse the file naming it (ITK may refuse it first)."""
+    path = tmp_path / "scan.nii.gz"
+    voxels = np.random.default_rng(0).normal(size=(24, 24, 24)).astype(np.float32)
+    nib.save(nib.Nifti1Image(voxels, np.eye(4)), str(path))
+    info = check_nifti_header(path)
+    data = bytearray(path.read_bytes())
+    where = len(data) // 2 if damage == "deflate data" else len(data) - 8
+    data[where : where + 4] = bytes(255 - b for b in data[where : where + 4])
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError) as excinfo:
+        read_nifti_bytes(path, info)
+    assert "compressed data is truncated or corrupt" in _assert_path_error(excinfo, path)
+    for read in (read_image, read_source):
+        with pytest.raises(InputError) as excinfo:
+            read(path)
+        _assert_path_error(excinfo, path)
 
 
 def test_read_4d_image_where_3d_is_expected(tmp_path: Path, reader) -> None:
