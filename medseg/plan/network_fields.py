@@ -32,26 +32,34 @@ def read_network(fields: Fields, dims: int) -> NetworkSpec:
     return NetworkSpec(name, **values)
 
 
-def _unet(fields: Fields, default: NetworkSpec, dims: int) -> dict[str, Any]:
-    channels = fields.numbers("channels", None, int, lambda v: v >= 1, "positive integers") \
+def _channels(fields: Fields, default: NetworkSpec, expected: str) -> tuple[int, ...]:
+    """``network.channels``: positive integers, or the default's when absent."""
+    channels = fields.numbers("channels", None, int, lambda v: v >= 1, expected) \
         if "channels" in fields.data else default.channels
+    fields.read.add("channels")
+    return tuple(channels)
+
+
+def _res_units(fields: Fields, default: NetworkSpec) -> int:
+    """``network.num_res_units``: an integer >= 0, or the default's."""
+    units: int = fields.get("num_res_units", int, lambda v: v >= 0, "an integer >= 0", default=default.num_res_units)
+    return units
+
+
+def _unet(fields: Fields, default: NetworkSpec, dims: int) -> dict[str, Any]:
+    channels = _channels(fields, default, "positive integers")
     strides = fields.numbers("strides", len(channels) - 1, int, lambda v: v >= 1, "positive integers (one fewer "
                              "than channels)") if "strides" in fields.data else default.strides
-    fields.read.update({"channels", "strides"})
-    return {"channels": tuple(channels), "strides": tuple(strides),
-            "num_res_units": fields.get("num_res_units", int, lambda v: v >= 0, "an integer >= 0",
-                                        default=default.num_res_units)}
+    fields.read.add("strides")
+    return {"channels": channels, "strides": tuple(strides), "num_res_units": _res_units(fields, default)}
 
 
 def _unet_head(fields: Fields, default: NetworkSpec, dims: int) -> dict[str, Any]:
     """``unet_head`` fields: ``channels`` and ``level_strides`` per level (absent: planned later from
     the patch, see :meth:`NetworkSpec.planned`), ``num_res_units``."""
-    channels = fields.numbers("channels", None, int, lambda v: v >= 1, "positive integers (one per level)") \
-        if "channels" in fields.data else default.channels
-    fields.read.add("channels")
-    return {"channels": tuple(channels), "level_strides": _levels(fields, "level_strides", dims, (1, 2), "1 or 2"),
-            "num_res_units": fields.get("num_res_units", int, lambda v: v >= 0, "an integer >= 0",
-                                        default=default.num_res_units)}
+    return {"channels": _channels(fields, default, "positive integers (one per level)"),
+            "level_strides": _levels(fields, "level_strides", dims, (1, 2), "1 or 2"),
+            "num_res_units": _res_units(fields, default)}
 
 
 def _dynunet(fields: Fields, default: NetworkSpec, dims: int) -> dict[str, Any]:
