@@ -190,8 +190,8 @@ def _check_levels(spec: NetworkSpec, dims: int, *per_level: str) -> None:
                              f"({levels}), got {len(getattr(spec, key))}")
     if levels < 3:
         raise ValueError(f"field 'network.level_strides' must have at least 3 levels, got {levels}")
-    for key in ("kernel_sizes", "level_strides") if spec.name == "dynunet" else ("level_strides",):
-        if any(len(level) != dims for level in getattr(spec, key)):
+    for key in (*per_level, "level_strides"):  # the per-axis ones (kernel sizes): one value per axis
+        if any(isinstance(level, Sequence) and len(level) != dims for level in getattr(spec, key)):
             raise ValueError(f"field 'network.{key}' must hold {dims} values per level (the plan is {dims}D)")
     if any(s != 1 for s in spec.level_strides[0]):
         raise ValueError(f"field 'network.level_strides' must start with a level of strides 1 (full resolution), "
