@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import SimpleITK as sitk
 from nibabel.orientations import io_orientation
 from tqdm import tqdm
 
 from medseg.data.cases import Case, Datalist
+from medseg.data.validation import read_label_map
 from medseg.errors import InputError, MedsegError, printable
 from medseg.io.atomic import atomic_write_text
 from medseg.io.geometry import Geometry
-from medseg.io.image import SourceImage, read_source
+from medseg.io.image import read_voxels
 from medseg.labels import Region
 
 __all__ = ["FINGERPRINT_FORMAT", "CaseFingerprint", "Fingerprint", "IntensityStats", "extract_fingerprint",
@@ -178,42 +178,6 @@ def _nonzero_shape(channels: Sequence[np.ndarray]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _voxels(source: SourceImage) -> np.ndarray:
-    """The voxels of an image read once (:func:`read_source`: a ``.nii.gz`` decompressed once, not once to
-    check the stream, once by ITK and once more for the NaN check), in index order, as an array that owns
-    them, shaped as the grid (a NIfTI file may store trailing axes of length 1)."""
-    array = source.voxels()
-    if isinstance(source.pixels, sitk.Image):  # a view valid only while the ITK image lives
-        array = array.copy()
-    size = tuple(int(n) for n in source.geometry.size)
-    source.drop_pixels()
-    return array.reshape(size) if array.shape != size else array
-
-
-def _label_array(case: Case, geometry: Geometry, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The label map of ``case`` as integers, checked against the image grid and the allowed values,
-    and its voxel count per value (``np.bincount``: one pass, no sort of the whole map)."""
-    assert case.label is not None, "training cases have label maps"
-    source = read_source(case.label, geometry.dims)
-    problem = geometry.mismatch(source.geometry)
-    if problem:
-        raise InputError(case.label, f"label map does not match its image {case.image.name}: {problem}")
-    array = _voxels(source)
-    if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
-        raise InputError(case.label, "label map has non-integer values")
-    array = array.astype(np.int64, copy=False)
-    negative = array < 0
-    if negative.any():
-        raise InputError(case.label, f"label values {sorted(int(v) for v in np.unique(array[negative]))} are not "
-                         f"declared in labels ({', '.join(str(k) for k in labels)})")
-    counts = np.bincount(array.ravel(), minlength=max(labels) + 1)
-    undeclared = sorted(int(v) for v in np.flatnonzero(counts) if int(v) not in labels)
-    if undeclared:
-        raise InputError(case.label, f"label values {undeclared} are not declared in labels "
-                         f"({', '.join(str(k) for k in labels)})")
-    return array, counts
-
-
 def analyze_case(case: Case, labels: Sequence[int], samples: int, seed: int, ignore_label: int | None = None
                  ) -> tuple[CaseFingerprint, list[np.ndarray], int]:
     """The fingerprint of one case, its sampled foreground intensities per channel (``samples`` each,
@@ -227,17 +191,17 @@ def analyze_case(case: Case, labels: Sequence[int], samples: int, seed: int, ign
         label values, channels on different grids.
     """
     files = case.images
-    first = read_source(files[0])
-    geometry = first.geometry
-    arrays = [_voxels(first)]
+    geometry, first = read_voxels(files[0])
+    arrays = [first]
     for number, file in enumerate(files[1:], start=1):
-        source = read_source(file, geometry.dims)
-        problem = geometry.mismatch(source.geometry)
+        channel_geometry, array = read_voxels(file, geometry.dims)
+        problem = geometry.mismatch(channel_geometry)
         if problem:
             raise InputError(file, f"channel {number} of case {case.name} is not on the grid of channel 0 "
                              f"({files[0].name}): {problem}")
-        arrays.append(_voxels(source))
-    label, counts = _label_array(case, geometry, labels)
+        arrays.append(array)
+    assert case.label is not None, "training cases have label maps"
+    label, counts = read_label_map(case.label, case.image, geometry, labels)
     foreground = (label > 0) if ignore_label is None else (label > 0) & (label != ignore_label)
     rng = np.random.default_rng(seed)
     stats, sampled = [], []

@@ -12,10 +12,13 @@ import SimpleITK as sitk
 from medseg.data.cases import Case, Datalist
 from medseg.errors import InputError
 from medseg.io.geometry import Geometry
-from medseg.io.image import read_geometry, read_image
+from medseg.io.image import read_geometry, read_voxels
 from medseg.io.itkfiles import itk_readable
 
-__all__ = ["validate_case", "validate_datalist"]
+__all__ = ["read_label_map", "validate_case", "validate_datalist"]
+
+#: Voxels counted at a time by :func:`read_label_map` (its temporary arrays stay this small).
+_SLAB_VOXELS = 1 << 24
 
 
 def _file_dimension(path: Path) -> int | None:
@@ -65,17 +68,46 @@ def validate_case(case: Case, labels: Collection[int], dims: int | None = None) 
         problem = geometry.mismatch(_geometry(case.label, geometry.dims))
         if problem:
             raise InputError(case.label, f"label map does not match its image {case.image.name}: {problem}")
-        array = sitk.GetArrayFromImage(read_image(case.label))
-        if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
-            raise InputError(case.label, "label map has non-integer values")
-        values = {int(v) for v in np.unique(array)}
-        undeclared = sorted(values - set(labels))
-        if undeclared:
-            declared = ", ".join(str(k) for k in sorted(labels))
-            raise InputError(case.label, f"label values {undeclared} are not declared in labels ({declared})")
+        read_label_map(case.label, case.image, geometry, labels)
     for channel in case.images:
-        read_image(channel, geometry.dims)  # full read: catches truncated pixel data
+        read_voxels(channel, geometry.dims)  # full read: catches truncated pixel data, NaN voxels
     return geometry
+
+
+def read_label_map(path: Path, image: Path, geometry: Geometry, labels: Collection[int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """A case's label map read once (:func:`~medseg.io.image.read_voxels`) and checked: on the grid
+    ``geometry`` of its image ``image``, integer values declared in ``labels``. Returns the voxels (index
+    order, their stored type) and the voxel count of each value from 0 to the largest declared one,
+    counted a slab at a time (no sort, no 64-bit copy of the whole map).
+
+    Raises
+    ------
+    InputError
+        Naming ``path``: unreadable, off the image's grid, non-integer or undeclared values.
+    """
+    label_geometry, array = read_voxels(path, geometry.dims)
+    problem = geometry.mismatch(label_geometry)
+    if problem:
+        raise InputError(path, f"label map does not match its image {image.name}: {problem}")
+    top = max(labels)
+    counts = np.zeros(top + 1, np.int64)
+    flat = array.reshape(-1, order="A")
+    outside: set[int] = set()
+    for start in range(0, flat.size, _SLAB_VOXELS):
+        block = flat[start : start + _SLAB_VOXELS]
+        if block.dtype.kind == "f" and not np.all(np.mod(block, 1) == 0):
+            raise InputError(path, "label map has non-integer values")
+        beyond = (block < 0) | (block > top)
+        if beyond.any():
+            outside.update(int(v) for v in np.unique(block[beyond]))
+            block = block[~beyond]
+        counts += np.bincount(block.astype(np.intp), minlength=top + 1)
+    undeclared = sorted(outside | {int(v) for v in np.flatnonzero(counts) if int(v) not in labels})
+    if undeclared:
+        declared = ", ".join(str(k) for k in sorted(labels))
+        raise InputError(path, f"label values {undeclared} are not declared in labels ({declared})")
+    return array, counts
 
 
 def validate_datalist(datalist: Datalist, include_test: bool = False) -> list[Geometry]:

@@ -336,6 +336,24 @@ def read_source(path: str | os.PathLike[str], dims: int | None = None, *, finite
                        finite_checked=finite, header=nifti_header)
 
 
+def read_voxels(path: str | os.PathLike[str], dims: int | None = None) -> tuple[Geometry, np.ndarray]:
+    """The grid and voxels (index order, shaped as the grid) of an image file read once by
+    :func:`read_source`: a ``.nii.gz`` decompressed once, the stream checked to its end, NaN and infinite
+    voxels refused.
+
+    Raises
+    ------
+    InputError
+        As :func:`read_source`.
+    """
+    source = read_source(path, dims)
+    array = source.voxels()
+    if isinstance(source.pixels, sitk.Image):  # a view, valid only while the ITK image lives
+        array = array.copy()
+    size = tuple(int(n) for n in source.geometry.size)
+    return source.geometry, (array.reshape(size) if array.shape != size else array)
+
+
 def _read_failure(header: _Header, exc: RuntimeError) -> str:
     """Why ITK could not read the pixel data the header declares, as precisely as can be told."""
     reason = itk_reason(exc)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from medseg.data import validation
 from medseg.data.datalist import (
     Case,
     load_datalist,
@@ -18,6 +19,7 @@ from medseg.data.datalist import (
     validate_datalist,
 )
 from medseg.data.synthetic import CT_LABELS, write_dataset
+from medseg.data.validation import read_label_map
 from medseg.errors import InputError
 
 
@@ -222,6 +224,32 @@ def test_undeclared_label_values(copy: Path) -> None:
     path = _replace_label(copy, "ct_000.nii.gz", add_values)
     message = _message(_validate_error(copy), path)
     assert "[7, 9]" in message and "not declared" in message
+
+
+def test_label_values_far_outside_the_declared_ones_are_named(copy: Path) -> None:
+    """A stray value of 2**30 (or a negative one) is named, without counting up to it (a bincount
+    array of a billion entries)."""
+    def add_values(label: sitk.Image) -> sitk.Image:
+        array = sitk.GetArrayFromImage(label).astype(np.int32)
+        array[0, 0, 0], array[1, 2, 3] = 2**30, -4
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(label)
+        return out
+
+    path = _replace_label(copy, "ct_000.nii.gz", add_values)
+    message = _message(_validate_error(copy), path)
+    assert f"[-4, {2**30}]" in message and "not declared" in message, message
+
+
+def test_label_map_counted_in_slabs_matches_a_whole_map_count(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    case = load_datalist(copy).training[0]
+    assert case.label is not None
+    geometry = validate_case(case, CT_LABELS)
+    monkeypatch.setattr(validation, "_SLAB_VOXELS", 1000)  # many slabs, the last one partial
+    array, counts = read_label_map(case.label, case.image, geometry, CT_LABELS)
+    assert array.shape == tuple(geometry.size) and array.size % 1000 != 0
+    expected = np.bincount(sitk.GetArrayFromImage(sitk.ReadImage(str(case.label))).ravel(), minlength=len(counts))
+    assert counts.tolist() == expected.tolist() and counts.sum() == array.size
 
 
 def test_non_integer_float_label_map(copy: Path) -> None:
