@@ -5,8 +5,8 @@ NaN becomes 1 mm (nibabel logs "setting 0 dims to 1", ITK says nothing), and the
 then disagree about the grid. :func:`check_nifti_header` reads the header as written
 (``check=False``) and refuses what would need such a repair; :func:`check_nifti_data` decompresses a
 ``.nii.gz`` to its end to catch truncation (nibabel and ITK return truncated gzip files without
-complaint). Decompression goes through ISA-L (``isal``, the library behind ``xopen`` and ``pigz``-like
-tools), about twice as fast as Python's ``gzip`` on the same stream and equally strict about its end.
+complaint). Decompression goes through Intel's ISA-L (the ``isal`` package, as ``xopen`` uses it): about
+twice as fast as Python's ``gzip`` on the same stream, and as strict about its checksum and its end.
 """
 
 from __future__ import annotations
