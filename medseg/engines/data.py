@@ -25,6 +25,7 @@ from monai.transforms import Compose
 
 import medseg
 from medseg.data.datalist import Case, Datalist, load_datalist, split_cases, validate_datalist
+from medseg.devices import worker_count
 from medseg.engines.weights import ResumePoint
 from medseg.errors import BundleError, InputError
 from medseg.io.image import case_name, list_images
@@ -220,16 +221,6 @@ def preprocessed_dataset(data: Sequence[dict[str, Any]], transform: Compose, pla
     folder = Path(cache_dir) / plan_key(plan) / part
     log.info("preprocessed %s cases cached in %s", part, folder)
     return PersistentDataset(list(data), transform, cache_dir=folder, hash_func=_case_hash)
-
-
-def worker_count(limit: int = 4) -> int:
-    """Data-loading worker processes: one fewer than the CPU cores this process may use, at most
-    ``limit`` (0 on a single core: loading in the main process)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(0, min(limit, cores - 1))
 
 
 def has_workers(num_workers: int) -> bool:

@@ -1,6 +1,8 @@
 """Measured training iterations of a planned network: seconds per iteration and peak memory of a forward
 pass, a backward pass and an SGD step with MONAI's DiceCE loss on random data at the planned patch and
-batch, as :func:`medseg.networks.build_network` builds the network.
+batch, as :func:`medseg.networks.build_network` builds the network; and the seconds the planned
+training chain takes to cut and augment one patch (:func:`augmentation_seconds`), which an iteration
+pays too when the data are loaded in the training process (:func:`iteration_seconds`).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (under autocast, as CUDA training runs); on the
 CPU the growth of the peak resident memory (Linux ``VmHWM``, reset first) of a fresh process, measured
@@ -19,13 +21,20 @@ import time
 from dataclasses import dataclass
 
 import torch
+from monai.data import MetaTensor
 from monai.losses import DeepSupervisionLoss, DiceCELoss
+from monai.transforms import Compose
 
 from medseg.architectures import NetworkSpec
 from medseg.networks import build_network
 from medseg.plan import Intensity, Plan
+from medseg.transforms.augment import enlarged_patch, planned_augmentation, sampling_preparation
 
-__all__ = ["Probe", "ProbeRequest", "probe", "probe_in_fresh_process"]
+__all__ = ["Probe", "ProbeRequest", "augmentation_seconds", "iteration_seconds", "probe", "probe_in_fresh_process"]
+
+#: Patches cut and augmented by :func:`augmentation_seconds` (after one untimed): enough draws that the
+#: random transforms (the spatial one, p 0.36, costs most) come in near their probabilities.
+AUGMENTATION_SAMPLES = 12
 
 
 @dataclass(frozen=True)
@@ -38,11 +47,14 @@ class ProbeRequest:
     in_channels: int
     out_channels: int
     device: str = "cpu"
+    spacing: tuple[float, ...] | None = None
 
     def plan(self) -> Plan:
-        """A plan that builds this network (labels 0..out_channels-1, unit spacing)."""
+        """A plan that builds this network (labels 0..out_channels-1; at ``spacing``, unit spacing if
+        None: the spacing decides which axes the augmentation rotates and scales)."""
         dims = len(self.patch_size)
-        return Plan(dims, "probe", {v: f"label_{v}" for v in range(self.out_channels)}, (1.0,) * dims,
+        spacing = self.spacing if self.spacing is not None else (1.0,) * dims
+        return Plan(dims, "probe", {v: f"label_{v}" for v in range(self.out_channels)}, tuple(spacing),
                     self.patch_size, Intensity("mr"), self.network,
                     channels=(), batch_size=self.batch_size)
 
@@ -155,3 +167,56 @@ def probe_in_fresh_process(request: ProbeRequest, steps: int = 1, warmup: int = 
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
         return pool.submit(_fresh_probe, request, steps, warmup, torch.get_num_threads()).result()
+
+
+def _synthetic_case(plan: Plan, shape: tuple[int, ...], channels: int) -> dict[str, MetaTensor]:
+    """A preprocessed case of ``shape``: noise in every channel, and each foreground class a band of
+    the central box (half the shape along each axis) of the label map."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn((channels, *shape), generator=generator)
+    label = torch.zeros((1, *shape), dtype=torch.uint8)
+    box = [slice(n // 4, n // 4 + max(1, n // 2)) for n in shape]
+    classes = max(1, plan.num_classes - 1)
+    start, width = box[0].start, max(1, (box[0].stop - box[0].start) // classes)
+    for value in range(1, plan.num_classes):
+        first = start + (value - 1) * width
+        region: tuple[int | slice, ...] = (0, slice(first, first + width), *box[1:])
+        label[region] = value
+    return {"image": MetaTensor(image), "label": MetaTensor(label)}
+
+
+def augmentation_seconds(plan: Plan, case_shape: tuple[float, ...], channels: int = 1,
+                         samples: int = AUGMENTATION_SAMPLES) -> float:
+    """Mean seconds to cut and augment one training patch of ``plan`` with the planned training chain
+    (:func:`~medseg.transforms.augment.planned_augmentation`, seeded: the same draws every time) from a
+    synthetic preprocessed case of ``case_shape`` voxels (the median image at the plan's spacing; at
+    most twice the enlarged patch along an axis: cutting does not depend on the rest). Reading the
+    cached case from disk is not included.
+
+    Raises
+    ------
+    ValueError
+        ``samples`` below 1.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    enlarged = enlarged_patch(plan)
+    shape = tuple(max(int(p), min(int(round(n)), 2 * int(e))) for n, p, e in zip(case_shape, plan.patch_size, enlarged))
+    case = Compose(sampling_preparation(plan))(_synthetic_case(plan, shape, channels))
+    chain = planned_augmentation(plan, 1)
+    chain.set_random_state(seed=0)
+    chain(dict(case))  # untimed: first calls build caches
+    started = time.perf_counter()
+    for _ in range(samples):
+        chain(dict(case))
+    return (time.perf_counter() - started) / samples
+
+
+def iteration_seconds(network_seconds: float, data_seconds: float, workers: int) -> float:
+    """Seconds of one training iteration from its two parts: the network's forward, backward and step,
+    and the batch's data (``data_seconds``: its patches cut and augmented). With no loader workers the
+    training process does both, one after the other; with ``workers`` processes the data are prepared
+    alongside, and the slower side sets the pace."""
+    if workers <= 0:
+        return network_seconds + data_seconds
+    return max(network_seconds, data_seconds / workers)

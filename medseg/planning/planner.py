@@ -23,6 +23,7 @@ import torch
 from medseg.architectures import NetworkSpec
 from medseg.data.channels import channel_modality, channel_preset
 from medseg.data.fingerprint import Fingerprint, IntensityStats
+from medseg.devices import worker_count
 from medseg.errors import InputError
 from medseg.plan import Channel, Intensity, Plan, checked_network
 from medseg.planning.budget import LEAN, TRAINING_SHARE, BudgetChoice, Candidate, budget_candidates, choose_for_budget
@@ -33,7 +34,14 @@ from medseg.planning.configurations import (
     fit_configuration,
     plan_configurations,
 )
-from medseg.planning.measure import Probe, ProbeRequest, probe, probe_in_fresh_process
+from medseg.planning.measure import (
+    Probe,
+    ProbeRequest,
+    augmentation_seconds,
+    iteration_seconds,
+    probe,
+    probe_in_fresh_process,
+)
 from medseg.planning.memory import GB, MemoryModel, memory_model
 from medseg.planning.options import PRESETS, PlannerOptions, check_planner_options
 from medseg.planning.recipe import choose_optimizer
@@ -188,16 +196,30 @@ def _spec(network: Network, candidate: Candidate) -> NetworkSpec:
                        deep_supervision=network.deep_supervision)
 
 
-def _request(candidate: Candidate, device: str) -> ProbeRequest:
+def _request(candidate: Candidate, device: str, spacing: tuple[float, ...] | None = None) -> ProbeRequest:
     return ProbeRequest(_spec(candidate.network, candidate), candidate.patch_size, candidate.batch_size,
-                        candidate.network.in_channels, candidate.network.out_channels, device)
+                        candidate.network.in_channels, candidate.network.out_channels, device, spacing)
 
 
 def _probe_timer(configuration: Configuration, device: str) -> Timer:
-    """Seconds per iteration of a candidate, measured here (one untimed and two timed iterations)."""
+    """Seconds per iteration of a candidate, measured here: the network's iteration (one untimed and
+    two timed) and the batch's patches cut and augmented by the planned chain (once per patch size),
+    combined as training will run them with this machine's loader workers
+    (:func:`~medseg.planning.measure.iteration_seconds`, :func:`~medseg.devices.worker_count`)."""
+    workers = worker_count()
+    per_patch: dict[tuple[int, ...], float] = {}
+
     def timer(candidate: Candidate) -> float:
-        seconds = probe(_request(candidate, device)).seconds
-        log.info("timed %s: %.3g s per iteration", candidate.describe(), seconds)
+        request = _request(candidate, device, configuration.spacing)
+        network_seconds = probe(request).seconds
+        patch = candidate.patch_size
+        if patch not in per_patch:
+            per_patch[patch] = augmentation_seconds(request.plan(), configuration.median_shape,
+                                                    candidate.network.in_channels)
+        data_seconds = per_patch[patch] * candidate.batch_size
+        seconds = iteration_seconds(network_seconds, data_seconds, workers)
+        log.info("timed %s: %.3g s per iteration (network %.3g s, data %.3g s per batch, %d loader workers)",
+                 candidate.describe(), seconds, network_seconds, data_seconds, workers)
         return seconds
     return timer
 

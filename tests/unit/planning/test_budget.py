@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from medseg.planning import PlannerOptions, plan_dataset
+from medseg.architectures import NetworkSpec
+from medseg.planning import PlannerOptions, measure, plan_dataset, planner
 from medseg.planning.budget import LEAN, MAX_PROBES, MIN_ITERATIONS, Candidate, budget_candidates, choose_for_budget
 from medseg.planning.configurations import Network, fit_configuration
+from medseg.planning.measure import Probe, ProbeRequest, augmentation_seconds, iteration_seconds
 from medseg.planning.memory import CPU_FLOAT32, GB
 
 from .helpers import fake_fingerprint
@@ -106,3 +109,51 @@ def test_the_planner_records_its_budget_reasoning() -> None:
 def record_macs(record: dict) -> float:
     chosen = next(entry for entry in record["candidates"] if entry["chosen"])
     return chosen["gmacs"] * 1e9
+
+
+# -- the data side of an iteration (patches cut and augmented) -----------------------------------------------
+
+
+def test_an_iteration_adds_the_data_time_without_workers_and_overlaps_it_with_them() -> None:
+    assert iteration_seconds(0.5, 0.2, workers=0) == pytest.approx(0.7)
+    assert iteration_seconds(0.5, 0.2, workers=1) == 0.5  # the loader keeps up: the network sets the pace
+    assert iteration_seconds(0.1, 0.6, workers=2) == pytest.approx(0.3)  # the loader is the bottleneck
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_planners_timer_counts_the_batch_augmentation_once_per_patch(monkeypatch: pytest.MonkeyPatch,
+                                                                         workers: int) -> None:
+    """The timer of a CPU plan: network iteration (probe) plus the batch's augmentation (one timing per
+    patch size, at the configuration's spacing and median shape), combined for the loader workers."""
+    augmented: list[tuple] = []
+
+    def fake_augmentation(plan, case_shape, channels):
+        augmented.append((plan.patch_size, plan.target_spacing, tuple(case_shape), channels))
+        return 0.25
+
+    monkeypatch.setattr(planner, "probe", lambda request: Probe(0.5, None))
+    monkeypatch.setattr(planner, "augmentation_seconds", fake_augmentation)
+    monkeypatch.setattr(planner, "worker_count", lambda: workers)
+    timer = planner._probe_timer(CONFIGURATION, "cpu")
+    lean = [c for c in CANDIDATES if c.network.architecture == LEAN]
+    same_patch = [c for c in CANDIDATES if c.patch_size == lean[0].patch_size]
+    assert len(same_patch) > 1
+    for candidate in same_patch:
+        data = 0.25 * candidate.batch_size
+        assert timer(candidate) == pytest.approx(0.5 + data if workers == 0 else max(0.5, data))
+    assert augmented == [(lean[0].patch_size, CONFIGURATION.spacing, CONFIGURATION.median_shape, 1)]
+
+
+def test_augmentation_is_timed_on_a_case_with_every_class_and_the_planned_chain() -> None:
+    """Positive, finite seconds (never compared with a figure: the machine's speed is not tested); the
+    synthetic case holds every class, so foreground patches are drawn as in training."""
+    request = ProbeRequest(NetworkSpec(LEAN, channels=(8, 16, 32), level_strides=((1, 1, 1), (2, 2, 2), (2, 2, 2))),
+                           (16, 16, 8), 2, 2, 4, "cpu", (1.0, 1.0, 3.0))
+    plan = request.plan()
+    case = measure._synthetic_case(plan, (40, 36, 20), 2)
+    assert tuple(case["image"].shape) == (2, 40, 36, 20)
+    assert sorted(torch.unique(case["label"]).tolist()) == [0, 1, 2, 3]
+    seconds = augmentation_seconds(plan, (40.0, 36.0, 20.0), channels=2, samples=2)
+    assert math.isfinite(seconds) and seconds > 0
+    with pytest.raises(ValueError, match="samples"):
+        augmentation_seconds(plan, (40.0, 36.0, 20.0), samples=0)
