@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import math
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -30,7 +32,8 @@ from medseg.networks import build_network
 from medseg.plan import Intensity, Plan
 from medseg.transforms.augment import enlarged_patch, planned_augmentation, sampling_preparation
 
-__all__ = ["Probe", "ProbeRequest", "augmentation_seconds", "iteration_seconds", "probe", "probe_in_fresh_process"]
+__all__ = ["Probe", "ProbeRequest", "augmentation_seconds", "case_load_seconds", "iteration_seconds", "probe",
+           "probe_in_fresh_process"]
 
 #: Patches cut and augmented by :func:`augmentation_seconds` (after one untimed): enough draws that the
 #: random transforms (the spatial one, p 0.36, costs most) come in near their probabilities.
@@ -210,6 +213,25 @@ def augmentation_seconds(plan: Plan, case_shape: tuple[float, ...], channels: in
     for _ in range(samples):
         chain(dict(case))
     return (time.perf_counter() - started) / samples
+
+
+def case_load_seconds(case_shape: tuple[float, ...], channels: int = 1, probe_voxels: int = 1 << 22) -> float:
+    """Seconds to read one preprocessed case of ``case_shape`` voxels back from the cache (what
+    ``PersistentDataset`` does for every patch: ``torch.load`` of the image in float32 and the label
+    map), timed on a case of at most ``probe_voxels`` written to a temporary file (fastest of three
+    reads, the file in the page cache as a training run's cases are) and scaled by the voxel count."""
+    voxels = max(1, int(math.prod(max(1.0, float(n)) for n in case_shape)))
+    timed = min(voxels, probe_voxels)
+    case = {"image": torch.zeros((channels, timed), dtype=torch.float32), "label": torch.zeros((1, timed), dtype=torch.uint8)}
+    with tempfile.TemporaryDirectory(prefix="medseg-probe-") as folder:
+        path = os.path.join(folder, "case.pt")
+        torch.save(case, path)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            torch.load(path, weights_only=True)
+            times.append(time.perf_counter() - started)
+    return min(times) * voxels / timed
 
 
 def iteration_seconds(network_seconds: float, data_seconds: float, workers: int) -> float:

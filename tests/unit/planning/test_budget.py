@@ -11,7 +11,13 @@ from medseg.architectures import NetworkSpec
 from medseg.planning import PlannerOptions, measure, plan_dataset, planner
 from medseg.planning.budget import LEAN, MAX_PROBES, MIN_ITERATIONS, Candidate, budget_candidates, choose_for_budget
 from medseg.planning.configurations import Network, fit_configuration
-from medseg.planning.measure import Probe, ProbeRequest, augmentation_seconds, iteration_seconds
+from medseg.planning.measure import (
+    Probe,
+    ProbeRequest,
+    augmentation_seconds,
+    case_load_seconds,
+    iteration_seconds,
+)
 from medseg.planning.memory import CPU_FLOAT32, GB
 
 from .helpers import fake_fingerprint
@@ -123,8 +129,9 @@ def test_an_iteration_adds_the_data_time_without_workers_and_overlaps_it_with_th
 @pytest.mark.parametrize("workers", [0, 1])
 def test_the_planners_timer_counts_the_batch_augmentation_once_per_patch(monkeypatch: pytest.MonkeyPatch,
                                                                          workers: int) -> None:
-    """The timer of a CPU plan: network iteration (probe) plus the batch's augmentation (one timing per
-    patch size, at the configuration's spacing and median shape), combined for the loader workers."""
+    """The timer of a CPU plan: network iteration (probe) plus the batch's data, each patch's case read
+    and augmented (one timing per patch size, at the configuration's spacing and median shape),
+    combined for the loader workers."""
     augmented: list[tuple] = []
 
     def fake_augmentation(plan, case_shape, channels):
@@ -133,13 +140,14 @@ def test_the_planners_timer_counts_the_batch_augmentation_once_per_patch(monkeyp
 
     monkeypatch.setattr(planner, "probe", lambda request: Probe(0.5, None))
     monkeypatch.setattr(planner, "augmentation_seconds", fake_augmentation)
+    monkeypatch.setattr(planner, "case_load_seconds", lambda case_shape, channels: 0.05)
     monkeypatch.setattr(planner, "worker_count", lambda: workers)
     timer = planner._probe_timer(CONFIGURATION, "cpu")
     lean = [c for c in CANDIDATES if c.network.architecture == LEAN]
     same_patch = [c for c in CANDIDATES if c.patch_size == lean[0].patch_size]
     assert len(same_patch) > 1
     for candidate in same_patch:
-        data = 0.25 * candidate.batch_size
+        data = (0.25 + 0.05) * candidate.batch_size
         assert timer(candidate) == pytest.approx(0.5 + data if workers == 0 else max(0.5, data))
     assert augmented == [(lean[0].patch_size, CONFIGURATION.spacing, CONFIGURATION.median_shape, 1)]
 
@@ -157,3 +165,5 @@ def test_augmentation_is_timed_on_a_case_with_every_class_and_the_planned_chain(
     assert math.isfinite(seconds) and seconds > 0
     with pytest.raises(ValueError, match="samples"):
         augmentation_seconds(plan, (40.0, 36.0, 20.0), samples=0)
+    load = case_load_seconds((300.0, 300.0, 200.0), channels=2, probe_voxels=1 << 16)  # timed small, scaled up
+    assert math.isfinite(load) and load > 0
