@@ -19,6 +19,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_msd(args: argparse.Namespace) -> int:
+    from medseg.data.msd import convert_msd
+
+    result = convert_msd(args.data, args.out)
+    print(result.dataset_json)
+    return 0
+
+
 def _train_options(args: argparse.Namespace):
     from medseg.architectures import NetworkSpec
     from medseg.engines.options import TrainOptions

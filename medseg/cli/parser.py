@@ -13,6 +13,7 @@ from medseg.cli.commands import (
     cmd_bundle_init,
     cmd_bundle_run,
     cmd_bundle_verify,
+    cmd_convert_msd,
     cmd_demo,
     cmd_evaluate,
     cmd_inspect,
@@ -171,6 +172,15 @@ def _add_synth(sub: Subparsers) -> None:
                    help="msd: dataset.json lists the cases; nnunet: nnU-Net v2 raw layout, CASE_0000.nii.gz per channel "
                         "(default: msd for one channel without regions, else nnunet, which those need)")
     p.set_defaults(func=cmd_synth)
+
+
+def _add_convert_msd(sub: Subparsers) -> None:
+    p = _command(sub, "convert-msd", "convert an MSD dataset (multi-channel cases as 4D NIfTI files) to the nnU-Net v2 raw "
+                 "layout, one file per channel, as nnUNetv2_convert_MSD_dataset does")
+    p.add_argument("--data", required=True, help="the MSD dataset.json, or its folder (only read)")
+    p.add_argument("--out", required=True, help="new folder for dataset.json, imagesTr/CASE_0000.nii.gz ..., labelsTr/, "
+                   "imagesTs/ (and labelsTs/)")
+    p.set_defaults(func=cmd_convert_msd)
 
 
 def _add_train(sub: Subparsers) -> None:
@@ -379,7 +389,8 @@ def _add_demo(sub: Subparsers) -> None:
 
 #: One function per subcommand adds its parser, in the order ``medseg --help`` lists them.
 SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
-    _add_synth, _add_plan, _add_train, _add_predict, _add_evaluate, _add_report, _add_inspect, _add_bundle, _add_pacs, _add_demo)
+    _add_synth, _add_convert_msd, _add_plan, _add_train, _add_predict, _add_evaluate, _add_report, _add_inspect,
+    _add_bundle, _add_pacs, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,9 +53,9 @@ def _listed_images(root: Path, entry: Any, key: str, channel_names: tuple[str, .
     if len(channel_names) > 1:
         raise InputError(json_path, f"{len(channel_names)} input channels ({', '.join(channel_names)}) but "
                          f"'{key}' names one image file per case ({image.name}): multi-channel MSD images are 4D "
-                         "files, which medseg does not read; split each case's channels into CASE_0000"
-                         f"{''.join(image.suffixes) or '.nii.gz'}, CASE_0001... in imagesTr/ (the nnU-Net v2 raw "
-                         "layout) or list one file per channel (\"image\": [...])")
+                         f"files; convert the dataset once to one file per channel (the nnU-Net v2 raw layout) with "
+                         f"`medseg convert-msd --data {json_path} --out NEW_FOLDER`, or list one file per channel "
+                         "(\"image\": [...])")
     return Case(case_name(image), image)
 
 

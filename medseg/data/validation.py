@@ -40,8 +40,9 @@ def _geometry(path: Path, dims: int | None) -> Geometry:
     except InputError:
         if _file_dimension(path) == 4:
             raise InputError(path, "is a 4D image (several channels in one file, as in the MSD); medseg reads one "
-                             "file per channel: split it into CASE_0000.nii.gz, CASE_0001.nii.gz, ... in imagesTr/ "
-                             "(the nnU-Net v2 raw layout)") from None
+                             "file per channel (CASE_0000.nii.gz, CASE_0001.nii.gz, ... in imagesTr/, the nnU-Net v2 "
+                             "raw layout): `medseg convert-msd --data MSD_DATASET --out NEW_FOLDER` converts an MSD "
+                             "dataset") from None
         raise
 
 
