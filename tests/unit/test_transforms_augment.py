@@ -140,3 +140,20 @@ def test_planned_augmentation_gives_patches_of_the_plan_with_training_types() ->
         for patch in chain(_case()):
             assert patch["image"].shape == (1, *plan.patch_size) and patch["image"].dtype == torch.float32
             assert patch["label"].dtype == torch.int64 and set(patch["label"].unique().tolist()) <= {0, 1, 2}
+
+
+def test_planned_augmentation_of_a_2d_plan_runs_every_transform() -> None:
+    """Every random transform of a 2D plan's chain forced to fire (the low-resolution simulation once
+    upsampled trilinearly, which a 2D image cannot be)."""
+    plan = dataclasses.replace(_plan((0.8, 0.8), (32, 32)), configuration="2d")
+    chain = planned_augmentation(plan, num_samples=1)
+    for transform in chain.transforms:
+        if hasattr(transform, "prob"):
+            transform.prob = 1.0
+    chain.set_random_state(3)
+    label = torch.zeros(1, 70, 60, dtype=torch.uint8)
+    label[0, 20:40, 15:35] = 1
+    case = dict(Compose(sampling_preparation(plan))({"image": torch.randn(1, 70, 60), "label": label}))
+    for _ in range(3):
+        for patch in chain(dict(case)):
+            assert patch["image"].shape == (1, 32, 32) and torch.isfinite(patch["image"]).all()
