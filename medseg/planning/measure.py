@@ -1,8 +1,9 @@
 """Measured training iterations of a planned network: seconds per iteration and peak memory of a forward
 pass, a backward pass and an SGD step with MONAI's DiceCE loss on random data at the planned patch and
-batch, as :func:`medseg.networks.build_network` builds the network; and the seconds the planned
-training chain takes to cut and augment one patch (:func:`augmentation_seconds`), which an iteration
-pays too when the data are loaded in the training process (:func:`iteration_seconds`).
+batch, as :func:`medseg.networks.build_network` builds the network; and the seconds a patch's data
+cost: its case read back from the cache (:func:`case_load_seconds`), cut and augmented by the planned
+training chain (:func:`augmentation_seconds`), which an iteration pays too when the data are loaded in
+the training process (:func:`iteration_seconds`).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (under autocast, as CUDA training runs); on the
 CPU the growth of the peak resident memory (Linux ``VmHWM``, reset first) of a fresh process, measured
@@ -236,7 +237,7 @@ def case_load_seconds(case_shape: tuple[float, ...], channels: int = 1, probe_vo
 
 def iteration_seconds(network_seconds: float, data_seconds: float, workers: int) -> float:
     """Seconds of one training iteration from its two parts: the network's forward, backward and step,
-    and the batch's data (``data_seconds``: its patches cut and augmented). With no loader workers the
+    and the batch's data (``data_seconds``: its cases read, its patches cut and augmented). With no loader workers the
     training process does both, one after the other; with ``workers`` processes the data are prepared
     alongside, and the slower side sets the pace."""
     if workers <= 0:
