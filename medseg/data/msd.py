@@ -13,7 +13,6 @@ they are) but convert too.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -23,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 from isal import igzip
 
 from medseg.data.channels import parse_channel_names
@@ -95,15 +93,13 @@ def _split_channels(image: Path, channels: int, folder: Path, case: str) -> list
     """
     info = check_nifti_header(image)
     shape = tuple(int(n) for n in info.shape)
-    volumes = 1 if len(shape) == 3 else (shape[3] if len(shape) == 4 else -1)
-    if volumes != channels or len(shape) < 3:
+    volumes = {3: 1, 4: shape[-1]}.get(len(shape))
+    if volumes != channels:
         found = f"a {len(shape)}D image" + (f" of {volumes} volumes" if len(shape) == 4 else "")
         raise InputError(image, f"is {found} ({' x '.join(map(str, shape))}); dataset.json declares {channels} "
                          f"channel(s), so each case must be {'a 3D image' if channels == 1 else f'4D with {channels} volumes'}")
     raw = read_nifti_bytes(image, info)  # one decompression, the stream checked to its end
-    two = 540 in (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big"))
-    klass = nib.Nifti2Header if two else nib.Nifti1Header
-    header = klass.from_fileobj(io.BytesIO(raw), check=False)
+    header = info.header.copy()  # as written, NIfTI-1 or NIfTI-2
     header.set_data_shape(shape[:3])
     header.set_data_offset(header.sizeof_hdr + 4)  # no extensions
     head = header.binaryblock + b"\x00" * 4

@@ -35,13 +35,16 @@ _STREAM_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error
 
 
 class NiftiInfo:
-    """What :func:`check_nifti_header` learned: the pixel data's offset and length in the (decompressed) file."""
+    """What :func:`check_nifti_header` learned: the pixel data's offset and length in the (decompressed)
+    file, its shape and type, and the header as written (NIfTI-1 or NIfTI-2, unrepaired)."""
 
-    def __init__(self, offset: int, data_bytes: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, offset: int, data_bytes: int, shape: tuple[int, ...], dtype: np.dtype,
+                 header: nib.Nifti1Header) -> None:
         self.offset = offset
         self.data_bytes = data_bytes
         self.shape = shape
         self.dtype = dtype
+        self.header = header
 
 
 def _raw_header(path: Path) -> nib.Nifti1Header:
@@ -134,7 +137,7 @@ def check_nifti_header(path: str | os.PathLike[str]) -> NiftiInfo:
     elif size < offset + data_bytes:
         raise InputError(path, f"file is truncated: {size} bytes, the header needs {offset + data_bytes} "
                                f"({declared})")
-    return NiftiInfo(offset, data_bytes, shape, dtype)
+    return NiftiInfo(offset, data_bytes, shape, dtype, header)
 
 
 def check_nifti_data(path: str | os.PathLike[str], info: NiftiInfo) -> None:
