@@ -24,7 +24,10 @@ __all__ = [
     "MR_NAMES",
     "Case",
     "Datalist",
+    "check_unique_names",
+    "listed_path",
     "load_datalist",
+    "read_dataset_json",
     "split_cases",
     "validate_case",
     "validate_datalist",
@@ -34,7 +37,14 @@ __all__ = [
 _KNOWN = {"labels", "modality", "channel_names", "training", "test", "name", "regions_class_order", "dataset"}
 
 
-def _resolve(root: Path, entry: Any, key: str, json_path: Path) -> Path:
+def listed_path(root: Path, entry: Any, key: str, json_path: Path) -> Path:
+    """A file named in ``json_path``'s ``key`` list: relative to ``root``, or absolute.
+
+    Raises
+    ------
+    InputError
+        (naming ``json_path``) An entry that is not a non-empty string.
+    """
     if not isinstance(entry, str) or not entry:
         raise InputError(json_path, f"'{key}' entries must be file paths, got {entry!r}")
     path = Path(entry)
@@ -47,9 +57,9 @@ def _listed_images(root: Path, entry: Any, key: str, channel_names: tuple[str, .
         if len(entry) != len(channel_names):
             raise InputError(json_path, f"'{key}' entry lists {len(entry)} image file(s) for {len(channel_names)} "
                              f"channel(s) ({', '.join(channel_names)})")
-        files = tuple(_resolve(root, e, key, json_path) for e in entry)
+        files = tuple(listed_path(root, e, key, json_path) for e in entry)
         return Case(case_name(files[0]), files[0], None, files if len(files) > 1 else ())
-    image = _resolve(root, entry, key, json_path)
+    image = listed_path(root, entry, key, json_path)
     if len(channel_names) > 1:
         raise InputError(json_path, f"{len(channel_names)} input channels ({', '.join(channel_names)}) but "
                          f"'{key}' names one image file per case ({image.name}): multi-channel MSD images are 4D "
@@ -69,20 +79,27 @@ def _msd_cases(root: Path, data: dict[str, Any], channel_names: tuple[str, ...],
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise InputError(json_path, f"training entry {entry!r} needs 'image' and 'label'")
         case = _listed_images(root, entry["image"], "training", channel_names, json_path)
-        case.label = _resolve(root, entry["label"], "training", json_path)
+        case.label = listed_path(root, entry["label"], "training", json_path)
         training.append(case)
     test: list[Case] = []
     for entry in data.get("test") or []:
         image = entry.get("image") if isinstance(entry, dict) else entry
         case = _listed_images(root, image, "test", channel_names, json_path)
         label_path = entry.get("label") if isinstance(entry, dict) else None
-        label = _resolve(root, label_path, "test", json_path) if label_path else root / "labelsTs" / case.image.name
+        label = listed_path(root, label_path, "test", json_path) if label_path else root / "labelsTs" / case.image.name
         case.label = label if label.exists() else None
         test.append(case)
     return training, test
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_dataset_json(path: Path) -> dict[str, Any]:
+    """A ``dataset.json``'s object.
+
+    Raises
+    ------
+    InputError
+        (naming ``path``) A missing file, invalid JSON, anything but an object.
+    """
     if not path.exists():
         raise InputError(path, "no such file")
     try:
@@ -113,7 +130,7 @@ def load_datalist(path: str | os.PathLike[str]) -> Datalist:
     path = Path(path)
     if path.is_dir():
         path = path / "dataset.json"
-    data = _read_json(path)
+    data = read_dataset_json(path)
     path = path.resolve()
     root = path.parent
     declared = parse_dataset_labels(data.get("labels"), data.get("regions_class_order"), path)
@@ -123,10 +140,7 @@ def load_datalist(path: str | os.PathLike[str]) -> Datalist:
         training, test = _msd_cases(root, data, channel_names, path)
     else:
         training, test, file_ending = raw_dataset_cases(root, data, channel_names, path)
-    names = [c.name for c in training + test]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise InputError(path, f"case names used twice: {', '.join(duplicates)}")
+    check_unique_names([c.name for c in training + test], path)
     for case in training + test:  # listed files (MSD 'training', nnU-Net 'dataset') need not exist
         for file in (*case.images, case.label):
             if file is not None and not file.exists():
@@ -135,6 +149,13 @@ def load_datalist(path: str | os.PathLike[str]) -> Datalist:
                     training, test, {k: v for k, v in data.items() if k not in _KNOWN},
                     channel_names=channel_names, regions=declared.regions, ignore_label=declared.ignore_label,
                     file_ending=file_ending)
+
+
+def check_unique_names(names: list[str], json_path: Path) -> None:
+    """Raise InputError (naming ``json_path``) listing the case names that occur more than once."""
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InputError(json_path, f"case names used twice: {', '.join(duplicates)}")
 
 
 def split_cases(cases: list[Case], fold: int, folds: int = 5, seed: int = 0) -> tuple[list[Case], list[Case]]:

@@ -25,6 +25,7 @@ from typing import Any
 from isal import igzip
 
 from medseg.data.channels import parse_channel_names
+from medseg.data.datalist import check_unique_names, listed_path, read_dataset_json
 from medseg.data.validation import read_label_map
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
@@ -52,23 +53,9 @@ class MsdConversion:
     channels: int
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"not a valid JSON file ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(path, "must hold a JSON object")
-    return data
-
-
-def _listed(root: Path, entry: Any, json_path: Path) -> Path:
+def _listed(root: Path, entry: Any, key: str, json_path: Path) -> Path:
     """A file listed in the MSD ``dataset.json`` (relative to its folder), which must exist and be NIfTI."""
-    if not isinstance(entry, str) or not entry:
-        raise InputError(json_path, f"image and label entries must be file paths, got {entry!r}")
-    path = Path(entry) if Path(entry).is_absolute() else (root / entry).resolve()
+    path = listed_path(root, entry, key, json_path)
     if not path.is_file():
         raise InputError(path, f"listed in {json_path.name} but does not exist")
     if not is_nifti(path):
@@ -135,9 +122,10 @@ def _cases(data: dict[str, Any], key: str, root: Path, json_path: Path) -> list[
                 needs = "'image' and 'label'" if key == "training" else "'image'"
                 raise InputError(json_path, f"{key} entry {entry!r} needs {needs}")
             label = entry.get("label")
-            cases.append((_listed(root, entry["image"], json_path), _listed(root, label, json_path) if label else None))
+            cases.append((_listed(root, entry["image"], key, json_path),
+                          _listed(root, label, key, json_path) if label else None))
         else:
-            cases.append((_listed(root, entry, json_path), None))
+            cases.append((_listed(root, entry, key, json_path), None))
     return cases
 
 
@@ -169,7 +157,7 @@ def convert_msd(dataset: str | os.PathLike[str], out: str | os.PathLike[str]) ->
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise InputError(target, "exists and is not empty; choose a new folder")
-    data = _read_json(json_path)
+    data = read_dataset_json(json_path)
     json_path = json_path.resolve()
     if not isinstance(data.get("training"), list) or not data["training"]:
         raise InputError(json_path, "an MSD dataset.json lists its cases in 'training' (a non-empty list of "
@@ -178,10 +166,7 @@ def convert_msd(dataset: str | os.PathLike[str], out: str | os.PathLike[str]) ->
     declared = parse_dataset_labels(data.get("labels"), data.get("regions_class_order"), json_path)
     training = _cases(data, "training", json_path.parent, json_path)
     test = _cases(data, "test", json_path.parent, json_path)
-    names = [case_name(image) for image, _ in training + test]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise InputError(json_path, f"case names used twice: {', '.join(twice)}")
+    check_unique_names([case_name(image) for image, _ in training + test], json_path)
     channels = len(channel_names)
     with atomic_path(target) as tmp:
         for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
