@@ -204,11 +204,13 @@ def _request(candidate: Candidate, device: str, spacing: tuple[float, ...] | Non
 
 def _probe_timer(configuration: Configuration, device: str) -> Timer:
     """Seconds per iteration of a candidate, measured here: the network's iteration (one untimed and
-    two timed) and the batch's data, each patch's case read from the cache and cut and augmented by
-    the planned chain (timed once per patch size),
+    two timed) and the batch's data, each patch's case read from the cache (timed once: it depends on
+    the median image only) and cut and augmented by the planned chain (timed once per patch size),
     combined as training will run them with this machine's loader workers
     (:func:`~medseg.planning.measure.iteration_seconds`, :func:`~medseg.devices.worker_count`)."""
     workers = worker_count()
+    channels = configuration.network.in_channels
+    load_seconds = case_load_seconds(configuration.median_shape, channels)
     per_patch: dict[tuple[int, ...], float] = {}
 
     def timer(candidate: Candidate) -> float:
@@ -216,9 +218,7 @@ def _probe_timer(configuration: Configuration, device: str) -> Timer:
         network_seconds = probe(request).seconds
         patch = candidate.patch_size
         if patch not in per_patch:
-            channels = candidate.network.in_channels
-            per_patch[patch] = (augmentation_seconds(request.plan(), configuration.median_shape, channels)
-                                + case_load_seconds(configuration.median_shape, channels))
+            per_patch[patch] = load_seconds + augmentation_seconds(request.plan(), configuration.median_shape, channels)
         data_seconds = per_patch[patch] * candidate.batch_size
         seconds = iteration_seconds(network_seconds, data_seconds, workers)
         log.info("timed %s: %.3g s per iteration (network %.3g s, data %.3g s per batch, %d loader workers)",
