@@ -31,7 +31,7 @@ from monai.transforms import Compose
 from medseg.architectures import NetworkSpec
 from medseg.networks import build_network
 from medseg.plan import Intensity, Plan
-from medseg.transforms.augment import enlarged_patch, planned_augmentation, sampling_preparation
+from medseg.transforms.augment import enlarged_patch, nnunet_augmentation, sampling_preparation
 
 __all__ = ["Probe", "ProbeRequest", "augmentation_seconds", "case_load_seconds", "iteration_seconds", "probe",
            "probe_in_fresh_process"]
@@ -191,8 +191,9 @@ def _synthetic_case(plan: Plan, shape: tuple[int, ...], channels: int) -> dict[s
 
 def augmentation_seconds(plan: Plan, case_shape: tuple[float, ...], channels: int = 1,
                          samples: int = AUGMENTATION_SAMPLES) -> float:
-    """Mean seconds to cut and augment one training patch of ``plan`` with the planned training chain
-    (:func:`~medseg.transforms.augment.planned_augmentation`, seeded: the same draws every time) from a
+    """Mean seconds to cut and augment one training patch of ``plan`` with nnU-Net's augmentation
+    (:func:`~medseg.transforms.augment.nnunet_augmentation`, seeded: the same draws every time; the light recipe
+    that short budgets then get costs less, so the estimate errs on the side of fewer iterations) from a
     synthetic preprocessed case of ``case_shape`` voxels (the median image at the plan's spacing; at
     most twice the enlarged patch along an axis: cutting does not depend on the rest). Reading the
     cached case from disk is not included.
@@ -207,7 +208,7 @@ def augmentation_seconds(plan: Plan, case_shape: tuple[float, ...], channels: in
     enlarged = enlarged_patch(plan)
     shape = tuple(max(int(p), min(int(round(n)), 2 * int(e))) for n, p, e in zip(case_shape, plan.patch_size, enlarged))
     case = Compose(sampling_preparation(plan))(_synthetic_case(plan, shape, channels))
-    chain = planned_augmentation(plan, 1)
+    chain = nnunet_augmentation(plan, 1)
     chain.set_random_state(seed=0)
     chain(dict(case))  # untimed: first calls build caches
     started = time.perf_counter()

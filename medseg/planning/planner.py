@@ -45,7 +45,7 @@ from medseg.planning.measure import (
 )
 from medseg.planning.memory import GB, MemoryModel, memory_model
 from medseg.planning.options import PRESETS, PlannerOptions, check_planner_options
-from medseg.planning.recipe import choose_optimizer
+from medseg.planning.recipe import choose_augmentation, choose_optimizer
 from medseg.planning.rules import resampled_median_shape, target_spacing
 
 __all__ = ["PLANNER", "PLANS_FORMAT", "PlanningResult", "plan_dataset"]
@@ -299,6 +299,7 @@ def _record(options: PlannerOptions, configuration: Configuration, chosen: Candi
     elif measured is not None:
         record["seconds_per_iteration"] = round(measured.seconds, 4)
     record["optimizer"] = choose_optimizer(record["expected_iterations"])
+    record["augmentation"] = choose_augmentation(record["expected_iterations"])
     return record
 
 

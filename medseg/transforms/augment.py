@@ -1,7 +1,8 @@
 """Training patch sampling and augmentation, built from MONAI transforms.
 
 Two recipes: :func:`augmentation`, the one of plans made before the planner (``configuration``
-``"custom"``), and :func:`planned_augmentation` with nnU-Net v2's rules for planned plans. The planned
+``"custom"``), and :func:`planned_augmentation` for planned plans: nnU-Net v2's rules, or for short budgets
+a light variant (:func:`light_augmentation`, the planner's choice: :mod:`medseg.planning.recipe`). The planned
 one splits in two: :func:`sampling_preparation` (deterministic: pad to the enlarged patch, locate each
 class's voxels; cached with the preprocessed case) and the random part (patch sampling with
 :class:`ForegroundOversampled`, rotation and scaling, intensity augmentation, mirroring).
@@ -42,8 +43,8 @@ from monai.utils import convert_to_tensor, ensure_tuple
 from medseg.plan import Plan
 
 __all__ = ["ANISOTROPY", "FOREGROUND_FRACTION", "ForegroundOversampled", "SpatialAugmentation",
-           "augmentation", "coarse_axis", "enlarged_patch", "planned_augmentation", "rotation_range",
-           "sampling_preparation"]
+           "augmentation", "coarse_axis", "enlarged_patch", "light_augmentation", "nnunet_augmentation",
+           "planned_augmentation", "rotation_range", "sampling_preparation"]
 
 #: nnU-Net's oversample_foreground_percent: the share of patches centred on a foreground voxel.
 FOREGROUND_FRACTION = 1 / 3
@@ -242,8 +243,49 @@ class SpatialAugmentation(RandAffined):
 
 
 def planned_augmentation(plan: Plan, num_samples: int = 1) -> Compose:
-    """The random part of the planned training chain (after :func:`sampling_preparation`), with nnU-Net
-    v2's parameters and probabilities:
+    """The random part of the planned training chain (after :func:`sampling_preparation`): the recipe the plan
+    names in ``planning["augmentation"]["name"]`` (:func:`light_augmentation` for ``"light"``, the planner's
+    choice for short budgets), else :func:`nnunet_augmentation`.
+
+    Raises
+    ------
+    ValueError
+        An unknown recipe name.
+    """
+    chosen = plan.planning.get("augmentation") or {}
+    name = chosen.get("name", "nnunet") if isinstance(chosen, dict) else chosen
+    if name == "light":
+        return light_augmentation(plan, num_samples)
+    if name != "nnunet":
+        raise ValueError(f"plan.json: 'planning.augmentation.name' must be \"nnunet\" or \"light\", got {name!r}")
+    return nnunet_augmentation(plan, num_samples)
+
+
+def light_augmentation(plan: Plan, num_samples: int = 1) -> Compose:
+    """The light recipe of short budgets: the planned sampling with two patches in three centred on a foreground
+    class (as class-balanced as the default plan's), rotation up to 15 degrees (in-plane for anisotropic plans)
+    and scaling 0.9-1.1 in one resampling (probability 0.2), mirroring, and the default plan's intensity
+    augmentation (scale and shift by up to 10 %, p 0.5 each; Gaussian noise, p 0.15)."""
+    keys, dims = ["image", "label"], plan.dims
+    exclude = () if plan.ignore_label is None else (plan.ignore_label,)
+    limit = math.radians(15)
+    coarse = coarse_axis(plan)
+    rotation = (limit,) if dims == 2 else tuple(limit if coarse is None or axis == coarse else 0.0 for axis in range(3))
+    scaling = [(-0.1, 0.1) if scaled else 0.0 for scaled in _scaled_axes(plan)]
+    return Compose([
+        ForegroundOversampled(keys, "label", enlarged_patch(plan), plan.num_classes, foreground=2 / 3,
+                              num_samples=num_samples, exclude=exclude, patch_size=plan.patch_size),
+        SpatialAugmentation(keys, plan.patch_size, 0.2, rotation, scaling),
+        *[RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(dims)],
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        RandGaussianNoised(keys="image", prob=0.15, std=0.05),
+        EnsureTyped(keys=keys, dtype=[torch.float32, torch.int64], track_meta=False),
+    ])
+
+
+def nnunet_augmentation(plan: Plan, num_samples: int = 1) -> Compose:
+    """nnU-Net v2's recipe, its parameters and probabilities:
 
     patches (:class:`ForegroundOversampled`, one third at foreground) of the :func:`enlarged_patch`;
     rotation (:func:`rotation_range`) and scaling 0.7-1.4 (in-plane for anisotropic plans) in one

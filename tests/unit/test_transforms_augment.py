@@ -157,3 +157,29 @@ def test_planned_augmentation_of_a_2d_plan_runs_every_transform() -> None:
     for _ in range(3):
         for patch in chain(dict(case)):
             assert patch["image"].shape == (1, 32, 32) and torch.isfinite(patch["image"]).all()
+
+
+def test_short_budgets_get_the_light_recipe() -> None:
+    """The planner names the recipe by the iterations its budget allows; planned_augmentation follows the name:
+    light = two patches in three at the foreground, small rotations, no blur/gamma/low-resolution simulation."""
+    from monai.transforms import RandGaussianSmoothd
+
+    from medseg.planning.recipe import choose_augmentation
+
+    assert choose_augmentation(4000)["name"] == "light"
+    assert choose_augmentation(None)["name"] == choose_augmentation(50_000)["name"] == "nnunet"
+    for spacing, expected in (((1.0, 1.0, 1.0), (math.radians(15),) * 3), ((1.0, 1.0, 4.0), (0.0, 0.0, math.radians(15)))):
+        plan = dataclasses.replace(_plan(spacing), planning={"augmentation": choose_augmentation(4000)})
+        chain = planned_augmentation(plan, num_samples=2)
+        sampler, spatial = chain.transforms[0], chain.transforms[1]
+        assert isinstance(sampler, ForegroundOversampled) and sampler.foreground == pytest.approx(2 / 3)
+        assert isinstance(spatial, SpatialAugmentation) and spatial.prob == pytest.approx(0.2)
+        assert tuple(spatial.rand_affine.rand_affine_grid.rotate_range) == pytest.approx(expected)
+        assert not any(isinstance(t, RandGaussianSmoothd) for t in chain.transforms)
+        chain.set_random_state(1)
+        for patch in chain(_case()):
+            assert patch["image"].shape == (1, *plan.patch_size) and patch["label"].dtype == torch.int64
+    nnunet = planned_augmentation(_plan(), num_samples=1)  # a plan that names none: nnU-Net's, as before
+    assert any(isinstance(t, RandGaussianSmoothd) for t in nnunet.transforms)
+    with pytest.raises(ValueError, match="planning.augmentation.name"):
+        planned_augmentation(dataclasses.replace(_plan(), planning={"augmentation": {"name": "heavy"}}))
