@@ -36,23 +36,24 @@ log = logging.getLogger(__name__)
 
 def sliding_window_inferer(plan: Plan, overlap: float = 0.5, sw_batch_size: int | None = None,
                            progress: bool = False, tta: bool = False, output: str = "auto",
-                           precision: str = "float32") -> SlabInferer:
+                           precision: str = "float32", grid: str = "monai") -> SlabInferer:
     """medseg's bounded-memory Gaussian sliding-window inferer over the plan's patch size
     (:class:`medseg.inference.inferer.SlabInferer`) for the plan's outputs (softmax classes, or one sigmoid
     per region); ``sw_batch_size`` None: the plan's; ``tta`` mirrors the windows along every spatial axis;
-    ``precision="bfloat16"`` runs the network under bfloat16 autocast.
+    ``precision="bfloat16"`` runs the network under bfloat16 autocast; ``grid="nnunet"``: nnU-Net v2's windows
+    and Gaussian (models imported from nnU-Net).
 
     Raises
     ------
     InputError
-        If ``overlap`` is not in [0, 1), ``sw_batch_size`` is below 1, or ``output`` or ``precision``
+        If ``overlap`` is not in [0, 1), ``sw_batch_size`` is below 1, or ``output``, ``precision`` or ``grid``
         is unknown (what :class:`SlabInferer` refuses, said as the user's input).
     """
     try:
         batch = int(plan.sw_batch_size if sw_batch_size is None else sw_batch_size)
         return SlabInferer(plan.patch_size, plan.num_outputs, overlap=float(overlap), sw_batch_size=batch,
                            mirror_axes=tuple(range(plan.dims)) if tta else (), output=output, progress=progress,
-                           precision=precision, regions=plan.regions)
+                           precision=precision, regions=plan.regions, grid=grid)
     except (TypeError, ValueError) as exc:
         raise InputError(None, str(exc)) from exc
 

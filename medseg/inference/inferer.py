@@ -52,6 +52,7 @@ from monai.transforms import AsDiscreted, Compose, Invertd, MapTransform
 from medseg.errors import InputError
 from medseg.inference.accelerate import inference_network, retained_heap
 from medseg.inference.sliding import slab_sliding_window
+from medseg.inference.windows import GRIDS
 from medseg.labels import Region
 from medseg.networks import split_pointwise_head
 from medseg.transforms.regions import RegionsToLabelMapd
@@ -94,19 +95,21 @@ class SlabInferer(Inferer):
     regions
         The regions of a region-based network, one per output channel in painting order (see the module
         docstring); empty: softmax classes.
+    grid
+        ``"monai"``, or ``"nnunet"``: nnU-Net v2's windows and Gaussian (models imported from nnU-Net).
 
     Raises
     ------
     ValueError
-        For an overlap outside [0, 1), a batch size below 1, an unknown ``output`` or ``precision``, or
-        ``regions`` that are not one per output channel.
+        For an overlap outside [0, 1), a batch size below 1, an unknown ``output``, ``precision`` or ``grid``,
+        or ``regions`` that are not one per output channel.
     """
 
     def __init__(self, roi_size: Sequence[int], num_classes: int, overlap: float = 0.5, sw_batch_size: int = 2,
                  mirror_axes: Sequence[int] = (), output: str = "auto",
                  max_probability_bytes: int = DEFAULT_MAX_PROBABILITY_BYTES, progress: bool = False,
                  accelerate: bool = True, precision: str = "float32", buffer_bytes: int | None = None,
-                 regions: Sequence[Region] = ()) -> None:
+                 regions: Sequence[Region] = (), grid: str = "monai") -> None:
         super().__init__()
         if not 0.0 <= float(overlap) < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -128,6 +131,9 @@ class SlabInferer(Inferer):
         self.precision = precision
         self.buffer_bytes = None if buffer_bytes is None else int(buffer_bytes)
         self.regions = tuple(regions)
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+        self.grid = grid
         if self.regions and len(self.regions) != self.num_classes:
             raise ValueError(f"{len(self.regions)} regions for {self.num_classes} output channels")
 
@@ -181,7 +187,8 @@ class SlabInferer(Inferer):
 
         common = dict(roi_size=self.roi_size, network=forward, num_classes=self.num_classes, overlap=self.overlap,
                       sw_batch_size=self.sw_batch_size, mirror_axes=self.mirror_axes, progress=self.progress,
-                      head=head, feature_channels=features, buffer_bytes=self.buffer_bytes, regions=self.regions)
+                      head=head, feature_channels=features, buffer_bytes=self.buffer_bytes, regions=self.regions,
+                      grid=self.grid)
         output = self.resolve_output(inputs)
         with retained_heap() if self.accelerate and inputs.device.type == "cpu" else contextlib.nullcontext():
             out = self._infer(inputs, output, common)

@@ -79,7 +79,7 @@ def estimate_slab_bytes(
     """
     geometry = window_geometry(spatial_shape, roi_size, overlap)
     channels = int(feature_channels) if feature_channels else int(num_classes)
-    plan = plan_sweep(geometry.padded, geometry.window, geometry.scan, channels, buffer_bytes)
+    plan = plan_sweep(geometry.padded, geometry.window, geometry.scan, channels, buffer_bytes, geometry.axis_starts)
     return estimate_plan_bytes(plan, spatial_shape, num_classes, sw_batch_size, mirrored, probabilities,
                                feature_channels, probabilities_in_memory)
 

@@ -29,7 +29,7 @@ from medseg.inference.windows import Block, Strip, SweepPlan, WindowGeometry
 from medseg.labels import Region
 from medseg.transforms.regions import regions_to_label_map
 
-__all__ = ["BlockReducer", "GaussianBlockMerger", "ProbabilityWriter"]
+__all__ = ["BlockReducer", "GaussianBlockMerger", "ProbabilityWriter", "nnunet_importance"]
 
 
 class ProbabilityWriter:
@@ -187,6 +187,22 @@ class BlockReducer:
         return self.labels, self.probabilities
 
 
+def nnunet_importance(window: Sequence[int]) -> torch.Tensor:
+    """nnU-Net v2's Gaussian importance map of a window: a unit impulse at voxel ``size // 2`` of each axis
+    smoothed by a Gaussian of sigma ``size / 8`` (scipy, zero outside, truncated at 4 sigma), scaled to a
+    maximum of 1 (nnU-Net scales to 10: the blend is a normalised mean, the scale cancels); voxels that
+    come out 0 get the smallest non-zero weight."""
+    from scipy.ndimage import gaussian_filter
+
+    size = tuple(int(w) for w in window)
+    impulse = np.zeros(size)
+    impulse[tuple(s // 2 for s in size)] = 1.0
+    weights = gaussian_filter(impulse, [s / 8 for s in size], 0, mode="constant", cval=0.0)
+    weights /= weights.max()
+    weights[weights == 0] = weights[weights > 0].min()
+    return torch.from_numpy(weights.astype(np.float32))
+
+
 class GaussianBlockMerger(Merger):
     """Gaussian-weighted average of the windows of a sweep, reduced block by block (see the module docstring).
 
@@ -203,18 +219,22 @@ class GaussianBlockMerger(Merger):
         Of MONAI's Gaussian importance map (``compute_importance_map(mode="gaussian")``).
     device
         Where the accumulation blocks live.
+    importance
+        ``"monai"``: MONAI's Gaussian; ``"nnunet"``: nnU-Net v2's (:func:`nnunet_importance`, sigma 1/8 of the window).
     """
 
     def __init__(self, plan: SweepPlan, geometry: WindowGeometry, reducer: BlockReducer,
-                 sigma_scale: Sequence[float] | float = 0.125, device: torch.device | str = "cpu") -> None:
+                 sigma_scale: Sequence[float] | float = 0.125, device: torch.device | str = "cpu",
+                 importance: str = "monai") -> None:
         spatial = tuple(reducer.labels.shape)
         channels = reducer.buffer_channels
         super().__init__(merged_shape=(1, channels, *geometry.padded), cropped_shape=(1, channels, *spatial),
                          device=device)
         self.geometry, self.reducer, self.spatial = geometry, reducer, spatial
         self.channels = channels
-        self.importance = compute_importance_map(geometry.window, mode="gaussian", sigma_scale=sigma_scale,
-                                                 device=device, dtype=torch.float32)
+        self.importance = (nnunet_importance(geometry.window).to(device) if importance == "nnunet" else
+                           compute_importance_map(geometry.window, mode="gaussian", sigma_scale=sigma_scale,
+                                                  device=device, dtype=torch.float32))
         self.arena = torch.empty(channels * plan.arena_voxels, dtype=torch.float32, device=device)
         self.live: dict[Block, torch.Tensor] = {}  # block -> sum over windows of importance * output
         self.strips = plan.strips()

@@ -125,6 +125,7 @@ def slab_sliding_window(
     feature_channels: int | None = None,
     buffer_bytes: int | None = None,
     regions: Sequence[Region] = (),
+    grid: str = "monai",
 ) -> SlabResult:
     """Gaussian-blended sliding-window inference whose memory does not grow with classes x volume.
 
@@ -176,6 +177,10 @@ def slab_sliding_window(
         A region-based network: ``num_classes`` logits are one sigmoid per region, in painting order; the label
         map is painted region by region (:func:`medseg.transforms.regions.regions_to_label_map` of the
         blended logits' sigmoid) and the probabilities are the sigmoids. Empty: softmax classes.
+    grid
+        ``"monai"`` (MONAI's windows and Gaussian, as above) or ``"nnunet"``: nnU-Net v2's window starts
+        (:func:`medseg.inference.windows.nnunet_starts`) and Gaussian (:func:`medseg.inference.merger.nnunet_importance`),
+        for models imported from nnU-Net.
 
     Raises
     ------
@@ -187,13 +192,13 @@ def slab_sliding_window(
     """
     inputs, num_classes, sw_batch_size = _checked(inputs, num_classes, sw_batch_size)
     spatial = tuple(int(s) for s in inputs.shape[2:])
-    geometry = window_geometry(spatial, roi_size, overlap)
+    geometry = window_geometry(spatial, roi_size, overlap, grid)
     axes = _mirror_axes(mirror_axes, len(spatial))
     device = torch.device(device) if device is not None else inputs.device
     buffer_channels = _buffer_channels(head is not None, feature_channels, num_classes)
     step = _window_step(head is not None, device, sw_batch_size)
     budget = buffer_bytes if buffer_bytes is not None else (DEFAULT_BUFFER_BYTES if device.type == "cpu" else None)
-    plan = plan_sweep(geometry.padded, geometry.window, geometry.scan, buffer_channels, budget)
+    plan = plan_sweep(geometry.padded, geometry.window, geometry.scan, buffer_channels, budget, geometry.axis_starts)
     in_memory = probabilities_in_memory and probabilities_path is None
     need = estimate_plan_bytes(plan, spatial, num_classes, step, bool(axes),
                                probabilities_path is not None or in_memory, buffer_channels, in_memory)
@@ -202,7 +207,7 @@ def slab_sliding_window(
     windows = _WindowInputs(inputs, geometry, padding_mode, cval)
     reducer = BlockReducer(spatial, num_classes, buffer_channels, head, probabilities_path, in_memory, regions)
     with torch.inference_mode():
-        merger = GaussianBlockMerger(plan, geometry, reducer, sigma_scale, device)
+        merger = GaussianBlockMerger(plan, geometry, reducer, sigma_scale, device, importance=grid)
         for group in _batches(merger.strips, step, progress):
             out = _forward(network, windows.batch(group, device), buffer_channels, geometry.window, axes)
             for i, start in enumerate(group):

@@ -1,6 +1,9 @@
 """Where the windows and the blocks of the accumulation buffer go in a slab-streamed sliding window.
 
-The windows are MONAI's (``_get_scan_interval``, ``dense_patch_slices`` on the volume padded to the roi),
+The windows are MONAI's (``_get_scan_interval``, ``dense_patch_slices`` on the volume padded to the roi), or
+with ``grid="nnunet"`` nnU-Net v2's (per axis the fewest windows whose step is at most ``roi x (1 - overlap)``,
+spread evenly and rounded: :func:`nnunet_starts`; models imported from nnU-Net see the windows they were
+validated with),
 visited in the order of their start along z, then y (:func:`window_order`). A 3D volume whose buffer would
 exceed its budget is swept in strips along x, cut at window starts (:func:`plan_sweep`); within a strip the
 buffer is cut into blocks along y and z at every window start and end (:class:`BlockPlan`), each placed in
@@ -21,17 +24,21 @@ from monai.inferers.utils import _get_scan_interval
 from monai.utils import ensure_tuple_rep, fall_back_tuple
 
 __all__ = [
+    "GRIDS",
     "MAX_EXTRA_WINDOWS",
     "Block",
     "BlockPlan",
     "Strip",
     "SweepPlan",
     "WindowGeometry",
+    "nnunet_starts",
     "plan_sweep",
     "window_geometry",
     "window_order",
 ]
 
+#: The window grids: MONAI's and nnU-Net v2's.
+GRIDS = ("monai", "nnunet")
 #: At most this fraction of MONAI's windows is computed a second time at the borders of x-strips.
 MAX_EXTRA_WINDOWS = 0.3
 
@@ -46,17 +53,33 @@ class WindowGeometry(NamedTuple):
     padded: tuple[int, ...]  # the padded volume's shape
     scan: tuple[int, ...]  # the scan interval (step between window starts)
     window: tuple[int, ...]  # the window size (the roi, cut to the padded volume)
+    axis_starts: tuple[tuple[int, ...], ...] | None = None  # nnU-Net's grid: the starts per axis (None: MONAI's)
+
+
+def nnunet_starts(size: int, window: int, overlap: float) -> tuple[int, ...]:
+    """nnU-Net v2's window starts along one axis of ``size`` voxels (at least ``window``): as few windows as keep
+    each step at most ``window x (1 - overlap)``, the first at 0, the last at ``size - window``, rounded."""
+    target = window * (1.0 - overlap)
+    count = math.ceil((size - window) / target) + 1 if size > window else 1
+    if count == 1:
+        return (0,)
+    step = (size - window) / (count - 1)
+    return tuple(int(round(step * i)) for i in range(count))
 
 
 def window_geometry(spatial_shape: Sequence[int], roi_size: Sequence[int] | int,
-                    overlap: Sequence[float] | float) -> WindowGeometry:
-    """MONAI's geometry of a sliding window over ``spatial_shape``.
+                    overlap: Sequence[float] | float, grid: str = "monai") -> WindowGeometry:
+    """MONAI's geometry of a sliding window over ``spatial_shape`` (with ``grid="nnunet"``, nnU-Net's window
+    starts on the same padded volume: nnU-Net pads an axis smaller than the roi as MONAI does).
 
     Raises
     ------
     ValueError
-        ``roi_size`` with another number of axes than ``spatial_shape``, or an overlap outside ``[0, 1)``.
+        ``roi_size`` with another number of axes than ``spatial_shape``, an overlap outside ``[0, 1)`` or an
+        unknown grid.
     """
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     spatial_shape = tuple(int(s) for s in spatial_shape)
     nd = len(spatial_shape)
     if isinstance(roi_size, Sequence) and len(roi_size) != nd:
@@ -71,14 +94,20 @@ def window_geometry(spatial_shape: Sequence[int], roi_size: Sequence[int] | int,
     padded = tuple(max(s, r) for s, r in zip(spatial_shape, roi))
     scan = _get_scan_interval(padded, roi, nd, overlaps)
     window = tuple(int(w) for w in get_valid_patch_size(padded, roi))
-    return WindowGeometry(roi, pad_lo, padded, tuple(int(s) for s in scan), window)
+    starts = (tuple(nnunet_starts(p, w, o) for p, w, o in zip(padded, window, overlaps)) if grid == "nnunet"
+              else None)
+    return WindowGeometry(roi, pad_lo, padded, tuple(int(s) for s in scan), window, starts)
 
 
-def window_order(padded: Sequence[int], window: Sequence[int], scan: Sequence[int]) -> list[tuple[int, ...]]:
-    """MONAI's window starts (``dense_patch_slices``) in the order that keeps the fewest blocks alive:
-    by z-step (``z_start // step_z``: MONAI's last z-start, moved back to end at the volume's edge, joins
-    the step before it), then y, then z, then x."""
-    starts = [tuple(int(s.start) for s in w) for w in dense_patch_slices(padded, window, scan)]
+def window_order(padded: Sequence[int], window: Sequence[int], scan: Sequence[int],
+                 axis_starts: Sequence[Sequence[int]] | None = None) -> list[tuple[int, ...]]:
+    """MONAI's window starts (``dense_patch_slices``; or every combination of ``axis_starts``) in the order
+    that keeps the fewest blocks alive: by z-step (``z_start // step_z``: MONAI's last z-start, moved back to
+    end at the volume's edge, joins the step before it), then y, then z, then x."""
+    if axis_starts is not None:
+        starts = [tuple(int(v) for v in s) for s in itertools.product(*axis_starts)]
+    else:
+        starts = [tuple(int(s.start) for s in w) for w in dense_patch_slices(padded, window, scan)]
     if len(padded) > 1:
         starts.sort(key=lambda s: (s[-1] // scan[-1], s[-2], s[-1], *s[:-2]))
     return starts
@@ -280,7 +309,7 @@ def _even_cuts(xs: list[int], count: int, length: int) -> list[int] | None:
 
 
 def plan_sweep(padded: Sequence[int], window: Sequence[int], scan: Sequence[int], channels: int,
-               budget: int | None) -> SweepPlan:
+               budget: int | None, axis_starts: Sequence[Sequence[int]] | None = None) -> SweepPlan:
     """The sweep of a volume: one strip, or (3D, buffer over ``budget`` bytes) the fewest x-strips that bring
     the buffer under it, cut at MONAI's window starts as evenly as they allow, while the windows computed
     twice stay within :data:`MAX_EXTRA_WINDOWS` of MONAI's (the last within that bound when none does).
@@ -293,10 +322,11 @@ def plan_sweep(padded: Sequence[int], window: Sequence[int], scan: Sequence[int]
     order, so a strip's arena is the arena of one column of windows per voxel of width: the choice is made
     on that one plan, and the strips' own plans are built only for the sweep.
 
-    ``padded``, ``window``, ``scan`` are a :class:`WindowGeometry`'s; ``channels`` the buffer's channels.
+    ``padded``, ``window``, ``scan``, ``axis_starts`` are a :class:`WindowGeometry`'s; ``channels`` the
+    buffer's channels.
     """
     padded, window = tuple(int(p) for p in padded), tuple(int(w) for w in window)
-    starts = window_order(padded, window, scan)
+    starts = window_order(padded, window, scan, axis_starts)
     if len(padded) < 3:
         one = BlockPlan(padded, window, starts)
         return SweepPlan(padded, window, starts, [0, padded[0]], one.arena_voxels, one.largest_block_voxels,

@@ -354,3 +354,43 @@ def test_strips_stay_within_30_percent_more_windows_when_the_budget_cannot_be_me
     result = slab_sliding_window(x, (20, 16, 16), conv_net(3), 3, overlap=0.5, buffer_bytes=1)
     monai_windows = 8 * 3 * 4  # x: 0, 10, .., 70; y: 0, 8, 14; z: 0, 8, 16, 24
     assert result.strips >= 2 and monai_windows < result.num_windows <= 1.3 * monai_windows
+
+
+def test_nnunet_window_starts() -> None:
+    from medseg.inference.windows import nnunet_starts
+
+    assert nnunet_starts(49, 32, 0.5) == (0, 8, 17)  # MONAI: (0, 17)
+    assert nnunet_starts(100, 32, 0.5) == (0, 14, 27, 41, 54, 68)  # MONAI: (0, 16, 32, 48, 64, 68)
+    assert nnunet_starts(96, 32, 0.5) == (0, 16, 32, 48, 64)
+    assert nnunet_starts(32, 32, 0.5) == (0,)
+
+
+def test_nnunet_grid_blends_nnunets_windows_with_its_gaussian(tmp_path) -> None:
+    """grid="nnunet" (models imported from nnU-Net): the blend of every window of nnU-Net's grid weighted by
+    nnU-Net's Gaussian, as nnUNetv2_predict computes it (here in float64), also when swept in x-strips."""
+    import itertools
+
+    from scipy.ndimage import gaussian_filter
+
+    from medseg.inference.windows import nnunet_starts
+
+    net, x, roi = conv_net(5), volume(49, 40, 37), (32, 16, 16)
+    g = np.zeros(roi)
+    g[tuple(r // 2 for r in roi)] = 1
+    g = gaussian_filter(g, [r / 8 for r in roi], 0, mode="constant", cval=0)
+    g[g == 0] = g[g > 0].min()
+    total, weight = np.zeros((5, 49, 40, 37)), np.zeros((49, 40, 37))
+    with torch.no_grad():
+        for start in itertools.product(*[nnunet_starts(n, r, 0.5) for n, r in zip(x.shape[2:], roi)]):
+            where = tuple(slice(s, s + r) for s, r in zip(start, roi))
+            total[(slice(None), *where)] += net(x[(slice(None), slice(None), *where)])[0].double().numpy() * g
+            weight[where] += g
+    reference = torch.from_numpy(total / weight)
+    for buffer_bytes in (None, 200_000):
+        result = slab_sliding_window(x, roi, net, 5, 0.5, probabilities_in_memory=True, grid="nnunet",
+                                     buffer_bytes=buffer_bytes)
+        assert (result.labels.long() == reference.argmax(0)).double().mean().item() >= 0.9999
+        probs = torch.from_numpy(np.asarray(result.probabilities))
+        assert (probs.double() - torch.softmax(reference, 0)).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="grid must be one of monai, nnunet"):
+        slab_sliding_window(x, roi, net, 5, 0.5, grid="other")
