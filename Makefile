@@ -4,9 +4,19 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps demo lint test clean
+.PHONY: install system-deps nnunet-peer demo lint test clean
 
 install: $(STAMP)
+
+# nnU-Net v2 in its own venv (torch pinned): the reference of the tests of `medseg bundle import-nnunet`
+NNUNET_VENV := .venv-nnunet
+NNUNET_STAMP := $(NNUNET_VENV)/.installed
+
+nnunet-peer: $(NNUNET_STAMP)
+
+$(NNUNET_STAMP): $(STAMP) scripts/nnunet_peer.py
+	$(BIN)/python scripts/nnunet_peer.py --install $(NNUNET_VENV)
+	touch $(NNUNET_STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +38,8 @@ lint: install
 	$(BIN)/mypy medseg
 	$(BIN)/lint-imports
 
-test: install system-deps lint
+test: install system-deps nnunet-peer lint
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) demo-run .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) $(NNUNET_VENV) demo-run .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -13,19 +13,26 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["ARCHITECTURES", "FIELDS", "NetworkSpec", "Topology", "default_filters", "dynunet_topology", "plan_topology",
-           "planned_filters"]
+__all__ = ["ARCHITECTURES", "FIELDS", "IMPORTED", "PLAN_ARCHITECTURES", "NetworkSpec", "Topology",
+           "default_filters", "dynunet_topology", "plan_topology", "planned_filters"]
 
 #: The architectures :func:`medseg.networks.build_network` builds (``--network``), the first the default.
 ARCHITECTURES = ("unet", "dynunet", "segresnet", "unet_head")
+#: The network of a model imported from nnU-Net v2 (``medseg bundle import-nnunet``): defined by the bundle's
+#: ``configs/nnunet.json``, built by its ``inference.json``; a plan names it, training cannot choose it.
+IMPORTED = "nnunet"
+#: The names a ``plan.json`` may give its network.
+PLAN_ARCHITECTURES = (*ARCHITECTURES, IMPORTED)
 #: The fields of :class:`NetworkSpec` each architecture uses besides ``name``: ``plan.json`` holds only these.
 FIELDS: dict[str, tuple[str, ...]] = {
     "unet": ("channels", "strides", "num_res_units", "norm", "dropout"),
     "dynunet": ("filters", "kernel_sizes", "level_strides", "res_block", "deep_supervision", "norm", "dropout"),
     "segresnet": ("init_filters", "blocks_down", "blocks_up", "norm", "dropout"),
     "unet_head": ("channels", "level_strides", "num_res_units", "norm", "dropout"),
+    IMPORTED: (),
 }
-TITLES = {"unet": "U-Net", "dynunet": "DynUNet", "segresnet": "SegResNet", "unet_head": "U-Net (pointwise head)"}
+TITLES = {"unet": "U-Net", "dynunet": "DynUNet", "segresnet": "SegResNet", "unet_head": "U-Net (pointwise head)",
+          IMPORTED: "nnU-Net v2 (imported)"}
 #: Normalisations of DynUNet and SegResNet (the U-Net takes any name MONAI knows, as before).
 NORMS = ("instance", "batch")
 #: DynUNet topology: at most this many poolings, none that leaves an axis below ``MIN_EDGE`` voxels.
@@ -122,8 +129,8 @@ class NetworkSpec:
             and ``channels``); a SegResNet whose ``blocks_up`` is not one
             shorter than ``blocks_down``; a U-Net with one stride per channel count.
         """
-        if self.name not in ARCHITECTURES:
-            raise ValueError(f"field 'network.name' must be one of {', '.join(ARCHITECTURES)}, got {self.name!r}")
+        if self.name not in PLAN_ARCHITECTURES:
+            raise ValueError(f"field 'network.name' must be one of {', '.join(PLAN_ARCHITECTURES)}, got {self.name!r}")
         if self.name == "unet_head":
             _check_levels(self, dims, "channels")
         if self.name == "unet" and len(self.strides) != len(self.channels) - 1:
@@ -149,6 +156,8 @@ class NetworkSpec:
             return (math.prod(self.strides),) * dims
         if self.name == "segresnet":
             return (2 ** (len(self.blocks_down) - 1),) * dims
+        if self.name == IMPORTED:  # nnU-Net pads a window to its patch (a multiple of its strides) itself
+            return (1,) * dims
         if self.name in ("dynunet", "unet_head"):
             if not self.level_strides:
                 raise ValueError("the DynUNet's strides are not planned yet (NetworkSpec.planned)")

@@ -147,6 +147,21 @@ class nnUNetTrainerTimeBudget(nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("final validation skipped (benchmark: the test cases are predicted instead)")
+
+
+class nnUNetTrainerFixedIterations(nnUNetTrainer):
+    """Small models for medseg's tests: MEDSEG_NNUNET_EPOCHS epochs of MEDSEG_NNUNET_ITERATIONS iterations (bounded
+    by iterations, never by time), one validation batch per epoch, no final validation."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_iterations_per_epoch = int(os.environ.get("MEDSEG_NNUNET_ITERATIONS", "25"))
+        self.num_val_iterations_per_epoch = 1
+        self.num_epochs = int(os.environ.get("MEDSEG_NNUNET_EPOCHS", "4"))
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("final validation skipped (medseg test model)")
 '''
 
 
@@ -442,6 +457,52 @@ def plan_record(plans: dict[str, Any], configuration: str = CONFIGURATION) -> di
     }
 
 
+def tiny_plans(preprocessed: Path, name: str, anisotropic: bool = False) -> Path:
+    """Small models for tests and benchmarks: nnU-Net's plans (``nnUNetPlans.json`` in ``preprocessed``) with the
+    3d_fullres network cut to 3 stages of 8-32 features on a 32^3 patch, saved as ``<name>.json``; ``anisotropic``:
+    the first axis resampled 3.5 x coarser (nnU-Net's "separate z" resampling, in-plane spline and nearest along it,
+    both ways) with an 8 x 32 x 32 patch (preprocess it with ``nnUNetv2_preprocess -plans_name NAME``)."""
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = name
+    config = plans["configurations"]["3d_fullres"]
+    config["patch_size"] = [32, 32, 32]
+    kernels, strides = [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
+    if anisotropic:
+        config["spacing"] = [config["spacing"][0] * 3.5, *config["spacing"][1:]]
+        config["patch_size"] = [8, 32, 32]
+        kernels, strides = [[1, 3, 3], [3, 3, 3], [3, 3, 3]], [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
+        config["data_identifier"] = f"{name}_3d_fullres"
+    config["architecture"]["arch_kwargs"].update(
+        n_stages=3, features_per_stage=[8, 16, 32], kernel_sizes=kernels, strides=strides,
+        n_conv_per_stage=[2, 2, 2], n_conv_per_stage_decoder=[2, 2])
+    plans["configurations"] = {"3d_fullres": config}
+    path = preprocessed / f"{name}.json"
+    path.write_text(json.dumps(plans, indent=2))
+    return path
+
+
 def _tail(text: str, lines: int) -> str:
     kept = [line for line in text.strip().splitlines() if line.strip()]
     return "\n".join(kept[-lines:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python scripts/nnunet_peer.py --install VENV``: create nnU-Net's venv (what ``make test`` does for the
+    tests that compare medseg with ``nnUNetv2_predict``); an existing working one is kept."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--install", required=True, metavar="VENV", help="the venv folder")
+    args = parser.parse_args(argv)
+    venv = Path(args.install).absolute()
+    try:
+        Peer(venv, venv / "work", 1, venv / "logs").ensure()
+    except PeerError as exc:
+        print(f"nnunet_peer: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"nnU-Net v2 ready in {venv}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

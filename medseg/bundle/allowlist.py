@@ -111,6 +111,19 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
                                              "per input as <case>_seg.<ending> (name from the input file's stem) "
                                              "into output_dir, refusing an existing file unless overwrite is "
                                              "true", writes=("output_dir",)),
+    Vetted("medseg.bundle.nnunet.nnunet_network",
+           "reads configs/nnunet.json under bundle_root (json.loads, checked), builds nnU-Net's PlainConvUNet or "
+           "ResidualEncoderUNet from an allow-list of class and layer names (nothing imported by a name the file "
+           "gives) and reads models/fold_K.pt there with torch.load(weights_only=True); no writes",
+           reads=("bundle_root",)),
+    Vetted("medseg.bundle.nnunet.nnunet_preprocessing",
+           "reads configs/nnunet.json under bundle_root (json.loads, checked); returns a MONAI transform chain "
+           "(medseg's fixed readers, then nnU-Net's crop, normalisation and resampling in memory); no writes",
+           reads=("bundle_root",)),
+    Vetted("medseg.bundle.nnunet.nnunet_postprocessing",
+           "reads configs/nnunet.json under bundle_root (json.loads, checked); exports the probabilities to a label "
+           "map in memory and writes one label map per input as <case>_seg.<ending> into output_dir, refusing an "
+           "existing file unless overwrite is true", reads=("bundle_root",), writes=("output_dir",)),
     Vetted(f"{_C}.run_engine", "calls engine.run() on an already vetted engine; nothing else"),
     Vetted(f"{_C}.score_predictions", "reads the label maps in predictions_dir and labels_dir (paired by case "
                                       "name) and writes metrics.csv, summary.json, lesions.csv and "

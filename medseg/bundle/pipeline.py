@@ -100,12 +100,13 @@ def _top_level(path: Path | None) -> Mapping[str, Any]:
 @dataclass(frozen=True)
 class InferenceOptions:
     """The command line's options of a prediction: overrides of the config ids of the same names
-    (``progress`` None: when stderr is a terminal; ``trust``: skip safe mode)."""
+    (``progress`` None: when stderr is a terminal; ``tta`` None: the config's own, off in medseg's bundles and on in
+    those imported from nnU-Net; ``trust``: skip safe mode)."""
 
     device: str = "cpu"
     overlap: float = 0.5
     sw_batch_size: int | None = None
-    tta: bool = False
+    tta: bool | None = None
     precision: str = "float32"
     progress: bool | None = None
     trust: bool = False
@@ -143,7 +144,8 @@ def inference_pipeline(bundle_dir: str | os.PathLike[str], options: InferenceOpt
     values = {key: getattr(options, key) for key in INFERER_OPTIONS}
     values["progress"] = sys.stderr.isatty() if options.progress is None else options.progress
     overrides: dict[str, Any] = {"bundle_root": str(bundle), "device": str(torch_device)}
-    overrides.update({(key if key in top else f"inferer#{key}"): value for key, value in values.items()})
+    overrides.update({(key if key in top else f"inferer#{key}"): value for key, value in values.items()
+                      if value is not None or key != "tta"})
     if isinstance(top.get("postprocessing"), Mapping):
         overrides["postprocessing#output_dir"] = None  # the command writes the label maps (write_label_map)
     if source is None:

@@ -241,6 +241,21 @@ def cmd_bundle_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle_import_nnunet(args: argparse.Namespace) -> int:
+    from medseg.bundle.nnunet_import import import_nnunet
+    from medseg.errors import InputError
+
+    folds = None
+    if args.folds is not None:
+        try:
+            folds = [int(f) for f in args.folds.split(",") if f.strip()]
+        except ValueError:
+            raise InputError(None, f"--folds must be fold numbers separated by commas, got {args.folds!r}") from None
+    print(import_nnunet(args.model_dir, args.out, configuration=args.configuration, folds=folds,
+                        checkpoint=args.checkpoint, segments=args.segments))
+    return 0
+
+
 def cmd_pacs_run(args: argparse.Namespace) -> int:
     from medseg.pacs.dicomweb import make_session, run_study
 

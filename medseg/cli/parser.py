@@ -10,6 +10,7 @@ from medseg import __version__
 from medseg.architectures import ARCHITECTURES
 from medseg.cli.commands import (
     cmd_bundle_export,
+    cmd_bundle_import_nnunet,
     cmd_bundle_init,
     cmd_bundle_run,
     cmd_bundle_verify,
@@ -235,8 +236,11 @@ def _add_predict(sub: Subparsers) -> None:
     _device(p)
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: the plan's)")
-    p.add_argument("--tta", action="store_true",
-                   help="test-time mirroring: average each window with its flips along every spatial axis (1 + dims passes)")
+    tta = p.add_mutually_exclusive_group()
+    tta.add_argument("--tta", action="store_true", default=None,
+                     help="test-time mirroring: average each window with its flips along every spatial axis (1 + dims "
+                          "passes; a model imported from nnU-Net: its own mirroring, on by default)")
+    tta.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time mirroring")
     p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16: the network under autocast (about 2x faster on AVX-512 BF16 CPUs; check agreement)")
     p.add_argument("--strict", action="store_true",
@@ -301,7 +305,7 @@ def _add_inspect(sub: Subparsers) -> None:
 
 
 def _add_bundle(sub: Subparsers) -> None:
-    p = _command(sub, "bundle", "MONAI bundles: init, run, verify, export")
+    p = _command(sub, "bundle", "MONAI bundles: init, run, verify, export, import-nnunet")
     bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
     b = _command(bsub, "init", "create a bundle for a dataset (modality, labels, spacing from the data)")
     b.add_argument("--data", required=True, help="dataset.json (MSD or nnU-Net v2 raw layout), or its folder")
@@ -331,6 +335,19 @@ def _add_bundle(sub: Subparsers) -> None:
     b.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="export format")
     b.add_argument("--out", default=None, help="output file (default: models/model.ts or models/model.onnx)")
     b.set_defaults(func=cmd_bundle_export)
+    b = _command(bsub, "import-nnunet", "import an nnU-Net v2 trained-model folder as a medseg bundle")
+    b.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="nnU-Net results folder TRAINER__PLANS__CONFIGURATION (dataset.json, plans.json, fold_K/)")
+    b.add_argument("--out", required=True, help="new bundle folder")
+    b.add_argument("--configuration", default=None,
+                   help="plans configuration, e.g. 3d_fullres or 2d (default: from the folder name)")
+    b.add_argument("--folds", default=None, metavar="K,K,...",
+                   help="folds to ensemble, e.g. 0,1,2,3,4 (default: every fold_K with the checkpoint)")
+    b.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold_K/")
+    b.add_argument("--segments", default=None, metavar="CODES.json",
+                   help="segment codes for DICOM SEG: {\"liver\": {\"code\": \"10200004\", \"scheme\": \"SCT\", "
+                        "\"meaning\": \"Liver\"}} by label name or value (default: medseg's table; others none)")
+    b.set_defaults(func=cmd_bundle_import_nnunet)
 
 
 def _add_pacs(sub: Subparsers) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from monai.networks.nets import DynUNet, SegResNet, UNet
 
-from medseg.architectures import ARCHITECTURES, NetworkSpec
+from medseg.architectures import ARCHITECTURES, IMPORTED, NetworkSpec
 from medseg.errors import BundleError
 from medseg.networks.unet_head import PointwiseHeadUNet
 from medseg.plan import Plan
@@ -30,9 +30,13 @@ def build_network(plan: Plan, spec: NetworkSpec | None = None) -> torch.nn.Modul
     Raises
     ------
     BundleError
-        For an unknown architecture name (naming it and the known ones).
+        For an unknown architecture name (naming it and the known ones), or an imported nnU-Net network.
     """
     spec = spec or plan.network
+    if spec.name == IMPORTED:
+        raise BundleError("this model was imported from nnU-Net: its network is defined by configs/nnunet.json and "
+                          "built by the bundle's configs/inference.json (medseg predict --model BUNDLE); it cannot be "
+                          "trained or built from the plan")
     build = _BUILDERS.get(spec.name)
     if build is None:
         raise BundleError(f"unknown network architecture {spec.name!r}; available: {', '.join(ARCHITECTURES)}")

@@ -25,11 +25,16 @@ def split_pointwise_head(network: torch.nn.Module) -> tuple[torch.nn.Module, tor
     Known: MONAI's DynUNet, BasicUNet and SegResNet, and medseg's
     :class:`~medseg.networks.unet_head.PointwiseHeadUNet` (the last two end in norm -> activation ->
     1 x 1 x 1 convolution: the body keeps norm and activation). ``None`` for anything else, e.g.
-    MONAI's ``UNet``, whose last layer is a 3 x 3 x 3 convolution. The original network is not
+    MONAI's ``UNet``, whose last layer is a 3 x 3 x 3 convolution. A network with a ``pointwise_split()``
+    method (:class:`medseg.networks.nnunet.NnUNetEnsemble`) splits itself. The original network is not
     modified (the body is a shallow copy). A DynUNet with deep-supervision heads splits too: the split
     is the main output's (the inference output); its body never stacks the heads' outputs, even in
     training mode.
     """
+    split = getattr(network, "pointwise_split", None)
+    if callable(split):
+        parts: tuple[torch.nn.Module, torch.nn.Module, int] = split()
+        return parts
     attr = _POINTWISE_HEADS.get(type(network).__name__)
     if attr is None:
         return None

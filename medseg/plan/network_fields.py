@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medseg.architectures import ARCHITECTURES, FIELDS, NORMS, NetworkSpec
+from medseg.architectures import FIELDS, IMPORTED, NORMS, PLAN_ARCHITECTURES, NetworkSpec
 from medseg.plan.fields import Fields, as_json, shown
 
 __all__ = ["read_network"]
@@ -14,7 +14,7 @@ def read_network(fields: Fields, dims: int) -> NetworkSpec:
     """The ``network`` object: ``name`` (absent: ``"unet"``, so plans written before DynUNet and SegResNet
     load as they did) and that architecture's fields, each defaulting to :class:`NetworkSpec`'s; the
     fields of another architecture are refused by name."""
-    name = fields.get("name", str, lambda v: v in ARCHITECTURES, " or ".join(f'"{a}"' for a in ARCHITECTURES),
+    name = fields.get("name", str, lambda v: v in PLAN_ARCHITECTURES, " or ".join(f'"{a}"' for a in PLAN_ARCHITECTURES),
                       default="unet")
     foreign = sorted(set(fields.data) & (set().union(*FIELDS.values()) - set(FIELDS[name])))
     if foreign:
@@ -26,10 +26,15 @@ def read_network(fields: Fields, dims: int) -> NetworkSpec:
     values = {"norm": fields.get("norm", str, *norms, default=default.norm),
               "dropout": fields.get("dropout", float, lambda v: 0 <= v < 1, "a number in [0, 1)",
                                     default=default.dropout)}
-    values.update({"unet": _unet, "dynunet": _dynunet, "segresnet": _segresnet,
-                   "unet_head": _unet_head}[name](fields, default, dims))
+    values.update({"unet": _unet, "dynunet": _dynunet, "segresnet": _segresnet, "unet_head": _unet_head,
+                   IMPORTED: _imported}[name](fields, default, dims))
     fields.done()
     return NetworkSpec(name, **values)
+
+
+def _imported(fields: Fields, default: NetworkSpec, dims: int) -> dict[str, Any]:
+    """An imported nnU-Net network has no fields here: ``configs/nnunet.json`` defines it."""
+    return {}
 
 
 def _channels(fields: Fields, default: NetworkSpec, expected: str) -> tuple[int, ...]:

@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""One nnU-Net v2 model, one 512 x 512 x D CT-like volume: ``nnUNetv2_predict`` vs ``medseg predict`` of the
+model imported with ``medseg bundle import-nnunet``, each in its own process with the same threads: end-to-end
+seconds (reading, preprocessing, sliding window, export, writing), peak resident memory of the process and its
+children, and the agreement of the label maps.
+
+The model is trained here by nnU-Net itself (``scripts/nnunet_peer.py``: nnU-Net's plans of ``medseg synth`` CT
+phantoms with the network cut to 3 stages of 8-32 features, 300 iterations). For ``--classes C`` its last layers
+get ``C - 6`` more classes, copies of the background lowered by 2 logits: every class is computed, blended,
+resampled and reduced as in a model of C real classes, and the labels stay those of the trained model, so the
+agreement is measured on a model that segments something. The volume is a test phantom resampled (linearly) to
+512 x 512 x D over the same extent: about 0.25 mm in-plane, so both tools resample the prediction of a ~2.5 mm
+model back to a fine grid, where nnU-Net holds every class at the input's resolution (its issue #2912).
+
+    .venv/bin/python scripts/bench_nnunet_predict.py [--classes 15,105] [--depth 120] [--threads 1]
+        [--nnunet-venv .venv-nnunet] [--work DIR] [--json FILE]
+
+``--json FILE`` writes records with ``impl`` ("medseg" or "nnunet"), ``classes``, ``shape``, ``seconds``,
+``peak_rss_gb``, ``device``, ``threads`` and, for medseg, ``agreement`` (fraction of voxels equal to nnU-Net's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET_ID, DATASET = 902, "Dataset902_Bench"
+TRAINER, PLANS = "nnUNetTrainerFixedIterations", "nnUNetPlansTiny"
+SIZE_XY = 512
+BACKGROUND_MARGIN = 2.0  # the added classes' logits: the background's minus this
+
+
+def _peer_module() -> Any:
+    spec = importlib.util.spec_from_file_location("nnunet_peer", ROOT / "scripts" / "nnunet_peer.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("nnunet_peer", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and every process below it (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    family, grew = {root}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in family} - family
+        grew, family = bool(more), family | more
+    total = 0
+    for pid in family:
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def measure(command: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
+    """Run ``command``; (wall seconds, peak resident GB of it and its children, sampled every 50 ms).
+
+    Raises
+    ------
+    RuntimeError
+        It exited non-zero (with the end of its output).
+    """
+    peak = 0
+    with open(log, "w", encoding="utf-8") as out:
+        started = time.monotonic()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        done = threading.Event()
+
+        def poll() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, _tree_rss(process.pid))
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        code = process.wait()
+        seconds = time.monotonic() - started
+        done.set()
+        watcher.join()
+    if code != 0:
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-8:])
+        raise RuntimeError(f"{' '.join(command[:4])} exited with {code}:\n{tail}")
+    return seconds, peak / 1024**3
+
+
+def train_model(peer: Any, module: Any, work: Path) -> tuple[Path, Path]:
+    """nnU-Net's tiny model of the phantoms (fold 0); (model folder, a test image)."""
+    from medseg.data.synthetic import write_dataset
+
+    raw = work / "nnUNet_raw" / DATASET
+    if not raw.exists():
+        write_dataset(raw, modality="ct", cases=8, seed=5, size=48, layout="nnunet")
+    model = work / "nnUNet_results" / DATASET / f"{TRAINER}__{PLANS}__3d_fullres"
+    if not (model / "fold_0" / "checkpoint_final.pth").exists():
+        peer.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1",
+                 log="plan")
+        module.tiny_plans(work / "nnUNet_preprocessed" / DATASET, PLANS)
+        peer.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-p", PLANS, "-tr", TRAINER, "-device", "cpu",
+                 log="train", MEDSEG_NNUNET_EPOCHS="12", MEDSEG_NNUNET_ITERATIONS="25", nnUNet_n_proc_DA="0")
+    return model, sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[0]
+
+
+def with_classes(model: Path, classes: int, out: Path) -> Path:
+    """A copy of ``model`` whose network predicts ``classes`` classes (see the module docstring)."""
+    import torch
+
+    target = out / model.name
+    if target.exists():
+        return target
+    (target / "fold_0").mkdir(parents=True)
+    shutil.copy(model / "plans.json", target / "plans.json")
+    dataset = json.loads((model / "dataset.json").read_text())
+    trained = len(dataset["labels"])
+    for value in range(trained, classes):
+        dataset["labels"][f"class_{value}"] = value
+    (target / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    weights = checkpoint["network_weights"]
+    for key in [k for k in weights if ".seg_layers." in k]:
+        tensor = weights[key]
+        extra = tensor[:1].repeat(classes - trained, *([1] * (tensor.ndim - 1)))
+        if key.endswith(".bias"):
+            extra = extra - BACKGROUND_MARGIN
+        weights[key] = torch.cat([tensor, extra])
+    torch.save(checkpoint, target / "fold_0" / "checkpoint_final.pth")
+    return target
+
+
+def ct_like_volume(source: Path, depth: int, out: Path) -> Path:
+    """``source`` resampled linearly to 512 x 512 x ``depth`` over the same extent (a CT-like input)."""
+    from scipy import ndimage
+
+    path = out / "ctbench_0000.nii.gz"
+    if path.exists():
+        return path
+    image = nib.load(source)
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    shape = (SIZE_XY, SIZE_XY, depth)
+    zoom = [n / o for n, o in zip(shape, data.shape)]
+    big = ndimage.zoom(data, zoom, order=1, mode="nearest", grid_mode=True).astype(np.int16)
+    affine = image.affine.copy()
+    affine[:3, :3] = affine[:3, :3] / np.asarray(zoom)
+    out.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(big, affine), path)
+    return path
+
+
+def agreement(ours: Path, theirs: Path) -> float:
+    a, b = np.asarray(nib.load(ours).dataobj), np.asarray(nib.load(theirs).dataobj)
+    if a.shape != b.shape:
+        raise RuntimeError(f"{ours}: shape {a.shape}, nnU-Net's {b.shape}")
+    return float((a == b).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--classes", default="15,105", help="class counts, comma-separated (default: 15,105)")
+    parser.add_argument("--depth", type=int, default=120, help="slices of the 512 x 512 volume (default: 120)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each tool (default: 1)")
+    parser.add_argument("--nnunet-venv", default=str(ROOT / ".venv-nnunet"), help="nnU-Net's venv (made if missing)")
+    parser.add_argument("--work", default=None, help="work folder, kept (default: a temporary one, removed)")
+    parser.add_argument("--json", default=None, help="write the records here")
+    args = parser.parse_args(argv)
+    classes = [int(c) for c in args.classes.split(",") if c.strip()]
+    module = _peer_module()
+    work = Path(args.work).absolute() if args.work else Path(tempfile.mkdtemp(prefix="bench-nnunet-"))
+    peer = module.Peer(Path(args.nnunet_venv).absolute(), work, args.threads, work / "logs")
+    records: list[dict[str, Any]] = []
+    try:
+        peer.ensure()
+        model, test_image = train_model(peer, module, work)
+        volume = ct_like_volume(test_image, args.depth, work / "input")
+        shape = list(nib.load(volume).shape)
+        threads = str(args.threads)
+        medseg_env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        for count in classes:
+            variant = with_classes(model, count, work / f"model-{count}")
+            theirs, ours, bundle = work / f"nnunet-{count}", work / f"medseg-{count}", work / f"bundle-{count}"
+            for folder in (theirs, ours, bundle):
+                shutil.rmtree(folder, ignore_errors=True)
+            seconds, rss = measure([str(peer.python), "-c", module.LAUNCHER, "nnUNetv2_predict_from_modelfolder",
+                                    "-i", str(volume.parent), "-o", str(theirs), "-m", str(variant), "-f", "0",
+                                    "--disable_tta", "-npp", "1", "-nps", "1", "-device", "cpu"],
+                                   peer.env(), work / "logs" / f"nnunet-{count}.log")
+            records.append({"impl": "nnunet", "classes": count, "shape": shape, "seconds": round(seconds, 1),
+                            "peak_rss_gb": round(rss, 2), "device": "cpu", "threads": args.threads})
+            subprocess.run([sys.executable, "-m", "medseg", "bundle", "import-nnunet", str(variant), "--out",
+                            str(bundle)], check=True, env=medseg_env, capture_output=True)
+            seconds, rss = measure([sys.executable, "-m", "medseg", "predict", "--model", str(bundle), "--input",
+                                    str(volume), "--output", str(ours), "--no-tta"], medseg_env,
+                                   work / "logs" / f"medseg-{count}.log")
+            fraction = agreement(ours / "ctbench_0000_seg.nii.gz", theirs / "ctbench.nii.gz")
+            records.append({"impl": "medseg", "classes": count, "shape": shape, "seconds": round(seconds, 1),
+                            "peak_rss_gb": round(rss, 2), "device": "cpu", "threads": args.threads,
+                            "agreement": round(fraction, 6)})
+            nn, ms = records[-2], records[-1]
+            print(f"{count:>4} classes {'x'.join(map(str, shape))}: nnU-Net {nn['seconds']:.1f} s "
+                  f"{nn['peak_rss_gb']:.2f} GB | medseg {ms['seconds']:.1f} s {ms['peak_rss_gb']:.2f} GB | "
+                  f"speed {nn['seconds'] / ms['seconds']:.2f} x, memory {ms['peak_rss_gb'] / nn['peak_rss_gb']:.3f} "
+                  f"of nnU-Net's, agreement {fraction:.5f}", flush=True)
+    except (RuntimeError, OSError, subprocess.CalledProcessError, module.PeerError) as exc:
+        print(f"bench_nnunet_predict: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.json and records:
+            Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

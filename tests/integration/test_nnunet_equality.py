@@ -1,0 +1,152 @@
+"""Models trained by nnU-Net v2 itself, imported with ``medseg bundle import-nnunet`` and predicted with ``medseg
+predict``: the label maps agree with ``nnUNetv2_predict``'s on >= 99.9 % of the voxels (one fold and a two-fold
+ensemble, with and without mirroring; an anisotropic configuration), in the same geometry.
+
+nnU-Net runs in its own venv (``make nnunet-peer``, created by ``make test``; ``MEDSEG_NNUNET_VENV`` overrides the
+folder). The models are tiny (a 3-stage U-Net of 8-32 features on a 32^3 patch, edited from nnU-Net's own plans of
+the phantoms) and trained for a fixed number of iterations (300): about a minute per fold on one core.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.data.synthetic import write_dataset
+from medseg.data.synthetic.dicom import phantom_series
+from tests.tools import IN_CI, dciodvfy_errors, needs, needs_dciodvfy
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = Path(os.environ.get("MEDSEG_NNUNET_VENV", ROOT / ".venv-nnunet"))
+DATASET_ID, DATASET = 901, "Dataset901_Phantoms"
+TRAINER, PLANS, ANISO = "nnUNetTrainerFixedIterations", "nnUNetPlansTiny", "nnUNetPlansTinyAniso"
+
+pytestmark = [pytest.mark.slow, pytest.mark.nnunet,
+              needs((VENV / "bin" / "python").exists(), f"nnU-Net v2 in {VENV} (make nnunet-peer)")]
+
+
+def _peer_module() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("nnunet_peer", ROOT / "scripts" / "nnunet_peer.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("nnunet_peer", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _model(work: Path, plans: str) -> Path:
+    return work / "nnUNet_results" / DATASET / f"{TRAINER}__{plans}__3d_fullres"
+
+
+@pytest.fixture(scope="module")
+def nnunet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Phantoms in nnU-Net's raw layout; nnU-Net's plan and preprocessing; two folds of a tiny model and one fold of
+    an anisotropic one, trained by nnU-Net for 300 iterations each; their predictions of the test images by
+    nnUNetv2_predict (fold 0 with and without mirroring, folds 0+1 and the anisotropic model without)."""
+    assert (VENV / "bin" / "python").exists() or not IN_CI, f"CI needs nnU-Net in {VENV}: make nnunet-peer"
+    module = _peer_module()
+    work = tmp_path_factory.mktemp("nnunet")
+    peer = module.Peer(VENV, work, 1, work / "logs")
+    peer.install_trainer()
+    raw = work / "nnUNet_raw" / DATASET
+    write_dataset(raw, modality="ct", cases=8, seed=5, size=48, layout="nnunet")
+    peer.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1",
+             log="plan")
+    preprocessed = work / "nnUNet_preprocessed" / DATASET
+    module.tiny_plans(preprocessed, PLANS)
+    module.tiny_plans(preprocessed, ANISO, anisotropic=True)
+    peer.run("nnUNetv2_preprocess", "-d", str(DATASET_ID), "-plans_name", ANISO, "-c", "3d_fullres", "-np", "1",
+             log="preprocess-aniso")
+    for plans, fold in ((PLANS, "0"), (PLANS, "1"), (ANISO, "0")):
+        peer.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", fold, "-p", plans, "-tr", TRAINER, "-device", "cpu",
+                 log=f"train-{plans}-{fold}", MEDSEG_NNUNET_EPOCHS="12", MEDSEG_NNUNET_ITERATIONS="25",
+                 nnUNet_n_proc_DA="0")
+    outputs = {"raw": raw, "model": _model(work, PLANS), "aniso-model": _model(work, ANISO)}
+    for name, plans, folds, tta in (("fold0-tta", PLANS, ["0"], True), ("fold0", PLANS, ["0"], False),
+                                    ("folds01", PLANS, ["0", "1"], False), ("aniso", ANISO, ["0"], False)):
+        outputs[name] = work / f"nnunet-{name}"
+        peer.run("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(outputs[name]), "-d", str(DATASET_ID),
+                 "-c", "3d_fullres", "-p", plans, "-tr", TRAINER, "-f", *folds, "-device", "cpu", "-npp", "1",
+                 "-nps", "1", *([] if tta else ["--disable_tta"]), log=f"predict-{name}")
+    return outputs
+
+
+def _medseg(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "medseg", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def _agreement(medseg_dir: Path, nnunet_dir: Path) -> dict[str, float]:
+    """Per case, the fraction of voxels with equal labels; also checks the geometry, that nnU-Net's model segments
+    something, and that the two agree on >= 99 % of the voxels either calls foreground."""
+    agreement = {}
+    for reference in sorted(nnunet_dir.glob("*.nii.gz")):
+        case = reference.name[: -len(".nii.gz")]
+        ours, theirs = nib.load(medseg_dir / f"{case}_0000_seg.nii.gz"), nib.load(reference)
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-4)
+        a, b = np.asarray(ours.dataobj), np.asarray(theirs.dataobj)
+        assert len(np.unique(b)) > 1, f"{case}: nnU-Net predicted background only; the model learnt nothing"
+        foreground = (a > 0) | (b > 0)
+        assert (a[foreground] == b[foreground]).mean() >= 0.99, f"{case}: the foregrounds differ"
+        agreement[case] = float((a == b).mean())
+    assert agreement
+    return agreement
+
+
+@pytest.mark.parametrize(("reference", "model", "folds", "tta"), [
+    ("fold0", "model", "0", False), ("fold0-tta", "model", "0", True), ("folds01", "model", "0,1", False),
+    ("aniso", "aniso-model", "0", False)])
+def test_medseg_predict_agrees_with_nnunet_predict(nnunet: dict[str, Path], tmp_path: Path, reference: str,
+                                                   model: str, folds: str, tta: bool) -> None:
+    bundle = tmp_path / "bundle"
+    _medseg("bundle", "import-nnunet", str(nnunet[model]), "--out", str(bundle), "--folds", folds)
+    out = tmp_path / "pred"
+    _medseg("predict", "--model", str(bundle), "--input", str(nnunet["raw"] / "imagesTs"), "--output", str(out),
+            "--tta" if tta else "--no-tta")
+    agreement = _agreement(out, nnunet[reference])
+    assert min(agreement.values()) >= 0.999, agreement
+
+
+def test_bundle_run_door_writes_the_same_label_maps(nnunet: dict[str, Path], tmp_path: Path) -> None:
+    """``medseg bundle run`` (MONAI's ConfigParser over the imported inference.json, in safe mode) writes what
+    ``medseg predict`` writes."""
+    bundle = tmp_path / "bundle"
+    _medseg("bundle", "import-nnunet", str(nnunet["model"]), "--out", str(bundle), "--folds", "0")
+    data = tmp_path / "data"
+    shutil.copytree(nnunet["raw"] / "imagesTs", data / "imagesTs")
+    _medseg("bundle", "run", str(bundle), "--set", f"dataset_dir={data}", "--set", f"output_dir={tmp_path / 'run'}",
+            "--set", "tta=false")
+    agreement = _agreement(tmp_path / "run", nnunet["fold0"])
+    assert min(agreement.values()) >= 0.999, agreement
+
+
+@needs_dciodvfy
+def test_imported_model_writes_dicom_seg_and_rtstruct_of_a_series(nnunet: dict[str, Path], tmp_path: Path) -> None:
+    """Downstream of an imported model: a CT series in, DICOM SEG and RTSTRUCT out, dciodvfy clean, the segments
+    named by the model's labels."""
+    import pydicom
+
+    bundle = tmp_path / "bundle"
+    _medseg("bundle", "import-nnunet", str(nnunet["model"]), "--out", str(bundle), "--folds", "0")
+    files, _, _ = phantom_series(tmp_path / "series", "ct", seed=11, size=48)
+    for fmt in ("dicom-seg", "rtstruct"):
+        out = tmp_path / fmt
+        _medseg("predict", "--model", str(bundle), "--input", str(files[0].parent), "--output", str(out),
+                "--format", fmt, "--no-tta")
+        written = sorted(out.iterdir())
+        assert len(written) == 1 and written[0].suffix == ".dcm"
+        assert dciodvfy_errors(written[0]) == []
+        dataset = pydicom.dcmread(written[0])
+        names = ([s.SegmentLabel for s in dataset.SegmentSequence] if fmt == "dicom-seg"
+                 else [r.ROIName for r in dataset.StructureSetROISequence])
+        assert names and set(names) <= {"liver", "spleen", "kidney", "bone", "lesion"}

@@ -1,0 +1,230 @@
+"""medseg bundle import-nnunet without nnU-Net installed: a model folder laid out as nnU-Net v2 writes it (plans,
+dataset.json, checkpoints as its trainer saves them), built here with nnU-Net's own network classes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medseg.bundle.nnunet import load_imported
+from medseg.bundle.nnunet_import import import_nnunet
+from medseg.errors import BundleError, InputError
+from medseg.networks.heads import split_pointwise_head
+from medseg.networks.nnunet import NnUNetEnsemble, nnunet_network, read_nnunet_checkpoint
+
+ARCH: dict[str, Any] = {
+    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
+                    "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                    "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [2, 2], "conv_bias": True,
+                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                    "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+}
+LABELS = {"background": 0, "liver": 1, "spleen": 2}
+
+
+def plans(normalization: str = "CTNormalization") -> dict[str, Any]:
+    return {
+        "dataset_name": "Dataset901_Test", "plans_name": "nnUNetPlans", "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [2, 0, 1], "transpose_backward": [1, 2, 0],
+        "original_median_spacing_after_transp": [2.0, 1.0, 1.0],
+        "foreground_intensity_properties_per_channel": {"0": {"mean": 100.0, "std": 50.0, "percentile_00_5": 0.0,
+                                                              "percentile_99_5": 300.0, "max": 400.0, "min": -5.0,
+                                                              "median": 90.0}},
+        "configurations": {
+            "3d_fullres": {
+                "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": 2, "patch_size": [16, 16, 16], "spacing": [2.0, 1.5, 1.5],
+                "normalization_schemes": [normalization], "use_mask_for_norm": [False],
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
+                                                       "force_separate_z": None},
+                "architecture": ARCH, "batch_dice": False},
+            "3d_lowres": {"inherits_from": "3d_fullres", "spacing": [4.0, 3.0, 3.0]},
+        },
+    }
+
+
+class Payload:
+    """Pickled, this runs a command when loaded: what a weights_only load must refuse."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("echo pwned",))
+
+
+def checkpoint(network: torch.nn.Module, **extra: Any) -> dict[str, Any]:
+    """A checkpoint as nnU-Net's trainer saves it (numpy scalars, torch.device and all)."""
+    return {"network_weights": network.state_dict(), "optimizer_state": {"state": {}, "param_groups": []},
+            "grad_scaler_state": None, "logging": {"mean_fg_dice": [np.float64(0.5)], "train_losses": [np.float32(1.0)]},
+            "_best_ema": np.float32(0.4), "current_epoch": 3,
+            "init_args": {"plans": {}, "configuration": "3d_fullres", "fold": 0, "dataset_json": {},
+                          "device": torch.device("cpu")},
+            "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2), **extra}
+
+
+def model_folder(root: Path, folds: tuple[int, ...] = (0,), normalization: str = "CTNormalization",
+                 **extra: Any) -> Path:
+    folder = root / "Dataset901_Test" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    folder.mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans(normalization)))
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": LABELS,
+                                                     "numTraining": 4, "file_ending": ".nii.gz",
+                                                     "name": "Test", "licence": "CC-BY 4.0"}))
+    for fold in folds:
+        torch.manual_seed(fold)
+        network = nnunet_network(ARCH, 1, 3)
+        (folder / f"fold_{fold}").mkdir()
+        torch.save(checkpoint(network, **extra), folder / f"fold_{fold}" / "checkpoint_final.pth")
+    return folder
+
+
+def test_checkpoint_read_with_the_types_nnunet_stores(tmp_path: Path) -> None:
+    folder = model_folder(tmp_path)
+    read = read_nnunet_checkpoint(folder / "fold_0" / "checkpoint_final.pth")
+    assert read.mirror_axes == (0, 1, 2) and read.trainer == "nnUNetTrainer" and read.epoch == 3
+    assert all(isinstance(v, torch.Tensor) for v in read.weights.values())
+
+
+def test_checkpoint_with_a_pickle_payload_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    folder = model_folder(tmp_path, payload=Payload())
+    with pytest.raises(BundleError, match=r"refused: the checkpoint holds Python objects .*posix\.system"):
+        read_nnunet_checkpoint(folder / "fold_0" / "checkpoint_final.pth")
+    out = tmp_path / "bundle"
+    with pytest.raises(BundleError, match="refused"):
+        import_nnunet(folder, out)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]
+
+
+def test_network_classes_and_layers_outside_the_allow_list_are_refused() -> None:
+    other = {**ARCH, "network_class_name": "os.system"}
+    with pytest.raises(BundleError, match=r"network class 'os\.system' is not one medseg builds"):
+        nnunet_network(other, 1, 3)
+    layer = {**ARCH, "arch_kwargs": {**ARCH["arch_kwargs"], "nonlin": "subprocess.Popen"}}
+    with pytest.raises(BundleError, match=r"architecture 'nonlin' 'subprocess\.Popen' is not one of the layers"):
+        nnunet_network(layer, 1, 3)
+    extra = {**ARCH, "arch_kwargs": {**ARCH["arch_kwargs"], "callback": "x"}}
+    with pytest.raises(BundleError, match="unknown architecture argument"):
+        nnunet_network(extra, 1, 3)
+
+
+def test_ensemble_equals_the_mean_of_mirrored_folds_and_splits_into_features_and_a_pointwise_head() -> None:
+    torch.manual_seed(0)
+    folds = [nnunet_network(ARCH, 1, 3).eval() for _ in range(2)]
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = []
+        for network in folds:
+            passes = [network(x)]
+            for dims in [(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]:
+                passes.append(torch.flip(network(torch.flip(x, dims)), dims))
+            expected.append(torch.stack(passes).mean(0))
+        ensemble = NnUNetEnsemble(folds, (0, 1, 2)).eval()
+        out = ensemble(x)
+        torch.testing.assert_close(out, torch.stack(expected).mean(0), rtol=1e-4, atol=1e-5)
+        split = split_pointwise_head(ensemble)
+        assert split is not None
+        body, head, features = split
+        assert features == 8  # 4 full-resolution features per fold
+        torch.testing.assert_close(head(body(x)), out, rtol=1e-4, atol=1e-5)
+
+
+def test_import_writes_a_bundle_that_predicts_in_the_input_geometry(tmp_path: Path) -> None:
+    folder = model_folder(tmp_path, folds=(0, 1))
+    bundle = import_nnunet(folder, tmp_path / "bundle")
+    model = load_imported(bundle)
+    assert model.folds == (0, 1) and model.mirror_axes == (0, 1, 2) and model.num_outputs == 3
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["license"] == "CC-BY 4.0" and meta["source"]["tool"] == "nnU-Net v2"
+    assert meta["segments"]["1"]["snomed"]["code"]  # liver: in medseg's table
+    plan = json.loads((bundle / "configs" / "plan.json").read_text())
+    assert plan["network"] == {"name": "nnunet"} and plan["labels"] == {"0": "background", "1": "liver", "2": "spleen"}
+    # an oblique, non-RAS, anisotropic CT
+    angle = np.deg2rad(12)
+    rotation = np.array([[0, -np.cos(angle), np.sin(angle)], [1, 0, 0], [0, np.sin(angle), np.cos(angle)]])
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = rotation @ np.diag([0.9, 1.2, 2.5]), [10, -5, 3]
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 40, (20, 18, 9)).astype(np.float32)
+    image[:2] = 0
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "case.nii.gz")
+    out = tmp_path / "pred"
+    done = subprocess.run([sys.executable, "-m", "medseg", "predict", "--model", str(bundle), "--input",
+                           str(tmp_path / "case.nii.gz"), "--output", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    written = nib.load(out / "case_seg.nii.gz")
+    assert written.shape == image.shape and np.allclose(written.affine, affine, atol=1e-5)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
+
+
+def test_inherited_configuration_and_folds_chosen(tmp_path: Path) -> None:
+    folder = model_folder(tmp_path, folds=(0, 1))
+    bundle = import_nnunet(folder, tmp_path / "low", configuration="3d_lowres", folds=[1])
+    model = load_imported(bundle)
+    assert model.folds == (1,) and model.preprocessing.spacing == (4.0, 3.0, 3.0)
+    assert model.preprocessing.patch_size == (16, 16, 16)  # inherited from 3d_fullres
+    assert not (bundle / "models" / "fold_0.pt").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("no-plans", r"plans.json: no such file"),
+    ("configuration", r"no configuration '2d' \(it has: 3d_fullres, 3d_lowres\)"),
+    ("fold", r"fold_3/checkpoint_final.pth: no such checkpoint \(folds with checkpoint_final.pth: 0\)"),
+    ("normalization", r"normalization_schemes"),
+    ("exists", r"already exists"),
+])
+def test_bad_model_folders_are_refused_naming_the_file(tmp_path: Path, change: str, message: str) -> None:
+    folder = model_folder(tmp_path, normalization="SomeCustomNormalization" if change == "normalization"
+                          else "CTNormalization")
+    out = tmp_path / "bundle"
+    kwargs: dict[str, Any] = {}
+    if change == "no-plans":
+        (folder / "plans.json").unlink()
+    elif change == "configuration":
+        kwargs["configuration"] = "2d"
+    elif change == "fold":
+        kwargs["folds"] = [3]
+    elif change == "exists":
+        out.mkdir()
+    with pytest.raises(InputError, match=message):
+        import_nnunet(folder, out, **kwargs)
+    assert change == "exists" or not out.exists()
+
+
+def test_cli_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "medseg", "bundle", "import-nnunet", str(tmp_path / "missing"),
+                           "--out", str(tmp_path / "b")], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("medseg: error:") and "no such folder" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_plans_of_nnunet_before_2_4_give_the_same_network(tmp_path: Path) -> None:
+    """TotalSegmentator's plans list the U-Net as separate fields (UNet_class_name, ...): read as nnU-Net reads them."""
+    folder = model_folder(tmp_path)
+    legacy = plans()
+    config = legacy["configurations"]["3d_fullres"]
+    del config["architecture"]
+    config.update(UNet_class_name="PlainConvUNet", UNet_base_num_features=4, unet_max_num_features=16,
+                  n_conv_per_stage_encoder=[2, 2, 2], n_conv_per_stage_decoder=[2, 2],
+                  conv_kernel_sizes=[[3, 3, 3]] * 3, pool_op_kernel_sizes=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                  num_pool_per_axis=[2, 2, 2])
+    (folder / "plans.json").write_text(json.dumps(legacy))
+    bundle = import_nnunet(folder, tmp_path / "bundle")
+    model = load_imported(bundle)
+    assert model.architecture["arch_kwargs"]["features_per_stage"] == [4, 8, 16]
+    assert set(nnunet_network(model.architecture, 1, 3).state_dict()) == set(nnunet_network(ARCH, 1, 3).state_dict())
