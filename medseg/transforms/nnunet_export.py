@@ -69,6 +69,48 @@ def _along(x: torch.Tensor, dim: int, low: torch.Tensor, high: torch.Tensor, wei
     return torch.lerp(a, x.index_select(dim, high), w)
 
 
+def _linear(block: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Linear interpolation of ``block`` along ``dim`` to ``size`` (PyTorch's, without corner alignment: the same
+    coordinates and edge rule as :func:`_axis_map`)."""
+    moved = block.movedim(dim, -1)
+    lead = moved.shape[:-1]
+    out = torch.nn.functional.interpolate(moved.reshape(-1, 1, moved.shape[-1]), size=int(size), mode="linear",
+                                          align_corners=False)
+    return out.reshape(*lead, int(size)).movedim(-1, dim)
+
+
+def _in_plane(block: torch.Tensor, shape: Sequence[int], nearest: Sequence[bool],
+              maps: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``(C, rows, *plane)`` resampled to ``(C, rows, *shape)`` along the plane's axes: the nearest-plane axes first
+    (a gather, while the block is small), then the linear ones by PyTorch's interpolation without corner alignment
+    (the same coordinates as :func:`_axis_map`, edge beyond the border): bilinear at once when both are."""
+    for axis, (is_nearest, axis_map) in enumerate(zip(nearest, maps)):
+        if is_nearest:
+            block = block.index_select(axis + 2, axis_map[0])
+    linear = [axis for axis, is_nearest in enumerate(nearest) if not is_nearest]
+    if len(linear) == 2:
+        channels, rows = block.shape[:2]
+        flat = block.reshape(channels * rows, 1, *block.shape[2:])
+        out = torch.nn.functional.interpolate(flat, size=tuple(int(s) for s in shape), mode="bilinear",
+                                              align_corners=False)
+        return out.reshape(channels, rows, *out.shape[2:])
+    for axis in linear:
+        block = _linear(block, axis + 2, shape[axis])
+    return block
+
+
+def _argmax(block: torch.Tensor) -> torch.Tensor:
+    """The first class of highest score per voxel (as ``argmax(0)``, in one contiguous pass per class: about three
+    times faster on the CPU for a few classes over many voxels)."""
+    best = block[0].clone()
+    labels = torch.zeros(block.shape[1:], dtype=torch.int64)
+    for channel in range(1, block.shape[0]):
+        better = torch.gt(block[channel], best)
+        torch.maximum(best, block[channel], out=best)
+        labels.masked_fill_(better, channel)
+    return labels
+
+
 def _slab_labels(probabilities: Any, shape: Sequence[int], current: Sequence[float], original: Sequence[float],
                  config: NnUNetPreprocessing, dtype: type[np.integer[Any]]) -> np.ndarray:
     """Labels on ``shape`` from ``(C, *processed)`` probabilities, slab by slab along axis 0 (order-1 resampling)."""
@@ -89,14 +131,14 @@ def _slab_labels(probabilities: Any, shape: Sequence[int], current: Sequence[flo
         first, last = int(needed.min()), int(needed.max()) + 1
         block = _scores(probabilities[:, first:last], bool(regions))
         block = _along(block, 1, low0[start:stop] - first, high0[start:stop] - first, weight0[start:stop])
-        for axis in range(1, len(shape)):
-            block = _along(block, axis + 1, *maps[axis])
+        block = _in_plane(block, shape[1:], [axis == separate and resampling.order_z == 0 for axis in
+                                             range(1, len(shape))], maps[1:])
         if regions:
             out = torch.zeros(block.shape[1:], dtype=torch.int64)
             for channel, region in enumerate(regions):
                 out[block[channel] > 0] = region.value
         else:
-            out = block.argmax(0) if channels > 1 else torch.zeros(block.shape[1:], dtype=torch.int64)
+            out = _argmax(block)
         labels[start:stop] = out.numpy().astype(dtype)
     return labels
 

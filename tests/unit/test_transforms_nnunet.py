@@ -62,7 +62,19 @@ def test_crop_to_nonzero_fills_holes_and_spans_every_channel() -> None:
     data[1, 8, 8, 8] = 5
     cropped, mask, box = crop_to_nonzero(data)
     assert box == ((2, 9), (3, 9), (4, 9)) and cropped.shape == (2, 7, 6, 5)
-    assert mask[1:3, 1:3, 1:3].all() and not mask[-1, 0, 0]
+    assert mask is not None and mask[1:3, 1:3, 1:3].all() and not mask[-1, 0, 0]
+    assert crop_to_nonzero(data, need_mask=False)[1] is None
+
+
+def test_holes_filled_in_the_box_are_the_holes_of_the_image() -> None:
+    """nnU-Net fills the holes of the whole image's mask; filling them in the box gives the same mask."""
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        data = (rng.random((1, 14, 13, 12)) < 0.55).astype(np.float32)
+        data[:, :2] = 0
+        _, mask, box = crop_to_nonzero(data)
+        expected = ndimage.binary_fill_holes(data[0] != 0)[tuple(slice(lo, hi) for lo, hi in box)]
+        assert mask is not None and np.array_equal(mask, expected)
 
 
 @pytest.mark.parametrize("scheme", ["CTNormalization", "ZScoreNormalization", "RescaleTo01Normalization"])
@@ -105,6 +117,7 @@ def test_export_one_class_at_a_time_equals_the_argmax_of_all_logits_resampled_to
     ((6, 8, 7), (2.0, 1.0, 1.0), (1.3, 0.7, 0.6), None),
     ((5, 9, 8), (4.0, 1.0, 1.0), (1.1, 0.8, 0.9), 0),  # anisotropic target: nearest along axis 0
     ((7, 10, 6), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), None),  # same grid: no resampling
+    ((8, 9, 5), (1.0, 1.0, 4.0), (0.9, 0.8, 1.1), 2),  # the coarse axis in the plane of the slabs
 ])
 @pytest.mark.parametrize("regions", [False, True])
 def test_slab_export_equals_scikit_image_class_by_class(monkeypatch: pytest.MonkeyPatch, processed: tuple[int, ...],
