@@ -457,16 +457,21 @@ def plan_record(plans: dict[str, Any], configuration: str = CONFIGURATION) -> di
     }
 
 
-def tiny_plans(preprocessed: Path, name: str, anisotropic: bool = False) -> Path:
+def tiny_plans(preprocessed: Path, name: str, anisotropic: bool = False, configuration: str = "3d_fullres") -> Path:
     """Small models for tests and benchmarks: nnU-Net's plans (``nnUNetPlans.json`` in ``preprocessed``) with the
-    3d_fullres network cut to 3 stages of 8-32 features on a 32^3 patch, saved as ``<name>.json``; ``anisotropic``:
-    the first axis resampled 3.5 x coarser (nnU-Net's "separate z" resampling, in-plane spline and nearest along it,
-    both ways) with an 8 x 32 x 32 patch (preprocess it with ``nnUNetv2_preprocess -plans_name NAME``)."""
+    ``configuration``'s network cut to 3 stages of 8-32 features on a 32^3 patch (``2d``: 32^2, batch 8), saved as
+    ``<name>.json`` with that configuration only; ``anisotropic`` (3D): the first axis resampled 3.5 x coarser
+    (nnU-Net's "separate z" resampling, in-plane spline and nearest along it, both ways) with an 8 x 32 x 32 patch
+    (preprocess it with ``nnUNetv2_preprocess -plans_name NAME``)."""
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     plans["plans_name"] = name
-    config = plans["configurations"]["3d_fullres"]
-    config["patch_size"] = [32, 32, 32]
-    kernels, strides = [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
+    config = plans["configurations"][configuration]
+    if configuration == "2d":
+        config["patch_size"], config["batch_size"] = [32, 32], 8
+        kernels, strides = [[3, 3]] * 3, [[1, 1], [2, 2], [2, 2]]
+    else:
+        config["patch_size"] = [32, 32, 32]
+        kernels, strides = [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
     if anisotropic:
         config["spacing"] = [config["spacing"][0] * 3.5, *config["spacing"][1:]]
         config["patch_size"] = [8, 32, 32]
@@ -475,7 +480,7 @@ def tiny_plans(preprocessed: Path, name: str, anisotropic: bool = False) -> Path
     config["architecture"]["arch_kwargs"].update(
         n_stages=3, features_per_stage=[8, 16, 32], kernel_sizes=kernels, strides=strides,
         n_conv_per_stage=[2, 2, 2], n_conv_per_stage_decoder=[2, 2])
-    plans["configurations"] = {"3d_fullres": config}
+    plans["configurations"] = {configuration: config}
     path = preprocessed / f"{name}.json"
     path.write_text(json.dumps(plans, indent=2))
     return path

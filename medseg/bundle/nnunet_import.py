@@ -190,8 +190,8 @@ def _architecture(configuration: Mapping[str, Any], name: str, path: Path) -> di
     }
 
 
-def _plan(dataset: Mapping[str, Any], configuration: Mapping[str, Any], plans: Mapping[str, Any], labels: Any,
-          channel_names: Sequence[str], config: Mapping[str, Any]) -> Plan:
+def _plan(configuration: Mapping[str, Any], plans: Mapping[str, Any], labels: Any, channel_names: Sequence[str],
+          config: Mapping[str, Any]) -> Plan:
     """The medseg plan of an imported model: its labels and inputs; the target spacing in the file's axis order (for
     the input checks); the patch in nnU-Net's axis order, which its preprocessing produces and the inferer windows."""
     backward = config["transpose_backward"]
@@ -298,7 +298,7 @@ def import_nnunet(model_dir: str | os.PathLike[str], out: str | os.PathLike[str]
             raise BundleError(f"{printable(source_dir / f'fold_{fold}' / checkpoint)}: the weights do not fit the "
                               f"network of plans.json ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
         networks[fold] = content.weights
-    plan = _plan(dataset, config_part, plans, labels, channel_names, config)
+    plan = _plan(config_part, plans, labels, channel_names, config)
     codes = _segments(segments, plan.labels)
     _write(target, plan, config, networks, dataset, codes, source)
     return target
@@ -326,7 +326,10 @@ def _write(target: Path, plan: Plan, config: dict[str, Any], weights: Mapping[in
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    mask = os.umask(0)
+    os.umask(mask)
     try:
+        os.chmod(work, 0o777 & ~mask)  # a folder like any the user makes (mkdtemp's is private)
         name = str(dataset.get("name") or target.name)
         description = (f"{name}: nnU-Net v2 model ({config['configuration']}, folds "
                        f"{', '.join(map(str, config['folds']))}) imported by medseg")

@@ -58,7 +58,10 @@ class WindowGeometry(NamedTuple):
 
 def nnunet_starts(size: int, window: int, overlap: float) -> tuple[int, ...]:
     """nnU-Net v2's window starts along one axis of ``size`` voxels (at least ``window``): as few windows as keep
-    each step at most ``window x (1 - overlap)``, the first at 0, the last at ``size - window``, rounded."""
+    each step at most ``window x (1 - overlap)``, the first at 0, the last at ``size - window``, rounded; a window
+    of one voxel (the slice axis of a 2D network over a 3D image) at every position."""
+    if window == 1:  # a 2D network over a 3D image: every slice once, as nnU-Net's 2d configuration
+        return tuple(range(size))
     target = window * (1.0 - overlap)
     count = math.ceil((size - window) / target) + 1 if size > window else 1
     if count == 1:

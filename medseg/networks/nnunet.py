@@ -227,22 +227,33 @@ class NnUNetEnsemble(torch.nn.Module):
     nnU-Net's blending of each fold's and each mirror's windows separately.
 
     It ends in a pointwise head (:meth:`pointwise_split`): the features of all folds side by side, and one
-    1 x 1 (x 1) convolution holding each fold's last layer divided by the number of folds.
+    1 x 1 (x 1) convolution holding each fold's last layer divided by the number of folds. 2D networks (nnU-Net's
+    2d configuration) also take 3D windows of one slice, so that a 3D image is predicted slice by slice.
     """
 
-    def __init__(self, networks: Sequence[torch.nn.Module], mirror_axes: Sequence[int] = ()) -> None:
+    def __init__(self, networks: Sequence[torch.nn.Module], mirror_axes: Sequence[int] = (),
+                 planar: bool | None = None) -> None:
         super().__init__()
         if not networks:
             raise ValueError("an ensemble needs at least one network")
         self.folds = torch.nn.ModuleList(networks)
         self.mirror_axes = tuple(int(a) for a in mirror_axes)
+        self.planar = isinstance(_last_layer(networks[0]), torch.nn.Conv2d) if planar is None else planar
 
     def _mirrored(self, network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One network's output averaged over the mirrored passes; a 2D network over ``(B, C, 1, H, W)`` windows
+        (nnU-Net's 2d configuration on a 3D image, one slice per window) sees ``(B, C, H, W)``."""
+        sliced = self.planar and x.ndim == 5
+        if sliced:
+            if x.shape[2] != 1:
+                raise ValueError(f"a 2D nnU-Net network takes windows of one slice, got {tuple(x.shape[2:])}")
+            x = x[:, :, 0]
         out: torch.Tensor = network(x)
         combinations = mirror_combinations(self.mirror_axes)
         for dims in combinations:
             out = out + torch.flip(network(torch.flip(x, dims)), dims)
-        return out / (len(combinations) + 1)
+        out = out / (len(combinations) + 1)
+        return out.unsqueeze(2) if sliced else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = self._mirrored(self.folds[0], x)
@@ -253,14 +264,16 @@ class NnUNetEnsemble(torch.nn.Module):
     def pointwise_split(self) -> tuple[torch.nn.Module, torch.nn.Module, int]:
         """``(body, head, F)`` with ``self(x) == head(body(x))`` (see :func:`medseg.networks.split_pointwise_head`)."""
         heads: list[Any] = [_last_layer(network) for network in self.folds]
-        conv_class = type(heads[0])
+        # the blocks a head sees have the windows' dimensions: 3D for a 2D network run slice by slice
+        conv_class = torch.nn.Conv3d if self.planar else type(heads[0])
         features = sum(int(h.in_channels) for h in heads)
-        head = conv_class(features, int(heads[0].out_channels), kernel_size=1)
+        head: Any = conv_class(features, int(heads[0].out_channels), kernel_size=1)
         with torch.no_grad():
-            head.weight.copy_(torch.cat([h.weight for h in heads], dim=1) / len(heads))
+            weight = torch.cat([h.weight for h in heads], dim=1) / len(heads)
+            head.weight.copy_(weight.unsqueeze(2) if self.planar else weight)
             head.bias.copy_(torch.stack([h.bias for h in heads]).mean(dim=0))
         head = head.to(heads[0].weight.device).eval()
-        body = _EnsembleBody([_Body(network) for network in self.folds], self.mirror_axes)
+        body = _EnsembleBody([_Body(network) for network in self.folds], self.mirror_axes, self.planar)
         return body, head, features
 
 

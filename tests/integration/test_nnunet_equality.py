@@ -1,6 +1,7 @@
 """Models trained by nnU-Net v2 itself, imported with ``medseg bundle import-nnunet`` and predicted with ``medseg
 predict``: the label maps agree with ``nnUNetv2_predict``'s on >= 99.9 % of the voxels (one fold and a two-fold
-ensemble, with and without mirroring; an anisotropic configuration), in the same geometry.
+ensemble, with and without mirroring; an anisotropic configuration; the 2d configuration, slice by slice), in
+the same geometry.
 
 nnU-Net runs in its own venv (``make nnunet-peer``, created by ``make test``; ``MEDSEG_NNUNET_VENV`` overrides the
 folder). The models are tiny (a 3-stage U-Net of 8-32 features on a 32^3 patch, edited from nnU-Net's own plans of
@@ -28,7 +29,8 @@ from tests.tools import IN_CI, dciodvfy_errors, needs, needs_dciodvfy
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("MEDSEG_NNUNET_VENV", ROOT / ".venv-nnunet"))
 DATASET_ID, DATASET = 901, "Dataset901_Phantoms"
-TRAINER, PLANS, ANISO = "nnUNetTrainerFixedIterations", "nnUNetPlansTiny", "nnUNetPlansTinyAniso"
+TRAINER, PLANS, ANISO, PLANS_2D = ("nnUNetTrainerFixedIterations", "nnUNetPlansTiny", "nnUNetPlansTinyAniso",
+                                   "nnUNetPlansTiny2d")
 
 pytestmark = [pytest.mark.slow, pytest.mark.nnunet,
               needs((VENV / "bin" / "python").exists(), f"nnU-Net v2 in {VENV} (make nnunet-peer)")]
@@ -43,15 +45,16 @@ def _peer_module() -> types.ModuleType:
     return module
 
 
-def _model(work: Path, plans: str) -> Path:
-    return work / "nnUNet_results" / DATASET / f"{TRAINER}__{plans}__3d_fullres"
+def _model(work: Path, plans: str, configuration: str = "3d_fullres") -> Path:
+    return work / "nnUNet_results" / DATASET / f"{TRAINER}__{plans}__{configuration}"
 
 
 @pytest.fixture(scope="module")
 def nnunet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Phantoms in nnU-Net's raw layout; nnU-Net's plan and preprocessing; two folds of a tiny model and one fold of
-    an anisotropic one, trained by nnU-Net for 300 iterations each; their predictions of the test images by
-    nnUNetv2_predict (fold 0 with and without mirroring, folds 0+1 and the anisotropic model without)."""
+    """Phantoms in nnU-Net's raw layout; nnU-Net's plan and preprocessing; two folds of a tiny model, one fold of an
+    anisotropic one and one of a 2d configuration, trained by nnU-Net for 300 iterations each; their predictions of
+    the test images by nnUNetv2_predict (fold 0 with and without mirroring, folds 0+1, the anisotropic and the 2d
+    model without)."""
     assert (VENV / "bin" / "python").exists() or not IN_CI, f"CI needs nnU-Net in {VENV}: make nnunet-peer"
     module = _peer_module()
     work = tmp_path_factory.mktemp("nnunet")
@@ -59,23 +62,28 @@ def nnunet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     peer.install_trainer()
     raw = work / "nnUNet_raw" / DATASET
     write_dataset(raw, modality="ct", cases=8, seed=5, size=48, layout="nnunet")
-    peer.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1",
-             log="plan")
+    peer.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "2d", "-np", "1", "1",
+             "-npfp", "1", log="plan")
     preprocessed = work / "nnUNet_preprocessed" / DATASET
     module.tiny_plans(preprocessed, PLANS)
     module.tiny_plans(preprocessed, ANISO, anisotropic=True)
+    module.tiny_plans(preprocessed, PLANS_2D, configuration="2d")
     peer.run("nnUNetv2_preprocess", "-d", str(DATASET_ID), "-plans_name", ANISO, "-c", "3d_fullres", "-np", "1",
              log="preprocess-aniso")
-    for plans, fold in ((PLANS, "0"), (PLANS, "1"), (ANISO, "0")):
-        peer.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", fold, "-p", plans, "-tr", TRAINER, "-device", "cpu",
+    for plans, configuration, fold in ((PLANS, "3d_fullres", "0"), (PLANS, "3d_fullres", "1"),
+                                       (ANISO, "3d_fullres", "0"), (PLANS_2D, "2d", "0")):
+        peer.run("nnUNetv2_train", str(DATASET_ID), configuration, fold, "-p", plans, "-tr", TRAINER, "-device", "cpu",
                  log=f"train-{plans}-{fold}", MEDSEG_NNUNET_EPOCHS="12", MEDSEG_NNUNET_ITERATIONS="25",
                  nnUNet_n_proc_DA="0")
-    outputs = {"raw": raw, "model": _model(work, PLANS), "aniso-model": _model(work, ANISO)}
-    for name, plans, folds, tta in (("fold0-tta", PLANS, ["0"], True), ("fold0", PLANS, ["0"], False),
-                                    ("folds01", PLANS, ["0", "1"], False), ("aniso", ANISO, ["0"], False)):
+    outputs = {"raw": raw, "model": _model(work, PLANS), "aniso-model": _model(work, ANISO),
+               "2d-model": _model(work, PLANS_2D, "2d")}
+    for name, plans, configuration, folds, tta in (
+            ("fold0-tta", PLANS, "3d_fullres", ["0"], True), ("fold0", PLANS, "3d_fullres", ["0"], False),
+            ("folds01", PLANS, "3d_fullres", ["0", "1"], False), ("aniso", ANISO, "3d_fullres", ["0"], False),
+            ("2d", PLANS_2D, "2d", ["0"], False)):
         outputs[name] = work / f"nnunet-{name}"
         peer.run("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(outputs[name]), "-d", str(DATASET_ID),
-                 "-c", "3d_fullres", "-p", plans, "-tr", TRAINER, "-f", *folds, "-device", "cpu", "-npp", "1",
+                 "-c", configuration, "-p", plans, "-tr", TRAINER, "-f", *folds, "-device", "cpu", "-npp", "1",
                  "-nps", "1", *([] if tta else ["--disable_tta"]), log=f"predict-{name}")
     return outputs
 
@@ -105,7 +113,7 @@ def _agreement(medseg_dir: Path, nnunet_dir: Path) -> dict[str, float]:
 
 @pytest.mark.parametrize(("reference", "model", "folds", "tta"), [
     ("fold0", "model", "0", False), ("fold0-tta", "model", "0", True), ("folds01", "model", "0,1", False),
-    ("aniso", "aniso-model", "0", False)])
+    ("aniso", "aniso-model", "0", False), ("2d", "2d-model", "0", False)])
 def test_medseg_predict_agrees_with_nnunet_predict(nnunet: dict[str, Path], tmp_path: Path, reference: str,
                                                    model: str, folds: str, tta: bool) -> None:
     bundle = tmp_path / "bundle"

@@ -228,3 +228,53 @@ def test_plans_of_nnunet_before_2_4_give_the_same_network(tmp_path: Path) -> Non
     model = load_imported(bundle)
     assert model.architecture["arch_kwargs"]["features_per_stage"] == [4, 8, 16]
     assert set(nnunet_network(model.architecture, 1, 3).state_dict()) == set(nnunet_network(ARCH, 1, 3).state_dict())
+
+
+def test_segment_codes_from_the_user(tmp_path: Path) -> None:
+    folder = model_folder(tmp_path)
+    codes = tmp_path / "codes.json"
+    codes.write_text(json.dumps({"spleen": {"code": "78961009", "scheme": "SCT", "meaning": "Spleen (custom)"}}))
+    bundle = import_nnunet(folder, tmp_path / "bundle", segments=codes)
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["segments"]["2"]["snomed"] == {"code": "78961009", "scheme": "SCT", "meaning": "Spleen (custom)"}
+    codes.write_text(json.dumps({"heart": {"code": "80891009", "scheme": "SCT", "meaning": "Heart"}}))
+    with pytest.raises(InputError, match="'heart' is not a foreground label of the model"):
+        import_nnunet(folder, tmp_path / "other", segments=codes)
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_2d_configuration_predicts_a_3d_image_slice_by_slice(tmp_path: Path) -> None:
+    """nnU-Net's 2d configuration: a 2D network over every slice of the first (transposed) axis; the folds and
+    mirroring split into features and a pointwise head like the 3D ones."""
+    arch2d = {**ARCH, "arch_kwargs": {**ARCH["arch_kwargs"], "conv_op": "torch.nn.modules.conv.Conv2d",
+                                      "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+                                      "kernel_sizes": [[3, 3]] * 3, "strides": [[1, 1], [2, 2], [2, 2]]}}
+    torch.manual_seed(0)
+    folds = [nnunet_network(arch2d, 1, 3).eval() for _ in range(2)]
+    ensemble = NnUNetEnsemble(folds, (0, 1)).eval()
+    x = torch.randn(1, 1, 1, 16, 16)
+    with torch.no_grad():
+        out = ensemble(x)
+        expected = torch.stack([(f(x[:, :, 0]) + torch.flip(f(torch.flip(x[:, :, 0], (2,))), (2,))
+                                 + torch.flip(f(torch.flip(x[:, :, 0], (3,))), (3,))
+                                 + torch.flip(f(torch.flip(x[:, :, 0], (2, 3))), (2, 3))) / 4 for f in folds]).mean(0)
+        torch.testing.assert_close(out[:, :, 0], expected, rtol=1e-4, atol=1e-5)
+        split = split_pointwise_head(ensemble)
+        assert split is not None
+        body, head, _ = split
+        torch.testing.assert_close(head(body(x)), out, rtol=1e-4, atol=1e-5)
+    folder = model_folder(tmp_path)
+    two_d = plans()
+    two_d["configurations"]["2d"] = {**two_d["configurations"]["3d_fullres"], "patch_size": [16, 16],
+                                     "spacing": [1.5, 1.5], "architecture": arch2d}
+    (folder / "plans.json").write_text(json.dumps(two_d))
+    torch.save(checkpoint(folds[0], inference_allowed_mirroring_axes=(0, 1)), folder / "fold_0" / "checkpoint_final.pth")
+    bundle = import_nnunet(folder, tmp_path / "bundle", configuration="2d")
+    assert json.loads((bundle / "configs" / "plan.json").read_text())["patch_size"] == [1, 16, 16]
+    image = np.random.default_rng(1).normal(100, 40, (14, 12, 7)).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, np.diag([1.2, 1.1, 2.0, 1.0])), tmp_path / "case.nii.gz")
+    done = subprocess.run([sys.executable, "-m", "medseg", "predict", "--model", str(bundle), "--input",
+                           str(tmp_path / "case.nii.gz"), "--output", str(tmp_path / "pred")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert nib.load(tmp_path / "pred" / "case_seg.nii.gz").shape == image.shape
