@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """One nnU-Net v2 model, one 512 x 512 x D CT-like volume: ``nnUNetv2_predict`` vs ``medseg predict`` of the
 model imported with ``medseg bundle import-nnunet``, each in its own process with the same threads: end-to-end
-seconds (reading, preprocessing, sliding window, export, writing), peak resident memory of the process and its
-children, and the agreement of the label maps.
+seconds (reading, preprocessing, sliding window, export, writing), peak memory of the process and its children
+(proportional set size, so pages forked workers share count once; ``peak_rss_gb``), and the agreement of the label
+maps.
 
 The model is trained here by nnU-Net itself (``scripts/nnunet_peer.py``: nnU-Net's plans of ``medseg synth`` CT
 phantoms with the network cut to 3 stages of 8-32 features, 300 iterations). For ``--classes C`` its last layers
@@ -42,6 +43,9 @@ DATASET_ID, DATASET = 902, "Dataset902_Bench"
 TRAINER, PLANS = "nnUNetTrainerFixedIterations", "nnUNetPlansTiny"
 SIZE_XY = 512
 BACKGROUND_MARGIN = 2.0  # the added classes' logits: the background's minus this
+#: Seconds between two memory samples: reading smaps_rollup walks the page tables of a 13 GB process (tens of
+#: milliseconds, with its memory map locked), so sampling often would slow the process measured.
+SAMPLE_SECONDS = 1.0
 
 
 def _peer_module() -> Any:
@@ -53,8 +57,10 @@ def _peer_module() -> Any:
     return module
 
 
-def _tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and every process below it (from /proc)."""
+def _tree_memory(root: int) -> int:
+    """Bytes of memory of ``root`` and every process below it: the sum of their proportional set sizes (PSS, from
+    /proc/PID/smaps_rollup: a page shared by N processes counts 1/N in each, so forked workers are not counted
+    twice as a sum of resident sizes would)."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -70,17 +76,19 @@ def _tree_rss(root: int) -> int:
     total = 0
     for pid in family:
         try:
-            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
+            with open(f"/proc/{pid}/smaps_rollup", encoding="ascii", errors="replace") as rollup:
+                for line in rollup:
+                    if line.startswith("Pss:"):
                         total += int(line.split()[1]) * 1024
+                        break
         except OSError:
             continue
     return total
 
 
 def measure(command: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
-    """Run ``command``; (wall seconds, peak resident GB of it and its children, sampled every 50 ms).
+    """Run ``command``; (wall seconds, peak memory in GB of it and its children: :func:`_tree_memory`, sampled every
+    :data:`SAMPLE_SECONDS`).
 
     Raises
     ------
@@ -96,8 +104,8 @@ def measure(command: list[str], env: dict[str, str], log: Path) -> tuple[float, 
         def poll() -> None:
             nonlocal peak
             while not done.is_set():
-                peak = max(peak, _tree_rss(process.pid))
-                time.sleep(0.05)
+                peak = max(peak, _tree_memory(process.pid))
+                time.sleep(SAMPLE_SECONDS)
 
         watcher = threading.Thread(target=poll, daemon=True)
         watcher.start()
