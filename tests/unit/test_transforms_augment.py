@@ -181,5 +181,5 @@ def test_short_budgets_get_the_light_recipe() -> None:
             assert patch["image"].shape == (1, *plan.patch_size) and patch["label"].dtype == torch.int64
     nnunet = planned_augmentation(_plan(), num_samples=1)  # a plan that names none: nnU-Net's, as before
     assert any(isinstance(t, RandGaussianSmoothd) for t in nnunet.transforms)
-    with pytest.raises(ValueError, match="planning.augmentation.name"):
+    with pytest.raises(ValueError, match=r"planning\.augmentation\.name"):
         planned_augmentation(dataclasses.replace(_plan(), planning={"augmentation": {"name": "heavy"}}))
