@@ -23,7 +23,6 @@ model back to a fine grid, where nnU-Net holds every class at the input's resolu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -38,6 +37,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import nnunet_peer
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASET_ID, DATASET = 902, "Dataset902_Bench"
 TRAINER, PLANS = "nnUNetTrainerFixedIterations", "nnUNetPlansTiny"
@@ -46,15 +49,6 @@ BACKGROUND_MARGIN = 2.0  # the added classes' logits: the background's minus thi
 #: Seconds between two memory samples: reading smaps_rollup walks the page tables of a 13 GB process (tens of
 #: milliseconds, with its memory map locked), so sampling often would slow the process measured.
 SAMPLE_SECONDS = 1.0
-
-
-def _peer_module() -> Any:
-    spec = importlib.util.spec_from_file_location("nnunet_peer", ROOT / "scripts" / "nnunet_peer.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("nnunet_peer", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tree_memory(root: int) -> int:
@@ -119,7 +113,7 @@ def measure(command: list[str], env: dict[str, str], log: Path) -> tuple[float, 
     return seconds, peak / 1024**3
 
 
-def train_model(peer: Any, module: Any, work: Path) -> tuple[Path, Path]:
+def train_model(peer: nnunet_peer.Peer, work: Path) -> tuple[Path, Path]:
     """nnU-Net's tiny model of the phantoms (fold 0); (model folder, a test image)."""
     from medseg.data.synthetic import write_dataset
 
@@ -130,7 +124,7 @@ def train_model(peer: Any, module: Any, work: Path) -> tuple[Path, Path]:
     if not (model / "fold_0" / "checkpoint_final.pth").exists():
         peer.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1",
                  log="plan")
-        module.tiny_plans(work / "nnUNet_preprocessed" / DATASET, PLANS)
+        nnunet_peer.tiny_plans(work / "nnUNet_preprocessed" / DATASET, PLANS)
         peer.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-p", PLANS, "-tr", TRAINER, "-device", "cpu",
                  log="train", MEDSEG_NNUNET_EPOCHS="12", MEDSEG_NNUNET_ITERATIONS="25", nnUNet_n_proc_DA="0")
     return model, sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[0]
@@ -198,13 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args(argv)
     classes = [int(c) for c in args.classes.split(",") if c.strip()]
-    module = _peer_module()
     work = Path(args.work).absolute() if args.work else Path(tempfile.mkdtemp(prefix="bench-nnunet-"))
-    peer = module.Peer(Path(args.nnunet_venv).absolute(), work, args.threads, work / "logs")
+    peer = nnunet_peer.Peer(Path(args.nnunet_venv).absolute(), work, args.threads, work / "logs")
     records: list[dict[str, Any]] = []
     try:
         peer.ensure()
-        model, test_image = train_model(peer, module, work)
+        model, test_image = train_model(peer, work)
         volume = ct_like_volume(test_image, args.depth, work / "input")
         shape = list(nib.load(volume).shape)
         threads = str(args.threads)
@@ -214,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             theirs, ours, bundle = work / f"nnunet-{count}", work / f"medseg-{count}", work / f"bundle-{count}"
             for folder in (theirs, ours, bundle):
                 shutil.rmtree(folder, ignore_errors=True)
-            seconds, rss = measure([str(peer.python), "-c", module.LAUNCHER, "nnUNetv2_predict_from_modelfolder",
+            seconds, rss = measure([str(peer.python), "-c", nnunet_peer.LAUNCHER, "nnUNetv2_predict_from_modelfolder",
                                     "-i", str(volume.parent), "-o", str(theirs), "-m", str(variant), "-f", "0",
                                     "--disable_tta", "-npp", "1", "-nps", "1", "-device", "cpu"],
                                    peer.env(), work / "logs" / f"nnunet-{count}.log")
@@ -234,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{nn['peak_rss_gb']:.2f} GB | medseg {ms['seconds']:.1f} s {ms['peak_rss_gb']:.2f} GB | "
                   f"speed {nn['seconds'] / ms['seconds']:.2f} x, memory {ms['peak_rss_gb'] / nn['peak_rss_gb']:.3f} "
                   f"of nnU-Net's, agreement {fraction:.5f}", flush=True)
-    except (RuntimeError, OSError, subprocess.CalledProcessError, module.PeerError) as exc:
+    except (RuntimeError, OSError, subprocess.CalledProcessError, nnunet_peer.PeerError) as exc:
         print(f"bench_nnunet_predict: error: {exc}", file=sys.stderr)
         return 1
     finally:

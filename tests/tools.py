@@ -6,14 +6,18 @@ A test that needs a missing tool is skipped on a developer's machine, but runs (
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
+import types
 from pathlib import Path
 
 import pytest
 
 IN_CI = os.environ.get("CI") == "true"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 DCIODVFY = shutil.which("dciodvfy")
 
 
@@ -35,3 +39,15 @@ def dciodvfy_errors(path: Path) -> list[str]:
 #: Seconds a test waits for something that must happen (a SEG, a state, a process) before it gives up.
 #: A hang guard, not a speed requirement: a slow or loaded machine waits longer, it does not fail.
 HANG_GUARD = 900.0
+
+
+def load_script(name: str) -> types.ModuleType:
+    """A module of ``scripts/`` (``scripts/<name>.py``), loaded once by its file (the folder is no package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

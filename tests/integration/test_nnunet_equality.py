@@ -10,12 +10,10 @@ the phantoms) and trained for a fixed number of iterations (300): about a minute
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import nibabel as nib
@@ -24,7 +22,7 @@ import pytest
 
 from medseg.data.synthetic import write_dataset
 from medseg.data.synthetic.dicom import phantom_series
-from tests.tools import IN_CI, dciodvfy_errors, needs, needs_dciodvfy
+from tests.tools import IN_CI, dciodvfy_errors, load_script, needs, needs_dciodvfy
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("MEDSEG_NNUNET_VENV", ROOT / ".venv-nnunet"))
@@ -34,15 +32,6 @@ TRAINER, PLANS, ANISO, PLANS_2D = ("nnUNetTrainerFixedIterations", "nnUNetPlansT
 
 pytestmark = [pytest.mark.slow, pytest.mark.nnunet,
               needs((VENV / "bin" / "python").exists(), f"nnU-Net v2 in {VENV} (make nnunet-peer)")]
-
-
-def _peer_module() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("nnunet_peer", ROOT / "scripts" / "nnunet_peer.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("nnunet_peer", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _model(work: Path, plans: str, configuration: str = "3d_fullres") -> Path:
@@ -56,7 +45,7 @@ def nnunet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     the test images by nnUNetv2_predict (fold 0 with and without mirroring, folds 0+1, the anisotropic and the 2d
     model without)."""
     assert (VENV / "bin" / "python").exists() or not IN_CI, f"CI needs nnU-Net in {VENV}: make nnunet-peer"
-    module = _peer_module()
+    module = load_script("nnunet_peer")
     work = tmp_path_factory.mktemp("nnunet")
     peer = module.Peer(VENV, work, 1, work / "logs")
     peer.install_trainer()

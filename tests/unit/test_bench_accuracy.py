@@ -14,23 +14,10 @@ import pytest
 
 from medseg.data.datalist import load_datalist
 from medseg.data.synthetic import write_dataset
+from tests.tools import load_script
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def _load(name: str) -> types.ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load("bench_accuracy")
-peer = _load("nnunet_peer")
+bench = load_script("bench_accuracy")
+peer = load_script("nnunet_peer")
 
 
 @pytest.fixture(scope="module")
