@@ -134,6 +134,8 @@ def with_classes(model: Path, classes: int, out: Path) -> Path:
     """A copy of ``model`` whose network predicts ``classes`` classes (see the module docstring)."""
     import torch
 
+    from medseg.networks.nnunet import CHECKPOINT_GLOBALS
+
     target = out / model.name
     if target.exists():
         return target
@@ -144,7 +146,9 @@ def with_classes(model: Path, classes: int, out: Path) -> Path:
     for value in range(trained, classes):
         dataset["labels"][f"class_{value}"] = value
     (target / "dataset.json").write_text(json.dumps(dataset, indent=2))
-    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    # the whole checkpoint, to write it back for nnU-Net: weights only, plus the types nnU-Net stores (as medseg reads it)
+    with torch.serialization.safe_globals(list(CHECKPOINT_GLOBALS)):
+        checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     weights = checkpoint["network_weights"]
     for key in [k for k in weights if ".seg_layers." in k]:
         tensor = weights[key]
