@@ -37,7 +37,6 @@ def fold_weights(fold: int) -> Path:
 class ImportedModel:
     """An imported nnU-Net configuration (``configs/nnunet.json``), checked."""
 
-    data: dict[str, Any]
     preprocessing: Any  # medseg.transforms.nnunet.NnUNetPreprocessing (imported with numpy/MONAI on use)
     architecture: dict[str, Any]
     input_channels: int
@@ -134,7 +133,7 @@ def read_imported(data: Any) -> ImportedModel:
         tuple({k: float(v) for k, v in p.items() if isinstance(v, (int, float))} for p in properties),
         _resampling(data.get("resampling_data"), "resampling_data"),
         _resampling(data.get("resampling_probabilities"), "resampling_probabilities"), tuple(regions))
-    return ImportedModel(dict(data), preprocessing, dict(architecture), channels, outputs, folds, mirror)
+    return ImportedModel(preprocessing, dict(architecture), channels, outputs, folds, mirror)
 
 
 def load_imported(bundle_root: str | os.PathLike[str]) -> ImportedModel:

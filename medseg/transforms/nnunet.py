@@ -31,7 +31,7 @@ from scipy import ndimage
 from medseg.labels import Region
 
 __all__ = ["ANISOTROPY", "NORMALIZATIONS", "NnUNetPreprocessd", "NnUNetPreprocessing", "Resampling", "crop_to_nonzero",
-           "new_shape", "normalise_channel", "resample_to_shape", "separate_axis"]
+           "nearest_source", "new_shape", "normalise_channel", "resample_to_shape", "separate_axis", "source_coordinates"]
 
 #: nnU-Net's ANISO_THRESHOLD: a spacing whose largest / smallest exceeds it is resampled with "separate z".
 ANISOTROPY = 3.0
@@ -86,6 +86,18 @@ def separate_axis(current: Sequence[float], new: Sequence[float], force: bool | 
     return axes[0] if len(axes) == 1 else None
 
 
+def source_coordinates(n_out: int, n_in: int) -> np.ndarray:
+    """Where each of ``n_out`` output voxels samples an axis of ``n_in`` voxels: ``(i + 0.5) x n_in / n_out - 0.5``
+    (scikit-image's ``resize`` and nnU-Net's ``map_coordinates`` along a separate axis)."""
+    return (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+
+
+def nearest_source(n_out: int, n_in: int) -> np.ndarray:
+    """The input index nearest to each :func:`source_coordinates` (scipy's order-0 rule: halves rounded up; the
+    edge beyond the border)."""
+    return np.clip(np.floor(source_coordinates(n_out, n_in) + 0.5), 0, n_in - 1).astype(np.int64)
+
+
 def _resize(volume: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     from skimage.transform import resize
 
@@ -101,12 +113,11 @@ def _resample_channel(volume: np.ndarray, shape: Sequence[int], axis: int | None
     moved = np.moveaxis(volume, axis, 0)
     slices = np.stack([_resize(moved[i], plane, order) for i in range(moved.shape[0])])
     if slices.shape[0] != shape[axis]:
-        # along the coarse axis: nnU-Net's map_coordinates at (i + 0.5) * n / m - 0.5, mode nearest
-        scale = slices.shape[0] / shape[axis]
-        where = scale * (np.arange(shape[axis]) + 0.5) - 0.5
+        # along the coarse axis: nnU-Net's map_coordinates at source_coordinates, mode nearest
         if order_z == 0:
-            slices = slices[np.clip(np.floor(where + 0.5).astype(int), 0, slices.shape[0] - 1)]
+            slices = slices[nearest_source(shape[axis], slices.shape[0])]
         else:
+            where = source_coordinates(shape[axis], slices.shape[0])
             grid = np.meshgrid(where, *[np.arange(n, dtype=float) for n in slices.shape[1:]], indexing="ij")
             slices = ndimage.map_coordinates(slices, np.stack(grid), order=order_z, mode="nearest")  # type: ignore[call-overload]
     return np.moveaxis(slices, 0, axis)
@@ -225,13 +236,13 @@ class NnUNetPreprocessd(MapTransform):
             affine = getattr(image, "affine", None)
             affine = np.eye(dims + 1) if affine is None else np.asarray(affine)
             spacing_file = _file_spacing(affine, dims)
-            # SimpleITK's order: the file's voxel axes reversed; then the plans' transpose
+            # SimpleITK's order: the file's voxel axes reversed; then the plans' transpose (views: the crop copies)
             array = np.transpose(array, (0, *range(dims, 0, -1)))
             spacing = tuple(spacing_file[::-1][a] for a in config.transpose_forward)
-            array = np.ascontiguousarray(np.transpose(array, (0, *[a + 1 for a in config.transpose_forward])))
+            array = np.transpose(array, (0, *[a + 1 for a in config.transpose_forward]))
             shape_before_crop = tuple(array.shape[1:])
             array, mask, box = crop_to_nonzero(array, need_mask=any(config.use_mask_for_norm))
-            array = np.array(array, dtype=np.float32)
+            array = np.array(array, dtype=np.float32, order="C")
             for c in range(array.shape[0]):
                 array[c] = normalise_channel(array[c], config.normalization[c], config.use_mask_for_norm[c], mask,
                                              config.intensity[c])

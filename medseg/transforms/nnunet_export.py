@@ -26,7 +26,13 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
-from medseg.transforms.nnunet import NnUNetPreprocessing, resample_to_shape, separate_axis
+from medseg.transforms.nnunet import (
+    NnUNetPreprocessing,
+    nearest_source,
+    resample_to_shape,
+    separate_axis,
+    source_coordinates,
+)
 
 __all__ = ["SLAB_BYTES", "NnUNetExportd", "export_label_map"]
 
@@ -45,14 +51,10 @@ def _scores(probabilities: Any, regions: bool) -> torch.Tensor:
     return torch.log(p).clamp_min(_LOG_FLOOR)
 
 
-def _axis_map(n_out: int, n_in: int, nearest: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For each output index along one axis: the two input indices it interpolates and the second one's weight
-    (nearest: the same index twice, weight 0)."""
-    where = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
-    if nearest:  # scipy's order-0 rule: the nearest index, halves rounded up; edge beyond the border
-        index = np.clip(np.floor(where + 0.5), 0, n_in - 1).astype(np.int64)
-        return torch.from_numpy(index), torch.from_numpy(index), torch.zeros(n_out, dtype=torch.float32)
-    where = np.clip(where, 0, n_in - 1)
+def _axis_map(n_out: int, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each output index along one axis: the two input indices it interpolates linearly (the edge value
+    beyond the border) and the second one's weight."""
+    where = np.clip(source_coordinates(n_out, n_in), 0, n_in - 1)
     low = np.floor(where).astype(np.int64)
     high = np.minimum(low + 1, n_in - 1)
     return torch.from_numpy(low), torch.from_numpy(high), torch.from_numpy((where - low).astype(np.float32))
@@ -70,8 +72,8 @@ def _along(x: torch.Tensor, dim: int, low: torch.Tensor, high: torch.Tensor, wei
 
 
 def _linear(block: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """Linear interpolation of ``block`` along ``dim`` to ``size`` (PyTorch's, without corner alignment: the same
-    coordinates and edge rule as :func:`_axis_map`)."""
+    """Linear interpolation of ``block`` along ``dim`` to ``size`` (PyTorch's, without corner alignment: the
+    coordinates of :func:`~medseg.transforms.nnunet.source_coordinates`, the edge beyond the border)."""
     moved = block.movedim(dim, -1)
     lead = moved.shape[:-1]
     out = torch.nn.functional.interpolate(moved.reshape(-1, 1, moved.shape[-1]), size=int(size), mode="linear",
@@ -79,14 +81,14 @@ def _linear(block: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return out.reshape(*lead, int(size)).movedim(-1, dim)
 
 
-def _in_plane(block: torch.Tensor, shape: Sequence[int], nearest: Sequence[bool],
-              maps: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def _in_plane(block: torch.Tensor, shape: Sequence[int], nearest: Sequence[bool]) -> torch.Tensor:
     """``(C, rows, *plane)`` resampled to ``(C, rows, *shape)`` along the plane's axes: the nearest-plane axes first
     (a gather, while the block is small), then the linear ones by PyTorch's interpolation without corner alignment
-    (the same coordinates as :func:`_axis_map`, edge beyond the border): bilinear at once when both are."""
-    for axis, (is_nearest, axis_map) in enumerate(zip(nearest, maps)):
+    (:func:`~medseg.transforms.nnunet.source_coordinates`, edge beyond the border): bilinear at once when both are."""
+    for axis, is_nearest in enumerate(nearest):
         if is_nearest:
-            block = block.index_select(axis + 2, axis_map[0])
+            index = torch.from_numpy(nearest_source(int(shape[axis]), int(block.shape[axis + 2])))
+            block = block.index_select(axis + 2, index)
     linear = [axis for axis, is_nearest in enumerate(nearest) if not is_nearest]
     if len(linear) == 2:
         channels, rows = block.shape[:2]
@@ -119,20 +121,22 @@ def _slab_labels(probabilities: Any, shape: Sequence[int], current: Sequence[flo
     channels = int(probabilities.shape[0])
     processed = tuple(int(s) for s in probabilities.shape[1:])
     separate = separate_axis(current, original, resampling.force_separate_z)
-    maps = [_axis_map(n_out, n_in, axis == separate and resampling.order_z == 0)
-            for axis, (n_out, n_in) in enumerate(zip(shape, processed))]
+    nearest = [axis == separate and resampling.order_z == 0 for axis in range(len(shape))]
+    if nearest[0]:
+        index = torch.from_numpy(nearest_source(int(shape[0]), processed[0]))
+        low0, high0, weight0 = index, index, torch.zeros(len(index), dtype=torch.float32)
+    else:
+        low0, high0, weight0 = _axis_map(int(shape[0]), processed[0])
     plane = math.prod(int(s) for s in shape[1:]) + math.prod(processed[1:])
     rows = max(1, SLAB_BYTES // max(1, 4 * channels * plane))
     labels = np.zeros(tuple(int(s) for s in shape), dtype=dtype)
-    low0, high0, weight0 = maps[0]
     for start in range(0, int(shape[0]), rows):
         stop = min(int(shape[0]), start + rows)
         needed = torch.unique(torch.cat([low0[start:stop], high0[start:stop]]))
         first, last = int(needed.min()), int(needed.max()) + 1
         block = _scores(probabilities[:, first:last], bool(regions))
         block = _along(block, 1, low0[start:stop] - first, high0[start:stop] - first, weight0[start:stop])
-        block = _in_plane(block, shape[1:], [axis == separate and resampling.order_z == 0 for axis in
-                                             range(1, len(shape))], maps[1:])
+        block = _in_plane(block, shape[1:], nearest[1:])
         if regions:
             out = torch.zeros(block.shape[1:], dtype=torch.int64)
             for channel, region in enumerate(regions):
