@@ -45,13 +45,17 @@ CSV_COLUMNS: tuple[str, ...] = ("case", "label", *METRIC_FIELDS, "label_name")
 SUMMARY_METRICS: tuple[str, ...] = ("dice", "iou", "hd95_mm", "assd_mm", "nsd")
 #: Suffix a prediction may carry after the case name (``<case>_seg.nii.gz``).
 PRED_SUFFIX = "_seg"
+#: Channel suffix of a one-channel image in nnU-Net's raw layout (``imagesTs/CASE_0000.nii.gz``, whose label map
+#: is ``labelsTs/CASE.nii.gz``): a prediction ``CASE_0000_seg.<ext>`` pairs with the reference ``CASE.<ext>``.
+CHANNEL_SUFFIX = "_0000"
 
 
 def pair_cases(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike[str]) -> list[tuple[str, Path, Path]]:
     """Pair each prediction with its reference by case name.
 
     A prediction ``<case>_seg.<ext>`` or ``<case>.<ext>`` matches the reference ``<case>.<ext'>``
-    (any image endings); an exact name match wins over stripping ``_seg``.
+    (any image endings); an exact name match wins over stripping ``_seg``, which wins over stripping ``_0000_seg``
+    (the prediction of nnU-Net's one-channel ``imagesTs/<case>_0000.<ext>``).
 
     Returns
     -------
@@ -81,6 +85,9 @@ def pair_cases(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike[str]
         case: str | None = name if name in refs else None
         if case is None and name.endswith(PRED_SUFFIX) and name[: -len(PRED_SUFFIX)] in refs:
             case = name[: -len(PRED_SUFFIX)]
+        if case is None and name.endswith(CHANNEL_SUFFIX + PRED_SUFFIX) and \
+                name[: -len(CHANNEL_SUFFIX + PRED_SUFFIX)] in refs:  # nnU-Net's imagesTs/CASE_0000 vs labelsTs/CASE
+            case = name[: -len(CHANNEL_SUFFIX + PRED_SUFFIX)]
         if case is None:
             unmatched.append(pred)
             continue

@@ -76,6 +76,19 @@ def test_pair_cases(folders: tuple[Path, Path, dict[str, float]]) -> None:
     ]
 
 
+def test_predictions_of_nnunet_channel_files_pair_with_their_case(tmp_path: Path) -> None:
+    """nnU-Net's raw layout: ``imagesTs/CASE_0000.nii.gz`` is predicted as ``CASE_0000_seg.nii.gz``, its reference
+    is ``labelsTs/CASE.nii.gz``; an exact name still wins."""
+    for name in ("ct_006", "ct_007", "x_0000"):
+        _write(tmp_path / "ref" / f"{name}.nii.gz", np.zeros(SHAPE, dtype=np.uint8))
+    for name in ("ct_006_0000", "ct_007_0000", "x_0000"):
+        _write(tmp_path / "pred" / f"{name}_seg.nii.gz", np.zeros(SHAPE, dtype=np.uint8))
+    pairs = pair_cases(tmp_path / "pred", tmp_path / "ref")
+    assert [(c, p.name, r.name) for c, p, r in pairs] == [
+        ("ct_006", "ct_006_0000_seg.nii.gz", "ct_006.nii.gz"), ("ct_007", "ct_007_0000_seg.nii.gz", "ct_007.nii.gz"),
+        ("x_0000", "x_0000_seg.nii.gz", "x_0000.nii.gz")]
+
+
 def test_evaluate_outputs(folders: tuple[Path, Path, dict[str, float]], tmp_path: Path) -> None:
     pred_dir, ref_dir, dice1 = folders
     out = tmp_path / "out"
