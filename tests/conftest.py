@@ -45,3 +45,18 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, ct_dataset: Path) -> P
     # bounded by epochs only, never by a time budget: a loaded machine makes it slower, not worse
     train(ct_dataset, run, TrainOptions(epochs=12, val_interval=2, seed=0))
     return run
+
+
+@pytest.fixture(scope="session")
+def imported_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Bundles imported from nnU-Net model folders of random networks (no nnU-Net needed): ``"single"`` (liver and
+    spleen) and ``"parts"`` (that folder and a kidney model merged into one label map): enough for the downstream
+    tests of imported models (PACS, DICOM outputs)."""
+    from medseg.bundle.nnunet_import import import_nnunet
+    from tests.nnunet_folders import model_folder
+
+    root = tmp_path_factory.mktemp("nnunet-models")
+    first = model_folder(root, labels={"background": 0, "liver": 1, "spleen": 2}, dataset="Dataset901_Abdomen", seed=6)
+    second = model_folder(root, labels={"background": 0, "kidney": 1}, dataset="Dataset902_Kidney", seed=1)
+    return {"single": import_nnunet(first, root / "single"), "parts": import_nnunet([first, second], root / "parts")}
+

@@ -124,6 +124,19 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
            "reads configs/nnunet.json under bundle_root (json.loads, checked); exports the probabilities to a label "
            "map in memory and writes one label map per input as <case>_seg.<ending> into output_dir, refusing an "
            "existing file unless overwrite is true", reads=("bundle_root",), writes=("output_dir",)),
+    Vetted("medseg.bundle.nnunet_parts.nnunet_parts_network",
+           "reads configs/nnunet.json under bundle_root (json.loads, checked), builds each part's nnU-Net networks "
+           "from the same allow-list as nnunet_network and reads models/part_P/fold_K.pt there with "
+           "torch.load(weights_only=True); no writes", reads=("bundle_root",)),
+    Vetted("medseg.bundle.nnunet_parts.nnunet_parts_preprocessing",
+           "reads configs/nnunet.json under bundle_root (json.loads, checked); returns medseg's fixed readers; "
+           "no writes", reads=("bundle_root",)),
+    Vetted("medseg.bundle.nnunet_parts.nnunet_parts_inferer",
+           "reads configs/nnunet.json under bundle_root (json.loads, checked); builds one SlabInferer and nnU-Net's "
+           "preprocessing and export (in memory) per part, from numeric options; no writes", reads=("bundle_root",)),
+    Vetted("medseg.bundle.nnunet_parts.nnunet_parts_postprocessing",
+           "writes the merged label map of each input as <case>_seg.<ending> into output_dir, refusing an existing "
+           "file unless overwrite is true; reads nothing", writes=("output_dir",)),
     Vetted(f"{_C}.run_engine", "calls engine.run() on an already vetted engine; nothing else"),
     Vetted(f"{_C}.score_predictions", "reads the label maps in predictions_dir and labels_dir (paired by case "
                                       "name) and writes metrics.csv, summary.json, lesions.csv and "

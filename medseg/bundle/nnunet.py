@@ -21,8 +21,8 @@ from typing import Any
 from medseg.errors import BundleError, printable
 from medseg.labels import Region
 
-__all__ = ["NNUNET_FILE", "NNUNET_FORMAT", "ImportedModel", "fold_weights", "load_imported", "nnunet_network",
-           "nnunet_postprocessing", "nnunet_preprocessing", "read_imported"]
+__all__ = ["NNUNET_FILE", "NNUNET_FORMAT", "ImportedModel", "ensemble_network", "fold_weights", "load_imported",
+           "nnunet_network", "nnunet_postprocessing", "nnunet_preprocessing", "read_imported"]
 
 NNUNET_FILE = Path("configs") / "nnunet.json"
 NNUNET_FORMAT = "medseg-nnunet/1"
@@ -157,9 +157,37 @@ def load_imported(bundle_root: str | os.PathLike[str]) -> ImportedModel:
         raise BundleError(f"{printable(path)}: {exc}") from None
 
 
+def ensemble_network(model: ImportedModel, weights: Mapping[int, Path], where: str, tta: bool = True) -> Any:
+    """``model``'s folds as one network (:class:`medseg.networks.nnunet.NnUNetEnsemble`), mirrored at test time
+    along the checkpoint's axes when ``tta``; each fold's weights (weights only) from ``weights[fold]``, in eval mode.
+
+    Raises
+    ------
+    BundleError
+        A network outside the allow-list (naming ``where``), missing weights or weights that do not fit the
+        network.
+    """
+    from medseg.networks import read_state_dict
+    from medseg.networks.nnunet import NnUNetEnsemble
+    from medseg.networks.nnunet import nnunet_network as build
+
+    networks = []
+    for fold in model.folds:
+        network = build(model.architecture, model.input_channels, model.num_outputs, where=where)
+        path = weights[fold]
+        if not path.is_file():
+            raise BundleError(f"{printable(path)}: no such weights file (fold {fold} of {where})")
+        try:
+            network.load_state_dict(read_state_dict(path), strict=True)
+        except Exception as exc:  # any failure means unusable weights
+            raise BundleError(f"{printable(path)}: cannot load these weights ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:300]})") from exc
+        networks.append(network)
+    return NnUNetEnsemble(networks, model.mirror_axes if tta else ()).eval()
+
+
 def nnunet_network(bundle_root: str | os.PathLike[str], tta: bool = True, device: Any = "cpu") -> Any:
-    """The bundle's folds as one network (:class:`medseg.networks.nnunet.NnUNetEnsemble`), mirrored at test
-    time along the checkpoint's axes when ``tta``; weights from ``models/fold_K.pt`` (weights only), in eval mode.
+    """The bundle's folds as one network (:func:`ensemble_network`), weights from ``models/fold_K.pt``.
 
     Raises
     ------
@@ -167,25 +195,10 @@ def nnunet_network(bundle_root: str | os.PathLike[str], tta: bool = True, device
         A bad ``configs/nnunet.json``, a network outside the allow-list, missing weights or weights that
         do not fit the network.
     """
-    from medseg.networks import read_state_dict
-    from medseg.networks.nnunet import NnUNetEnsemble
-    from medseg.networks.nnunet import nnunet_network as build
-
-    model = load_imported(bundle_root)
-    networks = []
-    for fold in model.folds:
-        network = build(model.architecture, model.input_channels, model.num_outputs,
-                        where=str(Path(bundle_root) / NNUNET_FILE))
-        path = Path(bundle_root) / fold_weights(fold)
-        if not path.is_file():
-            raise BundleError(f"{printable(path)}: no such weights file (fold {fold} of configs/nnunet.json)")
-        try:
-            network.load_state_dict(read_state_dict(path), strict=True)
-        except Exception as exc:  # any failure means unusable weights
-            raise BundleError(f"{printable(path)}: cannot load these weights ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:300]})") from exc
-        networks.append(network)
-    return NnUNetEnsemble(networks, model.mirror_axes if tta else ()).to(device).eval()
+    root = Path(bundle_root)
+    model = load_imported(root)
+    return ensemble_network(model, {fold: root / fold_weights(fold) for fold in model.folds},
+                            str(root / NNUNET_FILE), tta).to(device)
 
 
 def nnunet_preprocessing(bundle_root: str | os.PathLike[str]) -> Any:

@@ -21,21 +21,24 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medseg.architectures import IMPORTED, NetworkSpec
 from medseg.bundle.create import inference_config, metadata, readme
 from medseg.bundle.nnunet import NNUNET_FILE, NNUNET_FORMAT, fold_weights, read_imported
+from medseg.bundle.nnunet_parts import PARTS_FORMAT, merge_part_labels, part_weights, read_parts
 from medseg.data.channels import channel_modality, parse_channel_names
 from medseg.errors import BundleError, InputError, printable
 from medseg.io.atomic import atomic_write_text
-from medseg.labels import parse_dataset_labels
+from medseg.labels import DatasetLabels, parse_dataset_labels
 from medseg.logs import BUNDLE_LOGGING_CONF
 from medseg.plan import Channel, Intensity, Plan
 
@@ -47,6 +50,7 @@ _READERS = ("SimpleITKIO",)
 _RESAMPLING = "resample_data_or_seg_to_shape"
 _FOLD = re.compile(r"^fold_(\d+)$")
 _N = "medseg.bundle.nnunet"
+_P = "medseg.bundle.nnunet_parts"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -248,27 +252,28 @@ def _segments(path: str | os.PathLike[str] | None, labels: Mapping[int, str]) ->
     return codes
 
 
-def import_nnunet(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], configuration: str | None = None,
-                  folds: Sequence[int] | None = None, checkpoint: str = "checkpoint_final.pth",
-                  segments: str | os.PathLike[str] | None = None) -> Path:
-    """Import an nnU-Net v2 trained-model folder as a medseg bundle at ``out`` (see the module docstring).
+@dataclass
+class _Part:
+    """One nnU-Net model folder, read and checked: its ``configs/nnunet.json`` content and fold weights."""
 
-    Raises
-    ------
-    InputError
-        ``out`` exists; a missing or unreadable ``dataset.json`` / ``plans.json``, an unknown configuration,
-        missing folds, unsupported preprocessing, bad labels or ``--segments`` (each naming the file).
-    BundleError
-        A checkpoint refused (pickled code) or unreadable, a network outside the allow-list, or weights that
-        do not fit it (naming the file).
-    """
+    folder: Path
+    dataset: dict[str, Any]
+    plans: dict[str, Any]
+    configuration: dict[str, Any]
+    labels: Any  # medseg.labels.DatasetLabels
+    channel_names: Sequence[str]
+    config: dict[str, Any]
+    weights: dict[int, Any]
+    source: dict[str, Any]
+
+
+def _read_part(source_dir: Path, configuration: str | None, folds: Sequence[int] | None, checkpoint: str) -> _Part:
+    """Read a model folder: dataset.json, plans.json (the configuration), the folds' checkpoints loaded into the
+    rebuilt network (errors as :func:`import_nnunet`'s)."""
     from medseg.networks.nnunet import nnunet_network, read_nnunet_checkpoint
 
-    source_dir, target = Path(model_dir), Path(out)
     if not source_dir.is_dir():
         raise InputError(source_dir, "no such folder (expected an nnU-Net trained-model folder)")
-    if target.exists():
-        raise InputError(target, "already exists; choose a new folder for the bundle")
     dataset = _read_json(source_dir / "dataset.json")
     plans = _read_json(source_dir / "plans.json")
     name = _configuration_name(source_dir, configuration)
@@ -289,7 +294,6 @@ def import_nnunet(model_dir: str | os.PathLike[str], out: str | os.PathLike[str]
               "epochs": {str(f): c.epoch for f, c in read.items()}}
     config = _nnunet_config(plans, config_part, name, len(channel_names), outputs, labels.regions, chosen, mirror,
                             source, source_dir / "plans.json")
-    networks = {}
     for fold, content in read.items():
         network = nnunet_network(config["architecture"], len(channel_names), outputs, where=str(source_dir / "plans.json"))
         try:
@@ -297,20 +301,97 @@ def import_nnunet(model_dir: str | os.PathLike[str], out: str | os.PathLike[str]
         except Exception as exc:  # noqa: BLE001 - any failure: weights of another network
             raise BundleError(f"{printable(source_dir / f'fold_{fold}' / checkpoint)}: the weights do not fit the "
                               f"network of plans.json ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
-        networks[fold] = content.weights
-    plan = _plan(config_part, plans, labels, channel_names, config)
+    return _Part(source_dir, dataset, plans, config_part, labels, channel_names, config,
+                 {fold: content.weights for fold, content in read.items()}, source)
+
+
+def _merged(parts: Sequence[_Part], class_map: str | os.PathLike[str] | None) -> tuple[Any, dict[str, Any]]:
+    """The labels of several parts merged (:func:`medseg.bundle.nnunet_parts.merge_part_labels`) and the multi-part
+    ``configs/nnunet.json`` content.
+
+    Raises
+    ------
+    InputError
+        A region-based part, parts of other input channels, labels not disjoint, or a bad class map.
+    """
+    for part in parts:
+        if part.labels.regions:
+            raise InputError(part.folder / "dataset.json", "a region-based model cannot be merged with others")
+    first = parts[0]
+    for part in parts[1:]:
+        if len(part.channel_names) != len(first.channel_names):
+            raise InputError(part.folder / "dataset.json", f"takes {len(part.channel_names)} input channel(s), "
+                             f"{first.folder.name} takes {len(first.channel_names)}")
+    merged, tables = merge_part_labels([(str(p.folder), p.labels.labels) for p in parts], class_map)
+    config = {"format": PARTS_FORMAT,
+              "parts": [{**p.config, "part": p.folder.name, "label_values": list(t)} for p, t in zip(parts, tables)]}
+    try:
+        read_parts(config)
+    except ValueError as exc:
+        raise InputError(first.folder, str(exc)) from None
+    return DatasetLabels(merged, (), None, tuple(merged)), config
+
+
+def import_nnunet(model_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
+                  configuration: str | None = None, folds: Sequence[int] | None = None,
+                  checkpoint: str = "checkpoint_final.pth", segments: str | os.PathLike[str] | None = None,
+                  class_map: str | os.PathLike[str] | None = None) -> Path:
+    """Import an nnU-Net v2 trained-model folder as a medseg bundle at ``out`` (see the module docstring); several
+    folders (TotalSegmentator's parts, each segmenting other labels) as one model whose label map merges theirs,
+    the values from ``class_map`` (by label name) or numbered in folder order.
+
+    Raises
+    ------
+    InputError
+        ``out`` exists; a missing or unreadable ``dataset.json`` / ``plans.json``, an unknown configuration,
+        missing folds, unsupported preprocessing, bad labels or ``--segments`` (each naming the file); parts
+        that cannot be merged or a bad ``class_map``.
+    BundleError
+        A checkpoint refused (pickled code) or unreadable, a network outside the allow-list, or weights that
+        do not fit it (naming the file).
+    """
+    folders = [Path(model_dir)] if isinstance(model_dir, (str, os.PathLike)) else [Path(d) for d in model_dir]
+    target = Path(out)
+    if not folders:
+        raise InputError(None, "no nnU-Net model folder given")
+    if len(set(folders)) != len(folders):
+        raise InputError(folders[0], "the same model folder is given twice")
+    if target.exists():
+        raise InputError(target, "already exists; choose a new folder for the bundle")
+    if class_map is not None and len(folders) == 1:
+        raise InputError(class_map, "a class map merges several model folders; give more than one")
+    parts = [_read_part(folder, configuration, folds, checkpoint) for folder in folders]
+    first = parts[0]
+    if len(parts) == 1:
+        labels, config = first.labels, first.config
+        weights = {fold_weights(fold): state for fold, state in first.weights.items()}
+    else:
+        labels, config = _merged(parts, class_map)
+        weights = {part_weights(number, fold): state for number, part in enumerate(parts)
+                   for fold, state in part.weights.items()}
+    plan = _plan(first.configuration, first.plans, labels, first.channel_names, first.config)
     codes = _segments(segments, plan.labels)
-    _write(target, plan, config, networks, dataset, codes, source)
+    _write(target, plan, config, weights, first.dataset, codes, [p.source for p in parts])
     return target
 
 
-def _inference_config() -> dict[str, Any]:
+def _inference_config(parts: bool) -> dict[str, Any]:
+    """The imported bundle's ``configs/inference.json``: nnU-Net's factories (of :mod:`medseg.bundle.nnunet`, or for
+    several parts of :mod:`medseg.bundle.nnunet_parts`) in medseg's template."""
     config = inference_config()
     for key in ("network_def", "weights"):
         config.pop(key, None)
     config["tta"] = True  # nnUNetv2_predict mirrors unless told not to (--disable_tta)
-    config["network"] = {"_target_": f"{_N}.nnunet_network", "bundle_root": "@bundle_root", "tta": "@tta",
-                         "device": "@device"}
+    module = _P if parts else _N
+    config["network"] = {"_target_": f"{module}.nnunet{'_parts' if parts else ''}_network", "bundle_root": "@bundle_root",
+                         "tta": "@tta", "device": "@device"}
+    if parts:
+        config["preprocessing"] = {"_target_": f"{_P}.nnunet_parts_preprocessing", "bundle_root": "@bundle_root"}
+        config["inferer"] = {"_target_": f"{_P}.nnunet_parts_inferer", "bundle_root": "@bundle_root",
+                             "overlap": "@overlap", "sw_batch_size": "@sw_batch_size", "precision": "@precision"}
+        config["postprocessing"] = {"_target_": f"{_P}.nnunet_parts_postprocessing", "output_dir": "@predictions_dir",
+                                    "overwrite": "@overwrite"}
+        return config
     config["preprocessing"] = {"_target_": f"{_N}.nnunet_preprocessing", "bundle_root": "@bundle_root"}
     # nnU-Net's windows and Gaussian; the mirroring is nnU-Net's too, inside the network
     config["inferer"] = {**config["inferer"], "tta": False, "grid": "nnunet"}
@@ -319,8 +400,34 @@ def _inference_config() -> dict[str, Any]:
     return config
 
 
-def _write(target: Path, plan: Plan, config: dict[str, Any], weights: Mapping[int, Any], dataset: Mapping[str, Any],
-           codes: dict[str, Any] | None, source: Mapping[str, Any]) -> None:
+def _describe(config: Mapping[str, Any], sources: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    """What the bundle is made of: a short phrase for its description and the README's paragraph."""
+    parts = config.get("parts") or [config]
+    phrase = "; ".join(f"{p['configuration']}, folds {', '.join(map(str, p['folds']))}" for p in parts)
+    folders = "; ".join(f"`{s['folder']}` (trainer {s['trainer']}, plans {s['plans']}, configuration "
+                        f"{p['configuration']}, folds {', '.join(map(str, p['folds']))}, checkpoint {s['checkpoint']})"
+                        for s, p in zip(sources, parts))
+    merge = ("" if len(parts) == 1 else f" The {len(parts)} parts are predicted one after another and merged into one "
+             "label map (values in `configs/plan.json`); where two parts claim a voxel, the later part's label wins.")
+    return phrase, (f"Source folder{'s' if len(parts) > 1 else ''} {folders}. Predictions follow nnU-Net's "
+                    "preprocessing and export (`configs/nnunet.json`); test-time mirroring is on as in "
+                    f"`nnUNetv2_predict` (`medseg predict --no-tta`).{merge}\n")
+
+
+def _spatial_shape(config: Mapping[str, Any]) -> list[str]:
+    """``network_data_format`` spatial shape of an imported network (of the first part): per axis a multiple of the
+    product of its strides (nnU-Net's networks take nothing else), ``"1"`` for the slice axis of a 2d
+    configuration."""
+    first = (config.get("parts") or [config])[0]
+    strides = first["architecture"]["arch_kwargs"].get("strides") or []
+    axes = len(first["patch_size"])
+    factors = [math.prod(int(s[a]) if isinstance(s, list) else int(s) for s in strides) for a in range(axes)]
+    shape = [f"{f}*n" for f in factors]
+    return shape if axes == len(first["transpose_forward"]) else ["1", *shape]
+
+
+def _write(target: Path, plan: Plan, config: dict[str, Any], weights: Mapping[Path, Any], dataset: Mapping[str, Any],
+           codes: dict[str, Any] | None, sources: Sequence[Mapping[str, Any]]) -> None:
     import torch
 
     parent = target.parent
@@ -331,14 +438,17 @@ def _write(target: Path, plan: Plan, config: dict[str, Any], weights: Mapping[in
     try:
         os.chmod(work, 0o777 & ~mask)  # a folder like any the user makes (mkdtemp's is private)
         name = str(dataset.get("name") or target.name)
-        description = (f"{name}: nnU-Net v2 model ({config['configuration']}, folds "
-                       f"{', '.join(map(str, config['folds']))}) imported by medseg")
+        phrase, paragraph = _describe(config, sources)
+        description = f"{name}: nnU-Net v2 model ({phrase}) imported by medseg"
         data_source = str(dataset.get("description") or dataset.get("reference") or "as stated by the model's authors")
         meta = metadata(plan, name, description, data_source, authors=str(dataset.get("author", "the model's authors")))
-        meta["changelog"] = {meta["version"]: f"imported from nnU-Net v2 ({source['folder']}) by medseg bundle import-nnunet"}
+        folders = ", ".join(s["folder"] for s in sources)
+        for side, key in (("inputs", "image"), ("outputs", "pred")):
+            meta["network_data_format"][side][key]["spatial_shape"] = _spatial_shape(config)
+        meta["changelog"] = {meta["version"]: f"imported from nnU-Net v2 ({folders}) by medseg bundle import-nnunet"}
         meta["copyright"] = str(dataset.get("copyright", "as stated by the model's authors"))
         meta["license"] = str(dataset.get("licence", dataset.get("license", "as stated by the model's authors")))
-        meta["source"] = dict(source)
+        meta["source"] = dict(sources[0]) if len(sources) == 1 else {"tool": "nnU-Net v2", "parts": list(sources)}
         reference = [str(dataset["reference"])] if dataset.get("reference") else []
         meta["references"] = ["Isensee et al., nnU-Net (2021)", *reference]
         if codes is not None:
@@ -348,26 +458,22 @@ def _write(target: Path, plan: Plan, config: dict[str, Any], weights: Mapping[in
         configs = work / "configs"
         plan.save(configs / "plan.json")
         atomic_write_text(work / NNUNET_FILE, json.dumps(config, indent=2) + "\n")
-        atomic_write_text(configs / "inference.json", json.dumps(_inference_config(), indent=2) + "\n")
+        atomic_write_text(configs / "inference.json", json.dumps(_inference_config(len(sources) > 1), indent=2) + "\n")
         atomic_write_text(configs / "metadata.json", json.dumps(meta, indent=2) + "\n")
         atomic_write_text(configs / "logging.conf", BUNDLE_LOGGING_CONF)
-        note = ("\n## Imported from nnU-Net v2\n\n"
-                f"Source folder `{source['folder']}` (trainer {source['trainer']}, plans {source['plans']}, "
-                f"configuration {config['configuration']}, folds {', '.join(map(str, config['folds']))}, "
-                f"checkpoint {source['checkpoint']}). Predictions follow nnU-Net's preprocessing and export "
-                "(`configs/nnunet.json`); test-time mirroring is on as in `nnUNetv2_predict` (`medseg predict --no-tta`).\n")
+        note = "\n## Imported from nnU-Net v2\n\n" + paragraph
         if missing:
             note += ("\nNo segment code for: " + ", ".join(missing) + ". DICOM SEG output needs one per segment: "
                      "re-import with `--segments CODES.json` (label name -> code, scheme, meaning).\n")
         atomic_write_text(work / "docs" / "README.md", readme(plan, name, description, data_source) + note)
-        (work / "models").mkdir()
-        for fold, state in weights.items():
-            torch.save(dict(state), work / fold_weights(fold))
+        for relative, state in weights.items():
+            (work / relative).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(dict(state), work / relative)
         os.replace(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    log.info("imported %s (%s, folds %s) into %s", source["folder"], config["configuration"], config["folds"], target)
+    log.info("imported %s into %s", ", ".join(s["folder"] for s in sources), target)
     if missing:
         log.warning("%s: no segment code for %s; DICOM SEG output needs one (re-import with --segments)",
                     target, ", ".join(missing))

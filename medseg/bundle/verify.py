@@ -20,6 +20,7 @@ from typing import Any
 
 from medseg.bundle.create import NOT_TRAINED, README_FILE, local_paths
 from medseg.bundle.monai_calls import INFERENCE_FILE, NET_ID, describe, first_line, quiet_monai
+from medseg.bundle.nnunet import NNUNET_FILE
 from medseg.bundle.runner import weights_only_loads
 from medseg.errors import BundleError
 from medseg.layout import META_FILE, WEIGHTS_FILE
@@ -195,18 +196,42 @@ def _check_training_records(bundle: Path, meta: dict[str, Any], lines: list[str]
                      f", version {meta.get('version')}, {README_FILE.as_posix()} describes the trained weights")
 
 
-def _check_net_in_out(bundle: Path, device: str, lines: list[str], problems: list[str]) -> None:
+def _check_net_in_out(bundle: Path, device: str, lines: list[str], problems: list[str], net_id: str = NET_ID) -> None:
     from monai.bundle import verify_net_in_out
 
     try:
         with weights_only_loads(), quiet_monai():
-            verify_net_in_out(net_id=NET_ID, meta_file=str(bundle / META_FILE), config_file=str(bundle / INFERENCE_FILE),
+            verify_net_in_out(net_id=net_id, meta_file=str(bundle / META_FILE), config_file=str(bundle / INFERENCE_FILE),
                               device=device, p=1, n=VERIFY_N, any=1, bundle_root=str(bundle))
     except Exception as exc:  # noqa: BLE001 - every failure is a problem of the bundle, reported with the others
-        problems.append(f"MONAI verify_net_in_out ({NET_ID} of {INFERENCE_FILE}) failed: {describe(exc)}")
+        problems.append(f"MONAI verify_net_in_out ({net_id} of {INFERENCE_FILE}) failed: {describe(exc)}")
     else:
-        lines.append(f"MONAI verify_net_in_out: {NET_ID} of {INFERENCE_FILE} maps a fake input (n={VERIFY_N}) to "
+        lines.append(f"MONAI verify_net_in_out: {net_id} of {INFERENCE_FILE} maps a fake input (n={VERIFY_N}) to "
                      f"the channels and dtype the metadata declares")
+
+
+def _check_imported(bundle: Path, device: str, lines: list[str], problems: list[str]) -> None:
+    """A bundle imported from nnU-Net: one model (its ``network``, every fold's weights loaded, through MONAI's
+    ``verify_net_in_out``) or several parts (each part's folds built and loaded; the parts run one after another
+    on their own grids, so there is no one network to feed a fake input)."""
+    from medseg.bundle.nnunet_parts import PARTS_FORMAT, load_parts, nnunet_parts_network
+
+    try:
+        parts = json.loads((bundle / NNUNET_FILE).read_text(encoding="utf-8")).get("format") == PARTS_FORMAT
+    except (OSError, ValueError, AttributeError) as exc:
+        problems.append(f"{NNUNET_FILE.as_posix()}: cannot read it ({exc})")
+        return
+    if not parts:
+        _check_net_in_out(bundle, device, lines, problems, net_id="network")
+        return
+    try:
+        network = nnunet_parts_network(bundle, device=device)
+    except BundleError as exc:
+        problems.append(str(exc).splitlines()[0])
+        return
+    folds = sum(len(p.model.folds) for p in load_parts(bundle))
+    lines.append(f"weights: {len(network.parts)} parts of {folds} fold(s) load into their networks; MONAI "
+                 "verify_net_in_out does not apply (each part runs on its own grid)")
 
 
 def _check_weights(bundle: Path, plan: Plan | None, device: str, lines: list[str], problems: list[str]) -> None:
@@ -290,10 +315,13 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], device: str = "cpu", *, tr
         problems.append(f"{INFERENCE_FILE}: missing")
     elif findings:
         problems.append("MONAI verify_net_in_out skipped: the configs could run code (pass trust=True to run it anyway)")
+    elif meta is not None and (bundle / NNUNET_FILE).is_file():
+        _check_imported(bundle, device, lines, problems)
     elif meta is not None:
         _check_net_in_out(bundle, device, lines, problems)
 
-    _check_weights(bundle, plan, device, lines, problems)
+    if not (bundle / NNUNET_FILE).is_file():  # an imported bundle's weights are its folds', loaded above
+        _check_weights(bundle, plan, device, lines, problems)
 
     if problems:
         listed = "\n".join(f"  - {' '.join(p.split())}" for p in problems)

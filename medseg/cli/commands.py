@@ -252,7 +252,7 @@ def cmd_bundle_import_nnunet(args: argparse.Namespace) -> int:
         except ValueError:
             raise InputError(None, f"--folds must be fold numbers separated by commas, got {args.folds!r}") from None
     print(import_nnunet(args.model_dir, args.out, configuration=args.configuration, folds=folds,
-                        checkpoint=args.checkpoint, segments=args.segments))
+                        checkpoint=args.checkpoint, segments=args.segments, class_map=args.class_map))
     return 0
 
 

@@ -336,8 +336,9 @@ def _add_bundle(sub: Subparsers) -> None:
     b.add_argument("--out", default=None, help="output file (default: models/model.ts or models/model.onnx)")
     b.set_defaults(func=cmd_bundle_export)
     b = _command(bsub, "import-nnunet", "import an nnU-Net v2 trained-model folder as a medseg bundle")
-    b.add_argument("model_dir", metavar="MODEL_DIR",
-                   help="nnU-Net results folder TRAINER__PLANS__CONFIGURATION (dataset.json, plans.json, fold_K/)")
+    b.add_argument("model_dir", metavar="MODEL_DIR", nargs="+",
+                   help="nnU-Net results folder TRAINER__PLANS__CONFIGURATION (dataset.json, plans.json, fold_K/); "
+                        "several: the parts of one model (TotalSegmentator's layout), merged into one label map")
     b.add_argument("--out", required=True, help="new bundle folder")
     b.add_argument("--configuration", default=None,
                    help="plans configuration, e.g. 3d_fullres or 2d (default: from the folder name)")
@@ -347,6 +348,9 @@ def _add_bundle(sub: Subparsers) -> None:
     b.add_argument("--segments", default=None, metavar="CODES.json",
                    help="segment codes for DICOM SEG: {\"liver\": {\"code\": \"10200004\", \"scheme\": \"SCT\", "
                         "\"meaning\": \"Liver\"}} by label name or value (default: medseg's table; others none)")
+    b.add_argument("--class-map", default=None, metavar="MAP.json",
+                   help="with several MODEL_DIRs: the merged label values by name, {\"1\": \"spleen\", ...} or "
+                        "{\"spleen\": 1, ...} (default: numbered in folder order)")
     b.set_defaults(func=cmd_bundle_import_nnunet)
 
 

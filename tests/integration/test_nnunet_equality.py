@@ -1,7 +1,7 @@
 """Models trained by nnU-Net v2 itself, imported with ``medseg bundle import-nnunet`` and predicted with ``medseg
 predict``: the label maps agree with ``nnUNetv2_predict``'s on >= 99.9 % of the voxels (one fold and a two-fold
-ensemble, with and without mirroring; an anisotropic configuration; the 2d configuration, slice by slice), in
-the same geometry.
+ensemble, with and without mirroring; an anisotropic configuration; the 2d configuration, slice by slice; two
+models of disjoint labels merged as TotalSegmentator merges its parts), in the same geometry.
 
 nnU-Net runs in its own venv (``make nnunet-peer``, created by ``make test``; ``MEDSEG_NNUNET_VENV`` overrides the
 folder). The models are tiny (a 3-stage U-Net of 8-32 features on a 32^3 patch, edited from nnU-Net's own plans of
@@ -10,6 +10,7 @@ the phantoms) and trained for a fixed number of iterations (300): about a minute
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -77,6 +78,62 @@ def nnunet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return outputs
 
 
+#: The phantoms' labels split into two parts (TotalSegmentator's layout): part label -> phantom label.
+PARTS = {"Dataset902_PartOrgans": {"liver": 1, "spleen": 2},
+         "Dataset903_PartOthers": {"kidney": 3, "bone": 4, "lesion": 5}}
+
+
+@pytest.fixture(scope="module")
+def nnunet_parts(nnunet: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two tiny models trained by nnU-Net on the same phantoms, each on a disjoint subset of the labels (the others
+    background), and nnUNetv2_predict's label maps of the test images merged as TotalSegmentator merges its parts:
+    in part order, each part's foreground over the parts before it, values by name from the whole dataset."""
+    module = load_script("nnunet_peer")
+    work = tmp_path_factory.mktemp("nnunet-parts")
+    peer = module.Peer(VENV, work, 1, work / "logs")
+    source = nnunet["raw"]
+    dataset = json.loads((source / "dataset.json").read_text())
+    merged: dict[str, np.ndarray] = {}
+    outputs: dict[str, Path] = {}
+    for number, (name, labels) in enumerate(PARTS.items()):
+        raw = work / "nnUNet_raw" / name
+        for folder in ("imagesTr", "imagesTs"):
+            shutil.copytree(source / folder, raw / folder)
+        (raw / "labelsTr").mkdir(parents=True)
+        for path in sorted((source / "labelsTr").glob("*.nii.gz")):
+            label = nib.load(path)
+            values = np.asarray(label.dataobj)
+            part = np.zeros_like(values)
+            for value, (_, phantom) in enumerate(labels.items(), start=1):
+                part[values == phantom] = value
+            nib.save(nib.Nifti1Image(part, label.affine, label.header), raw / "labelsTr" / path.name)
+        (raw / "dataset.json").write_text(json.dumps({**dataset, "labels": {"background": 0, **{
+            label: value for value, label in enumerate(labels, start=1)}}}))
+        dataset_id = name[len("Dataset"):len("Dataset") + 3]
+        peer.run("nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-np", "1", "-npfp", "1",
+                 log=f"plan-{name}")
+        module.tiny_plans(work / "nnUNet_preprocessed" / name, PLANS)
+        peer.run("nnUNetv2_train", dataset_id, "3d_fullres", "0", "-p", PLANS, "-tr", TRAINER, "-device", "cpu",
+                 log=f"train-{name}", MEDSEG_NNUNET_EPOCHS="8", MEDSEG_NNUNET_ITERATIONS="25", nnUNet_n_proc_DA="0")
+        predicted = work / f"nnunet-{name}"
+        peer.run("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(predicted), "-d", dataset_id, "-c",
+                 "3d_fullres", "-p", PLANS, "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+                 "--disable_tta", log=f"predict-{name}")
+        outputs[f"model-{number}"] = work / "nnUNet_results" / name / f"{TRAINER}__{PLANS}__3d_fullres"
+        for path in sorted(predicted.glob("*.nii.gz")):
+            part = np.asarray(nib.load(path).dataobj)
+            assert len(np.unique(part)) > 1, f"{path}: the part model learnt nothing"
+            into = merged.setdefault(path.name, np.zeros_like(part))
+            for value, (_, phantom) in enumerate(labels.items(), start=1):
+                into[part == value] = phantom
+    outputs["merged"] = work / "nnunet-merged"
+    outputs["merged"].mkdir()
+    for case, labels_of_case in merged.items():
+        reference = nib.load(outputs["merged"].parent / f"nnunet-{next(iter(PARTS))}" / case)
+        nib.save(nib.Nifti1Image(labels_of_case, reference.affine, reference.header), outputs["merged"] / case)
+    return outputs
+
+
 def _medseg(*args: str) -> None:
     done = subprocess.run([sys.executable, "-m", "medseg", *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -125,6 +182,44 @@ def test_bundle_run_door_writes_the_same_label_maps(nnunet: dict[str, Path], tmp
             "--set", "tta=false")
     agreement = _agreement(tmp_path / "run", nnunet["fold0"])
     assert min(agreement.values()) >= 0.999, agreement
+
+
+def test_parts_trained_on_disjoint_labels_merge_as_nnunet_predictions_do(nnunet_parts: dict[str, Path],
+                                                                         nnunet: dict[str, Path], tmp_path: Path) -> None:
+    """Two nnU-Net models, each trained on a subset of the labels, imported as one bundle with a class map: its label
+    map equals nnUNetv2_predict's label maps of the two merged (part order, values by name)."""
+    class_map = tmp_path / "classes.json"
+    class_map.write_text(json.dumps({"liver": 1, "spleen": 2, "kidney": 3, "bone": 4, "lesion": 5}))
+    bundle = tmp_path / "bundle"
+    _medseg("bundle", "import-nnunet", str(nnunet_parts["model-0"]), str(nnunet_parts["model-1"]), "--out",
+            str(bundle), "--class-map", str(class_map))
+    out = tmp_path / "pred"
+    _medseg("predict", "--model", str(bundle), "--input", str(nnunet["raw"] / "imagesTs"), "--output", str(out),
+            "--no-tta")
+    agreement = _agreement(out, nnunet_parts["merged"])
+    assert min(agreement.values()) >= 0.999, agreement
+
+
+def test_evaluate_and_report_of_an_imported_model(nnunet: dict[str, Path], tmp_path: Path) -> None:
+    """Downstream of an imported model on nnU-Net's raw layout: ``medseg evaluate`` pairs the predictions of
+    ``imagesTs/CASE_0000`` with ``CASE`` references (here nnUNetv2_predict's label maps: Dice ~1 per label, named by
+    the bundle), ``medseg report`` measures each structure of each case."""
+    bundle = tmp_path / "bundle"
+    _medseg("bundle", "import-nnunet", str(nnunet["model"]), "--out", str(bundle), "--folds", "0")
+    out = tmp_path / "pred"
+    images = nnunet["raw"] / "imagesTs"
+    _medseg("predict", "--model", str(bundle), "--input", str(images), "--output", str(out), "--no-tta")
+    _medseg("evaluate", "--pred", str(out), "--ref", str(nnunet["fold0"]), "--labels", str(bundle), "--out",
+            str(tmp_path / "evaluation"))
+    summary = json.loads((tmp_path / "evaluation" / "summary.json").read_text())
+    assert summary["cases"] == len(list(images.iterdir()))
+    scored = {item["name"]: item["dice"]["mean"] for item in summary["labels"].values() if item["dice"]["mean"] is not None}
+    assert scored and set(scored) <= {"liver", "spleen", "kidney", "bone", "lesion"}
+    assert min(scored.values()) >= 0.98, scored
+    _medseg("report", "--pred", str(out), "--images", str(images), "--labels", str(bundle), "--out",
+            str(tmp_path / "report"))
+    rows = (tmp_path / "report" / "structures.csv").read_text().splitlines()
+    assert any(",liver," in row for row in rows) and (tmp_path / "report" / "report.html").is_file()
 
 
 @needs_dciodvfy

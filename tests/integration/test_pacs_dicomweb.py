@@ -108,6 +108,23 @@ def test_round_trip_basic_auth(orthanc: Orthanc, study, untrained_run: Path, tmp
     assert PASSWORD not in err and "Phantom" not in err and "PHANTOM001" not in err
 
 
+def test_round_trip_with_models_imported_from_nnunet(orthanc: Orthanc, study, imported_runs: dict[str, Path],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``pacs run`` with a bundle of two nnU-Net models merged into one label map (TotalSegmentator's layout): the
+    SEG is stored in the study, its segments named by the merged labels."""
+    study_uid, series_uid, sops = study
+    code, out, err = run(capsys, "--url", orthanc.dicomweb, "--study", study_uid, "--model",
+                         str(imported_runs["parts"]), "--username", USER, "--password", PASSWORD)
+    assert code == 0, err
+    uids = printed_uids(out)
+    assert_seg_in_study(orthanc, study_uid, series_uid, sops, uids)
+    session = requests.Session()
+    session.auth = orthanc.auth
+    seg = DICOMwebClient(orthanc.dicomweb, session=session).retrieve_instance(
+        study_uid, uids["SeriesInstanceUID"], uids["SOPInstanceUID"])
+    assert {s.SegmentLabel for s in seg.SegmentSequence} <= {"liver", "spleen", "kidney"}
+
+
 def test_wrong_password(orthanc: Orthanc, study, untrained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--url", orthanc.dicomweb, "--study", study[0], "--model", str(untrained_run),
                          "--username", USER, "--password", "not-the-password")

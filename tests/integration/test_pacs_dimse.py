@@ -57,6 +57,26 @@ def test_series_is_stored_segmented_and_forwarded(listener: ListenerProcess, ort
     assert (listener.storage / "results" / study_uid / series_uid / f"rev1-{seg.SOPInstanceUID}.dcm").is_file()
 
 
+def test_a_model_imported_from_nnunet_segments_and_forwards(orthanc: Orthanc, imported_runs: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """``pacs listen`` with a bundle imported from nnU-Net (one model folder): the series is segmented and the SEG,
+    its segments named by the model's labels, arrives in Orthanc."""
+    files = small_series(tmp_path / "ct", "ct", seed=4)
+    study_uid, series_uid, _ = uids(files[0])
+    process = ListenerProcess(tmp_path / "storage", imported_runs["single"], orthanc, idle=1, log=tmp_path / "log")
+    try:
+        assert storescu(process.port, files).returncode == 0
+        found = wait_for_seg(orthanc, study_uid, process)
+        wait_for_state(process.storage, series_uid, "done", process, timeout=HANG_GUARD)
+    finally:
+        if process.process.poll() is None:
+            assert process.terminate() == 0
+    assert len(found) == 1
+    seg = pydicom.dcmread(io.BytesIO(orthanc.instance_file(found[0]["ID"])))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    assert {s.SegmentLabel for s in seg.SegmentSequence} <= {"liver", "spleen"} and len(seg.SegmentSequence) >= 1
+
+
 def test_unknown_calling_ae_is_rejected(listener: ListenerProcess, tmp_path: Path) -> None:
     files = small_series(tmp_path / "ct", "ct", seed=4)[:2]
     study_uid, _series_uid, _ = uids(files[0])

@@ -4,7 +4,6 @@ dataset.json, checkpoints as its trainer saves them), built here with nnU-Net's 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,77 +19,7 @@ from medseg.bundle.nnunet_import import import_nnunet
 from medseg.errors import BundleError, InputError
 from medseg.networks.heads import split_pointwise_head
 from medseg.networks.nnunet import NnUNetEnsemble, nnunet_network, read_nnunet_checkpoint
-
-ARCH: dict[str, Any] = {
-    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-    "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
-                    "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-                    "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [2, 2], "conv_bias": True,
-                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                    "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
-                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
-    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-}
-LABELS = {"background": 0, "liver": 1, "spleen": 2}
-
-
-def plans(normalization: str = "CTNormalization") -> dict[str, Any]:
-    return {
-        "dataset_name": "Dataset901_Test", "plans_name": "nnUNetPlans", "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [2, 0, 1], "transpose_backward": [1, 2, 0],
-        "original_median_spacing_after_transp": [2.0, 1.0, 1.0],
-        "foreground_intensity_properties_per_channel": {"0": {"mean": 100.0, "std": 50.0, "percentile_00_5": 0.0,
-                                                              "percentile_99_5": 300.0, "max": 400.0, "min": -5.0,
-                                                              "median": 90.0}},
-        "configurations": {
-            "3d_fullres": {
-                "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
-                "batch_size": 2, "patch_size": [16, 16, 16], "spacing": [2.0, 1.5, 1.5],
-                "normalization_schemes": [normalization], "use_mask_for_norm": [False],
-                "resampling_fn_data": "resample_data_or_seg_to_shape",
-                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-                "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                       "force_separate_z": None},
-                "architecture": ARCH, "batch_dice": False},
-            "3d_lowres": {"inherits_from": "3d_fullres", "spacing": [4.0, 3.0, 3.0]},
-        },
-    }
-
-
-class Payload:
-    """Pickled, this runs a command when loaded: what a weights_only load must refuse."""
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, ("echo pwned",))
-
-
-def checkpoint(network: torch.nn.Module, **extra: Any) -> dict[str, Any]:
-    """A checkpoint as nnU-Net's trainer saves it (numpy scalars, torch.device and all)."""
-    return {"network_weights": network.state_dict(), "optimizer_state": {"state": {}, "param_groups": []},
-            "grad_scaler_state": None, "logging": {"mean_fg_dice": [np.float64(0.5)], "train_losses": [np.float32(1.0)]},
-            "_best_ema": np.float32(0.4), "current_epoch": 3,
-            "init_args": {"plans": {}, "configuration": "3d_fullres", "fold": 0, "dataset_json": {},
-                          "device": torch.device("cpu")},
-            "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2), **extra}
-
-
-def model_folder(root: Path, folds: tuple[int, ...] = (0,), normalization: str = "CTNormalization",
-                 **extra: Any) -> Path:
-    folder = root / "Dataset901_Test" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    folder.mkdir(parents=True)
-    (folder / "plans.json").write_text(json.dumps(plans(normalization)))
-    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": LABELS,
-                                                     "numTraining": 4, "file_ending": ".nii.gz",
-                                                     "name": "Test", "licence": "CC-BY 4.0"}))
-    for fold in folds:
-        torch.manual_seed(fold)
-        network = nnunet_network(ARCH, 1, 3)
-        (folder / f"fold_{fold}").mkdir()
-        torch.save(checkpoint(network, **extra), folder / f"fold_{fold}" / "checkpoint_final.pth")
-    return folder
+from tests.nnunet_folders import ARCH, Payload, checkpoint, model_folder, plans
 
 
 def test_checkpoint_read_with_the_types_nnunet_stores(tmp_path: Path) -> None:
@@ -153,6 +82,9 @@ def test_import_writes_a_bundle_that_predicts_in_the_input_geometry(tmp_path: Pa
     assert meta["segments"]["1"]["snomed"]["code"]  # liver: in medseg's table
     plan = json.loads((bundle / "configs" / "plan.json").read_text())
     assert plan["network"] == {"name": "nnunet"} and plan["labels"] == {"0": "background", "1": "liver", "2": "spleen"}
+    done = subprocess.run([sys.executable, "-m", "medseg", "bundle", "verify", str(bundle)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "MONAI verify_net_in_out: network" in done.stdout, done.stderr
     # an oblique, non-RAS, anisotropic CT
     angle = np.deg2rad(12)
     rotation = np.array([[0, -np.cos(angle), np.sin(angle)], [1, 0, 0], [0, np.sin(angle), np.cos(angle)]])
@@ -271,6 +203,9 @@ def test_a_2d_configuration_predicts_a_3d_image_slice_by_slice(tmp_path: Path) -
     torch.save(checkpoint(folds[0], inference_allowed_mirroring_axes=(0, 1)), folder / "fold_0" / "checkpoint_final.pth")
     bundle = import_nnunet(folder, tmp_path / "bundle", configuration="2d")
     assert json.loads((bundle / "configs" / "plan.json").read_text())["patch_size"] == [1, 16, 16]
+    verified = subprocess.run([sys.executable, "-m", "medseg", "bundle", "verify", str(bundle)], capture_output=True,
+                              text=True)
+    assert verified.returncode == 0, verified.stderr
     image = np.random.default_rng(1).normal(100, 40, (14, 12, 7)).astype(np.float32)
     nib.save(nib.Nifti1Image(image, np.diag([1.2, 1.1, 2.0, 1.0])), tmp_path / "case.nii.gz")
     done = subprocess.run([sys.executable, "-m", "medseg", "predict", "--model", str(bundle), "--input",
