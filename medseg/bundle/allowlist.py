@@ -196,6 +196,9 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
                                                              "prediction and label into one-hot label maps of the "
                                                              "plan's classes in memory; no file access"),
     Vetted("medseg.engines.parts.mixed_precision", "tells whether a device name is a CUDA device; nothing else"),
+    Vetted("medseg.engines.parts.training_inferer", "returns MONAI's SimpleInferer, or one running the forward pass "
+                                                    "under bfloat16 autocast on the CPU, as the plan's precision says; "
+                                                    "no file access"),
     Vetted("medseg.engines.parts.GradientClipping", "Ignite handler clipping the gradient norm of the trainer's "
                                                     "optimiser after each backward pass in memory; no file access"),
     Vetted("medseg.engines.tracking.MLflowTracking",

@@ -23,10 +23,10 @@ train with nnU-Net v2's defaults -- SGD with Nesterov momentum 0.99, learning ra
 3e-5 (AdamW 2e-3 when the plan's time budget allows fewer iterations than SGD needs:
 :mod:`medseg.planning.recipe`), polynomial decay stepped per iteration, 250 iterations per epoch, the
 plan's batch of one patch per case, batch Dice + cross-entropy with deep supervision, gradients clipped
-to norm 12, mixed precision on CUDA, nnU-Net's augmentation, the preprocessed cases cached on disk
-(``cache_dir``) and loaded in worker processes; ``"custom"`` plans (the default plan, bundles made
-before the planner) keep the recipe they were made with (AdamW 2e-3, per-epoch decay, cases cached in
-memory).
+to norm 12, mixed precision on CUDA (bfloat16 autocast on the CPU where the plan measured it faster),
+nnU-Net's augmentation, the preprocessed cases cached on disk (``cache_dir``) and loaded in worker processes;
+``"custom"`` plans (the default plan, bundles made before the planner) keep the recipe they were made with
+(AdamW 2e-3, per-epoch decay, cases cached in memory).
 
 The ids and references are those of MONAI's train-workflow properties
 (``monai.bundle.properties.TrainProperties``); references to nested parts use MONAI's separator ``::``
@@ -90,7 +90,8 @@ def _train_parts(planned: bool) -> dict[str, Any]:
         "epoch_length": {"_target_": f"{E}.data.epoch_length", "dataloader": "@train::dataloader",
                          "minimum": "@min_iterations_per_epoch", "resume": "@resume_point",
                          "iterations": "@iterations_per_epoch"},
-        "inferer": {"_target_": "SimpleInferer"},
+        "inferer": ({"_target_": f"{E}.parts.training_inferer", "plan": "@plan", "device": "@device"} if planned
+                    else {"_target_": "SimpleInferer"}),
         "handlers": handlers,
         "trainer": {"_target_": "SupervisedTrainer", "device": "@device", "max_epochs": "@epochs",
                     "epoch_length": "@train::epoch_length", "train_data_loader": "@train::dataloader",

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from monai.data import MetaTensor
@@ -52,6 +53,7 @@ class ProbeRequest:
     out_channels: int
     device: str = "cpu"
     spacing: tuple[float, ...] | None = None
+    precision: str = "float32"  # on the CPU "bfloat16": the forward pass under bfloat16 autocast, as training runs it
 
     def plan(self) -> Plan:
         """A plan that builds this network (labels 0..out_channels-1; at ``spacing``, unit spacing if
@@ -104,6 +106,13 @@ def _peak_rss_bytes() -> int | None:
     return int(peak) * (1 if sys.platform == "darwin" else 1024)
 
 
+def _loss(loss_function: Any, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The training loss of a network output (a DynUNet with deep-supervision heads stacks them on dim 1)."""
+    outputs = list(torch.unbind(output, dim=1)) if output.dim() == label.dim() + 1 else output
+    loss: torch.Tensor = loss_function(outputs, label)
+    return loss
+
+
 def probe(request: ProbeRequest, steps: int = 2, warmup: int = 1, min_seconds: float = 1.0,
           max_steps: int = 5) -> Probe:
     """Run ``warmup`` untimed and at least ``steps`` timed training iterations of ``request`` here (more,
@@ -132,7 +141,11 @@ def probe(request: ProbeRequest, steps: int = 2, warmup: int = 1, min_seconds: f
     image = torch.randn(shape, generator=generator).to(device)
     label = torch.randint(0, request.out_channels, (request.batch_size, 1, *request.patch_size),
                           generator=generator).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
+    autocast: Any = contextlib.nullcontext()
+    if cuda:
+        autocast = torch.autocast("cuda", dtype=torch.float16)
+    elif request.precision == "bfloat16":
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     times: list[float] = []
     step = 0
     while step < warmup + max(1, steps) or (sum(times) < min_seconds and len(times) < max_steps):
@@ -140,8 +153,10 @@ def probe(request: ProbeRequest, steps: int = 2, warmup: int = 1, min_seconds: f
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             output = network(image)
-            outputs = list(torch.unbind(output, dim=1)) if output.dim() == label.dim() + 1 else output
-            loss = loss_function(outputs, label)
+            if cuda:
+                loss = _loss(loss_function, output, label)
+        if not cuda:  # the loss in float32 outside autocast, as training computes it on the CPU
+            loss = _loss(loss_function, output.float(), label)
         loss.backward()
         optimizer.step()
         if cuda:
@@ -151,7 +166,7 @@ def probe(request: ProbeRequest, steps: int = 2, warmup: int = 1, min_seconds: f
         step += 1
     if cuda:
         peak: int | None = int(torch.cuda.max_memory_allocated(device) - allocated_before)
-        del network, optimizer, image, label, loss, output, outputs
+        del network, optimizer, image, label, loss, output
         torch.cuda.empty_cache()  # the caching allocator keeps nothing of the probe for training
     else:
         peak_rss = _peak_rss_bytes()

@@ -45,7 +45,7 @@ from medseg.planning.measure import (
 )
 from medseg.planning.memory import GB, MemoryModel, memory_model
 from medseg.planning.options import PRESETS, PlannerOptions, check_planner_options
-from medseg.planning.recipe import choose_augmentation, choose_optimizer
+from medseg.planning.recipe import choose_augmentation, choose_optimizer, choose_precision
 from medseg.planning.rules import resampled_median_shape, target_spacing
 
 __all__ = ["PLANNER", "PLANS_FORMAT", "PlanningResult", "plan_dataset"]
@@ -95,6 +95,9 @@ class PlanningResult:
         if optimizer:
             lines.append(f"optimizer: {optimizer['name']}, learning rate {optimizer['learning_rate']:g} "
                          f"({optimizer['reason']})")
+        precision = record.get("precision")
+        if precision:
+            lines.append(f"training precision: {precision['name']} ({precision['reason']})")
         return lines
 
 
@@ -147,18 +150,24 @@ def plan_dataset(fingerprint: Fingerprint, options: PlannerOptions, timer: Timer
     configuration = configurations[name]
     budget_hours = options.budget_hours()
     choice = None
+    precision: dict[str, Any] = ({"name": "float16", "reason": "mixed precision on CUDA (MONAI's amp)"} if options.cuda
+                                 else {"name": "float32", "reason": "not measured (no time budget)"})
     if budget_hours is not None:
         _need_cuda(options, timer is None, "--time-budget times training iterations")
         candidates = budget_candidates(configuration, target, model)
+        if timer is None and not options.cuda:
+            precision = _cpu_precision(candidates, configuration, options.device)
         choice = choose_for_budget(candidates, budget_hours * 3600 * TRAINING_SHARE,
-                                   timer or _probe_timer(configuration, options.device))
+                                   timer or _probe_timer(configuration, options.device, precision["name"]))
         chosen = choice.candidate
     else:
         chosen = Candidate(configuration.network, configuration.topology, configuration.batch_size,
                            configuration.network.macs(configuration.topology, configuration.batch_size),
                            configuration.memory_bytes)
-    chosen, measured, retries = _validated(chosen, configuration, target, model, options, measurer)
+    chosen, measured, retries = _validated(chosen, configuration, target, model, options, measurer,
+                                           precision["name"])
     record = _record(options, configuration, chosen, choice, measured, retries, target, model, budget_hours)
+    record["precision"] = precision
     plan = _plan(fingerprint, options, configuration, chosen, record)
     record["planning_seconds"] = round(time.monotonic() - started, 2)
     result = PlanningResult(plan, fingerprint, configurations)
@@ -197,12 +206,25 @@ def _spec(network: Network, candidate: Candidate) -> NetworkSpec:
                        deep_supervision=network.deep_supervision)
 
 
-def _request(candidate: Candidate, device: str, spacing: tuple[float, ...] | None = None) -> ProbeRequest:
+def _request(candidate: Candidate, device: str, spacing: tuple[float, ...] | None = None,
+             precision: str = "float32") -> ProbeRequest:
     return ProbeRequest(_spec(candidate.network, candidate), candidate.patch_size, candidate.batch_size,
-                        candidate.network.in_channels, candidate.network.out_channels, device, spacing)
+                        candidate.network.in_channels, candidate.network.out_channels, device, spacing,
+                        "bfloat16" if precision == "bfloat16" else "float32")
 
 
-def _probe_timer(configuration: Configuration, device: str) -> Timer:
+def _cpu_precision(candidates: list[Candidate], configuration: Configuration, device: str) -> dict[str, Any]:
+    """The CPU training precision (:func:`~medseg.planning.recipe.choose_precision`), from the smallest candidate's
+    iteration measured here in float32 and under bfloat16 autocast."""
+    smallest = min(candidates, key=lambda c: c.macs)
+    seconds = {name: probe(_request(smallest, device, configuration.spacing, name)).seconds
+               for name in ("float32", "bfloat16")}
+    chosen = choose_precision(seconds["float32"], seconds["bfloat16"])
+    log.info("training precision %s: %s", chosen["name"], chosen["reason"])
+    return chosen
+
+
+def _probe_timer(configuration: Configuration, device: str, precision: str = "float32") -> Timer:
     """Seconds per iteration of a candidate, measured here: the network's iteration (one untimed and
     two timed) and the batch's data, each patch's case read from the cache (timed once: it depends on
     the median image only) and cut and augmented by the planned chain (timed once per patch size),
@@ -214,7 +236,7 @@ def _probe_timer(configuration: Configuration, device: str) -> Timer:
     per_patch: dict[tuple[int, ...], float] = {}
 
     def timer(candidate: Candidate) -> float:
-        request = _request(candidate, device, configuration.spacing)
+        request = _request(candidate, device, configuration.spacing, precision)
         network_seconds = probe(request).seconds
         patch = candidate.patch_size
         if patch not in per_patch:
@@ -238,13 +260,14 @@ def _measure(request: ProbeRequest) -> Probe | None:
 
 
 def _validated(chosen: Candidate, configuration: Configuration, target: float, model: MemoryModel,
-               options: PlannerOptions, measurer: Measurer | None) -> tuple[Candidate, Probe | None, int]:
+               options: PlannerOptions, measurer: Measurer | None, precision: str = "float32"
+               ) -> tuple[Candidate, Probe | None, int]:
     """``chosen`` with its peak memory measured; while the peak exceeds the target, the patch is fitted
     again to a target lowered by the overshoot and measured again (at most :data:`MAX_MEMORY_RETRIES`)."""
     if not options.measure and measurer is None:
         return chosen, None, 0
     measure = measurer or _measure
-    measured = measure(_request(chosen, options.device))
+    measured = measure(_request(chosen, options.device, precision=precision))
     retries = 0
     while measured is not None and measured.peak_bytes is not None and measured.peak_bytes > target:
         if retries >= MAX_MEMORY_RETRIES:
@@ -263,7 +286,7 @@ def _validated(chosen: Candidate, configuration: Configuration, target: float, m
                            chosen.network.memory(smaller.topology, chosen.batch_size, model))
         log.warning("a measured iteration needed %.2f GB, above the %.3g GB target: patch shrunk to %s",
                     measured.peak_bytes / GB, target / GB, list(chosen.patch_size))
-        measured = measure(_request(chosen, options.device))
+        measured = measure(_request(chosen, options.device, precision=precision))
     return chosen, measured, retries
 
 

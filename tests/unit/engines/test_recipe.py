@@ -85,6 +85,35 @@ def test_planned_plans_get_nnunet_defaults_and_custom_plans_keep_their_recipe() 
         assert "$" not in json.dumps(config) and config["mlflow_uri"] is None
 
 
+def test_bfloat16_autocast_on_the_cpu_where_the_planner_measured_it_faster() -> None:
+    """The planner chooses bfloat16 from two measured iterations; training on the CPU then runs the forward pass
+    under bfloat16 autocast (weights and outputs float32, close to a float32 pass); on CUDA, or for a float32 plan,
+    MONAI's SimpleInferer."""
+    from monai.inferers import SimpleInferer
+
+    from medseg.engines.parts import CpuAutocastInferer, training_inferer
+    from medseg.planning.recipe import BFLOAT16_MIN_GAIN, choose_precision
+
+    faster = choose_precision(0.8, 0.33)
+    assert faster["name"] == "bfloat16" and faster["gain"] == 2.42 and "2.42 x faster" in faster["reason"]
+    assert choose_precision(0.8, 0.8 / (BFLOAT16_MIN_GAIN - 0.01))["name"] == "float32"
+    bf16 = _plan(planning={"precision": faster})
+    config = train_config(bf16)
+    assert config["train"]["inferer"]["_target_"] == "medseg.engines.parts.training_inferer"
+    assert isinstance(training_inferer(bf16, "cpu"), CpuAutocastInferer)
+    assert type(training_inferer(bf16, "cuda")) is SimpleInferer
+    assert type(training_inferer(_plan(planning={"precision": choose_precision(0.8, 0.8)}), "cpu")) is SimpleInferer
+    assert type(training_inferer(_plan(), "cpu")) is SimpleInferer
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 3, 1))
+    x = torch.randn(2, 1, 8, 8, 8)
+    out = CpuAutocastInferer()(x, network)
+    assert out.dtype == torch.float32 and all(p.dtype == torch.float32 for p in network.parameters())
+    torch.testing.assert_close(out, network(x), atol=0.05, rtol=0.05)
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in network.parameters())
+
+
 def test_a_plan_whose_budget_is_short_trains_with_adamw_and_a_long_or_no_budget_with_sgd() -> None:
     from medseg.planning.recipe import SGD_MIN_ITERATIONS, choose_optimizer
 

@@ -37,6 +37,10 @@ def test_plan_writes_a_bundle_that_loads_builds_and_maps_its_patch(tiny: Path, t
     assert plan.configuration == "3d_fullres" and plan.network.name == "unet_head" and "U-Net (pointwise head)" in printed
     record = plan.planning
     assert record["device"] == "cpu" and record["time_budget_hours"] == 0.01 and record["seconds_per_iteration"] > 0
+    # the training precision chosen from two measured iterations of the smallest candidate
+    precision = record["precision"]
+    assert precision["name"] in ("float32", "bfloat16") and precision["float32_seconds"] > 0
+    assert precision["bfloat16_seconds"] > 0 and ("faster" in precision["reason"] or "gains" in precision["reason"])
     assert record["memory_measured_gb"] is None or record["memory_measured_gb"] <= record["memory_target_gb"]
     network = build_network(plan).eval()
     with torch.no_grad():
