@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from medseg.errors import BundleError, printable
 from medseg.labels import Region
 
 __all__ = ["NNUNET_FILE", "NNUNET_FORMAT", "ImportedModel", "ensemble_network", "fold_weights", "load_imported",
-           "nnunet_network", "nnunet_postprocessing", "nnunet_preprocessing", "read_imported"]
+           "nnunet_network", "nnunet_postprocessing", "nnunet_preprocessing", "read_imported", "read_nnunet_file"]
+
+T = TypeVar("T")
 
 NNUNET_FILE = Path("configs") / "nnunet.json"
 NNUNET_FORMAT = "medseg-nnunet/1"
@@ -136,13 +138,14 @@ def read_imported(data: Any) -> ImportedModel:
     return ImportedModel(preprocessing, dict(architecture), channels, outputs, folds, mirror)
 
 
-def load_imported(bundle_root: str | os.PathLike[str]) -> ImportedModel:
-    """The bundle's ``configs/nnunet.json``, checked.
+def read_nnunet_file(bundle_root: str | os.PathLike[str], check: Callable[[Any], T]) -> T:
+    """The bundle's ``configs/nnunet.json`` checked by ``check`` (:func:`read_imported`, or for several parts
+    :func:`medseg.bundle.nnunet_parts.read_parts`).
 
     Raises
     ------
     BundleError
-        Missing or unreadable file, or a bad field (named).
+        Missing or unreadable file, or a bad field (named by ``check``'s ValueError).
     """
     path = Path(bundle_root) / NNUNET_FILE
     try:
@@ -152,9 +155,20 @@ def load_imported(bundle_root: str | os.PathLike[str]) -> ImportedModel:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{printable(path)}: cannot read it ({exc})") from None
     try:
-        return read_imported(data)
+        return check(data)
     except ValueError as exc:
         raise BundleError(f"{printable(path)}: {exc}") from None
+
+
+def load_imported(bundle_root: str | os.PathLike[str]) -> ImportedModel:
+    """The bundle's ``configs/nnunet.json``, checked (:func:`read_nnunet_file` with :func:`read_imported`).
+
+    Raises
+    ------
+    BundleError
+        Missing or unreadable file, or a bad field (named).
+    """
+    return read_nnunet_file(bundle_root, read_imported)
 
 
 def ensemble_network(model: ImportedModel, weights: Mapping[int, Path], where: str, tta: bool = True) -> Any:

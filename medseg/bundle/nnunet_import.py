@@ -12,6 +12,11 @@ such folders). The bundle gets
   ``--segments``, else medseg's table, else none: DICOM SEG needs a code for every segment), ``docs/README.md``;
 * ``models/fold_K.pt``: each fold's network weights as a plain state dict.
 
+Several folders (TotalSegmentator's parts: each model segments other labels) make one bundle whose label map
+merges theirs (:mod:`medseg.bundle.nnunet_parts`): ``configs/nnunet.json`` then lists one configuration per part
+with the merged value of each of its labels (from ``--class-map`` by name, else numbered in folder order), the
+weights are ``models/part_P/fold_K.pt``, and the plan's labels are the merged ones.
+
 Every checkpoint is read without running pickled code (:func:`medseg.networks.nnunet.read_nnunet_checkpoint`)
 and loaded into the rebuilt network before anything is written; the bundle is written into a temporary
 folder beside ``--out`` and moved into place at the end, so a failed import leaves nothing behind.

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medseg.bundle.nnunet import NNUNET_FILE, ImportedModel, read_imported
-from medseg.errors import BundleError, InputError, printable
+from medseg.bundle.nnunet import NNUNET_FILE, ImportedModel, read_imported, read_nnunet_file
+from medseg.errors import InputError
 from medseg.labels import parse_labels
 
 __all__ = ["PARTS_FORMAT", "ImportedPart", "load_parts", "merge_part_labels", "nnunet_parts_inferer",
@@ -148,24 +148,15 @@ def read_parts(data: Any) -> list[ImportedPart]:
 
 
 def load_parts(bundle_root: str | os.PathLike[str]) -> list[ImportedPart]:
-    """The bundle's multi-part ``configs/nnunet.json``, checked.
+    """The bundle's multi-part ``configs/nnunet.json``, checked (:func:`~medseg.bundle.nnunet.read_nnunet_file`
+    with :func:`read_parts`).
 
     Raises
     ------
     BundleError
         Missing or unreadable file, or a bad field (named).
     """
-    path = Path(bundle_root) / NNUNET_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{printable(path)}: no such file; is this a bundle imported from nnU-Net?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{printable(path)}: cannot read it ({exc})") from None
-    try:
-        return read_parts(data)
-    except ValueError as exc:
-        raise BundleError(f"{printable(path)}: {exc}") from None
+    return read_nnunet_file(bundle_root, read_parts)
 
 
 def nnunet_parts_network(bundle_root: str | os.PathLike[str], tta: bool = True, device: Any = "cpu") -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 
 from medseg.bundle.create import NOT_TRAINED, README_FILE, local_paths
 from medseg.bundle.monai_calls import INFERENCE_FILE, NET_ID, describe, first_line, quiet_monai
-from medseg.bundle.nnunet import NNUNET_FILE
+from medseg.bundle.nnunet import NNUNET_FILE, read_nnunet_file
 from medseg.bundle.runner import weights_only_loads
 from medseg.errors import BundleError
 from medseg.layout import META_FILE, WEIGHTS_FILE
@@ -217,9 +217,9 @@ def _check_imported(bundle: Path, device: str, lines: list[str], problems: list[
     from medseg.bundle.nnunet_parts import PARTS_FORMAT, load_parts, nnunet_parts_network
 
     try:
-        parts = json.loads((bundle / NNUNET_FILE).read_text(encoding="utf-8")).get("format") == PARTS_FORMAT
-    except (OSError, ValueError, AttributeError) as exc:
-        problems.append(f"{NNUNET_FILE.as_posix()}: cannot read it ({exc})")
+        parts = read_nnunet_file(bundle, lambda data: isinstance(data, Mapping) and data.get("format") == PARTS_FORMAT)
+    except BundleError as exc:
+        problems.append(str(exc))
         return
     if not parts:
         _check_net_in_out(bundle, device, lines, problems, net_id="network")
