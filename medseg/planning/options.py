@@ -48,7 +48,9 @@ class PlannerOptions:
     ``time_budget_hours`` (None: :data:`DEFAULT_CPU_BUDGET_HOURS` on the CPU, none on CUDA),
     ``preset`` (:data:`PRESETS`), ``configuration`` (None: ``3d_fullres`` for 3D data, ``2d`` for 2D),
     ``workers`` (processes reading the cases), ``target_spacing`` and ``ct_window`` (HU) overriding the
-    planned ones, ``measure``: validate the memory estimate (and time iterations) on this machine."""
+    planned ones, ``measure``: validate the memory estimate (and time iterations) on this machine,
+    ``precision``: CPU training in ``float32``, under ``bfloat16`` autocast, or ``auto`` (bfloat16 where a measured
+    iteration is faster enough, :func:`medseg.planning.recipe.choose_precision`)."""
 
     device: str = "cpu"
     memory_gb: float | None = None
@@ -59,6 +61,7 @@ class PlannerOptions:
     target_spacing: tuple[float, ...] | None = None
     ct_window: tuple[float, float] | None = None
     measure: bool = True
+    precision: str = "float32"  # CPU training: float32, bfloat16, or auto (measured: recipe.choose_precision)
 
     @property
     def cuda(self) -> bool:

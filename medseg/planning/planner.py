@@ -150,17 +150,20 @@ def plan_dataset(fingerprint: Fingerprint, options: PlannerOptions, timer: Timer
     configuration = configurations[name]
     budget_hours = options.budget_hours()
     choice = None
-    precision: dict[str, Any] = ({"name": "float16", "reason": "mixed precision on CUDA (MONAI's amp)"} if options.cuda
-                                 else {"name": "float32", "reason": "not measured (no time budget)"})
+    precision: dict[str, Any] = {"name": "float16", "reason": "mixed precision on CUDA (MONAI's amp)"}
+    if not options.cuda:
+        precision = {"name": options.precision, "reason": "asked for (--precision)"}
     if budget_hours is not None:
         _need_cuda(options, timer is None, "--time-budget times training iterations")
         candidates = budget_candidates(configuration, target, model)
-        if timer is None and not options.cuda:
+        if timer is None and not options.cuda and options.precision == "auto":
             precision = _cpu_precision(candidates, configuration, options.device)
         choice = choose_for_budget(candidates, budget_hours * 3600 * TRAINING_SHARE,
                                    timer or _probe_timer(configuration, options.device, precision["name"]))
         chosen = choice.candidate
-    else:
+    if precision["name"] == "auto":  # nothing timed: no time budget, or timings given
+        precision = {"name": "float32", "reason": "--precision auto: nothing timed (no time budget); float32"}
+    if budget_hours is None:
         chosen = Candidate(configuration.network, configuration.topology, configuration.batch_size,
                            configuration.network.macs(configuration.topology, configuration.batch_size),
                            configuration.memory_bytes)

@@ -25,7 +25,8 @@ def test_plan_writes_a_bundle_that_loads_builds_and_maps_its_patch(tiny: Path, t
     out = tmp_path / "planned"
     # a budget too short for anything: only the lean network on the smallest patch is timed (the choice is
     # tested in test_budget)
-    assert main(["plan", "--data", str(tiny), "--out", str(out), "--workers", "1", "--time-budget", "0.01"]) == 0
+    assert main(["plan", "--data", str(tiny), "--out", str(out), "--workers", "1", "--time-budget", "0.01",
+                 "--precision", "auto"]) == 0
     printed = capsys.readouterr().out
     assert "configuration: 3d_fullres" in printed and "expected iterations:" in printed and "patch:" in printed
     configs = out / "configs"
@@ -37,7 +38,7 @@ def test_plan_writes_a_bundle_that_loads_builds_and_maps_its_patch(tiny: Path, t
     assert plan.configuration == "3d_fullres" and plan.network.name == "unet_head" and "U-Net (pointwise head)" in printed
     record = plan.planning
     assert record["device"] == "cpu" and record["time_budget_hours"] == 0.01 and record["seconds_per_iteration"] > 0
-    # the training precision chosen from two measured iterations of the smallest candidate
+    # --precision auto: chosen from two measured iterations of the smallest candidate
     precision = record["precision"]
     assert precision["name"] in ("float32", "bfloat16") and precision["float32_seconds"] > 0
     assert precision["bfloat16_seconds"] > 0 and ("faster" in precision["reason"] or "gains" in precision["reason"])
