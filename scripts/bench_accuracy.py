@@ -137,6 +137,8 @@ def medseg_plan_record(plan: dict[str, Any]) -> dict[str, Any]:
         "batch_size": int(plan.get("batch_size") or MEDSEG_DEFAULT_BATCH),
         "n_stages": stages or None,
         "network": name,
+        # the CPU training precision the planner recorded (plans before it: float32)
+        "precision": ((plan.get("planning") or {}).get("precision") or {}).get("name", "float32"),
     }
 
 

@@ -54,7 +54,7 @@ def _planner_options(args: argparse.Namespace):
 
     return PlannerOptions(device=args.device, memory_gb=args.memory_gb,
                           time_budget_hours=getattr(args, "time_budget", None), preset=args.preset or "default",
-                          configuration=args.configuration, precision=args.precision or "float32",
+                          configuration=args.configuration, precision=args.precision or "auto",
                           workers=args.workers if args.workers is not None else default_workers())
 
 

@@ -142,8 +142,8 @@ def _planner_options(p: argparse.ArgumentParser, train: bool) -> None:
                    help=f"processes reading the cases for the fingerprint{when} (default: the CPU count, at most 4)")
     p.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default=None,
                    help=f"CPU training precision{when}: float32, the forward pass under bfloat16 autocast (about 2.4 x "
-                        "faster per iteration on CPUs with AMX), or auto: bfloat16 where a timed iteration is >= 1.25 x "
-                        "faster (default: float32)")
+                        "faster per iteration on CPUs with AMX: more iterations in the time budget), or auto: bfloat16 "
+                        "where a timed iteration is >= 1.25 x faster (default: auto)")
 
 
 def _add_plan(sub: Subparsers) -> None:

@@ -61,7 +61,7 @@ class PlannerOptions:
     target_spacing: tuple[float, ...] | None = None
     ct_window: tuple[float, float] | None = None
     measure: bool = True
-    precision: str = "float32"  # CPU training: float32, bfloat16, or auto (measured: recipe.choose_precision)
+    precision: str = "auto"  # CPU training: float32, bfloat16, or auto (measured: recipe.choose_precision)
 
     @property
     def cuda(self) -> bool:

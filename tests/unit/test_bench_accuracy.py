@@ -128,6 +128,7 @@ def test_plan_records_in_voxel_order_and_ratios() -> None:
                    "network": {"name": "dynunet", "kernel_sizes": [[3, 3, 1]] * 5, "level_strides": [[1, 1, 1]] * 5}}
     medseg = bench.medseg_plan_record(medseg_plan)
     assert medseg["n_stages"] == 5 and medseg["batch_size"] == bench.MEDSEG_DEFAULT_BATCH
+    assert medseg["precision"] == "float32"
     assert bench.medseg_plan_record({"target_spacing": [1, 1, 1], "patch_size": [64, 64, 32],
                                      "network": {"name": "unet", "channels": [16, 32, 64, 128]},
                                      "batch_size": 4, "configuration": "3d_fullres"})["n_stages"] == 4

@@ -100,7 +100,8 @@ def test_the_planner_records_its_budget_reasoning() -> None:
                         timer=timer).plan
     record = plan.planning
     assert record["time_budget_hours"] == 0.5 and record["expected_iterations"] >= MIN_ITERATIONS
-    assert record["precision"] == {"name": "float32", "reason": "asked for (--precision)"}  # bfloat16 is opt-in
+    # --precision auto (the default) with timings given: nothing measured, float32
+    assert record["precision"] == {"name": "float32", "reason": "--precision auto: no iteration timed here; float32"}
     assert record["seconds_per_iteration"] == pytest.approx(0.05 + 0.01 * record_macs(record) / 4e9, rel=1e-3)
     assert math.prod(plan.patch_size) <= math.prod(CONFIGURATION.patch_size)
     # the lean U-Net, built from the plan with the candidate's strides and widths
