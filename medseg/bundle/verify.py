@@ -214,7 +214,7 @@ def _check_imported(bundle: Path, device: str, lines: list[str], problems: list[
     """A bundle imported from nnU-Net: one model (its ``network``, every fold's weights loaded, through MONAI's
     ``verify_net_in_out``) or several parts (each part's folds built and loaded; the parts run one after another
     on their own grids, so there is no one network to feed a fake input)."""
-    from medseg.bundle.nnunet_parts import PARTS_FORMAT, load_parts, nnunet_parts_network
+    from medseg.bundle.nnunet_parts import PARTS_FORMAT, nnunet_parts_network
 
     try:
         parts = read_nnunet_file(bundle, lambda data: isinstance(data, Mapping) and data.get("format") == PARTS_FORMAT)
@@ -229,7 +229,7 @@ def _check_imported(bundle: Path, device: str, lines: list[str], problems: list[
     except BundleError as exc:
         problems.append(str(exc).splitlines()[0])
         return
-    folds = sum(len(p.model.folds) for p in load_parts(bundle))
+    folds = sum(len(part.folds) for part in network.parts)  # the network built above: configs/nnunet.json read once
     lines.append(f"weights: {len(network.parts)} parts of {folds} fold(s) load into their networks; MONAI "
                  "verify_net_in_out does not apply (each part runs on its own grid)")
 
