@@ -26,12 +26,14 @@ from medseg.bundle.runner import find_config, read_config_data, weights_only_loa
 from medseg.bundle.safety import check_bundle
 from medseg.devices import resolve_device
 from medseg.errors import BundleError, one_line, unwrapped
-from medseg.inference.predictor import Predictor, predict_files
+from medseg.inference.cases import Shard
+from medseg.inference.cohort import predict_files
+from medseg.inference.predictor import Predictor
 from medseg.inference.series import predict_series
 from medseg.layout import META_FILE, PLAN_FILE
 from medseg.plan import Plan
 
-__all__ = ["InferenceOptions", "InferencePipeline", "inference_pipeline", "predict", "predict_dicom"]
+__all__ = ["InferenceOptions", "InferencePipeline", "inference_pipeline", "predict", "predict_dicom", "prediction_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -167,18 +169,29 @@ def inference_pipeline(bundle_dir: str | os.PathLike[str], options: InferenceOpt
 
 def predict(bundle_dir: str | os.PathLike[str], input_path: str | os.PathLike[str], output_dir: str | os.PathLike[str],
             options: InferenceOptions = InferenceOptions(), *, overwrite: bool = False, instances: bool = False,
-            instance_labels: Sequence[int] | None = None, strict: bool = False) -> list[Path]:
-    """``medseg predict`` of image files with a bundle: :func:`medseg.inference.predictor.predict_files` with
-    the predictor of :func:`inference_pipeline`.
+            instance_labels: Sequence[int] | None = None, strict: bool = False, shard: Shard | None = None
+            ) -> list[Path]:
+    """``medseg predict`` of image files (a file, a folder, a manifest) with a bundle:
+    :func:`medseg.inference.cohort.predict_files` with the predictor of :func:`inference_pipeline`, in ``shard``
+    (None: all cases). Finished cases are recorded with the bundle and the options that change the label maps
+    (overlap, mirroring, precision), so the same command resumes a stopped run.
 
     Raises
     ------
     InputError, BundleError
-        As :func:`inference_pipeline` and :func:`~medseg.inference.predictor.predict_files`.
+        As :func:`inference_pipeline` and :func:`~medseg.inference.cohort.predict_files`.
     """
     pipeline = inference_pipeline(bundle_dir, options)
     return predict_files(pipeline.plan, pipeline.predictor, input_path, output_dir, overwrite=overwrite,
-                         instances=instances, instance_labels=instance_labels, strict=strict, model=bundle_dir)
+                         instances=instances, instance_labels=instance_labels, strict=strict, model=bundle_dir,
+                         shard=shard, settings=prediction_settings(bundle_dir, options))
+
+
+def prediction_settings(bundle_dir: str | os.PathLike[str], options: InferenceOptions) -> dict[str, Any]:
+    """What a completion record keeps of a prediction's settings: the bundle (absolute path) and the options that
+    change its label maps; the device and the window batch size do not, so a run may resume on other hardware."""
+    return {"model": os.path.abspath(bundle_dir), "overlap": options.overlap, "tta": options.tta,
+            "precision": options.precision}
 
 
 def predict_dicom(bundle_dir: str | os.PathLike[str], input_path: str | os.PathLike[str],

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medseg.inference.cases import Shard
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -106,17 +110,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_shard(text: str | None, device: str) -> tuple[Shard | None, str]:
+    """``--shard`` as a :class:`Shard`; without it, under ``torchrun`` (``WORLD_SIZE`` > 1), the rank's share
+    ``RANK/WORLD_SIZE`` and, for ``--device cuda``, the rank's own GPU ``cuda:LOCAL_RANK``."""
+    from medseg.inference.cases import Shard, parse_shard
+
+    if text is not None:
+        return parse_shard(text), device
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None, device
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    return Shard(rank, world), (f"cuda:{local}" if device == "cuda" else device)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from medseg.bundle.pipeline import InferenceOptions, predict, predict_dicom
     from medseg.errors import InputError
     from medseg.io.dicom import is_dicom_input
 
-    options = InferenceOptions(device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+    shard, device = _predict_shard(args.shard, args.device)
+    options = InferenceOptions(device=device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                                tta=args.tta, precision=args.precision)
     selection = {"--series-uid": args.series_uid, "--modality": args.modality,
                  "--series-description": args.series_description,
                  "--min-slices": args.min_slices if args.min_slices != 1 else None}
     if is_dicom_input(args.input):
+        if shard is not None:
+            raise InputError(args.input, f"--shard {shard} (or torchrun's ranks) needs image files or a manifest as "
+                                         "--input, not a DICOM series")
         if args.instances or args.instance_labels is not None:
             raise InputError(args.input, "--instances is not supported for DICOM input")
         outputs = predict_dicom(args.model, args.input, args.output, options, fmt=args.format,
@@ -129,7 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise InputError(args.input, f"{what} needs a DICOM folder or file as --input")
         outputs = predict(args.model, args.input, args.output, options, overwrite=args.overwrite,
                           instances=args.instances or args.instance_labels is not None,
-                          instance_labels=args.instance_labels, strict=args.strict)
+                          instance_labels=args.instance_labels, strict=args.strict, shard=shard)
     for path in outputs:
         print(path)
     return 0

@@ -235,8 +235,15 @@ def _add_predict(sub: Subparsers) -> None:
     p = _command(sub, "predict", "segment images; label maps in the input's own geometry and format")
     p.add_argument("--model", required=True, help="run folder written by medseg train, or a bundle")
     p.add_argument("--input", required=True,
-                   help="an image file or a folder of them (.nii, .nii.gz, .nrrd, .mha, .mhd), or a DICOM folder / DICOMDIR")
-    p.add_argument("--output", required=True, help="folder for <case>_seg.<ext> label maps (or the DICOM outputs)")
+                   help="an image file or a folder of them (.nii, .nii.gz, .nrrd, .mha, .mhd), a manifest .csv (header "
+                        "case,image or case,image_0000,image_0001,...; paths relative to it), or a DICOM folder / DICOMDIR")
+    p.add_argument("--output", required=True,
+                   help="folder for <case>_seg.<ext> label maps (or the DICOM outputs); each finished case is recorded "
+                        "in OUTPUT/.medseg-cases/, so the same command started again skips finished cases")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="predict only share I of N (0 <= I < N) of the cases sorted by name: job arrays, e.g. "
+                        "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT (default: all; under torchrun, the "
+                        "rank's share RANK/WORLD_SIZE)")
     _device(p)
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: the plan's)")

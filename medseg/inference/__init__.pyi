@@ -1,21 +1,30 @@
 """Public API of :mod:`medseg.inference` (loaded lazily by ``__init__.py``)."""
 
-from .cases import InputCase, collect_cases
+from .cases import InputCase, Shard, collect_cases, parse_shard, read_manifest, shard_cases
+from .cohort import CaseJournal, CohortCase, cohort_cases, predict_case, predict_files
 from .fit import fit_problems
 from .inferer import SlabInferer
-from .predictor import Predictor, collect_inputs, load_model, predict_files
+from .predictor import Predictor, collect_inputs, load_model
 from .series import predict_series
 from .sliding import slab_sliding_window
 
 __all__ = [
+    "CaseJournal",
+    "CohortCase",
     "InputCase",
     "Predictor",
+    "Shard",
     "SlabInferer",
+    "cohort_cases",
     "collect_cases",
     "collect_inputs",
     "fit_problems",
     "load_model",
+    "parse_shard",
+    "predict_case",
     "predict_files",
     "predict_series",
+    "read_manifest",
+    "shard_cases",
     "slab_sliding_window",
 ]

@@ -12,12 +12,9 @@ one class at a time) -> a label map with exactly the input's shape, spacing, ori
 A model of several input channels takes one image per channel (all on one grid); a region-based model's
 label map is painted from its sigmoid outputs (:mod:`medseg.inference.inferer`).
 
-:func:`predict_files` predicts image files: every input is read once (:func:`medseg.io.image.read_source`)
-and checked (header, pixels, whether the model fits it: :mod:`medseg.inference.fit`) before the model is
-loaded, and kept in memory for the prediction up to :data:`HELD_BYTES` together. This module imports torch
-and MONAI only in the functions that predict, so bad input is answered before that; progress lines
-(``[1/3] scan.nii.gz -> ...``) are logged only once every input has been read. For a model of several
-input channels the inputs are cases of channel files in nnU-Net's layout (:mod:`medseg.inference.cases`).
+Files and folders of them are predicted by :func:`medseg.inference.cohort.predict_files` (each input read
+once and checked before the model is loaded; each finished case recorded, so a stopped run resumes). This
+module imports torch and MONAI only in the functions that predict, so bad input is answered before that.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +32,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import InputError, MedsegError, one_line, unwrapped
-from medseg.inference.cases import InputCase, collect_cases
 from medseg.inference.fit import fit_problems
 from medseg.io.geometry import Geometry
 from medseg.io.image import (
@@ -55,11 +51,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-#: Inputs read for the checks before the model is loaded stay in memory up to this many bytes together;
-#: the rest are read again when their turn comes.
-HELD_BYTES = 1 << 30
-
 
 def load_model(run_dir: str | os.PathLike[str], device: torch.device) -> tuple[Plan, torch.nn.Module]:
     """Load a bundle's (or run folder's) plan and weights, ``configs/plan.json`` and ``models/model.pt``,
@@ -322,135 +313,3 @@ def collect_inputs(input_path: str | os.PathLike[str]) -> list[Path]:
     if image_suffix(path) is None:
         raise InputError(path, "not a supported image file (expected .nii, .nii.gz, .nrrd, .nhdr, .mha or .mhd)")
     return [path]
-
-
-def _instance_values(plan: Plan, model: Path | None, instance_labels: Sequence[int] | None) -> list[int]:
-    values = list(instance_labels) if instance_labels is not None else lesion_labels(plan)
-    unknown = sorted(set(values) - set(plan.labels) | ({0} & set(values)))
-    if not values or unknown:
-        raise InputError(model, "--instances: " + (f"labels {unknown} are not foreground labels of this model"
-                         if unknown else "the model has no lesion label; name them with --instance-labels"))
-    return values
-
-
-def _targets(cases: list[InputCase], output_dir: Path, overwrite: bool, instances: bool,
-             input_path: str | os.PathLike[str]) -> list[tuple[Path, Path | None]]:
-    """``(label map, instance map or None)`` of every case, checked: no input overwritten, no existing file
-    (unless ``overwrite``), no two cases onto one output."""
-    planned: list[tuple[Path, Path | None]] = []
-    input_set = {p.resolve() for case in cases for p in case.files}
-    for case in cases:
-        targets = [output_dir / case.output_name()] + ([output_dir / case.output_name("instances")] if instances else [])
-        for target in targets:
-            if target.resolve() in input_set:
-                raise InputError(target, "would overwrite an input image; choose another --output folder")
-            if target.exists() and not overwrite:
-                raise InputError(target, "already exists; pass --overwrite to replace it")
-        planned.append((targets[0], targets[1] if instances else None))
-    names = [t.name for t, _ in planned]
-    clashes = sorted({n for n in names if names.count(n) > 1})
-    if clashes:
-        raise InputError(Path(input_path), f"several inputs would be written to the same output: {', '.join(clashes)}")
-    return planned
-
-
-def _read_case(plan: Plan, case: InputCase, strict: bool) -> list[SourceImage]:
-    """Every channel of ``case`` read once and checked: on the first channel's grid, and (:func:`check_fit`)
-    fitting the model's channel.
-
-    Raises
-    ------
-    InputError
-        As :func:`medseg.io.image.read_source`; a channel on another grid; with ``strict``, a misfit.
-    """
-    sources: list[SourceImage] = []
-    for channel, path in enumerate(case.files):
-        source = read_source(path, plan.dims)
-        if sources:
-            problem = sources[0].geometry.mismatch(source.geometry)
-            if problem is not None:
-                raise InputError(path, f"is not on the grid of the case's first channel {case.first.name}: "
-                                       f"{problem}; the channels of a case must share one grid")
-        check_fit(channel_plan(plan, channel), path, source.geometry, source.voxels().T, strict=strict)
-        sources.append(source)
-    return sources
-
-
-def predict_files(plan: Plan, load_predictor: Callable[[], Predictor], input_path: str | os.PathLike[str],
-                  output_dir: str | os.PathLike[str], *, overwrite: bool = False, instances: bool = False,
-                  instance_labels: Sequence[int] | None = None, strict: bool = False,
-                  model: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Predict every input image into ``output_dir`` as ``<case>_seg.<ending>``
-    (:func:`medseg.io.image.output_name`) with the :class:`Predictor` that ``load_predictor`` makes for
-    ``plan`` (called once every input has been checked). For a model of several input channels the inputs
-    are cases of channel files in nnU-Net's layout, ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ...
-    (:func:`medseg.inference.cases.collect_cases`), written as ``CASE_seg.<ending>`` on the first
-    channel's grid.
-
-    Every input is read once and checked before the model is loaded: header, pixel data, and whether
-    the model fits it (:func:`check_fit`: modality-like intensities and voxel spacing against the plan; a
-    warning per problem, or with ``strict`` an error). If any case fails later, the outputs this call
-    already wrote are removed again, so a failed call leaves nothing behind.
-
-    With ``instances``, an instance map ``<case>_instances.<ending>`` (one id per connected
-    component of the lesion labels, or of ``instance_labels``) is written beside each label map.
-
-    Raises
-    ------
-    InputError
-        Bad inputs (see :func:`medseg.inference.cases.collect_cases`, :func:`medseg.io.image.read_source`:
-        a case with a missing channel file, channels on different grids), an output that
-        would overwrite an input or an existing file (unless ``overwrite``), ``instances`` for a
-        model (``model``, named in the message) without lesion labels, unknown ``instance_labels``;
-        with ``strict``, an input the model does not fit; from the predictor, bad options.
-    BundleError
-        From ``load_predictor``: a bad bundle.
-    """
-    cases = collect_cases(input_path, plan)
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(output_dir, "exists and is not a folder")
-    values = _instance_values(plan, None if model is None else Path(model), instance_labels) if instances else None
-    planned = _targets(cases, output_dir, overwrite, instances, input_path)
-    held_cases: list[list[SourceImage] | None] = []
-    held = 0
-    for case in cases:  # each read once: header, pixels (truncation, NaN), grids, and does the model fit?
-        sources = _read_case(plan, case, strict)
-        held += sum(s.nbytes for s in sources)
-        held_cases.append(sources if held <= HELD_BYTES else None)  # beyond: read again when its turn comes
-        del sources
-
-    predictor = load_predictor()
-    created_dir = not output_dir.exists()
-    written: list[Path] = []
-    try:
-        for index, (case, (target, instance_target)) in enumerate(zip(cases, planned), 1):
-            sources = held_cases[index - 1] or [read_source(p, plan.dims) for p in case.files]
-            held_cases[index - 1] = None
-            loaded = predictor.load(sources)
-            for source in sources:
-                source.drop_pixels()  # preprocessed: the label maps need only the first one's grid and header
-            log.info("[%d/%d] %s -> %s", index, len(planned), case.first.name if len(case.files) == 1
-                     else f"{case.name} ({len(case.files)} channels)", target)
-            labels = predictor.infer(loaded)
-            del loaded
-            fresh = [p for p in (target, instance_target) if p is not None and not p.exists()]
-            written.extend(fresh)  # removed again if this case fails half-way
-            predictor.write(labels, sources[0], target, instance_target, values)
-            del sources
-    except BaseException:
-        for path in written:
-            _remove_image(path)
-        if created_dir and output_dir.exists() and not any(output_dir.iterdir()):
-            output_dir.rmdir()
-        raise
-    return [t for t, _ in planned]
-
-
-def _remove_image(path: Path) -> None:
-    """Remove an output image (and the data file of a two-file format)."""
-    path.unlink(missing_ok=True)
-    if image_suffix(path) in (".mhd", ".nhdr"):
-        stem = path.name[: -len(image_suffix(path) or "")]
-        for sibling in path.parent.glob(stem + ".*raw*"):
-            sibling.unlink(missing_ok=True)

@@ -27,7 +27,7 @@ def test_tta_runs_in_the_input_geometry_and_changes_the_prediction(tmp_path: Pat
     assert main(["predict", "--model", str(untrained_run), "--input", str(image), "--output", str(plain)]) == 0
     assert main(["predict", "--model", str(untrained_run), "--input", str(image), "--output", str(mirrored),
                  "--tta"]) == 0
-    (a,), (b,) = list(plain.iterdir()), list(mirrored.iterdir())
+    (a,), (b,) = list(plain.glob("*_seg.*")), list(mirrored.glob("*_seg.*"))
     assert read_geometry(b).mismatch(read_geometry(image)) is None
     # random weights are not mirror-symmetric: averaging the flipped passes must change some voxels
     assert not np.array_equal(to_array(sitk.ReadImage(str(a))), to_array(sitk.ReadImage(str(b))))
@@ -39,7 +39,7 @@ def test_bfloat16_prediction_on_a_trained_model_nearly_equals_float32(tmp_path: 
     out = tmp_path / "bf16"
     assert main(["predict", "--model", str(trained_run), "--input", str(image), "--output", str(out),
                  "--precision", "bfloat16"]) == 0
-    (written,) = list(out.iterdir())
+    (written,) = list(out.glob("*_seg.*"))
     assert read_geometry(written).mismatch(read_geometry(image)) is None
     bf16 = to_array(sitk.ReadImage(str(written)))
     fp32 = Predictor.from_run(trained_run).predict_array(image)
@@ -132,7 +132,8 @@ def test_predict_reads_a_nifti_input_once(tmp_path: Path, ct_dataset: Path, untr
     out = tmp_path / "out"
     assert main(["predict", "--model", str(untrained_run), "--input", str(image), "--output", str(out),
                  *(["--instances"] if instances else [])]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["scan_instances.nii.gz", "scan_seg.nii.gz"][not instances:]
+    assert sorted(p.name for p in out.iterdir()) == [".medseg-cases", "scan_instances.nii.gz", "scan_seg.nii.gz"][
+        :: 1 if instances else 2], "the outputs and the completion records, nothing else"
     assert counter.headers == 1, "header read more than once"
     assert counter.itk_reads == 0 and counter.nibabel_loads == 0, "the file was read again"
     assert size <= counter.decompressed <= size + 1024, f"decompressed {counter.decompressed} bytes of {size}"

@@ -59,7 +59,7 @@ def test_a_planned_bundle_trains_with_its_recipe_tracks_mlflow_resumes_from_the_
     capsys.readouterr()
     images = tiny_ct.parent / "imagesTs"
     assert main(["predict", "--model", str(bundle), "--input", str(images), "--output", str(tmp_path / "pred")]) == 0
-    assert len(list((tmp_path / "pred").iterdir())) == len(list(images.iterdir()))
+    assert len(list((tmp_path / "pred").glob("*_seg.nii.gz"))) == len(list(images.iterdir()))
 
 
 def test_an_older_train_json_refuses_the_options_it_would_ignore(tmp_path: Path, tiny_ct: Path,

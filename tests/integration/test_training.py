@@ -128,7 +128,7 @@ def test_mr_dataset_trains_with_mr_preset(tmp_path: Path) -> None:
     assert plan["modality"] == "MR" and plan["intensity"]["preset"] == "mr"
     preds = tmp_path / "preds"
     assert main(["predict", "--model", str(run), "--input", str(data.parent / "imagesTs"), "--output", str(preds)]) == 0
-    labels = np.unique(to_array(sitk.ReadImage(str(next(preds.iterdir())))))
+    labels = np.unique(to_array(sitk.ReadImage(str(next(preds.glob("*_seg.nii.gz"))))))
     assert set(labels.tolist()) <= set(range(6))
 
 

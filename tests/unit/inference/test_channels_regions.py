@@ -15,9 +15,10 @@ from monai.transforms import Invertd
 
 from medseg.errors import InputError
 from medseg.inference.cases import collect_cases
+from medseg.inference.cohort import predict_files
 from medseg.inference.compose import validation_postprocessing
 from medseg.inference.inferer import InvertPredictiond, SlabInferer
-from medseg.inference.predictor import Predictor, predict_files
+from medseg.inference.predictor import Predictor
 from medseg.inference.series import predict_series
 from medseg.inference.sliding import slab_sliding_window
 from medseg.labels import Region

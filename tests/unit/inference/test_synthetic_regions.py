@@ -12,8 +12,9 @@ import torch
 from medseg.data.datalist import load_datalist, validate_datalist
 from medseg.data.synthetic import write_dataset
 from medseg.engines.data import Split, case_items
+from medseg.inference.cohort import predict_files
 from medseg.inference.compose import validation_postprocessing
-from medseg.inference.predictor import Predictor, predict_files
+from medseg.inference.predictor import Predictor
 from medseg.networks import build_network
 from medseg.plan import NetworkSpec, make_plan
 from medseg.transforms import label_map_to_regions, preprocessing
