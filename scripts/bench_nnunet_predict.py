@@ -29,8 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,79 +38,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nnunet_peer
+from proc_memory import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET_ID, DATASET = 902, "Dataset902_Bench"
 TRAINER, PLANS = "nnUNetTrainerFixedIterations", "nnUNetPlansTiny"
 SIZE_XY = 512
 BACKGROUND_MARGIN = 2.0  # the added classes' logits: the background's minus this
-#: Seconds between two memory samples: reading smaps_rollup walks the page tables of a 13 GB process (tens of
-#: milliseconds, with its memory map locked), so sampling often would slow the process measured.
-SAMPLE_SECONDS = 1.0
-
-
-def _tree_memory(root: int) -> int:
-    """Bytes of memory of ``root`` and every process below it: the sum of their proportional set sizes (PSS, from
-    /proc/PID/smaps_rollup: a page shared by N processes counts 1/N in each, so forked workers are not counted
-    twice as a sum of resident sizes would)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
-                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    family, grew = {root}, True
-    while grew:
-        more = {pid for pid, parent in parents.items() if parent in family} - family
-        grew, family = bool(more), family | more
-    total = 0
-    for pid in family:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup", encoding="ascii", errors="replace") as rollup:
-                for line in rollup:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            continue
-    return total
-
-
-def measure(command: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
-    """Run ``command``; (wall seconds, peak memory in GB of it and its children: :func:`_tree_memory`, sampled every
-    :data:`SAMPLE_SECONDS`).
-
-    Raises
-    ------
-    RuntimeError
-        It exited non-zero (with the end of its output).
-    """
-    peak = 0
-    with open(log, "w", encoding="utf-8") as out:
-        started = time.monotonic()
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        done = threading.Event()
-
-        def poll() -> None:
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, _tree_memory(process.pid))
-                time.sleep(SAMPLE_SECONDS)
-
-        watcher = threading.Thread(target=poll, daemon=True)
-        watcher.start()
-        code = process.wait()
-        seconds = time.monotonic() - started
-        done.set()
-        watcher.join()
-    if code != 0:
-        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-8:])
-        raise RuntimeError(f"{' '.join(command[:4])} exited with {code}:\n{tail}")
-    return seconds, peak / 1024**3
-
-
 def train_model(peer: nnunet_peer.Peer, work: Path) -> tuple[Path, Path]:
     """nnU-Net's tiny model of the phantoms (fold 0); (model folder, a test image)."""
     from medseg.data.synthetic import write_dataset
