@@ -7,7 +7,10 @@ Heavy modules (torch, MONAI) are imported inside each command, so ``medseg --hel
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -124,11 +127,30 @@ def _predict_shard(text: str | None, device: str) -> tuple[Shard | None, str]:
     return Shard(rank, world), (f"cuda:{local}" if device == "cuda" else device)
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from medseg.bundle.pipeline import InferenceOptions, predict, predict_dicom
+def _predict_engine(args: argparse.Namespace) -> Callable[..., list[Path]]:
+    """``medseg predict``'s function of image files for ``--engine``: the serial one, or Ray Data's with
+    ``--ray-address``, ``--workers`` and ``--gpus-per-worker`` (the same arguments)."""
+    from medseg.bundle.pipeline import predict
     from medseg.errors import InputError
     from medseg.io.dicom import is_dicom_input
 
+    if args.engine == "serial":
+        return predict
+    from medseg.bundle.ray_predict import predict_ray
+    from medseg.inference.ray_engine import RayOptions
+
+    if is_dicom_input(args.input):
+        raise InputError(args.input, "--engine ray needs image files or a manifest as --input, not a DICOM series")
+    return functools.partial(predict_ray, ray_options=RayOptions(address=args.ray_address, workers=args.workers,
+                                                                 gpus_per_worker=args.gpus_per_worker))
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medseg.bundle.pipeline import InferenceOptions, predict_dicom
+    from medseg.errors import InputError
+    from medseg.io.dicom import is_dicom_input
+
+    predict = _predict_engine(args)
     shard, device = _predict_shard(args.shard, args.device)
     options = InferenceOptions(device=device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                                tta=args.tta, precision=args.precision)

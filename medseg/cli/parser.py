@@ -274,6 +274,15 @@ def _add_predict(sub: Subparsers) -> None:
                    help="DICOM input: only series with at least N slices")
     p.add_argument("--series-description", default=None, metavar="REGEX",
                    help="DICOM input: only series whose description matches this regular expression (default: any)")
+    p.add_argument("--engine", choices=["serial", "ray"], default="serial",
+                   help="serial: one case after the other in this process; ray: a Ray Data job (CPU tasks read and "
+                        "check the cases, --workers actors predict them), needs pip install 'medseg[ray]'")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="--engine ray: a running Ray cluster, e.g. ray://head:10001 or auto (default: a local Ray)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="--engine ray: predictor actors, each loading the model once (default: 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="--engine ray: GPUs per actor, e.g. 1 or 0.5 (default: 0, CPU; > 0 predicts on cuda)")
     p.set_defaults(func=cmd_predict)
 
 
