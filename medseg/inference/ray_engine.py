@@ -63,7 +63,8 @@ MAX_TASK_RETRIES = 3
 class RayOptions:
     """Where and how wide a Ray prediction runs: ``address`` of a running cluster (None: a local Ray of
     ``workers`` x ``cpus_per_worker`` CPUs plus one for the read stage, or the Ray this process already joined),
-    ``workers`` predictor actors of ``gpus_per_worker`` GPUs and ``cpus_per_worker`` CPUs (its torch threads)."""
+    ``workers`` predictor actors of ``gpus_per_worker`` GPUs and ``cpus_per_worker`` CPUs (its torch threads, unless
+    ``OMP_NUM_THREADS`` is set)."""
 
     address: str | None = None
     workers: int = 1
@@ -120,7 +121,8 @@ class CasePredictor:
                  threads: int, fault_file: str | None = None) -> None:
         import torch
 
-        torch.set_num_threads(threads)
+        if not os.environ.get("OMP_NUM_THREADS"):  # a thread count the user set (Ray passes it on) is kept
+            torch.set_num_threads(threads)
         self.plan, self.strict, self.instance_values = plan, strict, instance_values
         self.journal = CaseJournal(output_dir, settings)
         self.predictor = load_predictor()
