@@ -120,6 +120,25 @@ def test_a_finished_ray_run_started_again_skips_every_case(ray_outputs: Path, co
     assert after == before
 
 
+@pytest.mark.slow
+def test_a_bad_case_fails_alone_and_the_others_are_recorded(tmp_path: Path, ray_session: ModuleType, cohort: Path,
+                                                            untrained_run: Path, capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    good = sorted(cohort.iterdir())[:2]
+    for image in good:
+        (images / image.name).symlink_to(image)
+    (images / "truncated.nii.gz").write_bytes(good[0].read_bytes()[:4000])
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert _predict_ray(untrained_run, images, out) == 2
+    err = capsys.readouterr().err
+    assert "1 of 3 case(s) failed" in err and "truncated.nii.gz" in err
+    assert [p.name for p in _label_maps(out)] == [image.name.replace(".nii.gz", "_seg.nii.gz") for image in good]
+    _assert_written_once(out)
+
+
 def test_without_ray_the_engine_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(InputError, match=r"pip install 'medseg\[ray\]'"):
