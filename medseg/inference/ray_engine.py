@@ -30,6 +30,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -61,7 +62,7 @@ MAX_TASK_RETRIES = 3
 
 @dataclass(frozen=True)
 class RayOptions:
-    """Where and how wide a Ray prediction runs: ``address`` of a running cluster (None: a local Ray of
+    """Where and how wide a Ray prediction runs: ``address`` of a running cluster (None: ``RAY_ADDRESS``, else a local Ray of
     ``workers`` x ``cpus_per_worker`` CPUs plus one for the read stage, or the Ray this process already joined),
     ``workers`` predictor actors of ``gpus_per_worker`` GPUs and ``cpus_per_worker`` CPUs (its torch threads, unless
     ``OMP_NUM_THREADS`` is set)."""
@@ -173,16 +174,42 @@ class CasePredictor:
                 "error": np.array(errors, dtype=object)}
 
 
+def _check_reachable(address: str) -> None:
+    """Refuse at once a ``host:port`` (or ``ray://host:port``) address where nothing listens: Ray itself waits for
+    minutes.
+
+    Raises
+    ------
+    InputError
+        Nothing accepts a connection at the address within 10 s.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():  # "auto", or an address form Ray resolves itself
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise InputError(None, f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); check "
+                               "--ray-address (or RAY_ADDRESS)") from None
+
+
 @contextlib.contextmanager
 def _ray_session(ray: ModuleType, options: RayOptions) -> Iterator[None]:
-    """Join ``options.address``, the Ray this process already joined (left running), or start a local one (shut
-    down after)."""
+    """Join ``options.address`` (or ``RAY_ADDRESS``), the Ray this process already joined (left running), or start
+    a local one (shut down after)."""
     if ray.is_initialized():
         yield
         return
     common = {"include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING}
-    if options.address is not None:
-        ray.init(address=options.address, **common)
+    address = options.address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit` (and KubeRay's RayJob)
+    if address:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **common)
+        except (ConnectionError, ray.exceptions.RayError) as exc:
+            raise InputError(None, f"cannot join the Ray cluster at {address} ({type(exc).__name__}: "
+                                   f"{one_line(exc, 300)}); check --ray-address (or RAY_ADDRESS), and that this "
+                                   "machine has the cluster's authentication token or the same RAY_AUTH_MODE") from exc
     else:  # one more CPU than the actors take: the read stage must never wait for a CPU they hold
         ray.init(num_cpus=options.workers * options.cpus_per_worker + 1, **common)
     try:
@@ -207,10 +234,10 @@ def predict_files_ray(plan: Plan, load_predictor: Callable[[], Predictor], input
     Raises
     ------
     InputError
-        As :func:`~medseg.inference.cohort.cohort_cases`; Ray not installed; bad options; cases that failed
-        (all of them named in the one message).
+        As :func:`~medseg.inference.cohort.cohort_cases`; Ray not installed; bad options; a cluster that cannot
+        be joined; cases that failed (all of them named in the one message).
     MedsegError
-        The Ray job failed (a worker died more often than it is retried, a cluster that cannot be reached).
+        The Ray job stopped (a case's worker died more often than it is retried, the cluster went away).
     """
     options.check()
     cohort = cohort_cases(plan, input_path, output_dir, shard=shard, overwrite=overwrite,

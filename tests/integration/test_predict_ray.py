@@ -4,6 +4,7 @@ serial engine, a worker killed mid-run recovered with every case written once, a
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from medseg.cli import main
 from medseg.errors import InputError
 from medseg.inference.cohort import JOURNAL_FOLDER
-from medseg.inference.ray_engine import FAULT_FILE_ENV, import_ray
+from medseg.inference.ray_engine import FAULT_FILE_ENV, _check_reachable, import_ray
 
 CASES = 6
 
@@ -137,6 +138,15 @@ def test_a_bad_case_fails_alone_and_the_others_are_recorded(tmp_path: Path, ray_
     assert "1 of 3 case(s) failed" in err and "truncated.nii.gz" in err
     assert [p.name for p in _label_maps(out)] == [image.name.replace(".nii.gz", "_seg.nii.gz") for image in good]
     _assert_written_once(out)
+
+
+def test_an_address_where_no_ray_listens_is_refused_at_once() -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(InputError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        _check_reachable(f"127.0.0.1:{port}")
+    _check_reachable("auto")  # resolved by Ray itself
 
 
 def test_without_ray_the_engine_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
