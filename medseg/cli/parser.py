@@ -278,7 +278,8 @@ def _add_predict(sub: Subparsers) -> None:
                    help="serial: one case after the other in this process; ray: a Ray Data job (CPU tasks read and "
                         "check the cases, --workers actors predict them), needs pip install 'medseg[ray]'")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="--engine ray: a running Ray cluster, e.g. ray://head:10001 or auto (default: a local Ray)")
+                   help="--engine ray: a running Ray cluster, e.g. auto on one of its nodes or HEAD:6379 (default: "
+                        "RAY_ADDRESS, else a local Ray of --workers CPUs plus one)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="--engine ray: predictor actors, each loading the model once (default: 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
