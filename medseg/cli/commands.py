@@ -135,6 +135,10 @@ def _predict_engine(args: argparse.Namespace) -> Callable[..., list[Path]]:
     from medseg.io.dicom import is_dicom_input
 
     if args.engine == "serial":
+        given = [flag for flag, value, default in (("--ray-address", args.ray_address, None), ("--workers", args.workers, 1),
+                                                   ("--gpus-per-worker", args.gpus_per_worker, 0.0)) if value != default]
+        if given:
+            raise InputError(None, f"{', '.join(given)} needs --engine ray")
         return predict
     from medseg.bundle.ray_predict import predict_ray
     from medseg.inference.ray_engine import RayOptions

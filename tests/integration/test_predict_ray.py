@@ -149,6 +149,14 @@ def test_an_address_where_no_ray_listens_is_refused_at_once() -> None:
     _check_reachable("auto")  # resolved by Ray itself
 
 
+def test_ray_options_without_the_ray_engine_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["predict", "--model", str(tmp_path), "--input", str(tmp_path), "--output", str(tmp_path / "out"),
+                 "--workers", "2", "--gpus-per-worker", "1"])
+    assert code == 2
+    assert "--workers, --gpus-per-worker needs --engine ray" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_without_ray_the_engine_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(InputError, match=r"pip install 'medseg\[ray\]'"):
