@@ -73,7 +73,9 @@ class RayOptions:
     cpus_per_worker: int = 1
 
     def check(self) -> None:
-        """Raises
+        """Check the options.
+
+        Raises
         ------
         InputError
             Fewer than one worker or CPU per worker, a negative GPU count.
@@ -148,6 +150,9 @@ class CasePredictor:
         self.predictor.write = write_then_die  # type: ignore[method-assign]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Predict and record the cases of ``batch`` (rows of the read stage); one small row back per case: its name,
+        outputs, seconds, status (``written``, ``finished earlier``, ``failed``) and error. A case's own failure
+        (a :class:`~medseg.errors.MedsegError`) is answered, not raised; anything else fails the job."""
         names, outputs, seconds, status, errors = [], [], [], [], []
         for name, item_bytes, sources_bytes, error in zip(batch["name"], batch["item"], batch["sources"],
                                                           batch["error"]):
