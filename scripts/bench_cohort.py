@@ -13,7 +13,8 @@ Ray's own GCS, raylet and driver are in ``peak_total_gb``).
         [--modes serial,shards,ray] [--model bundles/ct_abdomen_phantom] [--work DIR] [--json FILE]
 
 ``--json FILE`` writes records with ``mode`` ("serial", "shards", "ray"), ``workers``, ``cases``, ``seconds``,
-``cases_per_minute``, ``peak_rss_gb_per_worker``, ``peak_total_gb`` and ``same_as_serial``.
+``cases_per_minute``, ``peak_rss_gb_per_worker``, ``peak_total_gb``, ``same_as_serial`` and
+``stage_seconds_per_case`` (mean seconds of read, preprocess, infer, write per case, from the completion records).
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ def _run(commands: list[list[str]], env: dict[str, str], log: Path, worker: str 
             "worker_processes": len(workers), "peak_total_gb": sampler.peak_total / 1024**3}
 
 
+def stage_seconds(folder: Path) -> dict[str, float]:
+    """Mean seconds per case of each stage (read, preprocess, infer, write), from the completion records."""
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in (folder / ".medseg-cases").glob("*.done.json")]
+    stages = sorted({k for r in records for k in r.get("seconds", {})})
+    return {k: round(float(np.mean([r["seconds"][k] for r in records if k in r["seconds"]])), 3) for k in stages}
+
+
 def _labels(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(folder.glob("*_seg.nii.gz"))}
 
@@ -137,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                       "cases_per_minute": round(cases / measured["seconds"] * 60, 2),
                       "peak_rss_gb_per_worker": round(measured["peak_rss_gb_per_worker"], 3),
                       "worker_processes": measured["worker_processes"],
-                      "peak_total_gb": round(measured["peak_total_gb"], 3), "same_as_serial": same}
+                      "peak_total_gb": round(measured["peak_total_gb"], 3), "same_as_serial": same,
+                      "stage_seconds_per_case": stage_seconds(out)}
             records.append(record)
             print(json.dumps(record), flush=True)
     finally:

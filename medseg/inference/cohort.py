@@ -146,10 +146,11 @@ class CaseJournal:
         self._record(item.name, _PENDING).unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def recording(self, item: CohortCase) -> Iterator[None]:
+    def recording(self, item: CohortCase, seconds: Mapping[str, float] | None = None) -> Iterator[None]:
         """Record ``item`` around the block that writes its targets: what an earlier interrupted attempt left
-        is removed, a pending record is written, and on success the completion record replaces it; on an
-        exception (Ctrl-C included) the targets the block wrote are removed again and the exception propagates."""
+        is removed, a pending record is written, and on success the completion record replaces it (with
+        ``seconds``, the case's time per stage, and the block's as ``write``); on an exception (Ctrl-C included)
+        the targets the block wrote are removed again and the exception propagates."""
         started = time.monotonic()
         if self.interrupted(item):
             log.info("%s: an earlier attempt was interrupted; predicting it again", item.name)
@@ -163,7 +164,8 @@ class CaseJournal:
             outputs = [{"file": t.name, "bytes": t.stat().st_size, "sha256": _sha256(t)} for t in item.targets]
             record = {"case": item.name, "inputs": [str(f) for f in item.case.files], "outputs": outputs,
                       "settings": self.settings, "host": socket.gethostname(), "finished": _now(),
-                      "write_seconds": round(time.monotonic() - started, 3)}
+                      "seconds": {**{k: round(v, 3) for k, v in (seconds or {}).items()},
+                                  "write": round(time.monotonic() - started, 3)}}
             atomic_write_text(self._record(item.name, _DONE), json.dumps(record, indent=1) + "\n")
         except BaseException:
             self._discard(item)
@@ -262,22 +264,29 @@ def read_case(plan: Plan, case: InputCase, strict: bool = False) -> list[SourceI
 
 def predict_case(plan: Plan, predictor: Predictor, item: CohortCase, journal: CaseJournal, *,
                  sources: list[SourceImage] | None = None, strict: bool = False,
-                 instance_values: Sequence[int] | None = None) -> None:
-    """Predict one case (read here unless ``sources`` holds its channels) and write its outputs inside
-    :meth:`CaseJournal.recording`.
+                 instance_values: Sequence[int] | None = None, read_seconds: float | None = None) -> None:
+    """Predict one case (read here unless ``sources`` holds its channels, read in ``read_seconds``) and write its
+    outputs inside :meth:`CaseJournal.recording`, whose record keeps the seconds of each stage (``read``,
+    ``preprocess``, ``infer``: the network and the inversion to the input grid, ``write``).
 
     Raises
     ------
     InputError
         As :func:`read_case`, :meth:`Predictor.load` and :meth:`Predictor.infer`; nothing of the case is left.
     """
-    sources = sources if sources is not None else read_case(plan, item.case, strict)
+    clock = time.monotonic()
+    if sources is None:
+        sources, read_seconds = read_case(plan, item.case, strict), time.monotonic() - clock
+    seconds = {} if read_seconds is None else {"read": read_seconds}
+    clock = time.monotonic()
     loaded = predictor.load(sources)
     for source in sources:
         source.drop_pixels()  # preprocessed: the label maps need only the first one's grid and header
+    seconds["preprocess"], clock = time.monotonic() - clock, time.monotonic()
     labels = predictor.infer(loaded)
     del loaded
-    with journal.recording(item):
+    seconds["infer"] = time.monotonic() - clock
+    with journal.recording(item, seconds):
         predictor.write(labels, sources[0], item.targets[0], item.targets[1] if len(item.targets) > 1 else None,
                         instance_values)
 
@@ -331,9 +340,12 @@ def predict_files(plan: Plan, load_predictor: Callable[[], Predictor], input_pat
         log.info("%d case(s) already finished in %s (recorded in %s); %d to do", len(cohort.finished), output,
                  JOURNAL_FOLDER, len(todo))
     held_cases: list[list[SourceImage] | None] = []
+    read_seconds: list[float] = []
     held = 0
     for item in todo:  # each read once: header, pixels (truncation, NaN), grids, and does the model fit?
+        clock = time.monotonic()
         sources = read_case(plan, item.case, strict)
+        read_seconds.append(time.monotonic() - clock)
         held += sum(s.nbytes for s in sources)
         held_cases.append(sources if held <= HELD_BYTES else None)  # beyond: read again when its turn comes
         del sources
@@ -349,7 +361,7 @@ def predict_files(plan: Plan, load_predictor: Callable[[], Predictor], input_pat
             log.info("[%d/%d] %s -> %s", index, len(todo), item.case.first.name if len(item.case.files) == 1
                      else f"{item.name} ({len(item.case.files)} channels)", item.targets[0])
             predict_case(plan, predictor, item, cohort.journal, sources=held_sources, strict=strict,
-                         instance_values=values)
+                         instance_values=values, read_seconds=read_seconds[index - 1])
             done += 1
     except BaseException:
         if done:

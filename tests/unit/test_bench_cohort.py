@@ -24,6 +24,7 @@ def test_serial_and_shards_records(untrained_run: Path, tmp_path: Path) -> None:
         assert record["cases"] == 3 and record["seconds"] > 0 and record["peak_rss_gb_per_worker"] > 0.05
         assert record["cases_per_minute"] == pytest.approx(3 / record["seconds"] * 60, rel=0.05)
         assert record["same_as_serial"] is True
+        assert set(record["stage_seconds_per_case"]) == {"read", "preprocess", "infer", "write"}
     assert records[1]["workers"] == 2 and records[1]["worker_processes"] == 2
 
 

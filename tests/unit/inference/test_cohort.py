@@ -190,3 +190,13 @@ def test_shards_into_one_folder_give_the_serial_result(model: tuple[Plan, torch.
     assert len(first) == 3 and len(second) == 2 and not set(first) & set(second)
     serial, both = _arrays(tmp_path / "serial"), _arrays(sharded)
     assert sorted(serial) == sorted(both) and all(np.array_equal(serial[k], both[k]) for k in serial)
+
+
+def test_the_completion_record_keeps_the_seconds_of_each_stage(model: tuple[Plan, torch.nn.Module, Path],
+                                                              tmp_path: Path) -> None:
+    plan, network, images = model
+    file = sorted(images.iterdir())[0]
+    predict_files(plan, lambda: _predictor(plan, network), file, tmp_path / "out")
+    record = CaseJournal(tmp_path / "out").read(file.name.removesuffix(".nii.gz"))
+    assert record is not None and set(record["seconds"]) == {"read", "preprocess", "infer", "write"}
+    assert all(value >= 0 for value in record["seconds"].values()) and record["seconds"]["infer"] > 0
