@@ -107,12 +107,14 @@ def import_ray() -> ModuleType:
 def _read_row(row: dict[str, Any], plan: Plan, strict: bool) -> dict[str, Any]:
     """The read stage: one case's channels read and checked; a bad case becomes a row with its error."""
     item: CohortCase = pickle.loads(row["item"])
+    started = time.monotonic()
     try:
-        sources = pickle.dumps(read_case(plan, item.case, strict), protocol=pickle.HIGHEST_PROTOCOL)
-        error = ""
+        read = read_case(plan, item.case, strict)
+        seconds = time.monotonic() - started
+        sources, error = pickle.dumps(read, protocol=pickle.HIGHEST_PROTOCOL), ""
     except MedsegError as exc:
-        sources, error = b"", str(exc)
-    return {"name": row["name"], "item": row["item"], "sources": sources, "error": error}
+        sources, error, seconds = b"", str(exc), time.monotonic() - started
+    return {"name": row["name"], "item": row["item"], "sources": sources, "read_seconds": seconds, "error": error}
 
 
 class CasePredictor:
@@ -154,8 +156,8 @@ class CasePredictor:
         outputs, seconds, status (``written``, ``finished earlier``, ``failed``) and error. A case's own failure
         (a :class:`~medseg.errors.MedsegError`) is answered, not raised; anything else fails the job."""
         names, outputs, seconds, status, errors = [], [], [], [], []
-        for name, item_bytes, sources_bytes, error in zip(batch["name"], batch["item"], batch["sources"],
-                                                          batch["error"]):
+        for name, item_bytes, sources_bytes, read_seconds, error in zip(batch["name"], batch["item"], batch["sources"],
+                                                                        batch["read_seconds"], batch["error"]):
             item: CohortCase = pickle.loads(item_bytes)
             started = time.monotonic()
             outcome = "failed"
@@ -165,7 +167,8 @@ class CasePredictor:
                         outcome = "finished earlier"
                     else:
                         predict_case(self.plan, self.predictor, item, self.journal, sources=pickle.loads(sources_bytes),
-                                     strict=self.strict, instance_values=self.instance_values)
+                                     strict=self.strict, instance_values=self.instance_values,
+                                     read_seconds=float(read_seconds))
                         outcome = "written"
                 except MedsegError as exc:  # nothing of the case is left (the journal removed it)
                     error = str(exc)

@@ -3,6 +3,7 @@ serial engine, a worker killed mid-run recovered with every case written once, a
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
@@ -92,6 +93,8 @@ def _assert_written_once(out: Path) -> None:
 def test_ray_engine_writes_the_serial_engines_label_maps(ray_outputs: Path, serial_outputs: Path) -> None:
     _assert_same_outputs(ray_outputs, serial_outputs)
     _assert_written_once(ray_outputs)
+    for record in (ray_outputs / JOURNAL_FOLDER).iterdir():  # the serial engine's stages, read in the read stage
+        assert set(json.loads(record.read_text())["seconds"]) == {"read", "preprocess", "infer", "write"}
 
 
 @pytest.mark.slow
