@@ -78,8 +78,8 @@ class TreeSampler:
             for pid in set().union(*(family(root) for root in self.roots)):
                 size = pss(pid)
                 total += size
-                if size > self.peaks.get(pid, (0, ""))[0]:
-                    self.peaks[pid] = (size, self.peaks.get(pid, (0, ""))[1] or command_line(pid))
+                if size > self.peaks.get(pid, (0, ""))[0]:  # the command line now: Ray workers rename themselves
+                    self.peaks[pid] = (size, command_line(pid) or self.peaks.get(pid, (0, ""))[1])
             self.peak_total = max(self.peak_total, total)
             self._done.wait(self.interval)
 
