@@ -36,8 +36,9 @@ from torch.utils.data import DistributedSampler
 from medseg.errors import InputError, MedsegError
 
 __all__ = ["EpochSampler", "ReplicaCheck", "any_rank", "barrier", "close_distributed", "data_parallel",
-           "init_distributed", "is_main_process", "launched_distributed", "mean_over_ranks", "rank", "rank_device",
-           "rank_seed", "share_from_main", "training_sampler", "unwrap", "validation_sampler", "world_size"]
+           "init_distributed", "is_main_process", "launched_distributed", "max_over_ranks", "mean_over_ranks", "rank",
+           "rank_device", "rank_seed", "share_from_main", "training_sampler", "unwrap", "validation_sampler",
+           "weights_digest", "world_size"]
 
 log = logging.getLogger("medseg.engines.training")
 
@@ -98,12 +99,14 @@ def init_distributed(device: str | torch.device = "cpu", timeout_minutes: float 
     Raises
     ------
     InputError
-        CUDA asked for, with fewer visible GPUs than processes on this node.
+        CUDA asked for where there is none, or with fewer visible GPUs than processes on this node.
     """
     if not launched_distributed() or not dist.is_available():
         return False
     if not dist.is_initialized():
         chosen = rank_device(device)
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(None, f"--device {device}: CUDA is not available on this machine; use --device cpu")
         if chosen.type == "cuda":
             if chosen.index is not None and chosen.index >= torch.cuda.device_count():
                 raise InputError(None, f"--device cuda: process {_local_rank()} of this node has no GPU "
@@ -147,6 +150,15 @@ def any_rank(flag: bool) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest ``value`` of all processes (a value every process then shares: call it on all)."""
+    if not _active():
+        return value
+    largest = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return float(largest.item())
 
 
 def mean_over_ranks(values: list[float]) -> float:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,8 +33,11 @@ from medseg.engines.distributed import (
     validation_sampler,
     weights_digest,
 )
+from medseg.engines.parts import poly_lr_schedule
 from medseg.engines.progress import Pace, Schedule
 from medseg.errors import InputError, MedsegError
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_one_process_is_the_main_one_and_decides_alone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,6 +111,12 @@ def _in_group(process: int, port: int, out: str) -> None:
                                "shared": share_from_main(f"from {process}"), "stopped_at": _budget_stop(process)}
     shares = validation_sampler(list(range(3)))
     results["validation_share"] = list(shares)
+    # a planned recipe's learning rate under a time budget: from the largest share of the budget gone
+    pace = Pace(started=0.0, clock=lambda: 20.0 * (process + 1))  # process 1 is further into its budget
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = poly_lr_schedule(optimizer, epochs=10, epoch_length=10, pace=pace, max_minutes=1.0)
+    schedule.step()
+    results["lr"] = optimizer.param_groups[0]["lr"]
     try:
         validation_sampler([0])
     except InputError as exc:
@@ -128,12 +140,21 @@ def _in_group(process: int, port: int, out: str) -> None:
 
 def test_two_processes_decide_together(tmp_path: Path) -> None:
     """In a group of two: rank 0 is the main process, any_rank and the time budget are collective (the
-    process whose clock runs out stops both at the same iteration), the loss mean covers both, validation
-    cases are shared without repeats, and ReplicaCheck fails when the copies of the weights differ."""
+    process whose clock runs out stops both at the same iteration; the learning rate of a time budget
+    follows the process furthest into it), the loss mean covers both, validation cases are shared without
+    repeats, and ReplicaCheck fails when the copies of the weights differ."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_in_group, args=(port, str(tmp_path)), nprocs=2, join=True)
+    code = ("import faulthandler, sys; faulthandler.dump_traceback_later(150, exit=True); "
+            "from tests.unit.engines.test_distributed import _in_group; "
+            f"_in_group(int(sys.argv[1]), {port}, {str(tmp_path)!r})")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "PYTHONWARNINGS": "ignore", "GLOO_SOCKET_IFNAME": "lo"}
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(p)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for p in range(2)]
+    outputs = [process.communicate(timeout=200)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
     results = [json.loads((tmp_path / f"{p}.json").read_text()) for p in range(2)]
     assert [r["rank"] for r in results] == [0, 1] and [r["main"] for r in results] == [True, False]
     assert all(r["any"] and not r["none"] for r in results)
@@ -142,6 +163,7 @@ def test_two_processes_decide_together(tmp_path: Path) -> None:
     stops = [r["stopped_at"] for r in results]
     assert stops[0] == stops[1] < 50, stops  # process 0 alone would have run all 50 iterations
     assert [r["validation_share"] for r in results] == [[0, 2], [1]]
+    assert [r["lr"] for r in results] == [pytest.approx((1 - 40 / 58) ** 0.9)] * 2  # 60 s budget, 2 s reserve
     assert all("1 validation case(s) for 2 training processes" in r["too_few"] for r in results)
     assert [r["wrapped"] for r in results] == ["DistributedDataParallel"] * 2 and all(r["unwrapped"] for r in results)
     assert all("hold different weights" in r["differ"] for r in results)
