@@ -22,6 +22,7 @@ from medseg.engines.distributed import (
     EpochSampler,
     ReplicaCheck,
     any_rank,
+    close_distributed,
     data_parallel,
     is_main_process,
     mean_over_ranks,
@@ -135,7 +136,8 @@ def _in_group(process: int, port: int, out: str) -> None:
     except MedsegError as exc:
         results["differ"] = str(exc)
     Path(out, f"{process}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    del wrapped  # DDP's reducer holds the process group: gone before the group is
+    close_distributed()  # a barrier, then the group destroyed
 
 
 def test_two_processes_decide_together(tmp_path: Path) -> None:
