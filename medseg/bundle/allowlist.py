@@ -238,6 +238,27 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
            "runs the vetted trainer and evaluator, writes split.json, train_summary.json and (without a validated "
            "model) models/model.pt under bundle_root atomically; on an early failure removes only what it created "
            "there", writes=("bundle_root",)),
+    # --- training on several processes (configs/multi_gpu_train.json) --------------------------------
+    Vetted("medseg.engines.distributed.init_distributed",
+           "joins the torch.distributed process group torchrun describes in the environment (backend fixed: gloo "
+           "on the CPU, nccl on CUDA; the rendezvous address comes from the environment, not the config); no "
+           "file access, nothing imported by name", reviewed=("timeout_minutes",)),
+    Vetted("medseg.engines.distributed.close_distributed", "waits for the other processes and leaves the process "
+                                                          "group; nothing else"),
+    Vetted("medseg.engines.distributed.rank_device", "maps a device name to this process's device (cuda:LOCAL_RANK); "
+                                                    "nothing else"),
+    Vetted("medseg.engines.distributed.rank_seed", "adds the process's rank to a seed; nothing else"),
+    Vetted("medseg.engines.distributed.data_parallel", "wraps the network in torch's DistributedDataParallel "
+                                                      "(gradients averaged over the processes in memory); no file "
+                                                      "access"),
+    Vetted("medseg.engines.distributed.training_sampler", "sampler giving this process its share of the dataset's "
+                                                         "indices, reshuffled each pass; no file access"),
+    Vetted("medseg.engines.distributed.validation_sampler", "MONAI DistributedSampler over the validation "
+                                                           "indices, in order; no file access"),
+    Vetted("medseg.engines.distributed.ReplicaCheck", "Ignite handler comparing a SHA-256 of the network's weights "
+                                                     "across the processes after each epoch (all_gather_object of "
+                                                     "the hex strings) and stopping training if they differ; no "
+                                                     "file access"),
     Vetted("monai.utils.set_determinism", "seeds the random generators of Python, NumPy, torch and MONAI; "
                                           "additional_settings (functions called with the seed) pinned to null",
            fixed={"additional_settings": (None,)}),

@@ -5,6 +5,7 @@ Layout::
     BUNDLE/configs/metadata.json    model-zoo metadata, segment names and SNOMED CT codes
     BUNDLE/configs/plan.json        spacing, intensity, patch, network, labels (read by the factories)
     BUNDLE/configs/train.json       training   (python -m monai.bundle run --config_file configs/train.json ...)
+    BUNDLE/configs/multi_gpu_train.json  layered on train.json: training on several processes (torchrun)
     BUNDLE/configs/inference.json   inference  (reads dataset_dir/imagesTs, writes output_dir)
     BUNDLE/configs/evaluate.json    layered on inference.json: its predictions scored against labelsTs
     BUNDLE/configs/logging.conf
@@ -32,7 +33,7 @@ import torch
 
 import medseg
 from medseg.architectures import NetworkSpec
-from medseg.bundle.train_config import train_parts
+from medseg.bundle.train_config import multi_gpu_parts, train_parts
 from medseg.errors import BundleError, InputError
 from medseg.io.atomic import atomic_write_text
 from medseg.labels import segment_code
@@ -333,7 +334,7 @@ def write_bundle(bundle_dir: str | os.PathLike[str], plan: Plan, name: str | Non
     configs = bundle / "configs"
     plan.save(configs / "plan.json")
     for file, content in (("inference.json", inference_config()), ("train.json", train_config(plan)),
-                          ("evaluate.json", evaluate_config()),
+                          ("multi_gpu_train.json", multi_gpu_parts()), ("evaluate.json", evaluate_config()),
                           ("metadata.json", metadata(plan, name, description, data_source))):
         atomic_write_text(configs / file, json.dumps(content, indent=2) + "\n")
     atomic_write_text(configs / "logging.conf", BUNDLE_LOGGING_CONF)

@@ -399,10 +399,23 @@ def _scan(bundle_dir: str | os.PathLike[str], extra_files: Sequence[str | os.Pat
         if config is not None:  # the config about to run, with the overrides it runs with
             files = [config] if isinstance(config, (str, os.PathLike)) else list(config)
             scanner.findings.extend(_argument_findings(scanner, [root / Path(f) for f in files], overrides or {}))
-        else:
-            for path in [*_config_files(root), *((root / Path(extra)).absolute() for extra in extra_files)]:
+        else:  # each config as it runs: an override config (multi_gpu_train.json) on the config it overrides
+            for path in _config_files(root):
+                scanner.findings.extend(_argument_findings(scanner, _layers(root, path), {}))
+            for path in ((root / Path(extra)).absolute() for extra in extra_files):
                 scanner.findings.extend(_argument_findings(scanner, [path], {}))
     return sorted(set(scanner.findings))
+
+
+def _layers(root: Path, path: Path) -> list[Path]:
+    """The configs that run ``path`` (:func:`medseg.bundle.runner.config_layers`), else ``[path]``."""
+    from medseg.bundle.runner import config_layers
+
+    try:
+        layers = config_layers(root, path.stem)
+    except BundleError:
+        return [path]
+    return layers if layers and layers[-1].resolve() == path.resolve() else [path]
 
 
 def user_paths(overrides: Mapping[str, Any], root: Path) -> list[Path]:

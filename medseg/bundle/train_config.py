@@ -237,3 +237,43 @@ def train_parts(plan: Plan | None = None) -> dict[str, Any]:
                  "datalist": "@datalist"}],
         "finalize": [{"_target_": "medseg.bundle.training.record_training_run", "bundle_root": "@bundle_root"}],
     }
+
+
+def multi_gpu_parts() -> dict[str, Any]:
+    """``configs/multi_gpu_train.json``: training on several processes, layered on ``configs/train.json``
+    as the model zoo does (``--config_file "['configs/train.json','configs/multi_gpu_train.json']"``
+    under ``torchrun``; ``medseg train`` picks it when started by ``torchrun``).
+
+    It overrides named parts only (:mod:`medseg.engines.distributed`): ``initialize`` joins the process
+    group (``gloo`` on the CPU, ``nccl`` on CUDA) and seeds each process with ``seed + rank``; each
+    process trains on its own device (``rank_device``: ``cuda:LOCAL_RANK``) a DDP-wrapped
+    ``network`` (``ddp_network``, the trainer's; evaluator, optimiser and checkpoints keep ``network``,
+    which shares its parameters) with its share of the training cases (``train#sampler``, the loader's
+    ``shuffle`` off, ``drop_last`` judged on the share) and validates its share of the validation cases
+    (``validate#sampler``; MONAI's ``MeanDice`` gathers every process's cases); ``+train#handlers`` adds
+    a check that all processes hold the same weights after each epoch; ``finalize`` leaves the group.
+    Only the main process writes (the writing handlers check it themselves).
+    """
+    rank_device = "@rank_device"
+    return {
+        "rank_device": {"_target_": f"{E}.distributed.rank_device", "device": "@device"},
+        "rank_seed": {"_target_": f"{E}.distributed.rank_seed", "seed": "@seed"},
+        "network#device": rank_device,
+        "ddp_network": {"_target_": f"{E}.distributed.data_parallel", "network": "@network", "device": rank_device},
+        "train#sampler": {"_target_": f"{E}.distributed.training_sampler", "dataset": "@train#dataset",
+                          "seed": "@seed"},
+        "train#dataloader#sampler": "@train#sampler",
+        "train#dataloader#shuffle": False,
+        "train#dataloader#drop_last#dataset": "@train#sampler",
+        "train#trainer#network": "@ddp_network",
+        "train#trainer#device": rank_device,
+        "+train#handlers": [{"_target_": f"{E}.distributed.ReplicaCheck", "network": "@network"}],
+        "validate#sampler": {"_target_": f"{E}.distributed.validation_sampler", "dataset": "@validate#dataset"},
+        "validate#dataloader#sampler": "@validate#sampler",
+        "validate#evaluator#device": rank_device,
+        "+initialize": [
+            {"_target_": f"{E}.distributed.init_distributed", "device": "@device"},
+            {"_target_": "monai.utils.set_determinism", "seed": "@rank_seed"},
+        ],
+        "+finalize": [{"_target_": f"{E}.distributed.close_distributed"}],
+    }

@@ -34,6 +34,7 @@ from medseg.bundle.create import (
 from medseg.bundle.planned import PlannedBundle, planned_bundle, write_planned
 from medseg.bundle.runner import run_bundle
 from medseg.engines.data import training_datalist
+from medseg.engines.distributed import init_distributed, is_main_process, share_from_main
 from medseg.engines.options import TrainOptions, check_options
 from medseg.engines.rundir import RunFolderGuard
 from medseg.engines.tracking import tracking_location
@@ -49,6 +50,8 @@ from medseg.planning import PlannerOptions
 __all__ = ["TrainOptions", "check_trainable", "record_training_run", "train", "train_overrides"]
 
 TRAIN_CONFIG = Path("configs") / "train.json"
+#: The config ``medseg train`` runs when ``torchrun`` started it (layered on ``configs/train.json``).
+MULTI_GPU_CONFIG = "multi_gpu_train"
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +178,11 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     found it. The run's clock (``pace#started``) starts with this call, so that a ``max_minutes``
     budget counts the checks and the planning too.
 
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1): the processes join one process group, the main
+    process (rank 0) checks the inputs and writes the bundle while the others wait, then every process
+    runs ``configs/multi_gpu_train.json`` layered on ``configs/train.json``
+    (:mod:`medseg.engines.distributed`); only the main process writes into ``run_dir``.
+
     Returns the training summary (also written to ``train_summary.json``).
 
     Raises
@@ -192,17 +200,30 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     started = time.monotonic()  # a time budget counts the checks and the planning too
     opts = options or TrainOptions()
     run_dir = Path(run_dir)
-    with held_info():  # notes on the plan and data are printed once every input has passed its checks
-        plan, data_source, planned = _check_inputs(data, run_dir, opts, bundle, planner)
-        opts = _planned_budget(opts, None if opts.resume else plan)
+    distributed = init_distributed(opts.device)  # started by torchrun: join the other processes first
+    if distributed and not is_main_process():
+        return _train_other_process(data, run_dir, started)
+    try:
+        with held_info():  # notes on the plan and data are printed once every input has passed its checks
+            plan, data_source, planned = _check_inputs(data, run_dir, opts, bundle, planner)
+            opts = _planned_budget(opts, None if opts.resume else plan)
+    except BaseException as exc:
+        share_from_main(_MainFailed(str(exc)))
+        raise
     guard = RunFolderGuard(run_dir)
     try:
         with held_info():  # until the config has built its parts (run_training releases it): an error is one line
-            if planned is not None:
-                write_planned(run_dir, planned, data_source)
-            elif data_source is not None:
-                write_bundle(run_dir, plan, name=run_dir.name, data_source=data_source)
-            _run_train_config(run_dir, {**train_overrides(data, opts), "pace#started": started})
+            try:
+                if planned is not None:
+                    write_planned(run_dir, planned, data_source)
+                elif data_source is not None:
+                    write_bundle(run_dir, plan, name=run_dir.name, data_source=data_source)
+            except BaseException as exc:
+                share_from_main(_MainFailed(str(exc)))
+                raise
+            share_from_main(opts)  # the bundle is written: the other processes read it
+            _run_train_config(run_dir, {**train_overrides(data, opts), "pace#started": started},
+                              MULTI_GPU_CONFIG if distributed else "train")
     except BaseException:
         trained = any((run_dir / p).exists() for p in (LAST_CHECKPOINT, WEIGHTS_FILE))
         if data_source is not None and not trained:  # the new bundle goes too (the run removed its own files)
@@ -212,12 +233,38 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     return summary
 
 
-def _run_train_config(run_dir: Path, overrides: dict[str, Any]) -> None:
-    """``configs/train.json`` through :func:`medseg.bundle.runner.run_bundle` (safe mode). A failure
-    inside training that is not bad input stays an internal error (the runner reports it as the
-    bundle's): its root cause is raised."""
+class _MainFailed:
+    """What the main process sends the others when it fails before training (its error, one line)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _train_other_process(data: str | os.PathLike[str], run_dir: Path, started: float) -> dict[str, Any]:
+    """``medseg train`` in a process other than the main one (``torchrun``): wait for the main process
+    to check the inputs and write the bundle, then run its ``configs/multi_gpu_train.json`` with the
+    main process's options; returns the summary the main process wrote.
+
+    Raises
+    ------
+    MedsegError
+        The main process failed before training (it reports why).
+    """
+    shared = share_from_main(None)
+    if not isinstance(shared, TrainOptions):
+        message = shared.message if isinstance(shared, _MainFailed) else "no options received"
+        raise MedsegError(f"{run_dir}: the main training process stopped before training ({message})")
+    _run_train_config(run_dir, {**train_overrides(data, shared), "pace#started": started}, MULTI_GPU_CONFIG)
+    summary: dict[str, Any] = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    return summary
+
+
+def _run_train_config(run_dir: Path, overrides: dict[str, Any], config: str = "train") -> None:
+    """``configs/train.json`` (or ``config``: ``multi_gpu_train``, layered on it) through
+    :func:`medseg.bundle.runner.run_bundle` (safe mode). A failure inside training that is not bad
+    input stays an internal error (the runner reports it as the bundle's): its root cause is raised."""
     try:
-        run_bundle(run_dir, "train", overrides)
+        run_bundle(run_dir, config, overrides)
     except BundleError as exc:
         cause = root_cause(exc.__cause__) if exc.__cause__ is not None else None
         if cause is not None and not isinstance(cause, MedsegError):
@@ -240,7 +287,7 @@ def check_trainable(bundle_root: str | os.PathLike[str]) -> None:
 def record_training_run(bundle_root: str | os.PathLike[str]) -> str:
     """Record the training that ``train_summary.json`` describes in the bundle's metadata and docs
     (:func:`medseg.bundle.create.record_training`); ``finalize`` of ``configs/train.json``. Returns
-    the new version.
+    the new version (an empty string in a training process other than the main one, which records nothing).
 
     Raises
     ------
@@ -248,6 +295,8 @@ def record_training_run(bundle_root: str | os.PathLike[str]) -> str:
         No readable summary, plan or metadata.
     """
     root = Path(bundle_root)
+    if not is_main_process():  # training on several processes: the main one records the run
+        return ""
     path = root / SUMMARY_FILE
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))

@@ -103,10 +103,13 @@ def _train_planner(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from medseg.bundle.training import train  # writes the bundle, then runs its configs/train.json
+    from medseg.engines.distributed import is_main_process
 
     target = args.bundle or args.out
     planner = _train_planner(args)
     summary = train(args.data, target, _train_options(args), bundle=bool(args.bundle), planner=planner)
+    if not is_main_process():  # torchrun: one line for the run, from the main process
+        return 0
     best = summary["best_val_mean_dice"]
     print(f"model: {os.path.join(target, 'models', 'model.pt')}  best validation mean Dice: "
           f"{'n/a' if best is None else f'{best:.3f}'}")

@@ -11,6 +11,10 @@ after the last check (another process taking the CPU) can still make a run overr
 Why not Ignite's ``Terminate``/``TimeLimit`` or MONAI's ``EarlyStopHandler``: a time limit there
 stops when the time is up, without keeping back the final validation, and none stops mid-epoch at a
 total iteration count that is kept across ``--resume``.
+
+Training on several processes (:mod:`medseg.engines.distributed`): the time check is taken by every
+process together (stop when any process's estimate no longer fits), so all stop after the same
+iteration; epochs and ``--max-iterations`` stop them all at the same count anyway.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from medseg.engines.distributed import any_rank
 from medseg.engines.progress import Clock, Pace, Schedule, duration
 
 log = logging.getLogger("medseg.engines.training")
@@ -77,7 +82,8 @@ class TimeBudget:
         if self.stopped or engine.state.iteration >= self.schedule.target_iteration:
             return
         elapsed = self.pace.elapsed()
-        if elapsed + self.next_step(engine.state.iteration) + self.reserve() > self.seconds:
+        # every training process decides together (any_rank): all stop after the same iteration
+        if any_rank(elapsed + self.next_step(engine.state.iteration) + self.reserve() > self.seconds):
             self.stopped = True
             log.info("time budget of %s: stopping after iteration %d (epoch %d) with %s elapsed; %s kept for "
                      "the final validation", duration(self.seconds), engine.state.iteration, engine.state.epoch,

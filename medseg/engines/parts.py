@@ -16,6 +16,7 @@ from monai.networks.utils import one_hot
 from monai.transforms import AsDiscreted, Compose, MapTransform
 
 from medseg.engines.budget import FINISH_SECONDS, VALIDATION_MARGIN
+from medseg.engines.distributed import max_over_ranks
 from medseg.engines.progress import Pace
 from medseg.plan import Plan
 from medseg.transforms.regions import regions_to_label_map
@@ -47,6 +48,8 @@ def poly_lr_schedule(optimizer: torch.optim.Optimizer, epochs: int, power: float
     the reserve for the final validation, as :class:`~medseg.engines.budget.TimeBudget` keeps it)
     when that is larger, so that a run stopped by its budget still ends at a small learning rate.
     The factor never goes below ``(1 / total) ** power`` (the last step of nnU-Net's schedule).
+    Training on several processes, the share of the budget gone is the largest of any process
+    (:func:`medseg.engines.distributed.max_over_ranks`), so that all step with the same learning rate.
 
     Not torch's ``PolynomialLR``: that one reaches 0 after the last epoch, and it keeps ``total_iters``
     in its state dict, so a run resumed with a larger ``--epochs`` would decay on the old schedule.
@@ -73,7 +76,8 @@ def poly_lr_schedule(optimizer: torch.optim.Optimizer, epochs: int, power: float
         progress = iteration / total
         if budget is not None and pace is not None and iteration > 0:
             reserve = VALIDATION_MARGIN * (pace.validation() or 0.0) + pace.epoch_end_max() + FINISH_SECONDS
-            progress = max(progress, pace.elapsed() / max(budget - reserve, 1e-6))
+            # the largest share of any training process: every process steps with the same learning rate
+            progress = max(progress, max_over_ranks(pace.elapsed() / max(budget - reserve, 1e-6)))
         return float(max(1 - progress, 1 / total) ** power)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, per_iteration)

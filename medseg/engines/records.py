@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
+from medseg.engines.distributed import is_main_process, mean_over_ranks
 from medseg.engines.weights import ResumePoint
 from medseg.errors import BundleError
 from medseg.io.atomic import atomic_path, atomic_write_text
@@ -73,6 +74,8 @@ class RunRecorder:
     state dict) on a new best validation mean Dice of ``evaluator``; ``history.json`` + ``curves.png``
     after every validation and when training ends. Each file is written atomically (a temporary file
     in the same folder, then ``os.replace``), so a crash mid-write never leaves a corrupt checkpoint.
+    Training on several processes, only the main one writes (the others hold the same weights, see
+    :mod:`medseg.engines.distributed`) and the epoch's loss in the history is the mean over all processes.
 
     Made before anything is written: with ``resume`` (from :func:`medseg.engines.weights.resume_point`)
     the run's ``history.json`` is read here, and :meth:`attach` restores the trainer counters and the
@@ -120,10 +123,18 @@ class RunRecorder:
                      self.resume.best_metric)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save_last)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._add_loss)
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: self.history.end_epoch(engine.state.epoch))
-        trainer.add_event_handler(Events.COMPLETED, lambda _: self.history.save(self.run_dir))
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._end_epoch)
+        trainer.add_event_handler(Events.COMPLETED, lambda _: self._save_history())
         self.evaluator.add_event_handler(Events.COMPLETED, self.save_best)
         self.evaluator.add_event_handler(Events.COMPLETED, self._add_validation)
+
+    def _end_epoch(self, engine: Engine) -> None:
+        # the epoch's loss over every training process (the process's own with one)
+        self.history.end_epoch(engine.state.epoch, loss=mean_over_ranks(self.history.pending_losses()))
+
+    def _save_history(self) -> None:
+        if is_main_process():
+            self.history.save(self.run_dir)
 
     def _add_loss(self, engine: Engine) -> None:
         # Ignite types State.output as int; MONAI's trainer puts a list of per-sample dicts there
@@ -131,7 +142,8 @@ class RunRecorder:
 
     def _add_validation(self, evaluator: Engine) -> None:
         assert self.trainer is not None
-        self.history.add_validation(self.trainer.state.epoch, _key_metric(evaluator), self.run_dir)
+        self.history.add_validation(self.trainer.state.epoch, _key_metric(evaluator), self.run_dir,
+                                    save=is_main_process())
 
     def _mark_saved(self) -> None:
         self.saved = True
@@ -149,8 +161,9 @@ class RunRecorder:
             "best": {"metric": best.metric, "epoch": best.epoch, "iteration": best.iteration,
                      "per_label": {k: (math.nan if v is None else float(v)) for k, v in best.per_label.items()}},
         }
-        with atomic_path(self.last_path) as tmp:
-            torch.save(state, tmp)
+        if is_main_process():  # the other training processes hold the same weights (DDP) and write nothing
+            with atomic_path(self.last_path) as tmp:
+                torch.save(state, tmp)
         self._mark_saved()
 
     def save_best(self, evaluator: Engine) -> None:
@@ -160,8 +173,9 @@ class RunRecorder:
             self.best.metric, self.best.epoch = value, self.trainer.state.epoch
             self.best.iteration = self.trainer.state.iteration
             self.best.per_label = per_label_dice(evaluator, _metric_name(evaluator), self.labels)
-            with atomic_path(self.model_path) as tmp:
-                torch.save(self.network.state_dict(), tmp)
+            if is_main_process():  # every process saw the same (gathered) validation Dice and keeps the same best
+                with atomic_path(self.model_path) as tmp:
+                    torch.save(self.network.state_dict(), tmp)
             self._mark_saved()
             log.info("new best validation mean Dice %.4f at epoch %d (iteration %d) -> %s", value, self.best.epoch,
                      self.best.iteration, self.model_path)
@@ -190,8 +204,14 @@ class TrainingHistory:
     def add_loss(self, value: float) -> None:
         self._pending.append(value)
 
-    def end_epoch(self, epoch: int) -> float:
-        loss = float(sum(self._pending) / len(self._pending)) if self._pending else float("nan")
+    def pending_losses(self) -> list[float]:
+        """The losses of the iterations of the epoch in progress."""
+        return list(self._pending)
+
+    def end_epoch(self, epoch: int, loss: float | None = None) -> float:
+        """Close the epoch with ``loss`` (default: the mean of its iterations' losses); returns it."""
+        if loss is None:
+            loss = float(sum(self._pending) / len(self._pending)) if self._pending else float("nan")
         self._pending.clear()
         self.epochs.append(epoch)
         self.losses.append(loss)
@@ -201,13 +221,14 @@ class TrainingHistory:
         """Mean loss of the iterations of the epoch in progress (NaN before the first)."""
         return float(sum(self._pending) / len(self._pending)) if self._pending else float("nan")
 
-    def add_validation(self, epoch: int, dice: float, run_dir: Path) -> None:
+    def add_validation(self, epoch: int, dice: float, run_dir: Path, save: bool = True) -> None:
         if self.val_epochs and self.val_epochs[-1] == epoch:  # the final validation repeats an epoch
             self.val_dice[-1] = dice
         else:
             self.val_epochs.append(epoch)
             self.val_dice.append(dice)
-        self.save(run_dir)
+        if save:
+            self.save(run_dir)
 
     def save(self, run_dir: Path) -> None:
         data = {"epoch": self.epochs, "loss": self.losses, "val_epoch": self.val_epochs, "val_mean_dice": self.val_dice}

@@ -15,6 +15,8 @@ from typing import Any
 from ignite.engine import Engine, Events
 from monai.handlers import TensorBoardStatsHandler
 
+from medseg.engines.distributed import is_main_process
+
 __all__ = ["TensorBoardLog"]
 
 
@@ -24,7 +26,8 @@ class TensorBoardLog:
 
     ``tag_name``, ``output_transform`` (default: MONAI's, the first item of the output),
     ``iteration_log`` and ``epoch_log`` are MONAI's arguments; metrics are logged against the
-    engine's epoch (an evaluator run by MONAI's ``ValidationHandler`` has the trainer's).
+    engine's epoch (an evaluator run by MONAI's ``ValidationHandler`` has the trainer's). Training on
+    several processes, only the main process writes.
     """
 
     def __init__(self, log_dir: str | os.PathLike[str], tag_name: str = "Loss",
@@ -40,6 +43,8 @@ class TensorBoardLog:
         engine.add_event_handler(Events.STARTED, self._start)
 
     def _start(self, engine: Engine) -> None:
+        if not is_main_process():  # training on several processes: one set of event files, the main process's
+            return
         if self.handler is None:  # an evaluator starts at every validation: one writer for all of them
             self.handler = TensorBoardStatsHandler(log_dir=self.log_dir, **self.options)
             self.handler.attach(engine)

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlparse
 
 from ignite.engine import Engine, Events
 
+from medseg.engines.distributed import is_main_process
 from medseg.errors import InputError
 from medseg.plan import Plan
 
@@ -124,7 +125,7 @@ class MLflowTracking:
         self._losses: list[float] = []
 
     def attach(self, trainer: Engine) -> None:
-        if self.tracking_uri is None:
+        if self.tracking_uri is None or not is_main_process():  # several training processes: the main one logs
             return
         check_tracking(self.tracking_uri)
         from monai.handlers import MLFlowHandler  # needs mlflow, an optional extra

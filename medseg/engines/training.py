@@ -8,7 +8,11 @@ Run folder (a MONAI bundle) after training::
     RUN_DIR/logs/                  TensorBoard event files (TensorBoardLog)
     RUN_DIR/split.json             training / validation case names (written here)
     RUN_DIR/history.json, curves.png   loss per epoch and validation Dice (RunRecorder)
-    RUN_DIR/train_summary.json     epochs and iterations done, best validation Dice, time, why training stopped
+    RUN_DIR/train_summary.json     epochs and iterations done, best validation Dice, time, why training stopped,
+                                   training processes (``processes``)
+
+Training on several processes (``torchrun``, :mod:`medseg.engines.distributed`), only the main
+process writes these files; the others wait for it at the end.
 
 Every part the config builds (options, dataset, ``--init-weights``, ``--resume`` state, images) is
 checked and loaded while MONAI resolves the arguments of :func:`run_training`, before it writes
@@ -31,6 +35,7 @@ from ignite.engine import Engine
 from medseg.data.datalist import Datalist
 from medseg.engines.budget import FinalValidation
 from medseg.engines.data import SPLIT_FILE, Split
+from medseg.engines.distributed import barrier, is_main_process, unwrap, world_size
 from medseg.engines.options import TrainOptions
 from medseg.engines.progress import Pace, duration
 from medseg.engines.records import BestValidation, completed_epochs
@@ -72,31 +77,36 @@ def run_training(trainer: Engine, evaluator: Engine, split: Split, bundle_root: 
     pace.attach(trainer, evaluator)  # no-ops when the handlers attached the timers already
     pace.attach_last(trainer, evaluator)
     guard = RunFolderGuard(run_dir)
+    main = is_main_process()  # training on several processes, the main one writes the run's files
     first_iteration = trainer.state.iteration
     log.info("training on %d cases, validating on %d (fold %d); %d iterations per epoch", len(split.training),
              len(split.validation), split.fold, trainer.state.epoch_length)
     try:
-        if not split.resumed:
+        if not split.resumed and main:
             atomic_write_text(run_dir / SPLIT_FILE, split.to_json())
         trainer.state.stopped_by = "epochs"  # type: ignore[attr-defined]  # unless RunBudget stops it otherwise
         trainer.run()
         FinalValidation(evaluator, pace)(trainer)
-        return _finish(run_dir, trainer, split, pace, first_iteration, options, initial_weights, datalist)
+        summary = _finish(run_dir, trainer, split, pace, first_iteration, options, initial_weights, datalist, main)
+        barrier()  # the other processes go on (finalize, medseg train's summary) once the main one has written
+        return summary
     except BaseException:
-        if not getattr(trainer.state, "checkpoint_saved", False):
+        if main and not getattr(trainer.state, "checkpoint_saved", False):
             guard.rollback()
-        else:
+        elif main:
             log.error("training failed after a checkpoint was saved; continue it with --resume")
         raise
 
 
 def _finish(run_dir: Path, trainer: Engine, split: Split, pace: Pace, first_iteration: int,
             options: TrainOptions | None, initial_weights: InitialWeights | None,
-            datalist: Datalist | None) -> dict[str, Any]:
-    """Write the final model (if no validation produced one) and the summary."""
+            datalist: Datalist | None, write: bool = True) -> dict[str, Any]:
+    """Write (with ``write``) the final model (if no validation produced one) and the summary; returns the summary."""
     model_path = run_dir / WEIGHTS_FILE
     network = getattr(trainer, "network", None)
-    if not model_path.exists() and isinstance(network, torch.nn.Module):  # no validation gave a Dice (NaN)
+    if isinstance(network, torch.nn.Module):
+        network = unwrap(network)  # DDP's wrapper: the state dict of the network inside
+    if write and not model_path.exists() and isinstance(network, torch.nn.Module):  # no validation gave a Dice (NaN)
         with atomic_path(model_path) as tmp:
             torch.save(network.state_dict(), tmp)
     best: BestValidation = getattr(trainer.state, "best_validation", None) or BestValidation()
@@ -126,7 +136,9 @@ def _finish(run_dir: Path, trainer: Engine, split: Split, pace: Pace, first_iter
                                                   "training_cases": len(datalist.training)},
         "options": {} if options is None else {k: v for k, v in asdict(options).items() if k != "network"},
     }
-    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
+    summary["processes"] = world_size()
+    if write:
+        atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
     log.info("training done: %d epoch%s (%d iterations) in %s, stopped by %s; best validation Dice %.4f at iteration "
              "%d (epoch %d); model: %s", epochs, "s" * (epochs != 1), iterations, duration(pace.elapsed()), stopped_by,
              best.metric, best.iteration, best.epoch, model_path)

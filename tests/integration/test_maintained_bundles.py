@@ -26,7 +26,7 @@ def test_there_are_a_ct_and_an_mr_bundle() -> None:
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=[b.name for b in BUNDLES])
 def test_bundle_is_complete_safe_and_verified(bundle: Path) -> None:
-    for name in ("train.json", "inference.json", "evaluate.json", "logging.conf", "plan.json"):
+    for name in ("train.json", "multi_gpu_train.json", "inference.json", "evaluate.json", "logging.conf", "plan.json"):
         assert (bundle / "configs" / name).is_file(), name
     assert scan_bundle(bundle) == []
     verify_bundle(bundle)
