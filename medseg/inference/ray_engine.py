@@ -12,9 +12,9 @@ in two stages:
    :func:`~medseg.inference.cohort.predict_case` inside the journal's recording, and returns a small record
    (case, outputs, seconds, status).
 
-Preprocessing stays in the actor (on its CPU share), not in the read stage: the preprocessed image (float32,
-resampled to the plan's spacing) is usually larger than the file as read, and the inversion needs the very
-preprocessing chain that made it; the read stage ships what it read.
+Preprocessing stays in the actor (on its CPU share), not in the read stage: the label map is made by inverting it
+(MONAI's ``Invertd``), and MONAI checks that each inverse is applied by the very transform object that recorded
+it, which a case preprocessed in another process fails; the read stage ships what it read.
 
 Fault tolerance: a dead actor is restarted (``max_restarts=-1``) and its unfinished case retried on a live one
 (``max_task_retries``); a read task is retried by Ray Core. Exactly once: a case counts as written only when its
