@@ -53,7 +53,8 @@ def case_errors(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     share = (lambda mask: round(float(mask.mean()), 4)) if count else (lambda mask: 0.0)
     return {"wrong_voxels": count, "on_boundary": share(distance == 0), "within_1": share(distance <= 1),
             "within_2": share(distance <= 2), "beyond_5_voxels": int((distance > 5).sum()),
-            "boundary_voxels": int(edge.sum()), "boundary_wrong": round(float(wrong[edge].mean()), 4)}
+            "boundary_voxels": int(edge.sum()),
+            "boundary_wrong": round(float(wrong[edge].mean()), 4) if edge.any() else 0.0}
 
 
 def _read(path: Path) -> np.ndarray:

@@ -62,3 +62,11 @@ def test_bad_input_names_the_file(tmp_path: Path, problem: str, capsys: pytest.C
     assert script.main(["--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--json", str(out)]) == 2
     error = capsys.readouterr().err
     assert "error:" in error and ("c1" in error) and not out.exists()
+
+
+def test_a_label_map_of_one_label_has_no_boundary() -> None:
+    ref = np.zeros((4, 4, 4), np.uint8)
+    pred = ref.copy()
+    pred[0, 0, 0] = 1
+    record = script.case_errors(pred, ref)
+    assert record["boundary_voxels"] == 0 and record["boundary_wrong"] == 0.0 and record["wrong_voxels"] == 1
