@@ -9,8 +9,10 @@ structure and misplaces its surface by a voxel; errors far away are missed or in
 
     .venv/bin/python scripts/boundary_errors.py --pred PRED_DIR --ref LABELS_DIR [--json FILE]
 
-Exit status 2, naming the file, when a folder, a prediction or a readable label map is missing, or the
-two grids differ.
+Predictions are paired with references and their grids checked as ``medseg evaluate`` does (any image
+format medseg reads; ``<case>_0000_seg`` of nnU-Net's layout too). Exit status 2, naming the file, on a
+missing folder, a reference without a prediction (or the reverse), an unreadable label map or two grids
+that differ.
 """
 
 from __future__ import annotations
@@ -20,15 +22,12 @@ import json
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-SUFFIXES = (".nii.gz", ".nii")
-
-
-class InputError(Exception):
-    """A folder, prediction or label map that cannot be used."""
+from medseg.errors import InputError
+from medseg.metrics.evaluate import pair_cases, pair_spacings
+from medseg.metrics.labelmaps import read_label_map
 
 
 def boundary(labels: np.ndarray) -> np.ndarray:
@@ -57,21 +56,6 @@ def case_errors(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
             "boundary_wrong": round(float(wrong[edge].mean()), 4) if edge.any() else 0.0}
 
 
-def _read(path: Path) -> np.ndarray:
-    try:
-        return np.asarray(nib.load(str(path)).dataobj).astype(np.int32)
-    except Exception as error:  # nibabel raises several types for unreadable files
-        raise InputError(f"{path}: not a readable label map ({error})") from error
-
-
-def _prediction(folder: Path, case: str) -> Path:
-    for stem in (f"{case}_seg", case):
-        for suffix in SUFFIXES:
-            if (folder / f"{stem}{suffix}").is_file():
-                return folder / f"{stem}{suffix}"
-    raise InputError(f"{folder}: no prediction for case {case} ({case}_seg.nii.gz or {case}.nii.gz)")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pred", type=Path, required=True, help="folder of predicted label maps")
@@ -80,19 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     records = []
     try:
-        for folder in (args.pred, args.ref):
-            if not folder.is_dir():
-                raise InputError(f"{folder}: no such folder")
-        refs = sorted(p for p in args.ref.iterdir() if p.name.endswith(SUFFIXES))
-        if not refs:
-            raise InputError(f"{args.ref}: no .nii.gz or .nii label maps")
-        for ref_path in refs:
-            case = ref_path.name.removesuffix(".gz").removesuffix(".nii")
-            pred_path = _prediction(args.pred, case)
-            pred, ref = _read(pred_path), _read(ref_path)
-            if pred.shape != ref.shape:
-                raise InputError(f"{pred_path}: grid {pred.shape} differs from the reference's {ref.shape}")
-            record = {"case": case, **case_errors(pred, ref)}
+        pairs = pair_cases(args.pred, args.ref)
+        pair_spacings(pairs)  # every pair on one grid, checked on the headers before any voxel is read
+        for case, pred_path, ref_path in pairs:
+            record = {"case": case, **case_errors(read_label_map(pred_path), read_label_map(ref_path))}
             records.append(record)
             print(" ".join(f"{key} {value}" for key, value in record.items()), flush=True)
     except InputError as error:

@@ -226,7 +226,7 @@ def score_folders(
         raise ValueError(f"a label mapping needs values >= 0, got {mapping}")
 
     pairs = pair_cases(pred_dir, ref_dir)
-    spacings = _pair_spacings(pairs)
+    spacings = pair_spacings(pairs)
     log.info("evaluating %d case(s) from %s against %s", len(pairs), pred_dir, ref_dir)
 
     # per case: metrics of the labels present in the prediction or the reference, and lesion-wise
@@ -269,8 +269,8 @@ def score_folders(
     return FolderEvaluation(len(pairs), rows, dict(names), foreground, lesion_rows_, float(nsd_tolerance_mm))
 
 
-def _pair_spacings(pairs: list[tuple[str, Path, Path]]) -> dict[str, tuple[float, ...]]:
-    """The spacing of every case, once a cheap header-only check found each pair on one grid.
+def pair_spacings(pairs: list[tuple[str, Path, Path]]) -> dict[str, tuple[float, ...]]:
+    """The spacing of every case of :func:`pair_cases`, once a cheap header-only check found each pair on one grid.
 
     Raises
     ------

@@ -56,8 +56,9 @@ def test_bad_input_names_the_file(tmp_path: Path, problem: str, capsys: pytest.C
     elif problem == "corrupt":
         pred.parent.mkdir()
         pred.write_bytes(b"not a nifti")
-    else:
-        (tmp_path / "pred").mkdir()
+    else:  # c2 predicted, c1 not
+        _write(tmp_path / "ref" / "c2.nii.gz", _cube())
+        _write(tmp_path / "pred" / "c2_seg.nii.gz", _cube())
     out = tmp_path / "e.json"
     assert script.main(["--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--json", str(out)]) == 2
     error = capsys.readouterr().err
