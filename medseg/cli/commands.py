@@ -218,6 +218,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_postprocess(args: argparse.Namespace) -> int:
+    from medseg.inference.postprocess import postprocess_folder, read_rules
+
+    rules_path = Path(args.rules)
+    if rules_path.is_dir():  # a bundle: its configs/postprocessing.json
+        rules_path = rules_path / "configs" / "postprocessing.json"
+    rules = read_rules(rules_path)
+    written = postprocess_folder(args.pred, args.out, rules)
+    what = ", ".join(filter(None, ["largest component of the foreground" if rules.foreground_largest_component else "",
+                                   *(f"largest component of label {v}" for v in rules.largest_component_labels)]))
+    print(f"{len(written)} label map(s) -> {args.out} ({what or 'no change: the rules keep no step'})")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from medseg.reports import build_report
 

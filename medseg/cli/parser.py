@@ -21,6 +21,7 @@ from medseg.cli.commands import (
     cmd_pacs_listen,
     cmd_pacs_run,
     cmd_plan,
+    cmd_postprocess,
     cmd_predict,
     cmd_report,
     cmd_synth,
@@ -307,6 +308,16 @@ def _add_evaluate(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def _add_postprocess(sub: Subparsers) -> None:
+    p = _command(sub, "postprocess", "keep the largest connected components a rules file names, in every label map of a folder")
+    p.add_argument("--pred", required=True, help="folder of predicted label maps (left untouched)")
+    p.add_argument("--out", required=True, help="folder for the postprocessed label maps, same names and grids "
+                                                "(must not hold files of those names)")
+    p.add_argument("--rules", required=True,
+                   help="rules file (configs/postprocessing.json of a bundle), or a bundle folder holding one")
+    p.set_defaults(func=cmd_postprocess)
+
+
 def _add_report(sub: Subparsers) -> None:
     p = _command(sub, "report", "volumes, intensity statistics, overlays and an HTML report of predictions")
     p.add_argument("--pred", required=True, help="folder of predicted label maps (<case>_seg.<ext>)")
@@ -431,7 +442,7 @@ def _add_demo(sub: Subparsers) -> None:
 
 #: One function per subcommand adds its parser, in the order ``medseg --help`` lists them.
 SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
-    _add_synth, _add_convert_msd, _add_plan, _add_train, _add_predict, _add_evaluate, _add_report, _add_inspect,
+    _add_synth, _add_convert_msd, _add_plan, _add_train, _add_predict, _add_evaluate, _add_postprocess, _add_report, _add_inspect,
     _add_bundle, _add_pacs, _add_demo)
 
 
