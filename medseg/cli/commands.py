@@ -39,7 +39,7 @@ def _train_options(args: argparse.Namespace):
     from medseg.engines.options import TrainOptions
     from medseg.errors import InputError
 
-    opts = TrainOptions(epochs=args.epochs, max_minutes=args.max_minutes, device=args.device, fold=args.fold,
+    opts = TrainOptions(epochs=args.epochs, max_minutes=args.max_minutes, device=args.device, fold=_single_fold(args.fold),
                         resume=args.resume, val_interval=args.val_interval, seed=args.seed,
                         target_spacing=args.spacing, patch_size=args.patch_size, ct_window=args.ct_window,
                         init_weights=args.init_weights, max_iterations=args.max_iterations,
@@ -101,10 +101,40 @@ def _train_planner(args: argparse.Namespace):
     return _planner_options(args)
 
 
+def _single_fold(text: str) -> int:
+    """``--fold`` of a single run (``0``-``4``); 0 for ``all`` or a list (each fold gets its own number)."""
+    return int(text) if text.strip().isdigit() else 0
+
+
+def _cross_validation(args: argparse.Namespace) -> int:
+    """``medseg train --fold all`` (or a list): :func:`medseg.bundle.crossval.train_folds`."""
+    from medseg.bundle.crossval import parse_folds, train_folds
+    from medseg.errors import InputError
+
+    folds = parse_folds(args.fold)
+    if args.bundle:
+        raise InputError(args.bundle, "--fold all trains one bundle per fold into a new --out folder, not --bundle")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(None, "--fold all runs its folds one after another in one process; under torchrun train "
+                               "one --fold at a time")
+    summary = train_folds(args.data, args.out, folds, _train_options(args), planner=_train_planner(args))
+    for fold, entry in summary["folds"].items():
+        print(f"fold {fold}: {entry['cases']} held-out case(s), mean Dice {entry['mean_dice']}")
+    overall = summary["overall"]
+    print(f"cross-validation ({overall['cases']} out-of-fold cases): mean Dice {overall['mean_dice']}  "
+          f"-> {os.path.join(args.out, 'cv_summary.json')}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from medseg.bundle.training import train  # writes the bundle, then runs its configs/train.json
     from medseg.engines.distributed import is_main_process
+    from medseg.errors import InputError
 
+    if not args.fold.strip().isdigit():
+        return _cross_validation(args)
+    if not 0 <= int(args.fold) < 5:
+        raise InputError(None, f"--fold must be between 0 and 4, got {args.fold}")
     target = args.bundle or args.out
     planner = _train_planner(args)
     summary = train(args.data, target, _train_options(args), bundle=bool(args.bundle), planner=planner)

@@ -211,7 +211,10 @@ def _add_train(sub: Subparsers) -> None:
                    help="log a progress line (epoch, iteration, loss, elapsed, ETA) every N iterations and at each "
                         "epoch end")
     _device(p)
-    p.add_argument("--fold", type=int, default=0, help="validation fold 0-4 (5-fold split of the training cases)")
+    p.add_argument("--fold", default="0",
+                   help="validation fold 0-4 of the 5-fold split of the training cases; 'all' or a list such as 0,2 "
+                        "trains those folds of one plan into RUN_DIR/fold_K, predicts each fold's held-out cases "
+                        "(RUN_DIR/cv/predictions) and writes RUN_DIR/cv_summary.json (--max-minutes: per fold)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
     p.add_argument("--val-interval", type=int, default=5, help="validate every N epochs")
     p.add_argument("--seed", type=int, default=0, help="random seed of the split, sampling and initialisation")

@@ -1,0 +1,234 @@
+"""Five-fold cross-validation of one plan: ``medseg train --fold all`` (or ``--fold 0,2``).
+
+A cross-validation run folder holds one bundle per fold and what the folds say together::
+
+    RUN/fold_0/ ... fold_4/         each a complete run folder (a MONAI bundle: configs, models, logs),
+                                    all of one plan: the first fold trained makes it (the planner, or the
+                                    default plan), the others copy its configs/plan.json
+    RUN/cv/predictions/             out-of-fold label maps: every training case predicted by the fold
+                                    that held it out (<case>_seg.<ext>, in the case's own grid)
+    RUN/cv/fold_K.json              fold K's record, written once its model and predictions are complete:
+                                    its cases and their Dice and HD95 per label
+    RUN/cv_summary.json             per fold and over all out-of-fold cases: Dice and HD95 per label, mean
+
+The folds train one after another on one device, each with the options given (``--max-minutes`` is each
+fold's budget). The same command with ``--resume`` continues a stopped run: folds with a record are
+skipped, a fold with a checkpoint resumes from it, a fold without one starts again; predictions finished
+before the stop are not made again (:func:`medseg.bundle.pipeline.predict` records each case).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.bundle.create import describe_data_source, write_bundle
+from medseg.bundle.pipeline import InferenceOptions, predict
+from medseg.bundle.training import train
+from medseg.data.cases import Case
+from medseg.data.datalist import load_datalist
+from medseg.engines.data import training_datalist, training_split
+from medseg.engines.options import TrainOptions
+from medseg.engines.training import SUMMARY_FILE
+from medseg.errors import InputError
+from medseg.io.atomic import atomic_write_text
+from medseg.io.image import read_geometry
+from medseg.layout import LAST_CHECKPOINT, WEIGHTS_FILE
+from medseg.metrics.labelmaps import read_label_map
+from medseg.metrics.overlap import label_metrics
+from medseg.plan import Plan, load_plan
+from medseg.planning import PlannerOptions
+
+__all__ = ["CV_SUMMARY", "FOLDS", "parse_folds", "train_folds"]
+
+log = logging.getLogger(__name__)
+
+#: Folds of :func:`medseg.data.datalist.split_cases` (fewer when there are fewer training cases).
+FOLDS = 5
+#: The summary of a cross-validation run, in its folder.
+CV_SUMMARY = "cv_summary.json"
+
+
+def parse_folds(text: str) -> list[int]:
+    """``all`` (folds 0-4) or a comma-separated list such as ``0,2`` (sorted, each once).
+
+    Raises
+    ------
+    InputError
+        Anything else, or a fold outside 0-4.
+    """
+    if text.strip() == "all":
+        return list(range(FOLDS))
+    try:
+        folds = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise InputError(None, f"--fold takes a fold 0-{FOLDS - 1}, a list such as 0,2, or all; got {text!r}") from None
+    if not folds or any(not 0 <= fold < FOLDS for fold in folds):
+        raise InputError(None, f"--fold: folds are 0-{FOLDS - 1}, got {text!r}")
+    return folds
+
+
+def fold_dir(run_dir: Path, fold: int) -> Path:
+    return run_dir / f"fold_{fold}"
+
+
+def _record_path(run_dir: Path, fold: int) -> Path:
+    return run_dir / "cv" / f"fold_{fold}.json"
+
+
+def train_folds(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], folds: Sequence[int],
+                options: TrainOptions | None = None, planner: PlannerOptions | None = None,
+                inference: InferenceOptions | None = None) -> dict[str, Any]:
+    """Train ``folds`` of one plan into ``run_dir`` (see the module docstring), predict each fold's held-out
+    cases, and write ``cv_summary.json``; returns the summary.
+
+    Raises
+    ------
+    InputError
+        A non-empty ``run_dir`` without ``options.resume``, ``--resume`` of a folder that is no cross-validation
+        run, fewer training cases than folds asked for, and everything :func:`medseg.bundle.training.train`
+        raises for the first fold (bad dataset or options: nothing is written then).
+    """
+    opts = options or TrainOptions()
+    run = Path(run_dir)
+    inference = inference or InferenceOptions(device=opts.device)
+    if opts.resume:
+        if not any(fold_dir(run, f).is_dir() for f in range(FOLDS)):
+            raise InputError(run, "no fold_K folder of a cross-validation run here to resume")
+    elif run.exists() and (not run.is_dir() or any(run.iterdir())):
+        raise InputError(run, "exists and is not empty; choose a new --out folder or pass --resume")
+    cases = len(load_datalist(data).training)
+    if max(folds) >= min(FOLDS, cases):  # split_cases makes min(5, cases) folds; a higher one would repeat one
+        raise InputError(data, f"{cases} training case(s) make {min(FOLDS, cases)} folds (0-{min(FOLDS, cases) - 1}); "
+                               f"fold {max(folds)} does not exist")
+    plan_source = next((fold_dir(run, f) for f in range(FOLDS) if (fold_dir(run, f) / "configs" / "plan.json").exists()),
+                       None)
+    for fold in folds:
+        if _record_path(run, fold).exists():
+            log.info("fold %d: done earlier (%s), skipped", fold, _record_path(run, fold))
+            continue
+        target = fold_dir(run, fold)
+        if plan_source is None:  # the first fold plans (the planner, or the default plan)
+            log.info("fold %d: planning and training -> %s", fold, target)
+            train(data, target, replace(opts, fold=fold, resume=False), planner=planner)
+            plan_source, trained = target, True
+        else:
+            trained = _train_fold(data, target, fold, opts, load_plan(plan_source))
+        # a fold trained now predicts all its held-out cases again; one trained before resumes its predictions
+        _held_out(data, run, fold, inference, overwrite=trained)
+    summary = _summary(run)
+    atomic_write_text(run / CV_SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _train_fold(data: str | os.PathLike[str], target: Path, fold: int, opts: TrainOptions, plan: Plan) -> bool:
+    """Train fold ``fold`` on ``plan`` unless its training finished before (its ``train_summary.json``): resumed
+    from its checkpoint, or started afresh (a fold folder a stopped run left without a checkpoint holds only
+    what this run wrote, and is removed first). Returns whether it trained now."""
+    if (target / SUMMARY_FILE).exists():
+        log.info("fold %d: trained earlier (%s)", fold, target / SUMMARY_FILE)
+        return False
+    if (target / LAST_CHECKPOINT).exists():
+        log.info("fold %d: resuming from %s", fold, target / LAST_CHECKPOINT)
+        train(data, target, replace(opts, fold=fold, resume=True))
+        return True
+    if target.exists():
+        shutil.rmtree(target)
+    datalist = training_datalist(data, plan)
+    write_bundle(target, plan, name=target.name, data_source=describe_data_source(datalist, target))
+    log.info("fold %d: training -> %s", fold, target)
+    train(data, target, replace(opts, fold=fold, resume=False), bundle=True)
+    return True
+
+
+def _held_out(data: str | os.PathLike[str], run: Path, fold: int, inference: InferenceOptions,
+              overwrite: bool) -> None:
+    """Predict fold ``fold``'s validation cases with its model into ``cv/predictions`` (``overwrite``: all of
+    them again, else those not finished before) and record its scores."""
+    target = fold_dir(run, fold)
+    plan = load_plan(target)
+    split = training_split(training_datalist(data, plan), target, fold, resume=True)  # the cases it held out
+    cv = run / "cv"
+    manifest = cv / f"fold_{fold}_cases.csv"
+    _write_manifest(manifest, split.validation, plan.num_channels)
+    outputs = predict(target, manifest, cv / "predictions", inference, overwrite=overwrite)
+    by_case = {case.name: case for case in split.validation}
+    cases = []
+    for output in outputs:
+        case = by_case[output.name[: output.name.index("_seg.")]]
+        assert case.label is not None  # a training case has its label map
+        cases.append({"case": case.name, **_scores(output, case.label, plan)})
+    record = {"fold": fold, "model": os.path.relpath(target / WEIGHTS_FILE, run), "cases": cases}
+    atomic_write_text(_record_path(run, fold), json.dumps(record, indent=2) + "\n")
+    log.info("fold %d: %d held-out case(s) predicted and scored", fold, len(cases))
+
+
+def _write_manifest(path: Path, cases: Sequence[Case], channels: int) -> None:
+    """A manifest CSV of ``cases`` (``medseg predict``'s input): their names and image files, absolute."""
+    columns = ["image"] if channels == 1 else [f"image_{c:04d}" for c in range(channels)]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["case", *columns])
+    writer.writerows([case.name, *(str(Path(p).absolute()) for p in case.images)] for case in cases)
+    atomic_write_text(path, text.getvalue())
+
+
+def _scores(pred: Path, ref: Path, plan: Plan) -> dict[str, dict[str, float | None]]:
+    """Dice and HD95 (mm) of each foreground label of ``pred`` against ``ref``.
+
+    Raises
+    ------
+    InputError
+        The two on different grids; a file that is not a label map of the plan's labels.
+    """
+    difference = read_geometry(ref).mismatch(read_geometry(pred))
+    if difference is not None:
+        raise InputError(pred, f"grid does not match its reference {ref}: {difference}")
+    declared = dict(plan.labels)
+    p, r = read_label_map(pred, declared), read_label_map(ref, declared)
+    spacing = read_geometry(ref).spacing
+    dice: dict[str, float | None] = {}
+    hd95: dict[str, float | None] = {}
+    for value, name in sorted(declared.items()):
+        if value == 0:
+            continue
+        metrics = label_metrics(p, r, value, spacing)
+        dice[name] = round(metrics.dice, 5)
+        hd95[name] = None if math.isnan(metrics.hd95_mm) else round(metrics.hd95_mm, 4)  # one map without the label
+    return {"dice": dice, "hd95": hd95}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return round(float(np.mean(finite)), 5) if finite else None
+
+
+def _aggregate(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    names = list(cases[0]["dice"]) if cases else []
+    dice = {n: _mean([c["dice"][n] for c in cases]) for n in names}
+    hd95 = {n: _mean([c["hd95"][n] for c in cases]) for n in names}
+    means = [v for v in dice.values() if v is not None]
+    return {"cases": len(cases), "mean_dice": round(float(np.mean(means)), 5) if means else None, "dice": dice,
+            "hd95": hd95}
+
+
+def _summary(run: Path) -> dict[str, Any]:
+    """``cv_summary.json`` from the fold records present: per fold and over all their out-of-fold cases."""
+    records = [json.loads(_record_path(run, f).read_text(encoding="utf-8")) for f in range(FOLDS)
+               if _record_path(run, f).exists()]
+    every = [case for record in records for case in record["cases"]]
+    return {"folds": {str(r["fold"]): {"model": r["model"], **_aggregate(r["cases"])} for r in records},
+            "overall": _aggregate(every), "predictions": "cv/predictions",
+            "note": "Dice and HD95 (mm) per label, means over the held-out cases (HD95: of the cases where both "
+                    "maps hold the label); overall: over every out-of-fold case of the folds trained so far"}
