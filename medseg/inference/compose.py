@@ -36,12 +36,13 @@ log = logging.getLogger(__name__)
 
 def sliding_window_inferer(plan: Plan, overlap: float = 0.5, sw_batch_size: int | None = None,
                            progress: bool = False, tta: bool = False, output: str = "auto",
-                           precision: str = "float32", grid: str = "monai") -> SlabInferer:
+                           precision: str = "float32", grid: str = "monai", members: int = 1) -> SlabInferer:
     """medseg's bounded-memory Gaussian sliding-window inferer over the plan's patch size
     (:class:`medseg.inference.inferer.SlabInferer`) for the plan's outputs (softmax classes, or one sigmoid
     per region); ``sw_batch_size`` None: the plan's; ``tta`` mirrors the windows along every spatial axis;
     ``precision="bfloat16"`` runs the network under bfloat16 autocast; ``grid="nnunet"``: nnU-Net v2's windows
-    and Gaussian (models imported from nnU-Net).
+    and Gaussian (models imported from nnU-Net); ``members``: an ensemble of that many models of the plan
+    (:class:`medseg.networks.ensemble.ModelEnsemble`), their probabilities averaged block by block.
 
     Raises
     ------
@@ -53,7 +54,7 @@ def sliding_window_inferer(plan: Plan, overlap: float = 0.5, sw_batch_size: int 
         batch = int(plan.sw_batch_size if sw_batch_size is None else sw_batch_size)
         return SlabInferer(plan.patch_size, plan.num_outputs, overlap=float(overlap), sw_batch_size=batch,
                            mirror_axes=tuple(range(plan.dims)) if tta else (), output=output, progress=progress,
-                           precision=precision, regions=plan.regions, grid=grid)
+                           precision=precision, regions=plan.regions, grid=grid, members=int(members))
     except (TypeError, ValueError) as exc:
         raise InputError(None, str(exc)) from exc
 

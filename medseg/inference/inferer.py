@@ -97,6 +97,10 @@ class SlabInferer(Inferer):
         docstring); empty: softmax classes.
     grid
         ``"monai"``, or ``"nnunet"``: nnU-Net v2's windows and Gaussian (models imported from nnU-Net).
+    members
+        An ensemble of this many models (:class:`medseg.networks.ensemble.ModelEnsemble`: their logits side by
+        side): each blended as one model's, their probabilities averaged block by block
+        (:func:`medseg.inference.sliding.slab_sliding_window`); 1: one model.
 
     Raises
     ------
@@ -109,8 +113,11 @@ class SlabInferer(Inferer):
                  mirror_axes: Sequence[int] = (), output: str = "auto",
                  max_probability_bytes: int = DEFAULT_MAX_PROBABILITY_BYTES, progress: bool = False,
                  accelerate: bool = True, precision: str = "float32", buffer_bytes: int | None = None,
-                 regions: Sequence[Region] = (), grid: str = "monai") -> None:
+                 regions: Sequence[Region] = (), grid: str = "monai", members: int = 1) -> None:
         super().__init__()
+        if int(members) < 1:
+            raise ValueError(f"members must be >= 1, got {members}")
+        self.members = int(members)
         if not 0.0 <= float(overlap) < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         if int(sw_batch_size) < 1:
@@ -143,7 +150,7 @@ class SlabInferer(Inferer):
         body, head, features = network, None, None
         if isinstance(network, torch.nn.Module):
             split = split_pointwise_head(network)
-            if split is not None and split[2] < self.num_classes:  # blend whichever has fewer channels
+            if split is not None and split[2] < self.num_classes * self.members:  # blend the fewer channels
                 body, head, features = split
             if self.accelerate and device.type == "cpu":
                 body = inference_network(body)
@@ -188,7 +195,7 @@ class SlabInferer(Inferer):
         common = dict(roi_size=self.roi_size, network=forward, num_classes=self.num_classes, overlap=self.overlap,
                       sw_batch_size=self.sw_batch_size, mirror_axes=self.mirror_axes, progress=self.progress,
                       head=head, feature_channels=features, buffer_bytes=self.buffer_bytes, regions=self.regions,
-                      grid=self.grid)
+                      grid=self.grid, members=self.members)
         output = self.resolve_output(inputs)
         with retained_heap() if self.accelerate and inputs.device.type == "cpu" else contextlib.nullcontext():
             out = self._infer(inputs, output, common)

@@ -115,6 +115,10 @@ class BlockReducer:
         The regions of a region-based model, one per logit channel in painting order: the label map is
         painted where each region's sigmoid exceeds 0.5 (later regions over earlier ones), and the
         probabilities are the sigmoids. Empty: softmax and argmax over the classes.
+    members
+        Models of an ensemble whose logits lie side by side (``members x num_classes`` channels, member by
+        member): each member's block becomes probabilities (softmax, or sigmoid per region) and their mean is
+        reduced, so the result equals averaging the members' own blended probabilities; 1: one model.
 
     The label map and the probabilities are allocated here, outside inference mode (callers may modify them
     in place afterwards), on the CPU.
@@ -130,9 +134,12 @@ class BlockReducer:
     def __init__(self, spatial_shape: Sequence[int], num_classes: int, buffer_channels: int,
                  head: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  probabilities_path: str | os.PathLike[str] | None = None,
-                 probabilities_in_memory: bool = False, regions: Sequence[Region] = ()) -> None:
+                 probabilities_in_memory: bool = False, regions: Sequence[Region] = (), members: int = 1) -> None:
         spatial = tuple(int(s) for s in spatial_shape)
         self.num_classes, self.buffer_channels, self.head = int(num_classes), int(buffer_channels), head
+        self.members = int(members)
+        if self.members < 1:
+            raise ValueError(f"members must be >= 1, got {members}")
         self.regions = tuple(regions)
         if self.regions and len(self.regions) != self.num_classes:
             raise ValueError(f"{len(self.regions)} regions for {self.num_classes} output channels")
@@ -148,7 +155,7 @@ class BlockReducer:
         self._writer = ProbabilityWriter(self.probabilities) if self.probabilities is not None else None
         self._probs_dtype = torch.float16 if self.probabilities is not None and \
             self.probabilities.dtype == np.float16 else torch.float32
-        self._chunk_voxels = chunk_voxels(self.num_classes, self.buffer_channels)
+        self._chunk_voxels = chunk_voxels(self.num_classes * self.members, self.buffer_channels)
 
     def reduce(self, values: torch.Tensor, region: tuple[slice, ...]) -> None:
         """Reduce ``(buffer_channels, *region)`` normalised blocks into the output at ``region`` (one slice with
@@ -165,8 +172,11 @@ class BlockReducer:
             r1 = min(values.shape[1], r0 + rows)
             logits = values[:, r0:r1]
             if self.head is not None:
-                logits = _head_logits(self.head, logits, self.num_classes)
+                logits = _head_logits(self.head, logits, self.num_classes * self.members)
             index = (slice(first + r0, first + r1), *region[1:])
+            if self.members > 1:
+                self._reduce_members(logits, index)
+                continue
             if self.regions:
                 probabilities = logits.sigmoid_()
                 self.labels[index].copy_(regions_to_label_map(probabilities, self.regions, dtype=self.labels.dtype)[0])
@@ -179,6 +189,18 @@ class BlockReducer:
                 logits.sub_(best).exp_()
                 logits.div_(logits.sum(dim=0))
                 self._writer.write(logits.to(self._probs_dtype).cpu().numpy(), index)
+
+    def _reduce_members(self, logits: torch.Tensor, index: tuple[slice, ...]) -> None:
+        """An ensemble's ``(members x num_classes, *block)`` logits -> the mean of the members' probabilities,
+        reduced into the label map (argmax, or regions painted) and the probabilities at ``index``."""
+        grouped = logits.reshape(self.members, self.num_classes, *logits.shape[1:])
+        probabilities = (grouped.sigmoid() if self.regions else grouped.softmax(dim=1)).mean(dim=0)
+        if self.regions:
+            self.labels[index].copy_(regions_to_label_map(probabilities, self.regions, dtype=self.labels.dtype)[0])
+        else:
+            self.labels[index].copy_(probabilities.argmax(dim=0))
+        if self._writer is not None:
+            self._writer.write(probabilities.to(self._probs_dtype).cpu().numpy(), index)
 
     def close(self) -> tuple[torch.Tensor, np.ndarray | None]:
         """``(label map, probabilities or None)``, the memory map flushed to its file."""

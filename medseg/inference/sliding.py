@@ -126,6 +126,7 @@ def slab_sliding_window(
     buffer_bytes: int | None = None,
     regions: Sequence[Region] = (),
     grid: str = "monai",
+    members: int = 1,
 ) -> SlabResult:
     """Gaussian-blended sliding-window inference whose memory does not grow with classes x volume.
 
@@ -181,6 +182,13 @@ def slab_sliding_window(
         ``"monai"`` (MONAI's windows and Gaussian, as above) or ``"nnunet"``: nnU-Net v2's window starts
         (:func:`medseg.inference.windows.nnunet_starts`) and Gaussian (:func:`medseg.inference.merger.nnunet_importance`),
         for models imported from nnU-Net.
+    members
+        An ensemble of ``members`` models whose ``network`` returns their logits side by side (``members x
+        num_classes`` channels, member by member; with ``head``: their features, and a head to all their
+        logits): every member's logits are blended as one model's would be, and each finished block becomes
+        the mean of the members' probabilities (:class:`~medseg.inference.merger.BlockReducer`). The result
+        equals averaging the members' own probability maps; the buffer holds every member's channels, one slab
+        at a time.
 
     Raises
     ------
@@ -195,7 +203,10 @@ def slab_sliding_window(
     geometry = window_geometry(spatial, roi_size, overlap, grid)
     axes = _mirror_axes(mirror_axes, len(spatial))
     device = torch.device(device) if device is not None else inputs.device
-    buffer_channels = _buffer_channels(head is not None, feature_channels, num_classes)
+    if members < 1:
+        raise ValueError(f"members must be >= 1, got {members}")
+    outputs = num_classes * members  # an ensemble's logits lie side by side, member by member
+    buffer_channels = _buffer_channels(head is not None, feature_channels, outputs)
     step = _window_step(head is not None, device, sw_batch_size)
     budget = buffer_bytes if buffer_bytes is not None else (DEFAULT_BUFFER_BYTES if device.type == "cpu" else None)
     plan = plan_sweep(geometry.padded, geometry.window, geometry.scan, buffer_channels, budget, geometry.axis_starts)
@@ -205,7 +216,8 @@ def slab_sliding_window(
     require_memory(need, device, spatial, num_classes, geometry.roi)
     _check_finite(inputs)
     windows = _WindowInputs(inputs, geometry, padding_mode, cval)
-    reducer = BlockReducer(spatial, num_classes, buffer_channels, head, probabilities_path, in_memory, regions)
+    reducer = BlockReducer(spatial, num_classes, buffer_channels, head, probabilities_path, in_memory, regions,
+                           members)
     with torch.inference_mode():
         merger = GaussianBlockMerger(plan, geometry, reducer, sigma_scale, device, importance=grid)
         for group in _batches(merger.strips, step, progress):
