@@ -99,6 +99,12 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
            reads=("bundle_root",), names=("parts",), path_result=True),
     Vetted(f"{_C}.load_weights", "reads a state dict with torch.load(weights_only=True) (pickled code refused) "
                                  "into the given network; no writes", reads=("path",)),
+    Vetted(f"{_C}.fold_ensemble", "reads configs/plan.json and models/model.pt of the fold_K folders (K: integers "
+                                  "0-4) under bundle_root, the weights with torch.load(weights_only=True), into "
+                                  "networks built from the plan; no writes", reads=("bundle_root",)),
+    Vetted(f"{_C}.postprocessing_rules", "reads configs/postprocessing.json under bundle_root with json.loads and "
+                                         "checks every key and value (largest-component steps only); no writes",
+           reads=("bundle_root",)),
     Vetted(f"{_C}.image_list", "lists image files (by ending) in dataset_dir/subdir, grouped into cases by "
                                "their channel suffix for a plan of several channels; reads no file contents, "
                                "writes nothing", data=("dataset_dir",), names=("subdir",), path_result=True),

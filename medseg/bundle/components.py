@@ -16,23 +16,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from ignite.engine import Engine
 
 from medseg.bundle.pipeline import InferenceOptions, predict
-from medseg.errors import InputError
+from medseg.errors import BundleError, InputError
 from medseg.inference.cases import collect_cases
 from medseg.inference.compose import (  # noqa: F401 - the names older configs give these parts
     SaveLabelMapd,
     inference_postprocessing,
     sliding_window_inferer,
 )
+from medseg.inference.postprocess import PostprocessingRules, read_rules
 from medseg.io.image import image_suffix, list_images
 from medseg.layout import META_FILE, PLAN_FILE, WEIGHTS_FILE  # noqa: F401 - re-exported for the bundle layer
-from medseg.networks import load_weights, read_state_dict, torch_load_weights_only  # noqa: F401 - config factories
+from medseg.networks import build_network, load_weights, read_state_dict, torch_load_weights_only  # noqa: F401 - config factories
+from medseg.networks.ensemble import ModelEnsemble
 from medseg.plan import Plan, load_plan
 from medseg.reports.evaluation import evaluate_folders
 
 log = logging.getLogger(__name__)
+
+#: A bundle's largest-component postprocessing rules (written by ``medseg select``).
+POSTPROCESSING_FILE = Path("configs") / "postprocessing.json"
 
 
 def bundle_path(bundle_root: str | os.PathLike[str], parts: Sequence[str]) -> str:
@@ -120,3 +126,39 @@ def evaluate_bundle(bundle_root: str | os.PathLike[str], dataset_dir: str | os.P
     images = root / "imagesTs" if (root / "imagesTs").is_dir() else root
     predict(bundle_root, images, out / "predictions", InferenceOptions(device=device, overlap=overlap), overwrite=True)
     return score_predictions(load_plan(bundle_root), out / "predictions", references, out, nsd_tolerance_mm)
+
+
+def fold_ensemble(plan: Plan, bundle_root: str | os.PathLike[str], folds: Sequence[int],
+                  device: str | torch.device = "cpu") -> ModelEnsemble:
+    """The models of ``folds`` of a cross-validation run (``bundle_root/fold_K/models/model.pt``, each read with
+    ``torch.load(weights_only=True)``) as one :class:`~medseg.networks.ensemble.ModelEnsemble` of ``plan``'s
+    network, in eval mode; infer it with ``sliding_window_inferer(..., members=len(folds))``.
+
+    Raises
+    ------
+    BundleError
+        No fold, a fold number outside 0-4 or given twice, a fold whose ``configs/plan.json`` is not ``plan``,
+        missing weights or weights that do not fit the network.
+    """
+    numbers = [int(k) for k in folds]
+    if not numbers or len(set(numbers)) != len(numbers) or any(not 0 <= k < 5 for k in numbers):
+        raise BundleError(f"{bundle_root}: folds must be distinct numbers 0-4, got {list(folds)}")
+    root = Path(bundle_root)
+    networks = []
+    for fold in numbers:
+        folder = root / f"fold_{fold}"
+        if load_plan(folder).to_json() != plan.to_json():
+            raise BundleError(f"{folder / PLAN_FILE}: fold {fold} was trained on another plan than {root / PLAN_FILE}")
+        networks.append(load_weights(build_network(plan), folder / WEIGHTS_FILE, device=device))
+    return ModelEnsemble(networks).eval()
+
+
+def postprocessing_rules(bundle_root: str | os.PathLike[str]) -> PostprocessingRules:
+    """``bundle_root/configs/postprocessing.json`` (:func:`medseg.inference.postprocess.read_rules`).
+
+    Raises
+    ------
+    InputError
+        A missing or invalid rules file, named.
+    """
+    return read_rules(Path(bundle_root) / POSTPROCESSING_FILE)

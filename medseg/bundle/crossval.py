@@ -168,7 +168,8 @@ def _held_out(data: str | os.PathLike[str], run: Path, fold: int, inference: Inf
     for output in outputs:
         case = by_case[output.name[: output.name.index("_seg.")]]
         assert case.label is not None  # a training case has its label map
-        cases.append({"case": case.name, **_scores(output, case.label, plan)})
+        cases.append({"case": case.name, "prediction": os.path.relpath(output, run),
+                      "reference": str(Path(case.label).absolute()), **_scores(output, case.label, plan)})
     record = {"fold": fold, "model": os.path.relpath(target / WEIGHTS_FILE, run), "cases": cases}
     atomic_write_text(_record_path(run, fold), json.dumps(record, indent=2) + "\n")
     log.info("fold %d: %d held-out case(s) predicted and scored", fold, len(cases))
@@ -223,10 +224,28 @@ def _aggregate(cases: list[dict[str, Any]]) -> dict[str, Any]:
             "hd95": hd95}
 
 
+def fold_records(run: Path) -> list[dict[str, Any]]:
+    """The records of the folds of the cross-validation run ``run`` that finished (``cv/fold_K.json``), by fold.
+
+    Raises
+    ------
+    InputError
+        A record that is not readable JSON, named.
+    """
+    records = []
+    for fold in range(FOLDS):
+        path = _record_path(run, fold)
+        if path.exists():
+            try:
+                records.append(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InputError(path, f"not a readable fold record ({exc})") from None
+    return records
+
+
 def _summary(run: Path) -> dict[str, Any]:
     """``cv_summary.json`` from the fold records present: per fold and over all their out-of-fold cases."""
-    records = [json.loads(_record_path(run, f).read_text(encoding="utf-8")) for f in range(FOLDS)
-               if _record_path(run, f).exists()]
+    records = fold_records(run)
     every = [case for record in records for case in record["cases"]]
     return {"folds": {str(r["fold"]): {"model": r["model"], **_aggregate(r["cases"])} for r in records},
             "overall": _aggregate(every), "predictions": "cv/predictions",

@@ -248,6 +248,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from medseg.bundle.selection import select_runs
+
+    selection = select_runs(args.runs)
+    for run in selection["runs"]:
+        print(f"{run['run']}: {run['configuration']}, folds {run['folds']}, out-of-fold mean Dice {run['oof_mean_dice']}")
+    chosen = selection["chosen"]
+    print(f"chosen: {chosen['run']} (ensemble of folds {chosen['folds']}; postprocessing: {chosen['postprocessing']}; "
+          f"out-of-fold mean Dice {chosen['oof_mean_dice_postprocessed']}); predict with medseg predict --model "
+          f"{chosen['run']}")
+    return 0
+
+
 def cmd_postprocess(args: argparse.Namespace) -> int:
     from medseg.inference.postprocess import postprocess_folder, read_rules
 

@@ -24,6 +24,7 @@ from medseg.cli.commands import (
     cmd_postprocess,
     cmd_predict,
     cmd_report,
+    cmd_select,
     cmd_synth,
     cmd_train,
 )
@@ -311,6 +312,14 @@ def _add_evaluate(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def _add_select(sub: Subparsers) -> None:
+    p = _command(sub, "select", "choose among cross-validation runs on out-of-fold Dice and make the best one's folds "
+                 "an ensemble bundle with the postprocessing that helps")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="cross-validation run folders (medseg train --fold all), "
+                                                          "one per configuration")
+    p.set_defaults(func=cmd_select)
+
+
 def _add_postprocess(sub: Subparsers) -> None:
     p = _command(sub, "postprocess", "keep the largest connected components a rules file names, in every label map of a folder")
     p.add_argument("--pred", required=True, help="folder of predicted label maps (left untouched)")
@@ -445,8 +454,8 @@ def _add_demo(sub: Subparsers) -> None:
 
 #: One function per subcommand adds its parser, in the order ``medseg --help`` lists them.
 SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
-    _add_synth, _add_convert_msd, _add_plan, _add_train, _add_predict, _add_evaluate, _add_postprocess, _add_report, _add_inspect,
-    _add_bundle, _add_pacs, _add_demo)
+    _add_synth, _add_convert_msd, _add_plan, _add_train, _add_predict, _add_evaluate, _add_select, _add_postprocess,
+    _add_report, _add_inspect, _add_bundle, _add_pacs, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from monai.transforms import AsDiscreted, Compose, MapTransform
 from medseg.errors import InputError
 from medseg.inference.cases import channel_case
 from medseg.inference.inferer import InvertPredictiond, SlabInferer
+from medseg.inference.postprocess import LargestComponentsd, PostprocessingRules
 from medseg.io.image import image_suffix, label_map_name, output_name, write_label_map
 from medseg.plan import Plan
 from medseg.transforms.regions import RegionsToLabelMapd
@@ -99,17 +100,20 @@ class SaveLabelMapd(MapTransform):
 
 
 def inference_postprocessing(plan: Plan, preprocessing: Compose, output_dir: str | os.PathLike[str] | None = None,
-                             overwrite: bool = False) -> Compose:
+                             overwrite: bool = False, rules: PostprocessingRules | None = None) -> Compose:
     """Undo the preprocessing on the :class:`~medseg.inference.inferer.SlabInferer` output (probabilities
     resampled linearly then argmax, or for a region-based plan sigmoid probabilities painted region by
     region; one channel at a time when they wait on disk in float16; or a label map resampled with nearest
     neighbour; undoing crop, spacing and orientation) -> with ``output_dir``, write the label map there
     (:class:`SaveLabelMapd`; an existing file is refused unless ``overwrite``).
 
-    ``plan`` is the model's: its regions, if any.
+    ``plan`` is the model's: its regions, if any. ``rules``: largest-component postprocessing applied to the
+    label map in the input's grid before it is written (:class:`~medseg.inference.postprocess.LargestComponentsd`).
     """
     steps: list[Any] = [InvertPredictiond(keys="pred", transform=preprocessing, orig_keys="image",
                                           regions=plan.regions)]
+    if rules is not None and rules.changes_anything:
+        steps.append(LargestComponentsd(keys="pred", rules=rules))
     if output_dir is not None:
         steps.append(SaveLabelMapd(keys="pred", output_dir=output_dir, overwrite=overwrite))
     return Compose(steps)

@@ -26,14 +26,15 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import KeepLargestConnectedComponent
+from monai.data import MetaTensor
+from monai.transforms import KeepLargestConnectedComponent, MapTransform
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_write_text
@@ -43,6 +44,7 @@ from medseg.metrics.labelmaps import as_label_map, label_values, read_label_map
 
 __all__ = [
     "RULES_FORMAT",
+    "LargestComponentsd",
     "PostprocessingRules",
     "apply_rules",
     "choose_rules",
@@ -107,6 +109,27 @@ def apply_rules(labels: np.ndarray, rules: PostprocessingRules) -> np.ndarray:
     for label in rules.largest_component_labels:
         labels = label_largest_component(labels, label)
     return labels
+
+
+class LargestComponentsd(MapTransform):
+    """Apply :class:`PostprocessingRules` to the label maps at ``keys`` (``(1, *spatial)``, in the input's grid:
+    the step after the inversion in a bundle's ``postprocessing``); metadata kept."""
+
+    def __init__(self, keys: str | Sequence[str], rules: PostprocessingRules) -> None:
+        super().__init__(keys)
+        self.rules = rules
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if not self.rules.changes_anything:
+            return d
+        for key in self.key_iterator(d):
+            value = d[key]
+            given = np.asarray(value[0].cpu().numpy() if isinstance(value, torch.Tensor) else value[0])
+            labels = apply_rules(given.astype(np.int32) if given.dtype.kind == "f" else given, self.rules)
+            out = torch.from_numpy(np.ascontiguousarray(labels.astype(given.dtype, copy=False)))[None]  # as given
+            d[key] = MetaTensor(out, meta=value.meta) if isinstance(value, MetaTensor) else out
+        return d
 
 
 def _dice(pred: np.ndarray, ref: np.ndarray, label: int) -> float:

@@ -1,5 +1,6 @@
 """``medseg train --fold all``: five folds of one plan, every training case predicted once by the fold that held
-it out, ``cv_summary.json`` equal to ``medseg evaluate`` of those predictions, and a stopped run continued."""
+it out, ``cv_summary.json`` equal to ``medseg evaluate`` of those predictions, and a stopped run continued;
+``medseg select``: the best run's folds as an ensemble bundle with the postprocessing that helped."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
+from medseg.bundle.selection import ensemble_inference_config
 from medseg.cli import main
 from medseg.data.synthetic import write_dataset
+from medseg.inference.postprocess import PostprocessingRules, apply_rules, read_rules
 from medseg.io.image import read_geometry
 from medseg.metrics import score_folders
 from medseg.plan import load_plan
@@ -102,3 +107,65 @@ def test_fold_lists_are_checked_before_anything_is_written(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert list(run.iterdir()) == []
+
+
+def _labels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def test_select_makes_the_best_run_an_ensemble_bundle_that_both_doors_run(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    write_dataset(data, modality="ct", cases=8, seed=6, size=32)
+    longer, shorter = tmp_path / "longer", tmp_path / "shorter"
+    assert _train(data, longer, "all") == 0
+    assert main(["--quiet", "train", "--data", str(data / "dataset.json"), "--out", str(shorter), "--fold", "0,1",
+                 "--plan", "default", "--epochs", "1", "--max-iterations", "1", "--iterations-per-epoch", "1"]) == 0
+    capsys.readouterr()
+    assert main(["--quiet", "select", str(shorter), str(longer)]) == 0
+    selection = json.loads((longer / "configs" / "selection.json").read_text())
+    means = {Path(r["run"]).name: r["oof_mean_dice"] for r in selection["runs"]}
+    best = max(means, key=lambda name: means[name])
+    assert selection["chosen"]["run"] == str(tmp_path / best)
+    chosen = tmp_path / best
+    rules = read_rules(chosen / "configs" / "postprocessing.json")
+    assert rules.evidence["cases"] == json.loads((chosen / "cv_summary.json").read_text())["overall"]["cases"]
+    assert selection["chosen"]["oof_mean_dice_postprocessed"] >= selection["chosen"]["oof_mean_dice"] - 1e-9
+
+    out = tmp_path / "ensemble"
+    assert main(["--quiet", "predict", "--model", str(chosen), "--input", str(data / "imagesTs"),
+                 "--output", str(out)]) == 0
+    door = tmp_path / "door"
+    assert main(["--quiet", "bundle", "run", str(chosen), "--set", f"dataset_dir={data}",
+                 "--set", f"output_dir={door}"]) == 0
+    cases = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert cases == sorted(p.name for p in door.glob("*.nii.gz")) and len(cases) == 2
+    for name in cases:
+        labels = _labels(out / name)
+        np.testing.assert_array_equal(labels, _labels(door / name))  # one pipeline, two doors
+        assert read_geometry(out / name).mismatch(read_geometry(data / "imagesTs" / name.replace("_seg", ""))) is None
+        for value in rules.largest_component_labels:  # the chosen postprocessing ran
+            np.testing.assert_array_equal(apply_rules(labels, PostprocessingRules(largest_component_labels=(value,))),
+                                          labels)
+
+    # the ensemble machinery with one member and no rules is exactly that fold's own bundle
+    config = ensemble_inference_config([1], postprocessing=False)
+    (chosen / "configs" / "inference.json").write_text(json.dumps(config))
+    one, fold_1 = tmp_path / "one", tmp_path / "fold_1"
+    assert main(["--quiet", "predict", "--model", str(chosen), "--input", str(data / "imagesTs"), "--output", str(one)]) == 0
+    assert main(["--quiet", "predict", "--model", str(chosen / "fold_1"), "--input", str(data / "imagesTs"),
+                 "--output", str(fold_1)]) == 0
+    for name in cases:
+        np.testing.assert_array_equal(_labels(one / name), _labels(fold_1 / name))
+
+
+def test_select_refuses_a_folder_that_is_no_cross_validation_run(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "plain").mkdir()
+    assert main(["--quiet", "select", str(tmp_path / "plain")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"medseg: error: {tmp_path / 'plain'}: no finished fold (cv/fold_K.json) here: train it with " \
+                          "medseg train --fold all"
+    assert main(["--quiet", "select", str(tmp_path / "missing")]) == 2
+    assert "no such cross-validation run folder" in capsys.readouterr().err
+    assert list((tmp_path / "plain").iterdir()) == []

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from medseg.cli import main
 from medseg.errors import InputError
@@ -236,3 +237,17 @@ def test_medseg_postprocess_takes_a_rules_file_or_a_bundle(tmp_path: Path, capsy
     assert code == 2
     assert err.strip() == f"medseg: error: {tmp_path / 'missing.json'}: no such postprocessing rules file"
     assert not (tmp_path / "o2").exists()
+
+
+def test_the_bundle_step_applies_the_rules_to_an_inverted_float_label_map_and_keeps_its_metadata():
+    from monai.data import MetaTensor
+
+    from medseg.inference.postprocess import LargestComponentsd
+
+    pred, ref = _scene()
+    value = MetaTensor(torch.from_numpy(pred.astype(np.float32))[None], meta={"filename_or_obj": "case.nii.gz"})
+    out = LargestComponentsd(keys="pred", rules=PostprocessingRules(largest_component_labels=(2,)))({"pred": value})
+    assert out["pred"].dtype == torch.float32 and out["pred"].meta["filename_or_obj"] == "case.nii.gz"
+    np.testing.assert_array_equal(out["pred"][0].numpy() == 2, ref == 2)
+    same = LargestComponentsd(keys="pred", rules=PostprocessingRules())({"pred": value})
+    assert same["pred"] is value

@@ -1,0 +1,167 @@
+"""``medseg select RUN [RUN ...]``: the configuration, ensemble and postprocessing chosen on out-of-fold Dice.
+
+Each ``RUN`` is a cross-validation run of ``medseg train --fold all`` (one configuration each: a 2d, a 3d_fullres
+plan, ...). The run with the highest mean out-of-fold Dice is chosen; its trained folds become one ensemble (their
+probabilities averaged block by block by the bounded-memory inferer); largest-component postprocessing is kept
+only where it raises the out-of-fold Dice (:func:`medseg.inference.postprocess.choose_rules`). The chosen run
+folder then is a bundle of that ensemble::
+
+    RUN/configs/plan.json             the folds' plan
+    RUN/configs/inference.json        medseg's inference config with the fold ensemble (``fold_ensemble``,
+                                      ``members``) and the postprocessing rules in its ``postprocessing``
+    RUN/configs/postprocessing.json   the rules and the figures they were chosen on
+    RUN/configs/selection.json        every run compared, its out-of-fold Dice, and what was chosen
+    RUN/configs/metadata.json, logging.conf, docs/README.md
+
+so ``medseg predict --model RUN`` (and ``python -m monai.bundle run`` on its inference.json) runs the chosen
+ensemble and postprocessing. Selecting again rewrites these files; nothing else in the runs is changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.bundle.create import inference_config, metadata, readme
+from medseg.bundle.crossval import fold_dir, fold_records
+from medseg.errors import InputError
+from medseg.inference.postprocess import PostprocessingRules, choose_rules, write_rules
+from medseg.io.atomic import atomic_write_text
+from medseg.io.image import read_geometry
+from medseg.logs import BUNDLE_LOGGING_CONF
+from medseg.metrics.labelmaps import read_label_map
+from medseg.plan import Plan, load_plan
+
+__all__ = ["ensemble_inference_config", "select_runs"]
+
+log = logging.getLogger(__name__)
+
+C = "medseg.bundle.components"
+
+
+def ensemble_inference_config(folds: Sequence[int], postprocessing: bool) -> dict[str, Any]:
+    """medseg's ``inference.json`` for the ensemble of ``folds`` of a cross-validation run (the bundle root is the
+    run folder), with its ``configs/postprocessing.json`` applied when ``postprocessing``."""
+    config = inference_config()
+    del config["weights"]
+    config["folds"] = [int(k) for k in folds]
+    config["network"] = {"_target_": f"{C}.fold_ensemble", "plan": "@plan", "bundle_root": "@bundle_root",
+                         "folds": "@folds", "device": "@device"}
+    config["inferer"]["members"] = len(folds)
+    if postprocessing:
+        config["postprocessing_rules"] = {"_target_": f"{C}.postprocessing_rules", "bundle_root": "@bundle_root"}
+        config["postprocessing"]["rules"] = "@postprocessing_rules"
+    return config
+
+
+def _oof_score(run: Path) -> tuple[float, list[dict[str, Any]]]:
+    """The mean out-of-fold Dice of a run (over its cases, then its labels) and its fold records.
+
+    Raises
+    ------
+    InputError
+        ``run`` is not a cross-validation run with at least one finished fold.
+    """
+    if not run.is_dir():
+        raise InputError(run, "no such cross-validation run folder")
+    records = fold_records(run)
+    if not records:
+        raise InputError(run, "no finished fold (cv/fold_K.json) here: train it with medseg train --fold all")
+    cases = [case for record in records for case in record["cases"]]
+    names = list(cases[0]["dice"])
+    per_label = [float(np.mean([case["dice"][name] for case in cases])) for name in names]
+    return float(np.mean(per_label)), records
+
+
+def _oof_cases(run: Path, records: list[dict[str, Any]], plan: Plan) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(case, out-of-fold prediction, reference)`` of every case of ``records``, one pair at a time.
+
+    Raises
+    ------
+    InputError
+        A missing prediction or reference, two on different grids, or not label maps of the plan's labels.
+    """
+    for record in records:
+        for case in record["cases"]:
+            pred, ref = run / case["prediction"], Path(case["reference"])
+            difference = read_geometry(ref).mismatch(read_geometry(pred))
+            if difference is not None:
+                raise InputError(pred, f"grid does not match its reference {ref}: {difference}")
+            yield case["case"], read_label_map(pred, plan.labels), read_label_map(ref, plan.labels)
+
+
+def select_runs(runs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
+    """Choose among the cross-validation ``runs`` and write the chosen one's ensemble bundle (module docstring);
+    returns what ``configs/selection.json`` holds.
+
+    Raises
+    ------
+    InputError
+        No run, a folder that is not a cross-validation run with a finished fold, unreadable fold records or
+        out-of-fold predictions, or runs whose label sets differ (they do not segment the same task).
+    """
+    if not runs:
+        raise InputError(None, "name at least one cross-validation run folder")
+    scored = []
+    for run in (Path(r) for r in runs):
+        score, records = _oof_score(run)
+        plan = load_plan(fold_dir(run, int(records[0]["fold"])))
+        scored.append((run, score, records, plan))
+        log.info("%s: %s, %d fold(s), out-of-fold mean Dice %.4f", run, plan.configuration, len(records), score)
+    if len({json.dumps(sorted(p.labels.items())) for *_, p in scored}) > 1:
+        raise InputError(scored[1][0], f"its labels differ from {scored[0][0]}'s: the runs do not segment one task")
+    run, score, records, plan = max(scored, key=lambda item: item[1])
+    folds = [int(record["fold"]) for record in records]
+    labels = [value for value in plan.labels if value != 0]
+    rules = choose_rules(_oof_cases(run, records, plan), labels, source=f"{run.name}/cv/predictions")
+    selection = {
+        "runs": [{"run": str(r), "configuration": p.configuration, "folds": [int(x["fold"]) for x in recs],
+                  "oof_mean_dice": round(s, 5)} for r, s, recs, p in scored],
+        "chosen": {"run": str(run), "configuration": plan.configuration, "folds": folds, "oof_mean_dice": round(score, 5),
+                   "ensemble": f"the {len(folds)} fold model(s), probabilities averaged block by block",
+                   "postprocessing": _describe(rules),
+                   "oof_mean_dice_postprocessed": rules.evidence["mean_dice"]["chosen"]},
+        "note": "out-of-fold Dice: each training case predicted by the fold that held it out; the ensemble's own "
+                "out-of-fold Dice cannot be measured (every case has one out-of-fold model)",
+    }
+    _write_bundle(run, plan, folds, rules, selection)
+    return selection
+
+
+def _describe(rules: PostprocessingRules) -> str:
+    steps = (["largest component of the foreground"] if rules.foreground_largest_component else []) + \
+        [f"largest component of label {v}" for v in rules.largest_component_labels]
+    return ", ".join(steps) or "none (no step raised the out-of-fold Dice)"
+
+
+def _write_bundle(run: Path, plan: Plan, folds: list[int], rules: PostprocessingRules,
+                  selection: dict[str, Any]) -> None:
+    """The chosen run's bundle files (module docstring); each written atomically."""
+    configs = run / "configs"
+    plan.save(configs / "plan.json")
+    write_rules(rules, configs / "postprocessing.json")
+    atomic_write_text(configs / "inference.json",
+                      json.dumps(ensemble_inference_config(folds, rules.changes_anything), indent=2) + "\n")
+    atomic_write_text(configs / "selection.json", json.dumps(selection, indent=2) + "\n")
+    name = run.name
+    description = (f"{plan.dims}D {plan.network.title}: ensemble of folds {', '.join(map(str, folds))} of a "
+                   "cross-validation run, chosen and postprocessed on out-of-fold Dice by medseg select")
+    source = f"the training cases of the cross-validation run's folds ({len(folds)} fold(s))"
+    meta = metadata(plan, name, description, source,
+                    eval_metrics={"oof_mean_dice": selection["chosen"]["oof_mean_dice"],
+                                  "oof_mean_dice_postprocessed": selection["chosen"]["oof_mean_dice_postprocessed"]})
+    atomic_write_text(configs / "metadata.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(configs / "logging.conf", BUNDLE_LOGGING_CONF)
+    text = readme(plan, name, description, source) + (
+        f"\n## Selection\n\nOut-of-fold mean Dice {selection['chosen']['oof_mean_dice']:.4f} "
+        f"(postprocessed: {selection['chosen']['oof_mean_dice_postprocessed']:.4f}); postprocessing: "
+        f"{selection['chosen']['postprocessing']}. Runs compared: "
+        + "; ".join(f"{r['run']} ({r['configuration']}, {r['oof_mean_dice']:.4f})" for r in selection["runs"]) + ".\n")
+    atomic_write_text(run / "docs" / "README.md", text)
+    log.info("%s: ensemble of folds %s, postprocessing %s", run, folds, _describe(rules))
