@@ -12,8 +12,13 @@ compared as peak minus baseline. MONAI is not started where its buffers cannot f
 available: ``fits`` is false and ``needed_gb`` is what it would allocate (C x volume float32 output plus
 its count map). medseg refuses by itself, up front, when its buffer cannot fit.
 
+``--models 1,5`` also runs medseg on ensembles of K copies of the network (different random weights;
+:class:`medseg.networks.ensemble.ModelEnsemble` inferred with ``SlabInferer(members=K)``, probabilities
+averaged block by block), records with ``models``; MONAI runs single models only. The summary prints each
+ensemble's time and memory above baseline against medseg's single model in the same run.
+
     .venv/bin/python scripts/bench_inference.py [--network unet|dynunet] [--depth 400]
-                                                [--classes 2,15,105] [--json out.json]
+                                                [--classes 2,15,105] [--models 1,5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -69,20 +74,25 @@ def build_network(name: str, classes: int):
     raise SystemExit(f"unknown network {name!r} (unet, dynunet)")
 
 
-def worker(impl: str, classes: int, args: argparse.Namespace) -> dict[str, Any]:
+def worker(impl: str, classes: int, args: argparse.Namespace, models: int = 1) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape = (SIZE_XY, SIZE_XY, args.depth)
     network = build_network(args.network, classes)
+    if models > 1:
+        from medseg.networks.ensemble import ModelEnsemble
+
+        network = ModelEnsemble([network, *(build_network(args.network, classes) for _ in range(models - 1))])
     volume = torch.randn(1, 1, *shape)
     baseline = _rss_gb()
     precision = args.precision if impl == "medseg" else "float32"
     record: dict[str, Any] = {"impl": impl, "network": args.network, "classes": classes, "shape": list(shape),
                               "device": "cpu",
                               "precision": precision, "baseline_rss_gb": round(baseline, 3), "fits": True,
-                              "roi": list(args.roi), "overlap": args.overlap, "sw_batch_size": args.sw_batch_size}
+                              "roi": list(args.roi), "overlap": args.overlap, "sw_batch_size": args.sw_batch_size,
+                              "models": models}
     started = time.perf_counter()
     with torch.inference_mode():
         if impl == "monai":
@@ -95,7 +105,7 @@ def worker(impl: str, classes: int, args: argparse.Namespace) -> dict[str, Any]:
             from medseg.inference.inferer import SlabInferer
 
             inferer = SlabInferer(args.roi, classes, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                                  output="labels", precision=precision)
+                                  output="labels", precision=precision, members=models)
             labels = inferer(volume, network)
     seconds = time.perf_counter() - started
     voxels = shape[0] * shape[1] * shape[2]
@@ -131,11 +141,11 @@ def agreement(bundle: str, precision: str, cases: int = 4) -> dict[str, Any]:
             "foreground_agreement_vs_float32": round(foreground_same / max(foreground, 1), 6)}
 
 
-def run_one(impl: str, classes: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(impl: str, classes: int, args: argparse.Namespace, models: int = 1) -> dict[str, Any]:
     shape = (SIZE_XY, SIZE_XY, args.depth)
     base = {"impl": impl, "network": args.network, "classes": classes, "shape": list(shape), "device": "cpu",
             "precision": args.precision if impl == "medseg" else "float32", "seconds": None, "mvox_per_s": None,
-            "peak_rss_gb": None, "baseline_rss_gb": None}
+            "peak_rss_gb": None, "baseline_rss_gb": None, "models": models}
     if impl == "monai":
         # MONAI allocates its buffers during the run: not started where they cannot fit (medseg refuses
         # by itself, up front, when its slab buffer cannot)
@@ -144,7 +154,8 @@ def run_one(impl: str, classes: int, args: argparse.Namespace) -> dict[str, Any]
             return {**base, "fits": False, "needed_gb": round(needed, 2)}
     cmd = [sys.executable, __file__, "--worker", impl, "--classes", str(classes), "--depth", str(args.depth),
            "--roi", ",".join(map(str, args.roi)), "--overlap", str(args.overlap), "--network", args.network,
-           "--sw-batch-size", str(args.sw_batch_size), "--threads", str(args.threads), "--precision", args.precision]
+           "--sw-batch-size", str(args.sw_batch_size), "--threads", str(args.threads), "--precision", args.precision,
+           "--models", str(models)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         return {**base, "fits": False, "error": (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]}
@@ -166,26 +177,38 @@ def main() -> int:
     parser.add_argument("--agreement", default=None, metavar="BUNDLE",
                         help="also report the argmax agreement of --precision against float32 with this trained "
                              "bundle on synthetic phantoms of its modality")
+    parser.add_argument("--models", default="1", help="ensemble sizes K run by medseg, e.g. 1,5 (default: 1)")
     parser.add_argument("--json", default=None, help="write the records to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.roi = tuple(int(v) for v in args.roi.split(","))
+    sizes = sorted({int(k) for k in args.models.split(",") if k})
+    if not sizes or sizes[0] < 1:
+        raise SystemExit(f"--models takes ensemble sizes >= 1, got {args.models!r}")
     if args.worker:
-        print(json.dumps(worker(args.worker, int(args.classes), args)))
+        print(json.dumps(worker(args.worker, int(args.classes), args, sizes[0])))
         return 0
     records = []
     for classes in (int(c) for c in args.classes.split(",") if c):
         for impl in args.impls.split(","):
-            record = run_one(impl, classes, args)
-            records.append(record)
-            print(json.dumps(record), flush=True)
-    print(f"\n{'classes':>7} {'impl':>7} {'seconds':>8} {'Mvox/s':>7} {'peak-baseline GB':>17} {'fits':>5}")
+            for models in sizes if impl == "medseg" else [1]:
+                record = run_one(impl, classes, args, models)
+                records.append(record)
+                print(json.dumps(record), flush=True)
+    print(f"\n{'classes':>7} {'impl':>7} {'models':>6} {'seconds':>8} {'Mvox/s':>7} {'peak-baseline GB':>17} {'fits':>5}")
     for r in records:
         extra = r["peak_rss_gb"] - r["baseline_rss_gb"] if r.get("peak_rss_gb") is not None else None
-        print(f"{r['classes']:>7} {r['impl']:>7} {r.get('seconds') or '-':>8} {r.get('mvox_per_s') or '-':>7} "
+        print(f"{r['classes']:>7} {r['impl']:>7} {r.get('models', 1):>6} {r.get('seconds') or '-':>8} "
+              f"{r.get('mvox_per_s') or '-':>7} "
               f"{'-' if extra is None else f'{extra:.2f}':>17} {r['fits']!s:>5}"
               + ("" if r["fits"] else f"  (needs {r.get('needed_gb')} GB)"))
-    by = {(r["impl"], r["classes"]): r for r in records}
+    by = {(r["impl"], r["classes"]): r for r in records if r.get("models", 1) == 1}
+    for r in records:
+        one = by.get(("medseg", r["classes"]))
+        if r.get("models", 1) > 1 and one and one.get("seconds") and r.get("seconds"):
+            print(f"classes {r['classes']}: medseg ensemble of {r['models']} vs one model: time "
+                  f"{r['seconds'] / one['seconds']:.2f}x, memory above baseline "
+                  f"{(r['peak_rss_gb'] - r['baseline_rss_gb']) / (one['peak_rss_gb'] - one['baseline_rss_gb']):.3f}x")
     for classes in sorted({r["classes"] for r in records}):
         m, s = by.get(("monai", classes)), by.get(("medseg", classes))
         if m and s and m.get("seconds") and s.get("seconds"):
