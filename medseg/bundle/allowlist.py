@@ -113,7 +113,8 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
            path_result=True),
     Vetted(f"{_I}.sliding_window_inferer", "builds medseg's SlabInferer from numeric options; no file access "
                                            "(large probability maps go to an unlinked temporary file)"),
-    Vetted(f"{_I}.inference_postprocessing", "inverts the preprocessing in memory and writes one label map "
+    Vetted(f"{_I}.inference_postprocessing", "inverts the preprocessing in memory, applies the largest-component "
+                                             "rules object it may be given (no file access), and writes one label map "
                                              "per input as <case>_seg.<ending> (name from the input file's stem) "
                                              "into output_dir, refusing an existing file unless overwrite is "
                                              "true", writes=("output_dir",)),
