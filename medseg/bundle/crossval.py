@@ -19,8 +19,6 @@ before the stop are not made again (:func:`medseg.bundle.pipeline.predict` recor
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -36,12 +34,12 @@ import numpy as np
 from medseg.bundle.create import describe_data_source, write_bundle
 from medseg.bundle.pipeline import InferenceOptions, predict
 from medseg.bundle.training import train
-from medseg.data.cases import Case
 from medseg.data.datalist import load_datalist
 from medseg.engines.data import training_datalist, training_split
 from medseg.engines.options import TrainOptions
 from medseg.engines.training import SUMMARY_FILE
 from medseg.errors import InputError
+from medseg.inference.cases import InputCase, write_manifest
 from medseg.io.atomic import atomic_write_text
 from medseg.io.image import read_geometry
 from medseg.layout import LAST_CHECKPOINT, WEIGHTS_FILE
@@ -161,7 +159,7 @@ def _held_out(data: str | os.PathLike[str], run: Path, fold: int, inference: Inf
     split = training_split(training_datalist(data, plan), target, fold, resume=True)  # the cases it held out
     cv = run / "cv"
     manifest = cv / f"fold_{fold}_cases.csv"
-    _write_manifest(manifest, split.validation, plan.num_channels)
+    write_manifest(manifest, [InputCase(case.name, tuple(case.images)) for case in split.validation])
     outputs = predict(target, manifest, cv / "predictions", inference, overwrite=overwrite)
     by_case = {case.name: case for case in split.validation}
     cases = []
@@ -173,16 +171,6 @@ def _held_out(data: str | os.PathLike[str], run: Path, fold: int, inference: Inf
     record = {"fold": fold, "model": os.path.relpath(target / WEIGHTS_FILE, run), "cases": cases}
     atomic_write_text(_record_path(run, fold), json.dumps(record, indent=2) + "\n")
     log.info("fold %d: %d held-out case(s) predicted and scored", fold, len(cases))
-
-
-def _write_manifest(path: Path, cases: Sequence[Case], channels: int) -> None:
-    """A manifest CSV of ``cases`` (``medseg predict``'s input): their names and image files, absolute."""
-    columns = ["image"] if channels == 1 else [f"image_{c:04d}" for c in range(channels)]
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["case", *columns])
-    writer.writerows([case.name, *(str(Path(p).absolute()) for p in case.images)] for case in cases)
-    atomic_write_text(path, text.getvalue())
 
 
 def _scores(pred: Path, ref: Path, plan: Plan) -> dict[str, dict[str, float | None]]:

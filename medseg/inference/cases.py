@@ -16,6 +16,7 @@ job array or of one ``torchrun`` rank.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from collections.abc import Sequence
@@ -23,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import InputError
+from medseg.io.atomic import atomic_write_text
 from medseg.io.image import case_name, image_suffix, label_map_name, list_images
 from medseg.plan import Plan
 
 __all__ = ["InputCase", "Shard", "channel_case", "channel_file_name", "collect_cases", "group_channel_files",
-           "parse_shard", "read_manifest", "shard_cases"]
+           "manifest_image_columns", "parse_shard", "read_manifest", "shard_cases", "write_manifest"]
 
 #: The file ending of a manifest (:func:`read_manifest`).
 MANIFEST_SUFFIX = ".csv"
@@ -138,6 +140,21 @@ def collect_cases(input_path: str | os.PathLike[str], plan: Plan) -> list[InputC
     return group_channel_files(files, plan, path)
 
 
+def manifest_image_columns(channels: int) -> list[str]:
+    """The image columns of a manifest for ``channels`` input channels: ``image``, or ``image_0000``, ..."""
+    return ["image"] if channels == 1 else [f"image_{c:04d}" for c in range(channels)]
+
+
+def write_manifest(path: str | os.PathLike[str], cases: Sequence[InputCase]) -> Path:
+    """Write ``cases`` (of one channel count) as a manifest :func:`read_manifest` reads: ``case`` and the image
+    columns, absolute paths; atomically. Returns the path."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["case", *manifest_image_columns(len(cases[0].files) if cases else 1)])
+    writer.writerows([case.name, *(str(Path(f).absolute()) for f in case.files)] for case in cases)
+    return atomic_write_text(path, text.getvalue())
+
+
 def _manifest_columns(path: Path, header: Sequence[str], plan: Plan) -> list[str]:
     """The image columns of a manifest's header, in channel order.
 
@@ -147,7 +164,7 @@ def _manifest_columns(path: Path, header: Sequence[str], plan: Plan) -> list[str
         No image column, or other channels than the model's (naming ``path``).
     """
     channels = plan.num_channels
-    expected = ["image"] if channels == 1 else [f"image_{c:04d}" for c in range(channels)]
+    expected = manifest_image_columns(channels)
     if channels == 1 and "image" not in header and "image_0000" in header:
         expected = ["image_0000"]
     extra = sorted(c for c in header if c.startswith("image") and c not in expected)
