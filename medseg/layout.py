@@ -13,6 +13,7 @@ __all__ = [
     "LAST_CHECKPOINT",
     "META_FILE",
     "PLAN_FILE",
+    "POSTPROCESSING_FILE",
     "WEIGHTS_FILE",
 ]
 
@@ -21,3 +22,5 @@ WEIGHTS_FILE = Path("models") / "model.pt"
 #: The state of a training run for --resume (network, optimiser, LR schedule, trainer).
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 META_FILE = Path("configs") / "metadata.json"
+#: Largest-component postprocessing rules (written by ``medseg select``, read by ``medseg postprocess``).
+POSTPROCESSING_FILE = Path("configs") / "postprocessing.json"

@@ -29,16 +29,13 @@ from medseg.inference.compose import (  # noqa: F401 - the names older configs g
 )
 from medseg.inference.postprocess import PostprocessingRules, read_rules
 from medseg.io.image import image_suffix, list_images
-from medseg.layout import META_FILE, PLAN_FILE, WEIGHTS_FILE  # noqa: F401 - re-exported for the bundle layer
+from medseg.layout import META_FILE, PLAN_FILE, POSTPROCESSING_FILE, WEIGHTS_FILE  # noqa: F401 - re-exported for the bundle layer
 from medseg.networks import build_network, load_weights, read_state_dict, torch_load_weights_only  # noqa: F401 - config factories
 from medseg.networks.ensemble import ModelEnsemble
 from medseg.plan import Plan, load_plan
 from medseg.reports.evaluation import evaluate_folders
 
 log = logging.getLogger(__name__)
-
-#: A bundle's largest-component postprocessing rules (written by ``medseg select``).
-POSTPROCESSING_FILE = Path("configs") / "postprocessing.json"
 
 
 def bundle_path(bundle_root: str | os.PathLike[str], parts: Sequence[str]) -> str:

@@ -35,14 +35,14 @@ from medseg.bundle.create import describe_data_source, write_bundle
 from medseg.bundle.pipeline import InferenceOptions, predict
 from medseg.bundle.training import train
 from medseg.data.datalist import load_datalist
-from medseg.engines.data import training_datalist, training_split
+from medseg.engines.data import find_training_cases, training_datalist, training_split
 from medseg.engines.options import TrainOptions
 from medseg.engines.training import SUMMARY_FILE
 from medseg.errors import InputError
 from medseg.inference.cases import InputCase, write_manifest
 from medseg.io.atomic import atomic_write_text
-from medseg.io.image import read_geometry
-from medseg.layout import LAST_CHECKPOINT, WEIGHTS_FILE
+from medseg.layout import LAST_CHECKPOINT, PLAN_FILE, WEIGHTS_FILE
+from medseg.metrics.evaluate import pair_spacings
 from medseg.metrics.labelmaps import read_label_map
 from medseg.metrics.overlap import label_metrics
 from medseg.plan import Plan, load_plan
@@ -110,7 +110,7 @@ def train_folds(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], f
     if max(folds) >= min(FOLDS, cases):  # split_cases makes min(5, cases) folds; a higher one would repeat one
         raise InputError(data, f"{cases} training case(s) make {min(FOLDS, cases)} folds (0-{min(FOLDS, cases) - 1}); "
                                f"fold {max(folds)} does not exist")
-    plan_source = next((fold_dir(run, f) for f in range(FOLDS) if (fold_dir(run, f) / "configs" / "plan.json").exists()),
+    plan_source = next((fold_dir(run, f) for f in range(FOLDS) if (fold_dir(run, f) / PLAN_FILE).exists()),
                        None)
     for fold in folds:
         if _record_path(run, fold).exists():
@@ -156,7 +156,9 @@ def _held_out(data: str | os.PathLike[str], run: Path, fold: int, inference: Inf
     them again, else those not finished before) and record its scores."""
     target = fold_dir(run, fold)
     plan = load_plan(target)
-    split = training_split(training_datalist(data, plan), target, fold, resume=True)  # the cases it held out
+    # the cases it held out; the dataset is found, not validated again (training read every case; prediction and
+    # scoring read these and refuse a bad one, naming it)
+    split = training_split(find_training_cases(data, plan), target, fold, resume=True)
     cv = run / "cv"
     manifest = cv / f"fold_{fold}_cases.csv"
     write_manifest(manifest, [InputCase(case.name, tuple(case.images)) for case in split.validation])
@@ -181,12 +183,9 @@ def _scores(pred: Path, ref: Path, plan: Plan) -> dict[str, dict[str, float | No
     InputError
         The two on different grids; a file that is not a label map of the plan's labels.
     """
-    difference = read_geometry(ref).mismatch(read_geometry(pred))
-    if difference is not None:
-        raise InputError(pred, f"grid does not match its reference {ref}: {difference}")
+    spacing = pair_spacings([(pred.name, pred, ref)])[pred.name]  # the grids checked as medseg evaluate checks them
     declared = dict(plan.labels)
     p, r = read_label_map(pred, declared), read_label_map(ref, declared)
-    spacing = read_geometry(ref).spacing
     dice: dict[str, float | None] = {}
     hd95: dict[str, float | None] = {}
     for value, name in sorted(declared.items()):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,10 @@ import numpy as np
 from medseg.bundle.create import inference_config, metadata, readme
 from medseg.bundle.crossval import fold_dir, fold_records
 from medseg.errors import InputError
-from medseg.inference.postprocess import PostprocessingRules, choose_rules, write_rules
+from medseg.inference.postprocess import PostprocessingRules, choose_rules, label_map_pairs, write_rules
 from medseg.io.atomic import atomic_write_text
-from medseg.io.image import read_geometry
+from medseg.layout import PLAN_FILE, POSTPROCESSING_FILE
 from medseg.logs import BUNDLE_LOGGING_CONF
-from medseg.metrics.labelmaps import read_label_map
 from medseg.plan import Plan, load_plan
 
 __all__ = ["ensemble_inference_config", "select_runs"]
@@ -79,21 +78,10 @@ def _oof_score(run: Path) -> tuple[float, list[dict[str, Any]]]:
     return float(np.mean(per_label)), records
 
 
-def _oof_cases(run: Path, records: list[dict[str, Any]], plan: Plan) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """``(case, out-of-fold prediction, reference)`` of every case of ``records``, one pair at a time.
-
-    Raises
-    ------
-    InputError
-        A missing prediction or reference, two on different grids, or not label maps of the plan's labels.
-    """
-    for record in records:
-        for case in record["cases"]:
-            pred, ref = run / case["prediction"], Path(case["reference"])
-            difference = read_geometry(ref).mismatch(read_geometry(pred))
-            if difference is not None:
-                raise InputError(pred, f"grid does not match its reference {ref}: {difference}")
-            yield case["case"], read_label_map(pred, plan.labels), read_label_map(ref, plan.labels)
+def _oof_pairs(run: Path, records: list[dict[str, Any]]) -> list[tuple[str, Path, Path]]:
+    """``(case, out-of-fold prediction, reference)`` files of every case of ``records``."""
+    return [(case["case"], run / case["prediction"], Path(case["reference"]))
+            for record in records for case in record["cases"]]
 
 
 def select_runs(runs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
@@ -119,7 +107,8 @@ def select_runs(runs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
     run, score, records, plan = max(scored, key=lambda item: item[1])
     folds = [int(record["fold"]) for record in records]
     labels = [value for value in plan.labels if value != 0]
-    rules = choose_rules(_oof_cases(run, records, plan), labels, source=f"{run.name}/cv/predictions")
+    rules = choose_rules(label_map_pairs(_oof_pairs(run, records), plan.labels), labels,
+                         source=f"{run.name}/cv/predictions")
     selection = {
         "runs": [{"run": str(r), "configuration": p.configuration, "folds": [int(x["fold"]) for x in recs],
                   "oof_mean_dice": round(s, 5)} for r, s, recs, p in scored],
@@ -144,8 +133,8 @@ def _write_bundle(run: Path, plan: Plan, folds: list[int], rules: Postprocessing
                   selection: dict[str, Any]) -> None:
     """The chosen run's bundle files (module docstring); each written atomically."""
     configs = run / "configs"
-    plan.save(configs / "plan.json")
-    write_rules(rules, configs / "postprocessing.json")
+    plan.save(run / PLAN_FILE)
+    write_rules(rules, run / POSTPROCESSING_FILE)
     atomic_write_text(configs / "inference.json",
                       json.dumps(ensemble_inference_config(folds, rules.changes_anything), indent=2) + "\n")
     atomic_write_text(configs / "selection.json", json.dumps(selection, indent=2) + "\n")

@@ -263,10 +263,11 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 def cmd_postprocess(args: argparse.Namespace) -> int:
     from medseg.inference.postprocess import postprocess_folder, read_rules
+    from medseg.layout import POSTPROCESSING_FILE
 
     rules_path = Path(args.rules)
     if rules_path.is_dir():  # a bundle: its configs/postprocessing.json
-        rules_path = rules_path / "configs" / "postprocessing.json"
+        rules_path = rules_path / POSTPROCESSING_FILE
     rules = read_rules(rules_path)
     written = postprocess_folder(args.pred, args.out, rules)
     what = ", ".join(filter(None, ["largest component of the foreground" if rules.foreground_largest_component else "",

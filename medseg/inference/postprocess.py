@@ -49,6 +49,7 @@ __all__ = [
     "apply_rules",
     "choose_rules",
     "folder_cases",
+    "label_map_pairs",
     "postprocess_folder",
     "read_rules",
     "write_rules",
@@ -193,21 +194,32 @@ def choose_rules(cases: Iterable[tuple[str, np.ndarray, np.ndarray]], labels: Se
     return PostprocessingRules(use_foreground, kept, evidence)
 
 
-def folder_cases(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike[str],
-                 declared: Mapping[int, str] | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """``(case, prediction, reference)`` of two folders, paired and grid-checked as ``medseg evaluate`` does,
-    read one pair at a time (for :func:`choose_rules`).
+def label_map_pairs(pairs: Sequence[tuple[str, Path, Path]], declared: Mapping[int, str] | None = None
+                    ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(case, prediction, reference)`` label maps of ``pairs`` (``(case, prediction file, reference file)``),
+    every pair grid-checked on the headers first (:func:`~medseg.metrics.evaluate.pair_spacings`), then read one
+    pair at a time (for :func:`choose_rules`).
 
     Raises
     ------
     InputError
-        As :func:`medseg.metrics.evaluate.pair_cases` and :func:`~medseg.metrics.evaluate.pair_spacings`
-        (unpaired cases, grids that differ), or a file that is not a label map (of ``declared``'s labels).
+        Grids that differ, an unreadable file, or a file that is not a label map (of ``declared``'s labels).
     """
-    pairs = pair_cases(pred_dir, ref_dir)
-    pair_spacings(pairs)  # every pair on one grid, checked on the headers before anything is decided
+    pair_spacings(list(pairs))  # every pair on one grid, checked before anything is decided
     for case, pred, ref in pairs:
         yield case, read_label_map(pred, declared), read_label_map(ref, declared)
+
+
+def folder_cases(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike[str],
+                 declared: Mapping[int, str] | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """:func:`label_map_pairs` of two folders, paired as ``medseg evaluate`` pairs them.
+
+    Raises
+    ------
+    InputError
+        As :func:`medseg.metrics.evaluate.pair_cases` (unpaired cases) and :func:`label_map_pairs`.
+    """
+    return label_map_pairs(pair_cases(pred_dir, ref_dir), declared)
 
 
 def read_rules(path: str | os.PathLike[str]) -> PostprocessingRules:
