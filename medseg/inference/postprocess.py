@@ -133,11 +133,12 @@ class LargestComponentsd(MapTransform):
         return d
 
 
-def _dice(pred: np.ndarray, ref: np.ndarray, label: int) -> float:
-    """Dice of ``label`` (1 when it is absent from both, medseg's empty convention)."""
-    p, r = pred == label, ref == label
-    total = int(p.sum()) + int(r.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(p, r).sum()) / total
+def _dice(pred: np.ndarray, reference: np.ndarray, label: int) -> float:
+    """Dice of ``label`` in ``pred`` against the reference's mask of it (1 when it is absent from both, medseg's
+    empty convention)."""
+    p = pred == label
+    total = int(p.sum()) + int(reference.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(p, reference).sum()) / total
 
 
 def choose_rules(cases: Iterable[tuple[str, np.ndarray, np.ndarray]], labels: Sequence[int],
@@ -164,10 +165,11 @@ def choose_rules(cases: Iterable[tuple[str, np.ndarray, np.ndarray]], labels: Se
             raise ValueError(f"{case}: prediction shape {pred.shape} differs from the reference's {ref.shape}")
         foreground = foreground_largest_component(pred)
         for label in labels:
-            sums["none"][label] += _dice(pred, ref, label)
-            sums["foreground"][label] += _dice(foreground, ref, label)
-            sums["label"][label] += _dice(label_largest_component(pred, label), ref, label)
-            sums["foreground_then_label"][label] += _dice(label_largest_component(foreground, label), ref, label)
+            mask = ref == label  # once per label, for the four variants
+            sums["none"][label] += _dice(pred, mask, label)
+            sums["foreground"][label] += _dice(foreground, mask, label)
+            sums["label"][label] += _dice(label_largest_component(pred, label), mask, label)
+            sums["foreground_then_label"][label] += _dice(label_largest_component(foreground, label), mask, label)
         count += 1
     if not count:
         raise ValueError("no case to decide postprocessing on")
