@@ -55,6 +55,7 @@ from medseg.inference.sliding import slab_sliding_window
 from medseg.inference.windows import GRIDS
 from medseg.labels import Region
 from medseg.networks import split_pointwise_head
+from medseg.networks.ensemble import ModelEnsemble
 from medseg.transforms.regions import RegionsToLabelMapd
 
 __all__ = ["DEFAULT_MAX_PROBABILITY_BYTES", "InvertPredictiond", "SlabInferer"]
@@ -144,17 +145,21 @@ class SlabInferer(Inferer):
         if self.regions and len(self.regions) != self.num_classes:
             raise ValueError(f"{len(self.regions)} regions for {self.num_classes} output channels")
 
-    def _prepare(self, network: Callable[..., torch.Tensor], device: torch.device):
-        """(body, head, feature channels) for ``network``; made anew on every call (a few shallow copies),
+    def _prepare(self, network: Callable[..., torch.Tensor],
+                 device: torch.device) -> tuple[list[Callable[..., torch.Tensor]], Any, int | None]:
+        """(the networks whose outputs are blended side by side, head, feature channels) for ``network``: one,
+        or an ensemble's members (or their bodies) one by one; made anew on every call (a few shallow copies),
         so that a network trained between calls is never seen with stale weights."""
         body, head, features = network, None, None
-        if isinstance(network, torch.nn.Module):
-            split = split_pointwise_head(network)
-            if split is not None and split[2] < self.num_classes * self.members:  # blend the fewer channels
-                body, head, features = split
-            if self.accelerate and device.type == "cpu":
-                body = inference_network(body)
-        return body, head, features
+        if not isinstance(network, torch.nn.Module):
+            return [network], None, None
+        split = split_pointwise_head(network)
+        if split is not None and split[2] < self.num_classes * self.members:  # blend the fewer channels
+            body, head, features = split
+        parts: list[Callable[..., torch.Tensor]] = list(body.members) if isinstance(body, ModelEnsemble) else [body]
+        if self.accelerate and device.type == "cpu":
+            parts = [inference_network(part) if isinstance(part, torch.nn.Module) else part for part in parts]
+        return parts, head, features
 
     def resolve_output(self, inputs: torch.Tensor) -> str:
         """What this call returns for this (processed) input: ``output``, with ``"auto"`` resolved."""
@@ -183,16 +188,20 @@ class SlabInferer(Inferer):
         """
         if inputs.shape[0] != 1:
             raise ValueError(f"SlabInferer takes one image at a time, got a batch of {inputs.shape[0]}")
-        body, head, features = self._prepare(network, inputs.device)
+        parts, head, features = self._prepare(network, inputs.device)
         kwargs_net = dict(kwargs)
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if self.precision == "bfloat16":
-                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
-                    return body(x, *args, **kwargs_net)
-            return body(x, *args, **kwargs_net)
+        def forward_of(body: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                if self.precision == "bfloat16":
+                    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                        return body(x, *args, **kwargs_net)
+                return body(x, *args, **kwargs_net)
+            return forward
 
-        common = dict(roi_size=self.roi_size, network=forward, num_classes=self.num_classes, overlap=self.overlap,
+        forwards = [forward_of(part) for part in parts]
+        net: Any = forwards if len(forwards) > 1 else forwards[0]
+        common = dict(roi_size=self.roi_size, network=net, num_classes=self.num_classes, overlap=self.overlap,
                       sw_batch_size=self.sw_batch_size, mirror_axes=self.mirror_axes, progress=self.progress,
                       head=head, feature_channels=features, buffer_bytes=self.buffer_bytes, regions=self.regions,
                       grid=self.grid, members=self.members)

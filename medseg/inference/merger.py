@@ -262,6 +262,7 @@ class GaussianBlockMerger(Merger):
         self.strips = plan.strips()
         self._strip, self._next = -1, 0  # the current strip, the index of the next window in it
         self._crop: tuple[tuple[slice, ...] | None, int] = ((), 0)
+        self._added = 0  # channels of the current window added so far
         self._advance()
 
     def _advance(self) -> None:
@@ -278,7 +279,21 @@ class GaussianBlockMerger(Merger):
     def aggregate(self, values: torch.Tensor, location: Sequence[int]) -> None:
         """Add ``values`` ``(1, channels, *window)`` of the window starting at ``location`` (in the padded
         volume), weighted by the importance map (in place: ``values`` is overwritten); reduce the blocks that
-        no later window touches.
+        no later window touches. The same as :meth:`add` of all channels, then :meth:`finish`.
+
+        Raises
+        ------
+        ValueError
+            After :meth:`finalize`; a window out of the plan's order, or values of the wrong shape.
+        """
+        self.add(values, location)
+        self.finish(location)
+
+    def add(self, values: torch.Tensor, location: Sequence[int], first_channel: int = 0) -> None:
+        """Add ``values`` ``(1, c, *window)`` of the next window of the plan, starting at ``location``, into
+        channels ``first_channel .. first_channel + c - 1`` of its blocks, weighted by the importance map (in
+        place). An ensemble's members add their channels one after another, so that one member's output is
+        alive at a time; :meth:`finish` closes the window once every channel was added.
 
         Raises
         ------
@@ -293,10 +308,12 @@ class GaussianBlockMerger(Merger):
         if w >= len(strip.starts) or strip.starts[w] != start:
             expected = strip.starts[w] if w < len(strip.starts) else "none"
             raise ValueError(f"window at {start} out of the plan's order: expected {expected}")
-        expected_shape = (1, self.channels, *self.geometry.window)
-        if tuple(values.shape) != expected_shape:
-            raise ValueError(f"values of shape {tuple(values.shape)}, expected {expected_shape}")
-        self._next += 1
+        c0 = int(first_channel)
+        c1 = c0 + (int(values.shape[1]) if values.ndim > 1 else 0)
+        if values.ndim != 2 + len(self.geometry.window) or values.shape[0] != 1 or \
+                tuple(values.shape[2:]) != self.geometry.window or not 0 <= c0 < c1 <= self.channels:
+            raise ValueError(f"values of shape {tuple(values.shape)} from channel {c0}, expected "
+                             f"{(1, self.channels, *self.geometry.window)} in all")
         p = values[0]
         p *= self.importance  # MONAI: seg_prob *= w_t, then output[window] += seg_prob
         blocks = strip.blocks
@@ -309,8 +326,27 @@ class GaussianBlockMerger(Merger):
                 self.live[block] = self.arena[offset : offset + math.prod(shape)].view(shape).zero_()
             # the block lies inside the window along the block axes
             win = blocks.window_part(start, bounds)
-            self.live[block][(slice(None), *dst)] += p[(slice(None), *src, *win)]
-        for block in blocks.finished_after[w]:
+            self.live[block][(slice(c0, c1), *dst)] += p[(slice(None), *src, *win)]
+        self._added += c1 - c0
+
+    def finish(self, location: Sequence[int]) -> None:
+        """Close the window starting at ``location`` once all its channels were added; reduce the blocks that
+        no later window touches.
+
+        Raises
+        ------
+        ValueError
+            Not the window being added, or not all its channels added.
+        """
+        strip, w = self.strip, self._next
+        start = tuple(int(s) for s in location)
+        if self.is_finalized or w >= len(strip.starts) or strip.starts[w] != start:
+            raise ValueError(f"window at {start} is not the one being added")
+        if self._added != self.channels:
+            raise ValueError(f"window at {start}: {self._added} of {self.channels} channels added")
+        self._added = 0
+        self._next += 1
+        for block in strip.blocks.finished_after[w]:
             self._flush(block)
 
     def _weight(self, block: Block, bounds: list[tuple[int, int]]) -> torch.Tensor:

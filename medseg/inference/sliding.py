@@ -64,7 +64,14 @@ from medseg.inference.memory import (
     require_memory,
 )
 from medseg.inference.merger import BlockReducer, GaussianBlockMerger
-from medseg.inference.windows import Strip, WindowGeometry, plan_sweep, window_geometry
+from medseg.inference.windows import (
+    MAX_EXTRA_WINDOWS,
+    MAX_EXTRA_WINDOWS_ENSEMBLE,
+    Strip,
+    WindowGeometry,
+    plan_sweep,
+    window_geometry,
+)
 from medseg.labels import Region
 
 __all__ = ["SlabResult", "slab_sliding_window"]
@@ -109,7 +116,7 @@ class SlabResult:
 def slab_sliding_window(
     inputs: torch.Tensor,
     roi_size: Sequence[int],
-    network: Callable[[torch.Tensor], torch.Tensor],
+    network: Callable[[torch.Tensor], torch.Tensor] | Sequence[Callable[[torch.Tensor], torch.Tensor]],
     num_classes: int,
     overlap: Sequence[float] | float = 0.5,
     sw_batch_size: int = 4,
@@ -144,7 +151,9 @@ def slab_sliding_window(
         the volume smaller than the roi are padded symmetrically and cropped back (as in MONAI).
     network
         ``(B, C_in, *roi) -> (B, num_classes, *roi)`` logits (with ``head``: ``(B, feature_channels, *roi)``
-        features); called under ``torch.inference_mode()``.
+        features); called under ``torch.inference_mode()``. A list or tuple of networks: an ensemble's members
+        (or their bodies), whose outputs lie side by side in that order; one window at a time they run and
+        are blended one after another, so that one member's output is alive at a time.
     num_classes
         Classes of the logits.
     overlap, sw_batch_size, sigma_scale, padding_mode, cval
@@ -187,8 +196,9 @@ def slab_sliding_window(
         num_classes`` channels, member by member; with ``head``: their features, and a head to all their
         logits): every member's logits are blended as one model's would be, and each finished block becomes
         the mean of the members' probabilities (:class:`~medseg.inference.merger.BlockReducer`). The result
-        equals averaging the members' own probability maps; the buffer holds every member's channels, one slab
-        at a time.
+        equals averaging the members' own probability maps. The buffer holds every member's channels: to keep it
+        near one model's budget, the sweep may compute up to :data:`~medseg.inference.windows.MAX_EXTRA_WINDOWS_ENSEMBLE`
+        more windows than MONAI's (narrower strips, cut along y too), which an ensemble pays ``members`` times.
 
     Raises
     ------
@@ -209,19 +219,37 @@ def slab_sliding_window(
     buffer_channels = _buffer_channels(head is not None, feature_channels, outputs)
     step = _window_step(head is not None, device, sw_batch_size)
     budget = buffer_bytes if buffer_bytes is not None else (DEFAULT_BUFFER_BYTES if device.type == "cpu" else None)
-    plan = plan_sweep(geometry.padded, geometry.window, geometry.scan, buffer_channels, budget, geometry.axis_starts)
+    plan = plan_sweep(geometry.padded, geometry.window, geometry.scan, buffer_channels, budget, geometry.axis_starts,
+                      MAX_EXTRA_WINDOWS if members == 1 else MAX_EXTRA_WINDOWS_ENSEMBLE)
     in_memory = probabilities_in_memory and probabilities_path is None
     need = estimate_plan_bytes(plan, spatial, num_classes, step, bool(axes),
                                probabilities_path is not None or in_memory, buffer_channels, in_memory)
     require_memory(need, device, spatial, num_classes, geometry.roi)
     _check_finite(inputs)
     windows = _WindowInputs(inputs, geometry, padding_mode, cval)
+    parts = list(network) if isinstance(network, list | tuple) else None
+    if parts is not None and not parts:
+        raise ValueError("an empty list of networks")
     reducer = BlockReducer(spatial, num_classes, buffer_channels, head, probabilities_path, in_memory, regions,
                            members)
     with torch.inference_mode():
         merger = GaussianBlockMerger(plan, geometry, reducer, sigma_scale, device, importance=grid)
         for group in _batches(merger.strips, step, progress):
-            out = _forward(network, windows.batch(group, device), buffer_channels, geometry.window, axes)
+            batch = windows.batch(group, device)
+            if parts is not None and len(group) == 1:  # member by member: one member's output at a time
+                first = 0
+                for part in parts:
+                    out = _forward(part, batch, None, geometry.window, axes)
+                    merger.add(out, group[0], first)
+                    first += out.shape[1]
+                    del out
+                merger.finish(group[0])
+                continue
+            if parts is not None:
+                out = torch.cat([_forward(part, batch, None, geometry.window, axes) for part in parts], dim=1)
+                _check_channels(out, buffer_channels)
+            else:
+                out = _forward(network, batch, buffer_channels, geometry.window, axes)  # type: ignore[arg-type]
             for i, start in enumerate(group):
                 merger.aggregate(out[i : i + 1], start)
             del out  # before the next batch goes through the network
@@ -385,26 +413,32 @@ def _batches(strips: list[Strip], step: int, progress: bool) -> Iterator[list[tu
             bar.close()
 
 
-def _logits(network: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, channels: int,
+def _logits(network: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, channels: int | None,
             window: tuple[int, ...]) -> torch.Tensor:
     """``network(batch)`` as float32.
 
     Raises
     ------
     ValueError
-        The network returns anything but one ``(B, channels, *window)`` tensor.
+        The network returns anything but one ``(B, channels, *window)`` tensor (any channels when ``None``).
     """
     out = network(batch)
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"the network must return one tensor, got {type(out).__name__}")
-    expected = (batch.shape[0], channels, *window)
+    expected = (batch.shape[0], out.shape[1] if channels is None and out.ndim > 1 else channels, *window)
     if tuple(out.shape) != expected:
         raise ValueError(f"the network returned {tuple(out.shape)} for a {tuple(batch.shape)} batch, "
                          f"expected {expected}")
     return out.to(torch.float32)
 
 
-def _forward(network: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, channels: int,
+def _check_channels(out: torch.Tensor, channels: int) -> None:
+    """ValueError unless the members' outputs side by side have the buffer's ``channels``."""
+    if out.shape[1] != channels:
+        raise ValueError(f"the members returned {out.shape[1]} channels in all, expected {channels}")
+
+
+def _forward(network: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, channels: int | None,
              window: tuple[int, ...], axes: Sequence[int]) -> torch.Tensor:
     """:func:`_logits` of ``batch``, averaged with those of its flips along ``axes`` (flipped back).
 

@@ -26,6 +26,7 @@ from monai.utils import ensure_tuple_rep, fall_back_tuple
 __all__ = [
     "GRIDS",
     "MAX_EXTRA_WINDOWS",
+    "MAX_EXTRA_WINDOWS_ENSEMBLE",
     "Block",
     "BlockPlan",
     "Strip",
@@ -39,8 +40,12 @@ __all__ = [
 
 #: The window grids: MONAI's and nnU-Net v2's.
 GRIDS = ("monai", "nnunet")
-#: At most this fraction of MONAI's windows is computed a second time at the borders of x-strips.
+#: At most this fraction of MONAI's windows is computed a second time at the borders of strips.
 MAX_EXTRA_WINDOWS = 0.3
+#: The same for an ensemble, whose buffer holds every member's channels (5 x 8 features: 484 MB in 4 x-strips of a
+#: 512 x 512 x 400 volume at a 96 x 96 x 64 roi): up to twice MONAI's windows (153 MB there, 1.9 x MONAI's
+#: windows, 1.5 x those of one model's 4 strips), so that its memory stays near one model's; its time grows by as much.
+MAX_EXTRA_WINDOWS_ENSEMBLE = 1.0
 
 Block = tuple[int, ...]  # a block's index along each block axis
 
@@ -139,17 +144,20 @@ class BlockPlan:
     """
 
     def __init__(self, padded: Sequence[int], window: Sequence[int], starts: Sequence[tuple[int, ...]],
-                 lead_voxels: int | None = None) -> None:
+                 lead_voxels: int | None = None, limits: Sequence[tuple[int, int]] | None = None) -> None:
         nd = len(padded)
         self.axes = tuple(range(max(0, nd - 2), nd))
+        # the part of the block axes this plan covers (a tile's y-range): blocks beyond it are another tile's
+        self.limits = tuple((int(lo), int(hi)) for lo, hi in limits) if limits is not None else \
+            tuple((0, int(padded[a])) for a in self.axes)
         self.cuts: list[list[int]] = []
-        for a in self.axes:
-            cuts = {0, int(padded[a])} | {s[a] for s in starts} | {s[a] + window[a] for s in starts}
-            self.cuts.append(sorted(cuts))
+        for a, (lo, hi) in zip(self.axes, self.limits):
+            edges = {s[a] for s in starts} | {s[a] + window[a] for s in starts}
+            self.cuts.append(sorted({lo, hi} | {e for e in edges if lo < e < hi}))
         self.covers: list[list[Block]] = []
         for s in starts:
-            ranges = [range(bisect.bisect_left(c, s[a]), bisect.bisect_left(c, s[a] + window[a]))
-                      for c, a in zip(self.cuts, self.axes)]
+            ranges = [range(bisect.bisect_left(c, max(s[a], lo)), bisect.bisect_left(c, min(s[a] + window[a], hi)))
+                      for c, a, (lo, hi) in zip(self.cuts, self.axes, self.limits)]
             self.covers.append(list(itertools.product(*ranges)))
         last: dict[Block, int] = {}
         self.windows_of: dict[Block, list[int]] = {}
@@ -224,8 +232,9 @@ def _place_blocks(covers: list[list[Block]], finished_after: list[list[Block]],
 
 @dataclass
 class Strip:
-    """The windows meeting ``[x0, x1)`` of the padded volume (all of it in 2D), in sweep order, and their blocks
-    (cut to the strip along x: what a window has outside the strip is left to the neighbouring strip)."""
+    """The windows meeting ``[x0, x1)`` (and ``[y0, y1)``) of the padded volume (all of it in 2D), in sweep order,
+    and their blocks (cut to the strip along x and y: what a window has outside it is left to the neighbouring
+    strips)."""
 
     x0: int
     x1: int
@@ -235,7 +244,7 @@ class Strip:
 
     def crop(self, pad_lo: Sequence[int], spatial: Sequence[int]) -> tuple[tuple[slice, ...] | None, int]:
         """(the strip's unpadded part along x, in strip coordinates; where it starts in the output); ``None``
-        when the strip is padding only; ``((), 0)`` in 2D."""
+        when the strip is padding only; ``((), 0)`` in 2D. (Along y its blocks lie inside its range.)"""
         if not self.lead_shape:
             return (), 0
         o0, o1 = max(self.x0, pad_lo[0]), min(self.x1, pad_lo[0] + spatial[0])
@@ -254,8 +263,9 @@ class Strip:
 
 @dataclass
 class SweepPlan:
-    """The strips of one sweep (x-ranges of the padded volume), the arena's size (for the widest strip) and
-    the windows that go through the network. :meth:`strips` builds each strip's windows and blocks."""
+    """The strips of one sweep (x-ranges of the padded volume, each cut into y-ranges when ``y_edges`` has
+    more than two), the arena's size (for the largest strip) and the windows that go through the network.
+    :meth:`strips` builds each strip's windows and blocks."""
 
     padded: tuple[int, ...]
     window: tuple[int, ...]
@@ -264,39 +274,59 @@ class SweepPlan:
     arena_voxels: int
     largest_block_voxels: int
     num_windows: int
+    y_edges: list[int] | None = None  # None: y whole
 
     def strips(self) -> list[Strip]:
-        """Each strip's windows and block plan (built here: only the sweep needs them)."""
+        """Each strip's windows and block plan (built here: only the sweep needs them), x-range by x-range,
+        y-range by y-range within each."""
         padded, window, starts = self.padded, self.window, self.starts
         if len(padded) < 3:
             return [Strip(0, int(padded[0]), starts, BlockPlan(padded, window, starts), ())]
+        y_edges = self.y_edges or [0, int(padded[1])]
         out = []
         for x0, x1 in itertools.pairwise(self.edges):
-            mine = [s for s in starts if s[0] < x1 and s[0] + window[0] > x0]
             lead = (x1 - x0, *(int(p) for p in padded[1:-2]))
-            out.append(Strip(x0, x1, mine, BlockPlan(padded, window, mine, math.prod(lead)), lead))
+            for y0, y1 in itertools.pairwise(y_edges):
+                mine = [s for s in starts if s[0] < x1 and s[0] + window[0] > x0
+                        and s[1] < y1 and s[1] + window[1] > y0]
+                limits = ((y0, y1), (0, int(padded[2])))
+                out.append(Strip(x0, x1, mine, BlockPlan(padded, window, mine, math.prod(lead), limits), lead))
         return out
 
 
 @dataclass
-class _Columns:
-    """A 3D volume's windows seen as columns along x: the plan of one column (the first x-start) scales with
-    the width of a strip, so the plans of candidate cuts are made without building their strips."""
+class _Grid:
+    """A 3D volume's windows as a grid of x-columns and y-rows (MONAI's and nnU-Net's windows are a product of
+    starts per axis): the arena of a strip is its width times the arena of one column of windows over its
+    y-range, so the plans of candidate cuts are made without building their strips."""
 
     padded: tuple[int, ...]
     window: tuple[int, ...]
     starts: list[tuple[int, ...]]
     xs: list[int]  # the window starts along x
-    column: BlockPlan
-    per_column: int  # windows per column
+    ys: list[int]  # along y
+    per_row: int  # windows per (x-start, y-start): the z-starts
 
-    def plan(self, edges: list[int]) -> SweepPlan:
-        """The sweep in strips ``[edges[i], edges[i + 1])``."""
-        widths = [b - a for a, b in itertools.pairwise(edges)]
-        window = self.window
-        columns = sum(sum(1 for x in self.xs if x < b and x + window[0] > a) for a, b in itertools.pairwise(edges))
-        return SweepPlan(self.padded, window, self.starts, edges, self.column.arena_voxels * max(widths),
-                         self.column.largest_block_voxels * max(widths), columns * self.per_column)
+    def meeting(self, positions: list[int], axis: int, edges: list[int]) -> int:
+        """Window starts along ``axis`` summed over the ranges between ``edges`` they meet."""
+        w = self.window[axis]
+        return sum(sum(1 for p in positions if p < b and p + w > a) for a, b in itertools.pairwise(edges))
+
+    def column(self, y_edges: list[int]) -> BlockPlan:
+        """The block plan of the first x-column over the largest arena of the y-ranges between ``y_edges``."""
+        plans = []
+        for y0, y1 in itertools.pairwise(y_edges):
+            mine = [s for s in self.starts if s[0] == self.xs[0] and s[1] < y1 and s[1] + self.window[1] > y0]
+            plans.append(BlockPlan(self.padded, self.window, mine, 1, ((y0, y1), (0, self.padded[2]))))
+        return max(plans, key=lambda plan: plan.arena_voxels)
+
+    def plan(self, edges: list[int], y_edges: list[int], column: BlockPlan) -> SweepPlan:
+        """The sweep in strips ``[edges[i], edges[i + 1]) x [y_edges[j], y_edges[j + 1])``."""
+        width = max(b - a for a, b in itertools.pairwise(edges))
+        windows = self.meeting(self.xs, 0, edges) * self.meeting(self.ys, 1, y_edges) * self.per_row
+        return SweepPlan(self.padded, self.window, self.starts, edges, column.arena_voxels * width,
+                         column.largest_block_voxels * width, windows,
+                         y_edges if len(y_edges) > 2 else None)
 
 
 def _even_cuts(xs: list[int], count: int, length: int) -> list[int] | None:
@@ -312,18 +342,20 @@ def _even_cuts(xs: list[int], count: int, length: int) -> list[int] | None:
 
 
 def plan_sweep(padded: Sequence[int], window: Sequence[int], scan: Sequence[int], channels: int,
-               budget: int | None, axis_starts: Sequence[Sequence[int]] | None = None) -> SweepPlan:
-    """The sweep of a volume: one strip, or (3D, buffer over ``budget`` bytes) the fewest x-strips that bring
-    the buffer under it, cut at MONAI's window starts as evenly as they allow, while the windows computed
-    twice stay within :data:`MAX_EXTRA_WINDOWS` of MONAI's (the last within that bound when none does).
+               budget: int | None, axis_starts: Sequence[Sequence[int]] | None = None,
+               max_extra: float = MAX_EXTRA_WINDOWS) -> SweepPlan:
+    """The sweep of a volume: one strip, or (3D, buffer over ``budget`` bytes) strips along x, each cut along y
+    when that helps, at window starts as evenly as they allow: of the cuts whose windows computed twice stay
+    within ``max_extra`` of MONAI's (default :data:`MAX_EXTRA_WINDOWS`), the one with the fewest windows that
+    brings the buffer under the budget, or, when none does, the one with the smallest buffer.
 
     The buffer's floor is a slice of the volume as thick as the windows' overlap along z (32 planes of
-    512 x 512 for a 96 x 96 x 64 roi at overlap 0.5): sweeping in strips divides its area, at the price of
-    the windows that straddle a cut (one column of windows per cut at overlap 0.5).
+    512 x 512 for a 96 x 96 x 64 roi at overlap 0.5): cutting it into strips divides its area, at the price of
+    the windows that straddle a cut (one column, or row, of windows per cut at overlap 0.5).
 
     Blocks are cut along y and z only, and a strip's windows come column by column in the same (y, z)
-    order, so a strip's arena is the arena of one column of windows per voxel of width: the choice is made
-    on that one plan, and the strips' own plans are built only for the sweep.
+    order, so a strip's arena is its width times the arena of one column of windows over its y-range: the
+    choice is made on those, and the strips' own plans are built only for the sweep.
 
     ``padded``, ``window``, ``scan``, ``axis_starts`` are a :class:`WindowGeometry`'s; ``channels`` the
     buffer's channels.
@@ -334,21 +366,28 @@ def plan_sweep(padded: Sequence[int], window: Sequence[int], scan: Sequence[int]
         one = BlockPlan(padded, window, starts)
         return SweepPlan(padded, window, starts, [0, padded[0]], one.arena_voxels, one.largest_block_voxels,
                          len(starts))
-    xs = sorted({s[0] for s in starts})
-    column = BlockPlan(padded, window, [s for s in starts if s[0] == xs[0]], math.prod(padded[1:-2]))
-    columns = _Columns(padded, window, starts, xs, column, len(starts) // len(xs))
-    best = columns.plan([0, padded[0]])
-    if budget is None:
+    xs, ys = sorted({s[0] for s in starts}), sorted({s[1] for s in starts})
+    grid = _Grid(padded, window, starts, xs, ys, len(starts) // (len(xs) * len(ys)))
+    whole_y = [0, padded[1]]
+    best = grid.plan([0, padded[0]], whole_y, grid.column(whole_y))
+    if budget is None or channels * best.arena_voxels * 4 <= budget:
         return best
-    for count in range(2, len(xs) + 1):
-        if channels * best.arena_voxels * 4 <= budget:
+    limit = (1 + max_extra) * len(starts)
+    candidates = [best]
+    for ny in range(1, len(ys) + 1):
+        y_edges = [0, *cuts, padded[1]] if (cuts := _even_cuts(ys, ny, padded[1])) is not None else None
+        if y_edges is None or grid.meeting(ys, 1, y_edges) * len(xs) * grid.per_row > limit:
             break
-        cuts = _even_cuts(xs, count, padded[0])
-        if cuts is None:
-            break
-        candidate = columns.plan([0, *cuts, padded[0]])
-        if candidate.num_windows > (1 + MAX_EXTRA_WINDOWS) * len(starts):
-            break
-        if candidate.arena_voxels < best.arena_voxels:
-            best = candidate
-    return best
+        column = grid.column(y_edges)
+        for nx in range(1, len(xs) + 1):
+            x_cuts = _even_cuts(xs, nx, padded[0])
+            if x_cuts is None:
+                break
+            candidate = grid.plan([0, *x_cuts, padded[0]], y_edges, column)
+            if candidate.num_windows > limit:
+                break
+            candidates.append(candidate)
+    within = [c for c in candidates if channels * c.arena_voxels * 4 <= budget]
+    if within:
+        return min(within, key=lambda c: (c.num_windows, c.arena_voxels))
+    return min(candidates, key=lambda c: (c.arena_voxels, c.num_windows))

@@ -6,7 +6,9 @@ model's and averages the members' *probabilities* block by block, so the label m
 members' own probability maps (nnU-Net's ensembles average probabilities too), while memory holds one slab of
 every member's channels, not K volumes. When every member ends in a pointwise head, :meth:`pointwise_split`
 gives the members' features side by side and one block-diagonal 1 x 1 (x 1) convolution to all their logits,
-so the blended channels are the features (``K x F``) whenever that is fewer.
+so the blended channels are the features (``K x F``) whenever that is fewer. The inferer runs the members
+(or their bodies, :attr:`ModelEnsemble.members`) one after another on each window and blends each member's
+output before the next runs, so one member's output is alive at a time.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class ModelEnsemble(torch.nn.Module):
         return torch.cat([network(x) for network in self.members], dim=1)
 
     def pointwise_split(self) -> tuple[torch.nn.Module, torch.nn.Module, int] | None:
-        """``(body, head, K x F)`` with ``self(x) == head(body(x))``, or None unless every member splits
+        """``(body, head, K x F)`` with ``self(x) == head(body(x))`` (``body``: the members' bodies as a
+        :class:`ModelEnsemble`), or None unless every member splits
         (:func:`medseg.networks.split_pointwise_head`) into heads of one kind."""
         splits = [split_pointwise_head(network) for network in self.members]
         if any(split is None for split in splits):
@@ -65,15 +68,5 @@ class ModelEnsemble(torch.nn.Module):
                     head.bias[o0 : o0 + o].copy_(conv.bias)
                 f0, o0 = f0 + f, o0 + o
         head = head.to(convs[0].weight.device).eval()
-        return _Bodies([body for body, _, _ in parts]), head, sum(features)
+        return ModelEnsemble([body for body, _, _ in parts]), head, sum(features)
 
-
-class _Bodies(torch.nn.Module):
-    """The members' bodies, their features side by side."""
-
-    def __init__(self, bodies: Sequence[torch.nn.Module]) -> None:
-        super().__init__()
-        self.bodies = torch.nn.ModuleList(bodies)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([body(x) for body in self.bodies], dim=1)

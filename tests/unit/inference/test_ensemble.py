@@ -92,3 +92,32 @@ def test_many_classes_blend_the_members_features_and_still_equal_the_mean() -> N
     mean = torch.stack([single(image, network) for network in members]).mean(dim=0)
     together = SlabInferer(ROI, classes, overlap=0.5, output="probabilities", members=3)(image, ModelEnsemble(members))
     assert torch.allclose(together, mean, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [_plain, _headed])
+def test_a_small_budget_cuts_the_ensemble_into_strips_and_tiles_with_the_same_result(make) -> None:
+    """The members run one after another on each window (a list of networks), the sweep cut along x and y."""
+    from medseg.inference.sliding import slab_sliding_window
+
+    members = [make(seed) for seed in (1, 2, 3)]
+    image = torch.randn(1, 1, 64, 64, 28, generator=torch.Generator().manual_seed(4))
+    split = split_pointwise_head(ModelEnsemble(members))
+    if make is _headed:
+        assert split is not None
+        body, head, features = split
+        parts, kw = list(body.members), dict(head=head, feature_channels=features)
+    else:
+        parts, kw = members, {}
+    whole = slab_sliding_window(image, ROI, parts, CLASSES, probabilities_in_memory=True, members=3,
+                                buffer_bytes=None, **kw)
+    tiled = slab_sliding_window(image, ROI, parts, CLASSES, probabilities_in_memory=True, members=3,
+                                buffer_bytes=1, **kw)
+    assert whole.strips == 1 and tiled.strips > 4
+    assert tiled.peak_buffer_voxels < 0.5 * whole.peak_buffer_voxels
+    assert whole.num_windows < tiled.num_windows <= 2 * whole.num_windows
+    assert abs(tiled.probabilities - whole.probabilities).max() < 1e-5
+    assert torch.equal(tiled.labels, whole.labels)
+    # one network returning the members' outputs side by side: the same
+    joined = slab_sliding_window(image, ROI, ModelEnsemble(parts), CLASSES, probabilities_in_memory=True,
+                                 members=3, buffer_bytes=1, **kw)
+    assert abs(joined.probabilities - tiled.probabilities).max() < 1e-6

@@ -26,12 +26,12 @@ def _volume(*spatial: int) -> torch.Tensor:
     return torch.randn(1, 1, *spatial, generator=torch.Generator().manual_seed(3))
 
 
-def _merge(x, roi, network, num_classes, *, channels=None, head=None, budget=None, overlap=0.5):
+def _merge(x, roi, network, num_classes, *, channels=None, head=None, budget=None, overlap=0.5, max_extra=0.3):
     """Every window of the plan through ``network``, aggregated in the plan's order; the merger's output."""
     spatial = tuple(x.shape[2:])
     geometry = window_geometry(spatial, roi, overlap)
     channels = channels or num_classes
-    plan = plan_sweep(geometry.padded, geometry.window, geometry.scan, channels, budget)
+    plan = plan_sweep(geometry.padded, geometry.window, geometry.scan, channels, budget, max_extra=max_extra)
     reducer = BlockReducer(spatial, num_classes, channels, head=head, probabilities_in_memory=True)
     merger = GaussianBlockMerger(plan, geometry, reducer)
     assert isinstance(merger, Merger)
@@ -49,20 +49,54 @@ def _monai(x, roi, network, overlap=0.5) -> torch.Tensor:
         return sliding_window_inference(x, roi, 2, network, overlap, mode="gaussian")[0]
 
 
-@pytest.mark.parametrize(("shape", "roi", "budget", "strips"), [
-    ((37, 30, 27), (16, 16, 8), None, 1),
-    ((64, 30, 27), (16, 16, 8), 20_000, 3),  # a budget that cuts the volume into x-strips
-    ((40, 33), (16, 16), None, 1),
+@pytest.mark.parametrize(("shape", "roi", "budget", "max_extra", "strips"), [
+    ((37, 30, 27), (16, 16, 8), None, 0.3, 1),
+    ((64, 30, 27), (16, 16, 8), 20_000, 0.3, 3),  # a budget that cuts the volume into x-strips
+    ((37, 64, 27), (16, 16, 8), 1, 1.0, 8),  # no budget met: 2 x-strips, each cut into 4 along y
+    ((40, 33), (16, 16), None, 0.3, 1),
 ])
-def test_merged_windows_equal_monai_gaussian_blending(shape, roi, budget, strips):
+def test_merged_windows_equal_monai_gaussian_blending(shape, roi, budget, max_extra, strips):
     net, x = _unet(5, dims=len(shape)), _volume(*shape)
-    merger, labels, probs = _merge(x, roi, net, 5, budget=budget)
+    merger, labels, probs = _merge(x, roi, net, 5, budget=budget, max_extra=max_extra)
     assert len(merger.strips) == strips
     reference = _monai(x, roi, net)
     assert probs.shape == reference.shape and probs.dtype == np.float32
     np.testing.assert_allclose(probs, torch.softmax(reference, 0).numpy(), atol=1e-5)
     assert (labels.long() == reference.argmax(0)).double().mean().item() >= 0.9999
     assert not labels.is_inference()  # the caller may edit the label map
+
+
+def test_cutting_along_y_shrinks_the_buffer_for_windows_computed_twice():
+    geometry = window_geometry((64, 64, 40), (16, 16, 8), 0.5)
+    args = (geometry.padded, geometry.window, geometry.scan, 40)
+    whole = plan_sweep(*args, None)
+    x_only = plan_sweep(*args, 1)  # within 30 % more windows: x-strips only here
+    tiles = plan_sweep(*args, 1, max_extra=1.0)
+    monai = len(whole.starts)
+    assert whole.num_windows == monai and x_only.y_edges is None
+    assert tiles.y_edges is not None and len(tiles.y_edges) > 2
+    assert tiles.arena_voxels < 0.5 * x_only.arena_voxels < x_only.arena_voxels < whole.arena_voxels
+    assert x_only.num_windows <= 1.3 * monai < tiles.num_windows <= 2 * monai
+    assert sum(len(strip.starts) for strip in tiles.strips()) == tiles.num_windows
+    # a budget met within 30 % takes the fewest windows that meet it
+    met = plan_sweep(*args, 40 * 4 * x_only.arena_voxels, max_extra=1.0)
+    assert met.num_windows <= x_only.num_windows and met.arena_voxels <= x_only.arena_voxels
+
+
+def test_members_add_their_channels_one_after_another_before_a_window_is_finished():
+    geometry = window_geometry((20, 20, 10), (16, 16, 8), 0.5)
+    plan = plan_sweep(geometry.padded, geometry.window, geometry.scan, 4, None)
+    merger = GaussianBlockMerger(plan, geometry, BlockReducer((20, 20, 10), 2, 4, members=2))
+    start = merger.strips[0].starts[0]
+    merger.add(torch.ones(1, 2, *geometry.window), start, 0)
+    with pytest.raises(ValueError, match="2 of 4 channels"):
+        merger.finish(start)
+    with pytest.raises(ValueError, match="from channel 3"):
+        merger.add(torch.ones(1, 2, *geometry.window), start, 3)
+    merger.add(torch.ones(1, 2, *geometry.window), start, 2)
+    merger.finish(start)
+    with pytest.raises(ValueError, match="not the one being added"):
+        merger.finish(start)
 
 
 def test_a_head_on_blended_features_equals_monai_on_the_whole_network():
