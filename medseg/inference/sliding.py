@@ -13,9 +13,10 @@ and freed. At most about ``roi_z - step_z`` planes plus two rows of blocks are a
 400 planes, plus two 96-row strips of 64, for a 96 x 96 x 64 roi at overlap 0.5). With a pointwise
 head (``head=``) the blocks hold the network's feature channels instead of its class logits. When that
 buffer would still exceed its budget (``buffer_bytes``, 96 MiB on the CPU), a 3D volume is swept in
-strips along x, cut at window starts, one after the other: the buffer shrinks with the strip's width,
-and the windows that straddle a cut go through the network once for each strip (at overlap 0.5 one
-column of windows per cut; never more than 30 % more windows in all). Peak memory is therefore the
+strips along x, each cut along y when that helps, at window starts, one after the other: the buffer shrinks
+with the strip's area, and the windows that straddle a cut go through the network once for each strip (at
+overlap 0.5 one column or row of windows per cut; never more than 30 % more windows in all, 100 % for an
+ensemble, whose buffer holds every member's channels). Peak memory is therefore the
 input + that buffer + the label map + one batch of windows through the network, independent of the
 volume's depth and, with a head, of the number of classes.
 
@@ -41,7 +42,7 @@ Deviations from MONAI, all deliberate:
   equals averaging MONAI runs on the flipped volume whenever the window grid is symmetric.
 
 With a pointwise ``head``, ``head(blend(features)) == blend(head(features))`` up to float rounding, because
-the Gaussian blending is a normalised weighted mean. Sweeping in x-strips does not change the result
+the Gaussian blending is a normalised weighted mean. Sweeping in strips does not change the result
 either: every voxel still blends every window that covers it.
 """
 
@@ -100,9 +101,9 @@ class SlabResult:
         blocks are alive at one time); times ``buffer_channels`` float32, instead of ``(C, *spatial)``.
     num_windows
         How many windows went through the network (times ``1 + len(mirror_axes)`` passes): MONAI's
-        windows, plus those computed again at the borders of x-strips.
+        windows, plus those computed again at the borders of strips.
     strips
-        Strips along x the volume was swept in (1: the whole cross-section at once).
+        Strips the volume was swept in (x-ranges, each maybe cut into y-ranges; 1: the whole cross-section at once).
     """
 
     labels: torch.Tensor
@@ -152,8 +153,9 @@ def slab_sliding_window(
     network
         ``(B, C_in, *roi) -> (B, num_classes, *roi)`` logits (with ``head``: ``(B, feature_channels, *roi)``
         features); called under ``torch.inference_mode()``. A list or tuple of networks: an ensemble's members
-        (or their bodies), whose outputs lie side by side in that order; one window at a time they run and
-        are blended one after another, so that one member's output is alive at a time.
+        (or their bodies), whose outputs lie side by side in that order; one window at a time (a head on the CPU)
+        they run and are blended one after another, so that one member's output is alive at a time; in batches
+        of windows their outputs are joined.
     num_classes
         Classes of the logits.
     overlap, sw_batch_size, sigma_scale, padding_mode, cval
@@ -182,7 +184,7 @@ def slab_sliding_window(
     buffer_bytes
         Budget of the accumulation buffer (default: :data:`medseg.inference.memory.DEFAULT_BUFFER_BYTES`
         on the CPU, none on other devices). A 3D volume whose buffer would exceed it is swept in 2 or more
-        strips along x, cut at window starts (:func:`medseg.inference.windows.plan_sweep`).
+        strips along x (and y), cut at window starts (:func:`medseg.inference.windows.plan_sweep`).
     regions
         A region-based network: ``num_classes`` logits are one sigmoid per region, in painting order; the label
         map is painted region by region (:func:`medseg.transforms.regions.regions_to_label_map` of the

@@ -5,9 +5,10 @@ with ``grid="nnunet"`` nnU-Net v2's (per axis the fewest windows whose step is a
 spread evenly and rounded: :func:`nnunet_starts`; models imported from nnU-Net see the windows they were
 validated with),
 visited in the order of their start along z, then y (:func:`window_order`). A 3D volume whose buffer would
-exceed its budget is swept in strips along x, cut at window starts (:func:`plan_sweep`); within a strip the
-buffer is cut into blocks along y and z at every window start and end (:class:`BlockPlan`), each placed in
-one arena when the first window reaches it and given back when the last has passed.
+exceed its budget is swept in strips along x, each cut along y when that helps, at window starts
+(:func:`plan_sweep`); within a strip the buffer is cut into blocks along y and z at every window start and end
+(:class:`BlockPlan`), each placed in one arena when the first window reaches it and given back when the last
+has passed.
 """
 
 from __future__ import annotations
