@@ -11,7 +11,7 @@ and nnU-Net's 3d_fullres plan are compared (no GPU needed), with planning and pr
 
     .venv/bin/python scripts/bench_accuracy.py --data DIR/dataset.json [--minutes M] [--threads T]
         [--systems planned,default,nnunet] [--jobs J] [--compare-plans] [--tta] [--nnunet-venv PATH]
-        [--work DIR] [--keep] --json FILE
+        [--folds K [--ensemble]] [--work DIR] [--keep] --json FILE
 
 ``--systems`` names what trains: ``planned`` (medseg's planner, CPU plan for the budget), ``default``
 (``medseg train --plan default``), ``nnunet``; ``--jobs J`` trains J of them at a time, each pinned to its
@@ -22,6 +22,14 @@ The JSON is a list of records with ``system`` ("medseg" or "nnunet") and ``datas
 (``kind: training``; medseg's with ``variant`` "planned" or "default") add minutes, optimizer, iterations,
 seconds_per_iteration, mean_dice, dice and hd95 per label name, preprocess_seconds and predict_seconds.
 Spacing and patch are in the image's voxel axis order (x, y, z).
+
+With ``--folds K`` each system trains K folds of its own split for ``--minutes`` each: medseg ``medseg train --fold
+0,..,K-1`` then ``medseg select``; nnU-Net ``nnUNetv2_train`` fold by fold (each validated after its budget) then
+``nnUNetv2_find_best_configuration`` (its out-of-fold Dice and the postprocessing chosen on it; one configuration,
+3d_fullres, so nothing to ensemble across). The out-of-fold predictions of both are scored by ``medseg evaluate``
+against the training label maps (``oof_mean_dice``). The test cases are predicted by fold 0 (``fold0_*``) and, with
+``--ensemble``, by the K folds with the chosen postprocessing (``medseg predict --model RUN``; ``nnUNetv2_predict -f
+0 .. K-1`` then ``nnUNetv2_apply_postprocessing``): then ``mean_dice`` and ``dice`` are the ensemble's.
 """
 
 from __future__ import annotations
@@ -280,6 +288,103 @@ def train_nnunet(data: Path, raw: RawDataset, peer: Peer, work: Path, minutes: f
     return record, evaluate(pred, raw, data, work / "eval" / "nnunet", peer.threads, work / "logs", "nnunet", cores)
 
 
+def crossval_medseg(data: Path, raw: RawDataset, work: Path, minutes: float, threads: int, tta: bool, variant: str,
+                    cores: frozenset[int] | None, folds: int, ensemble: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """medseg ``variant`` trained on ``folds`` folds (``medseg train --fold``, ``minutes`` each), selected
+    (``medseg select``), its test cases predicted by fold 0 and, with ``ensemble``, by the selected bundle."""
+    logs, run_dir, name = work / "logs", work / f"medseg-{variant}", f"medseg-{variant}"
+    print(f"{name}: train folds 0-{folds - 1} for {minutes:g} min each, then select", flush=True)
+    train = ["train", "--data", str(data), "--out", str(run_dir), "--fold", ",".join(map(str, range(folds))),
+             "--max-minutes", f"{minutes:g}", "--seed", "0", "--device", "cpu",
+             *(["--plan", "default"] if variant == "default" else [])]
+    cv_s = run_medseg(train, logs / f"{name}-train.log", threads, cores)
+    run_medseg(["select", str(run_dir)], logs / f"{name}-select.log", threads, cores)
+    summaries = [read_json(run_dir / f"fold_{k}" / "train_summary.json", f"{name}'s fold {k} summary")
+                 for k in range(folds)]
+    cv = read_json(run_dir / "cv_summary.json", f"{name}'s cross-validation summary")
+    chosen = read_json(run_dir / "configs" / "selection.json", f"{name}'s selection")["chosen"]
+    fold0 = _medseg_test(run_dir / "fold_0", f"{name}-fold0", raw, data, work, threads, tta, cores)
+    record = {"iterations": sum(int(s["iterations"]) for s in summaries),
+              "seconds": sum(float(s["seconds"]) for s in summaries), "preprocess_seconds": 0.0,
+              "predict_seconds": fold0[0], "variant": variant, "folds": folds, "cv_seconds": round(cv_s, 1),
+              "oof_mean_dice": _number(cv["overall"]["mean_dice"]),
+              "oof_mean_dice_postprocessed": _number(chosen.get("oof_mean_dice_postprocessed")),
+              "postprocessing": chosen.get("postprocessing"),
+              "fold0_mean_dice": _number(fold0[1].get("mean_dice_foreground")), "fold0_dice": _label_dice(fold0[1]),
+              "stopped_by": sorted({str(s.get("stopped_by")) for s in summaries}),
+              "plan": medseg_plan_record(read_json(run_dir / "fold_0" / "configs" / "plan.json", f"{name}'s plan")),
+              "validation": f"medseg's {folds}-fold split, out-of-fold predictions by medseg train --fold"}
+    if not ensemble:
+        return record, fold0[1]
+    seconds, evaluation = _medseg_test(run_dir, f"{name}-ensemble", raw, data, work, threads, tta, cores)
+    record.update(predict_seconds=seconds, ensemble=f"{folds} folds + postprocessing (medseg select)")
+    return record, evaluation
+
+
+def _medseg_test(model: Path, name: str, raw: RawDataset, data: Path, work: Path, threads: int, tta: bool,
+                 cores: frozenset[int] | None) -> tuple[float, dict[str, Any]]:
+    """``medseg predict --model MODEL`` of the test cases and its ``medseg evaluate`` summary; (seconds, summary)."""
+    pred = work / "pred" / name
+    print(f"{name}: predict and evaluate the test cases", flush=True)
+    seconds = run_medseg(["predict", "--model", str(model), "--input", str(raw.test_images), "--output", str(pred),
+                          "--device", "cpu", *(["--tta"] if tta else [])], work / "logs" / f"{name}-predict.log",
+                         threads, cores)
+    return seconds, evaluate(pred, raw, data, work / "eval" / name, threads, work / "logs", name, cores)
+
+
+def _label_dice(evaluation: dict[str, Any]) -> dict[str, float | None]:
+    return {entry["name"]: _number(entry["dice"]["mean"]) for entry in evaluation.get("labels", {}).values()}
+
+
+def crossval_nnunet(data: Path, raw: RawDataset, peer: Peer, work: Path, minutes: float, tta: bool,
+                    preprocessed: float | None, cores: frozenset[int] | None, folds: int,
+                    ensemble: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """nnU-Net v2: plan and preprocess (unless done), ``folds`` folds trained to the budget and validated,
+    ``nnUNetv2_find_best_configuration``, the test cases predicted by fold 0 and, with ``ensemble``, by the folds
+    with the chosen postprocessing."""
+    peer.cores = cores
+    print(f"nnunet: plan_and_preprocess, then train folds 0-{folds - 1} for {minutes:g} min each", flush=True)
+    pre_s = preprocessed if preprocessed is not None else peer.plan_and_preprocess(raw)
+    started = time.monotonic()
+    trainers = [peer.train(raw, minutes, fold=k, validate=True)[1] for k in range(folds)]
+    _, information = peer.find_best_configuration(raw, list(range(folds)))
+    cv_s = time.monotonic() - started
+    best = information["best_model_or_ensemble"]
+    oof, merged = work / "eval" / "nnunet-oof", Path(best["postprocessing_file"]).parent
+    references = work / "eval" / "nnunet-oof-references"  # the training label maps of the folds' held-out cases
+    references.mkdir(parents=True, exist_ok=True)
+    for prediction in merged.glob(f"*{raw.file_ending}"):
+        os.link(raw.folder / "labelsTr" / prediction.name, references / prediction.name)
+    run_medseg(["evaluate", "--pred", str(merged), "--ref", str(references), "--labels", str(data), "--out", str(oof)],
+               work / "logs" / "nnunet-oof-evaluate.log", peer.threads, cores)
+    oof_summary = read_json(oof / "summary.json", "nnU-Net's out-of-fold evaluation")
+    logs = work / "logs"
+    pred0 = work / "pred" / "nnunet-fold0"
+    print("nnunet: predict (fold 0) and evaluate the test cases", flush=True)
+    fold0_s = peer.predict(raw, pred0, tta)
+    fold0 = evaluate(pred0, raw, data, work / "eval" / "nnunet-fold0", peer.threads, logs, "nnunet-fold0", cores)
+    record = {"iterations": sum(int(t["iterations"]) for t in trainers),
+              "seconds": sum(float(t["seconds"]) for t in trainers), "preprocess_seconds": pre_s,
+              "predict_seconds": fold0_s, "optimizer": "SGD", "folds": folds, "cv_seconds": round(cv_s, 1),
+              "oof_mean_dice": _number(oof_summary.get("mean_dice_foreground")),
+              "oof_mean_dice_nnunet": _number(best.get("result_on_crossval_pre_pp")),
+              "oof_mean_dice_postprocessed_nnunet": _number(best.get("result_on_crossval_post_pp")),
+              "fold0_mean_dice": _number(fold0.get("mean_dice_foreground")), "fold0_dice": _label_dice(fold0),
+              "stopped_by": sorted({str(t.get("stopped_by")) for t in trainers}),
+              "validation": f"nnU-Net's {folds}-fold split, validated by nnUNetv2_train, chosen by "
+                            "nnUNetv2_find_best_configuration", "plan": plan_record(peer.plans(raw))}
+    if not ensemble:
+        return record, fold0
+    raw_pred, pred = work / "pred" / "nnunet-folds", work / "pred" / "nnunet-ensemble"
+    print(f"nnunet: predict ({folds} folds), postprocess and evaluate the test cases", flush=True)
+    seconds = peer.predict(raw, raw_pred, tta, folds=list(range(folds)))
+    seconds += peer.apply_postprocessing(raw_pred, pred, information)
+    for extra in ("plans.json", "dataset.json", "predict_from_raw_data_args.json"):
+        (pred / extra).unlink(missing_ok=True)  # copied beside the label maps by nnU-Net
+    record.update(predict_seconds=seconds, ensemble=f"{folds} folds + postprocessing (find_best_configuration)")
+    return record, evaluate(pred, raw, data, work / "eval" / "nnunet-ensemble", peer.threads, logs, "nnunet", cores)
+
+
 def core_sets(jobs: int, threads: int) -> list[frozenset[int] | None]:
     """``jobs`` disjoint sets of ``threads`` cores of this process' affinity (None for one job: not pinned).
 
@@ -299,7 +404,7 @@ def core_sets(jobs: int, threads: int) -> list[frozenset[int] | None]:
 
 def side_by_side(data: Path, dataset: str, raw: RawDataset, peer: Peer, work: Path, minutes: float,
                  threads: int, tta: bool, preprocessed: float | None, systems: Sequence[str] = ("planned", "nnunet"),
-                 jobs: int = 1) -> list[dict]:
+                 jobs: int = 1, folds: int = 1, ensemble: bool = False) -> list[dict]:
     """Train, predict and score each of ``systems`` for ``minutes``; ``jobs`` of them at a time, each on its
     own ``threads`` cores (a queue of core sets: a system starts when one is free)."""
     free: queue.Queue[frozenset[int] | None] = queue.Queue()
@@ -309,9 +414,17 @@ def side_by_side(data: Path, dataset: str, raw: RawDataset, peer: Peer, work: Pa
     def one(system: str) -> dict[str, Any]:
         cores = free.get()
         try:
+            if system == "nnunet" and folds > 1:
+                run, evaluation = crossval_nnunet(data, raw, peer, work, minutes, tta, preprocessed, cores, folds,
+                                                  ensemble)
+                return training_record("nnunet", dataset, minutes, threads, run, evaluation)
             if system == "nnunet":
                 run, evaluation = train_nnunet(data, raw, peer, work, minutes, tta, preprocessed, cores)
                 return training_record("nnunet", dataset, minutes, threads, run, evaluation)
+            if folds > 1:
+                run, evaluation = crossval_medseg(data, raw, work, minutes, threads, tta, system, cores, folds,
+                                                  ensemble)
+                return training_record("medseg", dataset, minutes, threads, run, evaluation)
             run, evaluation = train_medseg(data, raw, work, minutes, threads, tta, system, cores)
             return training_record("medseg", dataset, minutes, threads, run, evaluation)
         finally:
@@ -359,6 +472,14 @@ def table(records: list[dict]) -> str:
                          f"{r['preprocess_seconds']:>7.1f} {r['predict_seconds']:>7.1f} {_fmt(r['mean_dice']):>9} "
                          + " ".join(f"{_fmt(r['dice'].get(n)):>8}" for n in names)
                          + f"  {_fmt(sum(hd) / len(hd) if hd else None)} ({len(hd)}/{len(r['hd95'])})")
+    folded = [r for r in runs if r.get("folds")]
+    if folded:
+        lines.append("")
+        lines.append(f"{'system':15} {'folds':>5} {'OOF Dice':>8} {'test fold 0':>11} {'test ensemble':>13}  postprocessing")
+        for r in folded:
+            label = r["system"] + (f"-{r['variant']}" if r.get("variant") else "")
+            lines.append(f"{label:15} {r['folds']:>5} {_fmt(r['oof_mean_dice']):>8} {_fmt(r['fold0_mean_dice']):>11} "
+                         f"{_fmt(r['mean_dice'] if r.get('ensemble') else None):>13}  {r.get('postprocessing') or '-'}")
     return "\n".join(lines)
 
 
@@ -386,6 +507,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="systems trained at a time, each pinned to its own --threads cores (default: 1)")
     parser.add_argument("--json", required=True, type=Path, help="write the records here")
+    parser.add_argument("--folds", type=int, default=1,
+                        help="train this many folds per system (--minutes each), choose postprocessing on their "
+                             "out-of-fold predictions (medseg select, nnUNetv2_find_best_configuration) and score "
+                             "those (default: 1, fold 0 only)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="with --folds K: also predict the test cases with the K folds and the chosen "
+                             "postprocessing (default: fold 0)")
     parser.add_argument("--tta", action="store_true", help="predict with mirroring (both systems; default: neither)")
     parser.add_argument("--nnunet-venv", type=Path, default=DEFAULT_VENV,
                         help=f"nnU-Net v2's venv, created when missing (default: {DEFAULT_VENV})")
@@ -398,6 +526,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("nothing to do: give --minutes M (train side by side) and/or --compare-plans")
     if args.threads < 1 or args.jobs < 1 or (args.minutes is not None and args.minutes <= 0):
         parser.error("--threads, --jobs and --minutes must be positive")
+    if not 1 <= args.folds <= 5 or (args.ensemble and args.folds < 2):
+        parser.error("--folds takes 1 to 5, and --ensemble at least 2 folds")
+    if args.folds > 1 and args.minutes is None:
+        parser.error("--folds needs --minutes (the budget of each fold)")
     return args
 
 
@@ -421,7 +553,7 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
     if args.minutes is not None:
         done = next((r["plan_and_preprocess_seconds"] for r in records if r["system"] == "nnunet"), None)
         records += side_by_side(data, datalist.name, raw, peer, work, args.minutes, args.threads, args.tta, done,
-                                systems=args.systems, jobs=args.jobs)
+                                systems=args.systems, jobs=args.jobs, folds=args.folds, ensemble=args.ensemble)
     if needs_peer:
         nnunetv2, _, torch = peer.version.partition(" ")
         for record in records:

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,8 @@ all epochs; not Python's start-up). Epochs are MEDSEG_BENCH_EPOCH_ITERATIONS tra
 iterations scaled as 250:50) and the number of epochs keeps the stock learning-rate schedule of 1000 epochs of
 250 iterations. Before each training or validation step the trainer stops if that step, timed as the previous
 one of its kind, would end past the budget; it then saves checkpoint_final.pth (what nnUNetv2_predict loads)
-and writes bench_summary.json. The final validation on the fold's cases is skipped: it is not part of the budget.
+and writes bench_summary.json. The final validation on the fold's cases is skipped: it is not part of the budget
+(with MEDSEG_BENCH_VALIDATE=1, for cross-validation, it runs after the budget, as medseg's out-of-fold predictions do).
 """
 
 import json
@@ -146,6 +147,8 @@ class nnUNetTrainerTimeBudget(nnUNetTrainer):
             json.dump(summary, f, indent=2)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
+        if os.environ.get("MEDSEG_BENCH_VALIDATE") == "1":  # cross-validation: the fold's held-out cases
+            return super().perform_actual_validation(save_probabilities)
         self.print_to_log_file("final validation skipped (benchmark: the test cases are predicted instead)")
 
 
@@ -410,26 +413,59 @@ class Peer:
         except (OSError, json.JSONDecodeError) as exc:
             raise PeerError(f"{path}: nnU-Net's plans could not be read ({exc})") from None
 
-    def train(self, dataset: RawDataset, minutes: float) -> tuple[float, dict[str, Any]]:
-        """``nnUNetv2_train ID 3d_fullres 0 -tr nnUNetTrainerTimeBudget -device cpu``: wall seconds, summary."""
-        seconds = self.run("nnUNetv2_train", str(dataset.dataset_id), CONFIGURATION, "0", "-tr", TRAINER,
-                           "-device", "cpu", log="train", MEDSEG_BENCH_MINUTES=repr(float(minutes)),
+    def train(self, dataset: RawDataset, minutes: float, fold: int = 0,
+              validate: bool = False) -> tuple[float, dict[str, Any]]:
+        """``nnUNetv2_train ID 3d_fullres FOLD -tr nnUNetTrainerTimeBudget -device cpu``: wall seconds, summary;
+        with ``validate`` the fold's held-out cases are predicted after the budget (``fold_K/validation``)."""
+        seconds = self.run("nnUNetv2_train", str(dataset.dataset_id), CONFIGURATION, str(fold), "-tr", TRAINER,
+                           "-device", "cpu", log=f"train-fold{fold}", MEDSEG_BENCH_MINUTES=repr(float(minutes)),
+                           MEDSEG_BENCH_VALIDATE="1" if validate else "0",
                            # augmentation workers beside the training process (0: in it, as medseg's num_workers 0)
                            nnUNet_n_proc_DA=str(self.threads - 1))
-        path = self.fold_folder(dataset) / TRAINER_SUMMARY
-        if not path.exists() or not (self.fold_folder(dataset) / "checkpoint_final.pth").exists():
+        folder = self.fold_folder(dataset, fold)
+        path = folder / TRAINER_SUMMARY
+        if not path.exists() or not (folder / "checkpoint_final.pth").exists():
             raise PeerError(f"nnUNetv2_train ended without {path.name} and checkpoint_final.pth in {path.parent}")
+        if validate and not (folder / "validation" / "summary.json").exists():
+            raise PeerError(f"nnUNetv2_train ended without validation/summary.json in {folder}")
         return seconds, json.loads(path.read_text(encoding="utf-8"))
 
-    def fold_folder(self, dataset: RawDataset) -> Path:
-        return self.work / "nnUNet_results" / dataset.name / f"{TRAINER}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
+    def model_folder(self, dataset: RawDataset) -> Path:
+        return self.work / "nnUNet_results" / dataset.name / f"{TRAINER}__nnUNetPlans__{CONFIGURATION}"
 
-    def predict(self, dataset: RawDataset, out: Path, tta: bool) -> float:
-        """``nnUNetv2_predict`` of imagesTs with the final checkpoint of fold 0; its seconds."""
+    def fold_folder(self, dataset: RawDataset, fold: int = 0) -> Path:
+        return self.model_folder(dataset) / f"fold_{fold}"
+
+    def predict(self, dataset: RawDataset, out: Path, tta: bool, folds: Sequence[int] = (0,)) -> float:
+        """``nnUNetv2_predict`` of imagesTs with the final checkpoints of ``folds`` (several: their ensemble); its
+        seconds."""
         n = str(self.threads)
         args = ["-i", str(dataset.images_ts), "-o", str(out), "-d", str(dataset.dataset_id), "-c", CONFIGURATION,
-                "-f", "0", "-tr", TRAINER, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", n, "-nps", n]
-        return self.run("nnUNetv2_predict", *args, *([] if tta else ["--disable_tta"]), log="predict")
+                "-f", *(str(f) for f in folds), "-tr", TRAINER, "-chk", "checkpoint_final.pth", "-device", "cpu",
+                "-npp", n, "-nps", n]
+        return self.run("nnUNetv2_predict", *args, *([] if tta else ["--disable_tta"]),
+                        log="predict" + ("" if list(folds) == [0] else "-folds"))
+
+    def find_best_configuration(self, dataset: RawDataset, folds: Sequence[int]) -> tuple[float, dict[str, Any]]:
+        """``nnUNetv2_find_best_configuration ID -c 3d_fullres -tr TRAINER -f FOLDS``: the out-of-fold Dice of the
+        folds' validations and the postprocessing chosen on them (one configuration: nothing to ensemble across);
+        its seconds and ``inference_information.json``."""
+        seconds = self.run("nnUNetv2_find_best_configuration", str(dataset.dataset_id), "-c", CONFIGURATION,
+                           "-tr", TRAINER, "-f", *(str(f) for f in folds), "-np", str(self.threads),
+                           "--disable_ensembling", log="find_best_configuration")
+        path = self.work / "nnUNet_results" / dataset.name / "inference_information.json"
+        try:
+            return seconds, json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PeerError(f"{path}: nnU-Net's choice could not be read ({exc})") from None
+
+    def apply_postprocessing(self, pred: Path, out: Path, information: dict[str, Any]) -> float:
+        """``nnUNetv2_apply_postprocessing`` of ``pred`` into ``out`` with the choice of
+        :meth:`find_best_configuration`; its seconds."""
+        best = information["best_model_or_ensemble"]
+        return self.run("nnUNetv2_apply_postprocessing", "-i", str(pred), "-o", str(out), "-pp_pkl_file",
+                        best["postprocessing_file"], "-np", str(self.threads), "-plans_json", best["some_plans_file"],
+                        log="apply_postprocessing")
 
 
 def voxel_order(values: list[Any], transpose_backward: list[int] | None) -> list[Any]:

@@ -242,3 +242,41 @@ def test_trainer_stops_at_the_budget_with_a_final_checkpoint(budget_trainer: typ
 
 def test_launcher_compiles() -> None:
     compile(peer.LAUNCHER, "<launcher>", "exec")
+
+
+def test_folds_and_ensemble_are_checked(tiny_dataset: Path, tmp_path: Path) -> None:
+    common = ["--data", str(tiny_dataset), "--json", str(tmp_path / "b.json")]
+    args = bench.parse_args([*common, "--minutes", "1", "--folds", "5", "--ensemble"])
+    assert args.folds == 5 and args.ensemble
+    assert bench.parse_args([*common, "--minutes", "1"]).folds == 1
+    for bad in (["--minutes", "1", "--ensemble"], ["--minutes", "1", "--folds", "6"], ["--folds", "5", "--compare-plans"]):
+        with pytest.raises(SystemExit) as exc:
+            bench.parse_args([*common, *bad])
+        assert exc.value.code == 2
+
+
+def test_crossval_records_are_tabled_with_their_out_of_fold_and_test_figures() -> None:
+    run = {"iterations": 2000, "seconds": 600.0, "preprocess_seconds": 0.0, "predict_seconds": 9.0, "folds": 5,
+           "oof_mean_dice": 0.9512, "fold0_mean_dice": 0.9311, "ensemble": "5 folds + postprocessing",
+           "postprocessing": "largest component of label 1"}
+    record = bench.training_record("medseg", "ct", 2.0, 1, run, _evaluation())
+    assert record["folds"] == 5 and record["mean_dice"] == 0.455 and record["oof_mean_dice"] == 0.9512
+    single = bench.training_record("nnunet", "ct", 2.0, 1, dict(run, ensemble=None, postprocessing=None), _evaluation())
+    lines = bench.table([record, single]).splitlines()
+    header = next(i for i, line in enumerate(lines) if "OOF Dice" in line)
+    medseg_row, nnunet_row = lines[header + 1].split(), lines[header + 2].split()
+    assert medseg_row[:5] == ["medseg", "5", "0.951", "0.931", "0.455"]
+    assert nnunet_row[:5] == ["nnunet", "5", "0.951", "0.931", "-"]  # no ensemble predicted
+
+
+def test_trainer_validates_its_fold_only_when_asked(budget_trainer: types.ModuleType, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr(_StandInTrainer, "perform_actual_validation",
+                        lambda self, save_probabilities=False: calls.append(save_probabilities), raising=False)
+    trainer = _trainer(budget_trainer, tmp_path)
+    trainer.perform_actual_validation()
+    assert calls == []  # the benchmark's single fold: skipped
+    monkeypatch.setenv("MEDSEG_BENCH_VALIDATE", "1")
+    trainer.perform_actual_validation()
+    assert calls == [False]  # cross-validation: nnU-Net's own validation of the held-out cases
