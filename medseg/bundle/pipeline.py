@@ -22,18 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from medseg.bundle.create import inference_config as template_inference_config
+from medseg.bundle.ensembles import ENSEMBLE_FILE, read_ensemble
 from medseg.bundle.runner import find_config, read_config_data, weights_only_loads
 from medseg.bundle.safety import check_bundle
 from medseg.devices import resolve_device
 from medseg.errors import BundleError, one_line, unwrapped
 from medseg.inference.cases import Shard
 from medseg.inference.cohort import predict_files
-from medseg.inference.predictor import Predictor
+from medseg.inference.configurations import ConfigurationEnsemble
+from medseg.inference.predictor import LabelMapPredictor, Predictor
 from medseg.inference.series import predict_series
 from medseg.layout import META_FILE, PLAN_FILE
 from medseg.plan import Plan
 
-__all__ = ["InferenceOptions", "InferencePipeline", "inference_pipeline", "predict", "predict_dicom", "prediction_settings"]
+__all__ = ["InferenceOptions", "InferencePipeline", "bundle_predictor", "inference_pipeline", "predict", "predict_dicom",
+           "prediction_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +170,34 @@ def inference_pipeline(bundle_dir: str | os.PathLike[str], options: InferenceOpt
     return pipeline
 
 
+def bundle_predictor(bundle_dir: str | os.PathLike[str], options: InferenceOptions = InferenceOptions()
+                     ) -> tuple[Plan, Callable[[], LabelMapPredictor]]:
+    """``(plan, the factory of its predictor)`` of a bundle: its :class:`InferencePipeline`'s, or when the bundle is an
+    ensemble across configurations (``configs/ensemble.json``, :mod:`medseg.bundle.ensembles`) a
+    :class:`~medseg.inference.configurations.ConfigurationEnsemble` of it and its members (each checked and parsed
+    as a bundle of its own) with the ensemble's postprocessing rules. Everything is checked here, before any input.
+
+    Raises
+    ------
+    BundleError, InputError
+        As :func:`inference_pipeline` (for every member), a bad ensemble file, or members of another task.
+    """
+    pipeline = inference_pipeline(bundle_dir, options)
+    ensemble = read_ensemble(bundle_dir)
+    if ensemble is None:
+        return pipeline.plan, pipeline.predictor
+    folders, rules = ensemble
+    members = [inference_pipeline(folder, options) for folder in folders]
+
+    def load_ensemble() -> ConfigurationEnsemble:
+        try:
+            return ConfigurationEnsemble([pipeline.predictor(), *(member.predictor() for member in members)], rules)
+        except ValueError as exc:
+            raise BundleError(f"{Path(bundle_dir) / ENSEMBLE_FILE}: {exc}") from None
+
+    return pipeline.plan, load_ensemble
+
+
 def predict(bundle_dir: str | os.PathLike[str], input_path: str | os.PathLike[str], output_dir: str | os.PathLike[str],
             options: InferenceOptions = InferenceOptions(), *, overwrite: bool = False, instances: bool = False,
             instance_labels: Sequence[int] | None = None, strict: bool = False, shard: Shard | None = None
@@ -181,8 +212,8 @@ def predict(bundle_dir: str | os.PathLike[str], input_path: str | os.PathLike[st
     InputError, BundleError
         As :func:`inference_pipeline` and :func:`~medseg.inference.cohort.predict_files`.
     """
-    pipeline = inference_pipeline(bundle_dir, options)
-    return predict_files(pipeline.plan, pipeline.predictor, input_path, output_dir, overwrite=overwrite,
+    plan, load_predictor = bundle_predictor(bundle_dir, options)
+    return predict_files(plan, load_predictor, input_path, output_dir, overwrite=overwrite,
                          instances=instances, instance_labels=instance_labels, strict=strict, model=bundle_dir,
                          shard=shard, settings=prediction_settings(bundle_dir, options))
 
@@ -207,7 +238,7 @@ def predict_dicom(bundle_dir: str | os.PathLike[str], input_path: str | os.PathL
     DicomError, InputError, BundleError
         As :func:`inference_pipeline` and :func:`~medseg.inference.series.predict_series`.
     """
-    pipeline = inference_pipeline(bundle_dir, options)
-    return predict_series(pipeline.plan, pipeline.predictor, bundle_dir, input_path, output_dir, fmt=fmt,
+    plan, load_predictor = bundle_predictor(bundle_dir, options)
+    return predict_series(plan, load_predictor, bundle_dir, input_path, output_dir, fmt=fmt,
                           series_uid=series_uid, modality=modality, min_slices=min_slices, description=description,
                           overwrite=overwrite, strict=strict, seg_description=seg_description)

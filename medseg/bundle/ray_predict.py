@@ -10,10 +10,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from medseg.bundle.pipeline import InferenceOptions, inference_pipeline, prediction_settings
+from medseg.bundle.pipeline import InferenceOptions, bundle_predictor, prediction_settings
 from medseg.inference.cases import Shard
 from medseg.inference.cohort import _instance_values
-from medseg.inference.predictor import Predictor
+from medseg.inference.predictor import LabelMapPredictor
 from medseg.inference.ray_engine import RayOptions, predict_files_ray
 
 __all__ = ["pipeline_predictor", "predict_ray"]
@@ -21,15 +21,15 @@ __all__ = ["pipeline_predictor", "predict_ray"]
 _SERIAL_DEFAULTS, _RAY_DEFAULTS = InferenceOptions(), RayOptions()
 
 
-def pipeline_predictor(bundle_dir: str, options: InferenceOptions) -> Predictor:
+def pipeline_predictor(bundle_dir: str, options: InferenceOptions) -> LabelMapPredictor:
     """The bundle's predictor, as ``medseg predict`` builds it (run once in each Ray worker).
 
     Raises
     ------
     BundleError, InputError
-        As :func:`~medseg.bundle.pipeline.inference_pipeline` and its ``predictor()``.
+        As :func:`~medseg.bundle.pipeline.bundle_predictor` and its factory.
     """
-    return inference_pipeline(bundle_dir, options).predictor()
+    return bundle_predictor(bundle_dir, options)[1]()
 
 
 def predict_ray(bundle_dir: str | os.PathLike[str], input_path: str | os.PathLike[str],
@@ -45,15 +45,15 @@ def predict_ray(bundle_dir: str | os.PathLike[str], input_path: str | os.PathLik
     Raises
     ------
     InputError, BundleError, MedsegError
-        As :func:`~medseg.bundle.pipeline.inference_pipeline` and
+        As :func:`~medseg.bundle.pipeline.bundle_predictor` and
         :func:`~medseg.inference.ray_engine.predict_files_ray`.
     """
     ray_options.check()
-    pipeline = inference_pipeline(bundle_dir, dataclasses.replace(options, device="cpu", progress=False))
-    values = _instance_values(pipeline.plan, Path(bundle_dir), instance_labels) if instances else None
+    plan, _ = bundle_predictor(bundle_dir, dataclasses.replace(options, device="cpu", progress=False))
+    values = _instance_values(plan, Path(bundle_dir), instance_labels) if instances else None
     device = "cuda" if ray_options.gpus_per_worker > 0 and options.device == "cpu" else options.device
     worker_options = dataclasses.replace(options, device=device, progress=False)
     factory = functools.partial(pipeline_predictor, os.path.abspath(bundle_dir), worker_options)
-    return predict_files_ray(pipeline.plan, factory, input_path, output_dir, ray_options, overwrite=overwrite,
+    return predict_files_ray(plan, factory, input_path, output_dir, ray_options, overwrite=overwrite,
                              instance_values=values, strict=strict, shard=shard,
                              settings=prediction_settings(bundle_dir, options))

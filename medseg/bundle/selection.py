@@ -1,24 +1,32 @@
 """``medseg select RUN [RUN ...]``: the configuration, ensemble and postprocessing chosen on out-of-fold Dice.
 
 Each ``RUN`` is a cross-validation run of ``medseg train --fold all`` (one configuration each: a 2d, a 3d_fullres
-plan, ...). The run with the highest mean out-of-fold Dice is chosen; its trained folds become one ensemble (their
-probabilities averaged block by block by the bounded-memory inferer); largest-component postprocessing is kept
-only where it raises the out-of-fold Dice (:func:`medseg.inference.postprocess.choose_rules`). The chosen run
-folder then is a bundle of that ensemble::
+plan, ...). Each run is scored by its mean out-of-fold Dice; so is every pair of runs whose folds held out the same
+cases: each held-out case is predicted by that fold of both runs, their probabilities resampled to the case's grid
+and averaged (:class:`~medseg.inference.configurations.ConfigurationEnsemble`), into
+``FIRST/cv/ensembles/<SECOND>/`` (nnU-Net's ``find_best_configuration`` compares pairs of configurations the same
+way, from saved probabilities). The best of runs and pairs is chosen (a pair only when it beats every run);
+its trained folds become one ensemble (their probabilities averaged block by block by the bounded-memory
+inferer); largest-component postprocessing is kept only where it raises the out-of-fold Dice
+(:func:`medseg.inference.postprocess.choose_rules`). The chosen run folder then is a bundle of that ensemble::
 
     RUN/configs/plan.json             the folds' plan
     RUN/configs/inference.json        medseg's inference config with the fold ensemble (``fold_ensemble``,
                                       ``members``) and the postprocessing rules in its ``postprocessing``
     RUN/configs/postprocessing.json   the rules and the figures they were chosen on
-    RUN/configs/selection.json        every run compared, its out-of-fold Dice, and what was chosen
+    RUN/configs/selection.json        every run and pair compared, its out-of-fold Dice, and what was chosen
     RUN/configs/metadata.json, logging.conf, docs/README.md
 
-so ``medseg predict --model RUN`` (and ``python -m monai.bundle run`` on its inference.json) runs the chosen
-ensemble and postprocessing. Selecting again rewrites these files; nothing else in the runs is changed.
+and, when a pair won, the other run's folds copied into it with the pair's own rules
+(:mod:`medseg.bundle.ensembles`: ``configs/ensemble.json``, ``members/<RUN>``): ``medseg predict --model RUN`` runs
+the chosen ensemble and postprocessing, the pair included; ``python -m monai.bundle run`` on its inference.json
+runs the run's own folds (with the rules chosen for them alone). Selecting again rewrites these files; nothing
+else in the runs is changed.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,7 +38,11 @@ import numpy as np
 
 from medseg.bundle.create import inference_config, metadata, readme
 from medseg.bundle.crossval import fold_dir, fold_records
+from medseg.bundle.ensembles import copy_member, remove_ensemble, write_ensemble
+from medseg.bundle.pipeline import InferencePipeline, inference_pipeline
 from medseg.errors import InputError
+from medseg.inference.cohort import predict_files
+from medseg.inference.configurations import ConfigurationEnsemble
 from medseg.inference.postprocess import PostprocessingRules, choose_rules, label_map_pairs, write_rules
 from medseg.io.atomic import atomic_write_text
 from medseg.layout import PLAN_FILE, POSTPROCESSING_FILE
@@ -85,7 +97,7 @@ def _oof_pairs(run: Path, records: list[dict[str, Any]]) -> list[tuple[str, Path
 
 
 def select_runs(runs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
-    """Choose among the cross-validation ``runs`` and write the chosen one's ensemble bundle (module docstring);
+    """Choose among the cross-validation ``runs`` and their pairs, and write the chosen bundle (module docstring);
     returns what ``configs/selection.json`` holds.
 
     Raises
@@ -109,18 +121,99 @@ def select_runs(runs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
     labels = [value for value in plan.labels if value != 0]
     rules = choose_rules(label_map_pairs(_oof_pairs(run, records), plan.labels), labels,
                          source=f"{run.name}/cv/predictions")
-    selection = {
+    pairs = _pairs(scored, labels)
+    best_pair = max(pairs, key=lambda item: item["oof_mean_dice"], default=None)
+    selection: dict[str, Any] = {
         "runs": [{"run": str(r), "configuration": p.configuration, "folds": [int(x["fold"]) for x in recs],
                   "oof_mean_dice": round(s, 5)} for r, s, recs, p in scored],
+        "pairs": [{key: value for key, value in pair.items() if key != "rules"} for pair in pairs],
         "chosen": {"run": str(run), "configuration": plan.configuration, "folds": folds, "oof_mean_dice": round(score, 5),
                    "ensemble": f"the {len(folds)} fold model(s), probabilities averaged block by block",
                    "postprocessing": _describe(rules),
                    "oof_mean_dice_postprocessed": rules.evidence["mean_dice"]["chosen"]},
-        "note": "out-of-fold Dice: each training case predicted by the fold that held it out; the ensemble's own "
-                "out-of-fold Dice cannot be measured (every case has one out-of-fold model)",
+        "note": "out-of-fold Dice: each training case predicted by the fold that held it out (a pair: by that fold of "
+                "both runs, their probabilities averaged); the fold ensemble's own out-of-fold Dice cannot be "
+                "measured (every case has one out-of-fold model)",
     }
+    if best_pair is not None and best_pair["oof_mean_dice"] > score:
+        first, second = (Path(r) for r in best_pair["runs"])
+        run, records, plan = next((r, recs, p) for r, _, recs, p in scored if r == first)
+        folds = [int(record["fold"]) for record in records]
+        member_plan = next(p for r, _, _, p in scored if r == second)
+        pair_rules: PostprocessingRules = best_pair["rules"]
+        own = choose_rules(label_map_pairs(_oof_pairs(run, records), plan.labels), labels,
+                           source=f"{run.name}/cv/predictions")
+        selection["chosen"] = {
+            "run": str(run), "members": [str(first), str(second)],
+            "configuration": f"{plan.configuration} + {member_plan.configuration}", "folds": folds,
+            "oof_mean_dice": best_pair["oof_mean_dice"],
+            "ensemble": f"the {len(folds)} fold model(s) of each run, each run's probabilities averaged block by "
+                        "block, the two runs' resampled to the input grid and averaged class by class",
+            "postprocessing": _describe(pair_rules),
+            "oof_mean_dice_postprocessed": pair_rules.evidence["mean_dice"]["chosen"],
+            "bundle_door": f"python -m monai.bundle run on {first.name} runs its own folds only, with "
+                           f"{_describe(own)}",
+        }
+        _write_bundle(run, plan, folds, own, selection)
+        relative = copy_member(run, second, folds, _member_files(member_plan, folds))
+        write_ensemble(run, [relative], pair_rules)
+        return selection
     _write_bundle(run, plan, folds, rules, selection)
+    remove_ensemble(run)
     return selection
+
+
+def _member_files(plan: Plan, folds: list[int]) -> dict[str, str]:
+    """A member's plan and inference config (its fold ensemble, no postprocessing: the ensemble has its own)."""
+    return {PLAN_FILE.as_posix(): json.dumps(plan.to_json(), indent=2) + "\n",
+            "configs/inference.json": json.dumps(ensemble_inference_config(folds, False), indent=2) + "\n"}
+
+
+def _pairs(scored: list[tuple[Path, float, list[dict[str, Any]], Plan]], labels: list[int]) -> list[dict[str, Any]]:
+    """Every pair of runs whose folds held out the same cases: their out-of-fold ensemble (each case predicted by
+    that fold of both runs, :class:`~medseg.inference.configurations.ConfigurationEnsemble`) into
+    ``FIRST/cv/ensembles/<SECOND>/``, its mean Dice and the postprocessing chosen on it."""
+    found = []
+    for i, (first, _, records, plan) in enumerate(scored):
+        for second, _, other, _ in scored[i + 1:]:
+            if _held_out(records) != _held_out(other):
+                log.info("%s and %s: their folds hold out different cases; not ensembled", first, second)
+                continue
+            pairs = _pair_predictions(first, second, records)
+            rules = choose_rules(label_map_pairs(pairs, plan.labels), labels,
+                                 source=f"{first.name}/cv/ensembles/{second.name}")
+            score = float(rules.evidence["mean_dice"]["none"])
+            log.info("%s + %s: out-of-fold mean Dice %.4f", first, second, score)
+            found.append({"runs": [str(first), str(second)], "oof_mean_dice": score,
+                          "postprocessing": _describe(rules), "rules": rules,
+                          "oof_mean_dice_postprocessed": rules.evidence["mean_dice"]["chosen"]})
+    return found
+
+
+def _ensemble_of(pipelines: list[InferencePipeline]) -> ConfigurationEnsemble:
+    return ConfigurationEnsemble([pipeline.predictor() for pipeline in pipelines])
+
+
+def _held_out(records: list[dict[str, Any]]) -> dict[int, list[str]]:
+    return {int(record["fold"]): sorted(case["case"] for case in record["cases"]) for record in records}
+
+
+def _pair_predictions(first: Path, second: Path, records: list[dict[str, Any]]) -> list[tuple[str, Path, Path]]:
+    """``(case, prediction, reference)`` of every held-out case, predicted by the two runs' models of its fold."""
+    out = first / "cv" / "ensembles" / second.name
+    references = {case["case"]: Path(case["reference"]) for record in records for case in record["cases"]}
+    found: list[tuple[str, Path, Path]] = []
+    for record in records:
+        fold = int(record["fold"])
+        pipelines = [inference_pipeline(fold_dir(run, fold)) for run in (first, second)]
+        outputs = predict_files(
+            pipelines[0].plan, functools.partial(_ensemble_of, pipelines),
+            first / "cv" / f"fold_{fold}_cases.csv", out, model=fold_dir(first, fold),
+            settings={"ensemble": [str(fold_dir(first, fold)), str(fold_dir(second, fold))]})
+        for output in outputs:
+            case = output.name[: output.name.index("_seg.")]
+            found.append((case, output, references[case]))
+    return found
 
 
 def _describe(rules: PostprocessingRules) -> str:

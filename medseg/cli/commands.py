@@ -254,8 +254,12 @@ def cmd_select(args: argparse.Namespace) -> int:
     selection = select_runs(args.runs)
     for run in selection["runs"]:
         print(f"{run['run']}: {run['configuration']}, folds {run['folds']}, out-of-fold mean Dice {run['oof_mean_dice']}")
+    for pair in selection.get("pairs", []):
+        print(f"{' + '.join(pair['runs'])}: out-of-fold mean Dice {pair['oof_mean_dice']:.5f}")
     chosen = selection["chosen"]
-    print(f"chosen: {chosen['run']} (ensemble of folds {chosen['folds']}; postprocessing: {chosen['postprocessing']}; "
+    what = (f"ensemble of {' and '.join(chosen['members'])}, folds {chosen['folds']} each" if chosen.get("members")
+            else f"ensemble of folds {chosen['folds']}")
+    print(f"chosen: {chosen['run']} ({what}; postprocessing: {chosen['postprocessing']}; "
           f"out-of-fold mean Dice {chosen['oof_mean_dice_postprocessed']}); predict with medseg predict --model "
           f"{chosen['run']}")
     return 0

@@ -33,7 +33,7 @@ from typing import Any
 
 from medseg.errors import InputError
 from medseg.inference.cases import InputCase, Shard, collect_cases, shard_cases
-from medseg.inference.predictor import Predictor, channel_plan, check_fit, lesion_labels
+from medseg.inference.predictor import LabelMapPredictor, channel_plan, check_fit, lesion_labels
 from medseg.io.atomic import atomic_write_text
 from medseg.io.image import SourceImage, image_suffix, read_source
 from medseg.plan import Plan
@@ -262,7 +262,7 @@ def read_case(plan: Plan, case: InputCase, strict: bool = False) -> list[SourceI
     return sources
 
 
-def predict_case(plan: Plan, predictor: Predictor, item: CohortCase, journal: CaseJournal, *,
+def predict_case(plan: Plan, predictor: LabelMapPredictor, item: CohortCase, journal: CaseJournal, *,
                  sources: list[SourceImage] | None = None, strict: bool = False,
                  instance_values: Sequence[int] | None = None, read_seconds: float | None = None) -> None:
     """Predict one case (read here unless ``sources`` holds its channels, read in ``read_seconds``) and write its
@@ -300,7 +300,7 @@ def _instance_values(plan: Plan, model: Path | None, instance_labels: Sequence[i
     return values
 
 
-def predict_files(plan: Plan, load_predictor: Callable[[], Predictor], input_path: str | os.PathLike[str],
+def predict_files(plan: Plan, load_predictor: Callable[[], LabelMapPredictor], input_path: str | os.PathLike[str],
                   output_dir: str | os.PathLike[str], *, overwrite: bool = False, instances: bool = False,
                   instance_labels: Sequence[int] | None = None, strict: bool = False,
                   model: str | os.PathLike[str] | None = None, shard: Shard | None = None,

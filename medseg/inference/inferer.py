@@ -280,15 +280,21 @@ class InvertPredictiond(MapTransform):
         return Invertd(keys=key, transform=self.transform, orig_keys=self.orig_keys, nearest_interp=nearest,
                        to_tensor=True)
 
+    def native_channel(self, d: Mapping[Hashable, Any], key: Hashable, channel: int) -> torch.Tensor:
+        """Channel ``channel`` of the probabilities at ``key``, resampled linearly to the input's grid ``(1, *spatial)``
+        float32 (one channel in memory, whatever the classes)."""
+        pred = d[key]
+        meta = pred.meta if isinstance(pred, MetaTensor) else {}
+        one = MetaTensor(torch.as_tensor(pred[channel : channel + 1]).to(torch.float32), meta=dict(meta))
+        return self._invert(key, False)({**d, key: one})[key]
+
     def _by_class(self, d: dict[Hashable, Any], key: Hashable) -> torch.Tensor:
         """Linear inversion and argmax one class at a time (first maximum on ties, as argmax); with regions,
         each region painted where its resampled probability exceeds 0.5, in order."""
-        pred, invert = d[key], self._invert(key, False)
-        meta = pred.meta if isinstance(pred, MetaTensor) else {}
+        pred = d[key]
         best = labels = None
         for c in range(pred.shape[0]):
-            channel = MetaTensor(torch.as_tensor(pred[c : c + 1]).to(torch.float32), meta=dict(meta))
-            native = invert({**d, key: channel})[key]
+            native = self.native_channel(d, key, c)
             if self.regions:
                 if labels is None:
                     labels = torch.zeros(native.shape, dtype=torch.float32)

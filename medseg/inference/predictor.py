@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import SimpleITK as sitk
@@ -115,6 +115,18 @@ class LoadedImage:
     @property
     def geometry(self) -> Geometry:
         return self.source.geometry
+
+
+class LabelMapPredictor(Protocol):
+    """What the cohort, series and Ray engines use of a predictor: :class:`Predictor`, or an ensemble across
+    configurations (:class:`medseg.inference.configurations.ConfigurationEnsemble`)."""
+
+    def load(self, image: Any, name: str = "image") -> LoadedImage: ...
+
+    def infer(self, loaded: LoadedImage) -> np.ndarray: ...
+
+    def write(self, labels: np.ndarray, source: Any, output_path: Path, instances_path: Path | None = None,
+              instance_labels: Sequence[int] | None = None, min_lesion_ml: float = 0.0) -> Path: ...
 
 
 class Predictor:

@@ -44,7 +44,7 @@ import numpy as np
 from medseg.errors import InputError, MedsegError, one_line
 from medseg.inference.cases import Shard
 from medseg.inference.cohort import JOURNAL_FOLDER, CaseJournal, CohortCase, cohort_cases, predict_case, read_case
-from medseg.inference.predictor import Predictor
+from medseg.inference.predictor import LabelMapPredictor
 from medseg.plan import Plan
 
 __all__ = ["FAULT_FILE_ENV", "CasePredictor", "RayOptions", "import_ray", "predict_files_ray"]
@@ -121,7 +121,7 @@ class CasePredictor:
     """The predict stage, one instance an actor: the bundle's predictor built once, then each case predicted and
     written through the journal (:func:`~medseg.inference.cohort.predict_case`)."""
 
-    def __init__(self, plan: Plan, load_predictor: Callable[[], Predictor], output_dir: str,
+    def __init__(self, plan: Plan, load_predictor: Callable[[], LabelMapPredictor], output_dir: str,
                  settings: Mapping[str, Any], strict: bool, instance_values: Sequence[int] | None,
                  threads: int, fault_file: str | None = None) -> None:
         import torch
@@ -226,7 +226,7 @@ def _ray_session(ray: ModuleType, options: RayOptions) -> Iterator[None]:
         ray.shutdown()
 
 
-def predict_files_ray(plan: Plan, load_predictor: Callable[[], Predictor], input_path: str | os.PathLike[str],
+def predict_files_ray(plan: Plan, load_predictor: Callable[[], LabelMapPredictor], input_path: str | os.PathLike[str],
                       output_dir: str | os.PathLike[str], options: RayOptions = RayOptions(), *,
                       overwrite: bool = False, instance_values: Sequence[int] | None = None, strict: bool = False,
                       shard: Shard | None = None, settings: Mapping[str, Any] | None = None) -> list[Path]:
@@ -267,7 +267,7 @@ def predict_files_ray(plan: Plan, load_predictor: Callable[[], Predictor], input
     return label_maps
 
 
-def _run(ray: ModuleType, plan: Plan, load_predictor: Callable[[], Predictor], todo: list[CohortCase],
+def _run(ray: ModuleType, plan: Plan, load_predictor: Callable[[], LabelMapPredictor], todo: list[CohortCase],
          output_dir: Path, options: RayOptions, settings: dict[str, Any], instance_values: Sequence[int] | None,
          strict: bool) -> list[str]:
     """Run the two stages over ``todo`` and log each case as it comes back; returns the failures."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import BundleError, DicomError, InputError
-from medseg.inference.predictor import Predictor, check_fit
+from medseg.inference.predictor import LabelMapPredictor, check_fit
 from medseg.io.image import SourceImage, label_map_name, write_label_map
 from medseg.layout import META_FILE
 from medseg.logs import held_info
@@ -62,7 +62,7 @@ def bundle_metadata(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def predict_series(plan: Plan, load_predictor: Callable[[], Predictor], run_dir: str | os.PathLike[str],
+def predict_series(plan: Plan, load_predictor: Callable[[], LabelMapPredictor], run_dir: str | os.PathLike[str],
                    input_path: str | os.PathLike[str], output_dir: str | os.PathLike[str], *, fmt: str = "nifti",
                    series_uid: str | None = None, modality: str | None = None, min_slices: int = 1,
                    description: str | None = None, overwrite: bool = False, strict: bool = False,

@@ -169,3 +169,70 @@ def test_select_refuses_a_folder_that_is_no_cross_validation_run(tmp_path: Path,
     assert main(["--quiet", "select", str(tmp_path / "missing")]) == 2
     assert "no such cross-validation run folder" in capsys.readouterr().err
     assert list((tmp_path / "plain").iterdir()) == []
+
+
+def test_select_ensembles_two_configurations_and_predict_runs_the_pair(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs of other spacings and patches: their out-of-fold pair ensemble is scored; when it wins (forced
+    here by scoring the single runs 0), the chosen run becomes a bundle of both, self-contained, that
+    ``medseg predict`` runs as the pair while the MONAI door runs the run's own folds."""
+    from medseg.bundle import selection
+    from medseg.bundle.ensembles import read_ensemble
+    from medseg.bundle.pipeline import inference_pipeline
+    from medseg.inference.configurations import ConfigurationEnsemble
+
+    data = tmp_path / "data"
+    write_dataset(data, modality="ct", cases=8, seed=7, size=32)
+    fine, coarse = tmp_path / "fine", tmp_path / "coarse"
+    assert _train(data, fine, "0,1") == 0
+    assert _train(data, coarse, "0,1", "--spacing", "3,3,3", "--patch-size", "16,16,16") == 0
+    assert load_plan(fine / "fold_0").target_spacing != load_plan(coarse / "fold_0").target_spacing
+    real = selection._oof_score
+    monkeypatch.setattr(selection, "_oof_score", lambda run: (0.0, real(run)[1]))
+    capsys.readouterr()
+    assert main(["--quiet", "select", str(fine), str(coarse)]) == 0
+    chosen = json.loads((fine / "configs" / "selection.json").read_text())
+    [pair] = chosen["pairs"]
+    assert pair["runs"] == [str(fine), str(coarse)] and chosen["chosen"]["members"] == pair["runs"]
+    predictions = fine / "cv" / "ensembles" / "coarse"
+    held = _held_out(fine, 0) + _held_out(fine, 1)
+    assert sorted(p.name for p in predictions.glob("*.nii.gz")) == sorted(f"{c}_seg.nii.gz" for c in held)
+    # the pair's out-of-fold Dice is medseg evaluate's of those predictions (Dice 1 where a label is absent from both)
+    references = tmp_path / "references"
+    references.mkdir()
+    for case in held:
+        shutil.copy(data / "labelsTr" / f"{case}.nii.gz", references)
+    evaluation = score_folders(predictions, references, labels=load_plan(fine / "fold_0").labels)
+    per_label = [float(np.mean(values)) for values in evaluation.dice_by_label().values()]
+    assert pair["oof_mean_dice"] == pytest.approx(float(np.mean(per_label)), abs=1e-4)
+
+    members, rules = read_ensemble(fine)
+    assert members == [(fine / "members" / "coarse").resolve()]
+    shutil.rmtree(coarse)  # the bundle is self-contained: the other run's folder is no longer needed
+    out, door = tmp_path / "pair", tmp_path / "door"
+    assert main(["--quiet", "predict", "--model", str(fine), "--input", str(data / "imagesTs"), "--output", str(out)]) == 0
+    ensemble = ConfigurationEnsemble([inference_pipeline(fine).predictor(), inference_pipeline(members[0]).predictor()],
+                                     rules)
+    assert main(["--quiet", "bundle", "run", str(fine), "--set", f"dataset_dir={data}", "--set", f"output_dir={door}"]) == 0
+    for image in sorted((data / "imagesTs").glob("*.nii.gz")):
+        name = image.name.replace(".nii.gz", "_seg.nii.gz")
+        labels = _labels(out / name)
+        np.testing.assert_array_equal(labels, ensemble.infer(ensemble.load(image)))
+        assert read_geometry(out / name).mismatch(read_geometry(image)) is None
+    # the MONAI door: the run's own folds with their own rules
+    own = tmp_path / "own"
+    (fine / "configs" / "ensemble.json").rename(tmp_path / "ensemble.json")
+    assert main(["--quiet", "predict", "--model", str(fine), "--input", str(data / "imagesTs"), "--output", str(own)]) == 0
+    for name in (p.name for p in own.glob("*.nii.gz")):
+        np.testing.assert_array_equal(_labels(own / name), _labels(door / name))
+    assert any((_labels(own / p.name) != _labels(p)).any() for p in out.glob("*.nii.gz"))  # the pair is not one run
+
+    # an ensemble file pointing outside the bundle is refused before any input is read
+    (tmp_path / "ensemble.json").write_text(json.dumps({"format": "medseg-ensemble/1", "members": ["../data"]}))
+    (tmp_path / "ensemble.json").rename(fine / "configs" / "ensemble.json")
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    assert main(["--quiet", "predict", "--model", str(fine), "--input", str(data / "imagesTs"), "--output", str(refused)]) == 2
+    err = capsys.readouterr().err
+    assert "member '../data' is not a folder inside the bundle" in err and len(err.strip().splitlines()) == 1
+    assert not refused.exists()
