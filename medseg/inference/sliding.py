@@ -242,6 +242,8 @@ def slab_sliding_window(
                 first = 0
                 for part in parts:
                     out = _forward(part, batch, None, geometry.window, axes)
+                    if out.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr():
+                        out = out.clone()  # weighted in place: the next member needs the window as it was
                     merger.add(out, group[0], first)
                     first += out.shape[1]
                     del out

@@ -121,3 +121,13 @@ def test_a_small_budget_cuts_the_ensemble_into_strips_and_tiles_with_the_same_re
     joined = slab_sliding_window(image, ROI, ModelEnsemble(parts), CLASSES, probabilities_in_memory=True,
                                  members=3, buffer_bytes=1, **kw)
     assert abs(joined.probabilities - tiled.probabilities).max() < 1e-6
+
+
+def test_a_member_returning_its_window_does_not_change_what_the_next_member_sees() -> None:
+    from medseg.inference.sliding import slab_sliding_window
+
+    image = torch.randn(1, 2, 24, 20, 18, generator=torch.Generator().manual_seed(5))
+    one = slab_sliding_window(image, ROI, lambda x: x, 2, probabilities_in_memory=True, sw_batch_size=1)
+    two = slab_sliding_window(image, ROI, [lambda x: x, lambda x: x], 2, probabilities_in_memory=True,
+                              sw_batch_size=1, members=2)
+    assert abs(two.probabilities - one.probabilities).max() < 1e-6
