@@ -136,13 +136,14 @@ def select_runs(runs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
                 "measured (every case has one out-of-fold model)",
     }
     if best_pair is not None and best_pair["oof_mean_dice"] > score:
-        first, second = (Path(r) for r in best_pair["runs"])
-        run, records, plan = next((r, recs, p) for r, _, recs, p in scored if r == first)
+        # the bundle lives in the better run of the pair (what the MONAI door runs alone); the other is copied in
+        host, other = sorted((item for item in scored if str(item[0]) in best_pair["runs"]), key=lambda item: -item[1])
+        first, second = host[0], other[0]
+        own = rules if first == run else choose_rules(label_map_pairs(_oof_pairs(first, host[2]), host[3].labels),
+                                                      labels, source=f"{first.name}/cv/predictions")
+        run, records, plan, member_plan = first, host[2], host[3], other[3]
         folds = [int(record["fold"]) for record in records]
-        member_plan = next(p for r, _, _, p in scored if r == second)
         pair_rules: PostprocessingRules = best_pair["rules"]
-        own = choose_rules(label_map_pairs(_oof_pairs(run, records), plan.labels), labels,
-                           source=f"{run.name}/cv/predictions")
         selection["chosen"] = {
             "run": str(run), "members": [str(first), str(second)],
             "configuration": f"{plan.configuration} + {member_plan.configuration}", "folds": folds,
@@ -155,7 +156,8 @@ def select_runs(runs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
                            f"{_describe(own)}",
         }
         _write_bundle(run, plan, folds, own, selection)
-        relative = copy_member(run, second, folds, _member_files(member_plan, folds))
+        member_folds = [int(record["fold"]) for record in other[2]]
+        relative = copy_member(run, second, member_folds, _member_files(member_plan, member_folds))
         write_ensemble(run, [relative], pair_rules)
         return selection
     _write_bundle(run, plan, folds, rules, selection)
