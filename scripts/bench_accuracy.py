@@ -369,6 +369,7 @@ def crossval_nnunet(data: Path, raw: RawDataset, peer: Peer, work: Path, minutes
               "oof_mean_dice": _number(oof_summary.get("mean_dice_foreground")),
               "oof_mean_dice_nnunet": _number(best.get("result_on_crossval_pre_pp")),
               "oof_mean_dice_postprocessed_nnunet": _number(best.get("result_on_crossval_post_pp")),
+              "postprocessing": nnunet_postprocessing(merged / "postprocessing.json"),
               "fold0_mean_dice": _number(fold0.get("mean_dice_foreground")), "fold0_dice": _label_dice(fold0),
               "stopped_by": sorted({str(t.get("stopped_by")) for t in trainers}),
               "validation": f"nnU-Net's {folds}-fold split, validated by nnUNetv2_train, chosen by "
@@ -383,6 +384,15 @@ def crossval_nnunet(data: Path, raw: RawDataset, peer: Peer, work: Path, minutes
         (pred / extra).unlink(missing_ok=True)  # copied beside the label maps by nnU-Net
     record.update(predict_seconds=seconds, ensemble=f"{folds} folds + postprocessing (find_best_configuration)")
     return record, evaluate(pred, raw, data, work / "eval" / "nnunet-ensemble", peer.threads, logs, "nnunet", cores)
+
+
+def nnunet_postprocessing(path: Path) -> str:
+    """What ``nnUNetv2_find_best_configuration`` chose (its ``postprocessing.json``), e.g.
+    ``remove_all_but_largest_component_from_segmentation(labels_or_regions=4)``; ``none`` for no step."""
+    chosen = read_json(path, "nnU-Net's postprocessing choice")
+    steps = [f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+             for name, kwargs in zip(chosen.get("postprocessing_fns", []), chosen.get("postprocessing_kwargs", []))]
+    return ", ".join(steps) or "none"
 
 
 def core_sets(jobs: int, threads: int) -> list[frozenset[int] | None]:
