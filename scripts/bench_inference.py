@@ -14,7 +14,8 @@ its count map). medseg refuses by itself, up front, when its buffer cannot fit.
 
 ``--models 1,5`` also runs medseg on ensembles of K copies of the network (different random weights;
 :class:`medseg.networks.ensemble.ModelEnsemble` inferred with ``SlabInferer(members=K)``, probabilities
-averaged block by block), records with ``models``; MONAI runs single models only. The summary prints each
+averaged block by block), records with ``models``; MONAI runs single models only. ``--ensemble-buffer-mb M``
+gives the ensembles (not the single model) a buffer budget of M MiB (records ``buffer_mib``). The summary prints each
 ensemble's time and memory above baseline against medseg's single model in the same run.
 
     .venv/bin/python scripts/bench_inference.py [--network unet|dynunet] [--depth 400]
@@ -93,6 +94,10 @@ def worker(impl: str, classes: int, args: argparse.Namespace, models: int = 1) -
                               "precision": precision, "baseline_rss_gb": round(baseline, 3), "fits": True,
                               "roi": list(args.roi), "overlap": args.overlap, "sw_batch_size": args.sw_batch_size,
                               "models": models}
+    buffer_bytes = None
+    if models > 1 and args.ensemble_buffer_mb is not None:
+        buffer_bytes = int(args.ensemble_buffer_mb * (1 << 20))
+        record["buffer_mib"] = args.ensemble_buffer_mb
     started = time.perf_counter()
     with torch.inference_mode():
         if impl == "monai":
@@ -105,7 +110,7 @@ def worker(impl: str, classes: int, args: argparse.Namespace, models: int = 1) -
             from medseg.inference.inferer import SlabInferer
 
             inferer = SlabInferer(args.roi, classes, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                                  output="labels", precision=precision, members=models)
+                                  output="labels", precision=precision, members=models, buffer_bytes=buffer_bytes)
             labels = inferer(volume, network)
     seconds = time.perf_counter() - started
     voxels = shape[0] * shape[1] * shape[2]
@@ -156,6 +161,8 @@ def run_one(impl: str, classes: int, args: argparse.Namespace, models: int = 1) 
            "--roi", ",".join(map(str, args.roi)), "--overlap", str(args.overlap), "--network", args.network,
            "--sw-batch-size", str(args.sw_batch_size), "--threads", str(args.threads), "--precision", args.precision,
            "--models", str(models)]
+    if args.ensemble_buffer_mb is not None:
+        cmd += ["--ensemble-buffer-mb", str(args.ensemble_buffer_mb)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         return {**base, "fits": False, "error": (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]}
@@ -178,6 +185,9 @@ def main() -> int:
                         help="also report the argmax agreement of --precision against float32 with this trained "
                              "bundle on synthetic phantoms of its modality")
     parser.add_argument("--models", default="1", help="ensemble sizes K run by medseg, e.g. 1,5 (default: 1)")
+    parser.add_argument("--ensemble-buffer-mb", type=float, default=None,
+                        help="medseg's buffer budget in MiB for ensembles (--models above 1; default: the inferer's, "
+                             "96 MiB on the CPU): a larger one sweeps fewer strips, computing fewer windows twice")
     parser.add_argument("--json", default=None, help="write the records to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
