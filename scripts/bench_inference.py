@@ -15,7 +15,8 @@ its count map). medseg refuses by itself, up front, when its buffer cannot fit.
 ``--models 1,5`` also runs medseg on ensembles of K copies of the network (different random weights;
 :class:`medseg.networks.ensemble.ModelEnsemble` inferred with ``SlabInferer(members=K)``, probabilities
 averaged block by block), records with ``models``; MONAI runs single models only. ``--ensemble-buffer-mb M``
-gives the ensembles (not the single model) a buffer budget of M MiB (records ``buffer_mib``). The summary prints each
+gives the ensembles (not the single model) a buffer budget of M MiB instead of the inferer's (220 MiB on the CPU;
+records ``buffer_mib``). The summary prints each
 ensemble's time and memory above baseline against medseg's single model in the same run.
 
     .venv/bin/python scripts/bench_inference.py [--network unet|dynunet] [--depth 400]
@@ -187,7 +188,8 @@ def main() -> int:
     parser.add_argument("--models", default="1", help="ensemble sizes K run by medseg, e.g. 1,5 (default: 1)")
     parser.add_argument("--ensemble-buffer-mb", type=float, default=None,
                         help="medseg's buffer budget in MiB for ensembles (--models above 1; default: the inferer's, "
-                             "96 MiB on the CPU): a larger one sweeps fewer strips, computing fewer windows twice")
+                             "220 MiB on the CPU, a single model's 96 MiB): a larger one sweeps fewer strips, "
+                             "computing fewer windows twice")
     parser.add_argument("--json", default=None, help="write the records to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -92,7 +92,7 @@ class SlabInferer(Inferer):
         float32. Not bit-compatible with float32: check the agreement on your model first.
     buffer_bytes
         Budget of the blending buffer, above which a 3D volume is swept in x-strips (default: 96 MiB on
-        the CPU, none on a GPU); see :func:`medseg.inference.sliding.slab_sliding_window`.
+        the CPU, 220 MiB for an ensemble, none on a GPU); see :func:`medseg.inference.sliding.slab_sliding_window`.
     regions
         The regions of a region-based network, one per output channel in painting order (see the module
         docstring); empty: softmax classes.

@@ -19,6 +19,7 @@ from medseg.io.image import label_map_dtype
 
 __all__ = [
     "DEFAULT_BUFFER_BYTES",
+    "DEFAULT_ENSEMBLE_BUFFER_BYTES",
     "available_device_bytes",
     "available_host_bytes",
     "chunk_voxels",
@@ -33,6 +34,11 @@ _GB = 1024**3
 #: (see :func:`medseg.inference.windows.plan_sweep`). 96 MiB keeps the buffer of an 8-feature network on
 #: a 512 x 512 CT (4 strips: 92 MiB) below the uint8 label map of a 400-slice one (100 MiB).
 DEFAULT_BUFFER_BYTES = 96 * 1024**2
+#: Budget of an ensemble's buffer on the CPU (``members`` > 1), whose blocks hold every member's channels.
+#: Measured on the 5-fold, 15-class DynUNet of 512 x 512 x 400 (docs/bench_inference_ensemble_220.json): with
+#: 220 MiB the ensemble takes 1.16 x one model's memory above baseline and 5.08 x its time; with 96 MiB,
+#: 0.99 x the memory but 7.60 x the time (narrower strips recompute more windows, five times over).
+DEFAULT_ENSEMBLE_BUFFER_BYTES = 220 * 1024**2
 #: Bytes of the logits of one flush chunk (see :func:`chunk_voxels`).
 _CHUNK_BYTES = 16 * 1024 * 1024
 

@@ -12,7 +12,7 @@ labels (argmax) and, when asked, softmax probabilities (float16, into a ``.npy``
 and freed. At most about ``roi_z - step_z`` planes plus two rows of blocks are alive at a time (32 of
 400 planes, plus two 96-row strips of 64, for a 96 x 96 x 64 roi at overlap 0.5). With a pointwise
 head (``head=``) the blocks hold the network's feature channels instead of its class logits. When that
-buffer would still exceed its budget (``buffer_bytes``, 96 MiB on the CPU), a 3D volume is swept in
+buffer would still exceed its budget (``buffer_bytes``, 96 MiB on the CPU, 220 MiB for an ensemble), a 3D volume is swept in
 strips along x, each cut along y when that helps, at window starts, one after the other: the buffer shrinks
 with the strip's area, and the windows that straddle a cut go through the network once for each strip (at
 overlap 0.5 one column or row of windows per cut; never more than 30 % more windows in all, 100 % for an
@@ -61,6 +61,7 @@ from monai.utils import PytorchPadMode, look_up_option, optional_import
 from medseg.errors import InputError
 from medseg.inference.memory import (
     DEFAULT_BUFFER_BYTES,
+    DEFAULT_ENSEMBLE_BUFFER_BYTES,
     estimate_plan_bytes,
     require_memory,
 )
@@ -182,9 +183,10 @@ def slab_sliding_window(
         blended, and the head runs on each finished block: the blocks have ``feature_channels`` channels
         whatever the number of classes.
     buffer_bytes
-        Budget of the accumulation buffer (default: :data:`medseg.inference.memory.DEFAULT_BUFFER_BYTES`
-        on the CPU, none on other devices). A 3D volume whose buffer would exceed it is swept in 2 or more
-        strips along x (and y), cut at window starts (:func:`medseg.inference.windows.plan_sweep`).
+        Budget of the accumulation buffer (default on the CPU: :data:`medseg.inference.memory.DEFAULT_BUFFER_BYTES`,
+        for an ensemble :data:`~medseg.inference.memory.DEFAULT_ENSEMBLE_BUFFER_BYTES`; none on other devices).
+        A 3D volume whose buffer would exceed it is swept in 2 or more strips along x (and y), cut at window starts
+        (:func:`medseg.inference.windows.plan_sweep`).
     regions
         A region-based network: ``num_classes`` logits are one sigmoid per region, in painting order; the label
         map is painted region by region (:func:`medseg.transforms.regions.regions_to_label_map` of the
@@ -199,7 +201,7 @@ def slab_sliding_window(
         logits): every member's logits are blended as one model's would be, and each finished block becomes
         the mean of the members' probabilities (:class:`~medseg.inference.merger.BlockReducer`). The result
         equals averaging the members' own probability maps. The buffer holds every member's channels: to keep it
-        near one model's budget, the sweep may compute up to :data:`~medseg.inference.windows.MAX_EXTRA_WINDOWS_ENSEMBLE`
+        near its budget, the sweep may compute up to :data:`~medseg.inference.windows.MAX_EXTRA_WINDOWS_ENSEMBLE`
         more windows than MONAI's (narrower strips, cut along y too), which an ensemble pays ``members`` times.
 
     Raises
@@ -220,7 +222,7 @@ def slab_sliding_window(
     outputs = num_classes * members  # an ensemble's logits lie side by side, member by member
     buffer_channels = _buffer_channels(head is not None, feature_channels, outputs)
     step = _window_step(head is not None, device, sw_batch_size)
-    budget = buffer_bytes if buffer_bytes is not None else (DEFAULT_BUFFER_BYTES if device.type == "cpu" else None)
+    budget = buffer_bytes if buffer_bytes is not None else _default_budget(device, members)
     plan = plan_sweep(geometry.padded, geometry.window, geometry.scan, buffer_channels, budget, geometry.axis_starts,
                       MAX_EXTRA_WINDOWS if members == 1 else MAX_EXTRA_WINDOWS_ENSEMBLE)
     in_memory = probabilities_in_memory and probabilities_path is None
@@ -260,6 +262,13 @@ def slab_sliding_window(
         labels, probs = merger.finalize()
     return SlabResult(labels=labels, probabilities=probs, buffer_channels=buffer_channels,
                       peak_buffer_voxels=plan.arena_voxels, num_windows=plan.num_windows, strips=len(merger.strips))
+
+
+def _default_budget(device: torch.device, members: int) -> int | None:
+    """The buffer budget on ``device``: none off the CPU; one model's, or an ensemble's (larger: fewer strips)."""
+    if device.type != "cpu":
+        return None
+    return DEFAULT_BUFFER_BYTES if members == 1 else DEFAULT_ENSEMBLE_BUFFER_BYTES
 
 
 def _buffer_channels(head: bool, feature_channels: int | None, num_classes: int) -> int:

@@ -44,8 +44,9 @@ GRIDS = ("monai", "nnunet")
 #: At most this fraction of MONAI's windows is computed a second time at the borders of strips.
 MAX_EXTRA_WINDOWS = 0.3
 #: The same for an ensemble, whose buffer holds every member's channels (5 x 8 features: 484 MB in 4 x-strips of a
-#: 512 x 512 x 400 volume at a 96 x 96 x 64 roi): up to twice MONAI's windows (153 MB there, 1.9 x MONAI's
-#: windows, 1.5 x those of one model's 4 strips), so that its memory stays near one model's; its time grows by as much.
+#: 512 x 512 x 400 volume at a 96 x 96 x 64 roi): up to twice MONAI's windows, so that its memory stays near its
+#: budget (with 96 MiB: 153 MB, 2304 windows, 1.5 x one model's 1560; with the ensemble's default 220 MiB: 230 MB,
+#: 1872 windows, 1.2 x); its time grows by as much.
 MAX_EXTRA_WINDOWS_ENSEMBLE = 1.0
 
 Block = tuple[int, ...]  # a block's index along each block axis

@@ -131,3 +131,25 @@ def test_a_member_returning_its_window_does_not_change_what_the_next_member_sees
     two = slab_sliding_window(image, ROI, [lambda x: x, lambda x: x], 2, probabilities_in_memory=True,
                               sw_batch_size=1, members=2)
     assert abs(two.probabilities - one.probabilities).max() < 1e-6
+
+
+def test_on_the_cpu_an_ensemble_gets_the_larger_default_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One model sweeps within 96 MiB, an ensemble within 220 MiB (fewer strips, fewer windows run twice)."""
+    from medseg.inference import sliding
+    from medseg.inference.memory import DEFAULT_BUFFER_BYTES, DEFAULT_ENSEMBLE_BUFFER_BYTES
+
+    budgets: list[int | None] = []
+    plan_sweep = sliding.plan_sweep
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        budgets.append(args[4])
+        return plan_sweep(*args, **kwargs)
+
+    monkeypatch.setattr(sliding, "plan_sweep", spy)
+    image = torch.randn(1, 1, 20, 20, 20)
+    members = [_plain(1), _plain(2)]
+    sliding.slab_sliding_window(image, ROI, members[0], CLASSES)
+    sliding.slab_sliding_window(image, ROI, members, CLASSES, members=2)
+    sliding.slab_sliding_window(image, ROI, members, CLASSES, members=2, buffer_bytes=1234)
+    assert budgets == [DEFAULT_BUFFER_BYTES, DEFAULT_ENSEMBLE_BUFFER_BYTES, 1234]
+    assert DEFAULT_ENSEMBLE_BUFFER_BYTES == 220 * 1024**2
