@@ -13,6 +13,8 @@ inferer); largest-component postprocessing is kept only where it raises the out-
     RUN/configs/plan.json             the folds' plan
     RUN/configs/inference.json        medseg's inference config with the fold ensemble (``fold_ensemble``,
                                       ``members``) and the postprocessing rules in its ``postprocessing``
+    RUN/configs/evaluate.json         layered on inference.json: the ensemble's predictions of ``imagesTs`` scored
+                                      against ``labelsTs`` (``medseg bundle run RUN --config evaluate``)
     RUN/configs/postprocessing.json   the rules and the figures they were chosen on
     RUN/configs/selection.json        every run and pair compared, its out-of-fold Dice, and what was chosen
     RUN/configs/metadata.json, logging.conf, docs/README.md
@@ -36,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.bundle.create import inference_config, metadata, readme
+from medseg.bundle.create import evaluate_config, inference_config, metadata, readme
 from medseg.bundle.crossval import fold_dir, fold_records
 from medseg.bundle.ensembles import copy_member, remove_ensemble, write_ensemble
 from medseg.bundle.pipeline import InferencePipeline, inference_pipeline
@@ -232,6 +234,7 @@ def _write_bundle(run: Path, plan: Plan, folds: list[int], rules: Postprocessing
     write_rules(rules, run / POSTPROCESSING_FILE)
     atomic_write_text(configs / "inference.json",
                       json.dumps(ensemble_inference_config(folds, rules.changes_anything), indent=2) + "\n")
+    atomic_write_text(configs / "evaluate.json", json.dumps(evaluate_config(), indent=2) + "\n")
     atomic_write_text(configs / "selection.json", json.dumps(selection, indent=2) + "\n")
     name = run.name
     description = (f"{plan.dims}D {plan.network.title}: ensemble of folds {', '.join(map(str, folds))} of a "

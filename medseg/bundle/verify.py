@@ -5,7 +5,8 @@ The model-zoo metadata fields, ``network_data_format`` (channels, dimensions, cl
 with weights, ``eval_metrics`` and a docs README that describe them), MONAI's own
 ``verify_net_in_out`` (the ``network_def`` of ``configs/inference.json`` fed a fake input of the shape
 the metadata declares; only for a bundle safe mode accepts, unless ``trust=True``) and, when there are
-weights, that ``models/model.pt`` loads into the network (``weights_only=True``). Every problem is
+weights, that ``models/model.pt`` loads into the network (``weights_only=True``), or in a bundle of ``medseg
+select`` (a fold ensemble) every fold's, a winning pair's other run included. Every problem is
 collected and one :class:`~medseg.errors.BundleError` lists them.
 """
 
@@ -18,7 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from medseg.bundle.components import fold_ensemble
 from medseg.bundle.create import NOT_TRAINED, README_FILE, local_paths
+from medseg.bundle.ensembles import read_ensemble
 from medseg.bundle.monai_calls import INFERENCE_FILE, NET_ID, describe, first_line, quiet_monai
 from medseg.bundle.nnunet import NNUNET_FILE, read_nnunet_file
 from medseg.bundle.runner import weights_only_loads
@@ -26,6 +29,9 @@ from medseg.errors import BundleError
 from medseg.layout import META_FILE, WEIGHTS_FILE
 from medseg.networks import build_network, load_weights
 from medseg.plan import Plan, load_plan
+
+#: The ``_target_`` of a fold ensemble's network in ``configs/inference.json`` (written by ``medseg select``).
+FOLD_ENSEMBLE = "medseg.bundle.components.fold_ensemble"
 
 __all__ = [
     "METADATA_ALIASES",
@@ -234,8 +240,46 @@ def _check_imported(bundle: Path, device: str, lines: list[str], problems: list[
                  "verify_net_in_out does not apply (each part runs on its own grid)")
 
 
+def _ensemble_folds(bundle: Path) -> list[int] | None:
+    """The folds of a fold ensemble named by ``configs/inference.json`` (``medseg select``), else None."""
+    try:
+        config = json.loads((bundle / INFERENCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # reported by the other checks
+    network = config.get("network") if isinstance(config, dict) else None
+    folds = config.get("folds") if isinstance(config, dict) else None
+    if not isinstance(network, dict) or network.get("_target_") != FOLD_ENSEMBLE or not isinstance(folds, list):
+        return None
+    return [int(k) for k in folds if isinstance(k, int)]
+
+
+def _check_fold_weights(bundle: Path, plan: Plan, folds: list[int], device: str, lines: list[str],
+                        problems: list[str]) -> None:
+    """A bundle of ``medseg select``: every fold's (and a pair's other run's folds') weights load."""
+    members = [(bundle, plan, folds)]
+    try:
+        pair = read_ensemble(bundle)
+        for member in pair[0] if pair else []:
+            member_folds = _ensemble_folds(member)
+            if not member_folds:
+                raise BundleError(f"{member / INFERENCE_FILE}: names no fold ensemble")
+            members.append((member, load_plan(member), member_folds))
+        for root, member_plan, numbers in members:
+            fold_ensemble(member_plan, root, numbers, device=device)
+    except BundleError as exc:
+        problems.append(str(exc).splitlines()[0])
+        return
+    described = "; ".join(f"{'this run' if root == bundle else root.relative_to(bundle).as_posix()}: folds "
+                          f"{', '.join(map(str, numbers))}" for root, _, numbers in members)
+    lines.append(f"weights: the fold ensemble's models load into their networks ({described})")
+
+
 def _check_weights(bundle: Path, plan: Plan | None, device: str, lines: list[str], problems: list[str]) -> None:
     weights = bundle / WEIGHTS_FILE
+    folds = None if weights.exists() else _ensemble_folds(bundle)
+    if folds is not None and plan is not None:
+        _check_fold_weights(bundle, plan, folds, device, lines, problems)
+        return
     if not weights.exists():
         lines.append(f"no weights yet ({WEIGHTS_FILE} is missing): train the bundle first")
         return
@@ -263,7 +307,9 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], device: str = "cpu", *, tr
     ``eval_metrics`` and a ``docs/README.md`` that does not say "Not trained yet"; safe mode
     (unless ``trust``) and then MONAI's ``verify_net_in_out`` on ``network_def`` of
     ``configs/inference.json`` (``p=1``, ``n=``:data:`VERIFY_N`, ``any=1``, ``bundle_root`` set);
-    ``models/model.pt``, if present, loads into the network (``weights_only``).
+    ``models/model.pt``, if present, loads into the network (``weights_only``); in a fold ensemble (the
+    ``network`` of ``inference.json`` is ``fold_ensemble``), each fold's does, and those of the members
+    ``configs/ensemble.json`` names.
 
     Parameters
     ----------

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from medseg.bundle.selection import ensemble_inference_config
+from medseg.bundle.verify import verify_bundle
 from medseg.cli import main
 from medseg.data.synthetic import write_dataset
+from medseg.errors import BundleError
 from medseg.inference.postprocess import PostprocessingRules, apply_rules, read_rules
 from medseg.io.image import read_geometry
 from medseg.metrics import score_folders
@@ -148,6 +150,22 @@ def test_select_makes_the_best_run_an_ensemble_bundle_that_both_doors_run(tmp_pa
             np.testing.assert_array_equal(apply_rules(labels, PostprocessingRules(largest_component_labels=(value,))),
                                           labels)
 
+    # the bundle verifies (every fold's weights load) and its evaluate config scores the ensemble on labelsTs
+    lines = verify_bundle(chosen)
+    assert any(line.startswith("weights: the fold ensemble's models load") for line in lines)
+    evaluation = tmp_path / "evaluation"
+    assert main(["--quiet", "bundle", "run", str(chosen), "--config", "evaluate", "--set", f"dataset_dir={data}",
+                 "--set", f"output_dir={evaluation}"]) == 0
+    summary = json.loads((evaluation / "summary.json").read_text())
+    assert summary["cases"] == 2
+    for name in cases:
+        np.testing.assert_array_equal(_labels(evaluation / "predictions" / name), _labels(out / name))
+    weights = next(chosen.glob("fold_*/models/model.pt"))
+    weights.rename(weights.with_suffix(".moved"))
+    with pytest.raises(BundleError, match=r"model\.pt"):
+        verify_bundle(chosen)
+    weights.with_suffix(".moved").rename(weights)
+
     # the ensemble machinery with one member and no rules is exactly that fold's own bundle
     config = ensemble_inference_config([1], postprocessing=False)
     (chosen / "configs" / "inference.json").write_text(json.dumps(config))
@@ -208,6 +226,7 @@ def test_select_ensembles_two_configurations_and_predict_runs_the_pair(tmp_path:
 
     members, rules = read_ensemble(fine)
     assert members == [(fine / "members" / "coarse").resolve()]
+    assert any("members/coarse: folds 0, 1" in line for line in verify_bundle(fine))
     shutil.rmtree(coarse)  # the bundle is self-contained: the other run's folder is no longer needed
     out, door = tmp_path / "pair", tmp_path / "door"
     assert main(["--quiet", "predict", "--model", str(fine), "--input", str(data / "imagesTs"), "--output", str(out)]) == 0
