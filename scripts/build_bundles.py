@@ -1,14 +1,18 @@
 #!/usr/bin/env python
-"""Rebuild the maintained bundles in ``bundles/`` from generated data, on the CPU.
+"""Rebuild the maintained bundles in ``bundles/`` from generated data, on the CPU, as nnU-Net would: planned,
+cross-validated, selected and postprocessed on out-of-fold Dice.
 
-For each bundle: ``medseg synth`` a dataset -> ``medseg bundle init`` -> ``medseg train --bundle`` ->
-``medseg bundle run --config evaluate`` on the held-out cases, then record the measured metrics in
-``configs/metadata.json`` (``eval_metrics``) and ``docs/README.md``. Usage::
+For each bundle: ``medseg synth`` a dataset (24 cases: 18 training, 6 held out) -> ``medseg train --fold all``
+twice on the same 5-fold split (the planner's 3d_fullres plan, and the fixed U-Net of ``--plan default``;
+``--minutes`` each fold) -> ``medseg select`` of the two runs (and their pair) -> the chosen run, an ensemble
+bundle of its folds with the postprocessing that raised the out-of-fold Dice, copied to ``bundles/<name>`` ->
+``medseg bundle run --config evaluate`` of that ensemble (and of fold 0 alone) on the held-out cases; the figures
+go into ``configs/metadata.json`` (``eval_metrics``) and ``docs/README.md``. Usage::
 
-    .venv/bin/python scripts/build_bundles.py [--only ct_abdomen_phantom] [--work /tmp/medseg-bundles]
+    OMP_NUM_THREADS=1 taskset -c 0 .venv/bin/python scripts/build_bundles.py --only ct_abdomen_phantom [--work DIR]
 
-Training artefacts that are not needed to use the bundle (``checkpoints/``, ``logs/``) are
-git-ignored; ``models/model.pt`` (about 2.4 MB) is committed.
+Training artefacts that are not needed to use the bundle (``preprocessed/``, ``checkpoints/``, ``logs/``, the
+pair's out-of-fold predictions) are left out; each fold's ``models/model.pt`` is committed.
 """
 
 from __future__ import annotations
@@ -20,83 +24,139 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
 BUNDLES = {
     "ct_abdomen_phantom": {
-        "modality": "ct", "cases": 24, "seed": 100, "minutes": 6.0, "epochs": 40,
-        "description": "3D CT multi-organ segmentation (liver, spleen, kidneys, bone, liver lesions) with a MONAI "
-                       "U-Net, trained on medseg's synthetic abdominal CT phantoms.",
+        "modality": "ct", "cases": 24, "seed": 100,
+        "description": "3D CT multi-organ segmentation (liver, spleen, kidneys, bone, liver lesions): an ensemble of "
+                       "five cross-validation folds, chosen with its postprocessing on out-of-fold Dice, trained on "
+                       "medseg's synthetic abdominal CT phantoms.",
     },
     "mr_abdomen_phantom": {
-        "modality": "mr", "cases": 24, "seed": 200, "minutes": 6.0, "epochs": 40,
-        "description": "3D MR (T1-like) multi-organ segmentation (liver, spleen, kidneys, bone, liver lesions) with "
-                       "a MONAI U-Net, trained on medseg's synthetic abdominal MR phantoms (bias field, arbitrary "
-                       "intensity scale, Rician noise, axial/coronal/sagittal acquisitions).",
+        "modality": "mr", "cases": 24, "seed": 200,
+        "description": "3D MR (T1-like) multi-organ segmentation (liver, spleen, kidneys, bone, liver lesions): an "
+                       "ensemble of five cross-validation folds, chosen with its postprocessing on out-of-fold Dice, "
+                       "trained on medseg's synthetic abdominal MR phantoms (bias field, arbitrary intensity scale, "
+                       "Rician noise, axial/coronal/sagittal acquisitions).",
     },
 }
+#: The runs compared by ``medseg select``: folder name -> extra ``medseg train`` flags.
+RUNS = {"3d_fullres": [], "default": ["--plan", "default"]}
+#: What a bundle does not need (training caches and logs, the pair's out-of-fold predictions, resume markers).
+LEFT_OUT = shutil.ignore_patterns("preprocessed", "checkpoints", "logs", "ensembles", ".medseg-cases")
 
 
-def medseg(*args: str) -> None:
+def medseg(*args: str, cwd: Path | None = None) -> None:
     cmd = [sys.executable, "-m", "medseg", *args]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, cwd=cwd)
 
 
-def build(name: str, spec: dict, work: Path) -> dict:
+def build(name: str, spec: dict[str, Any], work: Path, minutes: float) -> dict[str, Any]:
     bundle = ROOT / "bundles" / name
-    data = work / f"{name}-data"
-    shutil.rmtree(data, ignore_errors=True)
-    if bundle.exists():
-        shutil.rmtree(bundle)
+    data, runs = work / f"{name}-data", work / f"{name}-runs"
+    for folder in (data, runs):
+        shutil.rmtree(folder, ignore_errors=True)
     synth = ["synth", "--out", str(data), "--modality", spec["modality"], "--cases", str(spec["cases"]),
              "--seed", str(spec["seed"]), "--size", "96"]
     medseg(*synth)
+    train_s = {}
+    for run, flags in RUNS.items():
+        started = time.monotonic()
+        medseg("train", "--data", str(data / "dataset.json"), "--out", str(runs / run), "--fold", "all",
+               "--max-minutes", f"{minutes:g}", "--seed", "0", "--device", "cpu", *flags)
+        train_s[run] = time.monotonic() - started
+    medseg("select", *RUNS, cwd=runs)  # relative names: the records hold no local paths
+    chosen = next(runs / run for run in RUNS if (runs / run / "configs" / "selection.json").is_file())
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    shutil.copytree(chosen, bundle, ignore=LEFT_OUT)
+    _scrub(bundle, [f"{runs}/", f"{work}/"])
+    held_out = {"ensemble": _evaluate(bundle, data, work / f"{name}-evaluation"),
+                "fold_0": _evaluate(bundle / "fold_0", data, work / f"{name}-evaluation-fold0")}
     source = (f"medseg synthetic {spec['modality'].upper()} phantoms generated by "
-              f"`medseg {' '.join(synth[:2])} DATA {' '.join(synth[3:])}` "
-              f"({spec['cases']} cases: {spec['cases'] - round(spec['cases'] * 0.25)} training incl. validation, "
-              f"{round(spec['cases'] * 0.25)} held-out test). No real patient data.")
-    medseg("bundle", "init", "--data", str(data / "dataset.json"), "--out", str(bundle), "--name", name,
-           "--description", spec["description"], "--data-source", source)
-    started = time.monotonic()
-    medseg("train", "--bundle", str(bundle), "--data", str(data / "dataset.json"), "--epochs", str(spec["epochs"]),
-           "--max-minutes", str(spec["minutes"]), "--val-interval", "5")
-    train_s = time.monotonic() - started
-    evaluation = work / f"{name}-evaluation"
-    shutil.rmtree(evaluation, ignore_errors=True)
-    medseg("bundle", "run", str(bundle), "--config", "evaluate", "--set", f"dataset_dir={data}",
-           "--set", f"output_dir={evaluation}")
-    summary = json.loads((evaluation / "summary.json").read_text())
-    train_summary = json.loads((bundle / "train_summary.json").read_text())
+              f"`medseg {' '.join(synth[:2])} DATA {' '.join(synth[3:])}` ({spec['cases']} cases: 18 training, "
+              "cross-validated in 5 folds, and 6 held-out test cases). No real patient data.")
+    meta = _record_metadata(bundle, name, spec["description"], source, held_out["ensemble"])
+    write_readme(bundle, name, spec, synth, meta, held_out, train_s, minutes)
+    return meta["eval_metrics"]
+
+
+def _scrub(bundle: Path, prefixes: list[str]) -> None:
+    """Make the records' paths relative: no local absolute path goes into the repository."""
+    for path in [*bundle.rglob("*.json"), *bundle.rglob("*.csv")]:
+        text = original = path.read_text()
+        for prefix in prefixes:
+            text = text.replace(prefix, "")
+        if text != original:
+            path.write_text(text)
+
+
+def _evaluate(model: Path, data: Path, out: Path) -> dict[str, Any]:
+    shutil.rmtree(out, ignore_errors=True)
+    medseg("bundle", "run", str(model), "--config", "evaluate", "--set", f"dataset_dir={data}",
+           "--set", f"output_dir={out}")
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    return summary
+
+
+def _record_metadata(bundle: Path, name: str, description: str, source: str,
+                     summary: dict[str, Any]) -> dict[str, Any]:
+    meta_path = bundle / "configs" / "metadata.json"
+    meta: dict[str, Any] = json.loads(meta_path.read_text())
     metrics = {"mean_dice_test": round(summary["mean_dice_foreground"], 4)}
-    for _number, entry in summary["labels"].items():
+    for entry in summary["labels"].values():
         metrics[f"dice_{entry['name']}"] = round(entry["dice"]["mean"], 4)
         if entry["hd95_mm"]["mean"] is not None:
             metrics[f"hd95_mm_{entry['name']}"] = round(entry["hd95_mm"]["mean"], 2)
-    meta_path = bundle / "configs" / "metadata.json"
-    meta = json.loads(meta_path.read_text())
-    meta["eval_metrics"] = metrics
+    metrics.update({k: v for k, v in meta["eval_metrics"].items() if k.startswith("oof_")})
+    meta.update(name=name, description=description, data_source=source, eval_metrics=metrics)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    write_readme(bundle, name, spec, synth, meta, summary, train_summary, train_s)
-    return metrics
+    return meta
 
 
-def write_readme(bundle: Path, name: str, spec: dict, synth: list[str], meta: dict, summary: dict,
-                 train_summary: dict, train_s: float) -> None:
+def _figure(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def write_readme(bundle: Path, name: str, spec: dict[str, Any], synth: list[str], meta: dict[str, Any],
+                 held_out: dict[str, dict[str, Any]], train_s: dict[str, float], minutes: float) -> None:
     plan = json.loads((bundle / "configs" / "plan.json").read_text())
-    def row(k: str, v: dict) -> str:
+    cv = json.loads((bundle / "cv_summary.json").read_text())
+    selection = json.loads((bundle / "configs" / "selection.json").read_text())
+    rules = json.loads((bundle / "configs" / "postprocessing.json").read_text())
+    test, fold0 = held_out["ensemble"], held_out["fold_0"]
+
+    def row(k: str, v: dict[str, Any]) -> str:
         code, meaning = (v["snomed"]["code"], v["snomed"]["meaning"]) if v["snomed"] else ("-", "")
-        hd95 = summary["labels"][k]["hd95_mm"]["mean"]
-        return (f"| {k} | {v['name']} | {code} ({meaning}) | {summary['labels'][k]['dice']['mean']:.3f} | "
-                f"{hd95 if hd95 is None else round(hd95, 2)} |")
+        label = test["labels"][k]
+        return (f"| {k} | {v['name']} | {code} ({meaning}) | {label['dice']['mean']:.3f} | "
+                f"{_figure(label['hd95_mm']['mean'], 2)} | {fold0['labels'][k]['dice']['mean']:.3f} | "
+                f"{cv['overall']['dice'][v['name']]:.3f} | {_figure(cv['overall']['hd95'][v['name']], 2)} |")
 
     rows = "\n".join(row(k, v) for k, v in meta["segments"].items())
+    folds = "\n".join(f"| {k} | {f['cases']} | {f['mean_dice']:.3f} | "
+                      + " | ".join(f"{f['dice'][n]:.3f}" for n in cv["overall"]["dice"]) + " |"
+                      for k, f in sorted(cv["folds"].items()))
+    compared = "\n".join(f"| {r['run']} | {r['configuration']} | {r['oof_mean_dice']:.4f} |" for r in selection["runs"])
+    compared += "".join(f"\n| pair: {' + '.join(p['runs'])} | both, probabilities averaged | {p['oof_mean_dice']:.4f} "
+                        f"(postprocessed {p['oof_mean_dice_postprocessed']:.4f}) |" for p in selection["pairs"])
+    chosen = selection["chosen"]
+    evidence = rules["evidence"]["mean_dice"]
     classes = plan["num_classes"] if "num_classes" in plan else len(plan["labels"])
     intensity = plan["intensity"]
     clip = (f" (clip {round(intensity['a_min'], 1)} to {round(intensity['a_max'], 1)} HU, z-score)"
             if intensity["preset"] == "ct" else " (z-score on non-zero voxels)")
+    network = plan["network"]
+    summaries = [json.loads((bundle / f"fold_{k}" / "train_summary.json").read_text()) for k in range(5)]
+    iterations = [int(s["iterations"]) for s in summaries]
     rel = bundle.relative_to(ROOT)
+    pair_note = ("" if "members" not in chosen else
+                 f"\nThe chosen pair's other run is copied into `members/`; `medseg predict` runs the pair, the MONAI "
+                 f"runner this run's own folds ({chosen['bundle_door']}).\n")
     text = f"""# {name}
 
 {spec['description']}
@@ -109,40 +169,64 @@ def write_readme(bundle: Path, name: str, spec: dict, synth: list[str], meta: di
 Reproduce the data: `medseg {' '.join(synth[:2])} DATA {' '.join(synth[3:])}`.
 
 ## Labels and measured metrics
-Held-out test cases ({summary['cases']}), `medseg bundle run {bundle.relative_to(ROOT)} --config evaluate
---set dataset_dir=DATA --set output_dir=EVAL`:
+Held-out test cases ({test['cases']}), `medseg bundle run {rel} --config evaluate --set dataset_dir=DATA
+--set output_dir=EVAL` (the five folds' ensemble with its postprocessing), against fold 0 alone (`medseg bundle
+run {rel}/fold_0 --config evaluate ...`) and the out-of-fold figures of the cross-validation (each of the 18
+training cases predicted by the fold that held it out, no postprocessing; `cv_summary.json`):
 
-| value | segment | SNOMED CT | Dice | HD95 (mm) |
-|---|---|---|---|---|
+| value | segment | SNOMED CT | test Dice | test HD95 (mm) | test Dice, fold 0 alone | out-of-fold Dice | out-of-fold HD95 (mm) |
+|---|---|---|---|---|---|---|---|
 {rows}
 
-Mean Dice over foreground labels: **{summary['mean_dice_foreground']:.3f}**. Best validation mean Dice during training:
-{train_summary['best_val_mean_dice']:.3f} (epoch {train_summary['best_epoch']} of {train_summary['epochs_completed']}).
+Mean Dice over foreground labels: test **{test['mean_dice_foreground']:.3f}** (fold 0 alone
+{fold0['mean_dice_foreground']:.3f}); out-of-fold {cv['overall']['mean_dice']:.3f}
+({chosen['oof_mean_dice_postprocessed']:.3f} with the chosen postprocessing).
 
+## Cross-validation and selection
+Per fold (out-of-fold cases, Dice):
+
+| fold | cases | mean | {' | '.join(cv['overall']['dice'])} |
+|---|---|---|{'---|' * len(cv['overall']['dice'])}
+{folds}
+
+`medseg select` compared, on the same split, the planner's run and the fixed U-Net of `--plan default`
+(out-of-fold mean Dice):
+
+| run | configuration | out-of-fold mean Dice |
+|---|---|---|
+{compared}
+
+Chosen: **{chosen['run']}** ({chosen['configuration']}), folds {', '.join(map(str, chosen['folds']))} as one
+ensemble (probabilities averaged block by block); postprocessing: {chosen['postprocessing']} (out-of-fold mean
+Dice {evidence['none']:.4f} without, {evidence['chosen']:.4f} with it; `configs/postprocessing.json`, every
+alternative's figures in it; `configs/selection.json`).
+{pair_note}
 ## Model
-MONAI `UNet` ({plan['dims']}D, channels {plan['network']['channels']}, strides {plan['network']['strides']},
-{plan['network']['num_res_units']} residual unit(s), instance norm), {classes} output channels.
+{plan['dims']}D `{network['name']}` (channels {network.get('channels')}), {classes} output channels, five folds
+(`fold_0` ... `fold_4`, each a bundle of its own).
 Preprocessing (`configs/plan.json`): orientation RAS, spacing {[round(s, 3) for s in plan['target_spacing']]} mm,
-body crop, intensity preset `{intensity['preset']}`{clip}.
-Sliding-window inference, patch {plan['patch_size']}, Gaussian blending; predictions are written in the input's grid.
+intensity preset `{intensity['preset']}`{clip}.
+Sliding-window inference, patch {plan['patch_size']}, Gaussian blending, the folds averaged in one pass (bounded
+memory); predictions are written in the input's grid.
 
 ## Training
 ```sh
-medseg bundle init --data DATA/dataset.json --out {rel}
-medseg train --bundle {rel} --data DATA/dataset.json --epochs {spec['epochs']} --max-minutes {spec['minutes']} --val-interval 5
+medseg train --data DATA/dataset.json --out runs/3d_fullres --fold all --max-minutes {minutes:g} --seed 0
+medseg train --data DATA/dataset.json --out runs/default --plan default --fold all --max-minutes {minutes:g} --seed 0
+cd runs && medseg select 3d_fullres default          # the chosen run becomes this bundle
 ```
-or `python -m monai.bundle run --config_file configs/train.json --bundle_root . --dataset_dir DATA`.
-Trained on the CPU (2 cores) in {train_s / 60:.1f} min: {train_summary['epochs_completed']} epochs, DiceCE loss, AdamW
-(lr 2e-3, polynomial decay), class-balanced 3D patches with flips, rotations/scaling, intensity and noise augmentation.
-The whole bundle is rebuilt by `scripts/build_bundles.py --only {name}`.
+Trained on one CPU core (`OMP_NUM_THREADS=1`), {minutes:g} min per fold: {', '.join(map(str, iterations))}
+iterations in folds 0-4 of the chosen run; the two runs took {train_s['3d_fullres'] / 60:.1f} and
+{train_s['default'] / 60:.1f} min with their out-of-fold predictions. The whole bundle is rebuilt by
+`OMP_NUM_THREADS=1 taskset -c 0 .venv/bin/python scripts/build_bundles.py --only {name} --minutes {minutes:g}`.
 
 ## Inference
 ```sh
-medseg predict --model {bundle.relative_to(ROOT)} --input IMAGE_OR_FOLDER --output OUT
-python -m monai.bundle run --config_file {bundle.relative_to(ROOT)}/configs/inference.json \\
-    --meta_file {bundle.relative_to(ROOT)}/configs/metadata.json --bundle_root {bundle.relative_to(ROOT)} \\
+medseg predict --model {rel} --input IMAGE_OR_FOLDER --output OUT
+python -m monai.bundle run --config_file {rel}/configs/inference.json \\
+    --meta_file {rel}/configs/metadata.json --bundle_root {rel} \\
     --dataset_dir DATA --output_dir OUT        # reads DATA/imagesTs (or DATA itself)
-medseg bundle run {bundle.relative_to(ROOT)} --set dataset_dir=DATA --set output_dir=OUT
+medseg bundle run {rel} --set dataset_dir=DATA --set output_dir=OUT
 ```
 Inputs: NIfTI, NRRD or MetaImage {plan['modality']} volumes, any orientation and spacing.
 """
@@ -152,12 +236,13 @@ Inputs: NIfTI, NRRD or MetaImage {plan['modality']} volumes, any orientation and
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(BUNDLES), action="append")
-    parser.add_argument("--work", default="/tmp/medseg-bundles", help="folder for generated data and evaluations")
+    parser.add_argument("--work", default="/tmp/medseg-bundles", help="folder for generated data, runs and evaluations")
+    parser.add_argument("--minutes", type=float, default=3.0, help="training budget of each fold (default: 3)")
     args = parser.parse_args()
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     for name in args.only or sorted(BUNDLES):
-        print(name, build(name, BUNDLES[name], work), flush=True)
+        print(name, build(name, BUNDLES[name], work, args.minutes), flush=True)
     return 0
 
 
