@@ -21,17 +21,34 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from medseg.bundle.monai_calls import INFERENCE_FILE
 from medseg.errors import BundleError, InputError
 from medseg.inference.postprocess import PostprocessingRules, read_rules, write_rules
 from medseg.io.atomic import atomic_write_text
 
-__all__ = ["ENSEMBLE_FILE", "ENSEMBLE_FORMAT", "ENSEMBLE_RULES_FILE", "copy_member", "read_ensemble",
-           "remove_ensemble", "write_ensemble"]
+__all__ = ["ENSEMBLE_FILE", "ENSEMBLE_FORMAT", "ENSEMBLE_RULES_FILE", "FOLD_ENSEMBLE", "copy_member", "ensemble_folds",
+           "read_ensemble", "remove_ensemble", "write_ensemble"]
 
 ENSEMBLE_FILE = Path("configs") / "ensemble.json"
 ENSEMBLE_RULES_FILE = Path("configs") / "ensemble_postprocessing.json"
 ENSEMBLE_FORMAT = "medseg-ensemble/1"
 MEMBERS_DIR = "members"
+#: The ``_target_`` of a fold ensemble's ``network`` in ``configs/inference.json`` (written by ``medseg select``).
+FOLD_ENSEMBLE = "medseg.bundle.components.fold_ensemble"
+
+
+def ensemble_folds(bundle: str | os.PathLike[str]) -> list[int] | None:
+    """The folds of the fold ensemble that a bundle's ``configs/inference.json`` names (a bundle of ``medseg
+    select``), or None: no such file, unreadable (other checks report it), or a single model's config."""
+    try:
+        config = json.loads((Path(bundle) / INFERENCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    network = config.get("network") if isinstance(config, dict) else None
+    folds = config.get("folds") if isinstance(config, dict) else None
+    if not isinstance(network, dict) or network.get("_target_") != FOLD_ENSEMBLE or not isinstance(folds, list):
+        return None
+    return [k for k in folds if isinstance(k, int)]
 
 
 def read_ensemble(bundle: str | os.PathLike[str]) -> tuple[list[Path], PostprocessingRules] | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from medseg.bundle.ensembles import ensemble_folds
 from medseg.bundle.monai_calls import INFERENCE_FILE, NET_ID, describe, quiet_monai
 from medseg.bundle.runner import weights_only_loads
 from medseg.errors import BundleError
@@ -164,7 +165,8 @@ def export_bundle(bundle_dir: str | os.PathLike[str], fmt: str, output: str | os
     Raises
     ------
     BundleError
-        Unknown format, no bundle, no weights (``... no models/model.pt: train the bundle first``),
+        Unknown format, no bundle, no weights (``... no models/model.pt: train the bundle first``), a fold
+        ensemble of ``medseg select`` (export one of its folds),
         weights that do not fit the network, missing ONNX packages (with what to install), a bundle
         refused by safe mode, or a failed or inexact export.
     """
@@ -175,6 +177,10 @@ def export_bundle(bundle_dir: str | os.PathLike[str], fmt: str, output: str | os
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: no such bundle folder")
     weights = bundle / WEIGHTS_FILE
+    folds = None if weights.is_file() else ensemble_folds(bundle)
+    if folds:
+        raise BundleError(f"{bundle}: an ensemble of folds {', '.join(map(str, folds))} (medseg select), not one "
+                          f"network: export a fold's bundle, e.g. {bundle / f'fold_{folds[0]}'}")
     if not weights.is_file():
         raise BundleError(f"{bundle}: no {WEIGHTS_FILE.as_posix()}: train the bundle first")
     for needed in (PLAN_FILE, INFERENCE_FILE, META_FILE):

@@ -21,7 +21,7 @@ from typing import Any
 
 from medseg.bundle.components import fold_ensemble
 from medseg.bundle.create import NOT_TRAINED, README_FILE, local_paths
-from medseg.bundle.ensembles import read_ensemble
+from medseg.bundle.ensembles import ensemble_folds, read_ensemble
 from medseg.bundle.monai_calls import INFERENCE_FILE, NET_ID, describe, first_line, quiet_monai
 from medseg.bundle.nnunet import NNUNET_FILE, read_nnunet_file
 from medseg.bundle.runner import weights_only_loads
@@ -29,9 +29,6 @@ from medseg.errors import BundleError
 from medseg.layout import META_FILE, WEIGHTS_FILE
 from medseg.networks import build_network, load_weights
 from medseg.plan import Plan, load_plan
-
-#: The ``_target_`` of a fold ensemble's network in ``configs/inference.json`` (written by ``medseg select``).
-FOLD_ENSEMBLE = "medseg.bundle.components.fold_ensemble"
 
 __all__ = [
     "METADATA_ALIASES",
@@ -240,19 +237,6 @@ def _check_imported(bundle: Path, device: str, lines: list[str], problems: list[
                  "verify_net_in_out does not apply (each part runs on its own grid)")
 
 
-def _ensemble_folds(bundle: Path) -> list[int] | None:
-    """The folds of a fold ensemble named by ``configs/inference.json`` (``medseg select``), else None."""
-    try:
-        config = json.loads((bundle / INFERENCE_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None  # reported by the other checks
-    network = config.get("network") if isinstance(config, dict) else None
-    folds = config.get("folds") if isinstance(config, dict) else None
-    if not isinstance(network, dict) or network.get("_target_") != FOLD_ENSEMBLE or not isinstance(folds, list):
-        return None
-    return [int(k) for k in folds if isinstance(k, int)]
-
-
 def _check_fold_weights(bundle: Path, plan: Plan, folds: list[int], device: str, lines: list[str],
                         problems: list[str]) -> None:
     """A bundle of ``medseg select``: every fold's (and a pair's other run's folds') weights load."""
@@ -260,7 +244,7 @@ def _check_fold_weights(bundle: Path, plan: Plan, folds: list[int], device: str,
     try:
         pair = read_ensemble(bundle)
         for member in pair[0] if pair else []:
-            member_folds = _ensemble_folds(member)
+            member_folds = ensemble_folds(member)
             if not member_folds:
                 raise BundleError(f"{member / INFERENCE_FILE}: names no fold ensemble")
             members.append((member, load_plan(member), member_folds))
@@ -276,7 +260,7 @@ def _check_fold_weights(bundle: Path, plan: Plan, folds: list[int], device: str,
 
 def _check_weights(bundle: Path, plan: Plan | None, device: str, lines: list[str], problems: list[str]) -> None:
     weights = bundle / WEIGHTS_FILE
-    folds = None if weights.exists() else _ensemble_folds(bundle)
+    folds = None if weights.exists() else ensemble_folds(bundle)
     if folds is not None and plan is not None:
         _check_fold_weights(bundle, plan, folds, device, lines, problems)
         return

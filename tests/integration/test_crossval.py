@@ -160,6 +160,11 @@ def test_select_makes_the_best_run_an_ensemble_bundle_that_both_doors_run(tmp_pa
     assert summary["cases"] == 2
     for name in cases:
         np.testing.assert_array_equal(_labels(evaluation / "predictions" / name), _labels(out / name))
+    capsys.readouterr()
+    assert main(["--quiet", "bundle", "export", str(chosen), "--format", "torchscript"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"not one network: export a fold's bundle, e.g. {chosen / 'fold_0'}"), err
+    assert not list(chosen.glob("models/model.ts*"))
     weights = next(chosen.glob("fold_*/models/model.pt"))
     weights.rename(weights.with_suffix(".moved"))
     with pytest.raises(BundleError, match=r"model\.pt"):
