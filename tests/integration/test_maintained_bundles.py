@@ -26,16 +26,31 @@ def test_there_are_a_ct_and_an_mr_bundle() -> None:
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=[b.name for b in BUNDLES])
 def test_bundle_is_complete_safe_and_verified(bundle: Path) -> None:
-    for name in ("train.json", "multi_gpu_train.json", "inference.json", "evaluate.json", "logging.conf", "plan.json"):
+    """A bundle of medseg select: five folds (each a trained bundle of its own), the selection and postprocessing
+    with their out-of-fold figures, held-out test figures in the metadata and the README."""
+    for name in ("inference.json", "evaluate.json", "logging.conf", "plan.json", "postprocessing.json",
+                 "selection.json"):
         assert (bundle / "configs" / name).is_file(), name
+    for fold in range(5):
+        for name in ("configs/train.json", "configs/multi_gpu_train.json", "configs/plan.json", "models/model.pt"):
+            assert (bundle / f"fold_{fold}" / name).is_file(), (fold, name)
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert inference["folds"] == [0, 1, 2, 3, 4] and inference["inferer"]["members"] == 5
     assert scan_bundle(bundle) == []
-    verify_bundle(bundle)
+    assert any(line.startswith("weights: the fold ensemble's models load") for line in verify_bundle(bundle))
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["name"] == bundle.name
     assert meta["eval_metrics"]["mean_dice_test"] > 0.8
+    cv = json.loads((bundle / "cv_summary.json").read_text())
+    assert meta["eval_metrics"]["oof_mean_dice"] == pytest.approx(cv["overall"]["mean_dice"], abs=1e-4)
+    assert cv["overall"]["cases"] == 18 and sorted(cv["folds"]) == ["0", "1", "2", "3", "4"]
     assert all(segment["snomed"]["code"] for segment in meta["segments"].values())
     readme = (bundle / "docs" / "README.md").read_text()
-    for heading in ("## Data", "## Labels and measured metrics", "## Training"):
+    for heading in ("## Data", "## Labels and measured metrics", "## Cross-validation and selection", "## Training"):
         assert heading in readme
+    assert f"{meta['eval_metrics']['mean_dice_test']:.3f}" in readme
+    records = [p.read_text() for p in [*bundle.rglob("*.json"), *bundle.rglob("*.csv"), *bundle.rglob("*.md")]]
+    assert not [r for r in records if "/tmp/" in r or "/work/" in r]  # no local paths of the machine it was built on
 
 
 @pytest.mark.slow

@@ -316,7 +316,7 @@ def test_train_config_has_the_ids_and_references_of_monai_train_workflows() -> N
 
 def test_safe_mode_accepts_medseg_train_config_with_overrides(tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
-    shutil.copytree(SHIPPED / "configs", bundle / "configs")
+    shutil.copytree(SHIPPED / "fold_0" / "configs", bundle / "configs")  # a fold of the shipped ensemble: its train.json
     assert scan_bundle(bundle) == []
     weights = tmp_path / "w.pt"
     check_bundle(bundle, {"dataset_dir": str(tmp_path / "data"), "optimizer#lr": 0.001, "epochs": 2,
