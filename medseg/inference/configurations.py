@@ -121,28 +121,17 @@ class ConfigurationEnsemble:
         """The label map of the members' mean probabilities in the input grid, one class at a time."""
         import torch
 
-        plan = self.plan
-        count = len(self.members)
-        best = labels = None
-        for c in range(int(datas[0]["pred"].shape[0])):
-            mean = None
+        from medseg.inference.inferer import label_map_by_class
+
+        def mean(c: int) -> torch.Tensor:
+            total: torch.Tensor | None = None
             for inverter, data in zip(inverters, datas, strict=True):
                 native = inverter.native_channel(data, "pred", c)[0].as_subclass(torch.Tensor)
-                mean = native if mean is None else mean.add_(native)
-            assert mean is not None
-            mean /= count
-            if labels is None:
-                labels = torch.zeros(mean.shape, dtype=torch.int32)
-            if plan.regions:
-                labels[mean > 0.5] = int(plan.regions[c].value)
-            elif best is None:
-                best = mean
-            else:
-                labels[mean > best] = c
-                best = torch.maximum(best, mean)
-            del mean
-        assert labels is not None
-        return labels
+                total = native if total is None else total.add_(native)
+            assert total is not None
+            return total.div_(len(self.members))
+
+        return label_map_by_class(int(datas[0]["pred"].shape[0]), mean, self.plan.regions)
 
     def lesion_labels(self) -> list[int]:
         """Labels written as instances by ``--instances`` (the first member's)."""

@@ -58,7 +58,7 @@ from medseg.networks import split_pointwise_head
 from medseg.networks.ensemble import ModelEnsemble
 from medseg.transforms.regions import RegionsToLabelMapd
 
-__all__ = ["DEFAULT_MAX_PROBABILITY_BYTES", "InvertPredictiond", "SlabInferer"]
+__all__ = ["DEFAULT_MAX_PROBABILITY_BYTES", "InvertPredictiond", "SlabInferer", "label_map_by_class"]
 
 DEFAULT_MAX_PROBABILITY_BYTES = 1024**3
 OUTPUTS = ("auto", "probabilities", "disk", "labels")
@@ -289,23 +289,44 @@ class InvertPredictiond(MapTransform):
         return self._invert(key, False)({**d, key: one})[key]
 
     def _by_class(self, d: dict[Hashable, Any], key: Hashable) -> torch.Tensor:
-        """Linear inversion and argmax one class at a time (first maximum on ties, as argmax); with regions,
-        each region painted where its resampled probability exceeds 0.5, in order."""
-        pred = d[key]
-        best = labels = None
-        for c in range(pred.shape[0]):
+        """Linear inversion and reduction one class at a time (:func:`label_map_by_class`)."""
+        metas: list[Any] = []
+
+        def channel(c: int) -> torch.Tensor:
             native = self.native_channel(d, key, c)
-            if self.regions:
-                if labels is None:
-                    labels = torch.zeros(native.shape, dtype=torch.float32)
-                    labels = MetaTensor(labels, meta=native.meta) if isinstance(native, MetaTensor) else labels
-                labels[native > 0.5] = float(self.regions[c].value)
-                continue
-            if best is None:
-                best, labels = native, torch.zeros(native.shape, dtype=torch.float32)
-                labels = MetaTensor(labels, meta=native.meta) if isinstance(native, MetaTensor) else labels
-                continue
-            better = native > best
-            labels[better] = float(c)
-            best = torch.maximum(best, native)
-        return labels
+            if c == 0:
+                metas.append(native.meta if isinstance(native, MetaTensor) else None)
+            return native
+
+        labels = label_map_by_class(int(d[key].shape[0]), channel, self.regions, torch.float32)
+        return labels if metas[0] is None else MetaTensor(labels, meta=metas[0])
+
+
+def label_map_by_class(num_channels: int, probability: Callable[[int], torch.Tensor], regions: Sequence[Region] = (),
+                       dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """The label map of ``num_channels`` probability maps made one at a time by ``probability(c)``: the argmax
+    (first maximum on ties, as ``torch.argmax``), or with ``regions`` each region painted where its probability
+    exceeds 0.5, in order. Only the running maximum, the label map and the channel at hand are alive.
+
+    Raises
+    ------
+    ValueError
+        ``num_channels`` below 1.
+    """
+    if num_channels < 1:
+        raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+    best: torch.Tensor | None = None
+    labels = torch.zeros(0)
+    for c in range(num_channels):
+        channel = probability(c)
+        if c == 0:
+            labels = torch.zeros(channel.shape, dtype=dtype)
+        if regions:
+            labels[channel > 0.5] = regions[c].value
+        elif best is None:
+            best = channel
+        else:
+            labels[channel > best] = c
+            best = torch.maximum(best, channel)
+        del channel  # before the next channel is made
+    return labels

@@ -168,3 +168,29 @@ def test_bfloat16_runs_the_network_under_autocast_and_agrees_with_float32():
     assert (fp32 == bf16).double().mean() > 0.98
     with pytest.raises(ValueError, match="precision"):
         SlabInferer((16, 16, 16), 2, precision="float16")
+
+
+def test_label_map_by_class_is_argmax_with_first_maximum_or_regions_painted_in_order():
+    """The class-by-class reduction of InvertPredictiond (float16 probabilities) and of ConfigurationEnsemble."""
+    from medseg.inference.inferer import label_map_by_class
+    from medseg.labels import Region
+
+    probs = torch.rand(4, 6, 5, 3, generator=torch.Generator().manual_seed(0))
+    probs[2, 0, 0, 0] = probs[1, 0, 0, 0] = 2.0  # a tie: the first maximum wins, as argmax
+    made: list[int] = []
+
+    def channel(c: int) -> torch.Tensor:
+        made.append(c)
+        return probs[c].clone()
+
+    labels = label_map_by_class(4, channel)
+    assert made == [0, 1, 2, 3] and labels.dtype == torch.int32
+    assert torch.equal(labels, probs.argmax(dim=0).to(torch.int32)) and labels[0, 0, 0] == 1
+    regions = [Region("a", (1, 2), 1), Region("b", (2,), 2), Region("c", (3,), 3), Region("d", (4,), 4)]
+    painted = label_map_by_class(4, lambda c: probs[c], regions, torch.float32)
+    expected = torch.zeros(6, 5, 3)
+    for c, region in enumerate(regions):
+        expected[probs[c] > 0.5] = region.value
+    assert painted.dtype == torch.float32 and torch.equal(painted, expected)
+    with pytest.raises(ValueError, match="num_channels"):
+        label_map_by_class(0, channel)
