@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 __all__ = ["ARCHITECTURES", "FIELDS", "IMPORTED", "PLAN_ARCHITECTURES", "NetworkSpec", "Topology",
-           "default_filters", "dynunet_topology", "plan_topology", "planned_filters"]
+           "default_filters", "dynunet_topology", "plan_topology", "planned_filters", "slice_axis"]
 
 #: The architectures :func:`medseg.networks.build_network` builds (``--network``), the first the default.
 ARCHITECTURES = ("unet", "dynunet", "segresnet", "unet_head")
@@ -290,6 +290,10 @@ def plan_topology(spacing: Sequence[float], patch_size: Sequence[int], min_edge:
     than twice the finest spacing (1 before; once 3, always 3); the bottleneck with 3 along every
     axis. The patch is padded up to a multiple of ``2 ** poolings`` per axis.
 
+    An axis of a 3D patch one voxel long is a slice axis (nnU-Net's 2d configuration of a 3D image, a
+    3D network that sees one slice): never pooled, convolved with 1 voxel at every stage, and left out
+    of the finest spacing, so the network is the 2D U-Net of the other two axes applied slice by slice.
+
     Raises
     ------
     ValueError
@@ -302,6 +306,7 @@ def plan_topology(spacing: Sequence[float], patch_size: Sequence[int], min_edge:
         raise ValueError(f"spacing {list(spacing)} must be positive and patch size {list(patch_size)} at least 1")
     current = [float(s) for s in spacing]
     sizes = [float(n) for n in patch_size]
+    planar = [dims == 3 and int(n) == 1 for n in patch_size]
     poolings = [0] * dims
     wide = [False] * dims
     kernels: list[tuple[int, ...]] = []
@@ -314,22 +319,31 @@ def plan_topology(spacing: Sequence[float], patch_size: Sequence[int], min_edge:
         valid = [a for a in valid if current[a] / finest < 2]
         if len(valid) == 1 and sizes[valid[0]] < 3 * min_edge:
             break
-        wide = [w or sp / min(current) < 2 for w, sp in zip(wide, current, strict=True)]
+        finest_all = min(sp for sp, flat in zip(current, planar, strict=True) if not flat)
+        wide = [w or (not flat and sp / finest_all < 2) for w, sp, flat in zip(wide, current, planar, strict=True)]
         kernels.append(tuple(3 if w else 1 for w in wide))
         strides.append(tuple(2 if a in valid else 1 for a in range(dims)))
         for a in valid:
             poolings[a] += 1
             current[a] *= 2
             sizes[a] = math.ceil(sizes[a] / 2)
-    kernels.append((3,) * dims)
+    kernels.append(tuple(1 if flat else 3 for flat in planar))
     divisors = tuple(2**p for p in poolings)
     padded = tuple(int(math.ceil(int(n) / d) * d) for n, d in zip(patch_size, divisors, strict=True))
     return Topology(tuple(kernels), tuple(strides), padded, divisors)
 
 
+def slice_axis(patch_size: Sequence[int]) -> int | None:
+    """The slice axis of a 3D patch (the axis one voxel long: a network over slices, nnU-Net's 2d
+    configuration of a 3D image), None for any other patch."""
+    if len(patch_size) != 3:
+        return None
+    return next((axis for axis, n in enumerate(patch_size) if int(n) == 1), None)
+
+
 def planned_filters(stages: int, dims: int, base: int = PLANNED_BASE_FILTERS) -> tuple[int, ...]:
-    """Feature channels per stage of a planned network: ``base`` doubled at each stage, at most
-    :data:`PLANNED_MAX_FILTERS` scaled by ``base / 32`` (a narrower network is nnU-Net's, thinned
-    evenly)."""
+    """Feature channels per stage of a planned network of ``dims`` convolved axes (2 for a network over
+    slices): ``base`` doubled at each stage, at most :data:`PLANNED_MAX_FILTERS` scaled by ``base / 32``
+    (a narrower network is nnU-Net's, thinned evenly)."""
     cap = max(base, PLANNED_MAX_FILTERS[dims] * base // PLANNED_BASE_FILTERS)
     return tuple(min(base * 2**stage, cap) for stage in range(stages))

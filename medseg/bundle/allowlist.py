@@ -227,7 +227,7 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
     Vetted("medseg.engines.parts.poly_lr_schedule", _OPTIMIZER),
     Vetted("medseg.engines.parts.plan_value", "returns one attribute of the plan, pinned to numeric ones (a free "
                                               "name could return a method such as Plan.save)",
-           fixed={"field": ("patch_size", "sw_batch_size", "num_classes", "batch_size")}),
+           fixed={"field": ("patch_size", "window_size", "sw_batch_size", "num_classes", "batch_size")}),
     Vetted("medseg.engines.records.RunRecorder",
            "Ignite handler writing checkpoints/last.pt, models/model.pt (torch.save of state dicts), history.json "
            "and curves.png under bundle_root, each atomically; with resume reads history.json there",

@@ -105,8 +105,13 @@ def _amp(planned: bool) -> Any:
     return {"_target_": f"{E}.parts.mixed_precision", "device": "@device"} if planned else False
 
 
-def _validate_parts(planned: bool) -> dict[str, Any]:
-    """``validate#...``: sliding-window validation scored by MONAI's ``MeanDice`` (per-case details kept)."""
+def _validate_parts(plan: Plan | None) -> dict[str, Any]:
+    """``validate#...``: sliding-window validation scored by MONAI's ``MeanDice`` (per-case details kept), over the
+    plan's windows (:attr:`~medseg.plan.Plan.window_size`: a network over slices gets thick windows that do not
+    overlap along the slice axis)."""
+    planned = plan is not None and plan.planned
+    overlap = 0.25 if plan is None else plan.window_overlap(0.25)
+    sigma = 0.125 if plan is None else plan.window_sigma_scale()
     plan_value = f"{E}.parts.plan_value"
     items: dict[str, Any] = {"_target_": f"{E}.data.case_items", "split": "@split", "part": "validation"}
     dataset: dict[str, Any]
@@ -122,9 +127,10 @@ def _validate_parts(planned: bool) -> dict[str, Any]:
         "dataloader": {"_target_": "DataLoader", "dataset": "@validate::dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
         "inferer": {"_target_": "SlidingWindowInferer",
-                    "roi_size": {"_target_": plan_value, "plan": "@plan", "field": "patch_size"},
+                    "roi_size": {"_target_": plan_value, "plan": "@plan", "field": "window_size"},
                     "sw_batch_size": {"_target_": plan_value, "plan": "@plan", "field": "sw_batch_size"},
-                    "overlap": 0.25, "mode": "gaussian"},
+                    "overlap": list(overlap) if isinstance(overlap, tuple) else overlap, "mode": "gaussian",
+                    **({"sigma_scale": list(sigma)} if isinstance(sigma, tuple) else {})},
         "postprocessing": {"_target_": f"{E}.parts.validation_postprocessing", "plan": "@plan"},
         "key_metric": {"val_mean_dice": {"_target_": "MeanDice", "include_background": False,
                                          "output_transform": {"_target_": "monai.handlers.from_engine",
@@ -224,7 +230,7 @@ def train_parts(plan: Plan | None = None) -> dict[str, Any]:
                          "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "resume": "@resume",
                          "epochs": "@epochs", "max_iterations": "@max_iterations"},
         "train": _train_parts(planned),
-        "validate": _validate_parts(planned),
+        "validate": _validate_parts(plan),
         "initialize": [
             {"_target_": f"{E}.options.check_options", "options": "@options"},
             {"_target_": "medseg.bundle.training.check_trainable", "bundle_root": "@bundle_root"},

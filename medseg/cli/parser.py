@@ -139,7 +139,8 @@ def _planner_options(p: argparse.ArgumentParser, train: bool) -> None:
                    help=f"network preset{when}: plain DynUNet, or residual blocks sized as nnU-Net ResEnc M (8 GB) or "
                         "L (24 GB) (default: default)")
     p.add_argument("--configuration", choices=CONFIGURATIONS, default=None,
-                   help=f"configuration to train{when}; 2d only for 2D datasets (default: 3d_fullres, 2d for 2D data)")
+                   help=f"configuration to train{when}; 2d of a 3D dataset: a U-Net over single slices along the "
+                        "coarsest axis (default: 3d_fullres, 2d for 2D data)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help=f"processes reading the cases for the fingerprint{when} (default: the CPU count, at most 4)")
     p.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default=None,

@@ -25,7 +25,7 @@ __all__ = ["CpuAutocastInferer", "GradientClipping", "ValidationLabelMaps", "mix
            "poly_lr_schedule", "training_inferer", "validation_postprocessing"]
 
 #: The plan values a config may ask for (:func:`plan_value`).
-PLAN_VALUES = ("patch_size", "sw_batch_size", "num_classes", "batch_size")
+PLAN_VALUES = ("patch_size", "window_size", "sw_batch_size", "num_classes", "batch_size")
 
 
 def parameters(network: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -140,8 +140,9 @@ class GradientClipping:
         torch.nn.utils.clip_grad_norm_(parameters, self.max_norm)
 
 
-def plan_value(plan: Plan, field: Literal["patch_size", "sw_batch_size", "num_classes", "batch_size"]) -> Any:
-    """One value of the plan (``patch_size`` as a list) for a MONAI component's argument.
+def plan_value(plan: Plan, field: Literal["patch_size", "window_size", "sw_batch_size", "num_classes", "batch_size"]
+               ) -> Any:
+    """One value of the plan (``patch_size`` and ``window_size`` as lists) for a MONAI component's argument.
 
     Raises
     ------

@@ -38,9 +38,12 @@ log = logging.getLogger(__name__)
 def sliding_window_inferer(plan: Plan, overlap: float = 0.5, sw_batch_size: int | None = None,
                            progress: bool = False, tta: bool = False, output: str = "auto",
                            precision: str = "float32", grid: str = "monai", members: int = 1) -> SlabInferer:
-    """medseg's bounded-memory Gaussian sliding-window inferer over the plan's patch size
+    """medseg's bounded-memory Gaussian sliding-window inferer over the plan's windows (its patch; thick windows
+    without overlap along the slice axis for a network over slices, :attr:`~medseg.plan.Plan.window_size`, except
+    on nnU-Net's grid)
     (:class:`medseg.inference.inferer.SlabInferer`) for the plan's outputs (softmax classes, or one sigmoid
-    per region); ``sw_batch_size`` None: the plan's; ``tta`` mirrors the windows along every spatial axis;
+    per region); ``sw_batch_size`` None: the plan's; ``tta`` mirrors the windows along
+    every axis the network convolves (not a slice axis);
     ``precision="bfloat16"`` runs the network under bfloat16 autocast; ``grid="nnunet"``: nnU-Net v2's windows
     and Gaussian (models imported from nnU-Net); ``members``: an ensemble of that many models of the plan
     (:class:`medseg.networks.ensemble.ModelEnsemble`), their probabilities averaged block by block.
@@ -53,8 +56,12 @@ def sliding_window_inferer(plan: Plan, overlap: float = 0.5, sw_batch_size: int 
     """
     try:
         batch = int(plan.sw_batch_size if sw_batch_size is None else sw_batch_size)
-        return SlabInferer(plan.patch_size, plan.num_outputs, overlap=float(overlap), sw_batch_size=batch,
-                           mirror_axes=tuple(range(plan.dims)) if tta else (), output=output, progress=progress,
+        # nnU-Net's grid keeps nnU-Net's windows (one slice each for its 2d configuration)
+        native = grid == "nnunet"
+        return SlabInferer(plan.patch_size if native else plan.window_size, plan.num_outputs,
+                           overlap=float(overlap) if native else plan.window_overlap(float(overlap)),
+                           sigma_scale=0.125 if native else plan.window_sigma_scale(), sw_batch_size=batch,
+                           mirror_axes=plan.spatial_axes if tta else (), output=output, progress=progress,
                            precision=precision, regions=plan.regions, grid=grid, members=int(members))
     except (TypeError, ValueError) as exc:
         raise InputError(None, str(exc)) from exc

@@ -74,8 +74,8 @@ class SlabInferer(Inferer):
         Window size (the plan's patch size).
     num_classes
         Output channels of the network: the classes it predicts (background included), or its regions.
-    overlap, sw_batch_size
-        As in MONAI's ``SlidingWindowInferer``.
+    overlap, sw_batch_size, sigma_scale
+        As in MONAI's ``SlidingWindowInferer`` (overlap and sigma_scale: one value, or one per axis).
     mirror_axes
         Test-time mirroring along these spatial axes (``()``: off); ``1 + len(mirror_axes)`` passes.
     output
@@ -110,17 +110,20 @@ class SlabInferer(Inferer):
         or ``regions`` that are not one per output channel.
     """
 
-    def __init__(self, roi_size: Sequence[int], num_classes: int, overlap: float = 0.5, sw_batch_size: int = 2,
+    def __init__(self, roi_size: Sequence[int], num_classes: int, overlap: Sequence[float] | float = 0.5,
+                 sw_batch_size: int = 2,
                  mirror_axes: Sequence[int] = (), output: str = "auto",
                  max_probability_bytes: int = DEFAULT_MAX_PROBABILITY_BYTES, progress: bool = False,
                  accelerate: bool = True, precision: str = "float32", buffer_bytes: int | None = None,
-                 regions: Sequence[Region] = (), grid: str = "monai", members: int = 1) -> None:
+                 regions: Sequence[Region] = (), grid: str = "monai", members: int = 1,
+                 sigma_scale: Sequence[float] | float = 0.125) -> None:
         super().__init__()
         if int(members) < 1:
             raise ValueError(f"members must be >= 1, got {members}")
         self.members = int(members)
-        if not 0.0 <= float(overlap) < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        overlaps = [float(o) for o in overlap] if isinstance(overlap, Sequence) else [float(overlap)]
+        if not all(0.0 <= o < 1.0 for o in overlaps) or (isinstance(overlap, Sequence) and len(overlaps) != len(roi_size)):
+            raise ValueError(f"overlap must be in [0, 1) (one value, or one per axis of the window), got {overlap}")
         if int(sw_batch_size) < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
         if output not in OUTPUTS:
@@ -129,7 +132,7 @@ class SlabInferer(Inferer):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.roi_size = tuple(int(r) for r in roi_size)
         self.num_classes = int(num_classes)
-        self.overlap = float(overlap)
+        self.overlap: tuple[float, ...] | float = tuple(overlaps) if isinstance(overlap, Sequence) else overlaps[0]
         self.sw_batch_size = int(sw_batch_size)
         self.mirror_axes = tuple(int(a) for a in mirror_axes)
         self.output = output
@@ -138,6 +141,8 @@ class SlabInferer(Inferer):
         self.accelerate = accelerate
         self.precision = precision
         self.buffer_bytes = None if buffer_bytes is None else int(buffer_bytes)
+        self.sigma_scale: tuple[float, ...] | float = (tuple(float(s) for s in sigma_scale)
+                                                       if isinstance(sigma_scale, Sequence) else float(sigma_scale))
         self.regions = tuple(regions)
         if grid not in GRIDS:
             raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
@@ -204,7 +209,7 @@ class SlabInferer(Inferer):
         common = dict(roi_size=self.roi_size, network=net, num_classes=self.num_classes, overlap=self.overlap,
                       sw_batch_size=self.sw_batch_size, mirror_axes=self.mirror_axes, progress=self.progress,
                       head=head, feature_channels=features, buffer_bytes=self.buffer_bytes, regions=self.regions,
-                      grid=self.grid, members=self.members)
+                      grid=self.grid, members=self.members, sigma_scale=self.sigma_scale)
         output = self.resolve_output(inputs)
         with retained_heap() if self.accelerate and inputs.device.type == "cpu" else contextlib.nullcontext():
             out = self._infer(inputs, output, common)

@@ -4,12 +4,14 @@ head) for 2D and 3D segmentation."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from monai.networks.nets import DynUNet, SegResNet, UNet
 
 from medseg.architectures import ARCHITECTURES, IMPORTED, NetworkSpec
 from medseg.errors import BundleError
+from medseg.networks.slices import SliceNetwork
 from medseg.networks.unet_head import PointwiseHeadUNet
 from medseg.plan import Plan
 
@@ -27,6 +29,10 @@ def build_network(plan: Plan, spec: NetworkSpec | None = None) -> torch.nn.Modul
     (``(B, 1 + heads, C, *patch)``), in eval mode the main output only; the same network is built for
     training and inference, so weights trained with the heads load strictly.
 
+    A 3D plan whose patch is one voxel thick along an axis (:attr:`~medseg.plan.Plan.slice_axis`, the ``2d``
+    configuration of 3D data) gets the 2D network of the other two axes as a
+    :class:`~medseg.networks.slices.SliceNetwork`.
+
     Raises
     ------
     BundleError
@@ -40,7 +46,20 @@ def build_network(plan: Plan, spec: NetworkSpec | None = None) -> torch.nn.Modul
     build = _BUILDERS.get(spec.name)
     if build is None:
         raise BundleError(f"unknown network architecture {spec.name!r}; available: {', '.join(ARCHITECTURES)}")
+    flat = plan.slice_axis
+    if flat is not None:  # nnU-Net's 2d configuration of 3D data: a 2D network over the slices
+        axes = plan.spatial_axes
+        in_plane = _without_axis(spec, flat).planned([plan.patch_size[a] for a in axes],
+                                                      [plan.target_spacing[a] for a in axes])
+        return SliceNetwork(build(in_plane, 2, plan.num_channels, plan.num_outputs), flat)
     return build(spec.planned(plan.patch_size, plan.target_spacing), plan.dims, plan.num_channels, plan.num_outputs)
+
+
+def _without_axis(spec: NetworkSpec, axis: int) -> NetworkSpec:
+    """``spec`` with the per-axis kernels and strides of ``axis`` left out (a network over slices)."""
+    def drop(levels: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(v for a, v in enumerate(level) if a != axis) for level in levels)
+    return replace(spec, kernel_sizes=drop(spec.kernel_sizes), level_strides=drop(spec.level_strides))
 
 
 def _norm(name: str) -> str | tuple[str, dict[str, bool]]:

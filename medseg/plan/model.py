@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.architectures import NetworkSpec
+from medseg.architectures import NetworkSpec, slice_axis
 from medseg.errors import BundleError, printable
 from medseg.io.atomic import atomic_write_text
 from medseg.labels import Region
@@ -26,6 +26,8 @@ from medseg.plan.network_fields import read_network
 __all__ = ["CONFIGURATIONS", "PLAN_FORMAT", "Channel", "Intensity", "Plan", "checked_network", "load_plan"]
 
 PLAN_FORMAT = "medseg-plan/1"
+#: Sigma of the windows' Gaussian along a slice axis, in windows: flat (exp(-x^2 / 2 sigma^2) is 1 in float32).
+FLAT_SIGMA_SCALE = 1.0e6
 #: The configurations a plan can be (nnU-Net's names; "custom": set by hand or planned before the planner).
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres", "custom")
 
@@ -102,6 +104,43 @@ class Plan:
     @property
     def num_channels(self) -> int:
         return len(self.input_channels)
+
+    @property
+    def slice_axis(self) -> int | None:
+        """The axis of a 3D plan whose patch is one voxel thick (the ``2d`` configuration of 3D data: the
+        network sees one slice at a time), else None."""
+        return slice_axis(self.patch_size) if self.dims == 3 else None
+
+    @property
+    def spatial_axes(self) -> tuple[int, ...]:
+        """The axes the network convolves (all but the slice axis): test-time mirroring flips these."""
+        return tuple(axis for axis in range(self.dims) if axis != self.slice_axis)
+
+    @property
+    def window_size(self) -> tuple[int, ...]:
+        """The sliding window of inference and validation: the patch; for a network over slices, as many slices
+        as a training batch holds (the network sees each slice alone, so a thick window only batches them)."""
+        flat = self.slice_axis
+        if flat is None:
+            return self.patch_size
+        return tuple(max(1, self.batch_size) if axis == flat else n for axis, n in enumerate(self.patch_size))
+
+    def window_overlap(self, overlap: float) -> float | tuple[float, ...]:
+        """The windows' overlap per axis: ``overlap``, except none along a slice axis (every window predicts
+        its slices alone, so overlapping them along it would predict the same slices twice)."""
+        flat = self.slice_axis
+        if flat is None:
+            return overlap
+        return tuple(0.0 if axis == flat else float(overlap) for axis in range(self.dims))
+
+    def window_sigma_scale(self, sigma_scale: float = 0.125) -> float | tuple[float, ...]:
+        """The Gaussian importance of the windows per axis (sigma / window): ``sigma_scale``, except flat along a
+        slice axis (:data:`FLAT_SIGMA_SCALE`), so that a thick window weighs each slice's prediction as a window of
+        one slice would (a Gaussian there, clamped at its tails, would change the in-plane blending)."""
+        flat = self.slice_axis
+        if flat is None:
+            return sigma_scale
+        return tuple(FLAT_SIGMA_SCALE if axis == flat else float(sigma_scale) for axis in range(self.dims))
 
     @property
     def axcodes(self) -> str:

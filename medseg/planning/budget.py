@@ -17,6 +17,9 @@ DynUNet (measured here). Batch 2 except where noted.
 2. The network on that patch: the most capacious of DynUNet 32, DynUNet 16 and the lean network that
    still reaches ``min_iterations`` (DynUNet 16 timed first; DynUNet 32 only if it fits).
 
+For the ``2d`` configuration of 3D data the context is the batch of slices on the fitted slice (see
+:func:`budget_candidates`): the same two steps choose the batch, then the network.
+
 Seconds per iteration come from an injected ``timer`` (measured iterations on this machine in the
 planner, fake timings in tests). A candidate is not timed, and counts as too slow, when a timed candidate
 of the same network on a smaller patch, scaled by the patch volume, predicts more than
@@ -36,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from medseg.architectures import Topology, plan_topology
+from medseg.architectures import Topology, plan_topology, slice_axis
 from medseg.planning.configurations import MIN_STAGES, Configuration, Network
 from medseg.planning.memory import GB, MemoryModel
 from medseg.planning.rules import MIN_BATCH, shrink_patch
@@ -77,6 +80,17 @@ class Candidate:
     def patch_size(self) -> tuple[int, ...]:
         return self.topology.patch_size
 
+    @property
+    def context(self) -> tuple[Any, ...]:
+        """What the budget trades for iterations first: the patch; for a network over slices (patch one
+        voxel thick) the patch and the batch of slices."""
+        return (self.patch_size, self.batch_size) if slice_axis(self.patch_size) is not None else (self.patch_size,)
+
+    @property
+    def work(self) -> int:
+        """Voxels per iteration (patch times batch): the scale of a timing predicted from another."""
+        return math.prod(self.patch_size) * self.batch_size
+
     def describe(self) -> dict[str, Any]:
         return {"network": self.network.architecture, "base_features": self.network.base_features,
                 "patch_size": list(self.patch_size), "batch_size": self.batch_size, "n_stages": self.topology.stages,
@@ -114,24 +128,42 @@ def budget_candidates(configuration: Configuration, target_bytes: float, model: 
                       widths: Sequence[int] = WIDTHS) -> list[Candidate]:
     """The candidates of :func:`choose_for_budget` for a memory-fitted configuration, largest patch
     first and on each patch the most capacious network first: the configuration as planned, DynUNets of
-    each of ``widths`` at batch 2 and the lean network at batch 2, those that fit ``target_bytes``."""
+    each of ``widths`` at batch 2 and the lean network at batch 2, those that fit ``target_bytes``.
+
+    The ``2d`` configuration of 3D data (a patch one slice thick) keeps its fitted slice (nnU-Net's 2d patch
+    covers the median slice) and steps its batch of slices down instead: the planned batch, then about half
+    of the one before (at least 2), each with the three networks. Two slices per iteration would see a
+    fraction of one 3D patch's voxels, and a smaller slice costs little less to sample and augment."""
     spacing, planned = configuration.spacing, configuration.network
     found = [Candidate(planned, configuration.topology, configuration.batch_size,
                        planned.macs(configuration.topology, configuration.batch_size), configuration.memory_bytes)]
-    seen = {(planned.architecture, planned.base_features, configuration.patch_size)}
-    for patch in _patches(configuration):
+    seen = {(planned.architecture, planned.base_features, configuration.patch_size, configuration.batch_size)}
+    if slice_axis(configuration.patch_size) is not None:
+        steps = [(configuration.patch_size, batch) for batch in _batches(configuration.batch_size)]
+    else:
+        steps = [(patch, MIN_BATCH) for patch in _patches(configuration)]
+        seen = {(*key[:3], MIN_BATCH) for key in seen}  # the planned network stands for its width on its patch
+    for patch, batch in steps:
         topology = plan_topology(spacing, patch)
         networks = [replace(planned, base_features=width) for width in widths]
         networks.append(replace(planned, base_features=LEAN_FEATURES, res_block=False, deep_supervision=False,
                                 architecture=LEAN))
         for network in networks:
-            if (network.architecture, network.base_features, patch) in seen:
+            if (network.architecture, network.base_features, patch, batch) in seen:
                 continue
-            memory = network.memory(topology, MIN_BATCH, model)
+            memory = network.memory(topology, batch, model)
             if memory <= target_bytes:
-                found.append(Candidate(network, topology, MIN_BATCH, network.macs(topology, MIN_BATCH), memory))
-                seen.add((network.architecture, network.base_features, patch))
+                found.append(Candidate(network, topology, batch, network.macs(topology, batch), memory))
+                seen.add((network.architecture, network.base_features, patch, batch))
     return found
+
+
+def _batches(batch: int) -> list[int]:
+    """A batch of slices and about half of the one before, down to :data:`MIN_BATCH` (:data:`PATCH_STEPS` in all)."""
+    batches = [batch]
+    while len(batches) < PATCH_STEPS and batches[-1] > MIN_BATCH:
+        batches.append(max(MIN_BATCH, batches[-1] // 2))
+    return batches
 
 
 def _same_network(a: Candidate, b: Candidate) -> bool:
@@ -155,9 +187,9 @@ class _Timings:
 
     def predicted(self, index: int) -> float | None:
         candidate = self.candidates[index]
-        volume = math.prod(candidate.patch_size)
-        same = [(math.prod(self.candidates[i].patch_size), seconds) for i, seconds in self.measured.items()
-                if _same_network(self.candidates[i], candidate) and math.prod(self.candidates[i].patch_size) <= volume]
+        volume = candidate.work
+        same = [(self.candidates[i].work, seconds) for i, seconds in self.measured.items()
+                if _same_network(self.candidates[i], candidate) and self.candidates[i].work <= volume]
         if not same:
             return None
         smaller, seconds = max(same)
@@ -205,8 +237,8 @@ def choose_for_budget(candidates: Sequence[Candidate], budget_seconds: float, ti
                 bad = middle
     chosen = lean[good]
     if timings.measured[chosen] <= timings.limit:
-        patch = candidates[chosen].patch_size
-        richer = [i for i, c in enumerate(candidates) if c.patch_size == patch and i < chosen]  # most capacious first
+        context = candidates[chosen].context
+        richer = [i for i, c in enumerate(candidates) if c.context == context and i < chosen]  # most capacious first
         for index in reversed(richer):  # the narrower first: a wider one is tried only if it fits
             if not timings.fits(index):
                 break

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.architectures import Topology, plan_topology, planned_filters
+from medseg.architectures import Topology, plan_topology, planned_filters, slice_axis
 from medseg.planning.memory import GB, MemoryModel, multiply_accumulates, training_bytes
 from medseg.planning.rules import (
     LOWRES_COVERAGE,
@@ -55,7 +55,8 @@ class Network:
     architecture: str = "dynunet"
 
     def filters(self, topology: Topology) -> tuple[int, ...]:
-        return planned_filters(topology.stages, len(topology.patch_size), self.base_features)
+        dims = len(topology.patch_size) - (slice_axis(topology.patch_size) is not None)
+        return planned_filters(topology.stages, dims, self.base_features)
 
     def memory(self, topology: Topology, batch: int, model: MemoryModel) -> int:
         return training_bytes(topology, self.filters(topology), self.in_channels, self.out_channels, batch, model,
@@ -131,9 +132,10 @@ def _at_least_three_stages(spacing: tuple[float, ...], topology: Topology) -> To
     """A patch grown along its finest axes until the network has three stages (images smaller than
     16 voxels along them: the patch is larger than the image, which training pads)."""
     patch = list(topology.patch_size)
+    flat = slice_axis(patch)
     while plan_topology(spacing, patch).stages < MIN_STAGES:
-        finest = min(spacing)
-        patch = [p * 2 if s / finest < 2 else p for p, s in zip(patch, spacing, strict=True)]
+        finest = min(s for a, s in enumerate(spacing) if a != flat)
+        patch = [p * 2 if s / finest < 2 and a != flat else p for a, (p, s) in enumerate(zip(patch, spacing, strict=True))]
     return plan_topology(spacing, patch)
 
 
@@ -141,6 +143,12 @@ def plan_configurations(spacing: Sequence[float], median_shape: Sequence[float],
                         target_bytes: float, model: MemoryModel) -> dict[str, Configuration]:
     """The configurations nnU-Net plans (see module docstring). 3D data: ``3d_fullres``, ``2d`` on the
     two finer axes (in-plane spacing), ``3d_lowres`` when needed; 2D data: ``2d``.
+
+    The ``2d`` configuration of 3D data is planned as a 3D patch one voxel thick along the coarsest axis
+    (the last of equally coarse ones: the axial slices of an isotropic RAS volume), whose U-Net is the 2D
+    U-Net of nnU-Net's rules on the other two axes (:func:`~medseg.architectures.plan_topology`): its
+    first patch is the in-plane one, its batch is bounded by the same 5 % of the dataset. The images keep
+    the full-resolution target spacing along the slice axis (nnU-Net keeps each image's own there).
 
     Raises
     ------
@@ -152,11 +160,12 @@ def plan_configurations(spacing: Sequence[float], median_shape: Sequence[float],
     if dims == 2:
         return {"2d": fit_configuration("2d", spacing, median_shape, network, voxels, target_bytes, model)}
     fullres = fit_configuration("3d_fullres", spacing, median_shape, network, voxels, target_bytes, model)
-    coarse = int(np.argmax(spacing))
+    coarse = dims - 1 - int(np.argmax(list(spacing)[::-1]))
     plane = [a for a in range(dims) if a != coarse]
-    in_plane = fit_configuration("2d", [spacing[a] for a in plane], [median_shape[a] for a in plane], network,
-                                 voxels, target_bytes, model)
-    in_plane.extra["axes"] = plane
+    patch = list(initial_patch([spacing[a] for a in plane], [median_shape[a] for a in plane]))
+    patch.insert(coarse, 1)
+    in_plane = fit_configuration("2d", spacing, median_shape, network, voxels, target_bytes, model, patch=patch)
+    in_plane.extra.update({"axes": plane, "slice_axis": coarse})
     found = {"3d_fullres": fullres, "2d": in_plane}
     lowres = _lowres(fullres, cases, network, target_bytes, model)
     if lowres is not None:

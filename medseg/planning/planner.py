@@ -125,8 +125,8 @@ def plan_dataset(fingerprint: Fingerprint, options: PlannerOptions, timer: Timer
     InputError
         Bad options (:func:`~medseg.planning.options.check_planner_options`), a target spacing of the
         wrong length, a memory target too small for any patch, a configuration that this dataset has
-        not (``2d`` of 3D data: medseg trains 2D networks on 2D images only; ``3d_lowres`` when the
-        full-resolution patch covers a quarter of the median image), a time budget or measurement on
+        not (``3d_fullres`` or ``3d_lowres`` of 2D data; ``3d_lowres`` when the full-resolution patch
+        covers a quarter of the median image), a time budget or measurement on
         CUDA where no CUDA device is available.
     """
     started = time.monotonic()
@@ -190,9 +190,6 @@ def plan_dataset(fingerprint: Fingerprint, options: PlannerOptions, timer: Timer
 def _configuration_name(asked: str | None, dims: int, configurations: dict[str, Configuration]) -> str:
     if asked is None:
         return "3d_fullres" if dims == 3 else "2d"
-    if asked == "2d" and dims == 3:
-        raise InputError(None, "--configuration 2d: medseg trains 2D networks on 2D images only, and this dataset is 3D "
-                         "(configs/plans.json records the 2d configuration nnU-Net would train); use 3d_fullres")
     if asked.startswith("3d") and dims == 2:
         raise InputError(None, f"--configuration {asked}: this dataset is 2D; use 2d")
     if asked not in configurations:

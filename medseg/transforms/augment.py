@@ -10,6 +10,7 @@ class's voxels; cached with the preprocessed case) and the random part (patch sa
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Hashable, Mapping, Sequence
@@ -40,10 +41,11 @@ from monai.transforms import (
 from monai.transforms.utils import create_rotate
 from monai.utils import convert_to_tensor, ensure_tuple
 
+from medseg.architectures import NetworkSpec
 from medseg.plan import Plan
 
-__all__ = ["ANISOTROPY", "FOREGROUND_FRACTION", "ForegroundOversampled", "SpatialAugmentation",
-           "augmentation", "coarse_axis", "enlarged_patch", "light_augmentation", "nnunet_augmentation",
+__all__ = ["ANISOTROPY", "FOREGROUND_FRACTION", "ForegroundOversampled", "SliceView", "SpatialAugmentation",
+           "augmentation", "coarse_axis", "enlarged_patch", "in_plane", "light_augmentation", "nnunet_augmentation",
            "planned_augmentation", "rotation_range", "sampling_preparation"]
 
 #: nnU-Net's oversample_foreground_percent: the share of patches centred on a foreground voxel.
@@ -123,11 +125,25 @@ def _scaled_axes(plan: Plan) -> tuple[bool, ...]:
     return tuple(axis != coarse for axis in range(plan.dims))
 
 
+def in_plane(plan: Plan) -> Plan:
+    """The 2D plan of the two convolved axes of a plan with a slice axis (:attr:`Plan.slice_axis`): the
+    spacing and patch of those axes (the network is left out: augmentation does not use it)."""
+    axes = plan.spatial_axes
+    return dataclasses.replace(plan, dims=2, target_spacing=tuple(plan.target_spacing[a] for a in axes),
+                               patch_size=tuple(plan.patch_size[a] for a in axes), network=NetworkSpec())
+
+
 def enlarged_patch(plan: Plan) -> tuple[int, ...]:
     """The region cropped before rotation and scaling so that the resampled patch comes from image
     content, not padding: the bounding box of the patch rotated within :func:`rotation_range`, times the
     largest scaling; each axis differs from the patch by an even number of voxels (the patch stays on
-    the voxel grid when no resampling is drawn)."""
+    the voxel grid when no resampling is drawn). A plan with a slice axis: its in-plane region, one
+    slice thick."""
+    flat = plan.slice_axis
+    if flat is not None:
+        region = list(enlarged_patch(in_plane(plan)))
+        region.insert(flat, 1)
+        return tuple(region)
     patch = np.asarray(plan.patch_size, dtype=float)
     limits = rotation_range(plan)
     steps = [np.linspace(-limit, limit, 9) if limit else np.zeros(1) for limit in limits]
@@ -242,6 +258,38 @@ class SpatialAugmentation(RandAffined):
                                                                  device=grid.device)
 
 
+class SliceView(MapTransform):
+    """Drop (``squeeze=True``) or restore the slice axis ``axis`` (spatial, 0-based) of ``keys``: the transforms
+    between two of them see 2D patches (the ``2d`` configuration of 3D data augments in-plane, as nnU-Net's)."""
+
+    def __init__(self, keys: KeysCollection, axis: int, squeeze: bool) -> None:
+        super().__init__(keys)
+        self.axis, self.squeeze = int(axis), squeeze
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = convert_to_tensor(d[key], track_meta=False)
+            d[key] = value.squeeze(1 + self.axis) if self.squeeze else value.unsqueeze(1 + self.axis)
+        return d
+
+
+def _chain(plan: Plan, num_samples: int, foreground: float, steps: list[Any]) -> Compose:
+    """The planned chain: the patch sampling of ``plan``, then ``steps`` (built for :func:`in_plane` of a plan
+    with a slice axis: they run on the 2D patch between two :class:`SliceView` steps), then the dtypes."""
+    keys = ["image", "label"]
+    exclude = () if plan.ignore_label is None else (plan.ignore_label,)
+    flat = plan.slice_axis
+    if flat is not None:
+        steps = [SliceView(keys, flat, squeeze=True), *steps, SliceView(keys, flat, squeeze=False)]
+    return Compose([
+        ForegroundOversampled(keys, "label", enlarged_patch(plan), plan.num_classes, foreground=foreground,
+                              num_samples=num_samples, exclude=exclude, patch_size=plan.patch_size),
+        *steps,
+        EnsureTyped(keys=keys, dtype=[torch.float32, torch.int64], track_meta=False),
+    ])
+
+
 def planned_augmentation(plan: Plan, num_samples: int = 1) -> Compose:
     """The random part of the planned training chain (after :func:`sampling_preparation`): the recipe the plan
     names in ``planning["augmentation"]["name"]`` (:func:`light_augmentation` for ``"light"``, the planner's
@@ -265,22 +313,21 @@ def light_augmentation(plan: Plan, num_samples: int = 1) -> Compose:
     """The light recipe of short budgets: the planned sampling with two patches in three centred on a foreground
     class (as class-balanced as the default plan's), rotation up to 15 degrees (in-plane for anisotropic plans)
     and scaling 0.9-1.1 in one resampling (probability 0.2), mirroring, and the default plan's intensity
-    augmentation (scale and shift by up to 10 %, p 0.5 each; Gaussian noise, p 0.15)."""
-    keys, dims = ["image", "label"], plan.dims
-    exclude = () if plan.ignore_label is None else (plan.ignore_label,)
+    augmentation (scale and shift by up to 10 %, p 0.5 each; Gaussian noise, p 0.15). A plan with a slice
+    axis: all of it in-plane (:func:`in_plane`)."""
+    keys = ["image", "label"]
+    inner = plan if plan.slice_axis is None else in_plane(plan)
+    dims = inner.dims
     limit = math.radians(15)
-    coarse = coarse_axis(plan)
+    coarse = coarse_axis(inner)
     rotation = (limit,) if dims == 2 else tuple(limit if coarse is None or axis == coarse else 0.0 for axis in range(3))
-    scaling = [(-0.1, 0.1) if scaled else 0.0 for scaled in _scaled_axes(plan)]
-    return Compose([
-        ForegroundOversampled(keys, "label", enlarged_patch(plan), plan.num_classes, foreground=2 / 3,
-                              num_samples=num_samples, exclude=exclude, patch_size=plan.patch_size),
-        SpatialAugmentation(keys, plan.patch_size, 0.2, rotation, scaling),
+    scaling = [(-0.1, 0.1) if scaled else 0.0 for scaled in _scaled_axes(inner)]
+    return _chain(plan, num_samples, 2 / 3, [
+        SpatialAugmentation(keys, inner.patch_size, 0.2, rotation, scaling),
         *[RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(dims)],
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
         RandGaussianNoised(keys="image", prob=0.15, std=0.05),
-        EnsureTyped(keys=keys, dtype=[torch.float32, torch.int64], track_meta=False),
     ])
 
 
@@ -293,15 +340,16 @@ def nnunet_augmentation(plan: Plan, num_samples: int = 1) -> Compose:
     blur (sigma 0.5-1, p 0.2); multiplicative brightness (0.75-1.25, p 0.15); contrast about the mean
     (0.75-1.25, range kept, p 0.15); low-resolution simulation (zoom 0.5-1, p 0.25); gamma 0.7-1.5 on
     the inverted image (p 0.1) and on the image (p 0.3), statistics kept; mirroring of every axis (p 0.5 each).
+    A plan with a slice axis (nnU-Net's 2d configuration of 3D data): all of it in-plane, as for 2D data
+    (:func:`in_plane`).
     """
-    keys, dims = ["image", "label"], plan.dims
-    exclude = () if plan.ignore_label is None else (plan.ignore_label,)
-    scaling = [(SCALING[0] - 1, SCALING[1] - 1) if scaled else 0.0 for scaled in _scaled_axes(plan)]
+    keys = ["image", "label"]
+    inner = plan if plan.slice_axis is None else in_plane(plan)
+    dims = inner.dims
+    scaling = [(SCALING[0] - 1, SCALING[1] - 1) if scaled else 0.0 for scaled in _scaled_axes(inner)]
     sigma = (0.5, 1.0)
-    return Compose([
-        ForegroundOversampled(keys, "label", enlarged_patch(plan), plan.num_classes, num_samples=num_samples,
-                              exclude=exclude, patch_size=plan.patch_size),
-        SpatialAugmentation(keys, plan.patch_size, SPATIAL_PROBABILITY, rotation_range(plan), scaling),
+    return _chain(plan, num_samples, FOREGROUND_FRACTION, [
+        SpatialAugmentation(keys, inner.patch_size, SPATIAL_PROBABILITY, rotation_range(inner), scaling),
         RandGaussianNoised(keys="image", prob=0.1, std=math.sqrt(0.1), sample_std=True),
         RandGaussianSmoothd(keys="image", sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=0.2),
         RandScaleIntensityd(keys="image", factors=0.25, prob=0.15, channel_wise=True),
@@ -312,5 +360,4 @@ def nnunet_augmentation(plan: Plan, num_samples: int = 1) -> Compose:
         RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), invert_image=True, retain_stats=True, prob=0.1),
         RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), invert_image=False, retain_stats=True, prob=0.3),
         *[RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(dims)],
-        EnsureTyped(keys=keys, dtype=[torch.float32, torch.int64], track_meta=False),
     ])

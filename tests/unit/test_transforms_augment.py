@@ -183,3 +183,29 @@ def test_short_budgets_get_the_light_recipe() -> None:
     assert any(isinstance(t, RandGaussianSmoothd) for t in nnunet.transforms)
     with pytest.raises(ValueError, match=r"planning\.augmentation\.name"):
         planned_augmentation(dataclasses.replace(_plan(), planning={"augmentation": {"name": "heavy"}}))
+
+
+@pytest.mark.parametrize("recipe", ["nnunet", "light"])
+def test_a_plan_over_slices_is_augmented_in_plane_one_slice_at_a_time(recipe: str) -> None:
+    """The 2d configuration of 3D data: each patch is one slice (its label values those of one slice of the
+    case), rotated and scaled in-plane only, with every random transform forced to fire."""
+    plan = dataclasses.replace(_plan((1.0, 1.0, 1.0), (32, 24, 1)), configuration="2d",
+                               planning={"augmentation": {"name": recipe}})
+    assert plan.slice_axis == 2 and enlarged_patch(plan)[2] == 1
+    chain = planned_augmentation(plan, num_samples=2)
+    for transform in chain.transforms:
+        if hasattr(transform, "prob"):
+            transform.prob = 1.0
+    chain.set_random_state(7)
+    label = torch.zeros(1, 60, 50, 40, dtype=torch.uint8)
+    label[0, 10:50, 10:40, :] = (torch.arange(40) % 3 + 1).to(torch.uint8)  # the slice's value: z % 3 + 1
+    case = dict(Compose(sampling_preparation(plan))({"image": torch.randn(1, 60, 50, 40), "label": label}))
+    values = set()
+    for _ in range(10):
+        for patch in chain(dict(case)):
+            assert patch["image"].shape == (1, 32, 24, 1) and patch["label"].shape == (1, 32, 24, 1)
+            assert torch.isfinite(patch["image"]).all() and patch["label"].dtype == torch.int64
+            present = set(patch["label"].unique().tolist()) - {0}
+            assert len(present) <= 1  # never two slices' values: nothing mixes slices
+            values |= present
+    assert len(values) >= 2  # patches come from different slices

@@ -169,3 +169,20 @@ def test_augmentation_is_timed_on_a_case_with_every_class_and_the_planned_chain(
         augmentation_seconds(plan, (40.0, 36.0, 20.0), samples=0)
     load = case_load_seconds((300.0, 300.0, 200.0), channels=2, probe_voxels=1 << 16)  # timed small, scaled up
     assert math.isfinite(load) and load > 0
+
+
+def test_a_configuration_over_slices_trades_its_batch_of_slices_not_its_slice() -> None:
+    """The 2d configuration of 3D data: every candidate keeps the fitted (whole) slice; the batch of slices
+    steps down instead, and the rule picks the largest batch the lean network trains long enough with."""
+    slices = fit_configuration("2d", (1.3, 1.3, 2.6), (96.0, 96.0, 45.0), Network(1, 6), 96 * 96 * 45 * 10.0, 8 * GB,
+                               CPU_FLOAT32, patch=(96, 96, 1))
+    candidates = budget_candidates(slices, 8 * GB, CPU_FLOAT32)
+    assert {c.patch_size for c in candidates} == {(96, 96, 1)}
+    batches = [c.batch_size for c in candidates]
+    assert batches[0] == slices.batch_size > 8 and batches == sorted(batches, reverse=True) and batches[-1] == 2
+    timer, _ = _seconds(per_gmac=0.2)
+    choice = choose_for_budget(candidates, 1800, timer)
+    lean = [c for c in candidates if c.network.architecture == LEAN]
+    expected = next(c.batch_size for c in lean if timer(c) <= 1800 / MIN_ITERATIONS)
+    assert 2 < expected < slices.batch_size  # neither end: the batch really was traded
+    assert choice.candidate.batch_size == expected and choice.expected_iterations >= MIN_ITERATIONS

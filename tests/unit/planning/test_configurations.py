@@ -36,13 +36,30 @@ def test_large_images_get_a_lowres_configuration_and_a_cascade() -> None:
 def test_small_images_get_fullres_and_2d_only() -> None:
     result = plan_dataset(SMALL, GPU)
     assert set(result.configurations) == {"2d", "3d_fullres"}
-    assert result.configurations["2d"].spacing == pytest.approx((1.3, 1.3))  # in-plane
+    assert result.configurations["2d"].spacing == pytest.approx((1.3, 1.3, 2.6))
+    assert result.configurations["2d"].patch_size == (96, 96, 1)  # the whole slice, across the coarsest axis
     assert result.plan.patch_size == (96, 96, 48) and result.plan.batch_size == 2  # nnU-Net's plan of these phantoms
     assert len(result.plan.network.filters) == 5 and result.plan.network.deep_supervision
     with pytest.raises(InputError, match="--configuration 3d_lowres: not planned for this dataset"):
         plan_dataset(SMALL, PlannerOptions(device="cuda", measure=False, configuration="3d_lowres"))
-    with pytest.raises(InputError, match="--configuration 2d: medseg trains 2D networks on 2D images only"):
-        plan_dataset(SMALL, PlannerOptions(device="cuda", measure=False, configuration="2d"))
+
+
+def test_the_2d_configuration_of_3d_data_is_a_2d_unet_over_slices() -> None:
+    plan = plan_dataset(SMALL, PlannerOptions(device="cuda", memory_gb=8, measure=False, configuration="2d")).plan
+    assert plan.configuration == "2d" and plan.dims == 3 and plan.slice_axis == 2 and plan.spatial_axes == (0, 1)
+    assert plan.patch_size == (96, 96, 1) and plan.batch_size > 2  # a batch of whole slices (at most 5 % of the data)
+    assert plan.batch_size <= round(0.05 * 96 * 96 * 45 * 10 / (96 * 96))
+    assert all(kernel[2] == 1 for kernel in plan.network.kernel_sizes)
+    assert all(stride[2] == 1 for stride in plan.network.level_strides)
+    assert max(plan.network.filters) == 512 and len(plan.network.filters) == 5  # nnU-Net's 2D widths, 4 poolings
+    assert Plan.from_json(plan.to_json()) == plan
+    network = build_network(plan).eval()
+    image = torch.randn(1, 1, 96, 96, 3)
+    with torch.no_grad():
+        whole = network(image)
+        assert whole.shape == (1, 3, 96, 96, 3)
+        for z in range(3):  # each slice on its own: the slices never see each other
+            assert torch.allclose(network(image[..., z : z + 1])[..., 0], whole[..., z], atol=1e-5)
 
 
 def test_the_plan_carries_the_reasoning_and_builds_its_network() -> None:

@@ -71,7 +71,7 @@ def test_a_two_channel_region_dataset_is_planned_per_channel(tmp_path: Path, cap
     (["--time-budget", "-1"], "--time-budget must be a positive number"),
     (["--workers", "0"], "--workers must be an integer of at least 1"),
     (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
-    (["--configuration", "2d", "--device", "cuda"], "--configuration 2d: medseg trains 2D networks on 2D images only"),
+    (["--configuration", "3d_lowres", "--device", "cuda"], "--configuration 3d_lowres: not planned for this dataset"),
 ])
 def test_bad_plan_input_is_one_message_and_exit_2(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                   args: list[str], message: str) -> None:
@@ -161,3 +161,32 @@ def test_plan_preprocess_caches_what_training_then_reads(tmp_path: Path, capsys:
     after = {p: p.stat().st_mtime_ns for p in (out / "preprocessed").rglob("*.pt")}
     assert after == cached
     assert main(["plan", "--data", str(data), "--out", str(tmp_path / "again"), "--preprocess", "--workers", "-1"]) == 2
+
+
+def test_the_2d_configuration_of_a_3d_dataset_trains_and_predicts_in_the_images_space(
+        tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--configuration 2d`` of 3D data: a U-Net over slices, trained a few iterations, validated and
+    predicted with thick windows of slices; the label maps come back on each input's own grid."""
+    import nibabel as nib
+    import numpy as np
+
+    run = tmp_path / "slices"
+    assert main(["plan", "--data", str(tiny), "--out", str(run), "--workers", "1", "--time-budget", "0.01",
+                 "--configuration", "2d"]) == 0
+    assert "configuration: 2d (of 2d, 3d_fullres)" in capsys.readouterr().out
+    plan = Plan.load(run / "configs" / "plan.json")
+    flat = plan.slice_axis  # the coarsest axis (the last of equally coarse ones)
+    assert flat == max(a for a, s in enumerate(plan.target_spacing) if s == max(plan.target_spacing))
+    assert flat is not None and plan.patch_size[flat] == 1
+    assert plan.window_size[flat] == plan.batch_size and plan.window_overlap(0.5)[flat] == 0.0
+    assert main(["train", "--data", str(tiny), "--bundle", str(run), "--max-iterations", "4",
+                 "--iterations-per-epoch", "2", "--val-interval", "1"]) == 0
+    history = json.loads((run / "history.json").read_text(encoding="utf-8"))
+    assert history["val_mean_dice"] and (run / "models" / "model.pt").is_file()
+    out, images = tmp_path / "pred", tiny.parent / "imagesTs"
+    assert main(["-q", "predict", "--model", str(run), "--input", str(images), "--output", str(out)]) == 0
+    for image in sorted(images.glob("*.nii.gz")):
+        source = nib.load(image)
+        label_map = nib.load(out / image.name.replace(".nii.gz", "_seg.nii.gz"))
+        assert label_map.shape == source.shape and np.allclose(label_map.affine, source.affine)
+        assert set(np.unique(np.asarray(label_map.dataobj)).tolist()) <= set(plan.labels)
