@@ -26,8 +26,9 @@ def test_there_are_a_ct_and_an_mr_bundle() -> None:
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=[b.name for b in BUNDLES])
 def test_bundle_is_complete_safe_and_verified(bundle: Path) -> None:
-    """A bundle of medseg select: five folds (each a trained bundle of its own), the selection and postprocessing
-    with their out-of-fold figures, held-out test figures in the metadata and the README."""
+    """A bundle of medseg select: five folds (each a trained bundle of its own; a pair's other run's five folds in
+    ``members/``), the selection and postprocessing with their out-of-fold figures, held-out test figures in the
+    metadata and the README."""
     for name in ("inference.json", "evaluate.json", "logging.conf", "plan.json", "postprocessing.json",
                  "selection.json"):
         assert (bundle / "configs" / name).is_file(), name
@@ -42,8 +43,17 @@ def test_bundle_is_complete_safe_and_verified(bundle: Path) -> None:
     assert meta["name"] == bundle.name
     assert meta["eval_metrics"]["mean_dice_test"] > 0.8
     cv = json.loads((bundle / "cv_summary.json").read_text())
-    assert meta["eval_metrics"]["oof_mean_dice"] == pytest.approx(cv["overall"]["mean_dice"], abs=1e-4)
+    chosen = json.loads((bundle / "configs" / "selection.json").read_text())["chosen"]
+    assert meta["eval_metrics"]["oof_mean_dice"] == pytest.approx(chosen["oof_mean_dice"], abs=1e-4)
     assert cv["overall"]["cases"] == 18 and sorted(cv["folds"]) == ["0", "1", "2", "3", "4"]
+    if "members" in chosen:  # a pair: the other run's folds copied in, and what the MONAI door (own folds) scores
+        assert chosen["oof_mean_dice"] > cv["overall"]["mean_dice"]  # the pair won over this run alone
+        for member in chosen["members"][1:]:
+            for fold in range(5):
+                assert (bundle / "members" / member / f"fold_{fold}" / "models" / "model.pt").is_file(), (member, fold)
+        assert 0.8 < meta["eval_metrics"]["mean_dice_test_monai_door"] <= meta["eval_metrics"]["mean_dice_test"]
+    else:
+        assert meta["eval_metrics"]["oof_mean_dice"] == pytest.approx(cv["overall"]["mean_dice"], abs=1e-4)
     assert all(segment["snomed"]["code"] for segment in meta["segments"].values())
     readme = (bundle / "docs" / "README.md").read_text()
     for heading in ("## Data", "## Labels and measured metrics", "## Cross-validation and selection", "## Training"):
