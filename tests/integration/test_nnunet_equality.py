@@ -145,21 +145,24 @@ def _medseg(*args: str) -> None:
 
 def _agreement(medseg_dir: Path, nnunet_dir: Path) -> dict[str, float]:
     """Per case, the fraction of voxels with equal labels; also checks the geometry, that nnU-Net's model segments
-    something, and that the two agree on >= 97 % of the voxels either calls foreground (the few voxels that differ
+    some case, and that the two agree on >= 97 % of the voxels either calls foreground (the few voxels that differ
     are near-ties on the structures' edges: nnU-Net blends in float16 on the CPU; a model trained 300 iterations has
     soft edges, and a 2d one with 2,000 foreground voxels differed on 24 edge voxels, 98.9 %, in one CI run)."""
-    agreement = {}
+    agreement, segmented = {}, []
     for reference in sorted(nnunet_dir.glob("*.nii.gz")):
         case = reference.name[: -len(".nii.gz")]
         ours, theirs = nib.load(medseg_dir / f"{case}_0000_seg.nii.gz"), nib.load(reference)
         assert ours.shape == theirs.shape
         np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-4)
         a, b = np.asarray(ours.dataobj), np.asarray(theirs.dataobj)
-        assert len(np.unique(b)) > 1, f"{case}: nnU-Net predicted background only; the model learnt nothing"
-        foreground = (a > 0) | (b > 0)
-        assert (a[foreground] == b[foreground]).mean() >= 0.97, f"{case}: the foregrounds differ"
+        if len(np.unique(b)) > 1:
+            segmented.append(case)
+        foreground = (a > 0) | (b > 0)  # empty only where both call every voxel background
+        assert not foreground.any() or (a[foreground] == b[foreground]).mean() >= 0.97, f"{case}: the foregrounds differ"
         agreement[case] = float((a == b).mean())
-    assert agreement
+    # nnU-Net's unseeded 300-iteration 2d model once missed a whole case (background only, in one CI run); the
+    # comparison is not vacuous as long as its model segments some case
+    assert agreement and segmented, "nnU-Net predicted background only in every case; the model learnt nothing"
     return agreement
 
 
