@@ -94,6 +94,13 @@ class NetworkSpec:
             return asdict(self)
         return {"name": self.name, **{key: getattr(self, key) for key in FIELDS[self.name]}}
 
+    def without_axis(self, axis: int) -> NetworkSpec:
+        """This spec with the per-axis ``kernel_sizes`` and ``level_strides`` of ``axis`` left out (the 2D
+        network of a plan over slices)."""
+        def drop(levels: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+            return tuple(tuple(v for a, v in enumerate(level) if a != axis) for level in levels)
+        return replace(self, kernel_sizes=drop(self.kernel_sizes), level_strides=drop(self.level_strides))
+
     def planned(self, patch_size: Sequence[int], spacing: Sequence[float]) -> NetworkSpec:
         """This spec with a DynUNet's missing topology planned by :func:`dynunet_topology` (and
         :func:`default_filters`), a ``unet_head``'s missing ``level_strides`` likewise (its ``channels``

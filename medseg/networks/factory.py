@@ -4,7 +4,6 @@ head) for 2D and 3D segmentation."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 from monai.networks.nets import DynUNet, SegResNet, UNet
@@ -48,18 +47,11 @@ def build_network(plan: Plan, spec: NetworkSpec | None = None) -> torch.nn.Modul
         raise BundleError(f"unknown network architecture {spec.name!r}; available: {', '.join(ARCHITECTURES)}")
     flat = plan.slice_axis
     if flat is not None:  # nnU-Net's 2d configuration of 3D data: a 2D network over the slices
-        axes = plan.spatial_axes
-        in_plane = _without_axis(spec, flat).planned([plan.patch_size[a] for a in axes],
-                                                      [plan.target_spacing[a] for a in axes])
-        return SliceNetwork(build(in_plane, 2, plan.num_channels, plan.num_outputs), flat)
+        flat_plan = plan.in_plane()
+        network = build(spec.without_axis(flat).planned(flat_plan.patch_size, flat_plan.target_spacing), 2,
+                        plan.num_channels, plan.num_outputs)
+        return SliceNetwork(network, flat)
     return build(spec.planned(plan.patch_size, plan.target_spacing), plan.dims, plan.num_channels, plan.num_outputs)
-
-
-def _without_axis(spec: NetworkSpec, axis: int) -> NetworkSpec:
-    """``spec`` with the per-axis kernels and strides of ``axis`` left out (a network over slices)."""
-    def drop(levels: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
-        return tuple(tuple(v for a, v in enumerate(level) if a != axis) for level in levels)
-    return replace(spec, kernel_sizes=drop(spec.kernel_sizes), level_strides=drop(spec.level_strides))
 
 
 def _norm(name: str) -> str | tuple[str, dict[str, bool]]:

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,16 @@ class Plan:
     def spatial_axes(self) -> tuple[int, ...]:
         """The axes the network convolves (all but the slice axis): test-time mirroring flips these."""
         return tuple(axis for axis in range(self.dims) if axis != self.slice_axis)
+
+    def in_plane(self) -> Plan:
+        """The 2D plan of the two convolved axes of a plan over slices (:attr:`slice_axis`): their spacing and patch,
+        the network without the slice axis' kernels and strides; any other plan itself."""
+        flat = self.slice_axis
+        if flat is None:
+            return self
+        axes = self.spatial_axes
+        return replace(self, dims=2, target_spacing=tuple(self.target_spacing[a] for a in axes),
+                       patch_size=tuple(self.patch_size[a] for a in axes), network=self.network.without_axis(flat))
 
     @property
     def window_size(self) -> tuple[int, ...]:

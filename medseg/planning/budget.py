@@ -137,12 +137,12 @@ def budget_candidates(configuration: Configuration, target_bytes: float, model: 
     spacing, planned = configuration.spacing, configuration.network
     found = [Candidate(planned, configuration.topology, configuration.batch_size,
                        planned.macs(configuration.topology, configuration.batch_size), configuration.memory_bytes)]
-    seen = {(planned.architecture, planned.base_features, configuration.patch_size, configuration.batch_size)}
     if slice_axis(configuration.patch_size) is not None:
         steps = [(configuration.patch_size, batch) for batch in _batches(configuration.batch_size)]
     else:
         steps = [(patch, MIN_BATCH) for patch in _patches(configuration)]
-        seen = {(*key[:3], MIN_BATCH) for key in seen}  # the planned network stands for its width on its patch
+    # the planned network stands for its width on the first step's patch and batch
+    seen = {(planned.architecture, planned.base_features, *steps[0])}
     for patch, batch in steps:
         topology = plan_topology(spacing, patch)
         networks = [replace(planned, base_features=width) for width in widths]

@@ -10,7 +10,6 @@ class's voxels; cached with the preprocessed case) and the random part (patch sa
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from collections.abc import Hashable, Mapping, Sequence
@@ -41,11 +40,10 @@ from monai.transforms import (
 from monai.transforms.utils import create_rotate
 from monai.utils import convert_to_tensor, ensure_tuple
 
-from medseg.architectures import NetworkSpec
 from medseg.plan import Plan
 
 __all__ = ["ANISOTROPY", "FOREGROUND_FRACTION", "ForegroundOversampled", "SliceView", "SpatialAugmentation",
-           "augmentation", "coarse_axis", "enlarged_patch", "in_plane", "light_augmentation", "nnunet_augmentation",
+           "augmentation", "coarse_axis", "enlarged_patch", "light_augmentation", "nnunet_augmentation",
            "planned_augmentation", "rotation_range", "sampling_preparation"]
 
 #: nnU-Net's oversample_foreground_percent: the share of patches centred on a foreground voxel.
@@ -125,14 +123,6 @@ def _scaled_axes(plan: Plan) -> tuple[bool, ...]:
     return tuple(axis != coarse for axis in range(plan.dims))
 
 
-def in_plane(plan: Plan) -> Plan:
-    """The 2D plan of the two convolved axes of a plan with a slice axis (:attr:`Plan.slice_axis`): the
-    spacing and patch of those axes (the network is left out: augmentation does not use it)."""
-    axes = plan.spatial_axes
-    return dataclasses.replace(plan, dims=2, target_spacing=tuple(plan.target_spacing[a] for a in axes),
-                               patch_size=tuple(plan.patch_size[a] for a in axes), network=NetworkSpec())
-
-
 def enlarged_patch(plan: Plan) -> tuple[int, ...]:
     """The region cropped before rotation and scaling so that the resampled patch comes from image
     content, not padding: the bounding box of the patch rotated within :func:`rotation_range`, times the
@@ -141,7 +131,7 @@ def enlarged_patch(plan: Plan) -> tuple[int, ...]:
     slice thick."""
     flat = plan.slice_axis
     if flat is not None:
-        region = list(enlarged_patch(in_plane(plan)))
+        region = list(enlarged_patch(plan.in_plane()))
         region.insert(flat, 1)
         return tuple(region)
     patch = np.asarray(plan.patch_size, dtype=float)
@@ -275,7 +265,7 @@ class SliceView(MapTransform):
 
 
 def _chain(plan: Plan, num_samples: int, foreground: float, steps: list[Any]) -> Compose:
-    """The planned chain: the patch sampling of ``plan``, then ``steps`` (built for :func:`in_plane` of a plan
+    """The planned chain: the patch sampling of ``plan``, then ``steps`` (built for :meth:`~medseg.plan.Plan.in_plane` of a plan
     with a slice axis: they run on the 2D patch between two :class:`SliceView` steps), then the dtypes."""
     keys = ["image", "label"]
     exclude = () if plan.ignore_label is None else (plan.ignore_label,)
@@ -314,9 +304,9 @@ def light_augmentation(plan: Plan, num_samples: int = 1) -> Compose:
     class (as class-balanced as the default plan's), rotation up to 15 degrees (in-plane for anisotropic plans)
     and scaling 0.9-1.1 in one resampling (probability 0.2), mirroring, and the default plan's intensity
     augmentation (scale and shift by up to 10 %, p 0.5 each; Gaussian noise, p 0.15). A plan with a slice
-    axis: all of it in-plane (:func:`in_plane`)."""
+    axis: all of it in-plane (:meth:`~medseg.plan.Plan.in_plane`)."""
     keys = ["image", "label"]
-    inner = plan if plan.slice_axis is None else in_plane(plan)
+    inner = plan.in_plane()
     dims = inner.dims
     limit = math.radians(15)
     coarse = coarse_axis(inner)
@@ -341,10 +331,10 @@ def nnunet_augmentation(plan: Plan, num_samples: int = 1) -> Compose:
     (0.75-1.25, range kept, p 0.15); low-resolution simulation (zoom 0.5-1, p 0.25); gamma 0.7-1.5 on
     the inverted image (p 0.1) and on the image (p 0.3), statistics kept; mirroring of every axis (p 0.5 each).
     A plan with a slice axis (nnU-Net's 2d configuration of 3D data): all of it in-plane, as for 2D data
-    (:func:`in_plane`).
+    (:meth:`~medseg.plan.Plan.in_plane`).
     """
     keys = ["image", "label"]
-    inner = plan if plan.slice_axis is None else in_plane(plan)
+    inner = plan.in_plane()
     dims = inner.dims
     scaling = [(SCALING[0] - 1, SCALING[1] - 1) if scaled else 0.0 for scaled in _scaled_axes(inner)]
     sigma = (0.5, 1.0)
