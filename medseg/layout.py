@@ -14,6 +14,8 @@ __all__ = [
     "META_FILE",
     "PLAN_FILE",
     "POSTPROCESSING_FILE",
+    "PREVIOUS_DIR",
+    "PREVIOUS_PREDICTIONS",
     "WEIGHTS_FILE",
 ]
 
@@ -24,3 +26,7 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 META_FILE = Path("configs") / "metadata.json"
 #: Largest-component postprocessing rules (written by ``medseg select``, read by ``medseg postprocess``).
 POSTPROCESSING_FILE = Path("configs") / "postprocessing.json"
+#: A cascade stage's previous stage: its model (a bundle of its folds) ...
+PREVIOUS_DIR = Path("previous")
+#: ... and its out-of-fold label maps of the training cases (``<case>_seg.<ending>``), what the stage trains on.
+PREVIOUS_PREDICTIONS = PREVIOUS_DIR / "predictions"

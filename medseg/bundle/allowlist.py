@@ -182,8 +182,9 @@ ALLOWED_TARGETS: tuple[Vetted, ...] = (
                                                  "resume reads split.json under bundle_root (json.loads); no writes",
            reads=("bundle_root",)),
     Vetted("medseg.engines.data.case_items", "lists the image and label file names of the split's cases (from the "
-                                             "dataset training_datalist checked) as a data list; reads nothing",
-           fixed={"part": ("training", "validation")}),
+                                             "dataset training_datalist checked) as a data list; with previous (a "
+                                             "cascade stage) lists the label-map file names in that folder; no writes",
+           reads=("previous",), fixed={"part": ("training", "validation")}),
     Vetted("medseg.engines.data.training_transforms", "MONAI transform chain (medseg's preprocessing and "
                                                       "augmentation presets) from the plan; no file access when built"),
     Vetted("medseg.engines.data.drop_last", "compares the dataset's length with the batch size; nothing else"),

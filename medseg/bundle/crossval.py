@@ -10,6 +10,9 @@ A cross-validation run folder holds one bundle per fold and what the folds say t
     RUN/cv/fold_K.json              fold K's record, written once its model and predictions are complete:
                                     its cases and their Dice and HD95 per label
     RUN/cv_summary.json             per fold and over all out-of-fold cases: Dice and HD95 per label, mean
+    RUN/previous/                   a cascade stage's (--previous-stage): its previous stage's folds, the model its
+                                    bundle predicts new images' previous label maps with (each fold keeps the
+                                    out-of-fold maps it trains on in fold_K/previous/predictions)
 
 The folds train one after another on one device, each with the options given (``--max-minutes`` is each
 fold's budget). The same command with ``--resume`` continues a stopped run: folds with a record are
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.bundle.cascade import attach_previous_model
 from medseg.bundle.create import describe_data_source, write_bundle
 from medseg.bundle.pipeline import InferenceOptions, predict
 from medseg.bundle.training import train
@@ -125,6 +129,8 @@ def train_folds(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], f
             trained = _train_fold(data, target, fold, opts, load_plan(plan_source))
         # a fold trained now predicts all its held-out cases again; one trained before resumes its predictions
         _held_out(data, run, fold, inference, overwrite=trained)
+    if opts.previous_stage is not None:  # a cascade stage: the previous stage's model, to predict new images with
+        attach_previous_model(run, opts.previous_stage)
     summary = _summary(run)
     atomic_write_text(run / CV_SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -20,21 +20,47 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from medseg.bundle.create import inference_config
 from medseg.bundle.monai_calls import INFERENCE_FILE
 from medseg.errors import BundleError, InputError
 from medseg.inference.postprocess import PostprocessingRules, read_rules, write_rules
 from medseg.io.atomic import atomic_write_text
+from medseg.layout import PLAN_FILE, PREVIOUS_DIR
+from medseg.plan import Plan
 
 __all__ = ["ENSEMBLE_FILE", "ENSEMBLE_FORMAT", "ENSEMBLE_RULES_FILE", "FOLD_ENSEMBLE", "copy_member", "ensemble_folds",
-           "read_ensemble", "remove_ensemble", "write_ensemble"]
+           "ensemble_inference_config", "member_files", "read_ensemble", "remove_ensemble", "write_ensemble"]
 
 ENSEMBLE_FILE = Path("configs") / "ensemble.json"
 ENSEMBLE_RULES_FILE = Path("configs") / "ensemble_postprocessing.json"
 ENSEMBLE_FORMAT = "medseg-ensemble/1"
 MEMBERS_DIR = "members"
 #: The ``_target_`` of a fold ensemble's ``network`` in ``configs/inference.json`` (written by ``medseg select``).
-FOLD_ENSEMBLE = "medseg.bundle.components.fold_ensemble"
+C = "medseg.bundle.components"
+FOLD_ENSEMBLE = f"{C}.fold_ensemble"
+
+
+def ensemble_inference_config(folds: Sequence[int], postprocessing: bool) -> dict[str, Any]:
+    """medseg's ``inference.json`` for the ensemble of ``folds`` of a cross-validation run (the bundle root is the
+    run folder), with its ``configs/postprocessing.json`` applied when ``postprocessing``."""
+    config = inference_config()
+    del config["weights"]
+    config["folds"] = [int(k) for k in folds]
+    config["network"] = {"_target_": f"{C}.fold_ensemble", "plan": "@plan", "bundle_root": "@bundle_root",
+                         "folds": "@folds", "device": "@device"}
+    config["inferer"]["members"] = len(folds)
+    if postprocessing:
+        config["postprocessing_rules"] = {"_target_": f"{C}.postprocessing_rules", "bundle_root": "@bundle_root"}
+        config["postprocessing"]["rules"] = "@postprocessing_rules"
+    return config
+
+
+def member_files(plan: Plan, folds: Sequence[int]) -> dict[str, str]:
+    """A member's plan and inference config (its fold ensemble, no postprocessing: the ensemble has its own)."""
+    return {PLAN_FILE.as_posix(): json.dumps(plan.to_json(), indent=2) + "\n",
+            "configs/inference.json": json.dumps(ensemble_inference_config(folds, False), indent=2) + "\n"}
 
 
 def ensemble_folds(bundle: str | os.PathLike[str]) -> list[int] | None:
@@ -88,17 +114,21 @@ def read_ensemble(bundle: str | os.PathLike[str]) -> tuple[list[Path], Postproce
     return folders, rules
 
 
-def copy_member(run: Path, member: Path, folds: Sequence[int], files: dict[str, str]) -> str:
-    """Copy what a member's fold ensemble needs (each fold's ``configs/`` and ``models/``) into ``run/members/<member
-    name>`` with ``files`` (relative path -> text: its plan and inference config), replacing an older copy; its
-    path relative to ``run``."""
-    relative = Path(MEMBERS_DIR) / member.name
+def copy_member(run: Path, member: Path, folds: Sequence[int], files: dict[str, str],
+                relative: Path | None = None) -> str:
+    """Copy what a member's fold ensemble needs (each fold's ``configs/`` and ``models/``; a cascade stage's previous
+    stage, ``previous/``, without the maps its folds trained on) into ``run/members/<member name>`` (or
+    ``run/relative``) with ``files`` (relative path -> text: its plan and inference config), replacing an older copy;
+    its path relative to ``run``."""
+    relative = relative if relative is not None else Path(MEMBERS_DIR) / member.name
     target = run / relative
-    staging = run / MEMBERS_DIR / f".{member.name}.tmp"
+    staging = target.parent / f".{target.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     for fold in folds:
         for part in ("configs", "models"):
             shutil.copytree(member / f"fold_{fold}" / part, staging / f"fold_{fold}" / part)
+    if (member / PREVIOUS_DIR / PLAN_FILE).is_file():
+        shutil.copytree(member / PREVIOUS_DIR, staging / PREVIOUS_DIR)
     for name, text in files.items():
         (staging / name).parent.mkdir(parents=True, exist_ok=True)
         (staging / name).write_text(text, encoding="utf-8")

@@ -30,9 +30,9 @@ from medseg.errors import BundleError, one_line, unwrapped
 from medseg.inference.cases import Shard
 from medseg.inference.cohort import predict_files
 from medseg.inference.configurations import ConfigurationEnsemble
-from medseg.inference.predictor import LabelMapPredictor, Predictor
+from medseg.inference.predictor import LabelMapPredictor, Predictor, PreviousMaps, PreviousModel, PreviousStage
 from medseg.inference.series import predict_series
-from medseg.layout import META_FILE, PLAN_FILE
+from medseg.layout import META_FILE, PLAN_FILE, PREVIOUS_DIR, PREVIOUS_PREDICTIONS
 from medseg.plan import Plan
 
 __all__ = ["InferenceOptions", "InferencePipeline", "bundle_predictor", "inference_pipeline", "predict", "predict_dicom",
@@ -48,8 +48,11 @@ INFERER_OPTIONS = ("overlap", "sw_batch_size", "tta", "precision", "progress")
 class InferencePipeline:
     """A bundle's ``inference.json`` parsed with overrides; its parts built on demand (:meth:`part`)."""
 
-    def __init__(self, bundle: Path, source: Path | None, parser: Any, device: Any) -> None:
+    def __init__(self, bundle: Path, source: Path | None, parser: Any, device: Any,
+                 previous: InferencePipeline | None = None) -> None:
         self.bundle, self.source, self.parser, self.device = bundle, source, parser, device
+        #: a cascade stage's previous stage, where the bundle holds its model (``previous/``)
+        self.previous = previous
 
     def part(self, name: str) -> Any:
         """The config part ``name``, instantiated once (MONAI's parser keeps what it built).
@@ -90,8 +93,13 @@ class InferencePipeline:
         BundleError
             As :meth:`part` (missing or unloadable weights included).
         """
-        return Predictor(self.plan, self.part("network"), self.device, preprocessing=self.part("preprocessing"),
-                         inferer=self.part("inferer"), postprocessing=self.part("postprocessing"))
+        plan = self.plan
+        previous: PreviousStage | None = None
+        if plan.previous_stage:  # the bundle's model of the previous stage, else a fold's out-of-fold maps
+            previous = (PreviousModel(self.previous.predictor) if self.previous is not None
+                        else PreviousMaps(self.bundle / PREVIOUS_PREDICTIONS))
+        return Predictor(plan, self.part("network"), self.device, preprocessing=self.part("preprocessing"),
+                         inferer=self.part("inferer"), postprocessing=self.part("postprocessing"), previous=previous)
 
 
 def _top_level(path: Path | None) -> Mapping[str, Any]:
@@ -165,8 +173,15 @@ def inference_pipeline(bundle_dir: str | os.PathLike[str], options: InferenceOpt
         parser.update(overrides)
         parser.resolve_macro_and_relative_ids()
     pipeline = InferencePipeline(bundle, source, parser, torch_device)
-    pipeline.plan  # noqa: B018 - built now: a bad plan fails before any input is read
+    plan = pipeline.plan  # built now: a bad plan fails before any input is read
     pipeline.part("inferer")  # the options are checked where the inferer is made
+    if plan.previous_stage and (bundle / PREVIOUS_DIR / PLAN_FILE).is_file():
+        # a cascade stage's bundle with its previous stage's model: checked and parsed as a bundle of its own
+        pipeline.previous = inference_pipeline(bundle / PREVIOUS_DIR, options)
+        if pipeline.previous.plan.configuration != plan.previous_stage or \
+                dict(pipeline.previous.plan.labels) != dict(plan.labels):
+            raise BundleError(f"{bundle / PREVIOUS_DIR / PLAN_FILE}: not the previous stage of this cascade stage "
+                              f"({plan.previous_stage} of labels {plan.labels})")
     return pipeline
 
 

@@ -1,14 +1,15 @@
 """``medseg select RUN [RUN ...]``: the configuration, ensemble and postprocessing chosen on out-of-fold Dice.
 
 Each ``RUN`` is a cross-validation run of ``medseg train --fold all`` (one configuration each: a 2d, a 3d_fullres
-plan, ...). Each run is scored by its mean out-of-fold Dice; so is every pair of runs whose folds held out the same
-cases: each held-out case is predicted by that fold of both runs, their probabilities resampled to the case's grid
-and averaged (:class:`~medseg.inference.configurations.ConfigurationEnsemble`), into
-``FIRST/cv/ensembles/<SECOND>/`` (nnU-Net's ``find_best_configuration`` compares pairs of configurations the same
-way, from saved probabilities). The best of runs and pairs is chosen (a pair only when it beats every run);
-its trained folds become one ensemble (their probabilities averaged block by block by the bounded-memory
-inferer); largest-component postprocessing is kept only where it raises the out-of-fold Dice
-(:func:`medseg.inference.postprocess.choose_rules`). The chosen run folder then is a bundle of that ensemble::
+plan, ...; a 3d_cascade_fullres stage, whose bundle predicts with its 3d_lowres stage's fold ensemble first). Each
+run is scored by its mean out-of-fold Dice; so is every pair of runs whose folds held out the same cases: each
+held-out case is predicted by that fold of both runs, their probabilities resampled to the case's grid and averaged
+(:class:`~medseg.inference.configurations.ConfigurationEnsemble`), into ``FIRST/cv/ensembles/<SECOND>/`` (nnU-Net's
+``find_best_configuration`` compares pairs of configurations the same way, from saved probabilities). The best of
+runs and pairs is chosen (a pair only when it beats every run); its trained folds become one ensemble (their
+probabilities averaged block by block by the bounded-memory inferer); largest-component postprocessing is kept only
+where it raises the out-of-fold Dice (:func:`medseg.inference.postprocess.choose_rules`). The chosen run folder
+then is a bundle of that ensemble::
 
     RUN/configs/plan.json             the folds' plan
     RUN/configs/inference.json        medseg's inference config with the fold ensemble (``fold_ensemble``,
@@ -38,9 +39,15 @@ from typing import Any
 
 import numpy as np
 
-from medseg.bundle.create import evaluate_config, inference_config, metadata, readme
+from medseg.bundle.create import evaluate_config, metadata, readme
 from medseg.bundle.crossval import fold_dir, fold_records
-from medseg.bundle.ensembles import copy_member, remove_ensemble, write_ensemble
+from medseg.bundle.ensembles import (
+    copy_member,
+    ensemble_inference_config,
+    member_files,
+    remove_ensemble,
+    write_ensemble,
+)
 from medseg.bundle.pipeline import InferencePipeline, inference_pipeline
 from medseg.errors import InputError
 from medseg.inference.cohort import predict_files
@@ -56,21 +63,6 @@ __all__ = ["ensemble_inference_config", "select_runs"]
 log = logging.getLogger(__name__)
 
 C = "medseg.bundle.components"
-
-
-def ensemble_inference_config(folds: Sequence[int], postprocessing: bool) -> dict[str, Any]:
-    """medseg's ``inference.json`` for the ensemble of ``folds`` of a cross-validation run (the bundle root is the
-    run folder), with its ``configs/postprocessing.json`` applied when ``postprocessing``."""
-    config = inference_config()
-    del config["weights"]
-    config["folds"] = [int(k) for k in folds]
-    config["network"] = {"_target_": f"{C}.fold_ensemble", "plan": "@plan", "bundle_root": "@bundle_root",
-                         "folds": "@folds", "device": "@device"}
-    config["inferer"]["members"] = len(folds)
-    if postprocessing:
-        config["postprocessing_rules"] = {"_target_": f"{C}.postprocessing_rules", "bundle_root": "@bundle_root"}
-        config["postprocessing"]["rules"] = "@postprocessing_rules"
-    return config
 
 
 def _oof_score(run: Path) -> tuple[float, list[dict[str, Any]]]:
@@ -135,7 +127,8 @@ def select_runs(runs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
                    "oof_mean_dice_postprocessed": rules.evidence["mean_dice"]["chosen"]},
         "note": "out-of-fold Dice: each training case predicted by the fold that held it out (a pair: by that fold of "
                 "both runs, their probabilities averaged); the fold ensemble's own out-of-fold Dice cannot be "
-                "measured (every case has one out-of-fold model)",
+                "measured (every case has one out-of-fold model); a cascade stage (3d_cascade_fullres) is scored on "
+                "the out-of-fold maps of its previous stage, and its bundle predicts with that stage's fold ensemble",
     }
     if best_pair is not None and best_pair["oof_mean_dice"] > score:
         # the bundle lives in the better run of the pair (what the MONAI door runs alone); the other is copied in
@@ -159,18 +152,12 @@ def select_runs(runs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
         }
         _write_bundle(run, plan, folds, own, selection)
         member_folds = [int(record["fold"]) for record in other[2]]
-        relative = copy_member(run, second, member_folds, _member_files(member_plan, member_folds))
+        relative = copy_member(run, second, member_folds, member_files(member_plan, member_folds))
         write_ensemble(run, [relative], pair_rules)
         return selection
     _write_bundle(run, plan, folds, rules, selection)
     remove_ensemble(run)
     return selection
-
-
-def _member_files(plan: Plan, folds: list[int]) -> dict[str, str]:
-    """A member's plan and inference config (its fold ensemble, no postprocessing: the ensemble has its own)."""
-    return {PLAN_FILE.as_posix(): json.dumps(plan.to_json(), indent=2) + "\n",
-            "configs/inference.json": json.dumps(ensemble_inference_config(folds, False), indent=2) + "\n"}
 
 
 def _pairs(scored: list[tuple[Path, float, list[dict[str, Any]], Plan]], labels: list[int]) -> list[dict[str, Any]]:

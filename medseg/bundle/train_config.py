@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import Any
 
 from medseg.errors import BundleError
+from medseg.layout import PREVIOUS_PREDICTIONS
 from medseg.plan import Plan
 from medseg.planning.recipe import OPTIMIZERS, SGD
 
@@ -49,7 +50,7 @@ _MLFLOW = {"_target_": f"{E}.tracking.MLflowTracking", "tracking_uri": "@mlflow_
            "evaluator": "@validate::evaluator", "bundle_root": "@bundle_root", "options": "@options"}
 
 
-def _train_parts(planned: bool) -> dict[str, Any]:
+def _train_parts(planned: bool, plan: Plan | None = None) -> dict[str, Any]:
     """``train#...``: the training data, inferer, handlers and MONAI's ``SupervisedTrainer``."""
     schedule = {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False}
     handlers = [
@@ -69,7 +70,8 @@ def _train_parts(planned: bool) -> dict[str, Any]:
         {"_target_": f"{E}.budget.RunBudget", "pace": "@pace", "evaluator": "@validate::evaluator",
          "val_interval": "@val_interval", "max_iterations": "@max_iterations", "max_minutes": "@max_minutes"},
     ]
-    items: dict[str, Any] = {"_target_": f"{E}.data.case_items", "split": "@split", "part": "training"}
+    items: dict[str, Any] = {"_target_": f"{E}.data.case_items", "split": "@split", "part": "training",
+                             **_previous(plan)}
     loader: dict[str, Any] = {"_target_": "DataLoader", "dataset": "@train::dataset", "batch_size": "@batch_size",
                               "shuffle": True, "num_workers": "@num_workers",
                               "drop_last": {"_target_": f"{E}.data.drop_last", "dataset": "@train::dataset",
@@ -100,6 +102,15 @@ def _train_parts(planned: bool) -> dict[str, Any]:
     }
 
 
+def _previous(plan: Plan | None) -> dict[str, Any]:
+    """``case_items``' ``previous`` for a cascade stage: the previous stage's out-of-fold label maps, kept in the
+    bundle (``previous/predictions``); nothing for other plans."""
+    if plan is None or not plan.previous_stage:
+        return {}
+    return {"previous": {"_target_": f"{C}.bundle_path", "bundle_root": "@bundle_root",
+                         "parts": list(PREVIOUS_PREDICTIONS.parts)}}
+
+
 def _amp(planned: bool) -> Any:
     """MONAI's ``amp``: on CUDA for the planned recipe (:func:`medseg.engines.parts.mixed_precision`), off otherwise."""
     return {"_target_": f"{E}.parts.mixed_precision", "device": "@device"} if planned else False
@@ -113,7 +124,8 @@ def _validate_parts(plan: Plan | None) -> dict[str, Any]:
     overlap = 0.25 if plan is None else plan.window_overlap(0.25)
     sigma = 0.125 if plan is None else plan.window_sigma_scale()
     plan_value = f"{E}.parts.plan_value"
-    items: dict[str, Any] = {"_target_": f"{E}.data.case_items", "split": "@split", "part": "validation"}
+    items: dict[str, Any] = {"_target_": f"{E}.data.case_items", "split": "@split", "part": "validation",
+                             **_previous(plan)}
     dataset: dict[str, Any]
     if planned:
         dataset = {"_target_": f"{E}.data.preprocessed_dataset", "data": items, "transform": "@validate::preprocessing",
@@ -229,7 +241,7 @@ def train_parts(plan: Plan | None = None) -> dict[str, Any]:
         "resume_point": {"_target_": f"{E}.weights.resume_point", "bundle_root": "@bundle_root", "network": "@network",
                          "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "resume": "@resume",
                          "epochs": "@epochs", "max_iterations": "@max_iterations"},
-        "train": _train_parts(planned),
+        "train": _train_parts(planned, plan),
         "validate": _validate_parts(plan),
         "initialize": [
             {"_target_": f"{E}.options.check_options", "options": "@options"},

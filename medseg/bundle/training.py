@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from medseg.bundle.cascade import check_previous_stage, copy_previous_maps
 from medseg.bundle.create import (
     describe_data_source,
     describe_dataset,
@@ -33,6 +34,7 @@ from medseg.bundle.create import (
 )
 from medseg.bundle.planned import PlannedBundle, planned_bundle, write_planned
 from medseg.bundle.runner import run_bundle
+from medseg.data.datalist import Datalist
 from medseg.engines.data import training_datalist
 from medseg.engines.distributed import init_distributed, is_main_process, share_from_main
 from medseg.engines.options import TrainOptions, check_options
@@ -41,7 +43,7 @@ from medseg.engines.tracking import tracking_location
 from medseg.engines.training import SUMMARY_FILE
 from medseg.engines.weights import InitialWeights
 from medseg.errors import BundleError, InputError, MedsegError, root_cause
-from medseg.layout import LAST_CHECKPOINT, WEIGHTS_FILE
+from medseg.layout import LAST_CHECKPOINT, PREVIOUS_PREDICTIONS, WEIGHTS_FILE
 from medseg.logs import held_info
 from medseg.networks import build_network
 from medseg.plan import Plan, load_plan
@@ -82,9 +84,10 @@ def train_overrides(data: str | os.PathLike[str], options: TrainOptions) -> dict
 
 
 def _check_inputs(data: str | os.PathLike[str], run_dir: Path, opts: TrainOptions, bundle: bool,
-                  planner: PlannerOptions | None) -> tuple[Plan, str | None, PlannedBundle | None]:
+                  planner: PlannerOptions | None) -> tuple[Plan, str | None, PlannedBundle | None, Path | None]:
     """Every input of :func:`train` checked without writing; returns the plan and, for a new bundle,
-    its ``data_source`` (and what the planner made, with ``planner``)."""
+    its ``data_source`` (and what the planner made, with ``planner``), and a cascade stage's previous-stage label
+    maps to copy in (:func:`medseg.bundle.cascade.check_previous_stage`)."""
     check_options(opts)
     weights = InitialWeights(opts.init_weights) if opts.init_weights else None  # before any data is read
     planned = None
@@ -96,14 +99,14 @@ def _check_inputs(data: str | os.PathLike[str], run_dir: Path, opts: TrainOption
             raise InputError(run_dir / WEIGHTS_FILE, "this bundle is already trained; pass --resume "
                              "to continue, or train a copy (its weights would be replaced)")
         _check_train_config(run_dir, opts)
-        training_datalist(data, plan)
+        datalist = training_datalist(data, plan)
         read_trainable_metadata(run_dir)
         source = None
     else:
         try:
             if planner is not None:
                 planned = planned_bundle(data, run_dir, _planner_options(planner, opts))
-                plan = planned.result.plan
+                plan, datalist = planned.result.plan, planned.datalist
                 source = describe_data_source(planned.datalist, run_dir)
             else:
                 datalist, plan = plan_bundle(data, run_dir, opts.target_spacing, opts.patch_size, opts.network,
@@ -116,7 +119,29 @@ def _check_inputs(data: str | os.PathLike[str], run_dir: Path, opts: TrainOption
             raise
     if weights is not None:
         weights.apply(build_network(plan))  # the weights fit the plan's network (the config applies them again)
-    return plan, source, planned
+    return plan, source, planned, _previous_stage(plan, opts, run_dir, datalist)
+
+
+def _previous_stage(plan: Plan, opts: TrainOptions, run_dir: Path, datalist: Datalist) -> Path | None:
+    """The previous stage's out-of-fold label maps to copy into a cascade stage's bundle (None: none to copy).
+
+    Raises
+    ------
+    InputError
+        ``--previous-stage`` for a plan of one stage, a cascade stage without it (unless its bundle has the maps),
+        or a previous stage :func:`~medseg.bundle.cascade.check_previous_stage` refuses.
+    """
+    if not plan.previous_stage:
+        if opts.previous_stage is not None:
+            raise InputError(opts.previous_stage, f"--previous-stage is for --configuration 3d_cascade_fullres; this "
+                                                  f"plan is {plan.configuration}")
+        return None
+    if opts.previous_stage is None:
+        if (run_dir / PREVIOUS_PREDICTIONS).is_dir():
+            return None
+        raise InputError(None, f"{plan.configuration} trains on the label maps of its previous stage: give the "
+                               f"cross-validation run of {plan.previous_stage} with --previous-stage RUN")
+    return check_previous_stage(opts.previous_stage, plan, datalist)
 
 
 def _planned_budget(opts: TrainOptions, plan: Plan | None) -> TrainOptions:
@@ -205,7 +230,7 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
         return _train_other_process(data, run_dir, started)
     try:
         with held_info():  # notes on the plan and data are printed once every input has passed its checks
-            plan, data_source, planned = _check_inputs(data, run_dir, opts, bundle, planner)
+            plan, data_source, planned, previous = _check_inputs(data, run_dir, opts, bundle, planner)
             opts = _planned_budget(opts, None if opts.resume else plan)
     except BaseException as exc:
         share_from_main(_MainFailed(str(exc)))
@@ -218,6 +243,8 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
                     write_planned(run_dir, planned, data_source)
                 elif data_source is not None:
                     write_bundle(run_dir, plan, name=run_dir.name, data_source=data_source)
+                if previous is not None:
+                    copy_previous_maps(previous, run_dir)
             except BaseException as exc:
                 share_from_main(_MainFailed(str(exc)))
                 raise

@@ -44,7 +44,7 @@ def _train_options(args: argparse.Namespace):
                         target_spacing=args.spacing, patch_size=args.patch_size, ct_window=args.ct_window,
                         init_weights=args.init_weights, max_iterations=args.max_iterations,
                         log_every=args.log_every, iterations_per_epoch=args.iterations_per_epoch,
-                        mlflow_uri=args.mlflow)
+                        mlflow_uri=args.mlflow, previous_stage=args.previous_stage)
     if args.network is not None:
         if args.bundle or args.resume:
             raise InputError(args.bundle or args.out, "--network chooses the network of a new plan; this run's "

@@ -122,7 +122,7 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
 
 #: The planner's presets and configurations (medseg.planning.options; named here so --help needs no torch).
 PRESETS = ("default", "resenc-m", "resenc-l")
-CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
 
 def _planner_options(p: argparse.ArgumentParser, train: bool) -> None:
@@ -140,7 +140,8 @@ def _planner_options(p: argparse.ArgumentParser, train: bool) -> None:
                         "L (24 GB) (default: default)")
     p.add_argument("--configuration", choices=CONFIGURATIONS, default=None,
                    help=f"configuration to train{when}; 2d of a 3D dataset: a U-Net over single slices along the "
-                        "coarsest axis (default: 3d_fullres, 2d for 2D data)")
+                        "coarsest axis; 3d_cascade_fullres: 3d_fullres fed the label map of a 3d_lowres run too "
+                        "(medseg train --previous-stage) (default: 3d_fullres, 2d for 2D data)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help=f"processes reading the cases for the fingerprint{when} (default: the CPU count, at most 4)")
     p.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default=None,
@@ -201,6 +202,9 @@ def _add_train(sub: Subparsers) -> None:
     p.add_argument("--init-weights", default=None, metavar="PATH",
                    help="transfer learning: start from the matching tensors of a bundle, run folder or .pt file "
                         "(default: random initialisation)")
+    p.add_argument("--previous-stage", default=None, metavar="RUN",
+                   help="--configuration 3d_cascade_fullres: the cross-validation run (--fold all) of 3d_lowres whose "
+                        "out-of-fold label maps this stage takes as inputs (copied into each fold's previous/)")
     p.add_argument("--epochs", type=int, default=100, help="number of epochs")
     p.add_argument("--max-iterations", type=int, default=None, metavar="N",
                    help="stop after N iterations in total, counted across --resume (with --epochs: whichever comes "

@@ -151,22 +151,48 @@ def _check_part(part: str) -> None:
         raise ValueError(f"part must be 'training' or 'validation', got {part!r}")
 
 
-def case_items(split: Split, part: Literal["training", "validation"] = "training") -> list[dict[str, str | list[str]]]:
+def case_items(split: Split, part: Literal["training", "validation"] = "training",
+               previous: str | os.PathLike[str] | None = None) -> list[dict[str, str | list[str]]]:
     """``[{"image": path, "label": path}, ...]`` of the ``training`` or ``validation`` cases of ``split``;
     a case of several channels has ``"image": [path of each channel, in order]`` (stacked by the
-    preprocessing into one image of several channels).
+    preprocessing into one image of several channels). With ``previous`` (a cascade stage: the folder of the
+    previous stage's out-of-fold label maps, ``<case>_seg.<ending>``), each item also has ``"previous"``.
 
     Raises
     ------
     ValueError
         For another ``part``.
+    InputError
+        A case without its label map in ``previous`` (naming the folder and the case).
     """
     _check_part(part)
+    maps = _previous_maps(Path(previous)) if previous is not None else {}
     items: list[dict[str, str | list[str]]] = []
     for case in getattr(split, part):
         images = [str(p) for p in case.images]
-        items.append({"image": images if len(images) > 1 else images[0], "label": str(case.label)})
+        item: dict[str, str | list[str]] = {"image": images if len(images) > 1 else images[0], "label": str(case.label)}
+        if previous is not None:
+            if case.name not in maps:
+                raise InputError(previous, f"no label map of case {case.name} ({case.name}_seg.<ending>) of the "
+                                           "previous stage here; a cascade stage trains on the previous stage's "
+                                           "out-of-fold predictions of every training case")
+            item["previous"] = str(maps[case.name])
+        items.append(item)
     return items
+
+
+def _previous_maps(folder: Path) -> dict[str, Path]:
+    """The label maps ``<case>_seg.<ending>`` in ``folder`` by case.
+
+    Raises
+    ------
+    InputError
+        No such folder.
+    """
+    if not folder.is_dir():
+        raise InputError(folder, "no folder of the previous stage's label maps (a cascade stage's bundle keeps them "
+                                 "in previous/predictions)")
+    return {case_name(path)[: -len("_seg")]: path for path in list_images(folder) if case_name(path).endswith("_seg")}
 
 
 def training_transforms(plan: Plan, samples_per_case: int = 2) -> Compose:
@@ -174,9 +200,9 @@ def training_transforms(plan: Plan, samples_per_case: int = 2) -> Compose:
     augmentation (one flat ``Compose``, so that ``CacheDataset`` / ``PersistentDataset`` cache
     everything before the first random transform). Planned plans: the deterministic part ends with the
     class voxels for foreground sampling (:func:`medseg.transforms.augment.sampling_preparation`) and
-    the augmentation is :func:`~medseg.transforms.augment.planned_augmentation`; ``"custom"`` plans
-    keep :func:`~medseg.transforms.augment.augmentation`."""
-    pre = list(preprocessing(plan, ("image", "label")).transforms)
+    the augmentation is :func:`~medseg.transforms.augment.planned_augmentation` (a cascade stage's previous label
+    map attached to the image at its end); ``"custom"`` plans keep :func:`~medseg.transforms.augment.augmentation`."""
+    pre = list(preprocessing(plan, ("image", "label"), attach=False).transforms)
     if plan.planned:
         return Compose(pre + sampling_preparation(plan) + list(planned_augmentation(plan, samples_per_case).transforms))
     return Compose(pre + list(augmentation(plan, samples_per_case).transforms))

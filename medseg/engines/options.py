@@ -57,6 +57,8 @@ class TrainOptions:
     ct_window: tuple[float, float] | None = None
     init_weights: str | None = None
     network: NetworkSpec = field(default_factory=NetworkSpec)
+    #: a cascade stage's previous stage: its cross-validation run (its out-of-fold label maps are copied in)
+    previous_stage: str | None = None
 
 
 def check_options(options: TrainOptions) -> torch.device:

@@ -15,7 +15,8 @@ The checks, each against the model's :class:`medseg.plan.Plan`:
   model of another modality warns when at least :data:`AIR_FRACTION_OTHER` are (the input looks
   like CT);
 * **spacing**: along each RAS axis, the input's voxel spacing against the plan's target spacing;
-  more than :data:`MAX_SPACING_RATIO` times finer or coarser is reported.
+  more than :data:`MAX_SPACING_RATIO` times finer or coarser is reported (coarser only for a ``3d_lowres`` model,
+  which works at a coarser spacing than its data by design).
 """
 
 from __future__ import annotations
@@ -83,13 +84,16 @@ def intensity_problem(plan: Plan, image: np.ndarray) -> str | None:
 
 def spacing_problem(plan: Plan, geometry: Geometry, max_ratio: float = MAX_SPACING_RATIO) -> str | None:
     """A sentence when the input's spacing differs from the plan's target spacing by more than
-    ``max_ratio`` along any RAS axis; None otherwise (and for a grid of another dimensionality)."""
+    ``max_ratio`` along any RAS axis (a ``3d_lowres`` plan: coarser only); None otherwise (and for a grid of another
+    dimensionality)."""
     if geometry.dims != plan.dims:
         return None
     spacing = ras_spacing(geometry)
     target = np.asarray(plan.target_spacing, dtype=np.float64)
     ratio = spacing / target
-    off = [axis for axis in range(plan.dims) if not 1.0 / max_ratio <= ratio[axis] <= max_ratio]
+    # a 3d_lowres model works at a coarser spacing than its data by design: only a coarser input is off
+    finest = 0.0 if plan.configuration == "3d_lowres" else 1.0 / max_ratio
+    off = [axis for axis in range(plan.dims) if not finest <= ratio[axis] <= max_ratio]
     if not off:
         return None
     worst = max(off, key=lambda axis: max(ratio[axis], 1.0 / ratio[axis]))

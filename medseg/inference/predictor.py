@@ -32,12 +32,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import InputError, MedsegError, one_line, unwrapped
+from medseg.inference.cases import channel_case
 from medseg.inference.fit import fit_problems
 from medseg.io.geometry import Geometry
 from medseg.io.image import (
     SourceImage,
+    case_name,
     image_suffix,
     label_map_dtype,
+    label_map_source,
     list_images,
     read_geometry,
     read_source,
@@ -129,6 +132,67 @@ class LabelMapPredictor(Protocol):
               instance_labels: Sequence[int] | None = None, min_lesion_ml: float = 0.0) -> Path: ...
 
 
+class PreviousStage(Protocol):
+    """Where a cascade stage gets the previous stage's label map of an input (its channels as read)."""
+
+    def label_map(self, sources: Sequence[SourceImage]) -> SourceImage | Path: ...
+
+
+class PreviousMaps:
+    """The previous stage's label maps of a cascade stage, one file per case (``<case>_seg.<ending>`` in ``folder``:
+    the out-of-fold predictions a fold of the stage was trained and cross-validated on), found by the case name of
+    an input."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+
+    def label_map(self, sources: Sequence[SourceImage]) -> Path:
+        """The label map of the case of ``sources`` (its first channel's file).
+
+        Raises
+        ------
+        InputError
+            No label map of that case here (naming the image and the folder).
+        """
+        source = sources[0]
+        where = source.path or source.name
+        name = source.name if source.path is None else case_name(source.path)
+        parsed = channel_case(Path(str(source.path))) if source.path is not None else None
+        wanted = {f"{c}_seg" for c in {name} | ({parsed[0]} if parsed else set())}
+        if self.folder.is_dir():
+            for path in list_images(self.folder):
+                if case_name(path) in wanted:
+                    return path
+        raise InputError(where, f"a cascade stage takes the previous stage's label map of this image, and "
+                                f"{self.folder} has none of case {name}: a fold of a cascade predicts the cases of "
+                                "its cross-validation; predict others with the cross-validation run (medseg select "
+                                "makes it a bundle with the previous stage's model)")
+
+
+class PreviousModel:
+    """The previous stage's label map of an input predicted by its model (a predictor made once, on first use, by
+    ``factory``), on the input's grid."""
+
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+        self.predictor: LabelMapPredictor | None = None
+
+    def label_map(self, sources: Sequence[SourceImage]) -> SourceImage:
+        """The previous stage's label map of the image ``sources`` (its channels), in memory on its grid.
+
+        Raises
+        ------
+        InputError
+            As the previous stage's predictor (``load`` and ``infer``).
+        """
+        if self.predictor is None:
+            self.predictor = self.factory()
+        assert self.predictor is not None
+        image: Any = list(sources) if len(sources) > 1 else sources[0]
+        labels = self.predictor.infer(self.predictor.load(image))
+        return label_map_source(labels, sources[0])
+
+
 class Predictor:
     """Predicts label maps with a model's plan, network and inference parts.
 
@@ -137,7 +201,8 @@ class Predictor:
     config names: :func:`medseg.transforms.preprocessing`,
     :func:`medseg.inference.compose.sliding_window_inferer` (with ``overlap``, ``sw_batch_size``,
     ``progress`` (None: when stderr is a terminal), ``tta``, ``output``, ``precision``) and
-    :func:`medseg.inference.compose.inference_postprocessing` (inversion only, no writer).
+    :func:`medseg.inference.compose.inference_postprocessing` (inversion only, no writer). A cascade stage's plan
+    (:attr:`~medseg.plan.Plan.previous_stage`) takes the previous stage's label map of each image from ``previous``.
 
     Raises
     ------
@@ -148,11 +213,12 @@ class Predictor:
     def __init__(self, plan: Plan, network: torch.nn.Module, device: torch.device, overlap: float = 0.5,
                  sw_batch_size: int | None = None, progress: bool | None = None, tta: bool = False,
                  output: str = "auto", precision: str = "float32", *, preprocessing: Any = None,
-                 inferer: Any = None, postprocessing: Any = None) -> None:
+                 inferer: Any = None, postprocessing: Any = None, previous: PreviousStage | None = None) -> None:
         from medseg.inference.compose import inference_postprocessing, sliding_window_inferer
         from medseg.transforms import preprocessing as preprocessing_chain
 
         self.plan, self.network, self.device = plan, network, device
+        self.previous = previous
         if inferer is None:
             progress = sys.stderr.isatty() if progress is None else progress
             inferer = sliding_window_inferer(plan, overlap, sw_batch_size, progress, tta, output, precision)
@@ -213,7 +279,8 @@ class Predictor:
         ------
         InputError
             Unreadable, truncated or wrong-dimensional image; another number of images than the model's
-            input channels; channels on different grids (naming the file).
+            input channels; channels on different grids (naming the file); for a cascade stage, no label map of the
+            previous stage for the image.
         """
         images: list[Any] = list(image) if isinstance(image, (list, tuple)) else [image]
         sources = [self._source(item, name) for item in images]
@@ -222,9 +289,15 @@ class Predictor:
             names = ", ".join(c.name for c in self.plan.input_channels)
             raise InputError(source.path or source.name, f"{len(sources)} image(s) given, the model takes "
                                                          f"{self.plan.num_channels} input channel(s) ({names})")
+        item: dict[str, Any] = {"image": sources if len(sources) > 1 else source}
+        if self.plan.previous_stage:
+            if self.previous is None:
+                raise InputError(source.path or source.name, "a cascade stage needs the previous stage's label map "
+                                                             "of the image; this predictor has none")
+            item["previous"] = self.previous.label_map(sources)
         with unwrapped(lambda cause: InputError(source.path or source.name, "cannot read or preprocess this image "
                                                 f"({type(cause).__name__}: {one_line(cause)})")):
-            data = self.preprocessing({"image": sources if len(sources) > 1 else source})
+            data = self.preprocessing(item)
         return LoadedImage(source, data, tuple(sources))
 
     def infer(self, loaded: LoadedImage) -> np.ndarray:

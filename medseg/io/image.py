@@ -442,6 +442,38 @@ def label_dtype(labels: np.ndarray) -> np.dtype:
     return label_map_dtype(int(labels.max()) if labels.size else 0)
 
 
+def label_map_source(labels: np.ndarray, source: SourceImage) -> SourceImage:
+    """A label map in memory on exactly ``source``'s grid, read back as ``source`` would be (a NIfTI source's header,
+    else its SimpleITK geometry): e.g. a cascade's first-stage prediction, the input of its second stage.
+
+    Raises
+    ------
+    InputError
+        ``labels`` of another shape than the source, or a source whose pixels were dropped (naming it).
+    """
+    labels = np.asarray(labels)
+    labels = labels.astype(label_dtype(labels), copy=False)
+    where = source.path or source.name
+    if tuple(labels.shape) != source.geometry.size:
+        raise InputError(where, f"label map shape {labels.shape} differs from the image's {source.geometry.size}")
+    pixels: sitk.Image | nib.Nifti1Image
+    header: nib.Nifti1Header | None = None
+    if source.is_nifti and source.header is not None:
+        header = source.header.copy()
+        header.set_data_dtype(labels.dtype)
+        header.set_slope_inter(1.0, 0.0)
+        kind = type(source.pixels) if isinstance(source.pixels, nib.Nifti1Image) else nib.Nifti1Image
+        affine = source.pixels.affine if isinstance(source.pixels, nib.Nifti1Image) else header.get_best_affine()
+        pixels = kind(labels, affine, header=header)
+    elif isinstance(source.pixels, sitk.Image):
+        pixels = sitk.GetImageFromArray(np.ascontiguousarray(labels.T))
+        pixels.CopyInformation(source.pixels)
+    else:
+        raise InputError(where, "its pixels were dropped before the label map was made on its grid")
+    return SourceImage(None, source.geometry, pixels, source.name, source.suffix, int(labels.nbytes),
+                       finite_checked=True, header=header)
+
+
 def write_label_map(labels: np.ndarray, reference: str | os.PathLike[str] | SourceImage | sitk.Image,
                     output: str | os.PathLike[str]) -> Path:
     """Write a label map in exactly the grid of ``reference`` (its shape, spacing, origin, direction):

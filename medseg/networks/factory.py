@@ -10,6 +10,7 @@ from monai.networks.nets import DynUNet, SegResNet, UNet
 
 from medseg.architectures import ARCHITECTURES, IMPORTED, NetworkSpec
 from medseg.errors import BundleError
+from medseg.networks.cascade import PreviousStageInput
 from medseg.networks.slices import SliceNetwork
 from medseg.networks.unet_head import PointwiseHeadUNet
 from medseg.plan import Plan
@@ -30,7 +31,8 @@ def build_network(plan: Plan, spec: NetworkSpec | None = None) -> torch.nn.Modul
 
     A 3D plan whose patch is one voxel thick along an axis (:attr:`~medseg.plan.Plan.slice_axis`, the ``2d``
     configuration of 3D data) gets the 2D network of the other two axes as a
-    :class:`~medseg.networks.slices.SliceNetwork`.
+    :class:`~medseg.networks.slices.SliceNetwork`. A cascade stage (:attr:`~medseg.plan.Plan.previous_stage`) takes
+    its image channels and the previous stage's label map (:class:`~medseg.networks.cascade.PreviousStageInput`).
 
     Raises
     ------
@@ -46,12 +48,15 @@ def build_network(plan: Plan, spec: NetworkSpec | None = None) -> torch.nn.Modul
     if build is None:
         raise BundleError(f"unknown network architecture {spec.name!r}; available: {', '.join(ARCHITECTURES)}")
     flat = plan.slice_axis
+    network: torch.nn.Module
     if flat is not None:  # nnU-Net's 2d configuration of 3D data: a 2D network over the slices
         flat_plan = plan.in_plane()
-        network = build(spec.without_axis(flat).planned(flat_plan.patch_size, flat_plan.target_spacing), 2,
-                        plan.num_channels, plan.num_outputs)
-        return SliceNetwork(network, flat)
-    return build(spec.planned(plan.patch_size, plan.target_spacing), plan.dims, plan.num_channels, plan.num_outputs)
+        network = SliceNetwork(build(spec.without_axis(flat).planned(flat_plan.patch_size, flat_plan.target_spacing),
+                                     2, plan.network_inputs, plan.num_outputs), flat)
+    else:
+        network = build(spec.planned(plan.patch_size, plan.target_spacing), plan.dims, plan.network_inputs,
+                        plan.num_outputs)
+    return PreviousStageInput(network, plan.num_classes) if plan.previous_stage else network
 
 
 def _norm(name: str) -> str | tuple[str, dict[str, bool]]:

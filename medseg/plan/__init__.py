@@ -6,6 +6,7 @@ from medseg.plan.derive import ct_intensity_statistics, default_patch_size, make
 from medseg.plan.model import (
     CONFIGURATIONS,
     PLAN_FORMAT,
+    PREVIOUS_STAGES,
     Channel,
     Intensity,
     Plan,
@@ -13,5 +14,5 @@ from medseg.plan.model import (
     load_plan,
 )
 
-__all__ = ["CONFIGURATIONS", "PLAN_FORMAT", "Channel", "Intensity", "NetworkSpec", "Plan", "checked_network",
+__all__ = ["CONFIGURATIONS", "PLAN_FORMAT", "PREVIOUS_STAGES", "Channel", "Intensity", "NetworkSpec", "Plan", "checked_network",
            "ct_intensity_statistics", "default_patch_size", "load_plan", "make_plan", "ras_extent", "ras_spacing"]

@@ -23,13 +23,15 @@ from medseg.layout import PLAN_FILE
 from medseg.plan.fields import Fields, shown
 from medseg.plan.network_fields import read_network
 
-__all__ = ["CONFIGURATIONS", "PLAN_FORMAT", "Channel", "Intensity", "Plan", "checked_network", "load_plan"]
+__all__ = ["CONFIGURATIONS", "PLAN_FORMAT", "PREVIOUS_STAGES", "Channel", "Intensity", "Plan", "checked_network", "load_plan"]
 
 PLAN_FORMAT = "medseg-plan/1"
 #: Sigma of the windows' Gaussian along a slice axis, in windows: flat (exp(-x^2 / 2 sigma^2) is 1 in float32).
 FLAT_SIGMA_SCALE = 1.0e6
 #: The configurations a plan can be (nnU-Net's names; "custom": set by hand or planned before the planner).
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres", "custom")
+#: The configurations whose label map a cascade stage takes as an input (``Plan.previous_stage``).
+PREVIOUS_STAGES = ("3d_lowres",)
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Plan:
 
     ``channels`` lists the input channels when there are several (empty: one channel named by
     ``modality`` and normalised by ``intensity``; when given, ``intensity`` is the first channel's).
+    ``previous_stage`` (nnU-Net's ``3d_cascade_fullres``): the configuration whose label map of the same image
+    is an input of this one (``"3d_lowres"``), else None.
     ``regions`` (empty: softmax over ``labels``) makes the network predict one sigmoid output per
     region, painted into the label map in order. ``ignore_label`` is a value of the training label
     maps left out of loss and metrics. ``configuration``, ``batch_size`` and ``planning`` record what
@@ -80,6 +84,7 @@ class Plan:
     configuration: str = "custom"
     batch_size: int = 2
     planning: dict[str, Any] = field(default_factory=dict)
+    previous_stage: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -104,6 +109,12 @@ class Plan:
     @property
     def num_channels(self) -> int:
         return len(self.input_channels)
+
+    @property
+    def network_inputs(self) -> int:
+        """Input channels of the network: the image channels, and for a cascade stage (:attr:`previous_stage`) one
+        more per foreground class (the previous stage's label map, one-hot: :class:`~medseg.networks.PreviousStageInput`)."""
+        return self.num_channels + (self.num_classes - 1 if self.previous_stage else 0)
 
     @property
     def slice_axis(self) -> int | None:
@@ -162,6 +173,8 @@ class Plan:
         data["network"] = self.network.to_json()
         data["channels"] = [{"name": c.name, "intensity": asdict(c.intensity)} for c in self.channels]
         data["regions"] = [r.to_json() for r in self.regions]
+        if self.previous_stage is None:  # plans of one stage are written as before cascades existed
+            del data["previous_stage"]
         return data
 
     @classmethod
@@ -202,6 +215,8 @@ class Plan:
                                      " or ".join(f'"{c}"' for c in CONFIGURATIONS), default="custom"),
             batch_size=fields.get("batch_size", int, lambda v: v >= 1, "an integer >= 1", default=2),
             planning=fields.get("planning", dict, default={}),
+            previous_stage=fields.get("previous_stage", object, lambda v: v is None or v in PREVIOUS_STAGES,
+                                      "null or " + " or ".join(f'"{c}"' for c in PREVIOUS_STAGES), default=None),
         )
         fields.done()
         _check_together(plan)
@@ -307,12 +322,16 @@ def _regions(items: list[Any], labels: dict[int, str]) -> tuple[Region, ...]:
 
 
 def _check_together(plan: Plan) -> None:
-    """Fields that only make sense together: channels and intensity, regions and labels, the ignore label."""
+    """Fields that only make sense together: channels and intensity, regions and labels, the ignore label, the
+    previous stage and the cascade configuration."""
     if plan.channels and plan.channels[0].intensity != plan.intensity:
         raise ValueError("field 'intensity' must be the first channel's ('channels[0].intensity')")
     if plan.regions and sorted(r.value for r in plan.regions) != sorted(set(plan.labels) - {0}):
         raise ValueError(f"field 'regions' must paint each non-zero value of 'labels' once "
                          f"({sorted(set(plan.labels) - {0})}), got values {[r.value for r in plan.regions]}")
+    if (plan.previous_stage is not None) != (plan.configuration == "3d_cascade_fullres"):
+        raise ValueError("field 'previous_stage' must be given exactly for the configuration \"3d_cascade_fullres\" "
+                         f"(configuration {plan.configuration!r}, previous_stage {plan.previous_stage!r})")
     if plan.ignore_label is not None and plan.ignore_label in plan.labels:
         raise ValueError(f"field 'ignore_label' ({plan.ignore_label}) must not be a value of 'labels'")
 

@@ -28,6 +28,9 @@ __all__ = ["Configuration", "Network", "fit_configuration", "plan_configurations
 LOWRES_STEP = 1.03
 #: 3d_lowres is dropped unless its median image has at least this many times fewer voxels than 3d_fullres'.
 LOWRES_MIN_REDUCTION = 2.0
+#: A 3d_lowres asked for where nnU-Net plans none: coarsened until the median image has this many times fewer
+#: voxels (half the resolution along each axis).
+FORCED_LOWRES_REDUCTION = 8.0
 #: A DynUNet needs at least this many stages (two poolings).
 MIN_STAGES = 3
 
@@ -140,9 +143,11 @@ def _at_least_three_stages(spacing: tuple[float, ...], topology: Topology) -> To
 
 
 def plan_configurations(spacing: Sequence[float], median_shape: Sequence[float], cases: int, network: Network,
-                        target_bytes: float, model: MemoryModel) -> dict[str, Configuration]:
+                        target_bytes: float, model: MemoryModel, lowres: bool = False) -> dict[str, Configuration]:
     """The configurations nnU-Net plans (see module docstring). 3D data: ``3d_fullres``, ``2d`` on the
-    two finer axes (in-plane spacing), ``3d_lowres`` when needed; 2D data: ``2d``.
+    two finer axes (in-plane spacing), ``3d_lowres`` when needed (with ``lowres``, also where nnU-Net plans none:
+    the spacing coarsened until the median image has :data:`FORCED_LOWRES_REDUCTION` times fewer voxels); 2D data:
+    ``2d``.
 
     The ``2d`` configuration of 3D data is planned as a 3D patch one voxel thick along the coarsest axis
     (the last of equally coarse ones: the axial slices of an isotropic RAS volume), whose U-Net is the 2D
@@ -167,26 +172,30 @@ def plan_configurations(spacing: Sequence[float], median_shape: Sequence[float],
     in_plane = fit_configuration("2d", spacing, median_shape, network, voxels, target_bytes, model, patch=patch)
     in_plane.extra.update({"axes": plane, "slice_axis": coarse})
     found = {"3d_fullres": fullres, "2d": in_plane}
-    lowres = _lowres(fullres, cases, network, target_bytes, model)
-    if lowres is not None:
-        lowres.extra["next_stage"] = "3d_cascade_fullres"
-        found["3d_lowres"] = lowres
+    coarser = _lowres(fullres, cases, network, target_bytes, model, forced=lowres)
+    if coarser is not None:
+        coarser.extra["next_stage"] = "3d_cascade_fullres"
+        found["3d_lowres"] = coarser
     return found
 
 
 def _lowres(fullres: Configuration, cases: int, network: Network, target_bytes: float,
-            model: MemoryModel) -> Configuration | None:
+            model: MemoryModel, forced: bool = False) -> Configuration | None:
     """nnU-Net's 3d_lowres: the spacing coarsened by 3 % per step (the finer axes first while they are
     more than twice finer than the coarsest) until the patch covers :data:`LOWRES_COVERAGE` of the median
-    image; None when not needed, or when the median image shrinks less than :data:`LOWRES_MIN_REDUCTION`."""
-    if not needs_lowres(fullres.patch_size, fullres.median_shape):
+    image; None when not needed, or when the median image shrinks less than :data:`LOWRES_MIN_REDUCTION`.
+    ``forced``: also when not needed, coarsened until the median image has :data:`FORCED_LOWRES_REDUCTION` times
+    fewer voxels (and the patch covers a quarter of it)."""
+    needed = needs_lowres(fullres.patch_size, fullres.median_shape)
+    if not needed and not forced:
         return None
     base = np.asarray(fullres.spacing)
     spacing = base.copy()
     shape = np.asarray(fullres.median_shape)
     lowres: Configuration | None = None
     coverage = 0.0
-    while coverage < LOWRES_COVERAGE:
+    while coverage < LOWRES_COVERAGE or (not needed and np.prod(fullres.median_shape) / np.prod(shape)
+                                         < FORCED_LOWRES_REDUCTION):
         finer = spacing.max() / spacing > 2
         spacing = np.where(finer, spacing * LOWRES_STEP, spacing) if finer.any() else spacing * LOWRES_STEP
         shape = base / spacing * np.asarray(fullres.median_shape)
@@ -194,6 +203,8 @@ def _lowres(fullres: Configuration, cases: int, network: Network, target_bytes: 
         lowres = fit_configuration("3d_lowres", tuple(float(s) for s in spacing), [round(float(s)) for s in shape],
                                    network, voxels, target_bytes, model)
         coverage = math.prod(lowres.patch_size) / float(np.prod(shape))
+    if lowres is not None and not needed:
+        lowres.extra["note"] = "asked for; nnU-Net plans no 3d_lowres here (the 3d_fullres patch covers a quarter)"
     if lowres is None or float(np.prod(fullres.median_shape)) / float(np.prod(shape)) < LOWRES_MIN_REDUCTION:
         return None
     return lowres

@@ -31,7 +31,7 @@ from monai.transforms import Compose
 
 from medseg.architectures import NetworkSpec
 from medseg.networks import build_network
-from medseg.plan import Intensity, Plan
+from medseg.plan import Channel, Intensity, Plan
 from medseg.transforms.augment import enlarged_patch, nnunet_augmentation, sampling_preparation
 
 __all__ = ["Probe", "ProbeRequest", "augmentation_seconds", "case_load_seconds", "iteration_seconds", "probe",
@@ -56,13 +56,14 @@ class ProbeRequest:
     precision: str = "float32"  # on the CPU "bfloat16": the forward pass under bfloat16 autocast, as training runs it
 
     def plan(self) -> Plan:
-        """A plan that builds this network (labels 0..out_channels-1; at ``spacing``, unit spacing if
-        None: the spacing decides which axes the augmentation rotates and scales)."""
+        """A plan that builds this network (``in_channels`` input channels, labels 0..out_channels-1; at ``spacing``,
+        unit spacing if None: the spacing decides which axes the augmentation rotates and scales)."""
         dims = len(self.patch_size)
         spacing = self.spacing if self.spacing is not None else (1.0,) * dims
+        channels = tuple(Channel(f"channel_{c}", Intensity("mr")) for c in range(self.in_channels))
         return Plan(dims, "probe", {v: f"label_{v}" for v in range(self.out_channels)}, tuple(spacing),
                     self.patch_size, Intensity("mr"), self.network,
-                    channels=(), batch_size=self.batch_size)
+                    channels=channels if self.in_channels > 1 else (), batch_size=self.batch_size)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ PRESETS = {
                                    "1, 3, 4, 6, 6, ... blocks per encoder stage and plain decoder blocks, which MONAI's "
                                    "DynUNet cannot express"),
 }
-CONFIGURATION_CHOICES = ("2d", "3d_fullres", "3d_lowres")
+CONFIGURATION_CHOICES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
 
 @dataclass

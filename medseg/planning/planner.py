@@ -51,6 +51,9 @@ from medseg.planning.rules import resampled_median_shape, target_spacing
 
 __all__ = ["PLANNER", "PLANS_FORMAT", "PlanningResult", "plan_dataset"]
 
+#: nnU-Net's second stage of the cascade: 3d_fullres fed the label map of a 3d_lowres model too.
+CASCADE = "3d_cascade_fullres"
+
 log = logging.getLogger("medseg.planning")
 
 PLANS_FORMAT = "medseg-plans/1"
@@ -139,16 +142,21 @@ def plan_dataset(fingerprint: Fingerprint, options: PlannerOptions, timer: Timer
                else target_spacing(spacings, shapes))
     median = resampled_median_shape(spacings, shapes, spacing)
     preset = PRESETS[options.preset]
-    network = Network(len(fingerprint.channels), fingerprint.num_outputs, res_block=preset.res_block)
+    cascade = options.configuration == CASCADE
+    # a cascade stage's network also takes the previous stage's label map, one channel per foreground class
+    inputs = len(fingerprint.channels) + (max(fingerprint.labels) if cascade else 0)
+    network = Network(inputs, fingerprint.num_outputs, res_block=preset.res_block)
     model = memory_model(options.device)
     target = options.memory_target_gb() * GB
     try:
         configurations = plan_configurations(tuple(spacing), tuple(median), len(fingerprint.cases), network, target,
-                                             model)
+                                             model, lowres=options.configuration == "3d_lowres")
     except MemoryTargetError as exc:
         raise InputError(None, f"--memory-gb {options.memory_target_gb():.3g}: {exc}") from None
     name = _configuration_name(options.configuration, dims, configurations)
-    configuration = configurations[name]
+    # the cascade's second stage is 3d_fullres with the previous stage's label map as inputs
+    configuration = (dataclasses.replace(configurations["3d_fullres"], name=CASCADE) if cascade
+                     else configurations[name])
     budget_hours = options.budget_hours()
     choice = None
     precision: dict[str, Any] = {"name": "float16", "reason": "mixed precision on CUDA (MONAI's amp)"}
@@ -192,6 +200,8 @@ def _configuration_name(asked: str | None, dims: int, configurations: dict[str, 
         return "3d_fullres" if dims == 3 else "2d"
     if asked.startswith("3d") and dims == 2:
         raise InputError(None, f"--configuration {asked}: this dataset is 2D; use 2d")
+    if asked == CASCADE:
+        return asked
     if asked not in configurations:
         raise InputError(None, f"--configuration {asked}: not planned for this dataset (the full-resolution patch "
                          "covers at least a quarter of the median image); use 3d_fullres")
@@ -356,7 +366,8 @@ def _plan(fingerprint: Fingerprint, options: PlannerOptions, configuration: Conf
                 tuple(float(s) for s in configuration.spacing), chosen.patch_size, channels[0].intensity, spec,
                 channels=channels if len(channels) > 1 else (), regions=fingerprint.regions,
                 ignore_label=fingerprint.ignore_label, configuration=configuration.name,
-                batch_size=chosen.batch_size, planning=record)
+                batch_size=chosen.batch_size, planning=record,
+                previous_stage="3d_lowres" if configuration.name == CASCADE else None)
 
 
 def _plans_json(result: PlanningResult, options: PlannerOptions, spacings: np.ndarray, shapes: np.ndarray,
@@ -365,7 +376,8 @@ def _plans_json(result: PlanningResult, options: PlannerOptions, spacings: np.nd
     configurations = {name: c.to_json() for name, c in result.configurations.items()}
     if "3d_lowres" in configurations:
         configurations["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres",
-                                                "note": "recorded as nnU-Net plans it; medseg trains no cascade"}
+                                                "note": "medseg train --configuration 3d_cascade_fullres "
+                                                        "--previous-stage LOWRES_RUN (a cross-validated 3d_lowres run)"}
     plan = result.plan
     return {
         "format": PLANS_FORMAT, "planner": PLANNER, "dataset": result.fingerprint.dataset,

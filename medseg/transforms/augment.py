@@ -41,6 +41,7 @@ from monai.transforms.utils import create_rotate
 from monai.utils import convert_to_tensor, ensure_tuple
 
 from medseg.plan import Plan
+from medseg.transforms.cascade import PREVIOUS_KEY, AttachPreviousd, PerturbPreviousd
 
 __all__ = ["ANISOTROPY", "FOREGROUND_FRACTION", "ForegroundOversampled", "SliceView", "SpatialAugmentation",
            "augmentation", "coarse_axis", "enlarged_patch", "light_augmentation", "nnunet_augmentation",
@@ -236,11 +237,11 @@ class _SynchronisedScaling(RandAffineGrid):
 class SpatialAugmentation(RandAffined):
     """Rotation and isotropic scaling in one resampling (MONAI's ``RandAffined`` with one scaling
     factor for all scaled axes), cutting the centred patch of ``spatial_size`` out of a larger crop;
-    ``label`` by nearest neighbour, any other key linearly."""
+    ``image`` linearly, any other key (label maps) by nearest neighbour."""
 
     def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], prob: float,
                  rotate_range: Sequence[float], scale_range: Sequence[tuple[float, float] | float]) -> None:
-        modes = ["nearest" if key == "label" else "bilinear" for key in ensure_tuple(keys)]
+        modes = ["bilinear" if key == "image" else "nearest" for key in ensure_tuple(keys)]
         super().__init__(keys, spatial_size=spatial_size, prob=prob, rotate_range=rotate_range,
                          scale_range=scale_range, mode=modes, padding_mode="zeros")
         grid = self.rand_affine.rand_affine_grid
@@ -264,19 +265,28 @@ class SliceView(MapTransform):
         return d
 
 
+def _keys(plan: Plan) -> list[str]:
+    """The keys a patch carries: image and label, and a cascade stage's previous label map."""
+    return ["image", "label"] + ([PREVIOUS_KEY] if plan.previous_stage else [])
+
+
 def _chain(plan: Plan, num_samples: int, foreground: float, steps: list[Any]) -> Compose:
     """The planned chain: the patch sampling of ``plan``, then ``steps`` (built for :meth:`~medseg.plan.Plan.in_plane` of a plan
-    with a slice axis: they run on the 2D patch between two :class:`SliceView` steps), then the dtypes."""
-    keys = ["image", "label"]
+    with a slice axis: they run on the 2D patch between two :class:`SliceView` steps), then the dtypes. A cascade
+    stage's previous label map goes through the spatial steps with the label, is perturbed
+    (:class:`~medseg.transforms.cascade.PerturbPreviousd`) and ends as the image's last channel."""
+    keys = _keys(plan)
     exclude = () if plan.ignore_label is None else (plan.ignore_label,)
     flat = plan.slice_axis
     if flat is not None:
         steps = [SliceView(keys, flat, squeeze=True), *steps, SliceView(keys, flat, squeeze=False)]
+    end: list[Any] = [PerturbPreviousd(PREVIOUS_KEY), AttachPreviousd()] if plan.previous_stage else []
     return Compose([
         ForegroundOversampled(keys, "label", enlarged_patch(plan), plan.num_classes, foreground=foreground,
                               num_samples=num_samples, exclude=exclude, patch_size=plan.patch_size),
         *steps,
-        EnsureTyped(keys=keys, dtype=[torch.float32, torch.int64], track_meta=False),
+        *end,
+        EnsureTyped(keys=["image", "label"], dtype=[torch.float32, torch.int64], track_meta=False),
     ])
 
 
@@ -305,7 +315,7 @@ def light_augmentation(plan: Plan, num_samples: int = 1) -> Compose:
     and scaling 0.9-1.1 in one resampling (probability 0.2), mirroring, and the default plan's intensity
     augmentation (scale and shift by up to 10 %, p 0.5 each; Gaussian noise, p 0.15). A plan with a slice
     axis: all of it in-plane (:meth:`~medseg.plan.Plan.in_plane`)."""
-    keys = ["image", "label"]
+    keys = _keys(plan)
     inner = plan.in_plane()
     dims = inner.dims
     limit = math.radians(15)
@@ -333,7 +343,7 @@ def nnunet_augmentation(plan: Plan, num_samples: int = 1) -> Compose:
     A plan with a slice axis (nnU-Net's 2d configuration of 3D data): all of it in-plane, as for 2D data
     (:meth:`~medseg.plan.Plan.in_plane`).
     """
-    keys = ["image", "label"]
+    keys = _keys(plan)
     inner = plan.in_plane()
     dims = inner.dims
     scaling = [(SCALING[0] - 1, SCALING[1] - 1) if scaled else 0.0 for scaled in _scaled_axes(inner)]

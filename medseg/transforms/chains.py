@@ -40,6 +40,7 @@ from medseg.errors import InputError
 from medseg.io.image import label_map_dtype
 from medseg.io.reader import ImageFileReader, LoadImageFiled
 from medseg.plan import Intensity, Plan
+from medseg.transforms.cascade import PREVIOUS_KEY, AttachPreviousd, RequirePreviousd
 
 __all__ = [
     "BodyMask",
@@ -221,17 +222,27 @@ def intensity_transforms(plan: Plan) -> list[MapTransform]:
     return [NormalizeIntensityd(keys="image", nonzero=True)]
 
 
-def preprocessing(plan: Plan, keys: Sequence[str] = ("image",), crop: bool = True) -> Compose:
+def preprocessing(plan: Plan, keys: Sequence[str] = ("image",), crop: bool = True, attach: bool = True) -> Compose:
     """The deterministic chain for ``keys`` (``("image",)`` at inference, ``("image", "label")`` in training);
     ``"image"`` holds one file (or image in memory) per input channel of the plan, a one-channel image may be
     given as itself. Bad files raise their :class:`~medseg.errors.InputError` (inside ``Compose``, as the
-    ``__cause__`` of MONAI's error), channels on different grids included."""
+    ``__cause__`` of MONAI's error), channels on different grids included.
+
+    A cascade stage's plan (:attr:`~medseg.plan.Plan.previous_stage`) also reads ``"previous"``, the previous
+    stage's label map of the image, treated as the label map is (nearest neighbour), and with ``attach`` ends by
+    appending it to the image as its last channel (:class:`~medseg.transforms.cascade.AttachPreviousd`; training
+    attaches it after augmentation)."""
     keys = list(keys)
-    chain: list[MapTransform] = load_transforms(keys, plan.num_channels) + spatial_transforms(plan, keys)
+    if plan.previous_stage and PREVIOUS_KEY not in keys:
+        keys.append(PREVIOUS_KEY)
+    chain: list[MapTransform] = [RequirePreviousd()] if plan.previous_stage else []
+    chain += load_transforms(keys, plan.num_channels) + spatial_transforms(plan, keys)
     if crop:
         chain += crop_transforms(plan, keys)
     chain += intensity_transforms(plan)
     largest = max(plan.num_classes - 1, plan.ignore_label or 0)  # the ignore label may lie above the classes
     label_type = getattr(torch, label_map_dtype(largest, torch_compatible=True).name)
     chain.append(EnsureTyped(keys=keys, dtype=[torch.float32 if k == "image" else label_type for k in keys]))
+    if plan.previous_stage and attach:
+        chain.append(AttachPreviousd())
     return Compose(chain)

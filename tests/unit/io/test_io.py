@@ -23,6 +23,7 @@ from medseg.io.image import (
     case_name,
     check_finite_voxels,
     image_suffix,
+    label_map_source,
     list_images,
     read_geometry,
     read_image,
@@ -639,3 +640,18 @@ def test_reading_in_threads_leaves_stderr_working(tmp_path: Path) -> None:
             list(pool.map(read_image, paths * 4))
     after = os.fstat(2)
     assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_a_label_map_made_in_memory_reads_back_on_its_image_s_grid(tmp_path: Path, suffix: str) -> None:
+    """A cascade's first-stage label map, made in memory on the input's grid: read as the written file would be."""
+    path = tmp_path / f"image{suffix}"
+    sitk.WriteImage(_oblique_image(), str(path), True)
+    source = read_source(path, 3)
+    labels = (np.arange(10 * 12 * 7).reshape(10, 12, 7) % 4).astype(np.uint8)
+    in_memory = LoadImageFiled(keys="previous", image_only=True)({"previous": label_map_source(labels, source)})["previous"]
+    written = _load(write_label_map(labels, source, tmp_path / f"labels{suffix}"))
+    np.testing.assert_array_equal(in_memory.numpy(), labels)
+    np.testing.assert_allclose(in_memory.affine.numpy(), written.affine.numpy(), atol=1e-5)
+    with pytest.raises(InputError, match="differs from the image's"):
+        label_map_source(labels[:5], source)

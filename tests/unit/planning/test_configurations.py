@@ -40,8 +40,32 @@ def test_small_images_get_fullres_and_2d_only() -> None:
     assert result.configurations["2d"].patch_size == (96, 96, 1)  # the whole slice, across the coarsest axis
     assert result.plan.patch_size == (96, 96, 48) and result.plan.batch_size == 2  # nnU-Net's plan of these phantoms
     assert len(result.plan.network.filters) == 5 and result.plan.network.deep_supervision
-    with pytest.raises(InputError, match="--configuration 3d_lowres: not planned for this dataset"):
-        plan_dataset(SMALL, PlannerOptions(device="cuda", measure=False, configuration="3d_lowres"))
+
+
+def test_a_lowres_configuration_asked_for_where_nnunet_plans_none_halves_the_resolution() -> None:
+    """Asked for explicitly (the first stage of a cascade on these images), 3d_lowres coarsens the spacing until the
+    median image has 8 times fewer voxels, and says that nnU-Net would not plan it."""
+    result = plan_dataset(SMALL, PlannerOptions(device="cuda", memory_gb=8, measure=False, configuration="3d_lowres"))
+    lowres, fullres = result.configurations["3d_lowres"], result.configurations["3d_fullres"]
+    assert result.plan.configuration == "3d_lowres" and result.plan.target_spacing == pytest.approx(lowres.spacing)
+    assert math.prod(lowres.median_shape) * 8 <= math.prod(fullres.median_shape) * 1.05
+    assert math.prod(lowres.patch_size) / math.prod(lowres.median_shape) >= 0.25
+    assert "nnU-Net plans no 3d_lowres here" in result.plans["configurations"]["3d_lowres"]["note"]
+
+
+def test_a_cascade_stage_is_3d_fullres_fed_the_previous_stage_s_label_map() -> None:
+    result = plan_dataset(SMALL, PlannerOptions(device="cuda", memory_gb=8, measure=False,
+                                                configuration="3d_cascade_fullres"))
+    plan, fullres = result.plan, plan_dataset(SMALL, GPU).plan
+    assert plan.configuration == "3d_cascade_fullres" and plan.previous_stage == "3d_lowres"
+    assert plan.target_spacing == fullres.target_spacing and plan.patch_size == fullres.patch_size
+    assert plan.num_channels == 1 and plan.network_inputs == 1 + max(plan.labels)
+    assert Plan.from_json(plan.to_json()) == plan
+    network = build_network(plan).eval()
+    image = torch.zeros(1, 2, *plan.patch_size)  # the image and the previous stage's label map
+    image[0, 1, :10] = max(plan.labels)
+    with torch.no_grad():
+        assert network(image).shape == (1, plan.num_outputs, *plan.patch_size)
 
 
 def test_the_2d_configuration_of_3d_data_is_a_2d_unet_over_slices() -> None:

@@ -71,7 +71,6 @@ def test_a_two_channel_region_dataset_is_planned_per_channel(tmp_path: Path, cap
     (["--time-budget", "-1"], "--time-budget must be a positive number"),
     (["--workers", "0"], "--workers must be an integer of at least 1"),
     (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
-    (["--configuration", "3d_lowres", "--device", "cuda"], "--configuration 3d_lowres: not planned for this dataset"),
 ])
 def test_bad_plan_input_is_one_message_and_exit_2(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                   args: list[str], message: str) -> None:
