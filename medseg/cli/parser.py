@@ -204,7 +204,7 @@ def _add_train(sub: Subparsers) -> None:
                         "(default: random initialisation)")
     p.add_argument("--previous-stage", default=None, metavar="RUN",
                    help="--configuration 3d_cascade_fullres: the cross-validation run (--fold all) of 3d_lowres whose "
-                        "out-of-fold label maps this stage takes as inputs (copied into each fold's previous/)")
+                        "out-of-fold label maps this stage takes as inputs (copied into each fold's previous/) (default: none)")
     p.add_argument("--epochs", type=int, default=100, help="number of epochs")
     p.add_argument("--max-iterations", type=int, default=None, metavar="N",
                    help="stop after N iterations in total, counted across --resume (with --epochs: whichever comes "
