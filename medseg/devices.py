@@ -17,14 +17,21 @@ def resolve_device(name: str) -> torch.device:
     Raises
     ------
     InputError
-        If CUDA is asked for and not available, or the name is unknown.
+        If CUDA is asked for and not available, a CUDA device this machine does not have, or an unknown name.
     """
     if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise InputError(None, f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise InputError(None, f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise InputError(None, f"--device {name}: this machine has {count} CUDA device(s), cuda:0-cuda:{count - 1}")
+        return device
     raise InputError(None, f"--device must be cpu or cuda, got {name!r}")
 
 

@@ -113,14 +113,16 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
     return f"{category.__name__}: {str(message).splitlines()[0] if str(message) else ''} ({filename}:{lineno})"
 
 
-def setup_logging(debug: bool = False, quiet: bool = False) -> None:
+def setup_logging(debug: bool = False, quiet: bool = False, prefix: str = "") -> None:
     """Configure logging and warnings for the CLI (see the module doc); safe to call again.
 
-    ``debug``: medseg's DEBUG records too; ``quiet``: only warnings and errors.
+    ``debug``: medseg's DEBUG records too; ``quiet``: only warnings and errors; ``prefix``: written in brackets
+    before each record's logger name (a worker process's lines among its siblings').
     """
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+    form = LOG_FORMAT if not prefix else LOG_FORMAT.replace("%(name)s", f"[{prefix.replace('%', '%%')}] %(name)s")
+    handler.setFormatter(logging.Formatter(form, DATE_FORMAT))
     handler.addFilter(_LevelFilter(level))
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.setLoggerClass(RoutedLogger)

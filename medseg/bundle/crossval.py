@@ -8,20 +8,25 @@ A cross-validation run folder holds one bundle per fold and what the folds say t
     RUN/cv/predictions/             out-of-fold label maps: every training case predicted by the fold
                                     that held it out (<case>_seg.<ext>, in the case's own grid)
     RUN/cv/fold_K.json              fold K's record, written once its model and predictions are complete:
-                                    its cases and their Dice and HD95 per label
+                                    its cases and their Dice and HD95 per label, the device it trained on
     RUN/cv_summary.json             per fold and over all out-of-fold cases: Dice and HD95 per label, mean
     RUN/previous/                   a cascade stage's (--previous-stage): its previous stage's folds, the model its
                                     bundle predicts new images' previous label maps with (each fold keeps the
                                     out-of-fold maps it trains on in fold_K/previous/predictions)
 
-The folds train one after another on one device, each with the options given (``--max-minutes`` is each
-fold's budget). The same command with ``--resume`` continues a stopped run: folds with a record are
-skipped, a fold with a checkpoint resumes from it, a fold without one starts again; predictions finished
-before the stop are not made again (:func:`medseg.bundle.pipeline.predict` records each case).
+The plan is made once, into the first fold's folder (the planner, or the default plan), before any fold
+trains. The folds train one after another on one device, or in parallel with several devices
+(``--device cuda:0,cuda:1``: one process per device, :mod:`medseg.bundle.fold_pool`), each with the options
+given (``--max-minutes`` is each fold's training budget; the planning is not counted in it). A call that fails
+before any fold has a checkpoint leaves no run folder behind. The same command with ``--resume`` continues a
+stopped run: folds with a record are skipped, a fold with a checkpoint resumes from it, a fold without one
+starts again; predictions finished before the stop are not made again (:func:`medseg.bundle.pipeline.predict`
+records each case).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -36,11 +41,14 @@ import numpy as np
 
 from medseg.bundle.cascade import attach_previous_model
 from medseg.bundle.create import describe_data_source, write_bundle
+from medseg.bundle.fold_pool import run_on_devices
 from medseg.bundle.pipeline import InferenceOptions, predict
-from medseg.bundle.training import train
+from medseg.bundle.training import train, write_run
 from medseg.data.datalist import load_datalist
+from medseg.devices import resolve_device
 from medseg.engines.data import find_training_cases, training_datalist, training_split
 from medseg.engines.options import TrainOptions
+from medseg.engines.rundir import RunFolderGuard
 from medseg.engines.training import SUMMARY_FILE
 from medseg.errors import InputError
 from medseg.inference.cases import InputCase, write_manifest
@@ -91,18 +99,25 @@ def _record_path(run_dir: Path, fold: int) -> Path:
 
 def train_folds(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], folds: Sequence[int],
                 options: TrainOptions | None = None, planner: PlannerOptions | None = None,
-                inference: InferenceOptions | None = None) -> dict[str, Any]:
+                inference: InferenceOptions | None = None, devices: Sequence[str] | None = None) -> dict[str, Any]:
     """Train ``folds`` of one plan into ``run_dir`` (see the module docstring), predict each fold's held-out
-    cases, and write ``cv_summary.json``; returns the summary.
+    cases, and write ``cv_summary.json``; returns the summary. ``devices`` (more than one): the folds train in
+    parallel, one process per device (:func:`medseg.bundle.fold_pool.run_on_devices`); the plan is made first,
+    for the first device (``options.device`` is ignored then).
 
     Raises
     ------
     InputError
         A non-empty ``run_dir`` without ``options.resume``, ``--resume`` of a folder that is no cross-validation
-        run, fewer training cases than folds asked for, and everything :func:`medseg.bundle.training.train`
-        raises for the first fold (bad dataset or options: nothing is written then).
+        run, fewer training cases than folds asked for, a device that is not available, and everything
+        :func:`medseg.bundle.training.train` raises for the first fold (bad dataset or options: nothing is
+        written then); a fold that failed on its device (named).
     """
     opts = options or TrainOptions()
+    if devices:
+        for device in devices:
+            resolve_device(device)  # each one available, before anything is read or written
+        opts = replace(opts, device=devices[0])
     run = Path(run_dir)
     inference = inference or InferenceOptions(device=opts.device)
     if opts.resume:
@@ -114,21 +129,27 @@ def train_folds(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], f
     if max(folds) >= min(FOLDS, cases):  # split_cases makes min(5, cases) folds; a higher one would repeat one
         raise InputError(data, f"{cases} training case(s) make {min(FOLDS, cases)} folds (0-{min(FOLDS, cases) - 1}); "
                                f"fold {max(folds)} does not exist")
+    pending = [fold for fold in folds if not _skipped(run, fold)]
     plan_source = next((fold_dir(run, f) for f in range(FOLDS) if (fold_dir(run, f) / PLAN_FILE).exists()),
                        None)
-    for fold in folds:
-        if _record_path(run, fold).exists():
-            log.info("fold %d: done earlier (%s), skipped", fold, _record_path(run, fold))
-            continue
-        target = fold_dir(run, fold)
-        if plan_source is None:  # the first fold plans (the planner, or the default plan)
-            log.info("fold %d: planning and training -> %s", fold, target)
-            train(data, target, replace(opts, fold=fold, resume=False), planner=planner)
-            plan_source, trained = target, True
-        else:
-            trained = _train_fold(data, target, fold, opts, load_plan(plan_source))
-        # a fold trained now predicts all its held-out cases again; one trained before resumes its predictions
-        _held_out(data, run, fold, inference, overwrite=trained)
+    guard = None if opts.resume else RunFolderGuard(run)
+    try:
+        if plan_source is None and pending:  # the first fold's bundle is planned (the planner, or the default plan)
+            plan_source = fold_dir(run, pending[0])
+            write_run(data, plan_source, replace(opts, fold=pending[0], resume=False), planner)
+            log.info("fold %d: planned -> %s; the other folds train its plan", pending[0], plan_source)
+        if pending:
+            assert plan_source is not None
+            job = functools.partial(_fold_job, data, run, opts, inference, plan_source)
+            if devices and len(devices) > 1:
+                run_on_devices(job, pending, devices)
+            else:
+                for fold in pending:
+                    job(fold, opts.device)
+    except BaseException:
+        if guard is not None and not _trained_any(run):  # nothing worth keeping: the run leaves no folder behind
+            guard.rollback()
+        raise
     if opts.previous_stage is not None:  # a cascade stage: the previous stage's model, to predict new images with
         attach_previous_model(run, opts.previous_stage)
     summary = _summary(run)
@@ -136,10 +157,33 @@ def train_folds(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], f
     return summary
 
 
-def _train_fold(data: str | os.PathLike[str], target: Path, fold: int, opts: TrainOptions, plan: Plan) -> bool:
-    """Train fold ``fold`` on ``plan`` unless its training finished before (its ``train_summary.json``): resumed
-    from its checkpoint, or started afresh (a fold folder a stopped run left without a checkpoint holds only
-    what this run wrote, and is removed first). Returns whether it trained now."""
+def _trained_any(run: Path) -> bool:
+    """Whether some fold of ``run`` has a checkpoint or weights (what a failed call keeps for ``--resume``)."""
+    return any((fold_dir(run, f) / name).exists() for f in range(FOLDS) for name in (LAST_CHECKPOINT, WEIGHTS_FILE))
+
+
+def _skipped(run: Path, fold: int) -> bool:
+    """Whether fold ``fold`` finished in an earlier call (its record)."""
+    if _record_path(run, fold).exists():
+        log.info("fold %d: done earlier (%s), skipped", fold, _record_path(run, fold))
+        return True
+    return False
+
+
+def _fold_job(data: str | os.PathLike[str], run: Path, opts: TrainOptions, inference: InferenceOptions,
+              plan_source: Path, fold: int, device: str) -> None:
+    """Train fold ``fold`` on ``device`` (the plan of ``plan_source``) and predict and score its held-out cases."""
+    opts, inference = replace(opts, device=device), replace(inference, device=device)
+    trained = _train_fold(data, fold_dir(run, fold), fold, opts, plan_source)
+    # a fold trained now predicts all its held-out cases again; one trained before resumes its predictions
+    _held_out(data, run, fold, inference, overwrite=trained, device=device)
+
+
+def _train_fold(data: str | os.PathLike[str], target: Path, fold: int, opts: TrainOptions, plan_source: Path) -> bool:
+    """Train fold ``fold`` on the plan of ``plan_source`` unless its training finished before (its
+    ``train_summary.json``): resumed from its checkpoint; the bundle that holds the plan trained in place; another
+    fold started afresh (a fold folder a stopped run left without a checkpoint holds only what this run wrote, and
+    is removed first). Returns whether it trained now."""
     if (target / SUMMARY_FILE).exists():
         log.info("fold %d: trained earlier (%s)", fold, target / SUMMARY_FILE)
         return False
@@ -147,17 +191,19 @@ def _train_fold(data: str | os.PathLike[str], target: Path, fold: int, opts: Tra
         log.info("fold %d: resuming from %s", fold, target / LAST_CHECKPOINT)
         train(data, target, replace(opts, fold=fold, resume=True))
         return True
-    if target.exists():
-        shutil.rmtree(target)
-    datalist = training_datalist(data, plan)
-    write_bundle(target, plan, name=target.name, data_source=describe_data_source(datalist, target))
+    if target != plan_source:
+        if target.exists():
+            shutil.rmtree(target)
+        plan = load_plan(plan_source)
+        datalist = training_datalist(data, plan)
+        write_bundle(target, plan, name=target.name, data_source=describe_data_source(datalist, target))
     log.info("fold %d: training -> %s", fold, target)
     train(data, target, replace(opts, fold=fold, resume=False), bundle=True)
     return True
 
 
 def _held_out(data: str | os.PathLike[str], run: Path, fold: int, inference: InferenceOptions,
-              overwrite: bool) -> None:
+              overwrite: bool, device: str) -> None:
     """Predict fold ``fold``'s validation cases with its model into ``cv/predictions`` (``overwrite``: all of
     them again, else those not finished before) and record its scores."""
     target = fold_dir(run, fold)
@@ -176,7 +222,7 @@ def _held_out(data: str | os.PathLike[str], run: Path, fold: int, inference: Inf
         assert case.label is not None  # a training case has its label map
         cases.append({"case": case.name, "prediction": os.path.relpath(output, run),
                       "reference": str(Path(case.label).absolute()), **_scores(output, case.label, plan)})
-    record = {"fold": fold, "model": os.path.relpath(target / WEIGHTS_FILE, run), "cases": cases}
+    record = {"fold": fold, "model": os.path.relpath(target / WEIGHTS_FILE, run), "device": device, "cases": cases}
     atomic_write_text(_record_path(run, fold), json.dumps(record, indent=2) + "\n")
     log.info("fold %d: %d held-out case(s) predicted and scored", fold, len(cases))
 

@@ -49,7 +49,7 @@ from medseg.networks import build_network
 from medseg.plan import Plan, load_plan
 from medseg.planning import PlannerOptions
 
-__all__ = ["TrainOptions", "check_trainable", "record_training_run", "train", "train_overrides"]
+__all__ = ["TrainOptions", "check_trainable", "record_training_run", "train", "train_overrides", "write_run"]
 
 TRAIN_CONFIG = Path("configs") / "train.json"
 #: The config ``medseg train`` runs when ``torchrun`` started it (layered on ``configs/train.json``).
@@ -258,6 +258,37 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
         raise
     summary: dict[str, Any] = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
     return summary
+
+
+def write_run(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options: TrainOptions,
+              planner: PlannerOptions | None = None) -> None:
+    """The first half of :func:`train` for a new run: check every input, then write the bundle into ``run_dir``
+    (the planner's with ``planner``, else the default plan; a cascade stage's previous label maps) without
+    training it; ``train(data, run_dir, options, bundle=True)`` trains it. Cross-validation plans this way once
+    before its folds train (in parallel, :func:`medseg.bundle.crossval.train_folds`). A failure while writing
+    leaves ``run_dir`` as it found it.
+
+    Raises
+    ------
+    InputError
+        What :func:`train` raises for its inputs (``--resume`` is refused: this writes a new run).
+    """
+    run = Path(run_dir)
+    if options.resume:
+        raise InputError(run, "a new run is written here; --resume continues one that exists")
+    with held_info():
+        plan, data_source, planned, previous = _check_inputs(data, run, options, False, planner)
+    guard = RunFolderGuard(run)
+    try:
+        if planned is not None:
+            write_planned(run, planned, data_source)
+        else:
+            write_bundle(run, plan, name=run.name, data_source=data_source or "unspecified")
+        if previous is not None:
+            copy_previous_maps(previous, run)
+    except BaseException:
+        guard.rollback()
+        raise
 
 
 class _MainFailed:

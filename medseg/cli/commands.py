@@ -115,9 +115,12 @@ def _cross_validation(args: argparse.Namespace) -> int:
     if args.bundle:
         raise InputError(args.bundle, "--fold all trains one bundle per fold into a new --out folder, not --bundle")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError(None, "--fold all runs its folds one after another in one process; under torchrun train "
-                               "one --fold at a time")
-    summary = train_folds(args.data, args.out, folds, _train_options(args), planner=_train_planner(args))
+        raise InputError(None, "--fold all starts its own processes (--device cuda:0,cuda:1: folds in parallel); "
+                               "under torchrun train one --fold at a time")
+    devices = [device.strip() for device in args.device.split(",")]
+    args.device = devices[0]  # the plan is made for the first device; each fold trains on the one it is given
+    summary = train_folds(args.data, args.out, folds, _train_options(args), planner=_train_planner(args),
+                          devices=devices)
     for fold, entry in summary["folds"].items():
         print(f"fold {fold}: {entry['cases']} held-out case(s), mean Dice {entry['mean_dice']}")
     overall = summary["overall"]
@@ -135,6 +138,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _cross_validation(args)
     if not 0 <= int(args.fold) < 5:
         raise InputError(None, f"--fold must be between 0 and 4, got {args.fold}")
+    if "," in args.device:
+        raise InputError(None, f"--device {args.device}: several devices train the folds of --fold all (or a list) in "
+                               "parallel; one fold trains on one device (several processes: torchrun)")
     target = args.bundle or args.out
     planner = _train_planner(args)
     summary = train(args.data, target, _train_options(args), bundle=bool(args.bundle), planner=planner)

@@ -216,7 +216,9 @@ def _add_train(sub: Subparsers) -> None:
     p.add_argument("--log-every", type=int, default=10, metavar="N",
                    help="log a progress line (epoch, iteration, loss, elapsed, ETA) every N iterations and at each "
                         "epoch end")
-    _device(p)
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N; with --fold all or a list, several separated by commas (cuda:0,cuda:1; "
+                        "cpu,cpu) train the folds in parallel, one process per device (the plan is made for the first)")
     p.add_argument("--fold", default="0",
                    help="validation fold 0-4 of the 5-fold split of the training cases; 'all' or a list such as 0,2 "
                         "trains those folds of one plan into RUN_DIR/fold_K, predicts each fold's held-out cases "

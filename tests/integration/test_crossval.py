@@ -92,12 +92,36 @@ def test_a_stopped_run_continues_with_resume_and_redoes_only_what_is_unfinished(
     assert (run / "fold_1" / "train_summary.json").is_file()
 
 
+def test_folds_train_in_parallel_one_process_per_device_and_resume_so(tmp_path: Path) -> None:
+    """``--device cpu,cpu``: two processes take the folds; the run is the same kind of run (one plan, every fold's
+    record and held-out predictions, the summary), and continues with --resume in parallel too."""
+    data = tmp_path / "data"
+    write_dataset(data, modality="ct", cases=8, seed=6, size=32)
+    training = sorted(p.name.removesuffix(".nii.gz") for p in (data / "labelsTr").iterdir())
+    run = tmp_path / "run"
+    assert _train(data, run, "0,1", "--device", "cpu,cpu") == 0
+    assert sorted(json.loads((run / "cv_summary.json").read_text())["folds"]) == ["0", "1"]
+    assert _train(data, run, "all", "--device", "cpu,cpu", "--resume") == 0
+
+    plan = load_plan(run / "fold_0")
+    for fold in range(5):
+        assert load_plan(run / f"fold_{fold}").to_json() == plan.to_json()
+        record = json.loads((run / "cv" / f"fold_{fold}.json").read_text())
+        assert record["device"] == "cpu" and [c["case"] for c in record["cases"]] == _held_out(run, fold)
+        assert json.loads((run / f"fold_{fold}" / "train_summary.json").read_text())["iterations"] == 3
+    summary = json.loads((run / "cv_summary.json").read_text())
+    assert summary["overall"]["cases"] == len(training)
+    assert sorted(p.name for p in (run / "cv" / "predictions").glob("*.nii.gz")) == [f"{c}_seg.nii.gz" for c in training]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--fold", "7"], "--fold must be between 0 and 4"),
     (["--fold", "0,7"], "--fold: folds are 0-4"),
     (["--fold", "all"], "3 training case(s) make 3 folds (0-2); fold 4 does not exist"),
     (["--fold", "1,x"], "--fold takes a fold 0-4"),
     (["--fold", "all", "--resume"], "no fold_K folder of a cross-validation run here to resume"),
+    (["--fold", "0", "--device", "cpu,cpu"], "several devices train the folds of --fold all (or a list) in parallel"),
+    (["--fold", "0,1", "--device", "cpu,gpu"], "--device must be cpu or cuda, got 'gpu'"),
 ])
 def test_fold_lists_are_checked_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                           args: list[str], message: str) -> None:
