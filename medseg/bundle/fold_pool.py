@@ -44,7 +44,8 @@ class _Failure:
     message: str
 
     def error(self) -> MedsegError:
-        text = f"fold {self.fold} ({self.device}): {self.message}"  # the fold's process on its device
+        text = (f"fold {self.fold} ({self.device}): {self.message}" if self.fold >= 0
+                else f"{self.device}: the worker failed before it took a fold: {self.message}")
         if self.kind == "input":
             return InputError(None, text)
         if self.kind == "bundle":
@@ -80,11 +81,8 @@ def _worker(index: int, device: str, job: FoldJob, folds: Sequence[int], taken: 
     fold it is on in ``current[index]``, written before the job starts: what the main process names if this
     process dies)."""
     setup_logging(debug=log_level <= logging.DEBUG, quiet=log_level >= logging.WARNING, prefix=f"{device} #{index}")
-    if device == "cpu":
-        import torch
-
-        torch.set_num_threads(threads)
     try:
+        _use_device(device, threads)
         while not stop.is_set():
             with taken.get_lock():
                 position = taken.value
@@ -94,17 +92,26 @@ def _worker(index: int, device: str, job: FoldJob, folds: Sequence[int], taken: 
             fold = folds[position]
             current[index] = fold
             messages.put(("start", index, fold, None))
-            try:
-                job(fold, device)
-            except BaseException as exc:  # reported, whatever it is; the main process raises it again
-                stop.set()  # no other worker takes a new fold from now on
-                log.debug("fold %d failed", fold, exc_info=True)
-                messages.put(("failed", index, fold, _failure(fold, device, exc)))
-                return
+            job(fold, device)
             current[index] = -1
             messages.put(("done", index, fold, None))
+    except BaseException as exc:  # reported, whatever it is; the main process raises it again
+        stop.set()  # no other worker takes a new fold from now on
+        log.debug("the worker on %s failed", device, exc_info=True)
+        messages.put(("failed", index, current[index], _failure(current[index], device, exc)))
     finally:
         messages.put(("exit", index, None, None))
+
+
+def _use_device(device: str, threads: int) -> None:
+    """A worker's device: its share of the CPU threads, or its GPU as the current CUDA device (what libraries use
+    by default)."""
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    else:
+        torch.cuda.set_device(torch.device(device))
 
 
 def run_on_devices(job: FoldJob, folds: Sequence[int], devices: Sequence[str]) -> list[int]:
@@ -164,8 +171,8 @@ def run_on_devices(job: FoldJob, folds: Sequence[int], devices: Sequence[str]) -
             worker.join()
         messages.close()
     if failures:
-        first = failures[0]
-        if first.fold < 0:
-            raise MedsegError(f"{first.device}: {first.message} before it took a fold")
-        raise first.error()
+        raise failures[0].error()
+    if sorted(done) != sorted(folds):  # a worker that stopped without a word; never left unsaid
+        missing = sorted(set(folds) - set(done))
+        raise MedsegError(f"fold(s) {', '.join(map(str, missing))} were not trained: their processes stopped")
     return done

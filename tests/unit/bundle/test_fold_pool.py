@@ -44,6 +44,10 @@ def _one_fails(folder: Path, fold: int, device: str) -> None:
         (folder / "done_0").write_text("")
 
 
+def _quick(folder: Path, fold: int, device: str) -> None:
+    (folder / f"done_{fold}").write_text(device)
+
+
 def _dies(folder: Path, fold: int, device: str) -> None:
     os._exit(3)  # killed as the out-of-memory killer would
 
@@ -72,3 +76,11 @@ def test_cpu_workers_share_the_cores() -> None:
     assert cpu_threads(["cpu"]) == cores
     assert cpu_threads(["cpu", "cpu"]) == max(1, cores // 2)
     assert cpu_threads(["cuda:0", "cuda:1"]) == cores  # no CPU worker: nothing to share
+
+
+def test_a_device_that_cannot_be_used_is_named(tmp_path: Path) -> None:
+    """A worker that fails before its first fold (here a CUDA device no machine has, which the callers
+    refuse earlier): the failure names the device, and no fold is left unsaid."""
+    with pytest.raises(MedsegError, match=r"^cuda:99: the worker failed before it took a fold: "):
+        run_on_devices(functools.partial(_quick, tmp_path), [0, 1], ["cpu", "cuda:99"])
+    assert all(done.read_text() == "cpu" for done in tmp_path.glob("done_*"))  # nothing ran on the missing GPU
