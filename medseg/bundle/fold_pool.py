@@ -139,17 +139,21 @@ def run_on_devices(job: FoldJob, folds: Sequence[int], devices: Sequence[str]) -
     done: list[int] = []
     failures: list[_Failure] = []
     exited: set[int] = set()
+    suspects: set[int] = set()  # workers seen gone at one poll; their last words, if any, come by the next
     try:
         while len(exited) < len(workers):
             try:
                 kind, index, fold, failure = messages.get(timeout=POLL_S)
             except queue.Empty:
                 for index, worker in enumerate(workers):
-                    if index not in exited and worker.exitcode is not None:  # gone without a word: killed
+                    if index in exited or worker.exitcode is None:
+                        continue
+                    if index in suspects:  # gone, and a whole poll later still without a word: killed
                         exited.add(index)
                         failures.append(_Failure(current[index], devices[index], "internal",
                                                  f"its process stopped (exit code {worker.exitcode})"))
                         stop.set()
+                    suspects.add(index)
                 continue
             if kind == "start":
                 log.info("fold %d: training on %s", fold, devices[index])
