@@ -184,18 +184,33 @@ def _lowres(fullres: Configuration, cases: int, network: Network, target_bytes: 
     """nnU-Net's 3d_lowres: the spacing coarsened by 3 % per step (the finer axes first while they are
     more than twice finer than the coarsest) until the patch covers :data:`LOWRES_COVERAGE` of the median
     image; None when not needed, or when the median image shrinks less than :data:`LOWRES_MIN_REDUCTION`.
-    ``forced``: also when not needed, coarsened until the median image has :data:`FORCED_LOWRES_REDUCTION` times
-    fewer voxels (and the patch covers a quarter of it)."""
+    ``forced``: where nnU-Net plans none (either reason), coarsened until the median image has
+    :data:`FORCED_LOWRES_REDUCTION` times fewer voxels (and the patch covers a quarter of it), with a note."""
     needed = needs_lowres(fullres.patch_size, fullres.median_shape)
-    if not needed and not forced:
+    if needed:
+        lowres, reduction = _coarsened(fullres, cases, network, target_bytes, model, 1.0)
+        if reduction >= LOWRES_MIN_REDUCTION:
+            return lowres
+    if not forced:
         return None
+    lowres, _ = _coarsened(fullres, cases, network, target_bytes, model, FORCED_LOWRES_REDUCTION)
+    why = ("coarsened until its patch covers a quarter, the median image shrinks less than 2x" if needed
+           else "the 3d_fullres patch covers a quarter")
+    lowres.extra["note"] = f"asked for; nnU-Net plans no 3d_lowres here ({why}): half the resolution"
+    return lowres
+
+
+def _coarsened(fullres: Configuration, cases: int, network: Network, target_bytes: float, model: MemoryModel,
+               reduction: float) -> tuple[Configuration, float]:
+    """The spacing of ``fullres`` coarsened (see :func:`_lowres`) until the patch covers :data:`LOWRES_COVERAGE`
+    of the median image and that has ``reduction`` times fewer voxels; the configuration and its reduction."""
     base = np.asarray(fullres.spacing)
     spacing = base.copy()
-    shape = np.asarray(fullres.median_shape)
+    shape = np.asarray(fullres.median_shape, dtype=float)
+    full_voxels = float(np.prod(shape))
     lowres: Configuration | None = None
     coverage = 0.0
-    while coverage < LOWRES_COVERAGE or (not needed and np.prod(fullres.median_shape) / np.prod(shape)
-                                         < FORCED_LOWRES_REDUCTION):
+    while lowres is None or coverage < LOWRES_COVERAGE or full_voxels / float(np.prod(shape)) < reduction:
         finer = spacing.max() / spacing > 2
         spacing = np.where(finer, spacing * LOWRES_STEP, spacing) if finer.any() else spacing * LOWRES_STEP
         shape = base / spacing * np.asarray(fullres.median_shape)
@@ -203,8 +218,4 @@ def _lowres(fullres: Configuration, cases: int, network: Network, target_bytes: 
         lowres = fit_configuration("3d_lowres", tuple(float(s) for s in spacing), [round(float(s)) for s in shape],
                                    network, voxels, target_bytes, model)
         coverage = math.prod(lowres.patch_size) / float(np.prod(shape))
-    if lowres is not None and not needed:
-        lowres.extra["note"] = "asked for; nnU-Net plans no 3d_lowres here (the 3d_fullres patch covers a quarter)"
-    if lowres is None or float(np.prod(fullres.median_shape)) / float(np.prod(shape)) < LOWRES_MIN_REDUCTION:
-        return None
-    return lowres
+    return lowres, full_voxels / float(np.prod(shape))

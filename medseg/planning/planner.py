@@ -203,8 +203,7 @@ def _configuration_name(asked: str | None, dims: int, configurations: dict[str, 
     if asked == CASCADE:
         return asked
     if asked not in configurations:
-        raise InputError(None, f"--configuration {asked}: not planned for this dataset (the full-resolution patch "
-                         "covers at least a quarter of the median image); use 3d_fullres")
+        raise InputError(None, f"--configuration {asked}: not planned for this dataset; use 3d_fullres")
     return asked
 
 

@@ -42,6 +42,19 @@ def test_small_images_get_fullres_and_2d_only() -> None:
     assert len(result.plan.network.filters) == 5 and result.plan.network.deep_supervision
 
 
+def test_a_lowres_configuration_asked_for_where_nnunet_finds_it_too_close_to_fullres_halves_the_resolution() -> None:
+    """Images a little larger than four patches: nnU-Net's coarsening reaches a quarter coverage before the image
+    has shrunk 2x, so it plans no 3d_lowres; asked for, it is planned at half the resolution, and says why."""
+    near = fake_fingerprint([(1.0, 1.0, 1.0)] * 10, [(220, 220, 220)] * 10)
+    assert "3d_lowres" not in plan_dataset(near, GPU).configurations
+    result = plan_dataset(near, PlannerOptions(device="cuda", memory_gb=8, measure=False, configuration="3d_lowres"))
+    lowres, fullres = result.configurations["3d_lowres"], result.configurations["3d_fullres"]
+    assert result.plan.configuration == "3d_lowres"
+    assert math.prod(lowres.median_shape) * 8 <= math.prod(fullres.median_shape) * 1.05
+    assert math.prod(lowres.patch_size) / math.prod(lowres.median_shape) >= 0.25
+    assert "the median image shrinks less than 2x" in result.plans["configurations"]["3d_lowres"]["note"]
+
+
 def test_a_lowres_configuration_asked_for_where_nnunet_plans_none_halves_the_resolution() -> None:
     """Asked for explicitly (the first stage of a cascade on these images), 3d_lowres coarsens the spacing until the
     median image has 8 times fewer voxels, and says that nnU-Net would not plan it."""
