@@ -16,6 +16,7 @@ __all__ = [
     "POSTPROCESSING_FILE",
     "PREVIOUS_DIR",
     "PREVIOUS_PREDICTIONS",
+    "SUMMARY_FILE",
     "WEIGHTS_FILE",
 ]
 
@@ -24,6 +25,9 @@ WEIGHTS_FILE = Path("models") / "model.pt"
 #: The state of a training run for --resume (network, optimiser, LR schedule, trainer).
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 META_FILE = Path("configs") / "metadata.json"
+#: What a finished training run did (written last, after the final validation): its absence beside a checkpoint
+#: means the run stopped before it finished.
+SUMMARY_FILE = "train_summary.json"
 #: Largest-component postprocessing rules (written by ``medseg select``, read by ``medseg postprocess``).
 POSTPROCESSING_FILE = Path("configs") / "postprocessing.json"
 #: A cascade stage's previous stage: its model (a bundle of its folds) ...

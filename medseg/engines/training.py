@@ -42,14 +42,12 @@ from medseg.engines.records import BestValidation, completed_epochs
 from medseg.engines.rundir import RunFolderGuard
 from medseg.engines.weights import InitialWeights
 from medseg.io.atomic import atomic_path, atomic_write_text
-from medseg.layout import WEIGHTS_FILE
+from medseg.layout import SUMMARY_FILE, WEIGHTS_FILE
 from medseg.logs import release_held
 
 __all__ = ["SUMMARY_FILE", "run_training"]
 
 log = logging.getLogger(__name__)
-
-SUMMARY_FILE = "train_summary.json"
 
 
 def run_training(trainer: Engine, evaluator: Engine, split: Split, bundle_root: str | os.PathLike[str],
@@ -85,7 +83,13 @@ def run_training(trainer: Engine, evaluator: Engine, split: Split, bundle_root: 
         if not split.resumed and main:
             atomic_write_text(run_dir / SPLIT_FILE, split.to_json())
         trainer.state.stopped_by = "epochs"  # type: ignore[attr-defined]  # unless RunBudget stops it otherwise
-        trainer.run()
+        reached = _stop_reached(trainer, options)
+        if reached is None:
+            trainer.run()
+        else:  # resumed from a checkpoint taken at the stop: the earlier run ended before its summary
+            log.info("the checkpoint is at the run's stop (%s, iteration %d): finishing the run without training",
+                     reached, trainer.state.iteration)
+            trainer.state.stopped_by = reached  # type: ignore[attr-defined]  # Ignite's State takes custom attributes
         FinalValidation(evaluator, pace)(trainer)
         summary = _finish(run_dir, trainer, split, pace, first_iteration, options, initial_weights, datalist, main)
         barrier()  # the other processes go on (finalize, medseg train's summary) once the main one has written
@@ -96,6 +100,19 @@ def run_training(trainer: Engine, evaluator: Engine, split: Split, bundle_root: 
         elif main:
             log.error("training failed after a checkpoint was saved; continue it with --resume")
         raise
+
+
+def _stop_reached(trainer: Engine, options: TrainOptions | None) -> str | None:
+    """What stop a resumed ``trainer`` is already at (``"epochs"``, ``"max_iterations"``), None if it has training
+    left. (Ignite would start such a run again from iteration 0.)"""
+    state = trainer.state
+    if state.iteration == 0:
+        return None
+    if options is not None and options.max_iterations is not None and state.iteration >= options.max_iterations:
+        return "max_iterations"  # checked first, as RunBudget stops the last epoch at that iteration
+    if state.max_epochs is not None and state.epoch >= state.max_epochs:
+        return "epochs"
+    return None
 
 
 def _finish(run_dir: Path, trainer: Engine, split: Split, pace: Pace, first_iteration: int,

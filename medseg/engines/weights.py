@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from medseg.errors import BundleError, InputError
-from medseg.layout import LAST_CHECKPOINT, WEIGHTS_FILE
+from medseg.layout import LAST_CHECKPOINT, SUMMARY_FILE, WEIGHTS_FILE
 from medseg.networks import read_state_dict, torch_load_weights_only
 
 log = logging.getLogger(__name__)
@@ -180,19 +180,24 @@ def resume_point(bundle_root: str | os.PathLike[str], network: torch.nn.Module, 
     """With ``resume``: ``bundle_root/checkpoints/last.pt`` loaded into network, optimiser and LR
     schedule (:func:`load_resume_checkpoint`), and where the run continues; None otherwise.
 
+    A checkpoint already at ``epochs`` or ``max_iterations`` in a run without ``train_summary.json`` (stopped
+    after its last checkpoint, before it finished) is returned too: the run then only finishes (final
+    validation and summary, :func:`medseg.engines.training.run_training`).
+
     Raises
     ------
     BundleError
         A missing or unusable checkpoint.
     InputError
-        A run already at ``epochs`` or ``max_iterations``.
+        A finished run (its summary written) already at ``epochs`` or ``max_iterations``.
     """
     if not resume:
         return None
     last = Path(bundle_root) / LAST_CHECKPOINT
     point = load_resume_checkpoint(last, network, optimizer, lr_scheduler)
-    if point.epoch >= epochs:
+    finished = (Path(bundle_root) / SUMMARY_FILE).exists()
+    if point.epoch >= epochs and finished:
         raise InputError(last, f"already trained {point.epoch} epochs; pass a larger --epochs to continue")
-    if max_iterations is not None and point.iteration >= max_iterations:
+    if max_iterations is not None and point.iteration >= max_iterations and finished:
         raise InputError(last, f"already trained {point.iteration} iterations; pass a larger --max-iterations")
     return point

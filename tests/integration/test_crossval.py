@@ -72,10 +72,10 @@ def test_a_stopped_run_continues_with_resume_and_redoes_only_what_is_unfinished(
     data = tmp_path / "data"
     write_dataset(data, modality="ct", cases=8, seed=4, size=32)
     run = tmp_path / "run"
-    assert _train(data, run, "0,1") == 0
-    assert sorted(p.name for p in run.iterdir()) == ["cv", "cv_summary.json", "fold_0", "fold_1"]
-    assert json.loads((run / "cv_summary.json").read_text())["overall"]["cases"] == len(_held_out(run, 0)) + len(
-        _held_out(run, 1))
+    assert _train(data, run, "0,1,2") == 0
+    assert sorted(p.name for p in run.iterdir()) == ["cv", "cv_summary.json", "fold_0", "fold_1", "fold_2"]
+    assert json.loads((run / "cv_summary.json").read_text())["overall"]["cases"] == sum(
+        len(_held_out(run, f)) for f in range(3))
     fold_0 = {p.name: p.stat().st_mtime_ns for p in (run / "cv" / "predictions").glob("*.nii.gz")
               if p.name.removesuffix("_seg.nii.gz") in _held_out(run, 0)}
     # fold 1 stopped before its first checkpoint: only its configs were written, its record not yet
@@ -84,12 +84,22 @@ def test_a_stopped_run_continues_with_resume_and_redoes_only_what_is_unfinished(
         target = run / "fold_1" / part
         shutil.rmtree(target) if target.is_dir() else target.unlink()
 
+    # fold 2 stopped after its last checkpoint (at --max-iterations), before its summary and record
+    (run / "cv" / "fold_2.json").unlink()
+    (run / "fold_2" / "train_summary.json").unlink()
+    checkpoint = (run / "fold_2" / "checkpoints" / "last.pt").read_bytes()
+
     assert _train(data, run, "all") == 2  # a non-empty folder needs --resume
     assert _train(data, run, "all", "--resume") == 0
     summary = json.loads((run / "cv_summary.json").read_text())
     assert summary["overall"]["cases"] == 6 and sorted(summary["folds"]) == ["0", "1", "2", "3", "4"]
     assert {name: (run / "cv" / "predictions" / name).stat().st_mtime_ns for name in fold_0} == fold_0  # not redone
     assert (run / "fold_1" / "train_summary.json").is_file()
+    finished = json.loads((run / "fold_2" / "train_summary.json").read_text())  # finished, not trained again
+    assert (finished["iterations"], finished["iterations_this_run"], finished["resumed"]) == (3, 0, True)
+    assert finished["stopped_by"] == json.loads((run / "fold_1" / "train_summary.json").read_text())["stopped_by"]
+    assert (run / "fold_2" / "checkpoints" / "last.pt").read_bytes() == checkpoint
+    assert json.loads((run / "cv" / "fold_2.json").read_text())["fold"] == 2
 
 
 def test_folds_train_in_parallel_one_process_per_device_and_resume_so(tmp_path: Path) -> None:

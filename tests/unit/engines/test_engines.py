@@ -25,7 +25,7 @@ from medseg.engines.progress import Pace, ProgressLogger
 from medseg.engines.records import METRIC, RunRecorder
 from medseg.engines.tensorboard import TensorBoardLog
 from medseg.engines.training import SUMMARY_FILE, run_training
-from medseg.engines.weights import ResumePoint
+from medseg.engines.weights import ResumePoint, resume_point
 from medseg.errors import InputError
 from medseg.plan import Plan
 
@@ -228,6 +228,31 @@ def test_run_training_failing_before_its_first_checkpoint_removes_what_it_wrote(
     with pytest.raises(RuntimeError, match="simulated failure"):
         run_training(late, evaluator, _split(), bundle)
     assert (bundle / "checkpoints" / "last.pt").is_file() and (bundle / "split.json").is_file()
+
+
+def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume_without_training(tmp_path: Path,
+                                                                                      plan: Plan) -> None:
+    network, optimizer, scheduler = _parts(plan)
+    first = Trainer(network, epoch_length=2, max_epochs=2)
+    RunRecorder(tmp_path, network, optimizer, scheduler, Evaluator([0.5, 0.6]), plan).attach(first)
+    first.run()  # the checkpoint of epoch 2 written; "killed" before run_training's summary
+    checkpoint = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+
+    network, optimizer, scheduler = _parts(plan)
+    point = resume_point(tmp_path, network, optimizer, scheduler, resume=True, epochs=2)
+    assert point is not None and (point.epoch, point.iteration) == (2, 4)
+    evaluator = Evaluator([0.55])
+    trainer = Trainer(network, epoch_length=2, max_epochs=2)
+    RunRecorder(tmp_path, network, optimizer, scheduler, evaluator, plan, resume=point).attach(trainer)
+    summary = run_training(trainer, evaluator, Split(0, [], [], resumed=True), tmp_path)
+    assert (summary["iterations"], summary["iterations_this_run"], summary["stopped_by"]) == (4, 0, "epochs")
+    assert evaluator.runs == [2]  # the final weights validated, nothing trained
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == checkpoint
+
+    with pytest.raises(InputError, match="already trained 2 epochs; pass a larger --epochs"):  # finished now
+        resume_point(tmp_path, *_parts(plan), resume=True, epochs=2)
+    with pytest.raises(InputError, match="already trained 4 iterations; pass a larger --max-iterations"):
+        resume_point(tmp_path, *_parts(plan), resume=True, epochs=5, max_iterations=4)
 
 
 # ------------------------------------------------------------------------------ factories
