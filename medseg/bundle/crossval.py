@@ -41,7 +41,7 @@ import numpy as np
 
 from medseg.bundle.cascade import attach_previous_model
 from medseg.bundle.create import describe_data_source, write_bundle
-from medseg.bundle.fold_pool import run_on_devices
+from medseg.bundle.fold_pool import run_on_devices, worker_threads
 from medseg.bundle.pipeline import InferenceOptions, predict
 from medseg.bundle.training import train, write_run
 from medseg.data.datalist import load_datalist
@@ -136,7 +136,8 @@ def train_folds(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], f
     try:
         if plan_source is None and pending:  # the first fold's bundle is planned (the planner, or the default plan)
             plan_source = fold_dir(run, pending[0])
-            write_run(data, plan_source, replace(opts, fold=pending[0], resume=False), planner)
+            with worker_threads(devices or ()):  # timed with the threads of one worker (cpu,cpu: half the cores)
+                write_run(data, plan_source, replace(opts, fold=pending[0], resume=False), planner)
             log.info("fold %d: planned -> %s; the other folds train its plan", pending[0], plan_source)
         if pending:
             assert plan_source is not None

@@ -13,18 +13,19 @@ its device. An interrupt (Ctrl-C) stops every worker at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import queue
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from medseg.errors import BundleError, InputError, MedsegError
 from medseg.logs import setup_logging
 
-__all__ = ["FoldJob", "run_on_devices"]
+__all__ = ["FoldJob", "cpu_threads", "run_on_devices", "worker_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,22 @@ def cpu_threads(devices: Sequence[str]) -> int:
         cores = os.cpu_count() or 1
     workers = sum(1 for device in devices if device == "cpu")
     return max(1, cores // max(1, workers))
+
+
+@contextlib.contextmanager
+def worker_threads(devices: Sequence[str]) -> Iterator[None]:
+    """While the block runs, this process has the torch threads of one worker on ``devices[0]`` if that is the CPU
+    (what the planner's timing of training iterations must see: with ``cpu,cpu`` each worker has half the
+    cores); restored afterwards. Other devices, or one device: nothing changes."""
+    import torch
+
+    before = torch.get_num_threads()
+    if len(devices) > 1 and devices[0] == "cpu":
+        torch.set_num_threads(cpu_threads(devices))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _worker(index: int, device: str, job: FoldJob, folds: Sequence[int], taken: Any, current: Any, messages: Any,

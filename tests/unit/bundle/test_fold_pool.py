@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from medseg.bundle.fold_pool import cpu_threads, run_on_devices
+from medseg.bundle.fold_pool import cpu_threads, run_on_devices, worker_threads
 from medseg.errors import InputError, MedsegError
 
 #: a guard against a hang, never reached when the pool works (each job waits for a file another one writes)
@@ -84,3 +85,18 @@ def test_a_device_that_cannot_be_used_is_named(tmp_path: Path) -> None:
     with pytest.raises(MedsegError, match=r"^cuda:99: the worker failed before it took a fold: "):
         run_on_devices(functools.partial(_quick, tmp_path), [0, 1], ["cpu", "cuda:99"])
     assert all(done.read_text() == "cpu" for done in tmp_path.glob("done_*"))  # nothing ran on the missing GPU
+
+
+def test_the_plan_is_timed_with_the_threads_of_one_cpu_worker() -> None:
+    original = torch.get_num_threads()
+    before = 2 * (os.cpu_count() or 1) + 1  # never what a worker gets
+    torch.set_num_threads(before)
+    try:
+        with worker_threads(["cpu", "cpu"]):
+            assert torch.get_num_threads() == cpu_threads(["cpu", "cpu"]) != before
+        assert torch.get_num_threads() == before
+        for devices in (["cpu"], ["cuda:0", "cuda:1"], []):  # one process, or GPUs: the threads are left as they are
+            with worker_threads(devices):
+                assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(original)
