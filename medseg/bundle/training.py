@@ -239,12 +239,7 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], options
     try:
         with held_info():  # until the config has built its parts (run_training releases it): an error is one line
             try:
-                if planned is not None:
-                    write_planned(run_dir, planned, data_source)
-                elif data_source is not None:
-                    write_bundle(run_dir, plan, name=run_dir.name, data_source=data_source)
-                if previous is not None:
-                    copy_previous_maps(previous, run_dir)
+                _write_checked(run_dir, plan, data_source, planned, previous)
             except BaseException as exc:
                 share_from_main(_MainFailed(str(exc)))
                 raise
@@ -280,15 +275,23 @@ def write_run(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], opt
         plan, data_source, planned, previous = _check_inputs(data, run, options, False, planner)
     guard = RunFolderGuard(run)
     try:
-        if planned is not None:
-            write_planned(run, planned, data_source)
-        else:
-            write_bundle(run, plan, name=run.name, data_source=data_source or "unspecified")
-        if previous is not None:
-            copy_previous_maps(previous, run)
+        _write_checked(run, plan, data_source, planned, previous)
     except BaseException:
         guard.rollback()
         raise
+
+
+def _write_checked(run_dir: Path, plan: Plan, data_source: str | None, planned: PlannedBundle | None,
+                   previous: Path | None) -> None:
+    """Write what :func:`_check_inputs` returned: a new run's bundle (the planner's, or ``plan``'s: ``data_source``
+    is set for a new run, None for an existing bundle, which is left as it is) and a cascade stage's previous
+    label maps."""
+    if planned is not None:
+        write_planned(run_dir, planned, data_source)
+    elif data_source is not None:
+        write_bundle(run_dir, plan, name=run_dir.name, data_source=data_source)
+    if previous is not None:
+        copy_previous_maps(previous, run_dir)
 
 
 class _MainFailed:
