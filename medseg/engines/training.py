@@ -85,6 +85,8 @@ def run_training(trainer: Engine, evaluator: Engine, split: Split, bundle_root: 
         trainer.state.stopped_by = "epochs"  # type: ignore[attr-defined]  # unless RunBudget stops it otherwise
         reached = _stop_reached(trainer, options)
         if reached is None:
+            if split.resumed and main:  # an earlier run's summary would call this one finished if it stopped early
+                (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
             trainer.run()
         else:  # resumed from a checkpoint taken at the stop: the earlier run ended before its summary
             log.info("the checkpoint is at the run's stop (%s, iteration %d): finishing the run without training",

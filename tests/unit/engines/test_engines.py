@@ -254,6 +254,16 @@ def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume_without_tr
     with pytest.raises(InputError, match="already trained 4 iterations; pass a larger --max-iterations"):
         resume_point(tmp_path, *_parts(plan), resume=True, epochs=5, max_iterations=4)
 
+    # continued to 3 epochs and stopped in epoch 3: the summary of epoch 2 is gone, so the next --resume continues
+    network, optimizer, scheduler = _parts(plan)
+    point = resume_point(tmp_path, network, optimizer, scheduler, resume=True, epochs=3)
+    failing = Trainer(network, epoch_length=2, max_epochs=3, fail_at=5)
+    RunRecorder(tmp_path, network, optimizer, scheduler, Evaluator([]), plan, resume=point).attach(failing)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        run_training(failing, Evaluator([]), Split(0, [], [], resumed=True), tmp_path)
+    assert not (tmp_path / SUMMARY_FILE).exists()
+    assert resume_point(tmp_path, *_parts(plan), resume=True, epochs=3) is not None
+
 
 # ------------------------------------------------------------------------------ factories
 
