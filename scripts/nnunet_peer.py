@@ -67,8 +67,10 @@ and writes bench_summary.json. The final validation on the fold's cases is skipp
 
 import json
 import os
+import random
 import time
 
+import numpy as np
 import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -154,10 +156,16 @@ class nnUNetTrainerTimeBudget(nnUNetTrainer):
 
 class nnUNetTrainerFixedIterations(nnUNetTrainer):
     """Small models for medseg's tests: MEDSEG_NNUNET_EPOCHS epochs of MEDSEG_NNUNET_ITERATIONS iterations (bounded
-    by iterations, never by time), one validation batch per epoch, no final validation."""
+    by iterations, never by time), one validation batch per epoch, no final validation. Seeded (MEDSEG_NNUNET_SEED,
+    default 0, plus the fold): the weights' initialisation and the patches drawn (in-process augmentation,
+    nnUNet_n_proc_DA=0) repeat from run to run, so a tiny model that learns once learns in every run."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        seed = int(os.environ.get("MEDSEG_NNUNET_SEED", "0")) + int(fold if str(fold).isdigit() else 0)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_iterations_per_epoch = int(os.environ.get("MEDSEG_NNUNET_ITERATIONS", "25"))
         self.num_val_iterations_per_epoch = 1

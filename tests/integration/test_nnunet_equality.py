@@ -5,7 +5,7 @@ models of disjoint labels merged as TotalSegmentator merges its parts), in the s
 
 nnU-Net runs in its own venv (``make nnunet-peer``, created by ``make test``; ``MEDSEG_NNUNET_VENV`` overrides the
 folder). The models are tiny (a 3-stage U-Net of 8-32 features on a 32^3 patch, edited from nnU-Net's own plans of
-the phantoms) and trained for a fixed number of iterations (300): about a minute per fold on one core.
+the phantoms) and trained for a fixed number of iterations (300), seeded: about a minute per fold on one core.
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ def nnunet_parts(nnunet: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
             into = merged.setdefault(path.name, np.zeros_like(part))
             for value, (_, phantom) in enumerate(labels.items(), start=1):
                 into[part == value] = phantom
-        # the unseeded 200-iteration part model once called one case background only (a CI run); the merge is
-        # compared as long as the model segments some case
+        # the 200-iteration part model, unseeded then, once called every case background only (a CI run); the test
+        # trainer is seeded since (MEDSEG_NNUNET_SEED), and the merge is compared as long as it segments some case
         assert segmented, f"{predicted}: the part model {name} predicted background only in every case"
     outputs["merged"] = work / "nnunet-merged"
     outputs["merged"].mkdir()
@@ -165,8 +165,8 @@ def _agreement(medseg_dir: Path, nnunet_dir: Path) -> dict[str, float]:
         foreground = (a > 0) | (b > 0)  # empty only where both call every voxel background
         assert not foreground.any() or (a[foreground] == b[foreground]).mean() >= 0.97, f"{case}: the foregrounds differ"
         agreement[case] = float((a == b).mean())
-    # nnU-Net's unseeded 300-iteration 2d model once missed a whole case (background only, in one CI run); the
-    # comparison is not vacuous as long as its model segments some case
+    # nnU-Net's 300-iteration 2d model, unseeded then, once missed a whole case (background only, in one CI run);
+    # the comparison is not vacuous as long as its model segments some case
     assert agreement and segmented, "nnU-Net predicted background only in every case; the model learnt nothing"
     return agreement
 
