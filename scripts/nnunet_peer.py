@@ -162,7 +162,7 @@ class nnUNetTrainerFixedIterations(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        seed = int(os.environ.get("MEDSEG_NNUNET_SEED", "0")) + int(fold if str(fold).isdigit() else 0)
+        seed = int(os.environ.get("MEDSEG_NNUNET_SEED", "0")) + (fold if isinstance(fold, int) else 0)  # or "all"
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
